@@ -1,0 +1,37 @@
+# The two commands a user needs: `make demo` and `make test`. Both create the environment
+# when it is missing and are safe to run again.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean-venv
+
+venv: $(STAMP)
+
+# torch goes in first, alone: `torch==2.13.0` is the CPU build pip finds on local disk, where an
+# unpinned torch (pulled in by monai) would fetch a multi-GB CUDA build. Everything else is pinned
+# by constraints.txt, which records a set known to co-exist (see its header for why).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medtransfer run
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.ingest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,251 @@
+"""Decoding one DICOM file into display-space grayscale frames.
+
+The pipeline follows the DICOM grayscale pipeline (PS3.4 N.2): stored values → modality LUT
+(Rescale Slope/Intercept or a Modality LUT) → VOI LUT or window → MONOCHROME1 inversion.
+Colour images (RGB, YBR, PALETTE COLOR) become luminance. The result is float32 in [0, 1],
+shape ``(frames, rows, columns)``, with a list of notes saying what was applied.
+
+Every way a file can fail is a :class:`DicomRejected` with a short ``reason`` code, so that the
+ingestion stage can put the file in its quarantine report instead of crashing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+
+# Quarantine reason codes (the `reason` column of quarantine.csv).
+NOT_DICOM = "not_dicom"
+UNREADABLE = "unreadable"
+NO_PIXEL_DATA = "no_pixel_data"
+UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+UNSUPPORTED_IMAGE = "unsupported_image"
+DECODE_FAILED = "decode_failed"
+
+MULTIFRAME_MODES = ("middle", "all")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class DicomRejected(Exception):
+    """A file that cannot become an image; ``reason`` is one of the codes above."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DecodedImage:
+    """Display-space frames of one DICOM file plus the identifiers ingestion needs.
+
+    Attributes:
+        frames: float32 array ``(n_frames, rows, columns)`` with values in [0, 1].
+        notes: what the decoder applied, e.g. ``["rescale", "window", "monochrome1_inverted"]``.
+        sop_instance_uid: the file's SOPInstanceUID ("" when absent).
+        patient_key: PatientID (or a fallback identity) used only to derive a salted hash.
+    """
+
+    frames: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    sop_instance_uid: str = ""
+    patient_key: str = ""
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read a DICOM file's header and pixel data bytes (not yet decoded).
+
+    Raises:
+        DicomRejected: ``not_dicom`` without a DICOM preamble/header, ``unreadable`` when the
+            header is truncated or corrupt.
+    """
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        raise DicomRejected(NOT_DICOM, f"not a DICOM file ({err})") from err
+    except Exception as err:  # pydicom raises many types on corrupt headers
+        raise DicomRejected(UNREADABLE, f"header could not be parsed: {type(err).__name__}: {err}") from err
+
+
+def patient_key(ds: Dataset) -> str:
+    """The identity used to keep one patient in one split.
+
+    PatientID when present; otherwise the StudyInstanceUID, so that images of one study stay
+    together; otherwise the SOPInstanceUID (the image is its own patient).
+    """
+    for keyword in ("PatientID", "StudyInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if value:
+            return f"{keyword}:{value}"
+    return ""
+
+
+def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
+    """Decode the pixel data of ``ds`` into display-space frames.
+
+    Args:
+        ds: a dataset from :func:`read_dataset`.
+        multiframe: ``middle`` keeps the middle frame of a multi-frame image, ``all`` keeps all.
+
+    Returns:
+        The decoded image; see :class:`DecodedImage`.
+
+    Raises:
+        DicomRejected: no pixel data, unsupported transfer syntax or image type, or pixel data
+            that does not decode (truncated, corrupt).
+    """
+    if multiframe not in MULTIFRAME_MODES:
+        raise ValueError(f"multiframe must be one of {MULTIFRAME_MODES}, not {multiframe!r}")
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise DicomRejected(NO_PIXEL_DATA, "the file has no Pixel Data element (not an image)")
+    _check_transfer_syntax(ds)
+
+    n_frames = _number_of_frames(ds)
+    frame_indices = list(range(n_frames)) if multiframe == "all" else [n_frames // 2]
+    notes = [f"frames:{n_frames}->{len(frame_indices)}"] if n_frames > 1 else []
+
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
+        raise DicomRejected(DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}") from err
+    if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
+        pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
+    frames = [_to_display(pixels[i], ds, i, notes) for i in frame_indices]
+    return DecodedImage(
+        frames=np.stack(frames).astype(np.float32, copy=False),
+        notes=list(dict.fromkeys(notes)),  # de-duplicate, keep order
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        patient_key=patient_key(ds),
+    )
+
+
+def decode_file(path: str | Path, multiframe: str = "middle") -> DecodedImage:
+    """:func:`read_dataset` then :func:`decode_dataset`."""
+    return decode_dataset(read_dataset(path), multiframe=multiframe)
+
+
+def _check_transfer_syntax(ds: Dataset) -> None:
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None:
+        return  # implicit VR little endian assumed by pydicom; decodes natively
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as err:
+        raise DicomRejected(
+            UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder for transfer syntax {tsyntax.name} ({tsyntax})"
+        ) from err
+    if not decoder.is_available:
+        raise DicomRejected(
+            UNSUPPORTED_TRANSFER_SYNTAX,
+            f"transfer syntax {tsyntax.name} needs a decoding plugin that is not installed",
+        )
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError) as err:
+        raise DicomRejected(UNREADABLE, f"NumberOfFrames is not a number: {err}") from err
+
+
+def _samples(ds: Dataset) -> int:
+    return int(ds.get("SamplesPerPixel", 1) or 1)
+
+
+def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) -> np.ndarray:
+    """One stored frame → float32 [0, 1] grayscale, recording each step in ``notes``."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        notes.append("palette_to_gray")
+        rgb = apply_color_lut(frame, ds)
+        return _luminance(rgb) / max(float(rgb.max()), 1.0)
+    if frame.ndim == 3:  # RGB (pydicom converts YBR to RGB by default)
+        notes.append("rgb_to_gray")
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return _luminance(frame) / float(2**bits - 1)
+    if not photometric.startswith("MONOCHROME"):
+        raise DicomRejected(UNSUPPORTED_IMAGE, f"photometric interpretation {photometric} is not supported")
+
+    values = frame
+    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        values = apply_modality_lut(frame, ds)
+        notes.append("modality_lut" if "ModalityLUTSequence" in ds else "rescale")
+    display = _apply_voi(np.asarray(values, dtype=np.float32), ds, index, notes)
+    if photometric == "MONOCHROME1":
+        notes.append("monochrome1_inverted")
+        display = 1.0 - display
+    return display
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset, index: int, notes: list[str]) -> np.ndarray:
+    """Modality values → [0, 1] through the VOI LUT, the window, or the image's own range."""
+    if "VOILUTSequence" in ds:
+        try:
+            lut_out = apply_voi(values, ds, index=0).astype(np.float32)
+            lut_data = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
+            notes.append("voi_lut")
+            return _rescale(lut_out, float(lut_data.min()), float(lut_data.max()))
+        except Exception:  # a malformed LUT falls back to the window or the range
+            notes.append("voi_lut_invalid")
+    window = _window(ds, index)
+    if window is not None:
+        center, width = window
+        notes.append("window")
+        return window_linear(values, center, width)
+    notes.append("minmax")
+    return _rescale(values, float(values.min()), float(values.max()))
+
+
+def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
+    """The first (Window Center, Window Width) pair, from the frame's functional group if any."""
+    source: Dataset = ds
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        try:
+            group = ds.PerFrameFunctionalGroupsSequence[index]
+            source = group.FrameVOILUTSequence[0]
+        except (AttributeError, IndexError):
+            source = ds
+    if "SharedFunctionalGroupsSequence" in ds and "WindowCenter" not in source:
+        try:
+            source = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+        except (AttributeError, IndexError):
+            pass
+    center, width = source.get("WindowCenter"), source.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (center, width) if width >= 1 else None
+
+
+def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM LINEAR window function (PS3.3 C.11.2.1.2.1) with output range [0, 1].
+
+    Values at or below ``center - 0.5 - (width - 1) / 2`` map to 0, values above
+    ``center - 0.5 + (width - 1) / 2`` map to 1, linear in between.
+    """
+    if width <= 1:
+        return (values > center - 0.5).astype(np.float32)
+    scaled = (values - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of an ``(..., 3)`` array, as float32."""
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return rgb.astype(np.float32) @ weights

@@ -1,0 +1,251 @@
+"""The embedded default data set: synthetic chest radiographs written as real DICOM files.
+
+Each patient has a few images of a chest-like scene (body outline, two dark lung fields,
+mediastinum, curved rib bands, soft texture, quantum noise). Patients labelled ``opacity``
+carry one faint Gaussian opacity inside a lung field on every image; ``normal`` patients do
+not. The opacity is a few percent of the local intensity, so the label is learnable but not
+obvious, which is where an ImageNet teacher's texture features help.
+
+The files exercise the decoder: CR and DX modalities, 12/14/16-bit stored values with Rescale
+Slope/Intercept and a window, some MONOCHROME1, some RLE Lossless, a few multi-frame. Output is
+deterministic for a given configuration: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    RLELossless,
+    generate_uid,
+)
+from scipy.ndimage import gaussian_filter
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+LABEL_NAMES = ("normal", "opacity")
+LABELS_FILE = "labels.csv"
+FINGERPRINT_FILE = "generator.json"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """What to generate; mirrors the ``synthetic`` section of ``params.yaml``."""
+
+    output_dir: str = "data/synthetic"
+    n_patients: int = 120
+    images_per_patient_min: int = 2
+    images_per_patient_max: int = 4
+    size: int = 256
+    positive_fraction: float = 0.5
+    lesion_contrast: float = 0.06
+    rle_fraction: float = 0.25
+    monochrome1_fraction: float = 0.2
+    multiframe_fraction: float = 0.05
+    bits_stored_choices: tuple[int, ...] = (12, 14, 16)
+    seed: int = 42
+
+    @classmethod
+    def from_params(cls, params: dict) -> SyntheticConfig:
+        """Build from the whole params dict (``synthetic`` section plus the global seed)."""
+        section = dict(params.get("synthetic", {}))
+        if "bits_stored_choices" in section:
+            section["bits_stored_choices"] = tuple(section["bits_stored_choices"])
+        return cls(**section, seed=int(params.get("seed", 42)))
+
+
+@dataclass(frozen=True)
+class SyntheticPatient:
+    """Identity of one synthetic patient (fake, but shaped like real PHI to test stripping)."""
+
+    index: int
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    label: int
+
+
+def generate(config: SyntheticConfig) -> Path:
+    """Write the synthetic DICOM set and its ``labels.csv`` unless an identical one exists.
+
+    Args:
+        config: what to generate.
+
+    Returns:
+        The output folder, holding ``case_NNNN/img_K.dcm`` files, ``labels.csv`` (``path``,
+        ``label``) and ``generator.json`` (the configuration that produced them).
+    """
+    out = Path(config.output_dir)
+    fingerprint = json.dumps(asdict(config), sort_keys=True)
+    fingerprint_path = out / FINGERPRINT_FILE
+    if fingerprint_path.is_file() and fingerprint_path.read_text() == fingerprint:
+        return out  # already generated with exactly this configuration
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("case_*/*.dcm"):
+        stale.unlink()
+
+    rows: list[tuple[str, str]] = []
+    for patient in make_patients(config):
+        rng = np.random.default_rng([config.seed, patient.index])
+        n_images = int(rng.integers(config.images_per_patient_min, config.images_per_patient_max + 1))
+        for image_index in range(n_images):
+            ds = make_dataset(config, patient, image_index)
+            relative = f"case_{patient.index:04d}/img_{image_index}.dcm"
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(out / relative, enforce_file_format=True)
+            rows.append((relative, LABEL_NAMES[patient.label]))
+
+    with open(out / LABELS_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    fingerprint_path.write_text(fingerprint)
+    return out
+
+
+def make_patients(config: SyntheticConfig) -> list[SyntheticPatient]:
+    """The patient list: exactly ``round(n * positive_fraction)`` positives, seeded order."""
+    rng = np.random.default_rng([config.seed, 10_000_019])
+    n_positive = round(config.n_patients * config.positive_fraction)
+    labels = np.zeros(config.n_patients, dtype=int)
+    labels[rng.permutation(config.n_patients)[:n_positive]] = 1
+    patients = []
+    for index in range(config.n_patients):
+        year, day = int(rng.integers(1930, 2005)), int(rng.integers(1, 28))
+        patients.append(
+            SyntheticPatient(
+                index=index,
+                patient_id=f"MT{int(rng.integers(10**7, 10**8))}",
+                patient_name=f"DOE^JANE{index:04d}",
+                birth_date=f"{year}0{int(rng.integers(1, 10))}{day:02d}",
+                label=int(labels[index]),
+            )
+        )
+    return patients
+
+
+def chest_scene(size: int, rng: np.random.Generator, lesion_contrast: float | None) -> np.ndarray:
+    """One chest-like display image, float32 in [0, 1] (bright = dense).
+
+    Args:
+        size: side in pixels.
+        rng: randomness for anatomy jitter, texture, lesion placement.
+        lesion_contrast: peak opacity relative to local brightness; None for a normal image.
+    """
+    y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
+    jitter = rng.uniform(0.93, 1.07, size=6).astype(np.float32)
+    body = _soft_ellipse(x, y, 0, 0.05, 0.92 * jitter[0], 0.97, 0.04)
+    lungs = np.maximum(
+        _soft_ellipse(x, y, -0.42 * jitter[1], -0.05, 0.27 * jitter[2], 0.58, 0.08),
+        _soft_ellipse(x, y, 0.42 * jitter[3], -0.05, 0.27 * jitter[4], 0.58, 0.08),
+    )
+    mediastinum = _soft_ellipse(x, y, 0, 0.15, 0.14 * jitter[5], 0.75, 0.1)
+    phase = rng.uniform(0, 2 * np.pi)
+    ribs = 0.5 + 0.5 * np.sin(2 * np.pi * (4.5 * y + 0.9 * x**2) + phase)
+    scene = 0.08 + 0.5 * body - 0.27 * lungs + 0.2 * mediastinum + 0.07 * ribs * lungs
+    texture = gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), size / 40)
+    scene += 0.25 * texture * body
+
+    if lesion_contrast is not None:
+        side = rng.choice([-1.0, 1.0])
+        cx, cy = side * rng.uniform(0.3, 0.52), rng.uniform(-0.45, 0.35)
+        sigma = rng.uniform(0.05, 0.1)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+        scene += lesion_contrast * blob * np.maximum(scene, 0.2)
+
+    scene += 0.01 * rng.standard_normal((size, size)).astype(np.float32)
+    return np.clip(scene, 0.0, 1.0).astype(np.float32)
+
+
+def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index: int) -> Dataset:
+    """Build one DICOM dataset (header plus pixel data) for a patient's ``image_index``-th image."""
+    rng = np.random.default_rng([config.seed, patient.index, image_index])
+    multiframe = rng.random() < config.multiframe_fraction
+    monochrome1 = rng.random() < config.monochrome1_fraction
+    rle = rng.random() < config.rle_fraction
+    bits = int(rng.choice(config.bits_stored_choices))
+    slope = float(rng.choice([0.5, 1.0, 2.0]))
+    intercept = float(rng.choice([0.0, -1024.0]))
+    contrast = config.lesion_contrast if patient.label == 1 else None
+
+    # Frames of one acquisition share the anatomy and the opacity, but not the noise.
+    scene = chest_scene(config.size, rng, contrast)
+    n_frames = 3 if multiframe else 1
+    noise = 0.004 * rng.standard_normal((n_frames, *scene.shape)).astype(np.float32)
+    display = np.clip(scene[np.newaxis] + noise, 0.0, 1.0)
+
+    # Stored values use ~90% of the bit depth; MONOCHROME1 stores the inverted scene.
+    max_stored = 2**bits - 1
+    stored_float = display * 0.9 * max_stored + 0.05 * max_stored
+    if monochrome1:
+        stored_float = max_stored - stored_float
+    stored = np.rint(stored_float).astype(np.uint16)
+    if not multiframe:
+        stored = stored[0]
+
+    # The window shows the display range [0.02, 0.98] in modality units.
+    lo = (0.02 * 0.9 + 0.05) * max_stored
+    hi = (0.98 * 0.9 + 0.05) * max_stored
+    if monochrome1:
+        lo, hi = max_stored - hi, max_stored - lo
+    center = (lo + hi) / 2 * slope + intercept
+    width = (hi - lo) * slope
+
+    def uid(kind: str) -> str:
+        return generate_uid(entropy_srcs=[str(config.seed), str(patient.index), str(image_index), kind])
+
+    modality = "CR" if rng.random() < 0.5 else "DX"
+    sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_IMAGE_STORAGE
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = uid("sop")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = uid("sop")
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(config.seed), str(patient.index), "study"])
+    ds.SeriesInstanceUID = uid("series")
+    ds.Modality = modality
+    ds.PatientName = patient.patient_name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = "F"
+    ds.InstitutionName = "Synthetic General Hospital"
+    ds.ReferringPhysicianName = "SMITH^JOHN"
+    ds.AccessionNumber = f"A{patient.index:05d}{image_index}"
+    ds.StudyDate = "20260101"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleType = "US"
+    ds.WindowCenter = f"{center:.2f}"
+    ds.WindowWidth = f"{width:.2f}"
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.set_pixel_data(
+        stored,
+        photometric_interpretation="MONOCHROME1" if monochrome1 else "MONOCHROME2",
+        bits_stored=bits,
+        generate_instance_uid=False,
+    )
+    if multiframe:
+        ds.NumberOfFrames = stored.shape[0]
+    if rle:
+        ds.compress(RLELossless, generate_instance_uid=False)
+    return ds
+
+
+def _soft_ellipse(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float, edge: float
+) -> np.ndarray:
+    """1 inside the ellipse, 0 outside, with a smooth edge of relative width ``edge``."""
+    radius = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+    return np.clip((1 + edge - radius) / (2 * edge), 0.0, 1.0)
