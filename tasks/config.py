@@ -39,7 +39,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str]
     except yaml.YAMLError as err:
         raise MedtransferError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(params, dict):
-        raise MedtransferError(f"{path} must hold a mapping of sections, not {type(params).__name__}.")
+        raise MedtransferError(
+            f"{path} must hold a mapping of sections, not {type(params).__name__}."
+        )
     return apply_overrides(params, overrides)
 
 
@@ -59,7 +61,9 @@ def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str]) -> dict
         try:
             value = yaml.safe_load(raw_value) if raw_value.strip() else None
         except yaml.YAMLError as err:
-            raise MedtransferError(f"The value in override {override!r} is not YAML: {err}") from err
+            raise MedtransferError(
+                f"The value in override {override!r} is not YAML: {err}"
+            ) from err
         set_dotted(result, key.strip(), value)
     return result
 
@@ -90,6 +94,8 @@ def get_dotted(params: Mapping[str, Any], dotted_key: str) -> Any:
     node: Any = params
     for part in dotted_key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            raise MedtransferError(f"params.yaml has no {dotted_key!r}; add it or check the spelling.")
+            raise MedtransferError(
+                f"params.yaml has no {dotted_key!r}; add it or check the spelling."
+            )
         node = node[part]
     return node

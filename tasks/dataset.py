@@ -94,7 +94,11 @@ def load_processed(processed_dir: str | Path) -> ProcessedDataset:
             run ``medtransfer ingest`` (or ``dvc repro ingest``) first.
     """
     root = Path(processed_dir)
-    missing = [name for name in (IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, INFO_FILE) if not (root / name).is_file()]
+    missing = [
+        name
+        for name in (IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, INFO_FILE)
+        if not (root / name).is_file()
+    ]
     if missing:
         raise MedtransferError(
             f"No processed dataset at {root} (missing {', '.join(missing)}). "
@@ -148,7 +152,9 @@ def dataset_version(processed_dir: str | Path, lock_file: str | Path = "dvc.lock
 def directory_md5(root: Path) -> str:
     """DVC-style directory hash: md5 of the JSON list of ``{"md5", "relpath"}`` entries."""
     if not root.is_dir():
-        raise MedtransferError(f"No processed dataset folder at {root}; run `medtransfer ingest` first.")
+        raise MedtransferError(
+            f"No processed dataset folder at {root}; run `medtransfer ingest` first."
+        )
     entries = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest = hashlib.md5()

@@ -11,6 +11,7 @@ ingestion stage can put the file in its quarantine report instead of crashing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +68,34 @@ def read_dataset(path: str | Path) -> Dataset:
     """
     try:
         return pydicom.dcmread(path)
-    except InvalidDicomError as err:
-        raise DicomRejected(NOT_DICOM, f"not a DICOM file ({err})") from err
+    except InvalidDicomError:
+        pass  # no preamble or File Meta: maybe an old ACR-NEMA style file; try below
     except Exception as err:  # pydicom raises many types on corrupt headers
-        raise DicomRejected(UNREADABLE, f"header could not be parsed: {type(err).__name__}: {err}") from err
+        raise DicomRejected(
+            UNREADABLE, f"header could not be parsed: {type(err).__name__}: {err}"
+        ) from err
+    # Without the 'DICM' prefix any bytes "parse"; accept the result only if it looks like
+    # an image or a SOP instance.
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        looks_like_dicom = "PixelData" in ds or "SOPClassUID" in ds
+    except Exception:
+        looks_like_dicom = False
+    if not looks_like_dicom:
+        raise DicomRejected(
+            NOT_DICOM, "not a DICOM file (no DICOM header, no image or SOP elements)"
+        )
+    ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # pydicom found the encoding while reading; record it so the pixel decoders know it.
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if ds.is_implicit_VR
+            else pydicom.uid.ExplicitVRLittleEndian
+            if ds.is_little_endian
+            else pydicom.uid.ExplicitVRBigEndian
+        )
+    return ds
 
 
 def patient_key(ds: Dataset) -> str:
@@ -113,7 +138,9 @@ def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
     try:
         pixels = ds.pixel_array
     except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
-        raise DicomRejected(DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}") from err
+        raise DicomRejected(
+            DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}"
+        ) from err
     if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
         pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
     frames = [_to_display(pixels[i], ds, i, notes) for i in frame_indices]
@@ -138,7 +165,8 @@ def _check_transfer_syntax(ds: Dataset) -> None:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as err:
         raise DicomRejected(
-            UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder for transfer syntax {tsyntax.name} ({tsyntax})"
+            UNSUPPORTED_TRANSFER_SYNTAX,
+            f"no decoder for transfer syntax {tsyntax.name} ({tsyntax})",
         ) from err
     if not decoder.is_available:
         raise DicomRejected(
@@ -170,7 +198,9 @@ def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
         bits = int(ds.get("BitsStored", 8) or 8)
         return _luminance(frame) / float(2**bits - 1)
     if not photometric.startswith("MONOCHROME"):
-        raise DicomRejected(UNSUPPORTED_IMAGE, f"photometric interpretation {photometric} is not supported")
+        raise DicomRejected(
+            UNSUPPORTED_IMAGE, f"photometric interpretation {photometric} is not supported"
+        )
 
     values = frame
     if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
@@ -187,7 +217,8 @@ def _apply_voi(values: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
     """Modality values → [0, 1] through the VOI LUT, the window, or the image's own range."""
     if "VOILUTSequence" in ds:
         try:
-            lut_out = apply_voi(values, ds, index=0).astype(np.float32)
+            # A LUT is indexed by integer input values.
+            lut_out = apply_voi(np.rint(values).astype(np.int64), ds, index=0).astype(np.float32)
             lut_data = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
             notes.append("voi_lut")
             return _rescale(lut_out, float(lut_data.min()), float(lut_data.max()))
@@ -212,10 +243,8 @@ def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
         except (AttributeError, IndexError):
             source = ds
     if "SharedFunctionalGroupsSequence" in ds and "WindowCenter" not in source:
-        try:
+        with contextlib.suppress(AttributeError, IndexError):
             source = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
-        except (AttributeError, IndexError):
-            pass
     center, width = source.get("WindowCenter"), source.get("WindowWidth")
     if center is None or width is None:
         return None

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
     RLELossless,
     generate_uid,
 )
@@ -31,6 +32,7 @@ from scipy.ndimage import gaussian_filter
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 LABEL_NAMES = ("normal", "opacity")
+DICOM_SUBDIR = "dicom"
 LABELS_FILE = "labels.csv"
 FINGERPRINT_FILE = "generator.json"
 
@@ -72,42 +74,46 @@ class SyntheticPatient:
     label: int
 
 
-def generate(config: SyntheticConfig) -> Path:
+def generate(config: SyntheticConfig) -> tuple[Path, Path]:
     """Write the synthetic DICOM set and its ``labels.csv`` unless an identical one exists.
 
     Args:
         config: what to generate.
 
     Returns:
-        The output folder, holding ``case_NNNN/img_K.dcm`` files, ``labels.csv`` (``path``,
-        ``label``) and ``generator.json`` (the configuration that produced them).
+        ``(dicom_dir, labels_csv)``: the folder of ``case_NNNN/img_K.dcm`` files and the CSV
+        (``path`` relative to that folder, ``label``). Beside them, ``generator.json`` records
+        the configuration that produced them.
     """
     out = Path(config.output_dir)
+    dicom_dir, labels_csv = out / DICOM_SUBDIR, out / LABELS_FILE
     fingerprint = json.dumps(asdict(config), sort_keys=True)
     fingerprint_path = out / FINGERPRINT_FILE
     if fingerprint_path.is_file() and fingerprint_path.read_text() == fingerprint:
-        return out  # already generated with exactly this configuration
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("case_*/*.dcm"):
-        stale.unlink()
+        return dicom_dir, labels_csv  # already generated with exactly this configuration
+    if dicom_dir.exists():
+        shutil.rmtree(dicom_dir)
+    dicom_dir.mkdir(parents=True)
 
     rows: list[tuple[str, str]] = []
     for patient in make_patients(config):
         rng = np.random.default_rng([config.seed, patient.index])
-        n_images = int(rng.integers(config.images_per_patient_min, config.images_per_patient_max + 1))
+        n_images = int(
+            rng.integers(config.images_per_patient_min, config.images_per_patient_max + 1)
+        )
         for image_index in range(n_images):
             ds = make_dataset(config, patient, image_index)
             relative = f"case_{patient.index:04d}/img_{image_index}.dcm"
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(out / relative, enforce_file_format=True)
+            (dicom_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(dicom_dir / relative, enforce_file_format=True)
             rows.append((relative, LABEL_NAMES[patient.label]))
 
-    with open(out / LABELS_FILE, "w", newline="") as handle:
+    with open(labels_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
         writer.writerows(rows)
     fingerprint_path.write_text(fingerprint)
-    return out
+    return dicom_dir, labels_csv
 
 
 def make_patients(config: SyntheticConfig) -> list[SyntheticPatient]:
@@ -199,7 +205,9 @@ def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index
     width = (hi - lo) * slope
 
     def uid(kind: str) -> str:
-        return generate_uid(entropy_srcs=[str(config.seed), str(patient.index), str(image_index), kind])
+        return generate_uid(
+            entropy_srcs=[str(config.seed), str(patient.index), str(image_index), kind]
+        )
 
     modality = "CR" if rng.random() < 0.5 else "DX"
     sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_IMAGE_STORAGE

@@ -1,0 +1,78 @@
+"""The ``medtransfer`` command: one sub-command per stage, plus ``run`` for the whole flow.
+
+Every sub-command reads ``params.yaml`` (or ``--params``) and applies ``-S key=value``
+overrides, spelled as for ``dvc exp run -S``. A :class:`~tasks.errors.MedtransferError` is
+printed as one line and exits with status 2; nothing else is caught, so a bug still shows its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from tasks.config import load_params
+from tasks.errors import MedtransferError
+
+
+def _ingest(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.ingest import run_ingest
+
+    return run_ingest(params, progress=not args.quiet).to_report()
+
+
+def _run(params: dict, args: argparse.Namespace) -> dict:
+    from flows.pipeline import medtransfer_pipeline
+
+    return medtransfer_pipeline(params_file=args.params, overrides=list(args.set))
+
+
+STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
+    "ingest": (
+        _ingest,
+        "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
+    ),
+    "run": (_run, "run the whole Prefect flow"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; sub-commands share ``--params``, ``-S`` and ``--quiet``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--params", default="params.yaml", help="parameter file (default: params.yaml)"
+    )
+    common.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. -S data.image_size=160 (repeatable)",
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(prog="medtransfer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in STAGES.items():
+        commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medtransfer`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    handler, _ = STAGES[args.command]
+    try:
+        params = load_params(args.params, args.set)
+        summary = handler(params, args)
+    except MedtransferError as err:
+        print(f"medtransfer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

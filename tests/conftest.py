@@ -1,0 +1,95 @@
+"""Shared fixtures: parameters pointed at a temporary folder, and small DICOM builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tasks.config import load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_salt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed patient salt, so tests never create data/.patient_salt in the repository."""
+    monkeypatch.setenv("MEDTRANSFER_PATIENT_SALT", "test-salt")
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> dict:
+    """The repository's params.yaml with every path inside ``tmp_path`` and a small data set."""
+    return load_params(
+        REPO / "params.yaml",
+        [
+            f"data.processed_dir={tmp_path / 'processed'}",
+            f"reports_dir={tmp_path / 'reports'}",
+            f"synthetic.output_dir={tmp_path / 'synthetic'}",
+            "synthetic.n_patients=16",
+            "synthetic.size=64",
+            "data.image_size=32",
+        ],
+    )
+
+
+def make_mono_dataset(
+    pixels: np.ndarray,
+    *,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    patient_id: str = "PID-1",
+    sop_uid: str | None = None,
+    **attributes: object,
+) -> Dataset:
+    """A minimal valid grayscale DICOM dataset around ``pixels`` (2-D, or 3-D multi-frame)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    uid = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = uid
+    ds.Modality = "CR"
+    ds.PatientID = patient_id
+    ds.PatientName = "TEST^PATIENT"
+    ds.set_pixel_data(
+        pixels,
+        photometric_interpretation=photometric,
+        bits_stored=bits_stored,
+        generate_instance_uid=False,
+    )
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def write_dataset(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's own test harness: a temporary local API server and SQLite database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def params_file(params: dict, tmp_path: Path) -> Path:
+    """``params`` written to a YAML file, for the CLI, DVC and the Prefect flow."""
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

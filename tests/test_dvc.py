@@ -1,0 +1,53 @@
+"""`dvc repro` in a real git + DVC repository runs the ingestion stage reproducibly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tasks.dataset import dataset_version
+from tests.conftest import REPO
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: dict) -> None:
+    repo = tmp_path / "project"
+    repo.mkdir()
+    shutil.copytree(REPO / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo)
+    small = {**params}
+    small["data"] = {**params["data"], "processed_dir": "data/processed"}
+    small["synthetic"] = {**params["synthetic"], "output_dir": "data/synthetic"}
+    small["reports_dir"] = "reports"
+    (repo / "params.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.analytics", "false"], repo)
+
+    _run(["dvc", "repro", "ingest"], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    first = next(
+        o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/processed"
+    )
+    assert dataset_version(repo / "data/processed", repo / "dvc.lock") == first
+
+    assert "didn't change" in _run(["dvc", "repro", "ingest"], repo)  # up to date: nothing re-ran
+    _run(["dvc", "repro", "--force", "ingest"], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    second = next(
+        o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/processed"
+    )
+    assert second == first
+    metrics = _run(["dvc", "metrics", "show", "--json"], repo)
+    assert "files_seen" in metrics
