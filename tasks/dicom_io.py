@@ -202,11 +202,19 @@ def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
             UNSUPPORTED_IMAGE, f"photometric interpretation {photometric} is not supported"
         )
 
-    values = frame
-    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        values = apply_modality_lut(frame, ds)
-        notes.append("modality_lut" if "ModalityLUTSequence" in ds else "rescale")
-    display = _apply_voi(np.asarray(values, dtype=np.float32), ds, index, notes)
+    if "ModalityLUTSequence" in ds:
+        values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
+        notes.append("modality_lut")
+    else:
+        # Rescale in float32, in place: pydicom's apply_modality_lut works in float64, which
+        # is twice the memory traffic for no visible gain in an 8-bit result.
+        values = frame.astype(np.float32)
+        slope, intercept = _rescale_coefficients(ds)
+        if (slope, intercept) != (1.0, 0.0) or "RescaleSlope" in ds:
+            values *= np.float32(slope)
+            values += np.float32(intercept)
+            notes.append("rescale")
+    display = _apply_voi(values, ds, index, notes)
     if photometric == "MONOCHROME1":
         notes.append("monochrome1_inverted")
         display = 1.0 - display
@@ -260,12 +268,26 @@ def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray
     """The DICOM LINEAR window function (PS3.3 C.11.2.1.2.1) with output range [0, 1].
 
     Values at or below ``center - 0.5 - (width - 1) / 2`` map to 0, values above
-    ``center - 0.5 + (width - 1) / 2`` map to 1, linear in between.
+    ``center - 0.5 + (width - 1) / 2`` map to 1, linear in between. Returns a new float32
+    array; the input is left alone.
     """
     if width <= 1:
         return (values > center - 0.5).astype(np.float32)
-    scaled = (values - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32, copy=False)
+    # (x - (c - 0.5)) / (w - 1) + 0.5 as one multiply and one add, in place on a float32 copy.
+    out = np.array(values, dtype=np.float32)
+    out *= np.float32(1.0 / (width - 1))
+    out += np.float32(0.5 - (center - 0.5) / (width - 1))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _rescale_coefficients(ds: Dataset) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept), defaulting to (1, 0) when absent or malformed."""
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        return 1.0, 0.0
+    return slope, intercept
 
 
 def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
