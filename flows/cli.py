@@ -23,6 +23,18 @@ def _ingest(params: dict, args: argparse.Namespace) -> dict:
     return run_ingest(params, progress=not args.quiet).to_report()
 
 
+def _train(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.train import run_train
+
+    return run_train(params, resume=args.resume)
+
+
+def _evaluate(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.evaluate import run_evaluate
+
+    return run_evaluate(params)
+
+
 def _run(params: dict, args: argparse.Namespace) -> dict:
     from flows.pipeline import medtransfer_pipeline
 
@@ -34,6 +46,8 @@ STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
         _ingest,
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
     ),
+    "train": (_train, "fine-tune the teacher into a student and log the run to MLflow"),
+    "evaluate": (_evaluate, "val/test metrics, plots and Grad-CAM of the saved student"),
     "run": (_run, "run the whole Prefect flow"),
 }
 
@@ -56,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtransfer", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
-        commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        command = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        if name == "train":
+            command.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from the last checkpoint of this configuration",
+            )
     return parser
 
 

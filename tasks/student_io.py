@@ -1,0 +1,82 @@
+"""Saving and loading a trained student as one file: weights plus how to rebuild it.
+
+``models/student/model.pt`` holds ``{"state_dict": ..., "spec": {...}}``; the spec names the
+teacher, strategy, classes and image size, so evaluation, robustness, registration and the
+BentoML service rebuild exactly the trained network (with ``pretrained=False``: the weights
+come from the file) and load it with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.errors import MedtransferError
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """Everything needed to rebuild a student's architecture."""
+
+    teacher: str
+    strategy: str
+    unfreeze_blocks: int
+    num_classes: int
+    dropout: float
+    image_size: int
+    classes: tuple[str, ...]
+    teacher_weights_sha256: str
+
+
+def build_from_spec(spec: StudentSpec) -> nn.Module:
+    """The student architecture of ``spec`` with untrained weights (load a state dict next)."""
+    from tasks.models import build_student
+
+    return build_student(
+        spec.teacher,
+        spec.strategy,
+        num_classes=spec.num_classes,
+        unfreeze_blocks=spec.unfreeze_blocks,
+        pretrained=False,
+        dropout=spec.dropout,
+    )
+
+
+def save_student(model: nn.Module, spec: StudentSpec, folder: str | Path) -> Path:
+    """Write ``folder/model.pt`` atomically; returns its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MODEL_FILE
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"state_dict": state, "spec": {**asdict(spec), "classes": list(spec.classes)}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_student(folder: str | Path) -> tuple[nn.Module, StudentSpec]:
+    """Rebuild and load the student saved in ``folder``; the model is returned in eval mode.
+
+    Raises:
+        MedtransferError: no saved model there (run ``medtransfer train`` first).
+    """
+    path = Path(folder) / MODEL_FILE
+    if not path.is_file():
+        raise MedtransferError(
+            f"No trained student at {path}. Run `medtransfer train` (or `dvc repro train`) first."
+        )
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    spec_dict = dict(payload["spec"])
+    spec_dict["classes"] = tuple(spec_dict["classes"])
+    spec = StudentSpec(**spec_dict)
+    model = build_from_spec(spec)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, spec

@@ -1,0 +1,397 @@
+"""Training stage: fine-tune the teacher into a student and record the run in MLflow.
+
+``medtransfer train`` / ``dvc repro train`` / the Prefect flow call :func:`run_train`. One
+strategy gives one MLflow run. ``train.compare`` (a list of strategies) and
+``train.label_fractions`` (shares of the training set) give one parent run with a nested child
+run per (strategy, fraction), a comparison table and, for fractions, the data-efficiency plot.
+The student of ``train.strategy`` on the full training set is saved to ``train.model_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.dataset import ProcessedDataset, dataset_version, load_processed
+from tasks.errors import MedtransferError
+from tasks.evaluate import evaluate_student
+from tasks.student_io import StudentSpec, save_student
+from tasks.training import FitConfig, dist_env, fit
+from tasks.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+
+TRAIN_REPORT = "train.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` section of params.yaml."""
+
+    teacher: str = "efficientnet-lite0"
+    weights_path: str | None = None
+    strategy: str = "partial"
+    unfreeze_blocks: int = 3
+    compare: tuple[str, ...] | None = None
+    label_fractions: tuple[float, ...] | None = None
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_factor: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    patience: int = 3
+    dropout: float = 0.2
+    class_weighting: str = "balanced"
+    num_workers: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    model_dir: str = "models/student"
+    checkpoint_dir: str = "models/checkpoints"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def from_params(cls, params: dict) -> TrainConfig:
+        section = dict(params.get("train") or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(section) - known - {"adversarial"})
+        if unknown:
+            raise MedtransferError(
+                f"Unknown keys in train: {unknown}; known keys are {sorted(known)}."
+            )
+        section.pop("adversarial", None)  # read by the robustness mitigation
+        section["augment"] = AugmentConfig(**(section.get("augment") or {}))
+        for key in ("compare", "label_fractions"):
+            if section.get(key) is not None:
+                value = section[key]
+                section[key] = tuple(value if isinstance(value, list | tuple) else [value])
+        return cls(**section)
+
+    def fit_config(self, seed: int, checkpoint_dir: Path, resume: bool) -> FitConfig:
+        return FitConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            patience=self.patience,
+            class_weighting=self.class_weighting,
+            num_workers=self.num_workers,
+            seed=seed,
+            device=self.device,
+            amp=self.amp,
+            channels_last=self.channels_last,
+            checkpoint_dir=str(checkpoint_dir),
+            resume=resume,
+        )
+
+
+@dataclass
+class TrainedStudent:
+    """One training's outcome."""
+
+    strategy: str
+    fraction: float
+    n_train: int
+    best_epoch: int
+    best_val_auc: float
+    test_auc: float
+    epochs_run: int
+    run_id: str | None
+    resumed_from_epoch: int | None
+
+
+def validate(config: TrainConfig, dataset: ProcessedDataset) -> None:
+    """Every configuration error, raised before any training starts."""
+    from tasks.models import STRATEGIES, build_student, check_image_size
+
+    for strategy in (config.strategy, *(config.compare or ())):
+        if strategy not in STRATEGIES:
+            raise MedtransferError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+    check_image_size(config.teacher, dataset.image_size)
+    # Building the network checks the teacher name, its weights and unfreeze_blocks.
+    build_student(
+        config.teacher,
+        config.strategy,
+        num_classes=len(dataset.classes),
+        unfreeze_blocks=config.unfreeze_blocks,
+        pretrained=False,
+        weights_path=config.weights_path,
+    )
+    for fraction in config.label_fractions or ():
+        if not 0 < fraction <= 1:
+            raise MedtransferError(f"train.label_fractions must be in (0, 1], got {fraction}.")
+    if len(dataset.indices("train")) == 0 or len(dataset.indices("val")) == 0:
+        raise MedtransferError(
+            "The processed dataset has an empty train or val split; ingest more data."
+        )
+
+
+def run_train(params: dict, resume: bool = False) -> dict:
+    """The training stage; returns the content of ``reports/train.json``."""
+    import mlflow
+
+    from tasks.tracking import configure_mlflow, flatten_params
+
+    config = TrainConfig.from_params(params)
+    seed = int(params.get("seed", 0))
+    dataset = load_processed(params["data"]["processed_dir"])
+    validate(config, dataset)
+    data_version = dataset_version(params["data"]["processed_dir"])
+    ingest_counts = _ingest_counts(params)
+    strategies = list(config.compare or (config.strategy,))
+    fractions = list(config.label_fractions or (1.0,))
+    env = dist_env()
+
+    tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
+    logging = env.is_main
+    if logging:
+        configure_mlflow(params)
+    nested = len(strategies) * len(fractions) > 1
+    parent = (
+        mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
+        if logging and nested
+        else None
+    )
+    results: list[TrainedStudent] = []
+    primary_run_id = None
+    try:
+        if parent is not None:
+            mlflow.log_params(flatten_params(params))
+        for fraction in fractions:
+            for strategy in strategies:
+                outcome, model, spec = _train_one(
+                    params,
+                    config,
+                    dataset,
+                    strategy,
+                    fraction,
+                    seed,
+                    resume,
+                    data_version,
+                    ingest_counts,
+                    nested and logging,
+                )
+                results.append(outcome)
+                is_primary = strategy == config.strategy or (
+                    config.compare
+                    and strategy == strategies[0]
+                    and config.strategy not in strategies
+                )
+                if fraction == max(fractions) and is_primary and env.is_main:
+                    save_student(model, spec, config.model_dir)
+                    primary_run_id = outcome.run_id
+        if parent is not None:
+            _log_comparison(results, Path(params.get("reports_dir", "reports")))
+    finally:
+        if parent is not None:
+            mlflow.end_run()
+
+    primary = (
+        next(r for r in results if r.run_id == primary_run_id) if primary_run_id else results[-1]
+    )
+    report = {
+        "run_id": primary.run_id,
+        "parent_run_id": parent.info.run_id if parent is not None else None,
+        "dataset_version": data_version,
+        **{k: v for k, v in asdict(primary).items() if k != "run_id"},
+        "runs": [asdict(r) for r in results],
+    }
+    if env.is_main:
+        reports = Path(params.get("reports_dir", "reports"))
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _train_one(
+    params,
+    config: TrainConfig,
+    dataset: ProcessedDataset,
+    strategy: str,
+    fraction: float,
+    seed: int,
+    resume: bool,
+    data_version: str,
+    ingest_counts: dict,
+    nested: bool,
+):
+    """Train one student (strategy, fraction) inside its own MLflow run."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from tasks.models import build_student, param_groups
+    from tasks.teachers import get_teacher
+    from tasks.tracking import flatten_params
+
+    env = dist_env()
+    torch.manual_seed(seed)
+    train_idx = label_subset(dataset.labels, dataset.indices("train"), fraction, seed)
+    model = build_student(
+        config.teacher,
+        strategy,
+        num_classes=len(dataset.classes),
+        unfreeze_blocks=config.unfreeze_blocks,
+        pretrained=strategy != "scratch",
+        weights_path=config.weights_path,
+        dropout=config.dropout,
+    )
+    groups = param_groups(model, config.lr, config.backbone_lr_factor)
+    size = dataset.image_size
+    train_set = ImageDataset(
+        dataset.images[np.sort(train_idx)],
+        dataset.labels[np.sort(train_idx)],
+        train_transform(config.augment, size),
+    )
+    val_images, val_labels = dataset.subset("val")
+    val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
+    checkpoint_dir = Path(config.checkpoint_dir) / _run_key(params, strategy, fraction)
+    teacher = get_teacher(config.teacher, config.weights_path)
+
+    run = None
+    if env.is_main:
+        run = mlflow.start_run(
+            run_name=f"{strategy}@{fraction:g}" if nested else strategy,
+            nested=nested,
+            tags={
+                "dataset_version": data_version,
+                "teacher": config.teacher,
+                "strategy": strategy,
+                "label_fraction": str(fraction),
+                "stage": "train",
+            },
+        )
+    try:
+        if run is not None:
+            mlflow.log_params(flatten_params(params))
+            mlflow.log_params(
+                {
+                    "run.strategy": strategy,
+                    "run.label_fraction": fraction,
+                    "run.n_train": len(train_idx),
+                    "teacher.weights_sha256": teacher.weights_sha256,
+                    "dataset.version": data_version,
+                }
+            )
+            mlflow.log_metrics({f"ingest_{k}": v for k, v in ingest_counts.items()})
+
+        def on_epoch(row: dict) -> None:
+            if run is not None:
+                mlflow.log_metrics(
+                    {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)},
+                    step=row["epoch"],
+                )
+
+        result = fit(
+            model,
+            groups,
+            train_set,
+            val_set,
+            dataset.labels[train_idx],
+            len(dataset.classes),
+            config.fit_config(seed, checkpoint_dir, resume),
+            on_epoch=on_epoch,
+        )
+        model.load_state_dict(result.best_state)
+        model.to("cpu").eval()
+        evaluation = evaluate_student(
+            model, dataset, str((params.get("eval") or {}).get("threshold", "youden"))
+        )
+        if run is not None:
+            mlflow.log_metrics(
+                {
+                    "best_epoch": result.best_epoch,
+                    "best_val_auc": result.best_val_auc,
+                    **{k: v for k, v in evaluation.metrics().items() if np.isfinite(v)},
+                }
+            )
+            example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
+            with torch.no_grad():
+                output = torch.softmax(model(torch.from_numpy(example)), 1).numpy()
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example, output),
+                input_example=example,
+                code_paths=[str(Path(__file__).resolve().parent)],
+                pip_requirements=["torch", "monai", "numpy"],
+            )
+        spec = StudentSpec(
+            teacher=config.teacher,
+            strategy=strategy,
+            unfreeze_blocks=config.unfreeze_blocks,
+            num_classes=len(dataset.classes),
+            dropout=config.dropout,
+            image_size=size,
+            classes=tuple(dataset.classes),
+            teacher_weights_sha256=teacher.weights_sha256,
+        )
+        outcome = TrainedStudent(
+            strategy=strategy,
+            fraction=fraction,
+            n_train=len(train_idx),
+            best_epoch=result.best_epoch,
+            best_val_auc=result.best_val_auc,
+            test_auc=evaluation.test.auc,
+            epochs_run=len(result.history),
+            run_id=run.info.run_id if run is not None else None,
+            resumed_from_epoch=result.resumed_from_epoch,
+        )
+    finally:
+        if run is not None:
+            mlflow.end_run()
+    return outcome, model, spec
+
+
+def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, label-stratified share of ``indices`` (at least 2 per class), sorted."""
+    if fraction >= 1.0:
+        return np.sort(indices)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels[indices]):
+        members = indices[labels[indices] == label]
+        count = max(2, round(len(members) * fraction))
+        chosen.append(rng.permutation(members)[: min(count, len(members))])
+    return np.sort(np.concatenate(chosen))
+
+
+def _run_key(params: dict, strategy: str, fraction: float) -> str:
+    """Checkpoints live per (data, params, strategy, fraction): resume never mixes runs."""
+    relevant = {k: params.get(k) for k in ("seed", "data", "train")}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
+    return f"{strategy}-{fraction:g}-{digest}"
+
+
+def _ingest_counts(params: dict) -> dict[str, float]:
+    report = Path(params.get("reports_dir", "reports")) / "ingest.json"
+    if not report.is_file():
+        return {}
+    content = json.loads(report.read_text())
+    return {
+        k: content[k] for k in ("files_seen", "ingested", "quarantined", "images") if k in content
+    }
+
+
+def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
+    """Comparison table on the parent run, plus the data-efficiency plot for several fractions."""
+    import mlflow
+
+    from tasks.plots import plot_data_efficiency
+
+    rows = [asdict(r) for r in results]
+    mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "comparison.json")
+    for r in results:
+        mlflow.log_metric(f"test_auc.{r.strategy}@{r.fraction:g}", r.test_auc)
+    if len({r.fraction for r in results}) > 1:
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for r in results:
+            curves.setdefault(r.strategy, []).append((r.n_train, r.test_auc))
+        path = plot_data_efficiency(curves, reports / "plots" / "data_efficiency.png")
+        mlflow.log_artifact(str(path))
