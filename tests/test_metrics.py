@@ -32,7 +32,7 @@ def test_spec_at_90_keeps_specificity() -> None:
 
 def test_fixed_threshold_and_bad_rule() -> None:
     assert choose_threshold(np.array([0, 1]), np.array([0.2, 0.9]), "0.5") == 0.5
-    with pytest.raises(MedtransferError, match="eval.threshold"):
+    with pytest.raises(MedtransferError, match=r"eval\.threshold"):
         choose_threshold(np.array([0, 1]), np.array([0.2, 0.9]), "best")
 
 

@@ -88,7 +88,7 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
 
 
 def test_resume_after_a_crash_continues_to_the_same_weights(tmp_path: Path) -> None:
-    straight_model, straight = _fit(tmp_path / "straight", epochs=4)
+    straight_model, _ = _fit(tmp_path / "straight", epochs=4)
 
     # Crash after the second epoch's checkpoint, then resume with a freshly built model.
     def crash(row: dict) -> None:
