@@ -10,13 +10,27 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.config import load_params
+from tasks.evaluate import run_evaluate
 from tasks.ingest import run_ingest
+from tasks.train import run_train
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=2)
 def ingest(params: dict) -> dict:
     """Decode the configured source into the processed dataset; returns the ingest report."""
     return run_ingest(params).to_report()
+
+
+@task(name="train")
+def train(params: dict, resume: bool = False) -> dict:
+    """Fine-tune the teacher into a student, logged to MLflow; returns the train report."""
+    return run_train(params, resume=resume)
+
+
+@task(name="evaluate")
+def evaluate(params: dict) -> dict:
+    """Val/test metrics, plots and Grad-CAM of the saved student; returns the metrics report."""
+    return run_evaluate(params)
 
 
 @flow(name="medtransfer", log_prints=True)
@@ -29,8 +43,9 @@ def medtransfer_pipeline(
         A summary dictionary with one entry per stage.
     """
     params = load_params(params_file, overrides or [])
-    ingest_report = ingest(params)
-    summary = {"ingest": ingest_report}
+    summary = {"ingest": ingest(params)}
+    summary["train"] = train(params)
+    summary["evaluate"] = evaluate(params)
     create_markdown_artifact(
         key="medtransfer-summary",
         markdown=_summary_markdown(summary),
@@ -52,6 +67,18 @@ def _summary_markdown(summary: dict) -> str:
         f"- quarantined by reason: {reasons or 'none'}",
         f"- images per split: { {s: v['images'] for s, v in report['splits'].items()} }",
     ]
+    if "train" in summary:
+        trained, metrics = summary["train"], summary["evaluate"]
+        lines += [
+            "",
+            "## Student",
+            f"- dataset version: `{trained['dataset_version']}`",
+            f"- strategy {trained['strategy']}, best epoch {trained['best_epoch']} of {trained['epochs_run']}",
+            f"- test AUC {metrics['test']['auc']:.3f}, accuracy {metrics['test']['accuracy']:.3f}, "
+            f"sensitivity {metrics['test']['sensitivity']:.3f}, specificity {metrics['test']['specificity']:.3f} "
+            f"at threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})",
+            f"- MLflow run: `{trained['run_id']}`",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -225,7 +225,6 @@ def _train_one(
     from mlflow.models import infer_signature
 
     from tasks.models import build_student, param_groups
-    from tasks.teachers import get_teacher
     from tasks.tracking import flatten_params
 
     env = dist_env()
@@ -250,7 +249,8 @@ def _train_one(
     val_images, val_labels = dataset.subset("val")
     val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
     checkpoint_dir = Path(config.checkpoint_dir) / _run_key(params, strategy, fraction)
-    teacher = get_teacher(config.teacher, config.weights_path)
+    # The scratch control has no pretrained weights; every other student names its teacher file.
+    teacher_sha256 = model.weights_sha256 or ""
 
     run = None
     if env.is_main:
@@ -273,7 +273,7 @@ def _train_one(
                     "run.strategy": strategy,
                     "run.label_fraction": fraction,
                     "run.n_train": len(train_idx),
-                    "teacher.weights_sha256": teacher.weights_sha256,
+                    "teacher.weights_sha256": teacher_sha256 or "none (random init)",
                     "dataset.version": data_version,
                 }
             )
@@ -306,7 +306,9 @@ def _train_one(
                 {
                     "best_epoch": result.best_epoch,
                     "best_val_auc": result.best_val_auc,
-                    **{k: v for k, v in evaluation.metrics().items() if np.isfinite(v)},
+                    # eval_*: the selected weights at the threshold chosen on val (val_* above
+                    # are the per-epoch curves).
+                    **{f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
                 }
             )
             example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
@@ -328,7 +330,7 @@ def _train_one(
             dropout=config.dropout,
             image_size=size,
             classes=tuple(dataset.classes),
-            teacher_weights_sha256=teacher.weights_sha256,
+            teacher_weights_sha256=teacher_sha256,
         )
         outcome = TrainedStudent(
             strategy=strategy,
@@ -388,7 +390,7 @@ def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
     rows = [asdict(r) for r in results]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "comparison.json")
     for r in results:
-        mlflow.log_metric(f"test_auc.{r.strategy}@{r.fraction:g}", r.test_auc)
+        mlflow.log_metric(f"test_auc.{r.strategy}.fraction_{r.fraction:g}", r.test_auc)
     if len({r.fraction for r in results}) > 1:
         curves: dict[str, list[tuple[int, float]]] = {}
         for r in results:
