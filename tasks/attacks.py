@@ -89,21 +89,26 @@ def check_eps(eps: float) -> float:
 
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with ``model`` in eval mode, then restore its modes and parameter gradients.
+    """Run a block with ``model`` in eval mode and its parameters frozen, then restore its
+    modes, ``requires_grad`` flags and parameter gradients.
 
-    Attacks must not update BatchNorm statistics, and ART leaves the model in eval mode with the
-    last attack's gradients in every parameter's ``.grad``; a caller that is mid-training must
-    get its model back exactly as it was.
+    Attacks must not update BatchNorm statistics. Attacks need gradients with respect to the
+    images only: ART's ``loss_gradient`` calls ``loss.backward()``, which with trainable
+    parameters also computes (and leaves in ``.grad``) every weight gradient, about a third of
+    the cost of a PGD step. A caller that is mid-training gets its model back as it was.
     """
     modes = [(module, module.training) for module in model.modules()]
-    grads = [(param, param.grad) for param in model.parameters()]
+    params = [(param, param.requires_grad, param.grad) for param in model.parameters()]
     model.eval()
+    for param, _, _ in params:
+        param.requires_grad_(False)
     try:
         yield model
     finally:
         for module, mode in modes:
             module.train(mode)
-        for param, grad in grads:
+        for param, requires_grad, grad in params:
+            param.requires_grad_(requires_grad)
             param.grad = grad
 
 
@@ -601,6 +606,20 @@ def check_step_fraction(pgd_step_size: float | None, pgd_steps: int) -> float:
     return fraction
 
 
+def _clean_row(clean_acc: float, clean_predictions: np.ndarray, labels: np.ndarray) -> EpsilonRow:
+    success = 0.0 if np.any(clean_predictions == labels) else math.nan
+    return EpsilonRow(
+        eps=0.0,
+        fgsm_acc=clean_acc,
+        pgd_acc=clean_acc,
+        teacher_transfer_acc=clean_acc,
+        teacher_transfer_success=success,
+        teacher_mimicry_acc=clean_acc,
+        teacher_mimicry_success=success,
+        noise_acc=clean_acc,
+    )
+
+
 def evaluate_robustness(
     student: nn.Module,
     teacher_features: nn.Module,
@@ -624,7 +643,8 @@ def evaluate_robustness(
         images: float ``(N, C, H, W)`` in [0, 1].
         labels: ``(N,)`` class indices.
         epsilons: L-inf budgets in pixel units, e.g. ``[0, 1/255, 2/255, 4/255]``; sorted and
-            de-duplicated. Budget 0 costs nothing (every attack returns the clean images).
+            de-duplicated. Budget 0 costs nothing: every attack returns the clean images
+            there, so its row is the clean accuracy (and a success rate of 0).
         pgd_steps: iterations of PGD and of both teacher-transfer attacks.
         pgd_step_size: their step **as a fraction of each budget**; ``None`` is
             ``2.5 / pgd_steps``. See :func:`check_step_fraction`.
@@ -652,6 +672,9 @@ def evaluate_robustness(
     common = {"batch_size": batch_size, "device": device}
     rows = []
     for index, eps in enumerate(budgets):
+        if eps == 0.0:
+            rows.append(_clean_row(clean_acc, clean_predictions, y))
+            continue
         step = fraction * eps
         fgsm = fgsm_attack(student, clean, y, eps, **common)
         pgd = pgd_attack(

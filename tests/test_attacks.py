@@ -311,9 +311,10 @@ def test_evaluate_robustness_end_to_end_and_restores_the_student(toy):
         assert value == pytest.approx(result.clean_acc)
     assert zero.teacher_transfer_success == 0.0 and zero.teacher_mimicry_success == 0.0
     assert result.row(EPS_8).pgd_acc < result.clean_acc - 0.3
-    # ART leaves the model in eval mode with gradients in every parameter; we must not.
+    # ART leaves the model in eval mode with gradients in every parameter, and the attacks
+    # freeze parameters while they run; the student must come back as it was.
     assert all(module.training for module in student.modules())
-    assert all(param.grad is None for param in student.parameters())
+    assert all(param.grad is None and param.requires_grad for param in student.parameters())
 
 
 def _result(**overrides: float) -> RobustnessResult:
