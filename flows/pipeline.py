@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.config import load_params
 from tasks.evaluate import run_evaluate
 from tasks.ingest import run_ingest
+from tasks.robustness import run_robustness
 from tasks.train import run_train
 
 
@@ -33,6 +34,12 @@ def evaluate(params: dict) -> dict:
     return run_evaluate(params)
 
 
+@task(name="robustness")
+def robustness(params: dict) -> dict:
+    """Attacks on the student and its frozen teacher; returns the report with the verdict."""
+    return run_robustness(params)
+
+
 @flow(name="medtransfer", log_prints=True)
 def medtransfer_pipeline(
     params_file: str = "params.yaml", overrides: list[str] | None = None
@@ -46,6 +53,7 @@ def medtransfer_pipeline(
     summary = {"ingest": ingest(params)}
     summary["train"] = train(params)
     summary["evaluate"] = evaluate(params)
+    summary["robustness"] = robustness(params)
     create_markdown_artifact(
         key="medtransfer-summary",
         markdown=_summary_markdown(summary),
@@ -79,6 +87,10 @@ def _summary_markdown(summary: dict) -> str:
             f"at threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})",
             f"- MLflow run: `{trained['run_id']}`",
         ]
+    if "robustness" in summary:
+        verdict = summary["robustness"]["verdict"]
+        lines += ["", "## Robustness", f"- verdict: **{'pass' if verdict['passed'] else 'fail'}**"]
+        lines += [f"- {line}" for line in verdict["checked"]]
     return "\n".join(lines) + "\n"
 
 

@@ -281,8 +281,10 @@ def build_student(
         raise MedtransferError(
             f"Unknown transfer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}."
         )
-    if isinstance(unfreeze_blocks, bool) or not isinstance(unfreeze_blocks, int) or not (
-        0 <= unfreeze_blocks <= spec.num_blocks
+    if (
+        isinstance(unfreeze_blocks, bool)
+        or not isinstance(unfreeze_blocks, int)
+        or not (0 <= unfreeze_blocks <= spec.num_blocks)
     ):
         raise MedtransferError(
             f"unfreeze_blocks must be an integer from 0 to {spec.num_blocks} (the blocks of "
@@ -293,9 +295,7 @@ def build_student(
     if not 0.0 <= dropout < 1.0:
         raise MedtransferError(f"dropout must be in [0, 1), not {dropout!r}.")
     if weights_path is not None and not pretrained and strategy != "scratch":
-        raise MedtransferError(
-            "weights_path was given with pretrained=False; drop one of them."
-        )
+        raise MedtransferError("weights_path was given with pretrained=False; drop one of them.")
     load = pretrained and strategy != "scratch"
     input_layer, backbone, sha256 = _grayscale_backbone(spec, load, weights_path)
     return Student(
@@ -328,9 +328,7 @@ def param_groups(model: Student, base_lr: float, backbone_lr_factor: float = 0.1
     if not base_lr > 0:
         raise MedtransferError(f"The learning rate must be positive, not {base_lr!r}.")
     if not 0 < backbone_lr_factor <= 1:
-        raise MedtransferError(
-            f"backbone_lr_factor must be in (0, 1], not {backbone_lr_factor!r}."
-        )
+        raise MedtransferError(f"backbone_lr_factor must be in (0, 1], not {backbone_lr_factor!r}.")
 
     def trainable(module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 from tasks.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluate import evaluate_student
-from tasks.student_io import StudentSpec, save_student
+from tasks.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.training import FitConfig, dist_env, fit
 from tasks.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
 
@@ -145,6 +146,9 @@ def run_train(params: dict, resume: bool = False) -> dict:
     strategies = list(config.compare or (config.strategy,))
     fractions = list(config.label_fractions or (1.0,))
     env = dist_env()
+    if env.is_main:
+        # Students of an earlier comparison must not be mistaken for this run's.
+        shutil.rmtree(Path(config.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
 
     tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
     logging = env.is_main
@@ -181,9 +185,14 @@ def run_train(params: dict, resume: bool = False) -> dict:
                     and strategy == strategies[0]
                     and config.strategy not in strategies
                 )
-                if fraction == max(fractions) and is_primary and env.is_main:
-                    save_student(model, spec, config.model_dir)
-                    primary_run_id = outcome.run_id
+                if fraction == max(fractions) and env.is_main:
+                    if len(strategies) > 1:
+                        save_student(
+                            model, spec, Path(config.model_dir) / STRATEGIES_SUBDIR / strategy
+                        )
+                    if is_primary:
+                        save_student(model, spec, config.model_dir)
+                        primary_run_id = outcome.run_id
         if parent is not None:
             _log_comparison(results, Path(params.get("reports_dir", "reports")))
     finally:

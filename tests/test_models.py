@@ -68,8 +68,10 @@ def test_each_strategy_trains_exactly_its_parts(strategy: str) -> None:
     assert head == 1280 * N_CLASSES + N_CLASSES
     expected = {
         "linear_probe": head,
-        "partial": _numel(backbone.blocks[-2]) + _numel(backbone.blocks[-1])
-        + _numel(backbone.top) + head,
+        "partial": _numel(backbone.blocks[-2])
+        + _numel(backbone.blocks[-1])
+        + _numel(backbone.top)
+        + head,
         "full": _numel(student),
         "scratch": _numel(student),
     }[strategy]

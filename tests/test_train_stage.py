@@ -16,30 +16,7 @@ from mlflow.tracking import MlflowClient
 from tasks.config import apply_overrides
 from tasks.errors import MedtransferError
 from tasks.evaluate import run_evaluate
-from tasks.ingest import run_ingest
 from tasks.train import run_train
-
-
-@pytest.fixture
-def train_params(params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Small synthetic data at 64 px, a temporary MLflow store and model folders."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    small = apply_overrides(
-        params,
-        [
-            "synthetic.n_patients=24",
-            "data.image_size=64",
-            "train.epochs=2",
-            "train.batch_size=16",
-            "train.strategy=linear_probe",
-            f"train.model_dir={tmp_path / 'models/student'}",
-            f"train.checkpoint_dir={tmp_path / 'models/checkpoints'}",
-            "eval.gradcam_examples=2",
-        ],
-    )
-    run_ingest(small, progress=False)
-    return small
 
 
 def _client() -> MlflowClient:
