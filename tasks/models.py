@@ -298,7 +298,7 @@ def build_student(
         raise MedtransferError("weights_path was given with pretrained=False; drop one of them.")
     load = pretrained and strategy != "scratch"
     input_layer, backbone, sha256 = _grayscale_backbone(spec, load, weights_path)
-    return Student(
+    student = Student(
         spec=spec,
         strategy=strategy,
         input_layer=input_layer,
@@ -308,6 +308,24 @@ def build_student(
         dropout=dropout,
         weights_sha256=sha256,
     )
+    _track_batch_statistics(student, TRAINED_BN_MOMENTUM)
+    return student
+
+
+# TF-ported EfficientNets keep BatchNorm running statistics with momentum 0.01, made for
+# hundreds of thousands of steps. A fine-tuning on a few hundred images takes a few hundred
+# steps: at 0.01 the trained layers' running statistics would still mostly be their starting
+# values at evaluation time (for `scratch`, whose activations start near zero, every
+# prediction collapses to the same value). PyTorch's default of 0.1 tracks them in tens of steps.
+TRAINED_BN_MOMENTUM = 0.1
+
+
+def _track_batch_statistics(student: Student, momentum: float) -> None:
+    """Set the momentum of every BatchNorm layer that trains (frozen ones never update)."""
+    frozen = {id(m) for part in student.frozen_modules() for m in part.modules()}
+    for module in student.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in frozen:
+            module.momentum = momentum
 
 
 def param_groups(model: Student, base_lr: float, backbone_lr_factor: float = 0.1) -> list[dict]:
