@@ -42,9 +42,9 @@ ROBUSTNESS_REPORT = "robustness.json"
 class RobustnessConfig:
     """The ``robustness`` section of params.yaml (budgets in 1/255 pixel units)."""
 
-    max_samples: int | None = 64
+    max_samples: int | None = 32
     epsilons_255: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    pgd_steps: int = 5
+    pgd_steps: int = 3
     pgd_step_fraction: float | None = None
     batch_size: int = 32
     reference_probe: bool = True
@@ -139,6 +139,7 @@ def run_robustness(params: dict) -> dict:
     images, labels = attack_subset(dataset, config.max_samples, seed)
     teacher = teacher_feature_extractor(spec.teacher)
     target_pool = attack_subset(dataset, None, seed)  # mimicry targets: other-class test images
+    crafted: dict = {}  # teacher-transfer perturbations, crafted once for every model scored
 
     def attack(model: nn.Module) -> RobustnessResult:
         return evaluate_robustness(
@@ -152,6 +153,7 @@ def run_robustness(params: dict) -> dict:
             batch_size=config.batch_size,
             seed=seed,
             target_pool=target_pool,
+            crafted=crafted,
         )
 
     result = attack(student)
