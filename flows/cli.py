@@ -35,6 +35,18 @@ def _evaluate(params: dict, args: argparse.Namespace) -> dict:
     return run_evaluate(params)
 
 
+def _register(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.register import run_register
+
+    return run_register(params)
+
+
+def _package(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.package import run_package
+
+    return run_package(params)
+
+
 def _run(params: dict, args: argparse.Namespace) -> dict:
     from flows.pipeline import medtransfer_pipeline
 
@@ -48,6 +60,11 @@ STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
     ),
     "train": (_train, "fine-tune the teacher into a student and log the run to MLflow"),
     "evaluate": (_evaluate, "val/test metrics, plots and Grad-CAM of the saved student"),
+    "register": (
+        _register,
+        "register the trained student in the MLflow registry; move the alias if it earns it",
+    ),
+    "package": (_package, "build and export the Bento of the approved registry version"),
     "run": (_run, "run the whole Prefect flow"),
 }
 
