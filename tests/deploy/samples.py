@@ -35,7 +35,7 @@ GOOD_DICOM = (
     "SC_rgb_jpeg_gdcm.dcm",
 )
 SECRET_NAME = "Doe^Secretname"
-SECRET_ID = "SECRET-PID-4711"
+SECRET_ID = "SECRET-PID-QXZW"
 
 
 def corpus_bytes(name: str) -> bytes:
