@@ -30,8 +30,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Benchmarks are measured, not asserted: each prints a table and records it in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.ingest
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.robustness
 
 clean-venv:
 	rm -rf $(VENV)

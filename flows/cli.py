@@ -35,6 +35,20 @@ def _evaluate(params: dict, args: argparse.Namespace) -> dict:
     return run_evaluate(params)
 
 
+def _robustness(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.robustness import run_robustness
+
+    report = run_robustness(params)
+    verdict = report["verdict"]
+    print(
+        f"robustness verdict: {'PASS' if verdict['passed'] else 'FAIL'}",
+        *verdict["reasons"],
+        sep="\n  ",
+        file=sys.stderr,
+    )
+    return report
+
+
 def _register(params: dict, args: argparse.Namespace) -> dict:
     from tasks.register import run_register
 
@@ -60,6 +74,10 @@ STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
     ),
     "train": (_train, "fine-tune the teacher into a student and log the run to MLflow"),
     "evaluate": (_evaluate, "val/test metrics, plots and Grad-CAM of the saved student"),
+    "robustness": (
+        _robustness,
+        "white-box, teacher-transfer and noise attacks; the promotion verdict",
+    ),
     "register": (
         _register,
         "register the trained student in the MLflow registry; move the alias if it earns it",

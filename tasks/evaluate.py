@@ -27,6 +27,9 @@ from tasks.training import predict
 from tasks.transforms import ImageDataset, to_tensor_transform
 
 METRICS_REPORT = "metrics.json"
+# Every student's backbone ends in ``top`` (the last convolution before pooling): the deepest
+# layer that still has spatial resolution, which is what Grad-CAM needs.
+GRADCAM_LAYER = "backbone.top"
 
 
 @dataclass
@@ -103,9 +106,8 @@ def gradcam_grid(
     wrong = np.flatnonzero(predicted != labels)[:per_group]
     chosen = np.concatenate([correct, wrong]).astype(int)
     cam = GradCAM(nn_module=model, target_layers=layer)
-    batch = torch.stack(
-        [to_tensor_transform()(images[i].astype(np.float32)).as_tensor() for i in chosen]
-    )
+    chosen_set = ImageDataset(images[chosen], labels[chosen], to_tensor_transform())
+    batch = torch.stack([chosen_set[k][0] for k in range(len(chosen))])
     model.eval()
     with torch.enable_grad():
         # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
@@ -154,12 +156,10 @@ def run_evaluate(params: dict) -> dict:
             f"test, threshold {evaluation.threshold:.3f}",
         ),
     ]
-    from tasks.models import gradcam_layer
-
     figures.append(
         gradcam_grid(
             model,
-            gradcam_layer(model),
+            GRADCAM_LAYER,
             dataset,
             evaluation,
             plot_dir / "gradcam_test.png",

@@ -18,6 +18,8 @@ from torch import nn
 from tasks.errors import MedtransferError
 
 MODEL_FILE = "model.pt"
+# A `train.compare` run also keeps every strategy's student, in <model_dir>/strategies/<name>/.
+STRATEGIES_SUBDIR = "strategies"
 
 
 @dataclass(frozen=True)

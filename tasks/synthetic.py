@@ -47,7 +47,7 @@ class SyntheticConfig:
     images_per_patient_max: int = 4
     size: int = 256
     positive_fraction: float = 0.5
-    lesion_contrast: float = 0.06
+    lesion_contrast: float = 0.35
     rle_fraction: float = 0.25
     monochrome1_fraction: float = 0.2
     multiframe_fraction: float = 0.05
@@ -162,7 +162,7 @@ def chest_scene(size: int, rng: np.random.Generator, lesion_contrast: float | No
     if lesion_contrast is not None:
         side = rng.choice([-1.0, 1.0])
         cx, cy = side * rng.uniform(0.3, 0.52), rng.uniform(-0.45, 0.35)
-        sigma = rng.uniform(0.05, 0.1)
+        sigma = rng.uniform(0.06, 0.12)
         blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
         scene += lesion_contrast * blob * np.maximum(scene, 0.2)
 

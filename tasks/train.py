@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 from tasks.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluate import evaluate_student
-from tasks.student_io import StudentSpec, save_student
+from tasks.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.training import FitConfig, dist_env, fit
 from tasks.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
 
@@ -145,6 +146,9 @@ def run_train(params: dict, resume: bool = False) -> dict:
     strategies = list(config.compare or (config.strategy,))
     fractions = list(config.label_fractions or (1.0,))
     env = dist_env()
+    if env.is_main:
+        # Students of an earlier comparison must not be mistaken for this run's.
+        shutil.rmtree(Path(config.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
 
     tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
     logging = env.is_main
@@ -181,9 +185,14 @@ def run_train(params: dict, resume: bool = False) -> dict:
                     and strategy == strategies[0]
                     and config.strategy not in strategies
                 )
-                if fraction == max(fractions) and is_primary and env.is_main:
-                    save_student(model, spec, config.model_dir)
-                    primary_run_id = outcome.run_id
+                if fraction == max(fractions) and env.is_main:
+                    if len(strategies) > 1:
+                        save_student(
+                            model, spec, Path(config.model_dir) / STRATEGIES_SUBDIR / strategy
+                        )
+                    if is_primary:
+                        save_student(model, spec, config.model_dir)
+                        primary_run_id = outcome.run_id
         if parent is not None:
             _log_comparison(results, Path(params.get("reports_dir", "reports")))
     finally:
@@ -225,7 +234,6 @@ def _train_one(
     from mlflow.models import infer_signature
 
     from tasks.models import build_student, param_groups
-    from tasks.teachers import get_teacher
     from tasks.tracking import flatten_params
 
     env = dist_env()
@@ -250,7 +258,8 @@ def _train_one(
     val_images, val_labels = dataset.subset("val")
     val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
     checkpoint_dir = Path(config.checkpoint_dir) / _run_key(params, strategy, fraction)
-    teacher = get_teacher(config.teacher, config.weights_path)
+    # The scratch control has no pretrained weights; every other student names its teacher file.
+    teacher_sha256 = model.weights_sha256 or ""
 
     run = None
     if env.is_main:
@@ -273,7 +282,7 @@ def _train_one(
                     "run.strategy": strategy,
                     "run.label_fraction": fraction,
                     "run.n_train": len(train_idx),
-                    "teacher.weights_sha256": teacher.weights_sha256,
+                    "teacher.weights_sha256": teacher_sha256 or "none (random init)",
                     "dataset.version": data_version,
                 }
             )
@@ -306,7 +315,9 @@ def _train_one(
                 {
                     "best_epoch": result.best_epoch,
                     "best_val_auc": result.best_val_auc,
-                    **{k: v for k, v in evaluation.metrics().items() if np.isfinite(v)},
+                    # eval_*: the selected weights at the threshold chosen on val (val_* above
+                    # are the per-epoch curves).
+                    **{f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
                 }
             )
             example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
@@ -328,7 +339,7 @@ def _train_one(
             dropout=config.dropout,
             image_size=size,
             classes=tuple(dataset.classes),
-            teacher_weights_sha256=teacher.weights_sha256,
+            teacher_weights_sha256=teacher_sha256,
         )
         outcome = TrainedStudent(
             strategy=strategy,
@@ -388,7 +399,7 @@ def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
     rows = [asdict(r) for r in results]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "comparison.json")
     for r in results:
-        mlflow.log_metric(f"test_auc.{r.strategy}@{r.fraction:g}", r.test_auc)
+        mlflow.log_metric(f"test_auc.{r.strategy}.fraction_{r.fraction:g}", r.test_auc)
     if len({r.fraction for r in results}) > 1:
         curves: dict[str, list[tuple[int, float]]] = {}
         for r in results:

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tasks.config import load_params
+from tasks.config import apply_overrides, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,3 +93,27 @@ def params_file(params: dict, tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def train_params(params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Small synthetic data at 64 px, a temporary MLflow store and model folders."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    small = apply_overrides(
+        params,
+        [
+            "synthetic.n_patients=24",
+            "data.image_size=64",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "train.strategy=linear_probe",
+            f"train.model_dir={tmp_path / 'models/student'}",
+            f"train.checkpoint_dir={tmp_path / 'models/checkpoints'}",
+            "eval.gradcam_examples=2",
+        ],
+    )
+    from tasks.ingest import run_ingest
+
+    run_ingest(small, progress=False)
+    return small

@@ -1,0 +1,415 @@
+"""Attacks, the teacher-transfer check, robustness metrics and promotion gates.
+
+The victim is a tiny CNN trained for a few dozen steps to tell a bright square from a dark one
+on a noisy 32x32 background: clean accuracy is perfect, yet nothing made it robust, so an
+8/255 white-box attack breaks it. Its "teacher" is a frozen copy of its own trunk, the
+situation the teacher-transfer attack is about (a student that kept the public backbone).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tasks.attacks import (
+    AttackOutcome,
+    as_pixel_array,
+    check_step_fraction,
+    choose_mimicry_targets,
+    evaluate_robustness,
+    fgsm_attack,
+    noise_attack,
+    pgd_attack,
+    predict,
+    teacher_transfer_attack,
+)
+from tasks.errors import MedtransferError
+from tasks.robustness_metrics import (
+    EpsilonRow,
+    ReferenceCurve,
+    RobustnessResult,
+    format_eps,
+    gate_verdict,
+    metric_key,
+    plot_robustness_curves,
+)
+
+EPS_8 = 8 / 255
+SIZE = 32
+# Floats in [0, 1] are exact to ~6e-8; ART works in float32.
+FLOAT_TOL = 1e-6
+
+
+def make_squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` noisy 32x32 images, each with an 8x8 square: bright (label 1) or dark (label 0)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.normal(0.5, 0.08, (n, 1, SIZE, SIZE))
+    for i, label in enumerate(labels):
+        row, col = rng.integers(0, SIZE - 8, 2)
+        images[i, 0, row : row + 8, col : col + 8] = 0.8 if label else 0.2
+    return np.clip(images, 0, 1).astype(np.float32), labels.astype(np.int64)
+
+
+class TinyCNN(nn.Module):
+    """Pixel space in, logits out; normalises internally, like the real student."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(16, 2)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk((x - 0.5) / 0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FeatureExtractor(nn.Module):
+    """The frozen "public teacher": (B, 1, H, W) in [0, 1] -> (B, 16) features."""
+
+    def __init__(self, model: TinyCNN) -> None:
+        super().__init__()
+        self.model = model
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+class _RefuseBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a gradient flowed back through the student")
+
+
+class GradientRefusingStudent(nn.Module):
+    """Wraps a student: raises if anything backpropagates through it, and records whether it
+    was ever called with gradients enabled."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.calls_with_grad = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.calls_with_grad += int(torch.is_grad_enabled() or x.requires_grad)
+        return _RefuseBackward.apply(self.inner(x))
+
+
+@pytest.fixture(scope="module")
+def toy() -> dict:
+    torch.manual_seed(0)
+    train_x, train_y = make_squares(256, seed=1)
+    model = TinyCNN()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        idx = torch.randint(0, len(x), (32,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    images, labels = make_squares(64, seed=2)
+    teacher = FeatureExtractor(copy.deepcopy(model))
+    clean_acc = float(np.mean(predict(model, images) == labels))
+    return {
+        "model": model,
+        "teacher": teacher,
+        "images": images,
+        "labels": labels,
+        "clean": clean_acc,
+    }
+
+
+def all_attacks(toy: dict, eps: float) -> dict[str, AttackOutcome]:
+    model, teacher, images, labels = toy["model"], toy["teacher"], toy["images"], toy["labels"]
+    return {
+        "fgsm": fgsm_attack(model, images, labels, eps),
+        "pgd": pgd_attack(model, images, labels, eps, steps=5, seed=3),
+        "transfer": teacher_transfer_attack(model, teacher, images, labels, eps, steps=5, seed=3),
+        "mimicry": teacher_transfer_attack(
+            model, teacher, images, labels, eps, mode="mimicry", steps=5, seed=3
+        ),
+        "noise": noise_attack(model, images, labels, eps, seed=3),
+    }
+
+
+def test_toy_student_is_accurate(toy):
+    assert toy["clean"] >= 0.95
+
+
+def test_budget_zero_changes_no_image_and_no_prediction(toy):
+    clean_predictions = predict(toy["model"], toy["images"])
+    for name, outcome in all_attacks(toy, 0.0).items():
+        np.testing.assert_array_equal(outcome.adversarial, toy["images"], err_msg=name)
+        np.testing.assert_array_equal(outcome.predictions, clean_predictions, err_msg=name)
+        assert outcome.accuracy == pytest.approx(toy["clean"]), name
+
+
+def test_art_refuses_a_zero_step_which_is_why_budget_zero_skips_it(toy):
+    # Canary for an ART upgrade: eps=0 itself is accepted, a zero step (eps/4 at eps=0) is not.
+    from art.attacks.evasion import ProjectedGradientDescentPyTorch
+    from art.estimators.classification import PyTorchClassifier
+
+    classifier = PyTorchClassifier(
+        toy["model"], nn.CrossEntropyLoss(), input_shape=(1, SIZE, SIZE), nb_classes=2,
+        clip_values=(0.0, 1.0),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="step-size"):
+        ProjectedGradientDescentPyTorch(classifier, eps=0.0, eps_step=0.0, verbose=False)
+    with pytest.raises(TypeError):  # numpy float32 budgets are refused: we pass Python floats
+        ProjectedGradientDescentPyTorch(
+            classifier, eps=np.float32(0.1), eps_step=np.float32(0.01), verbose=False
+        )
+    # ...and our wrapper accepts both.
+    outcome = pgd_attack(toy["model"], toy["images"][:4], toy["labels"][:4], np.float32(0.0))
+    np.testing.assert_array_equal(outcome.adversarial, toy["images"][:4])
+
+
+def test_pgd_at_8_over_255_breaks_the_undefended_student(toy):
+    fgsm = fgsm_attack(toy["model"], toy["images"], toy["labels"], EPS_8)
+    pgd = pgd_attack(toy["model"], toy["images"], toy["labels"], EPS_8, steps=10, seed=0)
+    assert pgd.accuracy < toy["clean"] - 0.3
+    # PGD iterates from FGSM's direction with restarts inside the ball: never weaker here.
+    assert pgd.accuracy <= fgsm.accuracy
+
+
+def test_pgd_is_reproducible_with_a_seed_and_leaves_numpy_global_state_alone(toy):
+    images, labels = toy["images"][:16], toy["labels"][:16]
+    np.random.seed(123)
+    expected_next = np.random.rand()
+    np.random.seed(123)
+    # Small steps, so that where the random start lies still shows in the result (large ones
+    # drive every pixel to a corner of the ball whatever the start).
+    kwargs = {"steps": 2, "step_size": 0.5 / 255}
+    first = pgd_attack(toy["model"], images, labels, 4 / 255, seed=7, **kwargs)
+    assert np.random.rand() == expected_next
+    second = pgd_attack(toy["model"], images, labels, 4 / 255, seed=7, **kwargs)
+    other = pgd_attack(toy["model"], images, labels, 4 / 255, seed=8, **kwargs)
+    np.testing.assert_array_equal(first.adversarial, second.adversarial)
+    assert not np.array_equal(first.adversarial, other.adversarial)
+
+
+def test_perturbations_stay_within_budget_and_pixel_range(toy):
+    images = toy["images"].copy()
+    # Saturated pixels: a perturbation must be clipped to [0, 1], not just to the ball.
+    images[:, :, :4, :] = 0.0
+    images[:, :, -4:, :] = 1.0
+    eps = 6 / 255
+    saturated = {**toy, "images": images}
+    for name, outcome in all_attacks(saturated, eps).items():
+        delta = outcome.adversarial.astype(np.float64) - images
+        assert np.abs(delta).max() <= eps + FLOAT_TOL, name
+        assert np.abs(delta).max() > eps / 2, f"{name} did not perturb"
+        assert outcome.adversarial.min() >= 0.0 and outcome.adversarial.max() <= 1.0, name
+        assert outcome.adversarial.dtype == np.float32 and outcome.adversarial.shape == images.shape
+
+
+def test_the_gradient_refusing_wrapper_does_refuse(toy):
+    # Guards the next test: the wrapper must really catch a backward pass.
+    student = GradientRefusingStudent(copy.deepcopy(toy["model"]))
+    logits = student(torch.from_numpy(toy["images"][:2]).requires_grad_(True))
+    assert student.calls_with_grad == 1
+    with pytest.raises(AssertionError, match="flowed back"):
+        logits.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["untargeted", "mimicry"])
+def test_teacher_transfer_never_computes_gradients_through_the_student(toy, mode):
+    student = GradientRefusingStudent(copy.deepcopy(toy["model"]))
+    student.train()  # the attack must evaluate in eval mode and give the mode back
+    for param in student.parameters():
+        assert param.requires_grad and param.grad is None
+    # A teacher whose parameters could collect gradients: crafting must not fill them either.
+    teacher = copy.deepcopy(toy["teacher"]).requires_grad_(True)
+    outcome = teacher_transfer_attack(
+        student, teacher, toy["images"], toy["labels"], EPS_8, mode=mode, steps=3, seed=0
+    )
+    assert student.calls > 0
+    assert student.calls_with_grad == 0
+    assert all(param.grad is None for param in student.parameters())
+    assert all(module.training for module in student.modules())
+    assert all(param.grad is None for param in teacher.parameters())
+    assert 0.0 <= outcome.accuracy <= 1.0
+
+
+def test_teacher_transfer_hurts_a_student_that_kept_the_teacher_backbone(toy):
+    outcomes = all_attacks(toy, EPS_8)
+    noise = outcomes["noise"]
+    # Mimicry moves the shared features onto the other class's: the head must follow.
+    assert outcomes["mimicry"].success_rate > 0.5
+    assert outcomes["transfer"].accuracy < noise.accuracy
+    assert outcomes["transfer"].clean_correct == round(toy["clean"] * len(toy["labels"]))
+
+
+def test_noise_at_a_small_budget_barely_changes_accuracy(toy):
+    noise = noise_attack(toy["model"], toy["images"], toy["labels"], 2 / 255, seed=0)
+    assert noise.accuracy >= toy["clean"] - 0.05
+    assert not np.array_equal(noise.adversarial, toy["images"])
+
+
+def test_mimicry_targets_are_other_class_and_seeded():
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    pool_labels = np.array([0, 1, 2, 0, 1, 2])
+    targets = choose_mimicry_targets(labels, pool_labels, seed=5)
+    assert targets.shape == labels.shape
+    assert np.all(pool_labels[targets] != labels)
+    np.testing.assert_array_equal(targets, choose_mimicry_targets(labels, pool_labels, seed=5))
+    with pytest.raises(MedtransferError, match="single class"):
+        choose_mimicry_targets(np.array([0, 1]), np.array([1, 1]), seed=0)
+
+
+def test_inputs_and_parameters_are_validated(toy):
+    with pytest.raises(MedtransferError, match=r"\[0, 1\]"):
+        as_pixel_array(toy["images"] * 255)
+    with pytest.raises(MedtransferError, match="N, C, H, W"):
+        as_pixel_array(toy["images"][:, 0])
+    with pytest.raises(MedtransferError, match="eps"):
+        pgd_attack(toy["model"], toy["images"], toy["labels"], -1 / 255)
+    # An absolute step (0.5/255) passed where a fraction of eps is expected must not silently
+    # weaken PGD.
+    with pytest.raises(MedtransferError, match="fraction"):
+        check_step_fraction(0.5 / 255, 10)
+    assert check_step_fraction(None, 10) == pytest.approx(0.25)
+
+
+def test_evaluate_robustness_end_to_end_and_restores_the_student(toy):
+    student = copy.deepcopy(toy["model"])
+    student.train()
+    result = evaluate_robustness(
+        student, toy["teacher"], toy["images"][:32], toy["labels"][:32],
+        epsilons=[EPS_8, 0.0, 1 / 255], pgd_steps=5, batch_size=16, seed=0,
+    )  # fmt: skip
+    assert result.epsilons == (0.0, 1 / 255, EPS_8)
+    zero = result.row(0.0)
+    for value in (zero.fgsm_acc, zero.pgd_acc, zero.teacher_transfer_acc, zero.noise_acc):
+        assert value == pytest.approx(result.clean_acc)
+    assert zero.teacher_transfer_success == 0.0 and zero.teacher_mimicry_success == 0.0
+    assert result.row(EPS_8).pgd_acc < result.clean_acc - 0.3
+    # ART leaves the model in eval mode with gradients in every parameter, and the attacks
+    # freeze parameters while they run; the student must come back as it was.
+    assert all(module.training for module in student.modules())
+    assert all(param.grad is None and param.requires_grad for param in student.parameters())
+
+
+def _result(**overrides: float) -> RobustnessResult:
+    def row(eps: float) -> EpsilonRow:
+        values = dict(
+            fgsm_acc=0.7, pgd_acc=0.6, teacher_transfer_acc=0.8, teacher_transfer_success=0.1,
+            teacher_mimicry_acc=0.75, teacher_mimicry_success=0.2, noise_acc=0.9,
+        )  # fmt: skip
+        values.update(overrides if eps > 0 else {})
+        return EpsilonRow(eps=eps, **values)
+
+    return RobustnessResult(
+        clean_acc=0.9, n_examples=10, rows=(row(0.0), row(1 / 255), row(4 / 255)),
+        pgd_steps=10, pgd_step_size=0.25, seed=0,
+    )  # fmt: skip
+
+
+GATES = {
+    "min_clean_auc": 0.75,
+    "min_robust_acc": 0.5,
+    "robust_acc_eps": 1 / 255,
+    "max_teacher_transfer_success": 0.5,
+    "teacher_transfer_eps": 1 / 255,
+}
+
+
+def test_metric_keys_are_flat_formatted_and_valid_mlflow_names():
+    metrics = _result().to_metrics()
+    assert format_eps(1 / 255) == "0.0039" and format_eps(8 / 255) == "0.0314"
+    assert metric_key("robust_acc_pgd", 1 / 255) == "robust_acc_pgd_eps_0.0039"
+    assert metrics["robust_acc_pgd_eps_0.0039"] == 0.6
+    assert metrics["teacher_transfer_success_eps_0.0157"] == 0.1
+    assert metrics["noise_acc_eps_0.0000"] == 0.9
+    assert metrics["clean_acc"] == 0.9
+    assert len(metrics) == 1 + 3 * 7
+    # MLflow's rule for metric names on every platform (its validation module); "@" fails it.
+    for key in metrics:
+        assert re.fullmatch(r"[/\w.\- ]+", key), key
+    table = _result().to_table()
+    assert [row["eps_255"] for row in table] == pytest.approx([0.0, 1.0, 4.0])
+    assert table[1]["robust_acc_pgd"] == 0.6 and table[1]["clean_acc"] == 0.9
+
+
+def test_budgets_that_share_a_metric_name_are_refused(toy):
+    with pytest.raises(MedtransferError, match="metric names"):
+        evaluate_robustness(
+            toy["model"], toy["teacher"], toy["images"][:4], toy["labels"][:4],
+            epsilons=[0.00391, 0.00392],
+        )  # fmt: skip
+
+
+def test_gate_verdict_passes_a_good_student():
+    verdict = gate_verdict(_result().to_metrics(), clean_auc=0.9, gates=GATES)
+    assert verdict.passed and verdict.reasons == []
+    assert len(verdict.checked) == 3 and all(line.startswith("PASS") for line in verdict.checked)
+
+
+def test_gate_verdict_names_each_failed_gate():
+    metrics = _result(pgd_acc=0.2, teacher_mimicry_success=0.7).to_metrics()
+    verdict = gate_verdict(metrics, clean_auc=0.6, gates=GATES)
+    assert not verdict.passed
+    assert len(verdict.reasons) == 3
+    auc, robust, transfer = verdict.reasons
+    assert "clean AUC 0.600" in auc and "0.750" in auc
+    assert "PGD robust accuracy" in robust and "0.200" in robust and "0.0039" in robust
+    # The stronger of the two transfer attacks (mimicry here) decides.
+    assert "mimicry" in transfer and "0.700" in transfer
+
+
+def test_gate_verdict_fails_on_one_gate_only_and_on_nan():
+    verdict = gate_verdict(_result(pgd_acc=0.4).to_metrics(), clean_auc=0.9, gates=GATES)
+    assert not verdict.passed and len(verdict.reasons) == 1 and "PGD" in verdict.reasons[0]
+    nan_metrics = _result(teacher_transfer_success=math.nan).to_metrics()
+    verdict = gate_verdict(nan_metrics, clean_auc=0.9, gates=GATES)
+    assert not verdict.passed and "undefined" in verdict.reasons[0]
+
+
+def test_gate_budget_is_matched_by_its_formatting_and_unmeasured_budgets_are_errors():
+    metrics = _result().to_metrics()
+    assert gate_verdict(metrics, 0.9, {**GATES, "robust_acc_eps": 0.0039}).passed
+    with pytest.raises(MedtransferError, match=r"robust_acc_pgd_eps_0\.0078.*0\.0039"):
+        gate_verdict(metrics, 0.9, {**GATES, "robust_acc_eps": 2 / 255})
+    with pytest.raises(MedtransferError, match="Unknown robustness gates"):
+        gate_verdict(metrics, 0.9, {**GATES, "min_robust_accuracy": 0.5})
+    with pytest.raises(MedtransferError, match="teacher_transfer_eps"):
+        gate_verdict(metrics, 0.9, {"max_teacher_transfer_success": 0.5})
+    # A null threshold switches its gate off.
+    assert gate_verdict(metrics, 0.1, {**GATES, "min_clean_auc": None}).passed
+
+
+def test_plot_writes_a_png_with_a_reference_curve(tmp_path):
+    result = _result()
+    reference = ReferenceCurve.from_result(_result(pgd_acc=0.3), "linear probe (frozen teacher)")
+    path = plot_robustness_curves(
+        result, tmp_path / "plots" / "robustness.png", reference=reference
+    )
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

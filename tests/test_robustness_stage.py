@@ -1,0 +1,66 @@
+"""The robustness stage on a trained (tiny) student: report, verdict, MLflow, DVC metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.config import apply_overrides
+from tasks.robustness import gates_in_pixels, run_robustness
+from tasks.robustness_metrics import metric_key
+from tasks.train import run_train
+
+
+@pytest.fixture
+def robust_params(train_params: dict) -> dict:
+    params = apply_overrides(
+        train_params,
+        [
+            "train.epochs=1",
+            "robustness.max_samples=12",
+            "robustness.epsilons_255=[1,8]",
+            "robustness.pgd_steps=2",
+            "robustness.reference_probe_steps=30",
+        ],
+    )
+    run_train(params)
+    return params
+
+
+def test_report_verdict_and_mlflow(robust_params: dict) -> None:
+    report = run_robustness(robust_params)
+    reports = Path(robust_params["reports_dir"])
+    assert json.loads((reports / "robustness.json").read_text())["verdict"] == report["verdict"]
+    assert (reports / "plots" / "robustness.png").stat().st_size > 1000
+    metrics = report["metrics"]
+    for measure in ("robust_acc_pgd", "teacher_transfer_success", "noise_acc"):
+        assert metric_key(measure, 8 / 255) in metrics
+    assert report["n_examples"] == 12
+    assert report["reference_probe"] is not None
+    # An 8/255 PGD attack never helps: accuracy under it is at most the clean accuracy.
+    assert metrics[metric_key("robust_acc_pgd", 8 / 255)] <= metrics["clean_acc"]
+
+    run_id = json.loads((reports / "train.json").read_text())["run_id"]
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.data.tags["robustness_verdict"] in {"pass", "fail"}
+    assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics
+
+
+def test_a_failing_gate_is_a_verdict_not_a_crash(robust_params: dict) -> None:
+    strict = apply_overrides(
+        robust_params, ["gates.min_clean_auc=1.01", "robustness.reference_probe=false"]
+    )
+    report = run_robustness(strict)
+    assert report["verdict"]["passed"] is False
+    assert any("clean AUC" in reason for reason in report["verdict"]["reasons"])
+
+
+def test_gate_budgets_are_converted_from_255_units() -> None:
+    gates = gates_in_pixels(
+        {"robust_acc_eps_255": 2, "min_robust_acc": 0.5, "teacher_transfer_eps_255": None}
+    )
+    assert gates == {"robust_acc_eps": 2 / 255, "min_robust_acc": 0.5, "teacher_transfer_eps": None}

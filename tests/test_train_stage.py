@@ -1,0 +1,159 @@
+"""The training and evaluation stages with the real teacher, a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tasks.config import apply_overrides
+from tasks.errors import MedtransferError
+from tasks.evaluate import run_evaluate
+from tasks.train import run_train
+
+
+def _client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_train_then_evaluate_records_everything(train_params: dict) -> None:
+    report = run_train(train_params)
+    reports = Path(train_params["reports_dir"])
+    assert json.loads((reports / "train.json").read_text())["run_id"] == report["run_id"]
+
+    run = _client().get_run(report["run_id"])
+    assert run.data.params["train.strategy"] == "linear_probe"
+    assert run.data.tags["dataset_version"].endswith(".dir")
+    assert len(run.data.params["teacher.weights_sha256"]) == 64
+    assert run.data.metrics["ingest_files_seen"] > 0
+    history = _client().get_metric_history(report["run_id"], "val_auc")
+    assert [m.step for m in history] == [0, 1]
+    model = mlflow.pytorch.load_model(f"runs:/{report['run_id']}/model")
+    assert model is not None
+    logged = mlflow.models.get_model_info(f"runs:/{report['run_id']}/model")
+    assert logged.signature is not None and logged.saved_input_example_info is not None
+
+    metrics = run_evaluate(train_params)
+    assert 0.0 <= metrics["test"]["auc"] <= 1.0
+    assert sum(map(sum, metrics["test"]["confusion"])) > 0
+    for name in ("roc.png", "confusion_test.png", "gradcam_test.png"):
+        assert (reports / "plots" / name).stat().st_size > 1000, name
+    artifacts = {a.path for a in _client().list_artifacts(report["run_id"], "evaluation")}
+    assert {
+        "evaluation/roc.png",
+        "evaluation/gradcam_test.png",
+        "evaluation/metrics.json",
+    } <= artifacts
+    assert "eval_test_auc" in _client().get_run(report["run_id"]).data.metrics
+
+
+def test_compare_and_label_fractions_nest_child_runs(train_params: dict) -> None:
+    params = apply_overrides(
+        train_params,
+        [
+            "train.compare=[linear_probe,scratch]",
+            "train.label_fractions=[0.5,1.0]",
+            "train.epochs=1",
+        ],
+    )
+    report = run_train(params)
+    client = _client()
+    parent = client.get_run(report["parent_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert sorted((c.data.tags["strategy"], c.data.tags["label_fraction"]) for c in children) == [
+        ("linear_probe", "0.5"),
+        ("linear_probe", "1.0"),
+        ("scratch", "0.5"),
+        ("scratch", "1.0"),
+    ]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "data_efficiency.png" in artifacts and "comparison.json" in artifacts
+    halves = [r for r in report["runs"] if r["fraction"] == 0.5]
+    fulls = [r for r in report["runs"] if r["fraction"] == 1.0]
+    assert all(h["n_train"] < f["n_train"] for h, f in zip(halves, fulls, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.strategy=finetune_all", "Unknown strategy"),
+        ("train.teacher=resnet-9000", "resnet-9000"),
+        ("train.unfreeze_blocks=99", "unfreeze_blocks"),
+    ],
+)
+def test_wrong_configuration_fails_before_training(
+    train_params: dict, override: str, message: str
+) -> None:
+    with pytest.raises(MedtransferError, match=message):
+        run_train(apply_overrides(train_params, [override]))
+    assert not Path(train_params["train"]["model_dir"]).exists()
+
+
+def test_missing_dataset_is_a_clear_error(train_params: dict, tmp_path: Path) -> None:
+    with pytest.raises(MedtransferError, match="medtransfer ingest"):
+        run_train(apply_overrides(train_params, [f"data.processed_dir={tmp_path / 'nothing'}"]))
+
+
+def test_torchrun_two_cpu_processes(train_params: dict, tmp_path: Path) -> None:
+    """The same command under torchrun: DDP on gloo, one MLflow run written by rank 0."""
+    params_file = tmp_path / "ddp.yaml"
+    params_file.write_text(yaml.safe_dump(apply_overrides(train_params, ["train.epochs=1"])))
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(
+        [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(bin_dir / "medtransfer"),
+            "train",
+            "--params",
+            str(params_file),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((Path(train_params["reports_dir"]) / "train.json").read_text())
+    runs = _client().search_runs([_client().get_experiment_by_name("medtransfer").experiment_id])
+    assert [r.info.run_id for r in runs] == [report["run_id"]]  # rank 1 logged nothing
+
+
+def test_transfer_beats_scratch_on_the_synthetic_default(
+    params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The product's claim, at equal budget and fixed seed: the partial student wins clearly."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    from tasks.ingest import run_ingest
+
+    setting = apply_overrides(
+        params,
+        [
+            "synthetic.n_patients=80",
+            "synthetic.size=128",
+            "data.image_size=64",
+            "train.epochs=6",
+            "train.compare=[partial,scratch]",
+            f"train.model_dir={tmp_path / 'models/student'}",
+            f"train.checkpoint_dir={tmp_path / 'models/checkpoints'}",
+        ],
+    )
+    run_ingest(setting, progress=False)
+    report = run_train(setting)
+    auc = {run["strategy"]: run["test_auc"] for run in report["runs"]}
+    print(f"\ntest AUC at equal budget: {auc}")
+    assert auc["partial"] >= auc["scratch"] + 0.1
