@@ -60,6 +60,7 @@ logger = logging.getLogger("medtransfer.serving")
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
 PNG_TYPES = ("image/png",)
 MULTIPART_TYPES = ("multipart/form-data",)
+MODEL_CALL_ATTEMPTS = 3
 
 
 class ServingArgs(BaseModel):
@@ -85,15 +86,24 @@ class ServingArgs(BaseModel):
 ARGS = bentoml.use_arguments(ServingArgs)
 
 
-@bentoml.service(name="medtransfer-student-model", workers=1, traffic={"timeout": 120})
+@bentoml.service(
+    name="medtransfer-student-model",
+    workers=1,
+    traffic={"timeout": 120},
+    # BentoML 1.4.39 replaces the caller's connection pool to this service every 100 requests
+    # (or 5 minutes) and closes the old pool under calls still in flight, which then fail or
+    # hang (bentoml/BentoML#5540, #5698). The connection is a local socket: keep one pool.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
+)
 class StudentModel:
     """The student, one batchable forward pass."""
 
     bento_model = bentoml.models.BentoModel(ARGS.model_tag)
 
     def __init__(self) -> None:
-        self.predictor: Predictor | None = None
-        self.predictor = Predictor.from_folder(self.bento_model.path)
+        # BentoML starts answering for this worker only after __init__ returns, and the entry
+        # service's /readyz asks this one's: ready means the student is in memory.
+        self.predictor: Predictor | None = Predictor.from_folder(self.bento_model.path)
 
     def __is_ready__(self) -> bool:
         """``/readyz`` answers 200 only once the student is loaded."""
@@ -198,13 +208,31 @@ class Classifier:
         """
         step = max(ARGS.max_batch_size, 1)
         parts = []
-        try:
-            for start in range(0, len(images), step):
-                parts.append(await self.student.to_async.predict(images[start : start + step]))
-        except Exception as err:
-            logger.warning("model call failed: %s", type(err).__name__)  # the type only
-            raise ModelUnavailable from None
+        for start in range(0, len(images), step):
+            parts.append(await self._call_model(images[start : start + step]))
         return np.concatenate(parts)
+
+    async def _call_model(self, images: np.ndarray) -> np.ndarray:
+        """One call of the model service, retried when only the connection failed.
+
+        A call that failed only because its connection was lost (the model worker restarted,
+        or BentoML's client replaced its connection pool under it: see ``StudentModel``) is
+        sent again: a prediction has no side effect.
+        """
+        import aiohttp
+
+        for attempt in range(MODEL_CALL_ATTEMPTS):
+            try:
+                return await self.student.to_async.predict(images)
+            except (aiohttp.ClientConnectionError, RuntimeError) as err:
+                connection_lost = not isinstance(err, RuntimeError) or "closed" in str(err)
+                if not connection_lost or attempt == MODEL_CALL_ATTEMPTS - 1:
+                    logger.warning("model call failed: %s", type(err).__name__)
+                    raise ModelUnavailable from None
+            except Exception as err:  # e.g. 503 from the batcher's load shedding
+                logger.warning("model call failed: %s", type(err).__name__)  # the type only
+                raise ModelUnavailable from None
+        raise ModelUnavailable
 
 
 class ModelUnavailable(Exception):
