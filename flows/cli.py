@@ -49,6 +49,18 @@ def _robustness(params: dict, args: argparse.Namespace) -> dict:
     return report
 
 
+def _register(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.register import run_register
+
+    return run_register(params)
+
+
+def _package(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.package import run_package
+
+    return run_package(params)
+
+
 def _run(params: dict, args: argparse.Namespace) -> dict:
     from flows.pipeline import medtransfer_pipeline
 
@@ -66,6 +78,11 @@ STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
         _robustness,
         "white-box, teacher-transfer and noise attacks; the promotion verdict",
     ),
+    "register": (
+        _register,
+        "register the trained student in the MLflow registry; move the alias if it earns it",
+    ),
+    "package": (_package, "build and export the Bento of the approved registry version"),
     "run": (_run, "run the whole Prefect flow"),
 }
 
