@@ -211,7 +211,7 @@ def _compare_strategies(model_dir: Path, attack, gates: dict) -> list[dict]:
     robust_eps = gates.get("robust_acc_eps") or 1 / 255
     transfer_eps = gates.get("teacher_transfer_eps") or 1 / 255
     for strategy_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        model, spec = load_student(strategy_dir)
+        model, _ = load_student(strategy_dir)
         result = attack(model)
         metrics = result.to_metrics()
         frozen = (
@@ -221,7 +221,7 @@ def _compare_strategies(model_dir: Path, attack, gates: dict) -> list[dict]:
         )
         rows.append(
             {
-                "strategy": spec.strategy,
+                "strategy": strategy_dir.name,  # the variant, e.g. partial+pgd
                 "frozen_parameter_tensors": frozen,
                 "clean_acc": result.clean_acc,
                 "robust_acc_pgd": metrics.get(metric_key("robust_acc_pgd", robust_eps)),
