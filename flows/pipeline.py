@@ -21,6 +21,8 @@ from tasks.config import load_params
 from tasks.errors import MedtransferError
 from tasks.evaluate import run_evaluate
 from tasks.ingest import run_ingest
+from tasks.package import run_package
+from tasks.register import run_register
 from tasks.robustness import run_robustness
 from tasks.stage_cache import outputs_present, stage_key
 from tasks.train import run_train
@@ -75,6 +77,18 @@ def robustness(params: dict) -> dict:
     return run_robustness(params)
 
 
+@task(name="register", cache_key_fn=_key("register"), **STAGE_OPTIONS)
+def register(params: dict) -> dict:
+    """A new registry version; the alias moves only if the version earns it."""
+    return run_register(params)
+
+
+@task(name="package", cache_key_fn=_key("package"), **STAGE_OPTIONS)
+def package(params: dict) -> dict:
+    """The approved version as a Bento, exported as an archive."""
+    return run_package(params)
+
+
 def run_stage(stage_task, stage: str, params: dict, cached: list[str], **kwargs) -> dict:
     """Run one stage task, recomputing it when its outputs are gone; note cache hits."""
     refresh = not outputs_present(stage, params)
@@ -104,6 +118,13 @@ def medtransfer_pipeline(
     summary["train"] = run_stage(train, "train", params, cached)
     summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached)
     summary["robustness"] = run_stage(robustness, "robustness", params, cached)
+    summary["register"] = run_stage(register, "register", params, cached)
+    if summary["register"]["champion_version"] is not None:
+        summary["package"] = run_stage(package, "package", params, cached)
+    else:
+        get_run_logger().warning(
+            "No registry version carries the alias yet: nothing approved to package."
+        )
     summary["cached"] = cached
     create_markdown_artifact(
         key="medtransfer-summary",
@@ -142,6 +163,19 @@ def summary_markdown(summary: dict) -> str:
         verdict = summary["robustness"]["verdict"]
         lines += ["", "## Robustness", f"- verdict: **{'pass' if verdict['passed'] else 'fail'}**"]
         lines += [f"- {line}" for line in verdict["checked"]]
+    if "register" in summary:
+        registered = summary["register"]
+        lines += [
+            "",
+            "## Registry and serving",
+            f"- `{registered['model_name']}` version {registered['version']}; alias `{registered['alias']}` "
+            f"{'moved to it' if registered['alias_moved'] else 'stays on version ' + str(registered['champion_version'])}",
+        ]
+        lines += [f"- not promoted: {reason}" for reason in registered["reasons"]]
+    if "package" in summary:
+        lines += [
+            f"- Bento `{summary['package']['bento']}`, archive `{summary['package']['archive']}`"
+        ]
     if summary.get("cached"):
         lines += ["", f"Cache hits (not recomputed): {', '.join(summary['cached'])}"]
     return "\n".join(lines) + "\n"

@@ -36,6 +36,8 @@ STAGE_MODULES = {
     ),
     "evaluate": ("evaluate", "metrics", "plots", "student_io", "transforms"),
     "robustness": ("robustness", "attacks", "robustness_metrics", "student_io"),
+    "register": ("register", "model_card"),
+    "package": ("package", "inference", "preprocess", "dicom_io", "student_io"),
 }
 
 
@@ -76,7 +78,11 @@ def outputs_present(stage: str, params: dict) -> bool:
         "train": [_model_file(params), reports / "train.json"],
         "evaluate": [reports / "metrics.json"],
         "robustness": [reports / "robustness.json"],
+        "register": [reports / "register.json"],
+        "package": [reports / "package.json"],
     }[stage]
+    if stage == "package" and outputs[0].is_file():
+        outputs.append(Path(json.loads(outputs[0].read_text()).get("archive", "")))
     return all(path.is_file() for path in outputs)
 
 
@@ -86,6 +92,16 @@ def stage_key(stage: str, params: dict) -> str:
     processed = Path(params["data"]["processed_dir"])
     model_file = _model_file(params)
     parts: list[Any] = [stage, code_version(stage), params.get("seed"), str(reports)]
+    if stage in ("register", "package"):
+        # What the registry sees: the run, its evaluation and verdict; then the registered version.
+        inputs = ("train", "metrics", "robustness") if stage == "register" else ("register",)
+        parts += [params.get("registry"), params.get("gates"), params.get("serving")]
+        parts += [_file_digest(reports / f"{name}.json") for name in inputs]
+        if stage == "package":  # the service code goes into the Bento too
+            parts += [
+                _file_digest(path) for path in sorted((TASKS_DIR.parent / "serving").glob("*.*"))
+            ]
+        return f"medtransfer-{stage}-{_digest(*parts)}"
     if stage == "ingest":
         parts += [params.get("data"), params.get("synthetic"), source_fingerprint(params)]
     else:
