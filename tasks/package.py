@@ -274,6 +274,9 @@ def _build(serving: ServingConfig, args: dict[str, Any], version):
         },
         build_ctx=str(PROJECT_ROOT),
         args=args,
+        # The service reads its arguments at import: a second package in one process (the
+        # Prefect flow) must re-import it, or the Bento would carry the first one's model tag.
+        reload=True,
     )
 
 
