@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.ingest
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.robustness
+	$(PY) -m benchmarks.serving
 
 clean-venv:
 	rm -rf $(VENV)

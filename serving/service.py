@@ -79,8 +79,9 @@ class ServingArgs(BaseModel):
     max_batch_files: int = 64
     max_image_dim: int = 8192
     batching: bool = True
-    max_batch_size: int = 32
+    max_batch_size: int = 8
     max_latency_ms: int = 5000
+    model_threads: int = 1
 
 
 ARGS = bentoml.use_arguments(ServingArgs)
@@ -101,6 +102,10 @@ class StudentModel:
     bento_model = bentoml.models.BentoModel(ARGS.model_tag)
 
     def __init__(self) -> None:
+        if ARGS.model_threads > 0:
+            import torch
+
+            torch.set_num_threads(ARGS.model_threads)
         # BentoML starts answering for this worker only after __init__ returns, and the entry
         # service's /readyz asks this one's: ready means the student is in memory.
         self.predictor: Predictor | None = Predictor.from_folder(self.bento_model.path)
@@ -149,6 +154,7 @@ class Classifier:
                     "max_batch_size": ARGS.max_batch_size,
                     "max_latency_ms": ARGS.max_latency_ms,
                 },
+                "model_threads": ARGS.model_threads,
             }
         )
 

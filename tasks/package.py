@@ -41,8 +41,9 @@ class ServingConfig:
     max_batch_files: int = 64
     max_image_dim: int = 8192
     batching: bool = True
-    max_batch_size: int = 32
+    max_batch_size: int = 8
     max_latency_ms: int = 5000
+    model_threads: int = 1
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ServingConfig:
@@ -58,6 +59,11 @@ class ServingConfig:
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MedtransferError(f"serving.{name} must be a positive integer, not {value!r}.")
+        if isinstance(config.model_threads, bool) or not isinstance(config.model_threads, int):
+            raise MedtransferError(
+                f"serving.model_threads must be an integer (0: torch's default), not "
+                f"{config.model_threads!r}."
+            )
         if not isinstance(config.max_batch_size, int) or config.max_batch_size < 2:
             raise MedtransferError(
                 "serving.max_batch_size must be an integer >= 2 (BentoML's minimum); "
@@ -233,6 +239,7 @@ def run_package(params: Mapping[str, Any]) -> dict:
         "batching": serving.batching,
         "max_batch_size": serving.max_batch_size,
         "max_latency_ms": serving.max_latency_ms,
+        "model_threads": serving.model_threads,
     }
     bento = _build(serving, args, version)
     archive = _export(bento, serving)
@@ -267,6 +274,9 @@ def _build(serving: ServingConfig, args: dict[str, Any], version):
         },
         build_ctx=str(PROJECT_ROOT),
         args=args,
+        # The service reads its arguments at import: a second package in one process (the
+        # Prefect flow) must re-import it, or the Bento would carry the first one's model tag.
+        reload=True,
     )
 
 

@@ -3,6 +3,7 @@ student, a documented 4xx for every bad input, no patient data in replies or log
 
 from __future__ import annotations
 
+import json
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -248,3 +249,55 @@ def test_a_reply_holds_only_the_documented_fields(served) -> None:
     reply = requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM)
     assert set(reply.json()) == {"label", "probabilities", "threshold", "model"}
     assert set(reply.json()["model"]) == {"name", "version", "dataset_version", "bento_model"}
+
+
+PACKAGE_TWICE = """
+import json, sys, tarfile
+import yaml
+from tasks.config import apply_overrides
+from tasks.package import run_package
+
+params = yaml.safe_load(open(sys.argv[1]))
+for version in (1, 2):
+    report = run_package(apply_overrides(params, [f"registry.version={version}"]))
+    with tarfile.open(report["archive"]) as archive:
+        bento = yaml.safe_load(archive.extractfile("./bento.yaml"))
+    models = [m["tag"] for service in bento["services"] for m in service["models"]]
+    print(json.dumps({"report": report, "args": bento["args"], "models": models}))
+"""
+
+
+def test_packaging_twice_in_one_process_builds_each_bento_with_its_own_model(
+    served, students, tmp_path: Path
+) -> None:
+    # The Prefect flow packages in process: the service module, which names its model at
+    # import, must be read again for the second Bento.
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tasks.register import run_register
+    from tests.deploy.students import stage_params, write_reports
+
+    params = stage_params(tmp_path, students["b"], ["registry.model_name=served-student"])
+    write_reports(params, students["b"])
+    assert run_register(params)["version"] == "2"
+    local = tmp_path / "params.yaml"
+    local.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    done = subprocess.run(
+        [sys.executable, "-c", PACKAGE_TWICE, str(local)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert first["report"]["bento_model"] != second["report"]["bento_model"]
+    for packaged in (first, second):
+        assert packaged["models"] == [packaged["report"]["bento_model"]]
+        assert packaged["args"]["model_tag"] == packaged["report"]["bento_model"]
