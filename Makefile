@@ -44,8 +44,12 @@ browser:
 			--no-install-recommends chromium fonts-liberation; \
 	fi
 
+# Benchmarks are measured, not asserted: each prints a table and records it in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.ingest
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.robustness
+	$(PY) -m benchmarks.serving
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -51,6 +52,18 @@ def _robustness(params: dict, args: argparse.Namespace) -> dict:
     return report
 
 
+def _register(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.register import run_register
+
+    return run_register(params)
+
+
+def _package(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.package import run_package
+
+    return run_package(params)
+
+
 def _run(params: dict, args: argparse.Namespace) -> dict:
     from flows.pipeline import medtransfer_pipeline
 
@@ -82,6 +95,11 @@ STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
         _robustness,
         "white-box, teacher-transfer and noise attacks; the promotion verdict",
     ),
+    "register": (
+        _register,
+        "register the trained student in the MLflow registry; move the alias if it earns it",
+    ),
+    "package": (_package, "build and export the Bento of the approved registry version"),
     "run": (_run, "run the whole Prefect flow"),
     "serve-deployments": (
         _serve_deployments,
@@ -125,8 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Our machines, and many hospital networks, reach no analytics endpoint: Prefect's and
+# BentoML's usage telemetry only produce failed connections and log noise. A user can still
+# opt in by setting these variables.
+TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "BENTOML_DO_NOT_TRACK": "true", "DO_NOT_TRACK": "1"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtransfer`` console script; returns the exit status."""
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     handler, _ = STAGES[args.command]
     try:

@@ -2,42 +2,104 @@
 
 Each stage is the function in ``tasks/`` wrapped as a Prefect task; nothing is re-implemented
 here. Run it with ``medtransfer run`` or ``python -m flows.pipeline``.
+
+Caching: every stage task carries a cache key built from its inputs, parameters and code
+(``tasks.stage_cache``), so a re-run with nothing changed decodes and trains nothing; Prefect
+logs those tasks as ``Cached`` and the run summary lists them. A stage whose output files are
+missing is recomputed whatever its key. After a crash, the finished stages are cache hits and
+training resumes from its last epoch checkpoint.
 """
 
 from __future__ import annotations
 
-from prefect import flow, task
+from collections.abc import Callable
+
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.config import load_params
+from tasks.errors import MedtransferError
 from tasks.evaluate import run_evaluate
 from tasks.ingest import run_ingest
+from tasks.package import run_package
+from tasks.register import run_register
 from tasks.robustness import run_robustness
+from tasks.stage_cache import outputs_present, stage_key
 from tasks.train import run_train
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=2)
+def _key(stage: str) -> Callable:
+    def cache_key(context, parameters: dict) -> str:
+        return stage_key(stage, parameters["params"])
+
+    return cache_key
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (a busy network share, a locked file); never a user error."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, OSError) and not isinstance(error, MedtransferError)
+
+
+STAGE_OPTIONS = {
+    "persist_result": True,
+    "retries": 2,
+    "retry_delay_seconds": 2,
+    "retry_condition_fn": _transient,
+}
+
+
+@task(name="ingest", cache_key_fn=_key("ingest"), **STAGE_OPTIONS)
 def ingest(params: dict) -> dict:
     """Decode the configured source into the processed dataset; returns the ingest report."""
     return run_ingest(params).to_report()
 
 
-@task(name="train")
-def train(params: dict, resume: bool = False) -> dict:
-    """Fine-tune the teacher into a student, logged to MLflow; returns the train report."""
+@task(name="train", cache_key_fn=_key("train"), **STAGE_OPTIONS)
+def train(params: dict, resume: bool = True) -> dict:
+    """Fine-tune the teacher into a student, logged to MLflow; returns the train report.
+
+    ``resume``: continue from this configuration's last epoch checkpoint when there is one
+    (after a crash), otherwise start fresh.
+    """
     return run_train(params, resume=resume)
 
 
-@task(name="evaluate")
+@task(name="evaluate", cache_key_fn=_key("evaluate"), **STAGE_OPTIONS)
 def evaluate(params: dict) -> dict:
     """Val/test metrics, plots and Grad-CAM of the saved student; returns the metrics report."""
     return run_evaluate(params)
 
 
-@task(name="robustness")
+@task(name="robustness", cache_key_fn=_key("robustness"), **STAGE_OPTIONS)
 def robustness(params: dict) -> dict:
     """Attacks on the student and its frozen teacher; returns the report with the verdict."""
     return run_robustness(params)
+
+
+@task(name="register", cache_key_fn=_key("register"), **STAGE_OPTIONS)
+def register(params: dict) -> dict:
+    """A new registry version; the alias moves only if the version earns it."""
+    return run_register(params)
+
+
+@task(name="package", cache_key_fn=_key("package"), **STAGE_OPTIONS)
+def package(params: dict) -> dict:
+    """The approved version as a Bento, exported as an archive."""
+    return run_package(params)
+
+
+def run_stage(stage_task, stage: str, params: dict, cached: list[str], **kwargs) -> dict:
+    """Run one stage task, recomputing it when its outputs are gone; note cache hits."""
+    refresh = not outputs_present(stage, params)
+    state = stage_task.with_options(refresh_cache=refresh)(params, return_state=True, **kwargs)
+    result = state.result()  # a failed stage raises here and fails the flow with its message
+    if state.name == "Cached":
+        cached.append(stage)
+        get_run_logger().info(
+            "%s: cache hit (inputs, parameters and code unchanged), nothing recomputed", stage
+        )
+    return result
 
 
 @flow(name="medtransfer", log_prints=True)
@@ -47,22 +109,33 @@ def medtransfer_pipeline(
     """Run every stage on the configuration in ``params_file`` with ``overrides`` applied.
 
     Returns:
-        A summary dictionary with one entry per stage.
+        A summary dictionary with one entry per stage, plus ``cached``: the stages that were
+        cache hits.
     """
     params = load_params(params_file, overrides or [])
-    summary = {"ingest": ingest(params)}
-    summary["train"] = train(params)
-    summary["evaluate"] = evaluate(params)
-    summary["robustness"] = robustness(params)
+    cached: list[str] = []
+    summary: dict = {"ingest": run_stage(ingest, "ingest", params, cached)}
+    summary["train"] = run_stage(train, "train", params, cached)
+    summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached)
+    summary["robustness"] = run_stage(robustness, "robustness", params, cached)
+    summary["register"] = run_stage(register, "register", params, cached)
+    if summary["register"]["champion_version"] is not None:
+        summary["package"] = run_stage(package, "package", params, cached)
+    else:
+        get_run_logger().warning(
+            "No registry version carries the alias yet: nothing approved to package."
+        )
+    summary["cached"] = cached
     create_markdown_artifact(
         key="medtransfer-summary",
-        markdown=_summary_markdown(summary),
+        markdown=summary_markdown(summary),
         description="What this medtransfer run produced",
     )
     return summary
 
 
-def _summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: dict) -> str:
+    """The run summary shown as a Prefect artifact."""
     report = summary["ingest"]
     reasons = {k: v for k, v in report["quarantined_by_reason"].items() if v}
     lines = [
@@ -70,8 +143,7 @@ def _summary_markdown(summary: dict) -> str:
         "",
         "## Data",
         f"- source: {report['source_kind']}",
-        f"- files seen {report['files_seen']}, ingested {report['ingested']}, "
-        f"quarantined {report['quarantined']}",
+        f"- files seen {report['files_seen']}, ingested {report['ingested']}, quarantined {report['quarantined']}",
         f"- quarantined by reason: {reasons or 'none'}",
         f"- images per split: { {s: v['images'] for s, v in report['splits'].items()} }",
     ]
@@ -85,12 +157,27 @@ def _summary_markdown(summary: dict) -> str:
             f"- test AUC {metrics['test']['auc']:.3f}, accuracy {metrics['test']['accuracy']:.3f}, "
             f"sensitivity {metrics['test']['sensitivity']:.3f}, specificity {metrics['test']['specificity']:.3f} "
             f"at threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})",
-            f"- MLflow run: `{trained['run_id']}`",
+            f"- MLflow run: `{trained['run_id']}` (experiment `medtransfer`)",
         ]
     if "robustness" in summary:
         verdict = summary["robustness"]["verdict"]
         lines += ["", "## Robustness", f"- verdict: **{'pass' if verdict['passed'] else 'fail'}**"]
         lines += [f"- {line}" for line in verdict["checked"]]
+    if "register" in summary:
+        registered = summary["register"]
+        lines += [
+            "",
+            "## Registry and serving",
+            f"- `{registered['model_name']}` version {registered['version']}; alias `{registered['alias']}` "
+            f"{'moved to it' if registered['alias_moved'] else 'stays on version ' + str(registered['champion_version'])}",
+        ]
+        lines += [f"- not promoted: {reason}" for reason in registered["reasons"]]
+    if "package" in summary:
+        lines += [
+            f"- Bento `{summary['package']['bento']}`, archive `{summary['package']['archive']}`"
+        ]
+    if summary.get("cached"):
+        lines += ["", f"Cache hits (not recomputed): {', '.join(summary['cached'])}"]
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows.pipeline import ingest, medtransfer_pipeline
+from flows.pipeline import ingest, medtransfer_pipeline, run_stage
 from tasks.config import load_params
 from tasks.dataset import dataset_version
 
@@ -93,7 +93,9 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
     overrides.append(f"data.source={json.dumps(source)}")
     params = load_params(params_file, overrides)
 
-    ingest(params)
+    # The pipeline's own cached ingest task: an unchanged folder (same file names, sizes and
+    # times) is not decoded again, and the pipeline below reuses this ingestion.
+    run_stage(ingest, "ingest", params, cached=[])
     version = processed_version(str(params["data"]["processed_dir"]))
     path = state_path(params)
     previous = read_state(path)

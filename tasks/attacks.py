@@ -519,6 +519,7 @@ def teacher_transfer_attack(
     seed: int = 0,
     device: Device = "cpu",
     clean_predictions: np.ndarray | None = None,
+    crafted: dict | None = None,
 ) -> TransferOutcome:
     """Craft perturbations on the teacher's feature extractor only, then score them on the student.
 
@@ -531,11 +532,16 @@ def teacher_transfer_attack(
         target_pool: ``(images, labels)`` to draw mimicry targets from; default: the evaluated
             images themselves.
         clean_predictions: the student's predictions on the clean images, if already known.
+        crafted: a dict shared by calls on the same images, teacher and settings: perturbations
+            crafted once are reused for every student scored (they do not depend on it).
     """
     eps = check_eps(eps)
     clean = as_pixel_array(images)
     y = as_label_array(labels, len(clean))
-    if mode == "untargeted":
+    key = (mode, eps, steps, step_size, seed, len(clean))
+    if crafted is not None and key in crafted:
+        adversarial = crafted[key]
+    elif mode == "untargeted":
         adversarial = craft_feature_attack(
             teacher_features,
             clean,
@@ -566,6 +572,8 @@ def teacher_transfer_attack(
         raise MedtransferError(
             f"Teacher-transfer mode must be 'untargeted' or 'mimicry', not {mode!r}."
         )
+    if crafted is not None:
+        crafted[key] = adversarial
 
     if clean_predictions is None:
         clean_predictions = predict(student, clean, batch_size=batch_size, device=device)
@@ -633,6 +641,7 @@ def evaluate_robustness(
     device: Device = "cpu",
     *,
     target_pool: tuple[Images, np.ndarray] | None = None,
+    crafted: dict | None = None,
 ) -> RobustnessResult:
     """Measure the student under every attack at every budget.
 
@@ -652,6 +661,8 @@ def evaluate_robustness(
         seed: every random start, noise draw and mimicry target derives from it.
         device: where the models run (they are moved there).
         target_pool: ``(images, labels)`` for mimicry targets; default: ``images``.
+        crafted: share one dict between calls that attack several students on the same images
+            with the same teacher: the teacher-transfer perturbations are crafted only once.
 
     Returns:
         A :class:`RobustnessResult` (no adversarial images are kept: they would take
@@ -700,6 +711,7 @@ def evaluate_robustness(
                 step_size=step or None,
                 seed=_derive_seed(seed, 2 + k, index),
                 clean_predictions=clean_predictions,
+                crafted=crafted,
                 **common,
             )
             for k, mode in enumerate(("untargeted", "mimicry"))

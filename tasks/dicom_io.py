@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -59,13 +60,17 @@ class DecodedImage:
     patient_key: str = ""
 
 
-def read_dataset(path: str | Path) -> Dataset:
+def read_dataset(path: str | Path | BinaryIO) -> Dataset:
     """Read a DICOM file's header and pixel data bytes (not yet decoded).
+
+    ``path`` may also be a seekable binary stream (an upload held in memory); it is read from
+    its start.
 
     Raises:
         DicomRejected: ``not_dicom`` without a DICOM preamble/header, ``unreadable`` when the
             header is truncated or corrupt.
     """
+    _rewind(path)
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError:
@@ -77,6 +82,7 @@ def read_dataset(path: str | Path) -> Dataset:
     # Without the 'DICM' prefix any bytes "parse"; accept the result only if it looks like
     # an image or a SOP instance.
     try:
+        _rewind(path)  # a stream is left where the first attempt stopped
         ds = pydicom.dcmread(path, force=True)
         looks_like_dicom = "PixelData" in ds or "SOPClassUID" in ds
     except Exception:
@@ -96,6 +102,11 @@ def read_dataset(path: str | Path) -> Dataset:
             else pydicom.uid.ExplicitVRBigEndian
         )
     return ds
+
+
+def _rewind(source: str | Path | BinaryIO) -> None:
+    if hasattr(source, "seek"):
+        source.seek(0)
 
 
 def patient_key(ds: Dataset) -> str:

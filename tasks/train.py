@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.adversarial_training import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
 from tasks.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluate import evaluate_student
@@ -50,6 +51,10 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    # Mitigation: "pgd" trains on PGD-perturbed images at adversarial_eps_255 / 255.
+    adversarial: str = "none"
+    adversarial_eps_255: float = 1.0
+    adversarial_steps: int = 3
     model_dir: str = "models/student"
     checkpoint_dir: str = "models/checkpoints"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -58,12 +63,11 @@ class TrainConfig:
     def from_params(cls, params: dict) -> TrainConfig:
         section = dict(params.get("train") or {})
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known - {"adversarial"})
+        unknown = sorted(set(section) - known)
         if unknown:
             raise MedtransferError(
                 f"Unknown keys in train: {unknown}; known keys are {sorted(known)}."
             )
-        section.pop("adversarial", None)  # read by the robustness mitigation
         section["augment"] = AugmentConfig(**(section.get("augment") or {}))
         for key in ("compare", "label_fractions"):
             if section.get(key) is not None:
@@ -110,13 +114,20 @@ def validate(config: TrainConfig, dataset: ProcessedDataset) -> None:
     from tasks.models import STRATEGIES, build_student, check_image_size
 
     for strategy in (config.strategy, *(config.compare or ())):
-        if strategy not in STRATEGIES:
-            raise MedtransferError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+        if split_variant(strategy)[0] not in STRATEGIES:
+            raise MedtransferError(
+                f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}, each optionally "
+                f"with {ADVERSARIAL_SUFFIX} for PGD adversarial training."
+            )
+    if config.adversarial not in ("none", "pgd"):
+        raise MedtransferError(
+            f"train.adversarial must be none or pgd, not {config.adversarial!r}."
+        )
     check_image_size(config.teacher, dataset.image_size)
     # Building the network checks the teacher name, its weights and unfreeze_blocks.
     build_student(
         config.teacher,
-        config.strategy,
+        split_variant(config.strategy)[0],
         num_classes=len(dataset.classes),
         unfreeze_blocks=config.unfreeze_blocks,
         pretrained=False,
@@ -238,13 +249,20 @@ def _train_one(
 
     env = dist_env()
     torch.manual_seed(seed)
+    base_strategy, adversarial = split_variant(strategy)
+    adversarial = adversarial or config.adversarial == "pgd"
+    perturb = (
+        pgd_perturbation(config.adversarial_eps_255 / 255.0, config.adversarial_steps)
+        if adversarial
+        else None
+    )
     train_idx = label_subset(dataset.labels, dataset.indices("train"), fraction, seed)
     model = build_student(
         config.teacher,
-        strategy,
+        base_strategy,
         num_classes=len(dataset.classes),
         unfreeze_blocks=config.unfreeze_blocks,
-        pretrained=strategy != "scratch",
+        pretrained=base_strategy != "scratch",
         weights_path=config.weights_path,
         dropout=config.dropout,
     )
@@ -269,7 +287,11 @@ def _train_one(
             tags={
                 "dataset_version": data_version,
                 "teacher": config.teacher,
-                "strategy": strategy,
+                "strategy": base_strategy,
+                "variant": strategy,
+                "adversarial_training": f"pgd@{config.adversarial_eps_255:g}/255"
+                if adversarial
+                else "none",
                 "label_fraction": str(fraction),
                 "stage": "train",
             },
@@ -304,6 +326,7 @@ def _train_one(
             len(dataset.classes),
             config.fit_config(seed, checkpoint_dir, resume),
             on_epoch=on_epoch,
+            perturb=perturb,
         )
         model.load_state_dict(result.best_state)
         model.to("cpu").eval()
@@ -333,7 +356,7 @@ def _train_one(
             )
         spec = StudentSpec(
             teacher=config.teacher,
-            strategy=strategy,
+            strategy=base_strategy,
             unfreeze_blocks=config.unfreeze_blocks,
             num_classes=len(dataset.classes),
             dropout=config.dropout,
@@ -399,7 +422,7 @@ def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
     rows = [asdict(r) for r in results]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "comparison.json")
     for r in results:
-        mlflow.log_metric(f"test_auc.{r.strategy}.fraction_{r.fraction:g}", r.test_auc)
+        mlflow.log_metric(f"test_auc.{r.strategy.replace('+', '_')}.fraction_{r.fraction:g}", r.test_auc)
     if len({r.fraction for r in results}) > 1:
         curves: dict[str, list[tuple[int, float]]] = {}
         for r in results:

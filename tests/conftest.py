@@ -111,6 +111,8 @@ def train_params(params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             f"train.model_dir={tmp_path / 'models/student'}",
             f"train.checkpoint_dir={tmp_path / 'models/checkpoints'}",
             "eval.gradcam_examples=2",
+            f"serving.bentoml_home={tmp_path / 'bentoml'}",
+            f"serving.export_dir={tmp_path / 'bentos'}",
         ],
     )
     from tasks.ingest import run_ingest

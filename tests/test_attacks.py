@@ -413,3 +413,33 @@ def test_plot_writes_a_png_with_a_reference_curve(tmp_path):
     )
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_crafted_teacher_perturbations_are_shared_between_students(toy):
+    """A second student scored with the same cache reuses the teacher-crafted images."""
+
+    class CountingTeacher(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+    teacher = CountingTeacher(toy["teacher"])
+    crafted: dict = {}
+    first = teacher_transfer_attack(
+        toy["model"], teacher, toy["images"], toy["labels"], EPS_8, steps=3, seed=0, crafted=crafted
+    )
+    calls = teacher.calls
+    other = copy.deepcopy(toy["model"])
+    second = teacher_transfer_attack(
+        other, teacher, toy["images"], toy["labels"], EPS_8, steps=3, seed=0, crafted=crafted
+    )
+    assert calls > 0 and teacher.calls == calls  # nothing crafted the second time
+    np.testing.assert_array_equal(first.adversarial, second.adversarial)
+    uncached = teacher_transfer_attack(
+        other, teacher, toy["images"], toy["labels"], EPS_8, steps=3, seed=0
+    )
+    np.testing.assert_array_equal(uncached.adversarial, first.adversarial)

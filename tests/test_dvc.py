@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,3 +52,49 @@ def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: dic
     assert second == first
     metrics = _run(["dvc", "metrics", "show", "--json"], repo)
     assert "files_seen" in metrics
+
+
+def test_dvc_repro_runs_the_whole_pipeline_like_the_flow(
+    tmp_path: Path, train_params: dict
+) -> None:
+    """`dvc repro` runs every stage from dvc.yaml: the same commands, the same reports."""
+    repo = tmp_path / "pipeline"
+    repo.mkdir()
+    for folder in ("tasks", "serving"):
+        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo)
+    tiny = {**train_params}
+    tiny["data"] = {**train_params["data"], "processed_dir": "data/processed"}
+    tiny["synthetic"] = {**train_params["synthetic"], "output_dir": "data/synthetic"}
+    tiny["reports_dir"] = "reports"
+    tiny["train"] = {
+        **train_params["train"],
+        "epochs": 1,
+        "model_dir": "models/student",
+        "checkpoint_dir": "models/checkpoints",
+    }
+    tiny["robustness"] = {
+        **train_params["robustness"],
+        "max_samples": 4,
+        "epsilons_255": [1],
+        "pgd_steps": 1,
+        "reference_probe": False,
+    }
+    tiny["gates"] = {
+        **train_params["gates"],
+        "min_clean_auc": None,
+        "max_teacher_transfer_success": None,
+    }
+    tiny["serving"] = {**train_params["serving"], "export_dir": "bentos"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.analytics", "false"], repo)
+
+    _run(["dvc", "repro"], repo)
+    for report in ("ingest", "train", "metrics", "robustness", "register", "package"):
+        assert (repo / "reports" / f"{report}.json").is_file(), report
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
+    files = {name for workspace in shown.values() for name in workspace.get("data", {})}
+    assert {"reports/ingest.json", "reports/metrics.json", "reports/robustness.json"} <= files
+    assert "didn't change" in _run(["dvc", "repro", "evaluate"], repo)

@@ -64,3 +64,25 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         {"robust_acc_eps_255": 2, "min_robust_acc": 0.5, "teacher_transfer_eps_255": None}
     )
     assert gates == {"robust_acc_eps": 2 / 255, "min_robust_acc": 0.5, "teacher_transfer_eps": None}
+
+
+def test_pgd_training_variant_appears_in_the_strategy_table(train_params: dict) -> None:
+    """The mitigation: a plain and a PGD-trained student side by side in one report."""
+    params = apply_overrides(
+        train_params,
+        [
+            "train.epochs=1",
+            "train.compare=[linear_probe,linear_probe+pgd]",
+            "robustness.max_samples=8",
+            "robustness.epsilons_255=[1]",
+            "robustness.pgd_steps=1",
+            "robustness.reference_probe=false",
+        ],
+    )
+    report = run_train(params)
+    assert {r["strategy"] for r in report["runs"]} == {"linear_probe", "linear_probe+pgd"}
+    robustness = run_robustness(params)
+    rows = {row["strategy"]: row for row in robustness["strategies"]}
+    assert set(rows) == {"linear_probe", "linear_probe+pgd"}
+    for row in rows.values():
+        assert 0.0 <= row["clean_acc"] <= 1.0 and 0.0 <= row["robust_acc_pgd"] <= 1.0

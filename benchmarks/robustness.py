@@ -1,0 +1,100 @@
+"""Time the robustness stage's attacks: the issue's 600 images, and the demo default.
+
+Runs ``tasks.attacks.evaluate_robustness`` (FGSM, PGD, both teacher-transfer attacks, noise at
+every budget) exactly as the stage does, on synthetic chest images at the default image size,
+against a freshly built default student and the frozen teacher, for each ``--samples`` value;
+``--reference`` adds the frozen-teacher probe (the stage's default doubles the attack work).
+Prints seconds per run and per budget and writes ``benchmarks/results/robustness-<device>.md``.
+
+Usage: ``python -m benchmarks.robustness [--samples 64 600] [--device auto]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.report import machine_header, write_result
+from tasks.attacks import evaluate_robustness
+from tasks.config import load_params
+from tasks.models import build_student, teacher_feature_extractor
+from tasks.robustness import RobustnessConfig
+from tasks.synthetic import chest_scene
+from tasks.training import dist_env, resolve_device
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` chest scenes, half with an opacity, as float (n, 1, size, size) in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = np.stack([chest_scene(size, rng, 0.35 if label else None) for label in labels])
+    return images[:, None].astype(np.float32), labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[64, 600])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    config = RobustnessConfig.from_params(params)
+    size = int(params["data"]["image_size"])
+    device = resolve_device(args.device, dist_env())
+    train_cfg = params["train"]
+    torch.manual_seed(0)
+    student = build_student(
+        train_cfg["teacher"],
+        train_cfg["strategy"],
+        2,
+        unfreeze_blocks=int(train_cfg["unfreeze_blocks"]),
+    ).eval()
+    teacher = teacher_feature_extractor(train_cfg["teacher"])
+
+    rows = []
+    for n in args.samples:
+        images, labels = synthetic_images(n, size)
+        start = time.perf_counter()
+        evaluate_robustness(
+            student,
+            teacher,
+            images,
+            labels,
+            config.epsilons,
+            pgd_steps=config.pgd_steps,
+            pgd_step_size=config.pgd_step_fraction,
+            batch_size=config.batch_size,
+            seed=0,
+            device=str(device),
+            target_pool=(images, labels),
+        )
+        seconds = time.perf_counter() - start
+        budgets = len([e for e in config.epsilons if e > 0])
+        rows.append((n, seconds, seconds / budgets))
+        print(f"{n} images: {seconds:.1f} s ({seconds / budgets:.1f} s per budget)", flush=True)
+
+    lines = [
+        "| images | budgets | PGD steps | seconds (student attacks) | s per budget | with frozen-teacher reference (x2) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    budgets = len([e for e in config.epsilons if e > 0])
+    for n, seconds, per_budget in rows:
+        lines.append(
+            f"| {n} | {budgets} | {config.pgd_steps} | {seconds:.1f} | {per_budget:.1f} | ~{2 * seconds:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    write_result(
+        f"robustness-{device.type}",
+        f"{machine_header()}\n\nAttacks of the robustness stage (FGSM, PGD, teacher-transfer untargeted and "
+        f"mimicry, uniform noise) at budgets {[round(e * 255, 2) for e in config.epsilons]}/255, "
+        f"{size}x{size} images, default student ({train_cfg['strategy']}), device {device}. One run each.\n\n{table}",
+    )
+
+
+if __name__ == "__main__":
+    main()

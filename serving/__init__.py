@@ -1,0 +1,1 @@
+"""The BentoML service of medtransfer (``serving/service.py``) and its ``bentofile.yaml``."""

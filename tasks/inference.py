@@ -1,0 +1,260 @@
+"""Classifying uploaded images: the serving path, shared by the BentoML service and the tests.
+
+An uploaded DICOM file takes exactly the ingestion path: :func:`tasks.dicom_io.read_dataset` →
+:func:`tasks.dicom_io.decode_dataset` → :func:`tasks.preprocess.resize_display` (uint8) →
+:func:`tasks.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax. A PNG
+becomes display space through :func:`tasks.preprocess.uint8_to_display` and then follows the
+same path. The Bento imports this module; nothing here is copied into ``serving/``.
+
+Every way an upload can be unusable is an :class:`InputRejected` with an HTTP status, a short
+reason code and a fixed message. Messages never quote a DICOM attribute value, a file name or
+a decoder's own text, so no patient-identifying value can reach a reply or a log line.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from tasks import dicom_io
+from tasks.preprocess import resize_display, uint8_to_display
+
+# Reason codes of rejected uploads, with the status and the message a client sees.
+REJECTIONS: dict[str, tuple[int, str]] = {
+    "empty_body": (400, "The request body is empty; send the image bytes."),
+    "bad_request": (400, "The request is malformed or was cut off."),
+    "bad_multipart": (400, "The multipart/form-data body could not be parsed."),
+    "no_files": (400, "The batch holds no file; send one or more parts named 'files'."),
+    "payload_too_large": (413, "The request body is larger than the server accepts."),
+    "too_many_files": (413, "The batch holds more files than the server accepts."),
+    "unsupported_media_type": (415, "Wrong Content-Type for this endpoint."),
+    dicom_io.NOT_DICOM: (422, "The upload is not a DICOM file."),
+    dicom_io.UNREADABLE: (422, "The DICOM header is truncated or corrupt."),
+    dicom_io.NO_PIXEL_DATA: (
+        422,
+        "The DICOM file has no pixel data (it is not an image, or it was cut off before its pixels).",
+    ),
+    dicom_io.UNSUPPORTED_TRANSFER_SYNTAX: (
+        422,
+        "The DICOM file's transfer syntax (compression) is not supported.",
+    ),
+    dicom_io.UNSUPPORTED_IMAGE: (
+        422,
+        "The image type (photometric interpretation) is not supported.",
+    ),
+    dicom_io.DECODE_FAILED: (422, "The pixel data does not decode (truncated or corrupt)."),
+    "multi_frame": (
+        422,
+        "The DICOM file is a multi-frame volume; this endpoint classifies one image. "
+        "Send single frames.",
+    ),
+    "image_too_large": (422, "The image's rows or columns exceed the server's limit."),
+    "not_png": (422, "The upload is not a PNG image."),
+}
+
+# ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.ingest, tasks.dicom_io).
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class InputRejected(Exception):
+    """An upload that cannot be classified.
+
+    Attributes:
+        reason: a code from :data:`REJECTIONS`.
+        status: the HTTP status to answer with (4xx).
+        message: a fixed sentence safe to show and to log (no values from the upload).
+    """
+
+    def __init__(self, reason: str, where: str = "", hint: str = "") -> None:
+        status, message = REJECTIONS[reason]
+        self.reason = reason
+        self.status = status
+        self.message = f"{where}{message}{hint}"
+        super().__init__(f"{reason}: {self.message}")
+
+    def to_dict(self) -> dict[str, str | int]:
+        """The JSON error body: ``{"error": reason, "message": ..., "status": ...}``."""
+        return {"error": self.reason, "message": self.message, "status": self.status}
+
+
+def prepare_dicom(
+    source: bytes | str | Path | BinaryIO, image_size: int, max_image_dim: int | None = None
+) -> np.ndarray:
+    """One single-frame DICOM image → the uint8 ``(image_size, image_size)`` image the model sees.
+
+    Args:
+        source: the file's bytes, a path, or a seekable binary stream.
+        image_size: the student's input side (``StudentSpec.image_size``).
+        max_image_dim: refuse images with more rows or columns than this (checked on the header,
+            before any pixel is decoded); ``None`` for no limit.
+
+    Raises:
+        InputRejected: not DICOM, truncated, no pixel data, unsupported transfer syntax or image
+            type, multi-frame, too large, or pixel data that does not decode.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise InputRejected("empty_body")
+        source = io.BytesIO(bytes(source))
+    try:
+        ds = dicom_io.read_dataset(source)
+        if _header_int(ds, "NumberOfFrames", 1) > 1:
+            raise InputRejected("multi_frame")
+        rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+        if max_image_dim is not None and max(rows, columns) > max_image_dim:
+            raise InputRejected("image_too_large")
+        decoded = dicom_io.decode_dataset(ds, multiframe="middle")
+    except dicom_io.DicomRejected as err:
+        raise InputRejected(err.reason) from None  # err.detail may quote the file: not shown
+    except InputRejected:
+        raise
+    except Exception:  # a decoder failing on hostile bytes is still the upload's fault
+        raise InputRejected(dicom_io.DECODE_FAILED) from None
+    if decoded.frames.shape[0] != 1:  # e.g. a 3-D array without NumberOfFrames
+        raise InputRejected("multi_frame")
+    return resize_display(decoded.frames[0], image_size)
+
+
+def prepare_png(data: bytes, image_size: int, max_image_dim: int | None = None) -> np.ndarray:
+    """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
+
+    8-bit images go through :func:`tasks.preprocess.uint8_to_display` (colour ones then to luma,
+    as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
+
+    Raises:
+        InputRejected: empty, not a PNG, too large, or pixel data that does not decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) == 0:
+        raise InputRejected("empty_body")
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Image.DecompressionBombError:
+        raise InputRejected("image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InputRejected("not_png") from None
+    # The header gives the size before any pixel is decompressed: refuse decompression bombs.
+    if max_image_dim is not None and max(image.size) > max_image_dim:
+        raise InputRejected("image_too_large")
+    try:
+        image.load()
+        display = _png_to_display(image)
+    except InputRejected:
+        raise
+    except Exception:
+        raise InputRejected(dicom_io.DECODE_FAILED) from None
+    return resize_display(display, image_size)
+
+
+def _png_to_display(image) -> np.ndarray:
+    """A loaded Pillow image → float32 [0, 1] grayscale."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
+    if image.mode in ("P", "PA", "1"):
+        image = image.convert("RGB") if image.mode != "1" else image.convert("L")
+    array = np.asarray(image)
+    if array.ndim == 3:
+        if array.shape[2] in (3, 4):  # RGB, RGBA: drop alpha, then luma
+            return uint8_to_display(array[..., :3]) @ _LUMA
+        array = array[..., 0]  # LA: the grey channel
+    if array.dtype != np.uint8 or array.ndim != 2:
+        raise InputRejected(dicom_io.UNSUPPORTED_IMAGE)
+    return uint8_to_display(array)
+
+
+def _header_int(ds, keyword: str, default: int) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        raise InputRejected(dicom_io.UNREADABLE) from None
+
+
+def to_model_input(images: np.ndarray | Sequence[np.ndarray]):
+    """uint8 images ``(B, S, S)`` → float32 tensor ``(B, 1, S, S)`` in [0, 1].
+
+    Uses :func:`tasks.transforms.to_tensor_transform`, the transform evaluation uses.
+    """
+    import torch
+
+    from tasks.transforms import to_tensor_transform
+
+    transform = to_tensor_transform()
+    return torch.stack([transform(np.asarray(image)) for image in images])
+
+
+def probabilities(model, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` (eval mode, CPU)."""
+    import torch
+
+    if len(images) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    with torch.inference_mode():
+        logits = model(to_model_input(images))
+        return torch.softmax(logits.float(), dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The classification of one image."""
+
+    probabilities: dict[str, float]
+    label: str
+
+
+def decide(probs: np.ndarray, classes: Sequence[str], threshold: float | None) -> Decision:
+    """One image's probabilities ``(C,)`` → class probabilities and the predicted label.
+
+    Two classes: the second (positive) class when its probability reaches ``threshold``
+    (the one chosen on validation by the evaluation stage), else the first. More classes, or
+    no threshold: the most probable class.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(classes) == 2 and threshold is not None:
+        index = 1 if probs[1] >= threshold else 0
+    else:
+        index = int(np.argmax(probs))
+    return Decision(
+        probabilities={name: float(p) for name, p in zip(classes, probs, strict=True)},
+        label=str(classes[index]),
+    )
+
+
+class Predictor:
+    """A saved student plus the serving preprocessing: what the Bento runs, in process.
+
+    ``Predictor.from_folder(path).predict_dicom(bytes)`` gives the same probabilities as the
+    service (the service's model worker is built with :meth:`from_folder` too).
+    """
+
+    def __init__(self, model, spec) -> None:
+        self.model = model
+        self.spec = spec
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Predictor:
+        """Load ``folder/model.pt`` with :func:`tasks.student_io.load_student`."""
+        from tasks.student_io import load_student
+
+        model, spec = load_student(folder)
+        return cls(model, spec)
+
+    def predict_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 ``(B, S, S)`` images at the student's size → probabilities ``(B, C)``."""
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (self.spec.image_size,) * 2:
+            raise ValueError(
+                f"expected uint8 images (B, {self.spec.image_size}, {self.spec.image_size}), "
+                f"got shape {images.shape}"
+            )
+        return probabilities(self.model, images)
+
+    def predict_dicom(self, source: bytes | str | Path) -> np.ndarray:
+        """One DICOM file → probabilities ``(C,)``; raises :class:`InputRejected`."""
+        image = prepare_dicom(source, self.spec.image_size)
+        return self.predict_images(image[np.newaxis])[0]

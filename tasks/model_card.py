@@ -1,0 +1,203 @@
+"""The model card: a markdown page that travels with every registered model version.
+
+Pure text building from the stage reports (no MLflow import): what data the student saw, what
+it is for, how well it did, how robust it is, and what it must not be used for. The registry
+stage stores it as the version's description and as an artifact of the training run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+EPS_SEPARATOR = "_eps_"  # robustness metric names: <measure>_eps_<budget>, see robustness.json
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """Everything the card shows.
+
+    Attributes:
+        model_name, version: the registered model and its new version.
+        run_id: the MLflow run that trained the student.
+        spec: the student's :class:`~tasks.student_io.StudentSpec` as a dict.
+        dataset_version: the processed dataset's DVC hash.
+        ingest: ``reports/ingest.json`` (counts per split), or ``{}`` when absent.
+        metrics: ``reports/metrics.json`` (``val``/``test`` splits, ``threshold``).
+        robustness: ``reports/robustness.json`` (``verdict``, ``metrics``), or ``None``.
+        promoted: whether the alias moved to this version.
+        alias: the alias name.
+        reasons: why the alias moved or did not.
+    """
+
+    model_name: str
+    version: str
+    run_id: str
+    spec: Mapping[str, Any]
+    dataset_version: str
+    ingest: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    robustness: Mapping[str, Any] | None
+    promoted: bool
+    alias: str
+    reasons: Sequence[str] = field(default_factory=list)
+
+
+def render_model_card(inputs: CardInputs) -> str:
+    """The card as markdown."""
+    spec = inputs.spec
+    threshold = inputs.metrics.get("threshold")
+    rule = inputs.metrics.get("threshold_rule", "")
+    strategy = str(spec.get("strategy", ""))
+    if strategy == "partial":
+        strategy += f" (last {spec.get('unfreeze_blocks')} blocks fine-tuned)"
+    lines = [
+        f"# {inputs.model_name} version {inputs.version}",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| MLflow run | `{inputs.run_id}` |",
+        f"| teacher | {spec.get('teacher')} (weights SHA-256 `{spec.get('teacher_weights_sha256')}`) |",
+        f"| transfer strategy | {strategy} |",
+        f"| input | one grayscale image, {spec.get('image_size')} x {spec.get('image_size')} px after the training preprocessing |",
+        f"| classes | {', '.join(spec.get('classes', ()))} |",
+        f"| decision threshold | {_num(threshold)} on the positive-class probability ({rule} on validation) |",
+        f"| alias `{inputs.alias}` | {'moved to this version' if inputs.promoted else 'not moved'} |",
+        "",
+        "## Data",
+        "",
+        f"Dataset version (DVC hash of the processed dataset): `{inputs.dataset_version}`.",
+        "",
+    ]
+    lines += _data_table(inputs.ingest)
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "Research and engineering evaluation of transfer learning on medical images: triage "
+        "experiments, data-efficiency studies, robustness studies. The model returns class "
+        "probabilities for one grayscale image. It is **not a medical device** and must not "
+        "be used for diagnosis or treatment decisions.",
+        "",
+        "## Metrics",
+        "",
+        "| split | AUC | accuracy | sensitivity | specificity | ECE |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for split in ("val", "test"):
+        values = inputs.metrics.get(split) or {}
+        lines.append(
+            f"| {split} | "
+            + " | ".join(
+                _num(values.get(k))
+                for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
+            )
+            + " |"
+        )
+    lines += ["", "## Robustness", ""]
+    lines += _robustness_section(inputs.robustness)
+    lines += ["", "## Promotion", ""]
+    lines += [f"- {reason}" for reason in inputs.reasons] or ["- (no reason recorded)"]
+    lines += ["", "## Limits", ""]
+    lines += [f"- {limit}" for limit in _limits(inputs)]
+    return "\n".join(lines) + "\n"
+
+
+def _data_table(ingest: Mapping[str, Any]) -> list[str]:
+    splits = ingest.get("splits") or {}
+    if not splits:
+        return ["(no ingestion report: counts unknown)"]
+    class_keys = sorted({k for s in splits.values() for k in s if k.startswith("class_")})
+    header = ["split", "images", "patients", *(k.removeprefix("class_") for k in class_keys)]
+    rows = [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for name, counts in splits.items():
+        cells = [name, counts.get("images", ""), counts.get("patients", "")]
+        cells += [counts.get(k, 0) for k in class_keys]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    source = ingest.get("source_kind")
+    if source:
+        rows += [
+            "",
+            f"Source: {source}; files seen {ingest.get('files_seen')}, ingested "
+            f"{ingest.get('ingested')}, quarantined {ingest.get('quarantined')}.",
+        ]
+    return rows
+
+
+def robustness_table(metrics: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Robustness metrics → (measure names, rows ``(budget, {measure: value})``) by budget.
+
+    Metric names are ``<measure>_eps_<budget>``; anything else (``clean_acc``) is not a row.
+    """
+    measures: list[str] = []
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        measure, sep, eps = key.rpartition(EPS_SEPARATOR)
+        if not sep or not measure:
+            continue
+        if measure not in measures:
+            measures.append(measure)
+        rows.setdefault(eps, {})[measure] = value
+    ordered = sorted(rows.items(), key=lambda item: _as_float(item[0]))
+    return measures, ordered
+
+
+def _robustness_section(robustness: Mapping[str, Any] | None) -> list[str]:
+    if robustness is None:
+        return ["No robustness report: the check was not run, so the version cannot be promoted."]
+    verdict = robustness.get("verdict") or {}
+    passed = bool(verdict.get("passed"))
+    lines = [f"Verdict: **{'passed' if passed else 'failed'}**."]
+    lines += [f"- {reason}" for reason in verdict.get("reasons") or []]
+    metrics = robustness.get("metrics") or {}
+    if "clean_acc" in metrics:
+        lines += ["", f"Clean accuracy on the evaluated images: {_num(metrics['clean_acc'])}."]
+    measures, rows = robustness_table(metrics)
+    if rows:
+        lines += [
+            "",
+            "| L-inf budget | " + " | ".join(measures) + " |",
+            "|" + " --- |" * (len(measures) + 1),
+        ]
+        for eps, values in rows:
+            budget = f"{eps} ({_num(_as_float(eps) * 255.0, 1)}/255)"
+            lines.append(
+                f"| {budget} | " + " | ".join(_num(values.get(m)) for m in measures) + " |"
+            )
+    return lines
+
+
+def _limits(inputs: CardInputs) -> list[str]:
+    limits = [
+        f"Evaluated only on dataset `{inputs.dataset_version}`; performance on other sites, "
+        "scanners, protocols or populations is unknown until measured there.",
+        "Single-label, single-image classifier: multi-frame volumes are refused by the "
+        "service; one image is classified at a time.",
+        "Images are windowed and resized exactly as in training; images whose appearance "
+        "differs (other body parts, other modalities) are out of scope.",
+        "Robustness is measured at the listed budgets and attacks only; other attacks may "
+        "succeed more often.",
+    ]
+    if inputs.ingest.get("source_kind") == "synthetic":
+        limits.insert(
+            0,
+            "Trained on the built-in synthetic data set: a pipeline check, not a clinical model.",
+        )
+    return limits
+
+
+def _as_float(text: Any) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    number = _as_float(value)
+    return "n/a" if math.isnan(number) else f"{number:.{digits}f}"

@@ -1,0 +1,1 @@
+"""Registry, packaging and serving tests (real MLflow store, real `bentoml serve`)."""

@@ -1,0 +1,183 @@
+"""Fixtures of the registry and serving tests: a temporary MLflow store, logged students, and a
+real ``bentoml serve`` of a packaged, exported and re-imported Bento on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.deploy.students import LoggedStudent, log_student, stage_params, write_reports
+
+BIN = Path(sys.executable).parent
+# Limits of the served Bento, small so that the tests can exceed them cheaply.
+SERVED_LIMITS = {
+    "serving.max_upload_bytes": 1024 * 1024,
+    "serving.max_image_dim": 1024,
+    "serving.max_batch_files": 4,
+    "serving.max_batch_size": 8,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """In-process predictions on one thread: on a busy 2-core machine two OpenMP threads
+    spin against each other (and against the server under test) and run 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A SQLite MLflow store and artifact folder for the whole session (via the environment)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def students(mlflow_store: Path) -> dict[str, LoggedStudent]:
+    """Two logged students: ``a`` trained on dataset-a, ``b`` on dataset-b."""
+    return {
+        "a": log_student(mlflow_store, seed=0, dataset_version="dataset-a"),
+        "b": log_student(mlflow_store, seed=1, dataset_version="dataset-b"),
+    }
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running ``bentoml serve``: its URL, log file, package report and the student it serves."""
+
+    url: str
+    log: Path
+    package: dict
+    student: LoggedStudent
+    pid: int
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_checked(command: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run a command; on failure show its output in the assertion."""
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def start_server(
+    bento: str, home: Path, log: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, str]:
+    """``bentoml serve <bento>`` on a free loopback port, in its own process group."""
+    port = free_port()
+    handle = log.open("wb")
+    process = subprocess.Popen(
+        [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
+        env={**env, "BENTOML_HOME": str(home)},
+        cwd=home,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped as one below
+    )
+    handle.close()
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Stop the server we started, by PID: BentoML's arbiter, then anything left of its tree.
+
+    SIGTERM goes to the arbiter, which stops its workers in order. The workers run in process
+    groups of their own, so they are listed first (by PID, from the arbiter's children) and
+    any that outlive the arbiter are killed one by one, as is the arbiter's own group.
+    """
+    import psutil
+
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    psutil.wait_procs(workers, timeout=10)
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"bentoml serve exited early:\n{log.read_text()[-5000:]}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"bentoml serve not ready after {timeout} s:\n{log.read_text()[-5000:]}")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Served]:
+    """Student ``a`` registered, packaged by the CLI, exported, imported into a fresh BentoML
+    home (the archive must stand alone) and served by ``bentoml serve`` on loopback."""
+    from tasks.register import run_register
+
+    root = tmp_path_factory.mktemp("served")
+    student = students["a"]
+    overrides = [f"{k}={v}" for k, v in SERVED_LIMITS.items()]
+    params = stage_params(root, student, ["registry.model_name=served-student", *overrides])
+    write_reports(params, student, threshold=0.5)
+    run_register(params)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    env["BENTOML_HOME"] = str(root / "build-home")
+    package = json.loads(
+        run_checked([str(BIN / "medtransfer"), "package", "--params", str(params_file)], env, root)
+    )
+    serve_home = root / "serve-home"
+    serve_home.mkdir()
+    run_checked(
+        [str(BIN / "bentoml"), "import", package["archive"]],
+        {**env, "BENTOML_HOME": str(serve_home)},
+        root,
+    )
+    log = root / "server.log"
+    process, url = start_server(package["bento"], serve_home, log, env)
+    try:
+        wait_ready(process, url, log)
+        yield Served(url=url, log=log, package=package, student=student, pid=process.pid)
+    finally:
+        stop_server(process)

@@ -1,0 +1,171 @@
+"""The registry stage on a real (temporary SQLite) MLflow store: versions, tags, model card,
+and the alias, which only a passing and better version takes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+from tasks.errors import MedtransferError
+from tasks.register import Candidate, Champion, promotion_decision, run_register
+from tests.deploy.students import stage_params, write_reports
+
+
+def _candidate(auc: float, passed: bool = True, dataset: str = "d1") -> Candidate:
+    verdict = {"passed": passed, "reasons": [] if passed else ["robust_acc_pgd 0.10 < 0.30"]}
+    return Candidate(
+        run_id="r",
+        dataset_version=dataset,
+        spec={},
+        metrics={"test": {"auc": auc}, "threshold": 0.5},
+        robustness={"verdict": verdict, "metrics": {}},
+        ingest={},
+    )
+
+
+def test_promotion_rules() -> None:
+    champion = Champion(version="3", dataset_version="d1", test_auc=0.80)
+    assert promotion_decision(_candidate(0.81), champion)[0]
+    assert not promotion_decision(_candidate(0.80), champion)[0]  # a tie does not move it
+    moved, reasons = promotion_decision(_candidate(0.99, passed=False), champion)
+    assert not moved and reasons == ["robustness gates failed: robust_acc_pgd 0.10 < 0.30"]
+    assert promotion_decision(_candidate(0.5), None)[0]
+    moved, reasons = promotion_decision(_candidate(0.6, dataset="d2"), champion)
+    assert moved and "dataset d1" in reasons[0]
+    assert not promotion_decision(_candidate(math.nan), None)[0]
+    no_report = Candidate("r", "d1", {}, {"test": {"auc": 0.9}}, None, {})
+    moved, reasons = promotion_decision(no_report, None)
+    assert not moved and "no robustness report" in reasons[0]
+
+
+def _register(root: Path, student, name: str, **reports) -> dict:
+    params = stage_params(root, student, [f"registry.model_name={name}"])
+    write_reports(params, student, **reports)
+    return run_register(params)
+
+
+def test_only_a_passing_better_version_takes_the_alias(tmp_path: Path, students) -> None:
+    client = MlflowClient()
+    name = "promotion-student"
+    a, b = students["a"], students["b"]
+
+    first = _register(tmp_path / "1", a, name, test_auc=0.80)
+    assert first["version"] == "1" and first["alias_moved"] and first["previous_champion"] is None
+
+    gate_failing = _register(
+        tmp_path / "2", a, name, test_auc=0.95, robustness_passed=False, reasons=["PGD too weak"]
+    )
+    worse = _register(tmp_path / "3", a, name, test_auc=0.78)
+    unchecked = _register(tmp_path / "4", a, name, test_auc=0.99, robustness_passed=None)
+    for report in (gate_failing, worse, unchecked):
+        assert not report["alias_moved"] and report["champion_version"] == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion"] == "not_promoted" and tags["robustness_passed"] == "false"
+    assert "PGD too weak" in tags["promotion_reasons"]
+    assert (
+        "does not beat version 1's 0.8000"
+        in client.get_model_version(name, "3").tags["promotion_reasons"]
+    )
+    assert "no robustness report" in client.get_model_version(name, "4").tags["promotion_reasons"]
+
+    better = _register(tmp_path / "5", a, name, test_auc=0.85)
+    assert better["alias_moved"] and better["previous_champion"] == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "5"
+
+    # New data: AUCs on another test set do not compare; the passing version takes over.
+    new_data = _register(tmp_path / "6", b, name, test_auc=0.70)
+    assert new_data["alias_moved"] and "dataset dataset-a" in new_data["reasons"][0]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "6"
+    saved = json.loads((tmp_path / "6" / "reports" / "register.json").read_text())
+    assert saved["version"] == "6" and saved["champion_version"] == "6"
+
+
+def test_a_version_carries_provenance_tags_and_its_model_card(tmp_path: Path, students) -> None:
+    client = MlflowClient()
+    a = students["a"]
+    report = _register(tmp_path, a, "card-student", test_auc=0.8125)
+    version = client.get_model_version("card-student", report["version"])
+    tags = version.tags
+    spec = json.loads(tags["student_spec"])
+    assert tags["dataset_version"] == "dataset-a" and tags["run_id"] == a.run_id
+    assert tags["teacher"] == "efficientnet-lite0" and tags["strategy"] == "linear_probe"
+    assert tags["teacher_weights_sha256"] == spec["teacher_weights_sha256"]
+    assert len(tags["teacher_weights_sha256"]) == 64
+    assert float(tags["test_auc"]) == 0.8125 and float(tags["threshold"]) == 0.4
+    assert tags["robustness_passed"] == "true" and tags["promotion"] == "promoted"
+    assert float(tags["robustness.robust_acc_pgd_eps_0.0039"]) == 0.6
+    assert version.run_id == a.run_id
+
+    card = version.description
+    for needed in (
+        "# card-student version 1",
+        "dataset-a",
+        "## Intended use",
+        "not a medical device",
+        "| test | 0.812 |",
+        "| 0.0039 (1.0/255) | 0.600 | 0.100 |",  # robustness: budget, PGD, teacher transfer
+        "## Limits",
+        "synthetic data set",
+    ):
+        assert needed in card, needed
+    artifact = client.download_artifacts(
+        a.run_id, f"model_card/card-student-v{report['version']}.md"
+    )
+    assert Path(artifact).read_text() == card
+    assert tags["model_card"] == report["model_card"]
+    assert client.get_run(a.run_id).data.tags["registry.version"] == "card-student/1"
+
+
+def test_a_failure_after_creating_the_version_leaves_no_trace(
+    tmp_path: Path, students, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = MlflowClient()
+    name = "rollback-student"
+    _register(tmp_path / "1", students["a"], name, test_auc=0.7)
+
+    def registry_down(*args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    # The failure is injected at the last step (moving the alias), after the version exists.
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", registry_down)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        _register(tmp_path / "2", students["a"], name, test_auc=0.9)
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    # A model that did not exist before the failed call is removed with its version.
+    with pytest.raises(RuntimeError):
+        _register(tmp_path / "3", students["a"], "never-student", test_auc=0.9)
+    assert not client.search_registered_models(filter_string="name='never-student'")
+
+
+def test_a_student_that_is_not_the_runs_model_is_refused(tmp_path: Path, students) -> None:
+    # train.json names run a, but train.model_dir holds student b: registering would tag
+    # weights that were never logged.
+    params = stage_params(tmp_path, students["b"], ["registry.model_name=mixed-student"])
+    write_reports(params, students["a"])
+    with pytest.raises(MedtransferError, match="not the model MLflow run"):
+        run_register(params)
+    assert not MlflowClient().search_registered_models(filter_string="name='mixed-student'")
+
+
+def test_cli_reports_missing_inputs_in_one_line(tmp_path: Path, students, capsys) -> None:
+    params = stage_params(tmp_path, students["a"], ["registry.model_name=cli-student"])
+    params_file = tmp_path / "params.yaml"
+    import yaml
+
+    params_file.write_text(yaml.safe_dump(params))
+    assert main(["register", "--params", str(params_file)]) == 2
+    assert "train.json" in capsys.readouterr().err
+    assert main(["package", "--params", str(params_file)]) == 2
+    err = capsys.readouterr().err
+    assert "no version with alias 'champion' of 'cli-student'" in err
+    assert "Traceback" not in err

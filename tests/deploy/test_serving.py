@@ -1,0 +1,303 @@
+"""The packaged Bento under a real ``bentoml serve`` on loopback: same answers as the in-process
+student, a documented 4xx for every bad input, no patient data in replies or logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tasks.inference import Predictor, prepare_png
+from tests.deploy.conftest import SERVED_LIMITS
+from tests.deploy.samples import (
+    GOOD_DICOM,
+    SECRET_ID,
+    SECRET_NAME,
+    bad_inputs,
+    corpus_bytes,
+    identified_dicom,
+    png_bytes,
+)
+from tests.deploy.students import CLASSES, REPO
+
+MAX_UPLOAD = SERVED_LIMITS["serving.max_upload_bytes"]
+MAX_DIM = SERVED_LIMITS["serving.max_image_dim"]
+MAX_FILES = SERVED_LIMITS["serving.max_batch_files"]
+DICOM = {"Content-Type": "application/dicom"}
+
+
+def _probabilities(reply: dict) -> np.ndarray:
+    assert list(reply["probabilities"]) == list(CLASSES)
+    return np.array([reply["probabilities"][c] for c in CLASSES])
+
+
+def _uploads() -> dict[str, bytes]:
+    files = {name: corpus_bytes(name) for name in GOOD_DICOM}
+    files["identified-monochrome1"] = identified_dicom()
+    return files
+
+
+def test_served_dicom_predictions_equal_the_in_process_student(served) -> None:
+    predictor = Predictor.from_folder(served.student.model_dir)
+    session = requests.Session()
+    expected = {name: predictor.predict_dicom(data) for name, data in _uploads().items()}
+    assert np.ptp([p[1] for p in expected.values()]) > 0.05  # answers vary with the image
+    for name, data in _uploads().items():
+        reply = session.post(f"{served.url}/classify/dicom", data=data, headers=DICOM)
+        assert reply.status_code == 200, (name, reply.text)
+        body = reply.json()
+        probs = _probabilities(body)
+        np.testing.assert_allclose(probs, expected[name], rtol=0, atol=1e-5, err_msg=name)
+        assert body["label"] == (CLASSES[1] if probs[1] >= 0.5 else CLASSES[0])
+        assert body["threshold"] == 0.5
+        assert body["model"]["name"] == "served-student"
+        assert body["model"]["version"] == "1"
+        assert body["model"]["dataset_version"] == "dataset-a"
+
+
+def test_concurrent_and_batch_requests_give_the_same_answers(served) -> None:
+    predictor = Predictor.from_folder(served.student.model_dir)
+    uploads = list(_uploads().values())
+    expected = np.stack([predictor.predict_dicom(data) for data in uploads])
+
+    def classify(data: bytes) -> np.ndarray:
+        reply = requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return _probabilities(reply.json())
+
+    # Many requests at once: adaptive batching stacks them into shared forward passes.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = list(pool.map(classify, uploads * 3))
+    np.testing.assert_allclose(np.stack(got), np.concatenate([expected] * 3), atol=1e-5, rtol=0)
+
+    batch = uploads[:MAX_FILES]
+    files = [
+        ("files", (f"image{i}.dcm", data, "application/dicom")) for i, data in enumerate(batch)
+    ]
+    reply = requests.post(f"{served.url}/classify/batch", files=files, timeout=60)
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    assert [r["index"] for r in results] == list(range(len(batch)))
+    got = np.stack([_probabilities(r) for r in results])
+    np.testing.assert_allclose(got, expected[: len(batch)], atol=1e-5, rtol=0)
+
+
+def test_served_png_predictions_equal_the_in_process_student(served) -> None:
+    predictor = Predictor.from_folder(served.student.model_dir)
+    rng = np.random.default_rng(3)
+    for shape in ((80, 100), (30, 30, 3)):
+        data = png_bytes(rng.integers(0, 256, size=shape, dtype=np.uint8))
+        expected = predictor.predict_images(prepare_png(data, predictor.spec.image_size)[None])[0]
+        reply = requests.post(
+            f"{served.url}/classify/png", data=data, headers={"Content-Type": "image/png"}
+        )
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose(_probabilities(reply.json()), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", bad_inputs(MAX_UPLOAD, MAX_DIM), ids=lambda b: b.name)
+def test_every_bad_single_upload_gets_its_documented_4xx(served, bad) -> None:
+    headers = {"Content-Type": bad.content_type} if bad.content_type else {}
+    reply = requests.post(f"{served.url}{bad.route}", data=bad.body, headers=headers, timeout=60)
+    assert reply.status_code == bad.status, reply.text
+    body = reply.json()
+    assert body["error"] == bad.reason and body["status"] == bad.status
+    assert body["message"]
+
+
+def test_an_oversized_chunked_upload_is_cut_off_with_413(served) -> None:
+    def chunks():  # no Content-Length: the server must count while reading
+        for _ in range(MAX_UPLOAD // 65536 + 2):
+            yield b"\0" * 65536
+
+    reply = requests.post(f"{served.url}/classify/dicom", data=chunks(), headers=DICOM, timeout=60)
+    assert reply.status_code == 413 and reply.json()["error"] == "payload_too_large"
+
+
+def _multipart(parts: list[bytes], field: str = "files") -> list:
+    return [(field, (f"f{i}.dcm", data, "application/dicom")) for i, data in enumerate(parts)]
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "reason"),
+    [
+        ("one bad file", 422, "not_dicom"),
+        ("multi-frame file", 422, "multi_frame"),
+        ("too many files", 413, "too_many_files"),
+        ("no files", 400, "no_files"),
+        ("wrong field name", 400, "no_files"),
+        ("not multipart", 415, "unsupported_media_type"),
+        ("multipart without boundary", 400, "bad_multipart"),
+        ("multipart cut off", 400, "no_files"),
+        ("oversized batch", 413, "payload_too_large"),
+    ],
+)
+def test_bad_batches_get_their_documented_4xx(served, name: str, status: int, reason: str) -> None:
+    good = corpus_bytes("CT_small.dcm")
+    url = f"{served.url}/classify/batch"
+    if name == "one bad file":
+        reply = requests.post(url, files=_multipart([good, b"not dicom at all"]))
+    elif name == "multi-frame file":
+        reply = requests.post(url, files=_multipart([corpus_bytes("emri_small.dcm")]))
+    elif name == "too many files":
+        reply = requests.post(url, files=_multipart([good] * (MAX_FILES + 1)))
+    elif name == "no files":
+        reply = requests.post(url, data={"note": "nothing attached"}, files=[("x", ("", b""))])
+    elif name == "wrong field name":
+        reply = requests.post(url, files=_multipart([good], field="file"))
+    elif name == "not multipart":
+        reply = requests.post(url, data=good, headers=DICOM)
+    elif name == "multipart without boundary":
+        reply = requests.post(url, data=good, headers={"Content-Type": "multipart/form-data"})
+    elif name == "multipart cut off":
+        reply = requests.post(
+            url,
+            data=b"--xyz\r\nContent-Disposition: form-data; na",
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        )
+    else:
+        reply = requests.post(url, files=_multipart([good, b"\0" * MAX_UPLOAD]))
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"] == reason
+    if name == "one bad file":
+        assert reply.json()["message"].startswith("File 1: ")
+
+
+def test_wrong_method_or_route_is_a_4xx(served) -> None:
+    assert requests.get(f"{served.url}/classify/dicom").status_code == 405
+    assert requests.post(f"{served.url}/classify/nothing", data=b"x").status_code == 404
+
+
+def test_health_readiness_and_info(served) -> None:
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert requests.get(f"{served.url}{probe}").status_code == 200, probe
+    # Ready means the model answers: a classification right after /readyz succeeds.
+    reply = requests.post(
+        f"{served.url}/classify/dicom", data=corpus_bytes("MR_small.dcm"), headers=DICOM
+    )
+    assert reply.status_code == 200
+    info = requests.get(f"{served.url}/info").json()
+    assert info["model"]["name"] == "served-student" and info["model"]["version"] == "1"
+    assert info["classes"] == list(CLASSES) and info["image_size"] == served.student.image_size
+    assert info["limits"] == {
+        "max_upload_bytes": MAX_UPLOAD,
+        "max_batch_files": MAX_FILES,
+        "max_image_dim": MAX_DIM,
+    }
+    assert info["batching"]["enabled"] is True
+    assert info["batching"]["max_batch_size"] == SERVED_LIMITS["serving.max_batch_size"]
+
+
+def test_no_patient_data_in_replies_or_server_log(served) -> None:
+    single = identified_dicom()
+    volume = identified_dicom(frames=3)
+    replies = []
+    for data in (single, single[: len(single) - 500], single[:400], volume):
+        replies.append(requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM))
+    files = [
+        ("files", (f"{SECRET_NAME}.dcm", data, "application/dicom")) for data in (single, volume)
+    ]
+    replies.append(requests.post(f"{served.url}/classify/batch", files=files))
+    files = [("files", (f"{SECRET_NAME}.dcm", single, "application/dicom"))]
+    replies.append(requests.post(f"{served.url}/classify/batch", files=files))
+    statuses = [r.status_code for r in replies]
+    assert statuses[0] == 200 and statuses[-1] == 200 and 422 in statuses
+    text = "\n".join(r.text for r in replies) + "\n" + served.log_text()
+    for secret in (SECRET_NAME, SECRET_ID, "Secretname", "QXZW", "19991399"):
+        assert secret not in text, secret
+
+
+def test_the_archive_holds_the_model_and_the_projects_own_modules(served) -> None:
+    with tarfile.open(served.package["archive"]) as archive:
+        names = set(archive.getnames())
+        bento_yaml = archive.extractfile("./bento.yaml").read().decode()
+        served_inference = archive.extractfile("./src/tasks/inference.py").read()
+    for module in ("inference", "dicom_io", "preprocess", "transforms", "student_io", "models"):
+        assert f"./src/tasks/{module}.py" in names, module
+    assert "./src/serving/service.py" in names
+    assert served_inference == (REPO / "tasks" / "inference.py").read_bytes()  # imported as is
+    model_tag = served.package["bento_model"]
+    name, version = model_tag.split(":")
+    assert f"./models/{name}/{version}/model.pt" in names
+    assert re.search(rf"model_tag: {re.escape(model_tag)}", bento_yaml)
+    assert "threshold: 0.5" in bento_yaml
+
+
+def test_bento_requirements_match_the_pinned_environment() -> None:
+    def pins(path: Path) -> dict[str, str]:
+        found = {}
+        for line in path.read_text().splitlines():
+            if "==" in line and not line.startswith("#"):
+                name, version = line.split("==")
+                found[name.strip().lower()] = version.strip()
+        return found
+
+    served, pinned = pins(REPO / "serving" / "requirements.txt"), pins(REPO / "constraints.txt")
+    assert served, "serving/requirements.txt lists no package"
+    for name, version in served.items():
+        assert pinned.get(name) == version, f"{name}=={version} is not constraints.txt's pin"
+
+
+def test_a_reply_holds_only_the_documented_fields(served) -> None:
+    data = corpus_bytes("CT_small.dcm")
+    reply = requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM)
+    assert set(reply.json()) == {"label", "probabilities", "threshold", "model"}
+    assert set(reply.json()["model"]) == {"name", "version", "dataset_version", "bento_model"}
+
+
+PACKAGE_TWICE = """
+import json, sys, tarfile
+import yaml
+from tasks.config import apply_overrides
+from tasks.package import run_package
+
+params = yaml.safe_load(open(sys.argv[1]))
+for version in (1, 2):
+    report = run_package(apply_overrides(params, [f"registry.version={version}"]))
+    with tarfile.open(report["archive"]) as archive:
+        bento = yaml.safe_load(archive.extractfile("./bento.yaml"))
+    models = [m["tag"] for service in bento["services"] for m in service["models"]]
+    print(json.dumps({"report": report, "args": bento["args"], "models": models}))
+"""
+
+
+def test_packaging_twice_in_one_process_builds_each_bento_with_its_own_model(
+    served, students, tmp_path: Path
+) -> None:
+    # The Prefect flow packages in process: the service module, which names its model at
+    # import, must be read again for the second Bento.
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tasks.register import run_register
+    from tests.deploy.students import stage_params, write_reports
+
+    params = stage_params(tmp_path, students["b"], ["registry.model_name=served-student"])
+    write_reports(params, students["b"])
+    assert run_register(params)["version"] == "2"
+    local = tmp_path / "params.yaml"
+    local.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    done = subprocess.run(
+        [sys.executable, "-c", PACKAGE_TWICE, str(local)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert first["report"]["bento_model"] != second["report"]["bento_model"]
+    for packaged in (first, second):
+        assert packaged["models"] == [packaged["report"]["bento_model"]]
+        assert packaged["args"]["model_tag"] == packaged["report"]["bento_model"]
