@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean-venv
+.PHONY: venv demo test lint bench browser clean-venv
 
 venv: $(STAMP)
 
@@ -22,13 +22,27 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/medtransfer run
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Headless Chromium for the MLflow UI browser test (tests/test_mlflow_ui.py), from Debian's
+# packages: Playwright's own browser download cannot reach its host here, so the test drives
+# this binary. Installs only when it is missing (CI runs as root; elsewhere through sudo).
+# fonts-liberation so that the test's screenshots show readable text.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then \
+		echo "browser: $(CHROMIUM) is installed"; \
+	else \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y \
+			--no-install-recommends chromium fonts-liberation; \
+	fi
 
 # Benchmarks are measured, not asserted: each prints a table and records it in benchmarks/results/.
 bench: $(STAMP)

@@ -1,5 +1,7 @@
 """The ``medtransfer`` command: one sub-command per stage, plus ``run`` for the whole flow.
 
+``serve-deployments`` and ``deploy`` schedule it (see :mod:`flows.deployments`).
+
 Every sub-command reads ``params.yaml`` (or ``--params``) and applies ``-S key=value``
 overrides, spelled as for ``dvc exp run -S``. A :class:`~tasks.errors.MedtransferError` is
 printed as one line and exits with status 2; nothing else is caught, so a bug still shows its
@@ -68,6 +70,20 @@ def _run(params: dict, args: argparse.Namespace) -> dict:
     return medtransfer_pipeline(params_file=args.params, overrides=list(args.set))
 
 
+def _serve_deployments(params: dict, args: argparse.Namespace) -> dict:
+    from flows.deployments import serve_deployments
+
+    serve_deployments(args.params, list(args.set))  # blocks until Ctrl-C or SIGTERM
+    return {"served": "stopped"}
+
+
+def _deploy(params: dict, args: argparse.Namespace) -> dict:
+    from flows.deployments import deploy_deployments
+
+    ids = deploy_deployments(args.work_pool, args.params, list(args.set))
+    return {"work_pool": args.work_pool, "deployment_ids": ids}
+
+
 STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
     "ingest": (
         _ingest,
@@ -85,6 +101,11 @@ STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
     ),
     "package": (_package, "build and export the Bento of the approved registry version"),
     "run": (_run, "run the whole Prefect flow"),
+    "serve-deployments": (
+        _serve_deployments,
+        "serve the scheduled-retrain and watch-folder deployments (orchestration in params.yaml)",
+    ),
+    "deploy": (_deploy, "register the same deployments with a Prefect work pool"),
 }
 
 
@@ -112,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--resume",
                 action="store_true",
                 help="continue from the last checkpoint of this configuration",
+            )
+        if name == "deploy":
+            command.add_argument(
+                "--work-pool",
+                required=True,
+                help="an existing work pool (prefect work-pool create --type process NAME)",
             )
     return parser
 

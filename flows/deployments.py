@@ -1,0 +1,194 @@
+"""Scheduled and triggered runs: the Prefect deployments of medtransfer.
+
+Two deployments, configured by the ``orchestration`` section of ``params.yaml``:
+
+- ``medtransfer/scheduled-retrain``: the whole pipeline
+  (:func:`~flows.pipeline.medtransfer_pipeline`) on the cron ``orchestration.retrain_cron``;
+- ``watch-and-retrain/watch-folder``: :func:`~flows.watch.watch_and_retrain` on
+  ``orchestration.watch_cron``, which re-ingests the watched folder and retrains only when the
+  dataset's DVC hash changed. At most one of its runs at a time, so two checks never train
+  the same data twice.
+
+Both carry the parameter file (as an absolute path) and the ``-S`` overrides they were created
+with, so a scheduled run uses exactly the configuration the user served.
+
+Two ways to run them (README, "Schedule retraining"):
+
+- ``medtransfer serve-deployments`` (or ``python -m flows.deployments``): this process
+  registers the deployments with the Prefect API (``PREFECT_API_URL``) and runs their flow
+  runs itself, until stopped;
+- ``medtransfer deploy --work-pool gpu``: registers them with a work pool; a
+  ``prefect worker start --pool gpu`` on the machine that should train (a GPU box) runs them,
+  in the project folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.config import load_params
+from tasks.errors import MedtransferError
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Schedule
+
+RETRAIN_DEPLOYMENT = "scheduled-retrain"
+WATCH_DEPLOYMENT = "watch-folder"
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    """The ``orchestration`` section of ``params.yaml``.
+
+    Attributes:
+        retrain_cron: cron of the scheduled retraining; ``None`` deploys it without a schedule.
+        watch_cron: cron of the watched-folder check; ``None`` deploys it without a schedule.
+        timezone: IANA time zone both crons are read in.
+    """
+
+    retrain_cron: str | None = "0 3 * * 1"
+    watch_cron: str | None = "0 * * * *"
+    timezone: str = "UTC"
+
+    @classmethod
+    def from_params(cls, params: dict) -> OrchestrationConfig:
+        """Read the section; a params.yaml without one gets the defaults above."""
+        section = params.get("orchestration") or {}
+        defaults = cls()
+        return cls(
+            retrain_cron=section.get("retrain_cron", defaults.retrain_cron),
+            watch_cron=section.get("watch_cron", defaults.watch_cron),
+            timezone=section.get("timezone") or defaults.timezone,
+        )
+
+
+def cron_schedules(cron: str | None, timezone: str, key: str) -> list[Schedule]:
+    """One Prefect cron schedule, or none for a null cron.
+
+    Raises:
+        MedtransferError: the cron string or the time zone is invalid (named by ``key``).
+    """
+    from prefect.schedules import Cron
+
+    if not cron:
+        return []
+    try:
+        return [Cron(str(cron), timezone=timezone)]
+    except ValueError as err:
+        raise MedtransferError(
+            f"orchestration.{key} {cron!r} (timezone {timezone!r}) is not a valid cron "
+            f"schedule: {err}"
+        ) from err
+
+
+def build_deployments(
+    params: dict,
+    params_file: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    work_pool_name: str | None = None,
+    working_dir: str | Path | None = None,
+) -> list[RunnerDeployment]:
+    """The retrain and watch deployments, not yet registered with any API.
+
+    Args:
+        params: the loaded parameters (``params_file`` with ``overrides``): the crons come from
+            their ``orchestration`` section.
+        params_file: baked into each deployment's parameters, made absolute so that a run
+            started elsewhere reads the same file.
+        overrides: the ``-S`` overrides, baked into each deployment's parameters.
+        work_pool_name: register for this work pool (``deploy``); ``None`` to ``serve``.
+        working_dir: a work-pool run's working folder, where the relative paths of
+            params.yaml point (default: the current folder).
+
+    Returns:
+        ``[retrain, watch]`` as Prefect ``RunnerDeployment`` objects.
+    """
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline import medtransfer_pipeline
+    from flows.watch import watch_and_retrain
+
+    config = OrchestrationConfig.from_params(params)
+    parameters: dict[str, Any] = {
+        "params_file": str(Path(params_file).resolve()),
+        "overrides": list(overrides),
+    }
+    pool: dict[str, Any] = {}
+    if work_pool_name:
+        # A worker imports the flow by module name (the project is pip-installed where it
+        # runs) and starts it in the project folder, where params.yaml's relative paths live.
+        pool = {
+            "work_pool_name": work_pool_name,
+            "entrypoint_type": EntrypointType.MODULE_PATH,
+            "job_variables": {"working_dir": str(Path(working_dir or Path.cwd()).resolve())},
+        }
+    retrain = medtransfer_pipeline.to_deployment(
+        name=RETRAIN_DEPLOYMENT,
+        schedules=cron_schedules(config.retrain_cron, config.timezone, "retrain_cron"),
+        parameters=parameters,
+        description="Retrain, evaluate and check the student on the configured data.",
+        tags=["medtransfer", "retrain"],
+        **pool,
+    )
+    watch = watch_and_retrain.to_deployment(
+        name=WATCH_DEPLOYMENT,
+        schedules=cron_schedules(config.watch_cron, config.timezone, "watch_cron"),
+        parameters=parameters,
+        description="Re-ingest the watched folder; retrain only when its dataset version changed.",
+        tags=["medtransfer", "watch"],
+        concurrency_limit=1,
+        **pool,
+    )
+    return [retrain, watch]
+
+
+def serve_deployments(
+    params_file: str | Path = "params.yaml", overrides: Sequence[str] = ()
+) -> None:
+    """Register both deployments with the Prefect API and run their flow runs here.
+
+    Blocks until interrupted (Ctrl-C or SIGTERM); the schedules are paused on the way out,
+    as Prefect does for served deployments.
+    """
+    from prefect import serve
+
+    params = load_params(params_file, overrides)
+    serve(*build_deployments(params, params_file, overrides))
+
+
+def deploy_deployments(
+    work_pool_name: str,
+    params_file: str | Path = "params.yaml",
+    overrides: Sequence[str] = (),
+    working_dir: str | Path | None = None,
+) -> list[str]:
+    """Register both deployments with an existing work pool; returns their ids.
+
+    Raises:
+        MedtransferError: the work pool does not exist (create it with
+            ``prefect work-pool create --type process NAME``).
+    """
+    from prefect import deploy
+
+    params = load_params(params_file, overrides)
+    deployments = build_deployments(
+        params, params_file, overrides, work_pool_name=work_pool_name, working_dir=working_dir
+    )
+    try:
+        ids = deploy(*deployments, work_pool_name=work_pool_name, ignore_warnings=True)
+    except ValueError as err:
+        raise MedtransferError(
+            f"{err} Create it with `prefect work-pool create --type process {work_pool_name}`."
+            if "Could not find work pool" in str(err)
+            else str(err)
+        ) from err
+    return [str(i) for i in ids]
+
+
+if __name__ == "__main__":
+    serve_deployments()

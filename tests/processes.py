@@ -1,0 +1,120 @@
+"""Real servers for tests: start a command in its own process group, wait for it, stop it.
+
+Every process a test starts goes through :func:`start_process`, which puts it in a new
+session (its own process group), so :func:`stop_process` ends it and everything it spawned
+(uvicorn workers, served flow runs) by that group's id, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_process(
+    command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start ``command`` in a new process group, stdout and stderr appended to ``log_file``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,  # its own process group: stop_process kills exactly it
+        )
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the process group of ``process``, SIGKILL it if still alive after ``timeout``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+    # The leader is gone; children that ignored SIGTERM must not outlive the test either.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running(
+    command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """``with running(...) as process:``: the process is stopped on the way out, always."""
+    process = start_process(command, log_file, env, cwd)
+    try:
+        yield process
+    finally:
+        stop_process(process)
+
+
+def log_tail(log_file: Path, characters: int = 4000) -> str:
+    """The end of a process's log, for assertion messages."""
+    try:
+        return log_file.read_text(errors="replace")[-characters:]
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    process: subprocess.Popen | None = None,
+    log_file: Path | None = None,
+    interval: float = 0.5,
+) -> T:
+    """Call ``probe`` until it returns something truthy; fail clearly after ``timeout`` s.
+
+    Fails early, with the log's tail, when ``process`` exits in the meantime.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(
+                f"{what}: the process exited with status {process.returncode}\n"
+                + (log_tail(log_file) if log_file else "")
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{what}: not within {timeout:.0f} s\n" + (log_tail(log_file) if log_file else "")
+            )
+        time.sleep(interval)
+
+
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 (a loopback URL; no proxy is consulted)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
