@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
 from tasks.models import build_student, param_groups
-from tasks.training import autocast_context, dist_env, resolve_device
+from tasks.training import autocast_context, backward_and_step, dist_env, resolve_device
 from tasks.transforms import AugmentConfig, ImageDataset, train_transform
 
 
@@ -60,14 +60,7 @@ def timed_images_per_s(
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
                 loss = criterion(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             seen += len(labels)
             step += 1
             if step >= warmup + steps:

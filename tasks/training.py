@@ -127,6 +127,20 @@ def autocast_context(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """One optimizer update from ``loss``, through the fp16 loss scaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -154,14 +168,7 @@ def train_one_epoch(
         autocast, _ = autocast_context(device, amp)
         with autocast:
             loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         scheduler.step()
         total_loss += float(loss.detach()) * len(labels)
         seen += len(labels)
