@@ -161,24 +161,19 @@ class Classifier:
     @app.post("/classify/dicom")
     async def classify_dicom(self, request: Request) -> JSONResponse:
         """One single-frame DICOM file as the request body (``application/dicom``)."""
-        try:
-            _check_content_type(request, DICOM_TYPES)
-            body = await _read_body(request, ARGS.max_upload_bytes)
-            image = await _in_thread(prepare_dicom, body, ARGS.image_size, ARGS.max_image_dim)
-            probs = await self._predict(image[np.newaxis])
-        except InputRejected as err:
-            return _rejection(request, err)
-        except ModelUnavailable:
-            return _unavailable()
-        return JSONResponse({**_decision(probs[0]), **_served_by()})
+        return await self._classify_one(request, DICOM_TYPES, prepare_dicom)
 
     @app.post("/classify/png")
     async def classify_png(self, request: Request) -> JSONResponse:
         """One PNG image as the request body (``image/png``)."""
+        return await self._classify_one(request, PNG_TYPES, prepare_png)
+
+    async def _classify_one(self, request: Request, types, prepare) -> JSONResponse:
+        """Shared body of the single-image endpoints: check, read, prepare, predict, reply."""
         try:
-            _check_content_type(request, PNG_TYPES)
+            _check_content_type(request, types)
             body = await _read_body(request, ARGS.max_upload_bytes)
-            image = await _in_thread(prepare_png, body, ARGS.image_size, ARGS.max_image_dim)
+            image = await _in_thread(prepare, body, ARGS.image_size, ARGS.max_image_dim)
             probs = await self._predict(image[np.newaxis])
         except InputRejected as err:
             return _rejection(request, err)
