@@ -17,6 +17,7 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.fanout import task_runner_decode_map
 from tasks.config import load_params
 from tasks.errors import MedtransferError
 from tasks.evaluate import run_evaluate
@@ -51,8 +52,11 @@ STAGE_OPTIONS = {
 
 @task(name="ingest", cache_key_fn=_key("ingest"), **STAGE_OPTIONS)
 def ingest(params: dict) -> dict:
-    """Decode the configured source into the processed dataset; returns the ingest report."""
-    return run_ingest(params).to_report()
+    """Decode the configured source into the processed dataset; returns the ingest report.
+
+    The files are decoded by ``decode-files`` tasks on ``orchestration.task_runner``.
+    """
+    return run_ingest(params, decode_map=task_runner_decode_map(params)).to_report()
 
 
 @task(name="train", cache_key_fn=_key("train"), **STAGE_OPTIONS)

@@ -22,7 +22,7 @@ import shutil
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +108,11 @@ class IngestConfig:
             )
         return config
 
+    @property
+    def worker_count(self) -> int:
+        """Decoding workers: ``workers``, or one per CPU core when it is 0."""
+        return self.workers or os.cpu_count() or 1
+
 
 @dataclass
 class FileOutcome:
@@ -121,6 +126,11 @@ class FileOutcome:
     sop_uid_hash: str = ""
     patient_hash: str = ""
     notes: str = ""
+
+
+# Decodes ``files`` (under ``folder``) with the ingestion settings and the patient salt, and
+# yields one outcome per file in the order of ``files``.
+DecodeMap = Callable[[Path, list[Path], "IngestConfig", str], Iterable[FileOutcome]]
 
 
 @dataclass
@@ -151,8 +161,13 @@ class IngestResult:
         }
 
 
-def run_ingest(params: dict, progress: bool = True) -> IngestResult:
+def run_ingest(
+    params: dict, progress: bool = True, decode_map: DecodeMap | None = None
+) -> IngestResult:
     """Run the ingestion stage as configured by ``params`` (the whole params.yaml dict).
+
+    ``decode_map`` decodes a folder's files (see :data:`DecodeMap`); None uses this module's
+    process pool. The Prefect flow passes one that fans out through its task runner.
 
     Returns:
         The counts; the dataset is in ``data.processed_dir`` and the report in
@@ -166,7 +181,12 @@ def run_ingest(params: dict, progress: bool = True) -> IngestResult:
     if config.source == "synthetic":
         folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
         return ingest_folder(
-            folder, read_label_source(folder, labels_csv), config, "synthetic", progress
+            folder,
+            read_label_source(folder, labels_csv),
+            config,
+            "synthetic",
+            progress,
+            decode_map,
         )
     source = Path(config.source)
     if source.suffix == ".npz":
@@ -177,14 +197,25 @@ def run_ingest(params: dict, progress: bool = True) -> IngestResult:
             "Point it at a folder of DICOM files or a MedMNIST-format .npz."
         )
     return ingest_folder(
-        source, read_label_source(source, config.labels_csv), config, "dicom_folder", progress
+        source,
+        read_label_source(source, config.labels_csv),
+        config,
+        "dicom_folder",
+        progress,
+        decode_map,
     )
 
 
 def ingest_folder(
-    folder: Path, labels: LabelSource, config: IngestConfig, source_kind: str, progress: bool = True
+    folder: Path,
+    labels: LabelSource,
+    config: IngestConfig,
+    source_kind: str,
+    progress: bool = True,
+    decode_map: DecodeMap | None = None,
 ) -> IngestResult:
-    """Decode every file under ``folder`` and write the processed dataset."""
+    """Decode every file under ``folder`` (with ``decode_map``, default a process pool) and
+    write the processed dataset."""
     files = list_files(folder, exclude=labels.csv_path)
     if not files:
         raise MedtransferError(
@@ -197,7 +228,7 @@ def ingest_folder(
     quarantine: list[dict] = []
     seen_sop_uids: set[str] = set()
     with open(raw_path, "wb") as raw:
-        outcomes = _decode_all(folder, files, config, salt)
+        outcomes = (decode_map or decode_in_process_pool)(folder, files, config, salt)
         for outcome in tqdm(
             outcomes, total=len(files), desc="ingest", unit="file", disable=not progress
         ):
@@ -352,15 +383,38 @@ def _salted_hash(salt: str, value: str) -> str:
     return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
 
 
-def _decode_all(
+def decode_chunk(
+    folder: Path, paths: list[Path], image_size: int, multiframe: str, salt: str
+) -> list[FileOutcome]:
+    """:func:`decode_to_outcome` for each of ``paths``, in order: one unit of fanned-out work."""
+    return [decode_to_outcome(path, folder, image_size, multiframe, salt) for path in paths]
+
+
+def chunk_size(n_files: int, workers: int, max_chunk: int = 32) -> int:
+    """Files per unit of fanned-out work: about four units per worker, at most ``max_chunk``.
+
+    Several units per worker even out slow files; units of many files keep the per-unit
+    overhead (a process hop, a Prefect task run) small against the decoding itself.
+    """
+    return max(1, min(max_chunk, n_files // (max(workers, 1) * 4)))
+
+
+def split_in_chunks(files: list[Path], workers: int) -> list[list[Path]]:
+    """Consecutive chunks of ``files`` of :func:`chunk_size` each, in order."""
+    size = chunk_size(len(files), workers)
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
+def decode_in_process_pool(
     folder: Path, files: list[Path], config: IngestConfig, salt: str
 ) -> Iterator[FileOutcome]:
-    """Decode files in order, in worker processes when more than one is configured.
+    """The default :data:`DecodeMap`: files in order, in worker processes when more than one
+    is configured (``data.workers``, 0 = one per core).
 
     Not a generator itself: the pool's start method is chosen now, before the caller's
     progress bar starts its monitor thread.
     """
-    workers = config.workers or os.cpu_count() or 1
+    workers = config.worker_count
     args = (folder, config.image_size, config.multiframe, salt)
     if workers == 1 or len(files) < 8:
         return (decode_to_outcome(path, *args) for path in files)
@@ -378,8 +432,11 @@ def _pool_map(
     files: list[Path], args: tuple, workers: int, context: multiprocessing.context.BaseContext
 ) -> Iterator[FileOutcome]:
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        chunk = max(1, min(32, len(files) // (workers * 4)))
-        yield from pool.map(_decode_star, [(path, *args) for path in files], chunksize=chunk)
+        yield from pool.map(
+            _decode_star,
+            [(path, *args) for path in files],
+            chunksize=chunk_size(len(files), workers),
+        )
 
 
 def _decode_star(job: tuple) -> FileOutcome:

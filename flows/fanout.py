@@ -1,0 +1,102 @@
+"""Ingestion fan-out through a Prefect task runner, chosen by ``orchestration.task_runner``.
+
+The flow's ingest stage hands :func:`task_runner_decode_map` to ``tasks.ingest.run_ingest``:
+the files are cut into consecutive chunks and each chunk is decoded by the Prefect task
+``decode-files`` submitted to the configured runner, so every chunk is a task run in the
+Prefect UI. The decoding itself is ``tasks.ingest.decode_chunk``; only where it runs changes:
+
+- ``processes`` (default): Prefect's ``ProcessPoolTaskRunner`` on this machine;
+- ``threads``: Prefect's ``ThreadPoolTaskRunner`` (pydicom holds the GIL for much of a
+  decode, so this is for I/O-bound sources such as a network share);
+- ``dask``: ``prefect-dask``'s ``DaskTaskRunner``, on a local Dask cluster started for the
+  run or on the scheduler at ``orchestration.dask_address`` (e.g. ``tcp://host:8786``).
+
+The results come back in file order, so the dataset is byte-identical whichever runner
+decoded it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from tasks.errors import MedtransferError
+from tasks.ingest import DecodeMap, FileOutcome, IngestConfig, decode_chunk, split_in_chunks
+
+TASK_RUNNERS = ("processes", "threads", "dask")
+
+
+@task(name="decode-files", cache_policy=NO_CACHE, persist_result=False)
+def decode_files(
+    folder: str, paths: list[str], image_size: int, multiframe: str, salt: str
+) -> list[FileOutcome]:
+    """Decode one chunk of files (paths under ``folder``); one outcome per file, in order."""
+    return decode_chunk(Path(folder), [Path(p) for p in paths], image_size, multiframe, salt)
+
+
+def task_runner_from_params(params: dict) -> TaskRunner:
+    """The Prefect task runner that ``orchestration.task_runner`` names, ``data.workers`` wide.
+
+    Raises:
+        MedtransferError: an unknown runner name.
+    """
+    orchestration = params.get("orchestration") or {}
+    kind = str(orchestration.get("task_runner") or "processes")
+    workers = IngestConfig.from_params(params).worker_count
+    if kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        # Imported here: dask's import costs about a second, paid only by those who use it.
+        from prefect_dask import DaskTaskRunner
+
+        address = orchestration.get("dask_address")
+        if address:
+            return DaskTaskRunner(address=str(address))
+        # One single-threaded worker process per decoding worker: decoding holds the GIL.
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    raise MedtransferError(
+        f"orchestration.task_runner must be one of {TASK_RUNNERS}, not {kind!r}."
+    )
+
+
+def task_runner_decode_map(params: dict) -> DecodeMap:
+    """A ``tasks.ingest`` decode map that runs ``decode-files`` tasks on the configured runner.
+
+    The runner is entered when decoding starts and shut down (a local Dask cluster with it)
+    once every chunk's result has been handed back.
+    """
+
+    def decode_map(
+        folder: Path, files: list[Path], config: IngestConfig, salt: str
+    ) -> Iterator[FileOutcome]:
+        with task_runner_from_params(params) as runner:
+            futures = [
+                runner.submit(
+                    decode_files,
+                    {
+                        "folder": str(folder),
+                        "paths": [str(path) for path in chunk],
+                        "image_size": config.image_size,
+                        "multiframe": config.multiframe,
+                        "salt": salt,
+                    },
+                )
+                for chunk in split_in_chunks(files, config.worker_count)
+            ]
+            for future in futures:
+                yield from future.result()
+
+    return decode_map

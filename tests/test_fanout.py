@@ -1,0 +1,125 @@
+"""The flow's ingest stage fans decoding out through Prefect task runners, Dask included.
+
+Each runner must give the dataset the plain ``medtransfer ingest`` process pool gives, byte
+for byte, with every file accounted for; the Dask case runs on a real local Dask cluster whose
+task stream shows that its workers did the decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows import pipeline
+from flows.fanout import task_runner_from_params
+from tasks.config import apply_overrides
+from tasks.errors import MedtransferError
+from tasks.ingest import IngestConfig, run_ingest, split_in_chunks
+from tasks.synthetic import SyntheticConfig, generate
+
+DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "dataset.json")
+
+
+@flow(name="ingest-only")
+def ingest_only(params: dict) -> dict:
+    """The pipeline's ingest task alone, in a flow of its own."""
+    return pipeline.ingest(params)
+
+
+@pytest.fixture
+def folder_params(params: dict, tmp_path: Path) -> dict:
+    """A synthetic DICOM folder with one file that is not DICOM, as a folder source."""
+    folder, labels_csv = generate(SyntheticConfig.from_params(params))
+    (folder / "readme.txt").write_text("not an image")
+    return apply_overrides(params, [f"data.source={folder}", f"data.labels_csv={labels_csv}"])
+
+
+def _ingest_with_process_pool(params: dict, out: Path) -> dict:
+    plain = apply_overrides(
+        params, [f"data.processed_dir={out / 'processed'}", f"reports_dir={out / 'reports'}"]
+    )
+    return run_ingest(plain, progress=False).to_report()
+
+
+def _flow_ingest(params: dict, out: Path, overrides: list[str]) -> tuple[dict, str]:
+    fanned = apply_overrides(
+        params,
+        [f"data.processed_dir={out / 'processed'}", f"reports_dir={out / 'reports'}", *overrides],
+    )
+    state = ingest_only(fanned, return_state=True)
+    return state.result(), str(state.state_details.flow_run_id)
+
+
+def _decode_task_runs(flow_run_id: str) -> list:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [run for run in runs if run.name.startswith("decode-files")]
+
+
+def _assert_same_dataset(left: Path, right: Path) -> None:
+    for name in DATASET_FILES:
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_prefect_task_runners_give_the_process_pools_dataset(
+    prefect_harness, folder_params: dict, tmp_path: Path, runner: str
+) -> None:
+    expected = _ingest_with_process_pool(folder_params, tmp_path / "plain")
+    report, flow_run_id = _flow_ingest(
+        folder_params, tmp_path / runner, [f"orchestration.task_runner={runner}"]
+    )
+
+    assert report == expected
+    assert report["quarantined_by_reason"]["not_dicom"] == 1
+    assert report["ingested"] + report["quarantined"] == report["files_seen"]
+    _assert_same_dataset(tmp_path / "plain/processed", tmp_path / runner / "processed")
+    decode_runs = _decode_task_runs(flow_run_id)
+    workers = IngestConfig.from_params(folder_params).worker_count
+    chunks = split_in_chunks(list(range(report["files_seen"])), workers)
+    assert len(decode_runs) == len(chunks) > 1
+    assert all(run.state.is_completed() for run in decode_runs)
+
+
+def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
+    prefect_harness, folder_params: dict, tmp_path: Path
+) -> None:
+    from distributed import Client, LocalCluster, get_task_stream
+
+    expected = _ingest_with_process_pool(folder_params, tmp_path / "plain")
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
+        report, flow_run_id = _flow_ingest(
+            folder_params,
+            tmp_path / "dask",
+            ["orchestration.task_runner=dask", f"orchestration.dask_address={cluster.scheduler_address}"],
+        )
+        worker_addresses = set(cluster.scheduler_info["workers"])
+
+    assert report == expected
+    _assert_same_dataset(tmp_path / "plain/processed", tmp_path / "dask/processed")
+    decode_runs = _decode_task_runs(flow_run_id)
+    # Every decode-files task run was a task on the cluster, run by one of its workers.
+    assert len(stream.data) == len(decode_runs) > 1
+    assert {entry["worker"] for entry in stream.data} <= worker_addresses
+    # The patient salt travels to the workers as a task argument; Prefect must not record it.
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(flow_run_id)
+    recorded = flow_run.model_dump_json() + "".join(run.model_dump_json() for run in decode_runs)
+    assert "test-salt" not in recorded
+
+
+def test_an_unknown_task_runner_is_a_clear_error(params: dict) -> None:
+    with pytest.raises(MedtransferError, match=r"orchestration\.task_runner must be one of"):
+        task_runner_from_params(apply_overrides(params, ["orchestration.task_runner=spark"]))
