@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Our machines, and many hospital networks, reach no analytics endpoint: Prefect's and
 # BentoML's usage telemetry only produce failed connections and log noise. A user can still
 # opt in by setting these variables.
-TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "BENTOML_DO_NOT_TRACK": "true", "DO_NOT_TRACK": "1"}
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DO_NOT_TRACK": "1",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

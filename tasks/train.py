@@ -422,7 +422,9 @@ def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
     rows = [asdict(r) for r in results]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "comparison.json")
     for r in results:
-        mlflow.log_metric(f"test_auc.{r.strategy.replace('+', '_')}.fraction_{r.fraction:g}", r.test_auc)
+        mlflow.log_metric(
+            f"test_auc.{r.strategy.replace('+', '_')}.fraction_{r.fraction:g}", r.test_auc
+        )
     if len({r.fraction for r in results}) > 1:
         curves: dict[str, list[tuple[int, float]]] = {}
         for r in results:

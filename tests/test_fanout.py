@@ -103,7 +103,10 @@ def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
         report, flow_run_id = _flow_ingest(
             folder_params,
             tmp_path / "dask",
-            ["orchestration.task_runner=dask", f"orchestration.dask_address={cluster.scheduler_address}"],
+            [
+                "orchestration.task_runner=dask",
+                f"orchestration.dask_address={cluster.scheduler_address}",
+            ],
         )
         worker_addresses = set(cluster.scheduler_info["workers"])
 
