@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from mlflow.tracking import MlflowClient
 
 from tasks.dataset import dataset_version
 from tests.conftest import REPO
@@ -54,10 +55,11 @@ def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: dic
     assert "files_seen" in metrics
 
 
-def test_dvc_repro_runs_the_whole_pipeline_like_the_flow(
+def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
     tmp_path: Path, train_params: dict
 ) -> None:
-    """`dvc repro` runs every stage from dvc.yaml: the same commands, the same reports."""
+    """`dvc repro` runs every stage from dvc.yaml: the same commands, the same reports; then
+    `dvc exp run -S train.lr=...` retrains with the new rate as a DVC experiment."""
     repo = tmp_path / "pipeline"
     repo.mkdir()
     for folder in ("tasks", "serving"):
@@ -98,3 +100,29 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow(
     files = {name for workspace in shown.values() for name in workspace.get("data", {})}
     assert {"reports/ingest.json", "reports/metrics.json", "reports/robustness.json"} <= files
     assert "didn't change" in _run(["dvc", "repro", "evaluate"], repo)
+
+    # Experiments are git commits of their own: the baseline must be committed first.
+    (repo / ".gitignore").write_text("/data/synthetic/\n/bentos/\n/models/checkpoints/\n")
+    _run(["git", "add", "-A"], repo)
+    _run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "base"],
+        repo,
+    )
+    base_run = json.loads((repo / "reports/train.json").read_text())["run_id"]
+    ran = _run(["dvc", "exp", "run", "-S", "train.lr=0.003"], repo)
+    assert "Stage 'ingest' didn't change" in ran  # the data stage is reused, not redone
+    experiments = [
+        rev
+        for commit in json.loads(_run(["dvc", "exp", "show", "--json"], repo))
+        for experiment in commit.get("experiments") or []
+        for rev in experiment["revs"]
+    ]
+    assert len(experiments) == 1
+    tried = experiments[0]["data"]
+    assert tried["params"]["params.yaml"]["data"]["train"]["lr"] == 0.003
+    assert "auc" in tried["metrics"]["reports/metrics.json"]["data"]["test"]
+    assert set(tried["metrics"]) >= {"reports/train.json", "reports/robustness.json"}
+    new_run = json.loads((repo / "reports/train.json").read_text())["run_id"]
+    assert new_run != base_run
+    logged = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(new_run).data.params
+    assert logged["train.lr"] == "0.003"
