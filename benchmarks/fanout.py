@@ -80,7 +80,10 @@ def main() -> None:
         [f"synthetic.output_dir={args.cache / 'fanout-default'}", f"data.image_size={IMAGE_SIZE}"],
     )
     default_folder, _ = generate_synthetic(SyntheticConfig.from_params(base))
-    folders = {"synthetic default": default_folder, f"{args.n} x 512px": generate(args.cache, args.n)}
+    folders = {
+        "synthetic default": default_folder,
+        f"{args.n} x 512px": generate(args.cache, args.n),
+    }
     counts = {name: sum(1 for p in f.rglob("*") if p.is_file()) for name, f in folders.items()}
     medians = measure(folders, base, args.cache / "fanout-out", args.repeats)
 
