@@ -12,7 +12,8 @@ Prefect UI. The decoding itself is ``tasks.ingest.decode_chunk``; only where it 
   run or on the scheduler at ``orchestration.dask_address`` (e.g. ``tcp://host:8786``).
 
 The results come back in file order, so the dataset is byte-identical whichever runner
-decoded it.
+decoded it. With ``data.workers: 1`` (and no Dask scheduler address) there is nothing to fan
+out: the files are decoded in the flow's own process, as ``medtransfer ingest`` does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.errors import MedtransferError
-from tasks.ingest import DecodeMap, FileOutcome, IngestConfig, decode_chunk, split_in_chunks
+from tasks.ingest import (
+    DecodeMap,
+    FileOutcome,
+    IngestConfig,
+    decode_chunk,
+    decode_in_process_pool,
+    split_in_chunks,
+)
 
 TASK_RUNNERS = ("processes", "threads", "dask")
 
@@ -38,37 +46,43 @@ def decode_files(
     return decode_chunk(Path(folder), [Path(p) for p in paths], image_size, multiframe, salt)
 
 
-def task_runner_from_params(params: dict) -> TaskRunner:
-    """The Prefect task runner that ``orchestration.task_runner`` names, ``data.workers`` wide.
+def runner_kind(params: dict) -> str:
+    """``orchestration.task_runner``, checked.
 
     Raises:
         MedtransferError: an unknown runner name.
     """
+    kind = str((params.get("orchestration") or {}).get("task_runner") or "processes")
+    if kind not in TASK_RUNNERS:
+        raise MedtransferError(
+            f"orchestration.task_runner must be one of {TASK_RUNNERS}, not {kind!r}."
+        )
+    return kind
+
+
+def task_runner_from_params(params: dict) -> TaskRunner:
+    """The Prefect task runner that ``orchestration.task_runner`` names, ``data.workers`` wide."""
     orchestration = params.get("orchestration") or {}
-    kind = str(orchestration.get("task_runner") or "processes")
+    kind = runner_kind(params)
     workers = IngestConfig.from_params(params).worker_count
     if kind == "processes":
         return ProcessPoolTaskRunner(max_workers=workers)
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
-    if kind == "dask":
-        # Imported here: dask's import costs about a second, paid only by those who use it.
-        from prefect_dask import DaskTaskRunner
+    # dask. Imported here: dask's import costs about a second, paid only by those who use it.
+    from prefect_dask import DaskTaskRunner
 
-        address = orchestration.get("dask_address")
-        if address:
-            return DaskTaskRunner(address=str(address))
-        # One single-threaded worker process per decoding worker: decoding holds the GIL.
-        return DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            }
-        )
-    raise MedtransferError(
-        f"orchestration.task_runner must be one of {TASK_RUNNERS}, not {kind!r}."
+    address = orchestration.get("dask_address")
+    if address:
+        return DaskTaskRunner(address=str(address))
+    # One single-threaded worker process per decoding worker: decoding holds the GIL.
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
     )
 
 
@@ -78,6 +92,12 @@ def task_runner_decode_map(params: dict) -> DecodeMap:
     The runner is entered when decoding starts and shut down (a local Dask cluster with it)
     once every chunk's result has been handed back.
     """
+    runner_kind(params)  # a wrong name fails before any decoding
+    if IngestConfig.from_params(params).worker_count == 1 and not (
+        params.get("orchestration") or {}
+    ).get("dask_address"):
+        # One worker: starting a pool (a process, a cluster) would only add its start-up.
+        return decode_in_process_pool
 
     def decode_map(
         folder: Path, files: list[Path], config: IngestConfig, salt: str

@@ -15,10 +15,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows import pipeline
-from flows.fanout import task_runner_from_params
+from flows.fanout import task_runner_decode_map
 from tasks.config import apply_overrides
 from tasks.errors import MedtransferError
-from tasks.ingest import IngestConfig, run_ingest, split_in_chunks
+from tasks.ingest import IngestConfig, decode_in_process_pool, run_ingest, split_in_chunks
 from tasks.synthetic import SyntheticConfig, generate
 
 DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "dataset.json")
@@ -123,6 +123,17 @@ def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
     assert "test-salt" not in recorded
 
 
-def test_an_unknown_task_runner_is_a_clear_error(params: dict) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unknown_task_runner_is_a_clear_error(params: dict, workers: int) -> None:
+    wrong = apply_overrides(params, ["orchestration.task_runner=spark", f"data.workers={workers}"])
     with pytest.raises(MedtransferError, match=r"orchestration\.task_runner must be one of"):
-        task_runner_from_params(apply_overrides(params, ["orchestration.task_runner=spark"]))
+        task_runner_decode_map(wrong)
+
+
+def test_one_worker_decodes_in_the_flows_process_unless_a_cluster_is_named(params: dict) -> None:
+    one = apply_overrides(params, ["data.workers=1"])
+    assert task_runner_decode_map(one) is decode_in_process_pool
+    remote = apply_overrides(
+        one, ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://127.0.0.1:8786"]
+    )
+    assert task_runner_decode_map(remote) is not decode_in_process_pool
