@@ -47,9 +47,12 @@ browser:
 # Benchmarks are measured, not asserted: each prints a table and records it in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.ingest
+	$(PY) -m benchmarks.fanout
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.robustness
+	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.pipeline
 
 clean-venv:
 	rm -rf $(VENV)
