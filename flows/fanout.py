@@ -19,10 +19,12 @@ out: the files are decoded in the flow's own process, as ``medtransfer ingest`` 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.errors import MedtransferError
@@ -86,13 +88,33 @@ def task_runner_from_params(params: dict) -> TaskRunner:
     )
 
 
+@contextmanager
+def api_shared_with_workers() -> Iterator[None]:
+    """Point worker processes at the Prefect API this flow run reports to.
+
+    With no ``PREFECT_API_URL`` (``medtransfer run`` on a laptop), Prefect serves the flow
+    from a temporary local server that only this process knows; a worker process (of the
+    process pool or a local Dask cluster) would start a temporary server of its own, seconds
+    each. Within this context the settings the runners hand their workers name that server.
+    """
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect started for this run, or starts now
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
 def task_runner_decode_map(params: dict) -> DecodeMap:
     """A ``tasks.ingest`` decode map that runs ``decode-files`` tasks on the configured runner.
 
     The runner is entered when decoding starts and shut down (a local Dask cluster with it)
     once every chunk's result has been handed back.
     """
-    runner_kind(params)  # a wrong name fails before any decoding
+    kind = runner_kind(params)  # a wrong name fails before any decoding
     if IngestConfig.from_params(params).worker_count == 1 and not (
         params.get("orchestration") or {}
     ).get("dask_address"):
@@ -102,7 +124,9 @@ def task_runner_decode_map(params: dict) -> DecodeMap:
     def decode_map(
         folder: Path, files: list[Path], config: IngestConfig, salt: str
     ) -> Iterator[FileOutcome]:
-        with task_runner_from_params(params) as runner:
+        # Threads share this process's client; only worker processes need the address.
+        shared = nullcontext() if kind == "threads" else api_shared_with_workers()
+        with shared, task_runner_from_params(params) as runner:
             futures = [
                 runner.submit(
                     decode_files,

@@ -137,3 +137,56 @@ def test_one_worker_decodes_in_the_flows_process_unless_a_cluster_is_named(param
         one, ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://127.0.0.1:8786"]
     )
     assert task_runner_decode_map(remote) is not decode_in_process_pool
+
+
+def test_worker_processes_report_to_the_flows_temporary_server(
+    folder_params: dict, tmp_path: Path
+) -> None:
+    """`medtransfer run` without PREFECT_API_URL: one temporary server for flow and workers.
+
+    Otherwise every worker process would start a temporary server of its own.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    params_file = tmp_path / "fanout.yaml"
+    params_file.write_text(
+        yaml.safe_dump(
+            apply_overrides(
+                folder_params,
+                [
+                    f"data.processed_dir={tmp_path / 'processed'}",
+                    f"reports_dir={tmp_path / 'reports'}",
+                    "data.workers=2",
+                ],
+            )
+        )
+    )
+    script = (
+        "import yaml, sys\n"
+        "from tests.test_fanout import ingest_only\n"
+        "if __name__ == '__main__':\n"
+        f"    report = ingest_only(yaml.safe_load(open({str(params_file)!r})))\n"
+        "    print('files_seen', report['files_seen'])\n"
+    )
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PREFECT_") or key == "PREFECT_SERVER_ANALYTICS_ENABLED"
+    }
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "files_seen" in done.stdout
+    assert output.count("Starting temporary server") == 1, output
