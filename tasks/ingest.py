@@ -12,6 +12,7 @@ Prefect flow and the tests).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -343,9 +344,7 @@ def decode_to_outcome(
     """Decode one file into resized uint8 images, or a quarantine reason. Never raises."""
     outcome = FileOutcome(source_file=path.relative_to(folder).as_posix())
     try:
-        with warnings.catch_warnings():
-            # pydicom warns about every oddity it tolerates; one line per file drowns the log.
-            warnings.simplefilter("ignore")
+        with _pydicom_warnings_silenced():
             decoded = dicom_io.decode_file(path, multiframe=multiframe)
         outcome.images = [resize_display(frame, image_size) for frame in decoded.frames]
     except dicom_io.DicomRejected as err:
@@ -362,6 +361,23 @@ def decode_to_outcome(
     outcome.patient_hash = _salted_hash(salt, decoded.patient_key or f"file:{outcome.source_file}")
     outcome.notes = ";".join(decoded.notes)
     return outcome
+
+
+@contextlib.contextmanager
+def _pydicom_warnings_silenced() -> Iterator[None]:
+    """Silence warnings while one file is decoded: pydicom warns about every oddity it
+    tolerates, and one line per file drowns the log.
+
+    ``warnings.catch_warnings`` swaps process-wide state and is not thread-safe, so only the
+    main thread uses it; a caller that decodes in threads holds one for all of them
+    (``flows.fanout``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def patient_salt() -> str:

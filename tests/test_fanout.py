@@ -7,6 +7,7 @@ task stream shows that its workers did the decoding.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,12 @@ def test_prefect_task_runners_give_the_process_pools_dataset(
     prefect_harness, folder_params: dict, tmp_path: Path, runner: str
 ) -> None:
     expected = _ingest_with_process_pool(folder_params, tmp_path / "plain")
+    filters_before = list(warnings.filters)
     report, flow_run_id = _flow_ingest(
         folder_params, tmp_path / runner, [f"orchestration.task_runner={runner}"]
     )
+    # Decoding threads must not leave the process's warning filters changed (nor race on them).
+    assert warnings.filters == filters_before
 
     assert report == expected
     assert report["quarantined_by_reason"]["not_dicom"] == 1
@@ -161,6 +165,7 @@ def test_worker_processes_report_to_the_flows_temporary_server(
                     f"data.processed_dir={tmp_path / 'processed'}",
                     f"reports_dir={tmp_path / 'reports'}",
                     "data.workers=2",
+                    "orchestration.task_runner=processes",
                 ],
             )
         )
