@@ -1,6 +1,6 @@
 """Time the robustness stage's attacks: the issue's 600 images, and the demo default.
 
-Runs ``tasks.attacks.evaluate_robustness`` (FGSM, PGD, both teacher-transfer attacks, noise at
+Runs ``tasks.attacks.evaluate_robustness`` (through ``RobustnessConfig.attack``) (FGSM, PGD, both teacher-transfer attacks, noise at
 every budget) exactly as the stage does, on synthetic chest images at the default image size,
 for each ``--samples`` value: first against a freshly built default student (this crafts the
 teacher-transfer perturbations), then, as the stage's default ``reference_probe: true`` does,
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from benchmarks.report import machine_header, write_result
-from tasks.attacks import evaluate_robustness
 from tasks.config import load_params
 from tasks.models import build_student, teacher_feature_extractor
 from tasks.robustness import RobustnessConfig
@@ -66,19 +65,15 @@ def main() -> None:
         seconds = []
         for model in (student, probe):
             start = time.perf_counter()
-            evaluate_robustness(
+            config.attack(
                 model,
                 teacher,
                 images,
                 labels,
-                config.epsilons,
-                pgd_steps=config.pgd_steps,
-                pgd_step_size=config.pgd_step_fraction,
-                batch_size=config.batch_size,
                 seed=0,
-                device=str(device),
                 target_pool=(images, labels),
                 crafted=crafted,
+                device=str(device),
             )
             seconds.append(time.perf_counter() - start)
         rows.append((n, *seconds))

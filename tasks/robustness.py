@@ -67,6 +67,38 @@ class RobustnessConfig:
         """Budgets in pixel units ([0, 1] scale), budget 0 first as the clean reference."""
         return (0.0, *sorted(e / 255.0 for e in self.epsilons_255 if e > 0))
 
+    def attack(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        seed: int,
+        target_pool: tuple[np.ndarray, np.ndarray],
+        crafted: dict,
+        device: str = "cpu",
+    ) -> RobustnessResult:
+        """:func:`tasks.attacks.evaluate_robustness` of ``model`` at these budgets and steps.
+
+        ``crafted``: one dict shared by every model attacked on the same images, so the
+        teacher-transfer perturbations are crafted once.
+        """
+        return evaluate_robustness(
+            model,
+            teacher,
+            images,
+            labels,
+            self.epsilons,
+            pgd_steps=self.pgd_steps,
+            pgd_step_size=self.pgd_step_fraction,
+            batch_size=self.batch_size,
+            seed=seed,
+            device=device,
+            target_pool=target_pool,
+            crafted=crafted,
+        )
+
 
 def gates_in_pixels(gates: dict | None) -> dict:
     """``gates`` from params.yaml with ``*_eps_255`` budgets converted to pixel units."""
@@ -142,18 +174,8 @@ def run_robustness(params: dict) -> dict:
     crafted: dict = {}  # teacher-transfer perturbations, crafted once for every model scored
 
     def attack(model: nn.Module) -> RobustnessResult:
-        return evaluate_robustness(
-            model,
-            teacher,
-            images,
-            labels,
-            config.epsilons,
-            pgd_steps=config.pgd_steps,
-            pgd_step_size=config.pgd_step_fraction,
-            batch_size=config.batch_size,
-            seed=seed,
-            target_pool=target_pool,
-            crafted=crafted,
+        return config.attack(
+            model, teacher, images, labels, seed=seed, target_pool=target_pool, crafted=crafted
         )
 
     result = attack(student)
