@@ -99,3 +99,18 @@ def get_dotted(params: Mapping[str, Any], dotted_key: str) -> Any:
             )
         node = node[part]
     return node
+
+
+def checked_section(params: Mapping[str, Any], name: str, known: Iterable[str]) -> dict:
+    """A copy of the ``name`` section of ``params`` (empty when absent), its keys checked.
+
+    Raises:
+        MedtransferError: a key that is not in ``known`` (a typo would otherwise be ignored).
+    """
+    section = dict(params.get(name) or {})
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise MedtransferError(
+            f"Unknown keys in {name}: {unknown}; known keys are {sorted(known)}."
+        )
+    return section

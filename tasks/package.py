@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.config import checked_section
 from tasks.errors import MedtransferError
 from tasks.register import RegistryConfig
 
@@ -47,13 +48,7 @@ class ServingConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ServingConfig:
-        section = dict(params.get("serving") or {})
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise MedtransferError(
-                f"Unknown keys in serving: {unknown}; known keys are "
-                f"{sorted(cls.__dataclass_fields__)}."
-            )
+        section = checked_section(params, "serving", cls.__dataclass_fields__)
         config = cls(**section)
         for name in ("max_upload_bytes", "max_batch_files", "max_image_dim", "max_latency_ms"):
             value = getattr(config, name)

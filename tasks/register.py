@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.config import checked_section
 from tasks.errors import MedtransferError
 from tasks.model_card import CardInputs, render_model_card
 
@@ -39,13 +40,7 @@ class RegistryConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RegistryConfig:
-        section = dict(params.get("registry") or {})
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise MedtransferError(
-                f"Unknown keys in registry: {unknown}; known keys are "
-                f"{sorted(cls.__dataclass_fields__)}."
-            )
+        section = checked_section(params, "registry", cls.__dataclass_fields__)
         version = section.get("version")
         if version is not None and (isinstance(version, bool) or not str(version).isdigit()):
             raise MedtransferError(f"registry.version must be a version number, not {version!r}.")

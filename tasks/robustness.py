@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from tasks.attacks import evaluate_robustness
+from tasks.config import checked_section
 from tasks.dataset import ProcessedDataset, load_processed
-from tasks.errors import MedtransferError
 from tasks.evaluate import evaluate_student
 from tasks.robustness_metrics import (
     ReferenceCurve,
@@ -52,12 +52,7 @@ class RobustnessConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> RobustnessConfig:
-        section = dict(params.get("robustness") or {})
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise MedtransferError(
-                f"Unknown keys in robustness: {unknown}; known: {sorted(cls.__dataclass_fields__)}."
-            )
+        section = checked_section(params, "robustness", cls.__dataclass_fields__)
         if "epsilons_255" in section:
             section["epsilons_255"] = tuple(float(e) for e in section["epsilons_255"])
         return cls(**section)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.adversarial_training import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
+from tasks.config import checked_section
 from tasks.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluate import evaluate_student
@@ -61,13 +62,7 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
-        section = dict(params.get("train") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise MedtransferError(
-                f"Unknown keys in train: {unknown}; known keys are {sorted(known)}."
-            )
+        section = checked_section(params, "train", cls.__dataclass_fields__)
         section["augment"] = AugmentConfig(**(section.get("augment") or {}))
         for key in ("compare", "label_fractions"):
             if section.get(key) is not None:
