@@ -26,8 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.ingest import generate
 from benchmarks.report import machine_header, write_result
+from tests.processes import free_port, stop_server_tree
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -109,19 +109,7 @@ def make_student(root: Path) -> dict:
 
 def make_dicoms(root: Path) -> list[bytes]:
     """N_FILES synthetic chest DICOM files, 512x512, 16 bits stored, uncompressed."""
-    from tasks import synthetic
-
-    config = synthetic.SyntheticConfig(
-        output_dir=str(root / "dicoms"),
-        n_patients=N_FILES // 2,
-        images_per_patient_min=2,
-        images_per_patient_max=2,
-        size=512,
-        rle_fraction=0.0,
-        multiframe_fraction=0.0,
-        bits_stored_choices=(16,),
-    )
-    folder, _ = synthetic.generate(config)
+    folder = generate(root, N_FILES)
     return [path.read_bytes() for path in sorted(folder.rglob("*.dcm"))][:N_FILES]
 
 
@@ -158,16 +146,9 @@ def package(params: dict, root: Path, batching: bool, overrides: list[str]) -> d
     return json.loads(done.stdout)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(bento: str, log: Path):
     """``bentoml serve`` on a free loopback port; stopped by PID (arbiter, then its workers)."""
-    import psutil
     import requests
 
     port = free_port()
@@ -190,19 +171,7 @@ def serve(bento: str, log: Path):
             time.sleep(0.5)
         yield url
     finally:
-        try:
-            workers = psutil.Process(process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            workers = []
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-        for worker in workers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+        stop_server_tree(process)
 
 
 async def drive(url: str, files: list[bytes], clients: int, seconds: float) -> dict:

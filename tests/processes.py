@@ -61,6 +61,32 @@ def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def stop_server_tree(process: subprocess.Popen) -> None:
+    """Stop a server that puts workers in process groups of their own (BentoML's arbiter).
+
+    SIGTERM goes to the arbiter, which stops its workers in order. The workers are listed
+    first (by PID, from the arbiter's children) and any that outlive the arbiter are killed one
+    by one, as is the arbiter's own group.
+    """
+    import psutil
+
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    psutil.wait_procs(workers, timeout=10)
+
+
 @contextlib.contextmanager
 def running(
     command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path | None = None

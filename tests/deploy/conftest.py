@@ -3,11 +3,8 @@ real ``bentoml serve`` of a packaged, exported and re-imported Bento on loopback
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +17,7 @@ import requests
 import yaml
 
 from tests.deploy.students import LoggedStudent, log_student, stage_params, write_reports
+from tests.processes import free_port, stop_server_tree
 
 BIN = Path(sys.executable).parent
 # Limits of the served Bento, small so that the tests can exceed them cheaply.
@@ -76,12 +74,6 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_checked(command: list[str], env: dict[str, str], cwd: Path) -> str:
     """Run a command; on failure show its output in the assertion."""
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
@@ -105,32 +97,6 @@ def start_server(
     )
     handle.close()
     return process, f"http://127.0.0.1:{port}"
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """Stop the server we started, by PID: BentoML's arbiter, then anything left of its tree.
-
-    SIGTERM goes to the arbiter, which stops its workers in order. The workers run in process
-    groups of their own, so they are listed first (by PID, from the arbiter's children) and
-    any that outlive the arbiter are killed one by one, as is the arbiter's own group.
-    """
-    import psutil
-
-    try:
-        workers = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        workers = []
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    for worker in workers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            worker.kill()
-    psutil.wait_procs(workers, timeout=10)
 
 
 def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 240) -> None:
@@ -180,4 +146,4 @@ def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Serve
         wait_ready(process, url, log)
         yield Served(url=url, log=log, package=package, student=student, pid=process.pid)
     finally:
-        stop_server(process)
+        stop_server_tree(process)
