@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -143,20 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Our machines, and many hospital networks, reach no analytics endpoint: Prefect's and
-# BentoML's usage telemetry only produce failed connections and log noise. A user can still
-# opt in by setting these variables.
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "DO_NOT_TRACK": "1",
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtransfer`` console script; returns the exit status."""
-    for name, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     handler, _ = STAGES[args.command]
     try:

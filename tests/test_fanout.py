@@ -171,17 +171,16 @@ def test_worker_processes_report_to_the_flows_temporary_server(
         )
     )
     script = (
+        # `flows` first, as in the medtransfer command: its process defaults (a startup
+        # timeout for the temporary server that suits a busy machine) precede prefect's import.
+        "import flows\n"
         "import yaml, sys\n"
         "from tests.test_fanout import ingest_only\n"
         "if __name__ == '__main__':\n"
         f"    report = ingest_only(yaml.safe_load(open({str(params_file)!r})))\n"
         "    print('files_seen', report['files_seen'])\n"
     )
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PREFECT_") or key == "PREFECT_SERVER_ANALYTICS_ENABLED"
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     done = subprocess.run(
         [sys.executable, "-c", script],

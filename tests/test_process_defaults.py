@@ -1,0 +1,42 @@
+"""The process defaults of ``flows.environment`` reach Prefect, and never override the user."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+READ_TIMEOUT = (
+    "import flows\n"
+    "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout\n"
+    "print(timeout.value())\n"
+)
+
+
+def _prefect_startup_timeout(extra_env: dict[str, str]) -> str:
+    """The temporary-server startup timeout Prefect sees in a fresh process that imports flows."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(extra_env)
+    done = subprocess.run(
+        [sys.executable, "-c", READ_TIMEOUT],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("user_value", "expected"), [(None, "120"), ("45", "45")])
+def test_startup_timeout_default_reaches_prefect_unless_the_user_set_one(
+    tmp_path: Path, user_value: str | None, expected: str
+) -> None:
+    extra = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    if user_value is not None:
+        extra["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
+    assert _prefect_startup_timeout(extra) == expected
