@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +96,35 @@ def params_file(params: dict, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite MLflow store that MLflow created and migrated, with nothing logged yet.
+
+    Creating one runs MLflow's schema migrations, about 3 s; tests copy this file instead.
+    """
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the schema
+    return path
+
+
 @pytest.fixture
-def train_params(params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Small synthetic data at 64 px, a temporary MLflow store and model folders."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def fresh_mlflow_store(
+    empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A fresh MLflow store in ``tmp_path`` for this test, set through the environment as a
+    user would; returns its tracking URI."""
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    return uri
+
+
+@pytest.fixture
+def train_params(params: dict, tmp_path: Path, fresh_mlflow_store: str) -> dict:
+    """Small synthetic data at 64 px, a temporary MLflow store and model folders."""
     small = apply_overrides(
         params,
         [

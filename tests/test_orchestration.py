@@ -34,10 +34,8 @@ WEEKLY = "0 3 * * 1"  # Mondays 03:00
 
 
 @pytest.fixture
-def tiny_params(params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+def tiny_params(params: dict, tmp_path: Path, fresh_mlflow_store: str) -> dict:
     """The whole pipeline at its smallest, every path and the MLflow store in ``tmp_path``."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
     return apply_overrides(
         params,
         [

@@ -133,11 +133,9 @@ def test_torchrun_two_cpu_processes(train_params: dict, tmp_path: Path) -> None:
 
 
 def test_transfer_beats_scratch_on_the_synthetic_default(
-    params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    params: dict, tmp_path: Path, fresh_mlflow_store: str
 ) -> None:
     """The product's claim, at equal budget and fixed seed: the partial student wins clearly."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
     from tasks.ingest import run_ingest
 
     setting = apply_overrides(
