@@ -22,6 +22,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def environment_without_prefect(prefect_home: Path) -> dict[str, str]:
+    """This process's environment for a child of its own Prefect: none of our ``PREFECT_*``
+    settings (the test harness's API URL and database among them), and ``PREFECT_HOME`` set to
+    ``prefect_home``, where the child's Prefect keeps its profile and database."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(prefect_home)
+    return env
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

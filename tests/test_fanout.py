@@ -21,6 +21,7 @@ from tasks.config import apply_overrides
 from tasks.errors import MedtransferError
 from tasks.ingest import IngestConfig, decode_in_process_pool, run_ingest, split_in_chunks
 from tasks.synthetic import SyntheticConfig, generate
+from tests.processes import environment_without_prefect
 
 DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "dataset.json")
 
@@ -150,7 +151,6 @@ def test_worker_processes_report_to_the_flows_temporary_server(
 
     Otherwise every worker process would start a temporary server of its own.
     """
-    import os
     import subprocess
     import sys
 
@@ -180,8 +180,7 @@ def test_worker_processes_report_to_the_flows_temporary_server(
         f"    report = ingest_only(yaml.safe_load(open({str(params_file)!r})))\n"
         "    print('files_seen', report['files_seen'])\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env = environment_without_prefect(tmp_path / "prefect-home")
     done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=Path(__file__).resolve().parent.parent,

@@ -27,7 +27,14 @@ from flows.deployments import (
 from tasks import synthetic
 from tasks.config import apply_overrides
 from tasks.errors import MedtransferError
-from tests.processes import free_port, http_ok, log_tail, running, wait_until
+from tests.processes import (
+    environment_without_prefect,
+    free_port,
+    http_ok,
+    log_tail,
+    running,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
 WEEKLY = "0 3 * * 1"  # Mondays 03:00
@@ -212,9 +219,8 @@ def test_served_retrain_deployment_is_scheduled_and_runs_the_pipeline(
     params_file = write_params(tiny_params, tmp_path / "params.yaml")
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = environment_without_prefect(tmp_path / "prefect-home")
     env |= {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         # schedule the deployment's runs within a second of its creation, not a minute

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import environment_without_prefect
 
 READ_TIMEOUT = (
     "import flows\n"
@@ -16,10 +17,12 @@ READ_TIMEOUT = (
 )
 
 
-def _prefect_startup_timeout(extra_env: dict[str, str]) -> str:
-    """The temporary-server startup timeout Prefect sees in a fresh process that imports flows."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(extra_env)
+def _prefect_startup_timeout(prefect_home: Path, user_value: str | None) -> str:
+    """The temporary-server startup timeout Prefect sees in a fresh process that imports flows,
+    with ``user_value`` (or nothing) set by the user."""
+    env = environment_without_prefect(prefect_home)
+    if user_value is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
     done = subprocess.run(
         [sys.executable, "-c", READ_TIMEOUT],
         cwd=Path(__file__).resolve().parent.parent,
@@ -36,7 +39,4 @@ def _prefect_startup_timeout(extra_env: dict[str, str]) -> str:
 def test_startup_timeout_default_reaches_prefect_unless_the_user_set_one(
     tmp_path: Path, user_value: str | None, expected: str
 ) -> None:
-    extra = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    if user_value is not None:
-        extra["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
-    assert _prefect_startup_timeout(extra) == expected
+    assert _prefect_startup_timeout(tmp_path / "prefect-home", user_value) == expected
