@@ -1,7 +1,7 @@
 """Time the robustness stage's attacks: the issue's 600 images, and the demo default.
 
-Runs ``tasks.attacks.evaluate_robustness`` (through ``RobustnessConfig.attack``) (FGSM, PGD, both teacher-transfer attacks, noise at
-every budget) exactly as the stage does, on synthetic chest images at the default image size,
+Runs the stage's attacks through ``RobustnessConfig.attack`` (FGSM, PGD, both
+teacher-transfer attacks, noise at every budget) exactly as the stage does, on synthetic chest images at the default image size,
 for each ``--samples`` value: first against a freshly built default student (this crafts the
 teacher-transfer perturbations), then, as the stage's default ``reference_probe: true`` does,
 against a linear probe on the frozen teacher, reusing those crafted perturbations. Weights do

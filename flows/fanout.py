@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -52,44 +53,61 @@ def decode_files(
     return decode_chunk(Path(folder), [Path(p) for p in paths], image_size, multiframe, salt)
 
 
-def runner_kind(params: dict) -> str:
-    """``orchestration.task_runner``, checked.
+@dataclass(frozen=True)
+class FanoutConfig:
+    """Where the flow decodes: ``orchestration.task_runner`` and ``dask_address``, with the
+    ``data.workers`` width."""
 
-    Raises:
-        MedtransferError: an unknown runner name.
-    """
-    kind = str((params.get("orchestration") or {}).get("task_runner") or "threads")
-    if kind not in TASK_RUNNERS:
-        raise MedtransferError(
-            f"orchestration.task_runner must be one of {TASK_RUNNERS}, not {kind!r}."
+    runner: str
+    workers: int
+    dask_address: str | None
+
+    @classmethod
+    def from_params(cls, params: dict) -> FanoutConfig:
+        """Read and check the settings.
+
+        Raises:
+            MedtransferError: an unknown runner name.
+        """
+        orchestration = params.get("orchestration") or {}
+        runner = str(orchestration.get("task_runner") or "threads")
+        if runner not in TASK_RUNNERS:
+            raise MedtransferError(
+                f"orchestration.task_runner must be one of {TASK_RUNNERS}, not {runner!r}."
+            )
+        address = orchestration.get("dask_address")
+        return cls(
+            runner=runner,
+            workers=IngestConfig.from_params(params).worker_count,
+            dask_address=str(address) if address else None,
         )
-    return kind
 
+    @property
+    def fans_out(self) -> bool:
+        """False for one local worker: starting a pool (a process, a cluster) would only add
+        its start-up to decoding in the flow's own process."""
+        return self.workers > 1 or self.dask_address is not None
 
-def task_runner_from_params(params: dict) -> TaskRunner:
-    """The Prefect task runner that ``orchestration.task_runner`` names, ``data.workers`` wide."""
-    orchestration = params.get("orchestration") or {}
-    kind = runner_kind(params)
-    workers = IngestConfig.from_params(params).worker_count
-    if kind == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
-    if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers)
-    # dask. Imported here: dask's import costs about a second, paid only by those who use it.
-    from prefect_dask import DaskTaskRunner
+    def task_runner(self) -> TaskRunner:
+        """The Prefect task runner these settings name, ``workers`` wide."""
+        if self.runner == "processes":
+            return ProcessPoolTaskRunner(max_workers=self.workers)
+        if self.runner == "threads":
+            return ThreadPoolTaskRunner(max_workers=self.workers)
+        # dask. Imported here: dask's import costs about a second, paid only by those who use it.
+        from prefect_dask import DaskTaskRunner
 
-    address = orchestration.get("dask_address")
-    if address:
-        return DaskTaskRunner(address=str(address))
-    # One single-threaded worker process per decoding worker: decoding holds the GIL.
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-        }
-    )
+        if self.dask_address:
+            return DaskTaskRunner(address=self.dask_address)
+        # One single-threaded worker process per decoding worker: decoding holds the GIL.
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": self.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
 
 
 @contextmanager
@@ -126,11 +144,8 @@ def task_runner_decode_map(params: dict) -> DecodeMap:
     The runner is entered when decoding starts and shut down (a local Dask cluster with it)
     once every chunk's result has been handed back.
     """
-    kind = runner_kind(params)  # a wrong name fails before any decoding
-    if IngestConfig.from_params(params).worker_count == 1 and not (
-        params.get("orchestration") or {}
-    ).get("dask_address"):
-        # One worker: starting a pool (a process, a cluster) would only add its start-up.
+    fanout = FanoutConfig.from_params(params)  # a wrong runner name fails before any decoding
+    if not fanout.fans_out:
         return decode_in_process_pool
 
     def decode_map(
@@ -139,8 +154,8 @@ def task_runner_decode_map(params: dict) -> DecodeMap:
         # Decoding threads must not each swap the process-wide warning filters (that is not
         # thread-safe): silence warnings here, once, for all of them. Worker processes
         # silence their own, and need the flow's API address instead.
-        shared = warnings_silenced() if kind == "threads" else api_shared_with_workers()
-        with shared, task_runner_from_params(params) as runner:
+        shared = warnings_silenced() if fanout.runner == "threads" else api_shared_with_workers()
+        with shared, fanout.task_runner() as runner:
             futures = [
                 runner.submit(
                     decode_files,

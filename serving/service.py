@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 
 import bentoml
 import numpy as np
@@ -168,8 +169,14 @@ class Classifier:
         """One PNG image as the request body (``image/png``)."""
         return await self._classify_one(request, PNG_TYPES, prepare_png)
 
-    async def _classify_one(self, request: Request, types, prepare) -> JSONResponse:
-        """Shared body of the single-image endpoints: check, read, prepare, predict, reply."""
+    async def _classify_one(
+        self,
+        request: Request,
+        types: tuple[str, ...],
+        prepare: Callable[[bytes, int, int], np.ndarray],
+    ) -> JSONResponse:
+        """Shared body of the single-image endpoints: check the content type, read the body,
+        ``prepare`` it into one model-ready image, predict; the decision as JSON, or a 4xx."""
         try:
             _check_content_type(request, types)
             body = await _read_body(request, ARGS.max_upload_bytes)

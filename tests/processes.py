@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,19 @@ def environment_without_prefect(prefect_home: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(prefect_home)
     return env
+
+
+def run_python(script: str, env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter in the repository root, with ``env``; its output
+    captured as text. The caller checks the exit status (to show the output when it fails)."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from tasks.config import apply_overrides
 from tasks.errors import MedtransferError
 from tasks.ingest import IngestConfig, decode_in_process_pool, run_ingest, split_in_chunks
 from tasks.synthetic import SyntheticConfig, generate
-from tests.processes import environment_without_prefect
+from tests.processes import environment_without_prefect, run_python
 
 DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "dataset.json")
 
@@ -151,9 +151,6 @@ def test_worker_processes_report_to_the_flows_temporary_server(
 
     Otherwise every worker process would start a temporary server of its own.
     """
-    import subprocess
-    import sys
-
     import yaml
 
     params_file = tmp_path / "fanout.yaml"
@@ -180,15 +177,7 @@ def test_worker_processes_report_to_the_flows_temporary_server(
         f"    report = ingest_only(yaml.safe_load(open({str(params_file)!r})))\n"
         "    print('files_seen', report['files_seen'])\n"
     )
-    env = environment_without_prefect(tmp_path / "prefect-home")
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(script, environment_without_prefect(tmp_path / "prefect-home"), 300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "files_seen" in done.stdout

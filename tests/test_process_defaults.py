@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.processes import environment_without_prefect
+from tests.processes import environment_without_prefect, run_python
 
 READ_TIMEOUT = (
     "import flows\n"
@@ -23,15 +21,8 @@ def _prefect_startup_timeout(prefect_home: Path, user_value: str | None) -> str:
     env = environment_without_prefect(prefect_home)
     if user_value is not None:
         env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
-    done = subprocess.run(
-        [sys.executable, "-c", READ_TIMEOUT],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    done = run_python(READ_TIMEOUT, env, 120)
+    assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.strip().splitlines()[-1]
 
 
