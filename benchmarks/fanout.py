@@ -30,10 +30,10 @@ from benchmarks.ingest import IMAGE_SIZE, generate
 from benchmarks.report import machine_header, write_result
 from flows.fanout import task_runner_decode_map
 from tasks.config import apply_overrides, load_params
-from tasks.ingest import IngestConfig, ingest_folder
-from tasks.labels import read_label_source
-from tasks.synthetic import SyntheticConfig
-from tasks.synthetic import generate as generate_synthetic
+from tasks.data.labels import read_label_source
+from tasks.data.synthetic import SyntheticConfig
+from tasks.data.synthetic import generate as generate_synthetic
+from tasks.stages.ingest import IngestConfig, ingest_folder
 
 VARIANTS = ("pool", "processes", "threads", "dask")
 

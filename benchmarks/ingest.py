@@ -34,7 +34,7 @@ IMAGE_SIZE = 128
 
 def generate(cache: Path, n: int) -> Path:
     """N uncompressed 16-bit 512x512 synthetic files; returns the DICOM folder."""
-    from tasks import synthetic
+    from tasks.data import synthetic
 
     config = synthetic.SyntheticConfig(
         output_dir=str(cache / f"synthetic_{n}"),
@@ -51,8 +51,8 @@ def generate(cache: Path, n: int) -> Path:
 
 
 def run_stage(folder: Path, out: Path) -> dict:
-    from tasks.ingest import IngestConfig, ingest_folder
-    from tasks.labels import read_label_source
+    from tasks.data.labels import read_label_source
+    from tasks.stages.ingest import IngestConfig, ingest_folder
 
     config = IngestConfig(
         source=str(folder),

@@ -21,10 +21,10 @@ import torch
 
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
-from tasks.models import build_student, teacher_feature_extractor
-from tasks.robustness import RobustnessConfig
-from tasks.synthetic import chest_scene
-from tasks.training import dist_env, resolve_device
+from tasks.data.synthetic import chest_scene
+from tasks.model.student import build_student, teacher_feature_extractor
+from tasks.stages.robustness import RobustnessConfig
+from tasks.training.loop import dist_env, resolve_device
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -50,10 +50,10 @@ def make_student(root: Path) -> dict:
     from mlflow.models import infer_signature
 
     from tasks.config import load_params
-    from tasks.models import build_student
-    from tasks.register import run_register
-    from tasks.student_io import StudentSpec, save_student
-    from tasks.teachers import weights_sha256
+    from tasks.model.student import build_student
+    from tasks.model.student_io import StudentSpec, save_student
+    from tasks.model.teachers import weights_sha256
+    from tasks.stages.register import run_register
     from tasks.tracking import configure_mlflow
 
     torch.manual_seed(0)

@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
-from tasks.models import build_student, param_groups
-from tasks.training import autocast_context, backward_and_step, dist_env, resolve_device
-from tasks.transforms import AugmentConfig, ImageDataset, train_transform
+from tasks.model.student import build_student, param_groups
+from tasks.model.transforms import AugmentConfig, ImageDataset, train_transform
+from tasks.training.loop import autocast_context, backward_and_step, dist_env, resolve_device
 
 
 def timed_images_per_s(

@@ -20,25 +20,25 @@ from tasks.errors import MedtransferError
 
 
 def _ingest(params: dict, args: argparse.Namespace) -> dict:
-    from tasks.ingest import run_ingest
+    from tasks.stages.ingest import run_ingest
 
     return run_ingest(params, progress=not args.quiet).to_report()
 
 
 def _train(params: dict, args: argparse.Namespace) -> dict:
-    from tasks.train import run_train
+    from tasks.stages.train import run_train
 
     return run_train(params, resume=args.resume)
 
 
 def _evaluate(params: dict, args: argparse.Namespace) -> dict:
-    from tasks.evaluate import run_evaluate
+    from tasks.stages.evaluate import run_evaluate
 
     return run_evaluate(params)
 
 
 def _robustness(params: dict, args: argparse.Namespace) -> dict:
-    from tasks.robustness import run_robustness
+    from tasks.stages.robustness import run_robustness
 
     report = run_robustness(params)
     verdict = report["verdict"]
@@ -52,13 +52,13 @@ def _robustness(params: dict, args: argparse.Namespace) -> dict:
 
 
 def _register(params: dict, args: argparse.Namespace) -> dict:
-    from tasks.register import run_register
+    from tasks.stages.register import run_register
 
     return run_register(params)
 
 
 def _package(params: dict, args: argparse.Namespace) -> dict:
-    from tasks.package import run_package
+    from tasks.stages.package import run_package
 
     return run_package(params)
 

@@ -33,7 +33,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.errors import MedtransferError
-from tasks.ingest import (
+from tasks.stages.ingest import (
     DecodeMap,
     FileOutcome,
     IngestConfig,

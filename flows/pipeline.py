@@ -17,16 +17,16 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.cache import outputs_present, stage_key
 from flows.fanout import task_runner_decode_map
 from tasks.config import load_params
 from tasks.errors import MedtransferError
-from tasks.evaluate import run_evaluate
-from tasks.ingest import run_ingest
-from tasks.package import run_package
-from tasks.register import run_register
-from tasks.robustness import run_robustness
-from tasks.stage_cache import outputs_present, stage_key
-from tasks.train import run_train
+from tasks.stages.evaluate import run_evaluate
+from tasks.stages.ingest import run_ingest
+from tasks.stages.package import run_package
+from tasks.stages.register import run_register
+from tasks.stages.robustness import run_robustness
+from tasks.stages.train import run_train
 
 
 def _key(stage: str) -> Callable:

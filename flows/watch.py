@@ -32,7 +32,7 @@ from prefect.runtime import flow_run
 
 from flows.pipeline import ingest, medtransfer_pipeline, run_stage
 from tasks.config import load_params
-from tasks.dataset import dataset_version
+from tasks.data.dataset import dataset_version
 
 STATE_FILE_NAME = "watch_state.json"
 

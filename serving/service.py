@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 
-from tasks.inference import (  # noqa: E402 - after the warning filters above
+from tasks.model.inference import (  # noqa: E402 - after the warning filters above
     InputRejected,
     Predictor,
     decide,

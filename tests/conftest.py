@@ -140,7 +140,7 @@ def train_params(params: dict, tmp_path: Path, fresh_mlflow_store: str) -> dict:
             f"serving.export_dir={tmp_path / 'bentos'}",
         ],
     )
-    from tasks.ingest import run_ingest
+    from tasks.stages.ingest import run_ingest
 
     run_ingest(small, progress=False)
     return small

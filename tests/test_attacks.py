@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.attacks import (
+from tasks.errors import MedtransferError
+from tasks.robustness.attacks import (
     AttackOutcome,
     as_pixel_array,
     check_step_fraction,
@@ -29,8 +30,7 @@ from tasks.attacks import (
     predict,
     teacher_transfer_attack,
 )
-from tasks.errors import MedtransferError
-from tasks.robustness_metrics import (
+from tasks.robustness.verdict import (
     EpsilonRow,
     ReferenceCurve,
     RobustnessResult,

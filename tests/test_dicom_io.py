@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
-from tasks import dicom_io
-from tasks.ingest import decode_to_outcome
+from tasks.data import dicom_io
+from tasks.stages.ingest import decode_to_outcome
 from tests.conftest import make_mono_dataset, write_dataset
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.dataset import dataset_version
+from tasks.data.dataset import dataset_version
 from tests.conftest import REPO
 
 

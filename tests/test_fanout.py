@@ -18,9 +18,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows import pipeline
 from flows.fanout import task_runner_decode_map
 from tasks.config import apply_overrides
+from tasks.data.synthetic import SyntheticConfig, generate
 from tasks.errors import MedtransferError
-from tasks.ingest import IngestConfig, decode_in_process_pool, run_ingest, split_in_chunks
-from tasks.synthetic import SyntheticConfig, generate
+from tasks.stages.ingest import IngestConfig, decode_in_process_pool, run_ingest, split_in_chunks
 from tests.processes import environment_without_prefect, run_python
 
 DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "dataset.json")

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from flows.cli import main as cli_main
-from tasks import dicom_io, synthetic
 from tasks.config import apply_overrides
-from tasks.dataset import load_processed
+from tasks.data import dicom_io, synthetic
+from tasks.data.dataset import load_processed
 from tasks.errors import MedtransferError
-from tasks.ingest import DUPLICATE_SOP_UID, NO_LABEL, run_ingest
+from tasks.stages.ingest import DUPLICATE_SOP_UID, NO_LABEL, run_ingest
 from tests.conftest import make_mono_dataset, write_dataset
 
 

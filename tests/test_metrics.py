@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from tasks.errors import MedtransferError
-from tasks.metrics import choose_threshold, expected_calibration_error, roc_auc, split_metrics
+from tasks.evaluation.metrics import (
+    choose_threshold,
+    expected_calibration_error,
+    roc_auc,
+    split_metrics,
+)
 
 
 def test_youden_threshold_separates_perfectly_separable_scores() -> None:

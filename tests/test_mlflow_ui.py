@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.config import apply_overrides
-from tasks.train import run_train
+from tasks.stages.train import run_train
 from tests.processes import free_port, http_ok, running, wait_until
 
 CHROMIUM = Path(os.environ.get("MEDTRANSFER_CHROMIUM", "/usr/bin/chromium"))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import teachers
 from tasks.errors import MedtransferError
-from tasks.models import (
+from tasks.model import teachers
+from tasks.model.student import (
     STRATEGIES,
     Student,
     build_student,
@@ -24,7 +24,7 @@ from tasks.models import (
     param_groups,
     teacher_feature_extractor,
 )
-from tasks.teachers import (
+from tasks.model.teachers import (
     DEFAULT_TEACHER,
     EFFICIENTNET_LITE0_SHA256,
     Normalisation,

@@ -24,8 +24,8 @@ from flows.deployments import (
     OrchestrationConfig,
     build_deployments,
 )
-from tasks import synthetic
 from tasks.config import apply_overrides
+from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tests.processes import (
     environment_without_prefect,

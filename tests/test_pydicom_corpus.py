@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from tasks.config import apply_overrides
-from tasks.dicom_io import decode_file
-from tasks.ingest import NO_LABEL, QUARANTINE_REASONS, run_ingest
+from tasks.data.dicom_io import decode_file
+from tasks.stages.ingest import NO_LABEL, QUARANTINE_REASONS, run_ingest
 
 
 def _corpus_roots() -> dict[str, Path]:

@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.config import apply_overrides
-from tasks.robustness import gates_in_pixels, run_robustness
-from tasks.robustness_metrics import metric_key
-from tasks.train import run_train
+from tasks.robustness.verdict import metric_key
+from tasks.stages.robustness import gates_in_pixels, run_robustness
+from tasks.stages.train import run_train
 
 
 @pytest.fixture

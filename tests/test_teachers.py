@@ -12,10 +12,10 @@ import torch
 from skimage import data, transform
 from torch import nn
 
-from tasks import teachers
 from tasks.errors import MedtransferError
-from tasks.models import imagenet_classifier
-from tasks.teachers import (
+from tasks.model import teachers
+from tasks.model.student import imagenet_classifier
+from tasks.model.teachers import (
     DEFAULT_TEACHER,
     EFFICIENTNET_LITE0_SHA256,
     PinnedWeights,

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from tasks.config import apply_overrides
 from tasks.errors import MedtransferError
-from tasks.evaluate import run_evaluate
-from tasks.train import run_train
+from tasks.stages.evaluate import run_evaluate
+from tasks.stages.train import run_train
 
 
 def _client() -> MlflowClient:
@@ -136,7 +136,7 @@ def test_transfer_beats_scratch_on_the_synthetic_default(
     params: dict, tmp_path: Path, fresh_mlflow_store: str
 ) -> None:
     """The product's claim, at equal budget and fixed seed: the partial student wins clearly."""
-    from tasks.ingest import run_ingest
+    from tasks.stages.ingest import run_ingest
 
     setting = apply_overrides(
         params,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.training import CHECKPOINT_NAME, FitConfig, fit
-from tasks.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+from tasks.training.loop import CHECKPOINT_NAME, FitConfig, fit
 
 
 def _toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -117,7 +117,7 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 
 def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Served]:
     """Student ``a`` registered, packaged by the CLI, exported, imported into a fresh BentoML
     home (the archive must stand alone) and served by ``bentoml serve`` on loopback."""
-    from tasks.register import run_register
+    from tasks.stages.register import run_register
 
     root = tmp_path_factory.mktemp("served")
     student = students["a"]

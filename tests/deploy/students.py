@@ -44,9 +44,9 @@ def log_student(
     import torch
     from mlflow.models import infer_signature
 
-    from tasks.models import build_student
-    from tasks.student_io import StudentSpec, save_student
-    from tasks.teachers import weights_sha256
+    from tasks.model.student import build_student
+    from tasks.model.student_io import StudentSpec, save_student
+    from tasks.model.teachers import weights_sha256
     from tasks.tracking import configure_mlflow
 
     torch.manual_seed(seed)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import dicom_io
-from tasks.inference import (
+from tasks.data import dicom_io
+from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.model.inference import (
     REJECTIONS,
     InputRejected,
     Predictor,
@@ -16,8 +17,7 @@ from tasks.inference import (
     prepare_dicom,
     prepare_png,
 )
-from tasks.preprocess import resize_display, uint8_to_display
-from tasks.transforms import to_tensor_transform
+from tasks.model.transforms import to_tensor_transform
 from tests.deploy.samples import (
     GOOD_DICOM,
     SECRET_ID,
@@ -98,7 +98,7 @@ def test_label_rule_uses_the_validation_threshold_for_two_classes() -> None:
 
 
 def test_predictor_is_load_student_plus_the_evaluation_transform(students) -> None:
-    from tasks.student_io import load_student
+    from tasks.model.student_io import load_student
 
     student = students["a"]
     predictor = Predictor.from_folder(student.model_dir)

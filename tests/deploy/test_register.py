@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from flows.cli import main
 from tasks.errors import MedtransferError
-from tasks.register import Candidate, Champion, promotion_decision, run_register
+from tasks.stages.register import Candidate, Champion, promotion_decision, run_register
 from tests.deploy.students import stage_params, write_reports
 
 

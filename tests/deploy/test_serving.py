@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 
-from tasks.inference import Predictor, prepare_png
+from tasks.code_closure import import_closure, relative_paths
+from tasks.model.inference import Predictor, prepare_png
 from tests.deploy.conftest import SERVED_LIMITS
 from tests.deploy.samples import (
     GOOD_DICOM,
@@ -213,20 +217,52 @@ def test_no_patient_data_in_replies_or_server_log(served) -> None:
         assert secret not in text, secret
 
 
-def test_the_archive_holds_the_model_and_the_projects_own_modules(served) -> None:
+def test_the_archive_holds_the_model_and_only_the_modules_the_service_imports(served) -> None:
+    needed = set(relative_paths(import_closure("serving.service")))
     with tarfile.open(served.package["archive"]) as archive:
         names = set(archive.getnames())
         bento_yaml = archive.extractfile("./bento.yaml").read().decode()
-        served_inference = archive.extractfile("./src/tasks/inference.py").read()
-    for module in ("inference", "dicom_io", "preprocess", "transforms", "student_io", "models"):
-        assert f"./src/tasks/{module}.py" in names, module
+        served_inference = archive.extractfile("./src/tasks/model/inference.py").read()
+    shipped = {name.removeprefix("./src/") for name in names if name.startswith("./src/tasks/")}
+    shipped = {name for name in shipped if name.endswith(".py")}
+    assert shipped == needed  # attacks, training and ingestion stay out
     assert "./src/serving/service.py" in names
-    assert served_inference == (REPO / "tasks" / "inference.py").read_bytes()  # imported as is
+    served_source = (REPO / "tasks" / "model" / "inference.py").read_bytes()
+    assert served_inference == served_source  # imported as is
     model_tag = served.package["bento_model"]
     name, version = model_tag.split(":")
     assert f"./models/{name}/{version}/model.pt" in names
     assert re.search(rf"model_tag: {re.escape(model_tag)}", bento_yaml)
     assert "threshold: 0.5" in bento_yaml
+
+
+# Imports serving.service from the Bento's own source: the project's editable install is taken
+# off the import system first, so a module the bentofile left out fails here.
+IMPORT_FROM_BENTO = """
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path[:] = [p for p in sys.path if p not in ("", {repo!r})]
+sys.path.insert(0, {src!r})
+# BentoML's CLI hands a Bento its arguments through this container before importing it.
+from bentoml._internal.configuration.containers import BentoMLContainer
+BentoMLContainer.bento_arguments.set(json.loads({args!r}))
+import serving.service, tasks.model.student_io, tasks.model.transforms
+print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "tasks")))
+"""
+
+
+def test_the_service_imports_from_the_bentos_own_source(served, tmp_path: Path) -> None:
+    with tarfile.open(served.package["archive"]) as archive:
+        archive.extractall(tmp_path, filter="data")
+        args = yaml.safe_load(archive.extractfile("./bento.yaml"))["args"]
+    src = str(tmp_path / "src")
+    script = IMPORT_FROM_BENTO.format(repo=str(REPO), src=src, args=json.dumps(args))
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert imported and all(path.startswith(src) for path in imported), imported
 
 
 def test_bento_requirements_match_the_pinned_environment() -> None:
@@ -255,7 +291,7 @@ PACKAGE_TWICE = """
 import json, sys, tarfile
 import yaml
 from tasks.config import apply_overrides
-from tasks.package import run_package
+from tasks.stages.package import run_package
 
 params = yaml.safe_load(open(sys.argv[1]))
 for version in (1, 2):
@@ -278,7 +314,7 @@ def test_packaging_twice_in_one_process_builds_each_bento_with_its_own_model(
 
     import yaml
 
-    from tasks.register import run_register
+    from tasks.stages.register import run_register
     from tests.deploy.students import stage_params, write_reports
 
     params = stage_params(tmp_path, students["b"], ["registry.model_name=served-student"])

@@ -10,7 +10,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.inference import REJECTIONS
+from tasks.model.inference import REJECTIONS
 from tests.deploy.samples import corpus_bytes, identified_dicom, png_bytes
 
 ROUTES = ("/classify/dicom", "/classify/png", "/classify/batch")

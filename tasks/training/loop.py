@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from tasks.metrics import roc_auc
+from tasks.evaluation.metrics import roc_auc
 
 CHECKPOINT_NAME = "last.pt"
 # (model, images, labels) -> perturbed images; the adversarial-training hook.

@@ -19,25 +19,50 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import INFO_FILE, dataset_version
+from tasks.data.dataset import INFO_FILE, dataset_version
 
-TASKS_DIR = Path(__file__).resolve().parent
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 STAGE_MODULES = {
-    "ingest": ("ingest", "dicom_io", "preprocess", "synthetic", "labels", "splits", "dataset"),
-    "train": (
-        "train",
-        "training",
-        "models",
-        "teachers",
-        "transforms",
-        "student_io",
-        "evaluate",
-        "metrics",
+    "ingest": (
+        "stages/ingest",
+        "data/dicom_io",
+        "data/preprocess",
+        "data/synthetic",
+        "data/labels",
+        "data/splits",
+        "data/dataset",
     ),
-    "evaluate": ("evaluate", "metrics", "plots", "student_io", "transforms"),
-    "robustness": ("robustness", "attacks", "robustness_metrics", "student_io"),
-    "register": ("register", "model_card"),
-    "package": ("package", "inference", "preprocess", "dicom_io", "student_io"),
+    "train": (
+        "stages/train",
+        "training/loop",
+        "model/student",
+        "model/teachers",
+        "model/transforms",
+        "model/student_io",
+        "stages/evaluate",
+        "evaluation/metrics",
+    ),
+    "evaluate": (
+        "stages/evaluate",
+        "evaluation/metrics",
+        "evaluation/plots",
+        "model/student_io",
+        "model/transforms",
+    ),
+    "robustness": (
+        "stages/robustness",
+        "robustness/attacks",
+        "robustness/verdict",
+        "model/student_io",
+    ),
+    "register": ("stages/register", "registry/model_card"),
+    "package": (
+        "stages/package",
+        "model/inference",
+        "data/preprocess",
+        "data/dicom_io",
+        "model/student_io",
+    ),
 }
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.adversarial_training import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
 from tasks.config import checked_section
-from tasks.dataset import ProcessedDataset, dataset_version, load_processed
+from tasks.data.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
-from tasks.evaluate import evaluate_student
-from tasks.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
-from tasks.training import FitConfig, dist_env, fit
-from tasks.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
+from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+from tasks.stages.evaluate import evaluate_student
+from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
+from tasks.training.loop import FitConfig, dist_env, fit
 
 TRAIN_REPORT = "train.json"
 
@@ -106,7 +106,7 @@ class TrainedStudent:
 
 def validate(config: TrainConfig, dataset: ProcessedDataset) -> None:
     """Every configuration error, raised before any training starts."""
-    from tasks.models import STRATEGIES, build_student, check_image_size
+    from tasks.model.student import STRATEGIES, build_student, check_image_size
 
     for strategy in (config.strategy, *(config.compare or ())):
         if split_variant(strategy)[0] not in STRATEGIES:
@@ -239,7 +239,7 @@ def _train_one(
     import torch
     from mlflow.models import infer_signature
 
-    from tasks.models import build_student, param_groups
+    from tasks.model.student import build_student, param_groups
     from tasks.tracking import flatten_params
 
     env = dist_env()
@@ -346,7 +346,7 @@ def _train_one(
                 name="model",
                 signature=infer_signature(example, output),
                 input_example=example,
-                code_paths=[str(Path(__file__).resolve().parent)],
+                code_paths=[str(Path(__file__).resolve().parents[1])],
                 pip_requirements=["torch", "monai", "numpy"],
             )
         spec = StudentSpec(
@@ -412,7 +412,7 @@ def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
     """Comparison table on the parent run, plus the data-efficiency plot for several fractions."""
     import mlflow
 
-    from tasks.plots import plot_data_efficiency
+    from tasks.evaluation.plots import plot_data_efficiency
 
     rows = [asdict(r) for r in results]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "comparison.json")

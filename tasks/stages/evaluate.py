@@ -18,13 +18,13 @@ from monai.visualize import GradCAM
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tasks import plots
-from tasks.dataset import ProcessedDataset, load_processed
+from tasks.data.dataset import ProcessedDataset, load_processed
 from tasks.errors import MedtransferError
-from tasks.metrics import SplitMetrics, choose_threshold, split_metrics
-from tasks.student_io import load_student
-from tasks.training import predict
-from tasks.transforms import ImageDataset, to_tensor_transform
+from tasks.evaluation import plots
+from tasks.evaluation.metrics import SplitMetrics, choose_threshold, split_metrics
+from tasks.model.student_io import load_student
+from tasks.model.transforms import ImageDataset, to_tensor_transform
+from tasks.training.loop import predict
 
 METRICS_REPORT = "metrics.json"
 # Every student's backbone ends in ``top`` (the last convolution before pooling): the deepest

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
-from tasks.teachers import (
+from tasks.model.teachers import (
     Backbone,
     Normalisation,
     Normalise,

@@ -38,7 +38,7 @@ class StudentSpec:
 
 def build_from_spec(spec: StudentSpec) -> nn.Module:
     """The student architecture of ``spec`` with untrained weights (load a state dict next)."""
-    from tasks.models import build_student
+    from tasks.model.student import build_student
 
     return build_student(
         spec.teacher,

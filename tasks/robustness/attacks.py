@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
-from tasks.robustness_metrics import EpsilonRow, RobustnessResult, check_distinct_epsilons
+from tasks.robustness.verdict import EpsilonRow, RobustnessResult, check_distinct_epsilons
 
 Images = np.ndarray | torch.Tensor
 Device = str | torch.device

@@ -24,10 +24,10 @@ from typing import Any
 
 from tasks.config import checked_section
 from tasks.errors import MedtransferError
-from tasks.register import RegistryConfig
+from tasks.stages.register import RegistryConfig
 
 PACKAGE_REPORT = "package.json"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
 
 
@@ -131,7 +131,7 @@ def student_from_version(version) -> tuple[Any, Any]:
     """
     import mlflow
 
-    from tasks.student_io import StudentSpec, build_from_spec
+    from tasks.model.student_io import StudentSpec, build_from_spec
 
     raw = version.tags.get("student_spec")
     if not raw:
@@ -167,7 +167,7 @@ def import_model(model, spec, version, labels: dict[str, str], metadata: dict[st
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from tasks.student_io import MODEL_FILE, save_student
+    from tasks.model.student_io import MODEL_FILE, save_student
 
     with tempfile.TemporaryDirectory() as staging:
         path = save_student(model, spec, staging)

@@ -21,8 +21,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from tasks import dicom_io
-from tasks.preprocess import resize_display, uint8_to_display
+from tasks.data import dicom_io
+from tasks.data.preprocess import resize_display, uint8_to_display
 
 # Reason codes of rejected uploads, with the status and the message a client sees.
 REJECTIONS: dict[str, tuple[int, str]] = {
@@ -182,7 +182,7 @@ def to_model_input(images: np.ndarray | Sequence[np.ndarray]):
     """
     import torch
 
-    from tasks.transforms import to_tensor_transform
+    from tasks.model.transforms import to_tensor_transform
 
     transform = to_tensor_transform()
     return torch.stack([transform(np.asarray(image)) for image in images])
@@ -239,7 +239,7 @@ class Predictor:
     @classmethod
     def from_folder(cls, folder: str | Path) -> Predictor:
         """Load ``folder/model.pt`` with :func:`tasks.student_io.load_student`."""
-        from tasks.student_io import load_student
+        from tasks.model.student_io import load_student
 
         model, spec = load_student(folder)
         return cls(model, spec)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from tasks.training import Perturb
+from tasks.training.loop import Perturb
 
 ADVERSARIAL_SUFFIX = "+pgd"
 

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tasks import dataset as ds_files
-from tasks import dicom_io, synthetic
+from tasks.data import dataset as ds_files
+from tasks.data import dicom_io, synthetic
+from tasks.data.labels import LabelSource, read_label_source
+from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.data.splits import patient_level_split
 from tasks.errors import MedtransferError
-from tasks.labels import LabelSource, read_label_source
-from tasks.preprocess import resize_display, uint8_to_display
-from tasks.splits import patient_level_split
 
 NO_LABEL = "no_label"
 DUPLICATE_SOP_UID = "duplicate_sop_instance_uid"
@@ -440,7 +440,7 @@ def decode_in_process_pool(
         context = multiprocessing.get_context("fork")
     else:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["tasks.dicom_io", "tasks.preprocess"])
+        context.set_forkserver_preload(["tasks.data.dicom_io", "tasks.data.preprocess"])
     return _pool_map(files, args, workers, context)
 
 

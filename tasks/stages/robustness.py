@@ -22,18 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.attacks import evaluate_robustness
 from tasks.config import checked_section
-from tasks.dataset import ProcessedDataset, load_processed
-from tasks.evaluate import evaluate_student
-from tasks.robustness_metrics import (
+from tasks.data.dataset import ProcessedDataset, load_processed
+from tasks.model.student_io import STRATEGIES_SUBDIR, load_student
+from tasks.robustness.attacks import evaluate_robustness
+from tasks.robustness.verdict import (
     ReferenceCurve,
     RobustnessResult,
     gate_verdict,
     metric_key,
     plot_robustness_curves,
 )
-from tasks.student_io import STRATEGIES_SUBDIR, load_student
+from tasks.stages.evaluate import evaluate_student
 
 ROBUSTNESS_REPORT = "robustness.json"
 
@@ -125,7 +125,7 @@ def fit_linear_probe(teacher: str, dataset: ProcessedDataset, steps: int, seed: 
     The backbone is never trained, so features are computed once and the head is fitted on
     them (full-batch Adam, class-balanced loss): seconds, where fine-tuning takes minutes.
     """
-    from tasks.models import build_student
+    from tasks.model.student import build_student
 
     torch.manual_seed(seed)
     probe = build_student(
@@ -155,7 +155,7 @@ def fit_linear_probe(teacher: str, dataset: ProcessedDataset, steps: int, seed: 
 
 def run_robustness(params: dict) -> dict:
     """The robustness stage; returns the content of ``reports/robustness.json``."""
-    from tasks.models import teacher_feature_extractor
+    from tasks.model.student import teacher_feature_extractor
 
     config = RobustnessConfig.from_params(params)
     seed = int(params.get("seed", 0))

@@ -23,7 +23,7 @@ from typing import Any
 
 from tasks.config import checked_section
 from tasks.errors import MedtransferError
-from tasks.model_card import CardInputs, render_model_card
+from tasks.registry.model_card import CardInputs, render_model_card
 
 REGISTER_REPORT = "register.json"
 MAX_DESCRIPTION = 5000  # the SQL registry's description column holds 5000 characters
@@ -187,7 +187,7 @@ def gather_candidate(params: Mapping[str, Any]) -> tuple[Candidate, Any]:
         MedtransferError: a missing or malformed report, or a saved student that is not the
             one the training run logged.
     """
-    from tasks.student_io import load_student
+    from tasks.model.student_io import load_student
 
     reports = Path(params.get("reports_dir", "reports"))
     train = _read_json(reports / "train.json", "medtransfer train")

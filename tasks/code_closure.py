@@ -1,0 +1,93 @@
+"""Which project source files a module runs: its import closure inside ``tasks/``.
+
+One derivation, used everywhere a list of modules used to be written by hand: the Prefect
+cache key of each stage and ``dvc.yaml``'s code deps (``flows.cache``), and the files the
+Bento ships (``serving/bentofile.yaml``, checked by a test). The closure is read from the
+source with :mod:`ast`, without importing anything, and follows imports at any depth
+(function-level imports included, since those run too).
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "tasks"
+
+
+def module_path(module: str, root: Path = PROJECT_ROOT) -> Path | None:
+    """The file of a dotted ``module`` under ``root`` (``tasks.data.dicom_io`` ->
+    ``tasks/data/dicom_io.py``; a package gives its ``__init__.py``), or None if none exists."""
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Dotted names of the ``tasks`` modules ``path`` imports (``from tasks.x import y`` names
+    ``tasks.x`` and, when ``y`` is itself a module, ``tasks.x.y``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+
+
+def _with_parents(module: str) -> list[str]:
+    """``tasks.data.dicom_io`` -> ``[tasks, tasks.data, tasks.data.dicom_io]``: importing a
+    module runs every parent package's ``__init__`` first."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+@cache
+def _closure(start: tuple[str, ...], root: Path) -> tuple[Path, ...]:
+    seen: dict[str, Path] = {}
+    pending = [parent for module in start for parent in _with_parents(module)]
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        path = module_path(module, root)
+        if path is None:  # ``from tasks.x import name`` where name is not a module
+            continue
+        seen[module] = path
+        for imported in _imported_modules(path):
+            pending += _with_parents(imported)
+    return tuple(sorted(seen.values()))
+
+
+def import_closure(*modules: str, root: Path = PROJECT_ROOT) -> list[Path]:
+    """Every ``tasks`` source file that importing ``modules`` runs, sorted, absolute.
+
+    Args:
+        modules: dotted module names, e.g. ``"tasks.stages.train"``.
+        root: the project root (the folder that holds ``tasks/``).
+
+    Returns:
+        The files, packages' ``__init__.py`` included; a module outside ``tasks`` contributes
+        only the ``tasks`` modules it imports (``serving.service`` -> what the Bento needs).
+    """
+    found: set[Path] = set()
+    for module in modules:
+        if module.startswith(PACKAGE + ".") or module == PACKAGE:
+            found |= set(_closure((module,), root))
+        else:
+            path = module_path(module, root)
+            if path is None:
+                raise FileNotFoundError(f"no source file for module {module!r} under {root}")
+            for imported in _imported_modules(path):
+                found |= set(_closure((imported,), root))
+    return sorted(found)
+
+
+def relative_paths(paths: list[Path], root: Path = PROJECT_ROOT) -> list[str]:
+    """``paths`` as POSIX paths relative to ``root`` (how dvc.yaml and bentofile.yaml name them)."""
+    return [path.relative_to(root).as_posix() for path in paths]
