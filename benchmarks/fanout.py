@@ -29,36 +29,37 @@ from prefect import flow
 from benchmarks.ingest import IMAGE_SIZE, generate
 from benchmarks.report import machine_header, write_result
 from flows.fanout import task_runner_decode_map
-from tasks.config import apply_overrides, load_params
+from tasks.config import Params, load_params
+from tasks.data.ingestion import ingest_folder
 from tasks.data.labels import read_label_source
 from tasks.data.synthetic import SyntheticConfig
 from tasks.data.synthetic import generate as generate_synthetic
-from tasks.stages.ingest import IngestConfig, ingest_folder
 
 VARIANTS = ("pool", "processes", "threads", "dask")
 
 
-def time_variant(variant: str, folder: Path, params: dict) -> float:
+def time_variant(variant: str, folder: Path, params: Params) -> float:
     """Seconds to ingest ``folder`` (its labels.csv beside it) with one decode map."""
-    config = IngestConfig.from_params(params)
     labels = read_label_source(folder, str(folder.parent / "labels.csv"))
     decode_map = None
     if variant != "pool":
         decode_map = task_runner_decode_map(
-            apply_overrides(params, [f"orchestration.task_runner={variant}"])
+            params.with_overrides([f"orchestration.task_runner={variant}"])
         )
     start = time.perf_counter()
-    ingest_folder(folder, labels, config, "benchmark", progress=False, decode_map=decode_map)
+    ingest_folder(
+        folder, labels, params.data, params.seed, "benchmark", progress=False, decode_map=decode_map
+    )
     return time.perf_counter() - start
 
 
 @flow(name="benchmark-fanout")
-def measure(folders: dict[str, Path], base: dict, out: Path, repeats: int) -> dict:
+def measure(folders: dict[str, Path], base: Params, out: Path, repeats: int) -> dict:
     """Median seconds per (folder name, variant), variants alternating within each repeat."""
     seconds: dict[tuple[str, str], list[float]] = {}
     for name, folder in folders.items():
-        params = apply_overrides(
-            base, [f"data.processed_dir={out / name}", f"reports_dir={out / 'reports'}"]
+        params = base.with_overrides(
+            [f"data.processed_dir={out / name}", f"reports_dir={out / 'reports'}"]
         )
         for repeat in range(repeats):
             for variant in VARIANTS:
@@ -101,7 +102,7 @@ def main() -> None:
             )
     table = "\n".join(lines)
     print(table)
-    workers = IngestConfig.from_params(base).worker_count
+    workers = base.data.worker_count
     write_result(
         "fanout",
         f"{machine_header()}\n\nIngesting one folder with each decode map, {workers} workers, "

@@ -17,6 +17,7 @@ Usage: ``python -m benchmarks.ingest [--n 2000] [--repeats 3]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -34,41 +35,46 @@ IMAGE_SIZE = 128
 
 def generate(cache: Path, n: int) -> Path:
     """N uncompressed 16-bit 512x512 synthetic files; returns the DICOM folder."""
+    from tasks.config import load_params
     from tasks.data import synthetic
 
-    config = synthetic.SyntheticConfig(
-        output_dir=str(cache / f"synthetic_{n}"),
-        n_patients=n // 2,
-        images_per_patient_min=2,
-        images_per_patient_max=2,
-        size=512,
-        rle_fraction=0.0,
-        multiframe_fraction=0.0,
-        bits_stored_choices=(16,),
+    params = load_params(
+        "params.yaml",
+        [
+            f"synthetic.output_dir={cache / f'synthetic_{n}'}",
+            f"synthetic.n_patients={n // 2}",
+            "synthetic.images_per_patient_min=2",
+            "synthetic.images_per_patient_max=2",
+            "synthetic.size=512",
+            "synthetic.rle_fraction=0.0",
+            "synthetic.multiframe_fraction=0.0",
+            "seed=0",
+        ],
+    )
+    config = dataclasses.replace(
+        synthetic.SyntheticConfig.from_params(params), bits_stored_choices=(16,)
     )
     folder, _ = synthetic.generate(config)
     return folder
 
 
 def run_stage(folder: Path, out: Path) -> dict:
+    from tasks.config import load_params
+    from tasks.data.ingestion import ingest_folder
     from tasks.data.labels import read_label_source
-    from tasks.stages.ingest import IngestConfig, ingest_folder
 
-    config = IngestConfig(
-        source=str(folder),
-        labels_csv=str(folder.parent / "labels.csv"),
-        processed_dir=str(out / "processed"),
-        image_size=IMAGE_SIZE,
-        multiframe="middle",
-        val_fraction=0.15,
-        test_fraction=0.15,
-        workers=0,
-        seed=0,
-        reports_dir=str(out / "reports"),
+    params = load_params(
+        "params.yaml",
+        [
+            f"data.source={folder}",
+            f"data.processed_dir={out / 'processed'}",
+            f"data.image_size={IMAGE_SIZE}",
+            "data.workers=0",
+        ],
     )
-    labels = read_label_source(folder, config.labels_csv)
+    labels = read_label_source(folder, str(folder.parent / "labels.csv"))
     start = time.perf_counter()
-    result = ingest_folder(folder, labels, config, "benchmark", progress=False)
+    result = ingest_folder(folder, labels, params.data, 0, "benchmark", progress=False)
     return {"seconds": time.perf_counter() - start, "images": result.images}
 
 

@@ -1,6 +1,6 @@
 """Time the robustness stage's attacks: the issue's 600 images, and the demo default.
 
-Runs the stage's attacks through ``RobustnessConfig.attack`` (FGSM, PGD, both
+Runs the stage's attacks through ``tasks.robustness.check.attack_at_budgets`` (FGSM, PGD, both
 teacher-transfer attacks, noise at every budget) exactly as the stage does, on synthetic chest images at the default image size,
 for each ``--samples`` value: first against a freshly built default student (this crafts the
 teacher-transfer perturbations), then, as the stage's default ``reference_probe: true`` does,
@@ -23,7 +23,7 @@ from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
 from tasks.data.synthetic import chest_scene
 from tasks.model.student import build_student, teacher_feature_extractor
-from tasks.stages.robustness import RobustnessConfig
+from tasks.robustness.check import attack_at_budgets
 from tasks.training.loop import dist_env, resolve_device
 
 
@@ -43,19 +43,16 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    config = RobustnessConfig.from_params(params)
-    size = int(params["data"]["image_size"])
+    config = params.robustness
+    size = params.data.image_size
     device = resolve_device(args.device, dist_env())
-    train_cfg = params["train"]
+    train_cfg = params.train
     torch.manual_seed(0)
     student = build_student(
-        train_cfg["teacher"],
-        train_cfg["strategy"],
-        2,
-        unfreeze_blocks=int(train_cfg["unfreeze_blocks"]),
+        train_cfg.teacher, train_cfg.strategy, 2, unfreeze_blocks=train_cfg.unfreeze_blocks
     ).eval()
-    teacher = teacher_feature_extractor(train_cfg["teacher"])
-    probe = build_student(train_cfg["teacher"], "linear_probe", 2, dropout=0.0).eval()
+    teacher = teacher_feature_extractor(train_cfg.teacher)
+    probe = build_student(train_cfg.teacher, "linear_probe", 2, dropout=0.0).eval()
     budgets = len([e for e in config.epsilons if e > 0])
 
     rows = []
@@ -65,7 +62,8 @@ def main() -> None:
         seconds = []
         for model in (student, probe):
             start = time.perf_counter()
-            config.attack(
+            attack_at_budgets(
+                config,
                 model,
                 teacher,
                 images,
@@ -100,7 +98,7 @@ def main() -> None:
         f"robustness-{device.type}",
         f"{machine_header()}\n\nAttacks of the robustness stage (FGSM, PGD, teacher-transfer untargeted and "
         f"mimicry, uniform noise) at budgets {[round(e * 255, 2) for e in config.epsilons if e > 0]}/255, "
-        f"{size}x{size} images, default student ({train_cfg['strategy']}) then the frozen-teacher "
+        f"{size}x{size} images, default student ({train_cfg.strategy}) then the frozen-teacher "
         f"probe (teacher-transfer perturbations crafted once, reused), device {device}. One run "
         f"each.\n\n{table}",
     )

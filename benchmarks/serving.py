@@ -78,7 +78,7 @@ def make_student(root: Path) -> dict:
             f"serving.bentoml_home={root / 'bentoml'}",
         ],
     )
-    save_student(model, spec, params["train"]["model_dir"])
+    save_student(model, spec, params.train.model_dir)
     configure_mlflow(params)
     example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():

@@ -3,87 +3,83 @@
 ``serve-deployments`` and ``deploy`` schedule it (see :mod:`flows.deployments`).
 
 Every sub-command reads ``params.yaml`` (or ``--params``) and applies ``-S key=value``
-overrides, spelled as for ``dvc exp run -S``. A :class:`~tasks.errors.MedtransferError` is
-printed as one line and exits with status 2; nothing else is caught, so a bug still shows its
-traceback.
+overrides, spelled as for ``dvc exp run -S``. Progress goes to stderr (log lines, and bars unless
+``--quiet``); stdout gets a short human summary, or the full JSON with ``--json``. A
+:class:`~tasks.errors.MedtransferError` is printed as one line and exits with status 2; nothing
+else is caught, so a bug still shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from tasks.config import load_params
+from flows.summary import summary_lines
+from tasks.config import Params, load_params
 from tasks.errors import MedtransferError
 
 
-def _ingest(params: dict, args: argparse.Namespace) -> dict:
+def _ingest(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.ingest import run_ingest
 
     return run_ingest(params, progress=not args.quiet).to_report()
 
 
-def _train(params: dict, args: argparse.Namespace) -> dict:
+def _train(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.train import run_train
 
     return run_train(params, resume=args.resume)
 
 
-def _evaluate(params: dict, args: argparse.Namespace) -> dict:
+def _evaluate(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.evaluate import run_evaluate
 
     return run_evaluate(params)
 
 
-def _robustness(params: dict, args: argparse.Namespace) -> dict:
+def _robustness(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.robustness import run_robustness
 
-    report = run_robustness(params)
-    verdict = report["verdict"]
-    print(
-        f"robustness verdict: {'PASS' if verdict['passed'] else 'FAIL'}",
-        *verdict["reasons"],
-        sep="\n  ",
-        file=sys.stderr,
-    )
-    return report
+    return run_robustness(params)
 
 
-def _register(params: dict, args: argparse.Namespace) -> dict:
+def _register(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.register import run_register
 
     return run_register(params)
 
 
-def _package(params: dict, args: argparse.Namespace) -> dict:
+def _package(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.package import run_package
 
     return run_package(params)
 
 
-def _run(params: dict, args: argparse.Namespace) -> dict:
+def _run(params: Params, args: argparse.Namespace) -> dict:
     from flows.pipeline import medtransfer_pipeline
 
     return medtransfer_pipeline(params_file=args.params, overrides=list(args.set))
 
 
-def _serve_deployments(params: dict, args: argparse.Namespace) -> dict:
+def _serve_deployments(params: Params, args: argparse.Namespace) -> dict:
     from flows.deployments import serve_deployments
 
     serve_deployments(args.params, list(args.set))  # blocks until Ctrl-C or SIGTERM
     return {"served": "stopped"}
 
 
-def _deploy(params: dict, args: argparse.Namespace) -> dict:
+def _deploy(params: Params, args: argparse.Namespace) -> dict:
     from flows.deployments import deploy_deployments
 
     ids = deploy_deployments(args.work_pool, args.params, list(args.set))
     return {"work_pool": args.work_pool, "deployment_ids": ids}
 
 
-STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
+STAGES: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
     "ingest": (
         _ingest,
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
@@ -123,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a parameter, e.g. -S data.image_size=160 (repeatable)",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--json", action="store_true", help="print the full result as JSON, not the summary"
+    )
     parser = argparse.ArgumentParser(prog="medtransfer", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
@@ -146,14 +145,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtransfer`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     handler, _ = STAGES[args.command]
+    configure_logging()
     try:
         params = load_params(args.params, args.set)
         summary = handler(params, args)
     except MedtransferError as err:
         print(f"medtransfer {args.command}: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(human_summary(args.command, summary, params))
     return 0
+
+
+def configure_logging() -> None:
+    """The stages' ``medtransfer.*``/``tasks.*`` log lines on stderr, one per event (the
+    Prefect flow captures the same loggers into its run logs)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    for name in ("tasks", "medtransfer"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(handler)
+
+
+def human_summary(command: str, result: dict, params: Params) -> str:
+    """The few lines a person reads after ``command``: the whole run's summary for ``run``,
+    the stage's own part otherwise."""
+    summary = result if command == "run" else {command: result}
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    lines = summary_lines(summary, uri) or [json.dumps(result, default=str)[:500]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ Two ways to run them (README, "Schedule retraining"):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.config import load_params
+from tasks.config import Params, load_params
 from tasks.errors import MedtransferError
 
 if TYPE_CHECKING:
@@ -38,32 +37,6 @@ if TYPE_CHECKING:
 
 RETRAIN_DEPLOYMENT = "scheduled-retrain"
 WATCH_DEPLOYMENT = "watch-folder"
-
-
-@dataclass(frozen=True)
-class OrchestrationConfig:
-    """The ``orchestration`` section of ``params.yaml``.
-
-    Attributes:
-        retrain_cron: cron of the scheduled retraining; ``None`` deploys it without a schedule.
-        watch_cron: cron of the watched-folder check; ``None`` deploys it without a schedule.
-        timezone: IANA time zone both crons are read in.
-    """
-
-    retrain_cron: str | None = "0 3 * * 1"
-    watch_cron: str | None = "0 * * * *"
-    timezone: str = "UTC"
-
-    @classmethod
-    def from_params(cls, params: dict) -> OrchestrationConfig:
-        """Read the section; a params.yaml without one gets the defaults above."""
-        section = params.get("orchestration") or {}
-        defaults = cls()
-        return cls(
-            retrain_cron=section.get("retrain_cron", defaults.retrain_cron),
-            watch_cron=section.get("watch_cron", defaults.watch_cron),
-            timezone=section.get("timezone") or defaults.timezone,
-        )
 
 
 def cron_schedules(cron: str | None, timezone: str, key: str) -> list[Schedule]:
@@ -86,7 +59,7 @@ def cron_schedules(cron: str | None, timezone: str, key: str) -> list[Schedule]:
 
 
 def build_deployments(
-    params: dict,
+    params: Params,
     params_file: str | Path,
     overrides: Sequence[str] = (),
     *,
@@ -113,7 +86,7 @@ def build_deployments(
     from flows.pipeline import medtransfer_pipeline
     from flows.watch import watch_and_retrain
 
-    config = OrchestrationConfig.from_params(params)
+    config = params.orchestration
     parameters: dict[str, Any] = {
         "params_file": str(Path(params_file).resolve()),
         "overrides": list(overrides),

@@ -32,17 +32,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from tasks.errors import MedtransferError
-from tasks.stages.ingest import (
+from tasks.config import DataParams, Params
+from tasks.data.ingestion import (
     DecodeMap,
     FileOutcome,
-    IngestConfig,
     decode_chunk,
     decode_in_process_pool,
     split_in_chunks,
 )
-
-TASK_RUNNERS = ("threads", "processes", "dask")
 
 
 @task(name="decode-files", cache_policy=NO_CACHE, persist_result=False)
@@ -63,23 +60,12 @@ class FanoutConfig:
     dask_address: str | None
 
     @classmethod
-    def from_params(cls, params: dict) -> FanoutConfig:
-        """Read and check the settings.
-
-        Raises:
-            MedtransferError: an unknown runner name.
-        """
-        orchestration = params.get("orchestration") or {}
-        runner = str(orchestration.get("task_runner") or "threads")
-        if runner not in TASK_RUNNERS:
-            raise MedtransferError(
-                f"orchestration.task_runner must be one of {TASK_RUNNERS}, not {runner!r}."
-            )
-        address = orchestration.get("dask_address")
+    def from_params(cls, params: Params) -> FanoutConfig:
+        """The settings of ``orchestration`` (checked by :mod:`tasks.config`) and ``data``."""
         return cls(
-            runner=runner,
-            workers=IngestConfig.from_params(params).worker_count,
-            dask_address=str(address) if address else None,
+            runner=params.orchestration.task_runner,
+            workers=params.data.worker_count,
+            dask_address=params.orchestration.dask_address,
         )
 
     @property
@@ -138,18 +124,18 @@ def api_shared_with_workers() -> Iterator[None]:
         yield
 
 
-def task_runner_decode_map(params: dict) -> DecodeMap:
-    """A ``tasks.ingest`` decode map that runs ``decode-files`` tasks on the configured runner.
+def task_runner_decode_map(params: Params) -> DecodeMap:
+    """A :data:`~tasks.data.ingestion.DecodeMap` that runs ``decode-files`` tasks on the configured runner.
 
     The runner is entered when decoding starts and shut down (a local Dask cluster with it)
     once every chunk's result has been handed back.
     """
-    fanout = FanoutConfig.from_params(params)  # a wrong runner name fails before any decoding
+    fanout = FanoutConfig.from_params(params)
     if not fanout.fans_out:
         return decode_in_process_pool
 
     def decode_map(
-        folder: Path, files: list[Path], config: IngestConfig, salt: str
+        folder: Path, files: list[Path], data: DataParams, salt: str
     ) -> Iterator[FileOutcome]:
         # Decoding threads must not each swap the process-wide warning filters (that is not
         # thread-safe): silence warnings here, once, for all of them. Worker processes
@@ -162,12 +148,12 @@ def task_runner_decode_map(params: dict) -> DecodeMap:
                     {
                         "folder": str(folder),
                         "paths": [str(path) for path in chunk],
-                        "image_size": config.image_size,
-                        "multiframe": config.multiframe,
+                        "image_size": data.image_size,
+                        "multiframe": data.multiframe,
                         "salt": salt,
                     },
                 )
-                for chunk in split_in_chunks(files, config.worker_count)
+                for chunk in split_in_chunks(files, data.worker_count)
             ]
             for future in futures:
                 yield from future.result()

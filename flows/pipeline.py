@@ -19,7 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.cache import outputs_present, stage_key
 from flows.fanout import task_runner_decode_map
-from tasks.config import load_params
+from flows.summary import summary_lines
+from tasks.config import Params, load_params
 from tasks.errors import MedtransferError
 from tasks.stages.evaluate import run_evaluate
 from tasks.stages.ingest import run_ingest
@@ -51,7 +52,7 @@ STAGE_OPTIONS = {
 
 
 @task(name="ingest", cache_key_fn=_key("ingest"), **STAGE_OPTIONS)
-def ingest(params: dict) -> dict:
+def ingest(params: Params) -> dict:
     """Decode the configured source into the processed dataset; returns the ingest report.
 
     The files are decoded by ``decode-files`` tasks on ``orchestration.task_runner``.
@@ -60,7 +61,7 @@ def ingest(params: dict) -> dict:
 
 
 @task(name="train", cache_key_fn=_key("train"), **STAGE_OPTIONS)
-def train(params: dict, resume: bool = True) -> dict:
+def train(params: Params, resume: bool = True) -> dict:
     """Fine-tune the teacher into a student, logged to MLflow; returns the train report.
 
     ``resume``: continue from this configuration's last epoch checkpoint when there is one
@@ -70,30 +71,30 @@ def train(params: dict, resume: bool = True) -> dict:
 
 
 @task(name="evaluate", cache_key_fn=_key("evaluate"), **STAGE_OPTIONS)
-def evaluate(params: dict) -> dict:
+def evaluate(params: Params) -> dict:
     """Val/test metrics, plots and Grad-CAM of the saved student; returns the metrics report."""
     return run_evaluate(params)
 
 
 @task(name="robustness", cache_key_fn=_key("robustness"), **STAGE_OPTIONS)
-def robustness(params: dict) -> dict:
+def robustness(params: Params) -> dict:
     """Attacks on the student and its frozen teacher; returns the report with the verdict."""
     return run_robustness(params)
 
 
 @task(name="register", cache_key_fn=_key("register"), **STAGE_OPTIONS)
-def register(params: dict) -> dict:
+def register(params: Params) -> dict:
     """A new registry version; the alias moves only if the version earns it."""
     return run_register(params)
 
 
 @task(name="package", cache_key_fn=_key("package"), **STAGE_OPTIONS)
-def package(params: dict) -> dict:
+def package(params: Params) -> dict:
     """The approved version as a Bento, exported as an archive."""
     return run_package(params)
 
 
-def run_stage(stage_task, stage: str, params: dict, cached: list[str], **kwargs) -> dict:
+def run_stage(stage_task, stage: str, params: Params, cached: list[str], **kwargs) -> dict:
     """Run one stage task, recomputing it when its outputs are gone; note cache hits."""
     refresh = not outputs_present(stage, params)
     state = stage_task.with_options(refresh_cache=refresh)(params, return_state=True, **kwargs)
@@ -132,57 +133,16 @@ def medtransfer_pipeline(
     summary["cached"] = cached
     create_markdown_artifact(
         key="medtransfer-summary",
-        markdown=summary_markdown(summary),
+        markdown=summary_markdown(summary, params),
         description="What this medtransfer run produced",
     )
     return summary
 
 
-def summary_markdown(summary: dict) -> str:
-    """The run summary shown as a Prefect artifact."""
-    report = summary["ingest"]
-    reasons = {k: v for k, v in report["quarantined_by_reason"].items() if v}
-    lines = [
-        "# medtransfer run",
-        "",
-        "## Data",
-        f"- source: {report['source_kind']}",
-        f"- files seen {report['files_seen']}, ingested {report['ingested']}, quarantined {report['quarantined']}",
-        f"- quarantined by reason: {reasons or 'none'}",
-        f"- images per split: { {s: v['images'] for s, v in report['splits'].items()} }",
-    ]
-    if "train" in summary:
-        trained, metrics = summary["train"], summary["evaluate"]
-        lines += [
-            "",
-            "## Student",
-            f"- dataset version: `{trained['dataset_version']}`",
-            f"- strategy {trained['strategy']}, best epoch {trained['best_epoch']} of {trained['epochs_run']}",
-            f"- test AUC {metrics['test']['auc']:.3f}, accuracy {metrics['test']['accuracy']:.3f}, "
-            f"sensitivity {metrics['test']['sensitivity']:.3f}, specificity {metrics['test']['specificity']:.3f} "
-            f"at threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})",
-            f"- MLflow run: `{trained['run_id']}` (experiment `medtransfer`)",
-        ]
-    if "robustness" in summary:
-        verdict = summary["robustness"]["verdict"]
-        lines += ["", "## Robustness", f"- verdict: **{'pass' if verdict['passed'] else 'fail'}**"]
-        lines += [f"- {line}" for line in verdict["checked"]]
-    if "register" in summary:
-        registered = summary["register"]
-        lines += [
-            "",
-            "## Registry and serving",
-            f"- `{registered['model_name']}` version {registered['version']}; alias `{registered['alias']}` "
-            f"{'moved to it' if registered['alias_moved'] else 'stays on version ' + str(registered['champion_version'])}",
-        ]
-        lines += [f"- not promoted: {reason}" for reason in registered["reasons"]]
-    if "package" in summary:
-        lines += [
-            f"- Bento `{summary['package']['bento']}`, archive `{summary['package']['archive']}`"
-        ]
-    if summary.get("cached"):
-        lines += ["", f"Cache hits (not recomputed): {', '.join(summary['cached'])}"]
-    return "\n".join(lines) + "\n"
+def summary_markdown(summary: dict, params: Params) -> str:
+    """The run summary shown as a Prefect artifact: the same lines ``medtransfer run`` prints."""
+    lines = summary_lines(summary, params.mlflow.tracking_uri)
+    return "# medtransfer run\n\n" + "\n".join(f"- {line.strip()}" for line in lines) + "\n"
 
 
 if __name__ == "__main__":

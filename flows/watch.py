@@ -31,22 +31,21 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from flows.pipeline import ingest, medtransfer_pipeline, run_stage
-from tasks.config import load_params
+from tasks.config import Params, load_params
 from tasks.data.dataset import dataset_version
 
 STATE_FILE_NAME = "watch_state.json"
 
 
-def watch_source(params: dict) -> str:
+def watch_source(params: Params) -> str:
     """The source the watch flow ingests: ``orchestration.watch_folder``, else ``data.source``."""
-    folder = (params.get("orchestration") or {}).get("watch_folder")
-    return str(folder) if folder else str(params["data"]["source"])
+    return params.orchestration.watch_folder or params.data.source
 
 
-def state_path(params: dict) -> Path:
+def state_path(params: Params) -> Path:
     """Where the last trained dataset version is recorded (see the module docstring)."""
-    configured = (params.get("orchestration") or {}).get("state_file")
-    return Path(configured) if configured else Path(params["reports_dir"]) / STATE_FILE_NAME
+    configured = params.orchestration.state_file
+    return Path(configured) if configured else Path(params.reports_dir) / STATE_FILE_NAME
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -96,7 +95,7 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
     # The pipeline's own cached ingest task: an unchanged folder (same file names, sizes and
     # times) is not decoded again, and the pipeline below reuses this ingestion.
     run_stage(ingest, "ingest", params, cached=[])
-    version = processed_version(str(params["data"]["processed_dir"]))
+    version = processed_version(params.data.processed_dir)
     path = state_path(params)
     previous = read_state(path)
     result: dict[str, Any] = {

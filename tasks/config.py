@@ -1,13 +1,24 @@
-"""Reading ``params.yaml`` and applying ``-S key=value`` overrides.
+"""The one configuration: ``params.yaml`` read into a typed :class:`Params`.
 
-Overrides use the spelling of ``dvc exp run -S``: a dotted key, ``=``, and a YAML value, so
-``train.compare=[full,scratch]`` is a list and ``data.image_size=160`` an int.
+``load_params`` reads the YAML file, applies ``-S key=value`` overrides (spelled as for
+``dvc exp run -S``: a dotted key, ``=``, a YAML value, so ``train.compare=[full,scratch]`` is a
+list) and parses the result into frozen dataclasses, one per section. Every section is checked
+the same way: an unknown key, a missing key or a value of the wrong type or range is one
+:class:`~tasks.errors.MedtransferError` line naming the key and what is allowed.
+
+Defaults live in one place, the shipped ``params.yaml``: the dataclasses have none, so every
+key must be present (a test checks that the file and the dataclasses agree).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
+import types
+import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +28,265 @@ from tasks.errors import MedtransferError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
+STRATEGIES = ("linear_probe", "partial", "full", "scratch")
+THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
+TASK_RUNNERS = ("threads", "processes", "dask")
+MULTIFRAME_MODES = ("middle", "all")
 
-def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str] = ()) -> dict:
-    """Read a params file and apply overrides.
+
+def rule(**checks: Any) -> Any:
+    """A required dataclass field with value checks: ``choices`` (allowed values), ``min`` and
+    ``max`` (inclusive), ``above`` (exclusive lower bound)."""
+    return field(metadata=checks)
+
+
+# ---------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """``data``: where the images come from and how they are stored."""
+
+    source: str
+    labels_csv: str | None
+    processed_dir: str
+    image_size: int = rule(min=16, max=1024)
+    multiframe: str = rule(choices=MULTIFRAME_MODES)
+    val_fraction: float = rule(min=0.0, max=0.9)
+    test_fraction: float = rule(min=0.0, max=0.9)
+    workers: int = rule(min=0)
+
+    def check(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise MedtransferError(
+                "data.val_fraction and data.test_fraction must sum to less than 1, not "
+                f"{self.val_fraction} + {self.test_fraction}."
+            )
+
+    @property
+    def worker_count(self) -> int:
+        """Decoding workers: ``workers``, or one per CPU core when it is 0."""
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """``synthetic``: the built-in generator of DICOM chest-like scenes."""
+
+    output_dir: str
+    n_patients: int = rule(min=2)
+    images_per_patient_min: int = rule(min=1)
+    images_per_patient_max: int = rule(min=1)
+    size: int = rule(min=32, max=4096)
+    positive_fraction: float = rule(above=0.0, max=1.0)
+    lesion_contrast: float = rule(min=0.0, max=1.0)
+    rle_fraction: float = rule(min=0.0, max=1.0)
+    monochrome1_fraction: float = rule(min=0.0, max=1.0)
+    multiframe_fraction: float = rule(min=0.0, max=1.0)
+
+    def check(self) -> None:
+        if self.images_per_patient_min > self.images_per_patient_max:
+            raise MedtransferError(
+                "synthetic.images_per_patient_min must not exceed images_per_patient_max."
+            )
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """``train.augment``: augmentation strengths; zero disables a transform."""
+
+    flip: bool
+    rotate_degrees: float = rule(min=0.0, max=180.0)
+    scale: float = rule(min=0.0, max=0.9)
+    translate: float = rule(min=0.0, max=0.5)
+    contrast_gamma: float = rule(min=0.0, max=0.9)
+    noise_std: float = rule(min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """``train``: the teacher, the transfer strategy and the loop."""
+
+    teacher: str
+    weights_path: str | None
+    strategy: str = rule(choices=STRATEGIES)
+    unfreeze_blocks: int = rule(min=0)
+    compare: tuple[str, ...] | None = rule()
+    label_fractions: tuple[float, ...] | None = rule(above=0.0, max=1.0)
+    epochs: int = rule(min=1)
+    batch_size: int = rule(min=1)
+    lr: float = rule(above=0.0)
+    backbone_lr_factor: float = rule(above=0.0, max=1.0)
+    weight_decay: float = rule(min=0.0)
+    warmup_epochs: float = rule(min=0.0)
+    patience: int = rule(min=1)
+    dropout: float = rule(min=0.0, max=0.99)
+    class_weighting: str = rule(choices=("balanced", "none"))
+    num_workers: int = rule(min=0)
+    device: str = rule()
+    amp: bool = rule()
+    channels_last: bool = rule()
+    adversarial: str = rule(choices=("none", "pgd"))
+    adversarial_eps_255: float = rule(above=0.0)
+    adversarial_steps: int = rule(min=1)
+    model_dir: str = rule()
+    checkpoint_dir: str = rule()
+    augment: AugmentParams = rule()
+
+    def check(self) -> None:
+        for fraction in self.label_fractions or ():
+            if not 0 < fraction <= 1:
+                raise MedtransferError(f"train.label_fractions must lie in (0, 1], not {fraction}.")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise MedtransferError(
+                f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}."
+            )
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """``eval``: the decision threshold rule and the Grad-CAM grid."""
+
+    threshold: str = rule(choices=THRESHOLD_RULES)
+    gradcam_examples: int = rule(min=0)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    """``mlflow``: the tracking store and experiment (``MLFLOW_TRACKING_URI`` wins)."""
+
+    tracking_uri: str
+    artifact_root: str
+    experiment: str
+
+
+@dataclass(frozen=True)
+class OrchestrationParams:
+    """``orchestration``: the flow's task runner and the deployments' schedules."""
+
+    task_runner: str = rule(choices=TASK_RUNNERS)
+    dask_address: str | None = rule()
+    retrain_cron: str | None = rule()
+    watch_cron: str | None = rule()
+    timezone: str = rule()
+    watch_folder: str | None = rule()
+    state_file: str | None = rule()
+
+
+@dataclass(frozen=True)
+class RobustnessParams:
+    """``robustness``: the attacks (budgets in 1/255 pixel units)."""
+
+    max_samples: int | None = rule(min=1)
+    epsilons_255: tuple[float, ...] = rule(min=0.0, max=255.0)
+    pgd_steps: int = rule(min=1)
+    pgd_step_fraction: float | None = rule(above=0.0)
+    batch_size: int = rule(min=1)
+    reference_probe: bool = rule()
+    reference_probe_steps: int = rule(min=1)
+
+    @property
+    def epsilons(self) -> tuple[float, ...]:
+        """Budgets in pixel units ([0, 1] scale), budget 0 first as the clean reference."""
+        return (0.0, *sorted(e / 255.0 for e in self.epsilons_255 if e > 0))
+
+
+@dataclass(frozen=True)
+class GatesParams:
+    """``gates``: the promotion gates (null disables one); budgets in 1/255 units."""
+
+    min_clean_auc: float | None = rule(min=0.0, max=1.0)
+    min_robust_acc: float | None = rule(min=0.0, max=1.0)
+    robust_acc_eps_255: float | None = rule(above=0.0)
+    max_teacher_transfer_success: float | None = rule(min=0.0, max=1.0)
+    teacher_transfer_eps_255: float | None = rule(above=0.0)
+
+    def in_pixels(self) -> dict[str, float | None]:
+        """The gates with ``*_eps_255`` budgets converted to pixel units (``*_eps``)."""
+        converted: dict[str, float | None] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key.endswith("_eps_255"):
+                converted[key.removesuffix("_255")] = None if value is None else value / 255.0
+            else:
+                converted[key] = value
+        return converted
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    """``registry``: the registered model, its promotion alias, the version to package."""
+
+    model_name: str
+    alias: str
+    version: int | None = rule(min=1)
+
+
+@dataclass(frozen=True)
+class ServingParams:
+    """``serving``: the Bento's name, store and the service's limits and batching."""
+
+    bento_name: str
+    bentoml_home: str
+    export_dir: str
+    max_upload_bytes: int = rule(min=1)
+    max_batch_files: int = rule(min=1)
+    max_image_dim: int = rule(min=1)
+    batching: bool = rule()
+    # BentoML's minimum; turn batching off with serving.batching=false instead.
+    max_batch_size: int = rule(min=2)
+    max_latency_ms: int = rule(min=1)
+    model_threads: int = rule(min=0)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of ``params.yaml``."""
+
+    seed: int = rule(min=0)
+    reports_dir: str = rule()
+    data: DataParams = rule()
+    synthetic: SyntheticParams = rule()
+    train: TrainParams = rule()
+    eval: EvalParams = rule()
+    mlflow: MlflowParams = rule()
+    orchestration: OrchestrationParams = rule()
+    robustness: RobustnessParams = rule()
+    gates: GatesParams = rule()
+    registry: RegistryParams = rule()
+    serving: ServingParams = rule()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as plain YAML-ready values (tuples as lists), for dumping a params
+        file, logging to MLflow or hashing."""
+        return _plain(dataclasses.asdict(self))
+
+    def with_overrides(self, overrides: Iterable[str]) -> Params:
+        """A copy with each ``dotted.key=yaml_value`` override applied and checked."""
+        return parse_params(apply_overrides(self.to_dict(), overrides))
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str] = ()) -> Params:
+    """Read a params file, apply overrides and check every value.
 
     Args:
         path: the YAML file, ``params.yaml`` in the working directory by default.
         overrides: ``key=value`` strings applied in order.
 
     Returns:
-        The nested parameter dictionary.
+        The typed parameters.
+
+    Raises:
+        MedtransferError: a missing or unreadable file, invalid YAML, an unknown key, a missing
+            key, or a value of the wrong type or range; one line naming the key.
     """
+    return parse_params(apply_overrides(read_params_file(path), overrides))
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a params file (unchecked)."""
     path = Path(path)
     if not path.is_file():
         raise MedtransferError(
@@ -35,18 +294,26 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str]
             "(the one holding params.yaml) or pass --params PATH."
         )
     try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise MedtransferError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(params, dict):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
         raise MedtransferError(
-            f"{path} must hold a mapping of sections, not {type(params).__name__}."
-        )
-    return apply_overrides(params, overrides)
+            f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML."
+        ) from err
+    except yaml.YAMLError as err:
+        raise MedtransferError(f"{path} is not valid YAML: {_yaml_problem(err)}") from err
+    if not isinstance(raw, dict):
+        raise MedtransferError(f"{path} must hold a mapping of sections, not {type(raw).__name__}.")
+    return raw
+
+
+def parse_params(raw: Mapping[str, Any]) -> Params:
+    """Check a raw parameter mapping and build :class:`Params` from it."""
+    return _build(Params, raw, "")
 
 
 def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str]) -> dict:
-    """Return a copy of ``params`` with each ``dotted.key=yaml_value`` override applied.
+    """Return a copy of the raw mapping ``params`` with each ``dotted.key=yaml_value``
+    override applied.
 
     The key must already exist in ``params``, so that a typo fails loudly instead of being
     silently ignored.
@@ -62,7 +329,7 @@ def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str]) -> dict
             value = yaml.safe_load(raw_value) if raw_value.strip() else None
         except yaml.YAMLError as err:
             raise MedtransferError(
-                f"The value in override {override!r} is not YAML: {err}"
+                f"The value in override {override!r} is not YAML: {_yaml_problem(err)}"
             ) from err
         set_dotted(result, key.strip(), value)
     return result
@@ -89,28 +356,111 @@ def set_dotted(params: dict, dotted_key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def get_dotted(params: Mapping[str, Any], dotted_key: str) -> Any:
-    """Return ``params[a][b]`` for ``"a.b"``, or raise a clear error naming the missing key."""
-    node: Any = params
-    for part in dotted_key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise MedtransferError(
-                f"params.yaml has no {dotted_key!r}; add it or check the spelling."
-            )
-        node = node[part]
-    return node
+# ---------------------------------------------------------------------------------- checking
 
 
-def checked_section(params: Mapping[str, Any], name: str, known: Iterable[str]) -> dict:
-    """A copy of the ``name`` section of ``params`` (empty when absent), its keys checked.
-
-    Raises:
-        MedtransferError: a key that is not in ``known`` (a typo would otherwise be ignored).
-    """
-    section = dict(params.get(name) or {})
-    unknown = sorted(set(section) - set(known))
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """An instance of the dataclass ``cls`` from the mapping ``raw`` found at ``where``."""
+    name = where or "params.yaml"
+    if not isinstance(raw, Mapping):
+        raise MedtransferError(
+            f"{name} must be a mapping of keys, not {_shown(raw)}; see the shipped params.yaml."
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise MedtransferError(
-            f"Unknown keys in {name}: {unknown}; known keys are {sorted(known)}."
+            f"Unknown key {_join(where, unknown[0])!r}; the keys of {name} are {sorted(fields)}."
         )
-    return section
+    missing = [key for key in fields if key not in raw]
+    if missing:
+        raise MedtransferError(
+            f"{name} lacks {_join(where, missing[0])!r}; add it (the shipped params.yaml has "
+            "every key, with comments)."
+        )
+    hints = typing.get_type_hints(cls)
+    values = {
+        key: _value(hints[key], raw[key], _join(where, key), fields[key].metadata) for key in fields
+    }
+    instance = cls(**values)
+    if hasattr(instance, "check"):
+        instance.check()
+    return instance
+
+
+def _value(hint: Any, value: Any, key: str, checks: Mapping[str, Any]) -> Any:
+    """``value`` checked against the type ``hint`` and ``checks``; returns the typed value."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise MedtransferError(f"{key} must be set ({_expected(hint)}), not null.")
+    inner = next(t for t in allowed if t is not type(None))
+    if typing.get_origin(inner) is tuple:
+        element = typing.get_args(inner)[0]
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_scalar(element, item, key, checks) for item in items)
+    return _scalar(inner, value, key, checks)
+
+
+def _scalar(kind: type, value: Any, key: str, checks: Mapping[str, Any]) -> Any:
+    """One ``int``, ``float``, ``bool`` or ``str`` value, checked against ``checks``."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise MedtransferError(f"{key} must be {_expected(kind)}, not {_shown(value)}.")
+    _check_range(value, key, checks)
+    return value
+
+
+def _check_range(value: Any, key: str, checks: Mapping[str, Any]) -> None:
+    if "choices" in checks and value not in checks["choices"]:
+        raise MedtransferError(f"{key} must be one of {list(checks['choices'])}, not {value!r}.")
+    if "min" in checks and value < checks["min"]:
+        raise MedtransferError(f"{key} must be at least {checks['min']}, not {value!r}.")
+    if "max" in checks and value > checks["max"]:
+        raise MedtransferError(f"{key} must be at most {checks['max']}, not {value!r}.")
+    if "above" in checks and value <= checks["above"]:
+        raise MedtransferError(f"{key} must be greater than {checks['above']}, not {value!r}.")
+
+
+def _expected(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_expected(t) for t in typing.get_args(hint) if t is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_expected(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else text
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: the problem and its line and column."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value

@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tasks.config import Params
+
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one parameter value
 
 
-def configure_mlflow(params: Mapping[str, Any]) -> str:
+def configure_mlflow(params: Params) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id.
 
     ``MLFLOW_TRACKING_URI`` in the environment wins over ``mlflow.tracking_uri`` so that a test
@@ -23,19 +25,14 @@ def configure_mlflow(params: Mapping[str, Any]) -> str:
     """
     import mlflow
 
-    section = params.get("mlflow") or {}
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or section.get(
-        "tracking_uri", "sqlite:///mlflow.db"
-    )
-    mlflow.set_tracking_uri(uri)
-    name = section.get("experiment", "medtransfer")
+    section = params.mlflow
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or section.tracking_uri)
+    name = section.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
-    artifacts = os.environ.get("MEDTRANSFER_ARTIFACT_ROOT") or section.get(
-        "artifact_root", "mlartifacts"
-    )
+    artifacts = os.environ.get("MEDTRANSFER_ARTIFACT_ROOT") or section.artifact_root
     location = artifacts if "://" in artifacts else Path(artifacts).resolve().as_uri()
     experiment_id = mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(experiment_id=experiment_id)

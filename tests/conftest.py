@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tasks.config import apply_overrides, load_params
+from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def prefect_harness():
 
 
 @pytest.fixture
-def params_file(params: dict, tmp_path: Path) -> Path:
+def params_file(params: Params, tmp_path: Path) -> Path:
     """``params`` written to a YAML file, for the CLI, DVC and the Prefect flow."""
     import yaml
 
@@ -123,10 +123,9 @@ def fresh_mlflow_store(
 
 
 @pytest.fixture
-def train_params(params: dict, tmp_path: Path, fresh_mlflow_store: str) -> dict:
+def train_params(params: Params, tmp_path: Path, fresh_mlflow_store: str) -> dict:
     """Small synthetic data at 64 px, a temporary MLflow store and model folders."""
-    small = apply_overrides(
-        params,
+    small = params.with_overrides(
         [
             "synthetic.n_patients=24",
             "data.image_size=64",

@@ -1,10 +1,14 @@
-"""params.yaml loading and -S overrides."""
+"""params.yaml loading, -S overrides, and the typed configuration's checks."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import typing
 
-from tasks.config import apply_overrides, load_params
+import pytest
+import yaml
+
+from tasks.config import Params, apply_overrides, load_params, parse_params
 from tasks.errors import MedtransferError
 from tests.conftest import REPO
 
@@ -33,9 +37,115 @@ def test_bad_overrides_fail_loudly(override: str, message: str) -> None:
         apply_overrides({"data": {"image_size": 1}}, [override])
 
 
-def test_repository_params_load() -> None:
+def test_repository_params_load_as_typed_sections() -> None:
     params = load_params(REPO / "params.yaml")
-    assert params["data"]["source"] == "synthetic"
+    assert params.data.source == "synthetic"
+    assert params.train.augment.flip is True
+    assert params.robustness.epsilons_255 == (0.5, 1.0, 2.0, 4.0, 8.0)
+    assert params.gates.in_pixels()["teacher_transfer_eps"] == pytest.approx(1 / 255)
+
+
+def _keys(cls: type, prefix: str = "") -> set[str]:
+    found = set()
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            found |= _keys(hints[field.name], f"{prefix}{field.name}.")
+        else:
+            found.add(f"{prefix}{field.name}")
+    return found
+
+
+def _yaml_keys(node: dict, prefix: str = "") -> set[str]:
+    found = set()
+    for key, value in node.items():
+        if isinstance(value, dict):
+            found |= _yaml_keys(value, f"{prefix}{key}.")
+        else:
+            found.add(f"{prefix}{key}")
+    return found
+
+
+def test_the_shipped_params_yaml_and_the_dataclasses_have_the_same_keys_and_no_defaults() -> None:
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert _yaml_keys(shipped) == _keys(Params)
+
+    def defaults(cls: type) -> list[str]:
+        found = []
+        for field in dataclasses.fields(cls):
+            if (
+                field.default is not dataclasses.MISSING
+                or field.default_factory is not dataclasses.MISSING
+            ):
+                found.append(f"{cls.__name__}.{field.name}")
+            hint = typing.get_type_hints(cls)[field.name]
+            if dataclasses.is_dataclass(hint):
+                found += defaults(hint)
+        return found
+
+    assert defaults(Params) == []  # defaults live in params.yaml alone
+
+
+def test_the_typed_params_round_trip_through_a_params_file() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert parse_params(yaml.safe_load(yaml.safe_dump(params.to_dict()))) == params
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.image_size=abc", "data.image_size must be an integer, not 'abc'"),
+        ("data.val_fraction=abc", "data.val_fraction must be a number, not 'abc'"),
+        ("seed=abc", "seed must be an integer, not 'abc'"),
+        ("data=5", "data must be a mapping of keys, not 5"),
+        ("data.workers=-1", "data.workers must be at least 0, not -1"),
+        ("synthetic.n_patients=abc", "synthetic.n_patients must be an integer"),
+        ("synthetic.size=0", "synthetic.size must be at least 32, not 0"),
+        ("train.epochs=abc", "train.epochs must be an integer"),
+        ("train.epochs=0", "train.epochs must be at least 1, not 0"),
+        ("train.lr=abc", "train.lr must be a number"),
+        ("train.batch_size=0", "train.batch_size must be at least 1"),
+        ("train.amp=yes please", "train.amp must be true or false"),
+        ("train.strategy=deep", "train.strategy must be one of"),
+        ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N"),
+        ("train.augment.flip=3", "train.augment.flip must be true or false"),
+        ("data.image_size=100000", "data.image_size must be at most 1024"),
+        ("eval.threshold=best", "eval.threshold must be one of"),
+        ("registry.version=abc", "registry.version must be an integer"),
+        ("gates.min_clean_auc=2", "gates.min_clean_auc must be at most 1.0"),
+        ("serving.max_batch_size=1", "serving.max_batch_size must be at least 2"),
+        ("orchestration.task_runner=spark", "orchestration.task_runner must be one of"),
+        ("robustness.epsilons_255=[1,x]", "robustness.epsilons_255 must be a number, not .x."),
+        ("data.val_fraction=0.9", "must sum to less than 1"),
+        ("train.label_fractions=[0.5,2]", "train.label_fractions must be at most 1.0"),
+    ],
+)
+def test_every_bad_value_is_one_clear_line_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(MedtransferError, match=message) as raised:
+        load_params(REPO / "params.yaml", [override])
+    assert "\n" not in str(raised.value)
+
+
+def test_unknown_and_missing_keys_in_a_params_file_are_named(tmp_path) -> None:
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    shipped["train"]["epocs"] = 3
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(shipped))
+    with pytest.raises(MedtransferError, match=r"Unknown key 'train.epocs'"):
+        load_params(tmp_path / "typo.yaml")
+    del shipped["train"]["epocs"], shipped["eval"]["threshold"]
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(shipped))
+    with pytest.raises(MedtransferError, match=r"lacks 'eval.threshold'"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_a_yaml_syntax_error_or_a_non_utf8_file_is_one_line(tmp_path) -> None:
+    (tmp_path / "broken.yaml").write_text("data:\n  image_size: [1, 2\nseed: 3\n")
+    with pytest.raises(MedtransferError, match="not valid YAML") as raised:
+        load_params(tmp_path / "broken.yaml")
+    assert "\n" not in str(raised.value)
+    (tmp_path / "latin1.yaml").write_bytes("seed: 4\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(MedtransferError, match="not UTF-8"):
+        load_params(tmp_path / "latin1.yaml")
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path) -> None:

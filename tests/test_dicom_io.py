@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from tasks.data import dicom_io
-from tasks.stages.ingest import decode_to_outcome
+from tasks.data.ingestion import decode_to_outcome
 from tests.conftest import make_mono_dataset, write_dataset
 
 

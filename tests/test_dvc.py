@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tasks.config import Params
 from tasks.data.dataset import dataset_version
 from tests.conftest import REPO
 
@@ -23,14 +24,14 @@ def _run(args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: dict) -> None:
+def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: Params) -> None:
     repo = tmp_path / "project"
     repo.mkdir()
     shutil.copytree(REPO / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
-    small = {**params}
-    small["data"] = {**params["data"], "processed_dir": "data/processed"}
-    small["synthetic"] = {**params["synthetic"], "output_dir": "data/synthetic"}
+    small = params.to_dict()
+    small["data"] = {**small["data"], "processed_dir": "data/processed"}
+    small["synthetic"] = {**small["synthetic"], "output_dir": "data/synthetic"}
     small["reports_dir"] = "reports"
     (repo / "params.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
     _run(["git", "init", "-q"], repo)
@@ -56,7 +57,7 @@ def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: dic
 
 
 def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
-    tmp_path: Path, train_params: dict
+    tmp_path: Path, train_params: Params
 ) -> None:
     """`dvc repro` runs every stage from dvc.yaml: the same commands, the same reports; then
     `dvc exp run -S train.lr=...` retrains with the new rate as a DVC experiment."""
@@ -65,29 +66,29 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
     for folder in ("tasks", "serving"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
-    tiny = {**train_params}
-    tiny["data"] = {**train_params["data"], "processed_dir": "data/processed"}
-    tiny["synthetic"] = {**train_params["synthetic"], "output_dir": "data/synthetic"}
+    tiny = train_params.to_dict()
+    tiny["data"] = {**tiny["data"], "processed_dir": "data/processed"}
+    tiny["synthetic"] = {**tiny["synthetic"], "output_dir": "data/synthetic"}
     tiny["reports_dir"] = "reports"
     tiny["train"] = {
-        **train_params["train"],
+        **tiny["train"],
         "epochs": 1,
         "model_dir": "models/student",
         "checkpoint_dir": "models/checkpoints",
     }
     tiny["robustness"] = {
-        **train_params["robustness"],
+        **tiny["robustness"],
         "max_samples": 4,
         "epsilons_255": [1],
         "pgd_steps": 1,
         "reference_probe": False,
     }
     tiny["gates"] = {
-        **train_params["gates"],
+        **tiny["gates"],
         "min_clean_auc": None,
         "max_teacher_transfer_success": None,
     }
-    tiny["serving"] = {**train_params["serving"], "export_dir": "bentos"}
+    tiny["serving"] = {**tiny["serving"], "export_dir": "bentos"}
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)

@@ -17,39 +17,39 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows import pipeline
 from flows.fanout import task_runner_decode_map
-from tasks.config import apply_overrides
+from tasks.config import Params
+from tasks.data.ingestion import decode_in_process_pool, split_in_chunks
 from tasks.data.synthetic import SyntheticConfig, generate
 from tasks.errors import MedtransferError
-from tasks.stages.ingest import IngestConfig, decode_in_process_pool, run_ingest, split_in_chunks
+from tasks.stages.ingest import run_ingest
 from tests.processes import environment_without_prefect, run_python
 
 DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "dataset.json")
 
 
 @flow(name="ingest-only")
-def ingest_only(params: dict) -> dict:
+def ingest_only(params: Params) -> dict:
     """The pipeline's ingest task alone, in a flow of its own."""
     return pipeline.ingest(params)
 
 
 @pytest.fixture
-def folder_params(params: dict, tmp_path: Path) -> dict:
+def folder_params(params: Params, tmp_path: Path) -> Params:
     """A synthetic DICOM folder with one file that is not DICOM, as a folder source."""
     folder, labels_csv = generate(SyntheticConfig.from_params(params))
     (folder / "readme.txt").write_text("not an image")
-    return apply_overrides(params, [f"data.source={folder}", f"data.labels_csv={labels_csv}"])
+    return params.with_overrides([f"data.source={folder}", f"data.labels_csv={labels_csv}"])
 
 
-def _ingest_with_process_pool(params: dict, out: Path) -> dict:
-    plain = apply_overrides(
-        params, [f"data.processed_dir={out / 'processed'}", f"reports_dir={out / 'reports'}"]
+def _ingest_with_process_pool(params: Params, out: Path) -> dict:
+    plain = params.with_overrides(
+        [f"data.processed_dir={out / 'processed'}", f"reports_dir={out / 'reports'}"]
     )
     return run_ingest(plain, progress=False).to_report()
 
 
-def _flow_ingest(params: dict, out: Path, overrides: list[str]) -> tuple[dict, str]:
-    fanned = apply_overrides(
-        params,
+def _flow_ingest(params: Params, out: Path, overrides: list[str]) -> tuple[dict, str]:
+    fanned = params.with_overrides(
         [f"data.processed_dir={out / 'processed'}", f"reports_dir={out / 'reports'}", *overrides],
     )
     state = ingest_only(fanned, return_state=True)
@@ -71,7 +71,7 @@ def _assert_same_dataset(left: Path, right: Path) -> None:
 
 @pytest.mark.parametrize("runner", ["threads", "processes"])
 def test_prefect_task_runners_give_the_process_pools_dataset(
-    prefect_harness, folder_params: dict, tmp_path: Path, runner: str
+    prefect_harness, folder_params: Params, tmp_path: Path, runner: str
 ) -> None:
     expected = _ingest_with_process_pool(folder_params, tmp_path / "plain")
     filters_before = list(warnings.filters)
@@ -86,14 +86,14 @@ def test_prefect_task_runners_give_the_process_pools_dataset(
     assert report["ingested"] + report["quarantined"] == report["files_seen"]
     _assert_same_dataset(tmp_path / "plain/processed", tmp_path / runner / "processed")
     decode_runs = _decode_task_runs(flow_run_id)
-    workers = IngestConfig.from_params(folder_params).worker_count
+    workers = folder_params.data.worker_count
     chunks = split_in_chunks(list(range(report["files_seen"])), workers)
     assert len(decode_runs) == len(chunks) > 1
     assert all(run.state.is_completed() for run in decode_runs)
 
 
 def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
-    prefect_harness, folder_params: dict, tmp_path: Path
+    prefect_harness, folder_params: Params, tmp_path: Path
 ) -> None:
     from distributed import Client, LocalCluster, get_task_stream
 
@@ -129,23 +129,23 @@ def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_an_unknown_task_runner_is_a_clear_error(params: dict, workers: int) -> None:
-    wrong = apply_overrides(params, ["orchestration.task_runner=spark", f"data.workers={workers}"])
+def test_an_unknown_task_runner_is_a_clear_error(params: Params, workers: int) -> None:
+    wrong = params.with_overrides(["orchestration.task_runner=spark", f"data.workers={workers}"])
     with pytest.raises(MedtransferError, match=r"orchestration\.task_runner must be one of"):
         task_runner_decode_map(wrong)
 
 
-def test_one_worker_decodes_in_the_flows_process_unless_a_cluster_is_named(params: dict) -> None:
-    one = apply_overrides(params, ["data.workers=1"])
+def test_one_worker_decodes_in_the_flows_process_unless_a_cluster_is_named(params: Params) -> None:
+    one = params.with_overrides(["data.workers=1"])
     assert task_runner_decode_map(one) is decode_in_process_pool
-    remote = apply_overrides(
-        one, ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://127.0.0.1:8786"]
+    remote = one.with_overrides(
+        ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://127.0.0.1:8786"]
     )
     assert task_runner_decode_map(remote) is not decode_in_process_pool
 
 
 def test_worker_processes_report_to_the_flows_temporary_server(
-    folder_params: dict, tmp_path: Path
+    folder_params: Params, tmp_path: Path
 ) -> None:
     """`medtransfer run` without PREFECT_API_URL: one temporary server for flow and workers.
 
@@ -156,8 +156,7 @@ def test_worker_processes_report_to_the_flows_temporary_server(
     params_file = tmp_path / "fanout.yaml"
     params_file.write_text(
         yaml.safe_dump(
-            apply_overrides(
-                folder_params,
+            folder_params.with_overrides(
                 [
                     f"data.processed_dir={tmp_path / 'processed'}",
                     f"reports_dir={tmp_path / 'reports'}",

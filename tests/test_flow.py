@@ -10,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import medtransfer_pipeline
-from tasks.config import apply_overrides
+from tasks.config import Params
 
 TINY = [
     "train.epochs=1",
@@ -25,11 +25,11 @@ TINY = [
 
 
 def test_flow_runs_every_stage_then_hits_the_cache(
-    prefect_harness, train_params: dict, tmp_path: Path
+    prefect_harness, train_params: Params, tmp_path: Path
 ) -> None:
     params_file = tmp_path / "flow.yaml"
-    params_file.write_text(yaml.safe_dump(apply_overrides(train_params, TINY)))
-    reports = Path(train_params["reports_dir"])
+    params_file.write_text(yaml.safe_dump(train_params.with_overrides(TINY).to_dict()))
+    reports = Path(train_params.reports_dir)
 
     first = medtransfer_pipeline(params_file=str(params_file))
     assert first["cached"] == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,46 +9,48 @@ import pandas as pd
 import pytest
 
 from flows.cli import main as cli_main
-from tasks.config import apply_overrides
+from tasks import reports
+from tasks.config import Params
 from tasks.data import dicom_io, synthetic
 from tasks.data.dataset import load_processed
+from tasks.data.ingestion import DUPLICATE_SOP_UID, NO_LABEL
 from tasks.errors import MedtransferError
-from tasks.stages.ingest import DUPLICATE_SOP_UID, NO_LABEL, run_ingest
+from tasks.stages.ingest import run_ingest
 from tests.conftest import make_mono_dataset, write_dataset
 
 
-def test_synthetic_default_ingests_every_file(params: dict) -> None:
+def test_synthetic_default_ingests_every_file(params: Params) -> None:
     result = run_ingest(params, progress=False)
-    dataset = load_processed(params["data"]["processed_dir"])
+    dataset = load_processed(params.data.processed_dir)
     assert result.files_seen == result.ingested > 30
     assert result.quarantined == 0
     assert dataset.images.shape == (result.images, 32, 32) and dataset.images.dtype == np.uint8
     assert dataset.classes == list(synthetic.LABEL_NAMES)
     for split in ("train", "val", "test"):
         assert set(np.unique(dataset.labels[dataset.indices(split)])) == {0, 1}, split
-    report = json.loads(Path(result.report_path).read_text())
+    report = reports.INGEST.read(params.reports_dir)
     assert report["files_seen"] == report["ingested"] + report["quarantined"]
     notes = ";".join(dataset.manifest["notes"])
     assert "monochrome1_inverted" in notes and "rescale" in notes and "window" in notes
 
 
-def test_split_never_shares_a_patient(params: dict) -> None:
+def test_split_never_shares_a_patient(params: Params) -> None:
     run_ingest(params, progress=False)
-    manifest = load_processed(params["data"]["processed_dir"]).manifest
+    manifest = load_processed(params.data.processed_dir).manifest
     splits_per_patient = manifest.groupby("patient_hash")["split"].nunique()
     assert (splits_per_patient == 1).all()
-    assert manifest["patient_hash"].nunique() == params["synthetic"]["n_patients"]
+    assert manifest["patient_hash"].nunique() == params.synthetic.n_patients
 
 
-def test_no_patient_identifier_anywhere_in_the_output(params: dict) -> None:
+def test_no_patient_identifier_anywhere_in_the_output(params: Params) -> None:
     run_ingest(params, progress=False)
     patients = synthetic.make_patients(synthetic.SyntheticConfig.from_params(params))
     forbidden = {"DOE^JANE", "Synthetic General Hospital", "SMITH^JOHN"}
     for patient in patients:
         forbidden |= {patient.patient_id, patient.patient_name, patient.birth_date}
     outputs = [
-        *Path(params["data"]["processed_dir"]).rglob("*"),
-        *Path(params["reports_dir"]).rglob("*"),
+        *Path(params.data.processed_dir).rglob("*"),
+        *Path(params.reports_dir).rglob("*"),
     ]
     scanned = 0
     for path in (p for p in outputs if p.is_file()):
@@ -60,9 +61,9 @@ def test_no_patient_identifier_anywhere_in_the_output(params: dict) -> None:
     assert scanned >= 6  # images, labels, manifest, quarantine, dataset.json, ingest.json
 
 
-def test_same_input_same_bytes(params: dict, tmp_path: Path) -> None:
+def test_same_input_same_bytes(params: Params, tmp_path: Path) -> None:
     first = run_ingest(params, progress=False)
-    other = apply_overrides(params, [f"data.processed_dir={tmp_path / 'again'}"])
+    other = params.with_overrides([f"data.processed_dir={tmp_path / 'again'}"])
     second = run_ingest(other, progress=False)
     for name in ("images.npy", "labels.npy", "manifest.csv", "dataset.json"):
         assert (first.processed_dir / name).read_bytes() == (
@@ -70,10 +71,10 @@ def test_same_input_same_bytes(params: dict, tmp_path: Path) -> None:
         ).read_bytes(), name
 
 
-def test_serial_and_parallel_decoding_agree(params: dict, tmp_path: Path) -> None:
-    parallel = run_ingest(apply_overrides(params, ["data.workers=2"]), progress=False)
+def test_serial_and_parallel_decoding_agree(params: Params, tmp_path: Path) -> None:
+    parallel = run_ingest(params.with_overrides(["data.workers=2"]), progress=False)
     serial = run_ingest(
-        apply_overrides(params, ["data.workers=1", f"data.processed_dir={tmp_path / 's'}"]),
+        params.with_overrides(["data.workers=1", f"data.processed_dir={tmp_path / 's'}"]),
         progress=False,
     )
     assert (parallel.processed_dir / "images.npy").read_bytes() == (
@@ -118,10 +119,10 @@ def _bad_input_folder(root: Path) -> tuple[Path, Path]:
     return folder, csv_path
 
 
-def test_bad_files_are_quarantined_with_reasons(params: dict, tmp_path: Path) -> None:
+def test_bad_files_are_quarantined_with_reasons(params: Params, tmp_path: Path) -> None:
     folder, csv_path = _bad_input_folder(tmp_path)
     result = run_ingest(
-        apply_overrides(params, [f"data.source={folder}", f"data.labels_csv={csv_path}"]),
+        params.with_overrides([f"data.source={folder}", f"data.labels_csv={csv_path}"]),
         progress=False,
     )
     quarantine = pd.read_csv(result.processed_dir / "quarantine.csv").set_index("source_file")
@@ -140,7 +141,7 @@ def test_bad_files_are_quarantined_with_reasons(params: dict, tmp_path: Path) ->
     }
 
 
-def test_labels_from_class_subfolders(params: dict, tmp_path: Path) -> None:
+def test_labels_from_class_subfolders(params: Params, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(8):
         label = "effusion" if i % 2 else "clear"
@@ -150,13 +151,13 @@ def test_labels_from_class_subfolders(params: dict, tmp_path: Path) -> None:
         make_mono_dataset(np.ones((4, 4), dtype=np.uint16)), tmp_path / "by_class" / "root.dcm"
     )
     result = run_ingest(
-        apply_overrides(params, [f"data.source={tmp_path / 'by_class'}"]), progress=False
+        params.with_overrides([f"data.source={tmp_path / 'by_class'}"]), progress=False
     )
     assert result.classes == {"clear": 4, "effusion": 4}
     assert result.quarantined_by_reason[NO_LABEL] == 1  # a file outside any class folder
 
 
-def test_npz_keeps_the_official_split(params: dict, tmp_path: Path) -> None:
+def test_npz_keeps_the_official_split(params: Params, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", 20), ("val", 6), ("test", 8)):
@@ -164,7 +165,7 @@ def test_npz_keeps_the_official_split(params: dict, tmp_path: Path) -> None:
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
     np.savez(tmp_path / "mini.npz", **arrays)
     result = run_ingest(
-        apply_overrides(params, [f"data.source={tmp_path / 'mini.npz'}"]), progress=False
+        params.with_overrides([f"data.source={tmp_path / 'mini.npz'}"]), progress=False
     )
     dataset = load_processed(result.processed_dir)
     assert [len(dataset.indices(s)) for s in ("train", "val", "test")] == [20, 6, 8]
@@ -183,7 +184,7 @@ def test_npz_keeps_the_official_split(params: dict, tmp_path: Path) -> None:
     ],
 )
 def test_bad_configuration_is_a_clear_error_and_exit_status(
-    tmp_path: Path, params: dict, setup: str, message: str, capsys: pytest.CaptureFixture
+    tmp_path: Path, params: Params, setup: str, message: str, capsys: pytest.CaptureFixture
 ) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -204,16 +205,16 @@ def test_bad_configuration_is_a_clear_error_and_exit_status(
     overrides = [f"data.source={source}", f"data.labels_csv={csv_path}"]
 
     with pytest.raises(MedtransferError, match=message):
-        run_ingest(apply_overrides(params, overrides), progress=False)
+        run_ingest(params.with_overrides(overrides), progress=False)
 
     params_file = tmp_path / "params.yaml"
     import yaml
 
-    params_file.write_text(yaml.safe_dump(params))
+    params_file.write_text(yaml.safe_dump(params.to_dict()))
     status = cli_main(
         ["ingest", "--params", str(params_file), "-q", *[f"-S{o}" for o in overrides]]
     )
     captured = capsys.readouterr()
     assert status == 2
     assert message in captured.err and "Traceback" not in captured.err
-    assert not Path(params["data"]["processed_dir"]).exists()  # nothing half-written
+    assert not Path(params.data.processed_dir).exists()  # nothing half-written

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config import apply_overrides
+from tasks.config import Params
 from tasks.stages.train import run_train
 from tests.processes import free_port, http_ok, running, wait_until
 
@@ -53,12 +53,12 @@ def chromium() -> Path:
 
 @pytest.mark.slow
 def test_mlflow_ui_shows_experiment_run_metric_and_champion(
-    train_params: dict, chromium: Path, tmp_path: Path
+    train_params: Params, chromium: Path, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    report = run_train(apply_overrides(train_params, ["train.epochs=1"]))
+    report = run_train(train_params.with_overrides(["train.epochs=1"]))
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(report["run_id"])
     auc = run.data.metrics["eval_test_auc"]
@@ -67,7 +67,7 @@ def test_mlflow_ui_shows_experiment_run_metric_and_champion(
         MODEL_NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
     )
     client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
-    experiment = train_params["mlflow"]["experiment"]
+    experiment = train_params.mlflow.experiment
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
 
     port = free_port()

@@ -21,10 +21,9 @@ import yaml
 from flows.deployments import (
     RETRAIN_DEPLOYMENT,
     WATCH_DEPLOYMENT,
-    OrchestrationConfig,
     build_deployments,
 )
-from tasks.config import apply_overrides
+from tasks.config import Params
 from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tests.processes import (
@@ -41,10 +40,9 @@ WEEKLY = "0 3 * * 1"  # Mondays 03:00
 
 
 @pytest.fixture
-def tiny_params(params: dict, tmp_path: Path, fresh_mlflow_store: str) -> dict:
+def tiny_params(params: Params, tmp_path: Path, fresh_mlflow_store: str) -> dict:
     """The whole pipeline at its smallest, every path and the MLflow store in ``tmp_path``."""
-    return apply_overrides(
-        params,
+    return params.with_overrides(
         [
             "synthetic.n_patients=12",
             "data.image_size=32",
@@ -70,8 +68,8 @@ def tiny_params(params: dict, tmp_path: Path, fresh_mlflow_store: str) -> dict:
     )
 
 
-def write_params(params: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+def write_params(params: Params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     return path
 
 
@@ -89,9 +87,9 @@ def mlflow_run_ids(tracking_uri: str) -> list[str]:
 # --- configuration -----------------------------------------------------------------------
 
 
-def test_deployments_carry_crons_parameters_and_a_pool(tiny_params: dict, tmp_path: Path) -> None:
-    params = apply_overrides(
-        tiny_params, ["orchestration.watch_cron=null", "orchestration.timezone=Europe/Paris"]
+def test_deployments_carry_crons_parameters_and_a_pool(tiny_params: Params, tmp_path: Path) -> None:
+    params = tiny_params.with_overrides(
+        ["orchestration.watch_cron=null", "orchestration.timezone=Europe/Paris"]
     )
     retrain, watch = build_deployments(
         params, tmp_path / "params.yaml", ["train.epochs=1"], work_pool_name="gpu"
@@ -111,18 +109,20 @@ def test_deployments_carry_crons_parameters_and_a_pool(tiny_params: dict, tmp_pa
     assert watch.concurrency_limit == 1
 
 
-def test_an_invalid_cron_is_a_clear_error(tiny_params: dict, tmp_path: Path) -> None:
-    params = apply_overrides(tiny_params, ["orchestration.retrain_cron=every monday"])
+def test_an_invalid_cron_is_a_clear_error(tiny_params: Params, tmp_path: Path) -> None:
+    params = tiny_params.with_overrides(["orchestration.retrain_cron=every monday"])
     with pytest.raises(MedtransferError, match=r"orchestration.retrain_cron 'every monday'"):
         build_deployments(params, tmp_path / "params.yaml")
 
 
-def test_params_yaml_schedules_weekly_retraining_and_hourly_checks(params: dict) -> None:
-    config = OrchestrationConfig.from_params(params)
-    assert config == OrchestrationConfig(
-        retrain_cron="0 3 * * 1", watch_cron="0 * * * *", timezone="UTC"
+def test_params_yaml_schedules_weekly_retraining_and_hourly_checks(params: Params) -> None:
+    config = params.orchestration
+    assert (config.retrain_cron, config.watch_cron, config.timezone) == (
+        "0 3 * * 1",
+        "0 * * * *",
+        "UTC",
     )
-    assert params["orchestration"]["watch_folder"] is None  # null: data.source
+    assert params.orchestration.watch_folder is None  # null: data.source
 
 
 # --- the watch flow -----------------------------------------------------------------------
@@ -143,23 +143,27 @@ def copy_patients(source: Path, labels_csv: Path, watched: Path, patients: range
 
 @pytest.mark.slow
 def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
-    prefect_harness, tiny_params: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    prefect_harness, tiny_params: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from flows.watch import read_state, watch_and_retrain
 
     generated, labels_csv = synthetic.generate(
-        synthetic.SyntheticConfig(output_dir=str(tmp_path / "generated"), n_patients=16, size=64)
+        synthetic.SyntheticConfig.from_params(
+            tiny_params.with_overrides(
+                [f"synthetic.output_dir={tmp_path / 'generated'}", "synthetic.n_patients=16"]
+            )
+        )
     )
     watched = tmp_path / "watched"
     assert copy_patients(generated, labels_csv, watched, range(12)) > 0
     params_file = write_params(
-        apply_overrides(
-            tiny_params, [f"orchestration.watch_folder={watched}", "data.labels_csv=null"]
+        tiny_params.with_overrides(
+            [f"orchestration.watch_folder={watched}", "data.labels_csv=null"]
         ),
         tmp_path / "params.yaml",
     )
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    state_file = Path(tiny_params["reports_dir"]) / "watch_state.json"
+    state_file = Path(tiny_params.reports_dir) / "watch_state.json"
 
     first = watch_and_retrain(params_file=str(params_file))
     assert first["retrained"] is True
@@ -201,7 +205,7 @@ def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
 
 @pytest.mark.slow
 def test_served_retrain_deployment_is_scheduled_and_runs_the_pipeline(
-    tiny_params: dict, tmp_path: Path
+    tiny_params: Params, tmp_path: Path
 ) -> None:
     """`prefect server start` + `medtransfer serve-deployments`, as the README tells a user."""
     from prefect.client.orchestration import get_client
@@ -283,7 +287,7 @@ def test_served_retrain_deployment_is_scheduled_and_runs_the_pipeline(
             assert run.state is not None and run.state.is_completed(), (
                 f"flow run ended {run.state}\n{log_tail(serve_log)}"
             )
-    reports = Path(tiny_params["reports_dir"])
+    reports = Path(tiny_params.reports_dir)
     for report in ("ingest.json", "metrics.json", "robustness.json", "register.json"):
         assert (reports / report).is_file(), report
     assert len(mlflow_run_ids(os.environ["MLFLOW_TRACKING_URI"])) == 1

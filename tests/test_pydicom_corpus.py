@@ -15,9 +15,10 @@ import pandas as pd
 import pydicom
 import pytest
 
-from tasks.config import apply_overrides
+from tasks.config import Params
 from tasks.data.dicom_io import decode_file
-from tasks.stages.ingest import NO_LABEL, QUARANTINE_REASONS, run_ingest
+from tasks.data.ingestion import NO_LABEL, QUARANTINE_REASONS
+from tasks.stages.ingest import run_ingest
 
 
 def _corpus_roots() -> dict[str, Path]:
@@ -48,12 +49,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
 
 
 def test_every_corpus_file_is_ingested_or_quarantined(
-    params: dict, corpus: tuple[Path, Path, int]
+    params: Params, corpus: tuple[Path, Path, int]
 ) -> None:
     folder, labels, n_files = corpus
     result = run_ingest(
-        apply_overrides(
-            params, [f"data.source={folder}", f"data.labels_csv={labels}", "data.multiframe=all"]
+        params.with_overrides(
+            [f"data.source={folder}", f"data.labels_csv={labels}", "data.multiframe=all"]
         ),
         progress=False,
     )

@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config import apply_overrides
+from tasks.config import GatesParams, Params
 from tasks.robustness.verdict import metric_key
-from tasks.stages.robustness import gates_in_pixels, run_robustness
+from tasks.stages.robustness import run_robustness
 from tasks.stages.train import run_train
 
 
 @pytest.fixture
-def robust_params(train_params: dict) -> dict:
-    params = apply_overrides(
-        train_params,
+def robust_params(train_params: Params) -> dict:
+    params = train_params.with_overrides(
         [
             "train.epochs=1",
             "robustness.max_samples=12",
@@ -31,9 +30,9 @@ def robust_params(train_params: dict) -> dict:
     return params
 
 
-def test_report_verdict_and_mlflow(robust_params: dict) -> None:
+def test_report_verdict_and_mlflow(robust_params: Params) -> None:
     report = run_robustness(robust_params)
-    reports = Path(robust_params["reports_dir"])
+    reports = Path(robust_params.reports_dir)
     assert json.loads((reports / "robustness.json").read_text())["verdict"] == report["verdict"]
     assert (reports / "plots" / "robustness.png").stat().st_size > 1000
     metrics = report["metrics"]
@@ -50,9 +49,9 @@ def test_report_verdict_and_mlflow(robust_params: dict) -> None:
     assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics
 
 
-def test_a_failing_gate_is_a_verdict_not_a_crash(robust_params: dict) -> None:
-    strict = apply_overrides(
-        robust_params, ["gates.min_clean_auc=1.01", "robustness.reference_probe=false"]
+def test_a_failing_gate_is_a_verdict_not_a_crash(robust_params: Params) -> None:
+    strict = robust_params.with_overrides(
+        ["gates.min_clean_auc=1.01", "robustness.reference_probe=false"]
     )
     report = run_robustness(strict)
     assert report["verdict"]["passed"] is False
@@ -60,16 +59,25 @@ def test_a_failing_gate_is_a_verdict_not_a_crash(robust_params: dict) -> None:
 
 
 def test_gate_budgets_are_converted_from_255_units() -> None:
-    gates = gates_in_pixels(
-        {"robust_acc_eps_255": 2, "min_robust_acc": 0.5, "teacher_transfer_eps_255": None}
-    )
-    assert gates == {"robust_acc_eps": 2 / 255, "min_robust_acc": 0.5, "teacher_transfer_eps": None}
+    gates = GatesParams(
+        min_clean_auc=None,
+        min_robust_acc=0.5,
+        robust_acc_eps_255=2.0,
+        max_teacher_transfer_success=None,
+        teacher_transfer_eps_255=None,
+    ).in_pixels()
+    assert gates == {
+        "min_clean_auc": None,
+        "min_robust_acc": 0.5,
+        "robust_acc_eps": 2 / 255,
+        "max_teacher_transfer_success": None,
+        "teacher_transfer_eps": None,
+    }
 
 
-def test_pgd_training_variant_appears_in_the_strategy_table(train_params: dict) -> None:
+def test_pgd_training_variant_appears_in_the_strategy_table(train_params: Params) -> None:
     """The mitigation: a plain and a PGD-trained student side by side in one report."""
-    params = apply_overrides(
-        train_params,
+    params = train_params.with_overrides(
         [
             "train.epochs=1",
             "train.compare=[linear_probe,linear_probe+pgd]",

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.config import apply_overrides
+from tasks.config import Params
 from tasks.errors import MedtransferError
 from tasks.stages.evaluate import run_evaluate
 from tasks.stages.train import run_train
@@ -23,9 +23,9 @@ def _client() -> MlflowClient:
     return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
 
 
-def test_train_then_evaluate_records_everything(train_params: dict) -> None:
+def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     report = run_train(train_params)
-    reports = Path(train_params["reports_dir"])
+    reports = Path(train_params.reports_dir)
     assert json.loads((reports / "train.json").read_text())["run_id"] == report["run_id"]
 
     run = _client().get_run(report["run_id"])
@@ -54,9 +54,8 @@ def test_train_then_evaluate_records_everything(train_params: dict) -> None:
     assert "eval_test_auc" in _client().get_run(report["run_id"]).data.metrics
 
 
-def test_compare_and_label_fractions_nest_child_runs(train_params: dict) -> None:
-    params = apply_overrides(
-        train_params,
+def test_compare_and_label_fractions_nest_child_runs(train_params: Params) -> None:
+    params = train_params.with_overrides(
         [
             "train.compare=[linear_probe,scratch]",
             "train.label_fractions=[0.5,1.0]",
@@ -92,22 +91,24 @@ def test_compare_and_label_fractions_nest_child_runs(train_params: dict) -> None
     ],
 )
 def test_wrong_configuration_fails_before_training(
-    train_params: dict, override: str, message: str
+    train_params: Params, override: str, message: str
 ) -> None:
     with pytest.raises(MedtransferError, match=message):
-        run_train(apply_overrides(train_params, [override]))
-    assert not Path(train_params["train"]["model_dir"]).exists()
+        run_train(train_params.with_overrides([override]))
+    assert not Path(train_params.train.model_dir).exists()
 
 
-def test_missing_dataset_is_a_clear_error(train_params: dict, tmp_path: Path) -> None:
+def test_missing_dataset_is_a_clear_error(train_params: Params, tmp_path: Path) -> None:
     with pytest.raises(MedtransferError, match="medtransfer ingest"):
-        run_train(apply_overrides(train_params, [f"data.processed_dir={tmp_path / 'nothing'}"]))
+        run_train(train_params.with_overrides([f"data.processed_dir={tmp_path / 'nothing'}"]))
 
 
-def test_torchrun_two_cpu_processes(train_params: dict, tmp_path: Path) -> None:
+def test_torchrun_two_cpu_processes(train_params: Params, tmp_path: Path) -> None:
     """The same command under torchrun: DDP on gloo, one MLflow run written by rank 0."""
     params_file = tmp_path / "ddp.yaml"
-    params_file.write_text(yaml.safe_dump(apply_overrides(train_params, ["train.epochs=1"])))
+    params_file.write_text(
+        yaml.safe_dump(train_params.with_overrides(["train.epochs=1"]).to_dict())
+    )
     bin_dir = Path(sys.executable).parent
     done = subprocess.run(
         [
@@ -127,19 +128,18 @@ def test_torchrun_two_cpu_processes(train_params: dict, tmp_path: Path) -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((Path(train_params["reports_dir"]) / "train.json").read_text())
+    report = json.loads((Path(train_params.reports_dir) / "train.json").read_text())
     runs = _client().search_runs([_client().get_experiment_by_name("medtransfer").experiment_id])
     assert [r.info.run_id for r in runs] == [report["run_id"]]  # rank 1 logged nothing
 
 
 def test_transfer_beats_scratch_on_the_synthetic_default(
-    params: dict, tmp_path: Path, fresh_mlflow_store: str
+    params: Params, tmp_path: Path, fresh_mlflow_store: str
 ) -> None:
     """The product's claim, at equal budget and fixed seed: the partial student wins clearly."""
     from tasks.stages.ingest import run_ingest
 
-    setting = apply_overrides(
-        params,
+    setting = params.with_overrides(
         [
             "synthetic.n_patients=80",
             "synthetic.size=128",

@@ -29,6 +29,8 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter
 
+from tasks.config import Params
+
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 LABEL_NAMES = ("normal", "opacity")
@@ -39,28 +41,26 @@ FINGERPRINT_FILE = "generator.json"
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """What to generate; mirrors the ``synthetic`` section of ``params.yaml``."""
+    """What to generate: the ``synthetic`` section of ``params.yaml`` plus the global seed."""
 
-    output_dir: str = "data/synthetic"
-    n_patients: int = 120
-    images_per_patient_min: int = 2
-    images_per_patient_max: int = 4
-    size: int = 256
-    positive_fraction: float = 0.5
-    lesion_contrast: float = 0.35
-    rle_fraction: float = 0.25
-    monochrome1_fraction: float = 0.2
-    multiframe_fraction: float = 0.05
+    output_dir: str
+    n_patients: int
+    images_per_patient_min: int
+    images_per_patient_max: int
+    size: int
+    positive_fraction: float
+    lesion_contrast: float
+    rle_fraction: float
+    monochrome1_fraction: float
+    multiframe_fraction: float
+    seed: int
+    # Not a parameter: every synthetic set mixes these Bits Stored values on purpose.
     bits_stored_choices: tuple[int, ...] = (12, 14, 16)
-    seed: int = 42
 
     @classmethod
-    def from_params(cls, params: dict) -> SyntheticConfig:
-        """Build from the whole params dict (``synthetic`` section plus the global seed)."""
-        section = dict(params.get("synthetic", {}))
-        if "bits_stored_choices" in section:
-            section["bits_stored_choices"] = tuple(section["bits_stored_choices"])
-        return cls(**section, seed=int(params.get("seed", 42)))
+    def from_params(cls, params: Params) -> SyntheticConfig:
+        """The generator's settings from the typed configuration."""
+        return cls(**asdict(params.synthetic), seed=params.seed)
 
 
 @dataclass(frozen=True)

@@ -1,576 +1,72 @@
-"""Ingestion stage: a DICOM folder, a MedMNIST ``.npz`` or the synthetic set → processed dataset.
+"""The ingest stage: the configured source (a DICOM folder, a MedMNIST ``.npz`` or the
+synthetic set) → the processed dataset in ``data.processed_dir`` and the ingest report.
 
-Every input file ends either in the dataset or in ``quarantine.csv`` with a reason, so
-``ingested + quarantined == files_seen`` always holds. Files are decoded in parallel worker
-processes; the parent keeps the sorted file order, so the output is byte-identical for the same
-input and parameters. The dataset is first written to a staging folder and moved into place
-at the end: an interrupted run never leaves a half-written dataset behind.
-
-Entry point: :func:`run_ingest` (called by ``medtransfer ingest``, ``dvc repro ingest``, the
-Prefect flow and the tests).
+Called by ``medtransfer ingest``, ``dvc repro ingest``, the Prefect flow and the tests.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import hashlib
-import json
-import multiprocessing
-import os
-import secrets
-import shutil
-import threading
-import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from tasks.data import dataset as ds_files
-from tasks.data import dicom_io, synthetic
-from tasks.data.labels import LabelSource, read_label_source
-from tasks.data.preprocess import resize_display, uint8_to_display
-from tasks.data.splits import patient_level_split
+from tasks import reports
+from tasks.config import Params
+from tasks.data import synthetic
+from tasks.data.ingestion import DecodeMap, IngestResult, ingest_folder, ingest_npz
+from tasks.data.labels import read_label_source
 from tasks.errors import MedtransferError
 
-NO_LABEL = "no_label"
-DUPLICATE_SOP_UID = "duplicate_sop_instance_uid"
-QUARANTINE_REASONS = (
-    dicom_io.NOT_DICOM,
-    dicom_io.UNREADABLE,
-    dicom_io.NO_PIXEL_DATA,
-    dicom_io.UNSUPPORTED_TRANSFER_SYNTAX,
-    dicom_io.UNSUPPORTED_IMAGE,
-    dicom_io.DECODE_FAILED,
-    NO_LABEL,
-    DUPLICATE_SOP_UID,
-)
-SALT_ENV = "MEDTRANSFER_PATIENT_SALT"
-SALT_FILE = Path("data/.patient_salt")
-REPORT_NAME = "ingest.json"
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """The ingestion settings: the ``data`` section of ``params.yaml`` plus ``seed``."""
-
-    source: str
-    labels_csv: str | None
-    processed_dir: str
-    image_size: int
-    multiframe: str
-    val_fraction: float
-    test_fraction: float
-    workers: int
-    seed: int
-    reports_dir: str
-
-    @classmethod
-    def from_params(cls, params: dict) -> IngestConfig:
-        data = params.get("data") or {}
-        try:
-            config = cls(
-                source=str(data["source"]),
-                labels_csv=data.get("labels_csv"),
-                processed_dir=str(data["processed_dir"]),
-                image_size=int(data["image_size"]),
-                multiframe=str(data.get("multiframe", "middle")),
-                val_fraction=float(data["val_fraction"]),
-                test_fraction=float(data["test_fraction"]),
-                workers=int(data.get("workers", 0)),
-                seed=int(params.get("seed", 0)),
-                reports_dir=str(params.get("reports_dir", "reports")),
-            )
-        except KeyError as err:
-            raise MedtransferError(
-                f"params.yaml lacks data.{err.args[0]}; see the README's params table."
-            ) from err
-        if config.multiframe not in dicom_io.MULTIFRAME_MODES:
-            raise MedtransferError(
-                f"data.multiframe must be one of {dicom_io.MULTIFRAME_MODES}, "
-                f"not {config.multiframe!r}."
-            )
-        if config.image_size < 16:
-            raise MedtransferError(
-                f"data.image_size must be at least 16 pixels, not {config.image_size}."
-            )
-        if not (
-            config.val_fraction >= 0
-            and config.test_fraction >= 0
-            and config.val_fraction + config.test_fraction < 1
-        ):
-            raise MedtransferError(
-                "data.val_fraction and data.test_fraction must be >= 0 and sum to less than 1."
-            )
-        return config
-
-    @property
-    def worker_count(self) -> int:
-        """Decoding workers: ``workers``, or one per CPU core when it is 0."""
-        return self.workers or os.cpu_count() or 1
-
-
-@dataclass
-class FileOutcome:
-    """What decoding one file produced: images, or a quarantine reason."""
-
-    source_file: str
-    images: list[np.ndarray] = field(default_factory=list)
-    reason: str = ""
-    detail: str = ""
-    sop_uid: str = ""
-    sop_uid_hash: str = ""
-    patient_hash: str = ""
-    notes: str = ""
-
-
-# Decodes ``files`` (under ``folder``) with the ingestion settings and the patient salt, and
-# yields one outcome per file in the order of ``files``.
-DecodeMap = Callable[[Path, list[Path], "IngestConfig", str], Iterable[FileOutcome]]
-
-
-@dataclass
-class IngestResult:
-    """Counts and locations of one ingestion run (the content of ``reports/ingest.json``)."""
-
-    processed_dir: Path
-    report_path: Path
-    source_kind: str
-    files_seen: int
-    ingested: int
-    quarantined: int
-    images: int
-    quarantined_by_reason: dict[str, int]
-    splits: dict[str, dict[str, int]]
-    classes: dict[str, int]
-
-    def to_report(self) -> dict:
-        return {
-            "source_kind": self.source_kind,
-            "files_seen": self.files_seen,
-            "ingested": self.ingested,
-            "quarantined": self.quarantined,
-            "images": self.images,
-            "quarantined_by_reason": self.quarantined_by_reason,
-            "splits": self.splits,
-            "classes": self.classes,
-        }
+logger = logging.getLogger(__name__)
 
 
 def run_ingest(
-    params: dict, progress: bool = True, decode_map: DecodeMap | None = None
+    params: Params, progress: bool = True, decode_map: DecodeMap | None = None
 ) -> IngestResult:
-    """Run the ingestion stage as configured by ``params`` (the whole params.yaml dict).
+    """Ingest ``params.data.source`` and write the ingest report.
 
-    ``decode_map`` decodes a folder's files (see :data:`DecodeMap`); None uses this module's
-    process pool. The Prefect flow passes one that fans out through its task runner.
+    Args:
+        params: the configuration (``data``, ``synthetic``, ``seed``, ``reports_dir``).
+        progress: show a progress bar on the terminal.
+        decode_map: decodes a folder's files (see :data:`~tasks.data.ingestion.DecodeMap`);
+            None uses a local process pool. The Prefect flow passes one that fans out through
+            its task runner.
 
     Returns:
-        The counts; the dataset is in ``data.processed_dir`` and the report in
-        ``<reports_dir>/ingest.json``.
+        The counts; the dataset is in ``data.processed_dir`` and the report at
+        :data:`tasks.reports.INGEST`.
 
     Raises:
         MedtransferError: an empty or missing source, an unreadable labels CSV, fewer than two
             classes among the ingested images.
     """
-    config = IngestConfig.from_params(params)
-    if config.source == "synthetic":
-        folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
-        return ingest_folder(
-            folder,
-            read_label_source(folder, labels_csv),
-            config,
-            "synthetic",
-            progress,
-            decode_map,
-        )
-    source = Path(config.source)
-    if source.suffix == ".npz":
-        return ingest_npz(source, config)
-    if not source.is_dir():
-        raise MedtransferError(
-            f"data.source {config.source!r} is neither 'synthetic', a folder, nor a .npz file. "
-            "Point it at a folder of DICOM files or a MedMNIST-format .npz."
-        )
-    return ingest_folder(
-        source,
-        read_label_source(source, config.labels_csv),
-        config,
-        "dicom_folder",
-        progress,
-        decode_map,
+    result = _ingest_source(params, progress, decode_map)
+    reports.INGEST.write(params.reports_dir, result)
+    reasons = {k: v for k, v in result.quarantined_by_reason.items() if v}
+    logger.info(
+        "ingest: %d files seen, %d ingested (%d images), %d quarantined %s; %s",
+        result.files_seen,
+        result.ingested,
+        result.images,
+        result.quarantined,
+        reasons or "",
+        ", ".join(f"{split} {counts['images']}" for split, counts in result.splits.items()),
     )
-
-
-def ingest_folder(
-    folder: Path,
-    labels: LabelSource,
-    config: IngestConfig,
-    source_kind: str,
-    progress: bool = True,
-    decode_map: DecodeMap | None = None,
-) -> IngestResult:
-    """Decode every file under ``folder`` (with ``decode_map``, default a process pool) and
-    write the processed dataset."""
-    files = list_files(folder, exclude=labels.csv_path)
-    if not files:
-        raise MedtransferError(
-            f"The folder {folder} holds no files. Point data.source at a folder of DICOM files."
-        )
-    salt = patient_salt()
-    staging = _staging_dir(config.processed_dir)
-    raw_path = staging / "images.raw"
-    rows: list[dict] = []
-    quarantine: list[dict] = []
-    seen_sop_uids: set[str] = set()
-    with open(raw_path, "wb") as raw:
-        outcomes = (decode_map or decode_in_process_pool)(folder, files, config, salt)
-        for outcome in tqdm(
-            outcomes, total=len(files), desc="ingest", unit="file", disable=not progress
-        ):
-            if not outcome.reason:
-                label = labels.label_for(outcome.source_file, outcome.sop_uid)
-                if label is None:
-                    outcome.reason, outcome.detail = (
-                        NO_LABEL,
-                        "no label for this file in the labels source",
-                    )
-                elif outcome.sop_uid and outcome.sop_uid in seen_sop_uids:
-                    outcome.reason = DUPLICATE_SOP_UID
-                    outcome.detail = (
-                        "same SOPInstanceUID as an earlier file; the first one was kept"
-                    )
-            if outcome.reason:
-                quarantine.append(
-                    {
-                        "source_file": outcome.source_file,
-                        "reason": outcome.reason,
-                        "detail": outcome.detail,
-                    }
-                )
-                continue
-            if outcome.sop_uid:
-                seen_sop_uids.add(outcome.sop_uid)
-            for frame, image in enumerate(outcome.images):
-                raw.write(image.tobytes())
-                rows.append(
-                    {
-                        "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
-                        "source_file": outcome.source_file,
-                        "frame": frame,
-                        "label": label,
-                        "patient_hash": outcome.patient_hash,
-                        "sop_uid_hash": outcome.sop_uid_hash,
-                        "notes": outcome.notes,
-                    }
-                )
-    ingested_files = len({row["source_file"] for row in rows})
-    return _finish(
-        staging,
-        rows,
-        quarantine,
-        config,
-        source_kind,
-        files_seen=len(files),
-        ingested=ingested_files,
-    )
-
-
-def ingest_npz(path: Path, config: IngestConfig) -> IngestResult:
-    """Ingest a MedMNIST-format ``.npz`` keeping its official train/val/test split.
-
-    Each image is its own "patient" (MedMNIST does not publish patient identities; its split
-    is already patient-level). ``files_seen`` counts images here.
-    """
-    if not path.is_file():
-        raise MedtransferError(f"The .npz file {path} does not exist.")
-    try:
-        archive = np.load(path)
-    except Exception as err:
-        raise MedtransferError(
-            f"{path} is not a readable .npz archive ({type(err).__name__}: {err})."
-        ) from err
-    needed = [f"{split}_{kind}" for split in ds_files.SPLITS for kind in ("images", "labels")]
-    missing = [key for key in needed if key not in archive.files]
-    if missing:
-        raise MedtransferError(f"{path} lacks {missing}; a MedMNIST-format archive holds {needed}.")
-    salt = patient_salt()
-    staging = _staging_dir(config.processed_dir)
-    rows: list[dict] = []
-    with open(staging / "images.raw", "wb") as raw:
-        for split in ds_files.SPLITS:
-            images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
-            labels = labels.reshape(len(labels), -1)
-            if labels.shape[1] != 1:
-                raise MedtransferError(
-                    f"{path} has {labels.shape[1]} labels per image (multi-label); medtransfer "
-                    "trains single-label classifiers. Use a single-label MedMNIST set."
-                )
-            for i in tqdm(range(len(images)), desc=f"ingest {split}", unit="img", leave=False):
-                display = uint8_to_display(images[i])
-                if display.ndim == 3:  # RGB MedMNIST sets
-                    display = display @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-                image = resize_display(display, config.image_size)
-                raw.write(image.tobytes())
-                rows.append(
-                    {
-                        "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
-                        "source_file": f"{path.name}:{split}_images[{i}]",
-                        "frame": 0,
-                        "label": str(int(labels[i, 0])),
-                        "patient_hash": _salted_hash(salt, f"npz:{split}:{i}"),
-                        "sop_uid_hash": "",
-                        "notes": "npz",
-                        "split": split,
-                    }
-                )
-    return _finish(staging, rows, [], config, "npz", files_seen=len(rows), ingested=len(rows))
-
-
-def list_files(folder: Path, exclude: Path | None = None) -> list[Path]:
-    """Every regular file under ``folder`` (any depth), sorted, except ``exclude``."""
-    exclude = exclude.resolve() if exclude else None
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.resolve() != exclude)
-
-
-def decode_to_outcome(
-    path: Path, folder: Path, image_size: int, multiframe: str, salt: str
-) -> FileOutcome:
-    """Decode one file into resized uint8 images, or a quarantine reason. Never raises."""
-    outcome = FileOutcome(source_file=path.relative_to(folder).as_posix())
-    try:
-        with _pydicom_warnings_silenced():
-            decoded = dicom_io.decode_file(path, multiframe=multiframe)
-        outcome.images = [resize_display(frame, image_size) for frame in decoded.frames]
-    except dicom_io.DicomRejected as err:
-        outcome.reason, outcome.detail = err.reason, err.detail
-        return outcome
-    except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
-        outcome.reason = dicom_io.DECODE_FAILED
-        outcome.detail = f"unexpected {type(err).__name__}: {err}"
-        return outcome
-    outcome.sop_uid = decoded.sop_instance_uid
-    outcome.sop_uid_hash = (
-        _salted_hash(salt, decoded.sop_instance_uid) if decoded.sop_instance_uid else ""
-    )
-    outcome.patient_hash = _salted_hash(salt, decoded.patient_key or f"file:{outcome.source_file}")
-    outcome.notes = ";".join(decoded.notes)
-    return outcome
-
-
-@contextlib.contextmanager
-def _pydicom_warnings_silenced() -> Iterator[None]:
-    """Silence warnings while one file is decoded: pydicom warns about every oddity it
-    tolerates, and one line per file drowns the log.
-
-    ``warnings.catch_warnings`` swaps process-wide state and is not thread-safe, so only the
-    main thread uses it; a caller that decodes in threads holds one for all of them
-    (``flows.fanout``).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def patient_salt() -> str:
-    """The secret salt for patient hashes: ``$MEDTRANSFER_PATIENT_SALT``, else a local file.
-
-    The file (``data/.patient_salt``, never committed) is created with a random value on first
-    use, so hashes are stable on one machine but cannot be reversed by whoever reads the repo.
-    """
-    from_env = os.environ.get(SALT_ENV)
-    if from_env:
-        return from_env
-    if not SALT_FILE.is_file():
-        SALT_FILE.parent.mkdir(parents=True, exist_ok=True)
-        SALT_FILE.write_text(secrets.token_hex(16))
-    return SALT_FILE.read_text().strip()
-
-
-def _salted_hash(salt: str, value: str) -> str:
-    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
-
-
-def decode_chunk(
-    folder: Path, paths: list[Path], image_size: int, multiframe: str, salt: str
-) -> list[FileOutcome]:
-    """:func:`decode_to_outcome` for each of ``paths``, in order: one unit of fanned-out work."""
-    return [decode_to_outcome(path, folder, image_size, multiframe, salt) for path in paths]
-
-
-def chunk_size(n_files: int, workers: int, max_chunk: int = 32) -> int:
-    """Files per unit of fanned-out work: about four units per worker, at most ``max_chunk``.
-
-    Several units per worker even out slow files; units of many files keep the per-unit
-    overhead (a process hop, a Prefect task run) small against the decoding itself.
-    """
-    return max(1, min(max_chunk, n_files // (max(workers, 1) * 4)))
-
-
-def split_in_chunks(files: list[Path], workers: int) -> list[list[Path]]:
-    """Consecutive chunks of ``files`` of :func:`chunk_size` each, in order."""
-    size = chunk_size(len(files), workers)
-    return [files[i : i + size] for i in range(0, len(files), size)]
-
-
-def decode_in_process_pool(
-    folder: Path, files: list[Path], config: IngestConfig, salt: str
-) -> Iterator[FileOutcome]:
-    """The default :data:`DecodeMap`: files in order, in worker processes when more than one
-    is configured (``data.workers``, 0 = one per core).
-
-    Not a generator itself: the pool's start method is chosen now, before the caller's
-    progress bar starts its monitor thread.
-    """
-    workers = config.worker_count
-    args = (folder, config.image_size, config.multiframe, salt)
-    if workers == 1 or len(files) < 8:
-        return (decode_to_outcome(path, *args) for path in files)
-    # Fork is fastest, but forking a process that runs other threads (Prefect's, for one) can
-    # deadlock on a lock held by another thread; then start workers from a fork server instead.
-    if threading.active_count() == 1:
-        context = multiprocessing.get_context("fork")
-    else:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["tasks.data.dicom_io", "tasks.data.preprocess"])
-    return _pool_map(files, args, workers, context)
-
-
-def _pool_map(
-    files: list[Path], args: tuple, workers: int, context: multiprocessing.context.BaseContext
-) -> Iterator[FileOutcome]:
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(
-            _decode_star,
-            [(path, *args) for path in files],
-            chunksize=chunk_size(len(files), workers),
-        )
-
-
-def _decode_star(job: tuple) -> FileOutcome:
-    return decode_to_outcome(*job)
-
-
-def _staging_dir(processed_dir: str) -> Path:
-    staging = Path(f"{processed_dir}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _finish(
-    staging: Path,
-    rows: list[dict],
-    quarantine: list[dict],
-    config: IngestConfig,
-    source_kind: str,
-    files_seen: int,
-    ingested: int,
-) -> IngestResult:
-    """Check classes, split, write every file of the dataset, move it into place, report."""
-    reasons = Counter(item["reason"] for item in quarantine)
-    classes = sorted({row["label"] for row in rows})
-    if len(classes) < 2:
-        shutil.rmtree(staging)
-        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none"
-        raise MedtransferError(
-            f"Only {len(classes)} class ({classes}) among {len(rows)} ingested images of "
-            f"{files_seen} files (quarantined: {summary}). A classifier needs at least two "
-            "labels; check the labels CSV or the class sub-folders."
-        )
-    class_index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
-    if source_kind != "npz":
-        splits = patient_level_split(
-            [row["patient_hash"] for row in rows],
-            labels,
-            config.val_fraction,
-            config.test_fraction,
-            config.seed,
-        )
-        for row, split in zip(rows, splits, strict=True):
-            row["split"] = split
-
-    size = config.image_size
-    images = np.lib.format.open_memmap(
-        staging / ds_files.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(rows), size, size)
-    )
-    block = 1024  # copy in blocks so memory stays flat whatever the number of images
-    with open(staging / "images.raw", "rb") as raw:
-        for start in range(0, len(rows), block):
-            count = min(block, len(rows) - start)
-            images[start : start + count] = np.frombuffer(
-                raw.read(count * size * size), dtype=np.uint8
-            ).reshape(count, size, size)
-    images.flush()
-    del images
-    (staging / "images.raw").unlink()
-    np.save(staging / ds_files.LABELS_FILE, labels)
-
-    for index, row in enumerate(rows):
-        row["index"], row["label_index"] = index, class_index[row["label"]]
-    _write_csv(staging / ds_files.MANIFEST_FILE, ds_files.MANIFEST_COLUMNS, rows)
-    _write_csv(staging / ds_files.QUARANTINE_FILE, ds_files.QUARANTINE_COLUMNS, quarantine)
-
-    split_counts = {
-        split: {
-            "images": sum(row["split"] == split for row in rows),
-            "patients": len({row["patient_hash"] for row in rows if row["split"] == split}),
-            **{
-                f"class_{name}": sum(row["split"] == split and row["label"] == name for row in rows)
-                for name in classes
-            },
-        }
-        for split in ds_files.SPLITS
-    }
-    class_counts = {name: int((labels == i).sum()) for name, i in class_index.items()}
-    info = {
-        "classes": classes,
-        "image_size": size,
-        "source_kind": source_kind,
-        "multiframe": config.multiframe,
-        "images": len(rows),
-        "splits": split_counts,
-    }
-    (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-
-    processed = Path(config.processed_dir)
-    if processed.exists():
-        shutil.rmtree(processed)
-    staging.rename(processed)
-
-    result = IngestResult(
-        processed_dir=processed,
-        report_path=Path(config.reports_dir) / REPORT_NAME,
-        source_kind=source_kind,
-        files_seen=files_seen,
-        ingested=ingested,
-        quarantined=len(quarantine),
-        images=len(rows),
-        quarantined_by_reason={reason: reasons.get(reason, 0) for reason in QUARANTINE_REASONS},
-        splits=split_counts,
-        classes=class_counts,
-    )
-    if result.ingested + result.quarantined != result.files_seen:  # the stage's core promise
-        raise AssertionError(
-            f"accounting broken: {result.ingested} + {result.quarantined} != {result.files_seen}"
-        )
-    result.report_path.parent.mkdir(parents=True, exist_ok=True)
-    result.report_path.write_text(json.dumps(result.to_report(), indent=2) + "\n")
     return result
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None) -> IngestResult:
+    data = params.data
+    if data.source == "synthetic":
+        folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
+        labels = read_label_source(folder, labels_csv)
+        return ingest_folder(folder, labels, data, params.seed, "synthetic", progress, decode_map)
+    source = Path(data.source)
+    if source.suffix == ".npz":
+        return ingest_npz(source, data, params.seed)
+    if not source.is_dir():
+        raise MedtransferError(
+            f"data.source {data.source!r} is neither 'synthetic', a folder, nor a .npz file. "
+            "Point it at a folder of DICOM files or a MedMNIST-format .npz."
+        )
+    labels = read_label_source(source, data.labels_csv)
+    return ingest_folder(source, labels, data, params.seed, "dicom_folder", progress, decode_map)

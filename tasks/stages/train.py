@@ -20,9 +20,9 @@ import numpy as np
 from tasks.config import checked_section
 from tasks.data.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
+from tasks.evaluation.evaluation import evaluate_student
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
-from tasks.stages.evaluate import evaluate_student
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
 from tasks.training.loop import FitConfig, dist_env, fit
 

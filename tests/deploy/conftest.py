@@ -126,7 +126,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Serve
     write_reports(params, student, threshold=0.5)
     run_register(params)
     params_file = root / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
 
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
     env["BENTOML_HOME"] = str(root / "build-home")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import load_params
+from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("normal", "opacity")
@@ -101,7 +101,7 @@ def stage_params(root: Path, student: LoggedStudent, overrides: Sequence[str] = 
 
 
 def write_reports(
-    params: dict,
+    params: Params,
     student: LoggedStudent,
     *,
     test_auc: float = 0.8,
@@ -110,7 +110,7 @@ def write_reports(
     threshold: float = 0.4,
 ) -> None:
     """The stage reports of ``student``; ``robustness_passed=None`` writes no robustness report."""
-    reports = Path(params["reports_dir"])
+    reports = Path(params.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     _write(
         reports / "train.json",

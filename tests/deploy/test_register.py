@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 
 from flows.cli import main
 from tasks.errors import MedtransferError
-from tasks.stages.register import Candidate, Champion, promotion_decision, run_register
+from tasks.registry.promotion import Candidate, Champion, promotion_decision
+from tasks.stages.register import run_register
 from tests.deploy.students import stage_params, write_reports
 
 
@@ -162,7 +163,7 @@ def test_cli_reports_missing_inputs_in_one_line(tmp_path: Path, students, capsys
     params_file = tmp_path / "params.yaml"
     import yaml
 
-    params_file.write_text(yaml.safe_dump(params))
+    params_file.write_text(yaml.safe_dump(params.to_dict()))
     assert main(["register", "--params", str(params_file)]) == 2
     assert "train.json" in capsys.readouterr().err
     assert main(["package", "--params", str(params_file)]) == 2

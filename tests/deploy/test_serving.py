@@ -295,7 +295,7 @@ from tasks.stages.package import run_package
 
 params = yaml.safe_load(open(sys.argv[1]))
 for version in (1, 2):
-    report = run_package(apply_overrides(params, [f"registry.version={version}"]))
+    report = run_package(params.with_overrides([f"registry.version={version}"]))
     with tarfile.open(report["archive"]) as archive:
         bento = yaml.safe_load(archive.extractfile("./bento.yaml"))
     models = [m["tag"] for service in bento["services"] for m in service["models"]]
@@ -321,7 +321,7 @@ def test_packaging_twice_in_one_process_builds_each_bento_with_its_own_model(
     write_reports(params, students["b"])
     assert run_register(params)["version"] == "2"
     local = tmp_path / "params.yaml"
-    local.write_text(yaml.safe_dump(params))
+    local.write_text(yaml.safe_dump(params.to_dict()))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
     done = subprocess.run(
         [sys.executable, "-c", PACKAGE_TWICE, str(local)],

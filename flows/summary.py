@@ -1,0 +1,100 @@
+"""The short human summary of a run or a stage: what a person needs to act on, in a few lines.
+
+``medtransfer run`` prints it at the end (the full JSON behind ``--json``), each stage command
+prints its own part, and the flow shows the same lines as a Prefect markdown artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary_lines(summary: dict[str, Any], tracking_uri: str | None = None) -> list[str]:
+    """The summary of whichever stages ``summary`` holds (keys: stage names, plus ``cached``).
+
+    Args:
+        summary: ``{"ingest": <ingest report>, "train": <train report>, ...}``; any subset.
+        tracking_uri: the MLflow store, named in the line that says how to open the UI.
+
+    Returns:
+        Lines of plain text, one fact each.
+    """
+    lines: list[str] = []
+    for stage, describe in SECTIONS.items():
+        if summary.get(stage):
+            lines += describe(summary[stage])
+    if "train" in summary and summary["train"].get("run_id"):
+        lines.append(_mlflow_line(summary["train"]["run_id"], tracking_uri))
+    if summary.get("cached"):
+        lines.append(f"cache hits (not recomputed): {', '.join(summary['cached'])}")
+    return lines
+
+
+def _ingest(report: dict) -> list[str]:
+    reasons = {k: v for k, v in report.get("quarantined_by_reason", {}).items() if v}
+    splits = ", ".join(f"{s} {v['images']}" for s, v in report.get("splits", {}).items())
+    return [
+        f"data: {report['files_seen']} files seen ({report['source_kind']}), "
+        f"{report['ingested']} ingested, {report['quarantined']} quarantined"
+        + (f" {reasons}" if reasons else ""),
+        f"images per split: {splits}",
+    ]
+
+
+def _train(report: dict) -> list[str]:
+    return [
+        f"dataset version: {report.get('dataset_version', '?')}",
+        f"student: {report.get('strategy')}, best epoch {report.get('best_epoch')} of "
+        f"{report.get('epochs_run')}, validation AUC {_number(report.get('best_val_auc'))}",
+    ]
+
+
+def _evaluate(report: dict) -> list[str]:
+    test = report.get("test") or {}
+    return [
+        f"test AUC {_number(test.get('auc'))}, sensitivity {_number(test.get('sensitivity'))}, "
+        f"specificity {_number(test.get('specificity'))} at threshold "
+        f"{_number(report.get('threshold'))} ({report.get('threshold_rule')})"
+    ]
+
+
+def _robustness(report: dict) -> list[str]:
+    verdict = report.get("verdict") or {}
+    lines = [
+        f"robustness verdict: {'PASS' if verdict.get('passed') else 'FAIL'} "
+        f"({report.get('n_examples')} attacked test images)"
+    ]
+    return lines + [f"  {reason}" for reason in verdict.get("reasons", [])]
+
+
+def _register(report: dict) -> list[str]:
+    where = (
+        f"alias '{report['alias']}' moved to it"
+        if report.get("alias_moved")
+        else f"alias '{report['alias']}' stays on version {report.get('champion_version')}"
+    )
+    lines = [f"registry: {report['model_name']} version {report['version']}; {where}"]
+    return lines + [f"  {reason}" for reason in report.get("reasons", [])]
+
+
+def _package(report: dict) -> list[str]:
+    return [f"Bento: {report['bento']}, archive {report['archive']}"]
+
+
+SECTIONS = {
+    "ingest": _ingest,
+    "train": _train,
+    "evaluate": _evaluate,
+    "robustness": _robustness,
+    "register": _register,
+    "package": _package,
+}
+
+
+def _mlflow_line(run_id: str, tracking_uri: str | None) -> str:
+    store = tracking_uri or "sqlite:///mlflow.db"
+    return f"MLflow run {run_id}: open the UI with `mlflow ui --backend-store-uri {store}`"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else str(value)

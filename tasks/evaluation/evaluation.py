@@ -1,0 +1,121 @@
+"""Evaluating a student: val and test metrics at a threshold chosen on val, and Grad-CAM.
+
+:func:`evaluate_student` is used by the evaluate stage (:mod:`tasks.stages.evaluate`), by
+training's strategy comparisons and by the robustness stage's clean reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tasks.data.dataset import ProcessedDataset
+from tasks.errors import MedtransferError
+from tasks.evaluation import plots
+from tasks.evaluation.metrics import SplitMetrics, choose_threshold, split_metrics
+from tasks.model.transforms import ImageDataset, to_tensor_transform
+from tasks.training.loop import predict
+
+# Every student's backbone ends in ``top`` (the last convolution before pooling): the deepest
+# layer that still has spatial resolution, which is what Grad-CAM needs.
+GRADCAM_LAYER = "backbone.top"
+
+
+@dataclass
+class Evaluation:
+    """Metrics and predictions of one student on val and test."""
+
+    threshold_rule: str
+    threshold: float
+    val: SplitMetrics
+    test: SplitMetrics
+    probabilities: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow: ``val_auc``, ``test_sensitivity``, ``threshold``, ..."""
+        return {**self.val.as_dict("val"), **self.test.as_dict("test"), "threshold": self.threshold}
+
+
+def evaluate_student(
+    model: nn.Module,
+    dataset: ProcessedDataset,
+    threshold_rule: str,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> Evaluation:
+    """Predict val and test, choose the threshold on val, compute both splits' metrics."""
+    probabilities, labels = {}, {}
+    for split in ("val", "test"):
+        images, split_labels = dataset.subset(split)
+        if len(split_labels) == 0:
+            raise MedtransferError(
+                f"The {split} split is empty; lower the split fractions' rounding by adding data."
+            )
+        loader = DataLoader(
+            ImageDataset(images, split_labels, to_tensor_transform()), batch_size=batch_size
+        )
+        probabilities[split], labels[split] = predict(model, loader, torch.device(device))
+    binary = probabilities["val"].shape[1] == 2
+    threshold = (
+        choose_threshold(labels["val"], probabilities["val"][:, 1], threshold_rule)
+        if binary
+        else 0.5
+    )
+    return Evaluation(
+        threshold_rule=threshold_rule,
+        threshold=threshold,
+        val=split_metrics(labels["val"], probabilities["val"], threshold),
+        test=split_metrics(labels["test"], probabilities["test"], threshold),
+        probabilities=probabilities,
+        labels=labels,
+    )
+
+
+def gradcam_grid(
+    model: nn.Module,
+    layer: str,
+    dataset: ProcessedDataset,
+    evaluation: Evaluation,
+    path: Path,
+    per_group: int = 4,
+) -> Path:
+    """Grad-CAM over a few correct and a few wrong test predictions, as one PNG.
+
+    The heat map is taken for the predicted class, so a reader sees what drove each decision.
+    """
+    images, labels = dataset.subset("test")
+    probabilities = evaluation.probabilities["test"]
+    predicted = (
+        (probabilities[:, 1] >= evaluation.threshold).astype(int)
+        if probabilities.shape[1] == 2
+        else probabilities.argmax(1)
+    )
+    correct = np.flatnonzero(predicted == labels)[:per_group]
+    wrong = np.flatnonzero(predicted != labels)[:per_group]
+    chosen = np.concatenate([correct, wrong]).astype(int)
+    cam = GradCAM(nn_module=model, target_layers=layer)
+    chosen_set = ImageDataset(images[chosen], labels[chosen], to_tensor_transform())
+    batch = torch.stack([chosen_set[k][0] for k in range(len(chosen))])
+    model.eval()
+    with torch.enable_grad():
+        # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
+        maps = (
+            cam(batch.requires_grad_(True), class_idx=torch.as_tensor(predicted[chosen]))
+            .detach()
+            .numpy()
+        )
+    classes = dataset.classes
+    captions = [
+        f"{'ok' if predicted[i] == labels[i] else 'WRONG'}: true {classes[labels[i]]}, pred {classes[predicted[i]]} ({probabilities[i].max():.2f})"
+        for i in chosen
+    ]
+    return plots.plot_image_grid(
+        [images[i] / 255.0 for i in chosen], list(maps[:, 0]), captions, path
+    )

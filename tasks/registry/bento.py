@@ -1,0 +1,187 @@
+"""Building the Bento of a registry version: rebuild the student from its MLflow model, save it
+into BentoML's model store, build the Bento from ``serving/bentofile.yaml`` and export it.
+
+The package stage (:mod:`tasks.stages.package`) chains these. The student is rebuilt from the
+version's ``student_spec`` tag and the registered weights (checked key by key) and saved with
+:func:`tasks.model.student_io.save_student`; the service loads it with
+:func:`tasks.model.student_io.load_student`, so serving is numerically the in-process student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import RegistryParams, ServingParams
+from tasks.errors import MedtransferError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
+
+
+@dataclass
+class PackageResult:
+    """The content of the package report (:data:`tasks.reports.PACKAGE`)."""
+
+    model_name: str
+    model_version: str
+    dataset_version: str
+    bento_model: str
+    bento: str
+    archive: str
+    bentoml_home: str
+    threshold: float | None
+    batching: bool
+
+
+def bentoml_home(config: ServingParams) -> Path:
+    """Point BentoML at its store: ``BENTOML_HOME`` if set, else ``serving.bentoml_home``.
+
+    BentoML reads the variable when it first touches its store, so this runs before any
+    BentoML call; a process that already used another store is refused.
+    """
+    home = Path(os.environ.get("BENTOML_HOME") or config.bentoml_home).resolve()
+    os.environ["BENTOML_HOME"] = str(home)
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    in_use = Path(BentoMLContainer.bentoml_home.get()).resolve()
+    if in_use != home:
+        raise MedtransferError(
+            f"BentoML in this process already uses {in_use}, not {home}; run `medtransfer "
+            "package` in a fresh process."
+        )
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def resolve_version(client, registry: RegistryParams):
+    """The registry version to package: ``registry.version`` or the alias's version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if registry.version is not None:
+            return client.get_model_version(registry.model_name, str(registry.version))
+        return client.get_model_version_by_alias(registry.model_name, registry.alias)
+    except MlflowException as err:
+        which = (
+            f"version {registry.version}"
+            if registry.version is not None
+            else f"version with alias {registry.alias!r}"
+        )
+        raise MedtransferError(
+            f"The registry has no {which} of {registry.model_name!r}. Run `medtransfer "
+            "register` (a version gets the alias only when it passes the gates), or choose one "
+            "with -S registry.version=N."
+        ) from err
+
+
+def student_from_version(version) -> tuple[Any, Any]:
+    """Rebuild the student of a registry version: (model in eval mode, StudentSpec).
+
+    The architecture comes from the version's ``student_spec`` tag, the weights from the
+    registered MLflow model, loaded with ``strict=True`` so any mismatch is refused.
+    """
+    import mlflow
+
+    from tasks.model.student_io import StudentSpec, build_from_spec
+
+    raw = version.tags.get("student_spec")
+    if not raw:
+        raise MedtransferError(
+            f"Version {version.version} of {version.name} has no student_spec tag: it was not "
+            "registered by `medtransfer register`."
+        )
+    spec_dict = json.loads(raw)
+    spec = StudentSpec(**{**spec_dict, "classes": tuple(spec_dict["classes"])})
+    logged = mlflow.pytorch.load_model(
+        f"models:/{version.name}/{version.version}", map_location="cpu"
+    )
+    model = build_from_spec(spec)
+    try:
+        model.load_state_dict(logged.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise MedtransferError(
+            f"The weights of {version.name} version {version.version} do not fit the "
+            f"architecture its student_spec tag describes: {err}"
+        ) from err
+    model.eval()
+    return model, spec
+
+
+def import_model(model, spec, version, labels: dict[str, str], metadata: dict[str, Any]) -> str:
+    """Save the student into BentoML's model store; returns the model tag.
+
+    The tag's version is ``v<registry version>-<first 12 hex of model.pt's SHA-256>``, so
+    packaging the same weights again reuses the stored model.
+    """
+    import shutil
+
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from tasks.model.student_io import MODEL_FILE, save_student
+
+    with tempfile.TemporaryDirectory() as staging:
+        path = save_student(model, spec, staging)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        tag = f"{_tag_name(version.name)}:v{version.version}-{digest[:12]}"
+        try:
+            bentoml.models.get(tag)
+            return tag
+        except NotFound:
+            pass
+        with bentoml.models.create(
+            tag, labels=labels, metadata={**metadata, "model_sha256": digest}
+        ) as stored:
+            shutil.copyfile(path, Path(stored.path) / MODEL_FILE)
+    return tag
+
+
+def build_bento(serving: ServingParams, args: dict[str, Any], version):
+    """Build the Bento from ``serving/bentofile.yaml`` with ``args`` (the service's arguments)."""
+    import bentoml
+
+    return bentoml.bentos.build_bentofile(
+        str(BENTOFILE),
+        name=serving.bento_name,
+        labels={
+            "registered_model": version.name,
+            "registry_version": str(version.version),
+            "batching": "on" if serving.batching else "off",
+        },
+        build_ctx=str(PROJECT_ROOT),
+        args=args,
+        # The service reads its arguments at import: a second package in one process (the
+        # Prefect flow) must re-import it, or the Bento would carry the first one's model tag.
+        reload=True,
+    )
+
+
+def export_bento(bento, serving: ServingParams) -> Path:
+    """Export ``bento`` as ``<export_dir>/<name>-<version>.tar.gz``; returns its path."""
+    import bentoml
+
+    export_dir = Path(serving.export_dir).resolve()
+    export_dir.mkdir(parents=True, exist_ok=True)
+    # gzip, not BentoML's default xz: as small within a few percent, and ten times faster.
+    path = export_dir / f"{bento.tag.name}-{bento.tag.version}.tar.gz"
+    return Path(bentoml.bentos.export_bento(bento.tag, str(path), output_format="gz"))
+
+
+def _tag_name(name: str) -> str:
+    """A registered model's name as a BentoML tag name (lower case, ``[a-z0-9_.-]``)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower())
+    return cleaned.strip("-_.") or "student"
+
+
+def parse_threshold(value: str | None) -> float | None:
+    """A version's ``threshold`` tag as a number, or None when it is missing or not a number."""
+    try:
+        return float(value) if value not in (None, "", "nan") else None
+    except ValueError:
+        return None

@@ -1,0 +1,112 @@
+"""The MLflow registry operations of the register stage: the current champion, the checks on
+the training run before a version exists, and the rollback after a failed registration."""
+
+from __future__ import annotations
+
+from tasks.config import RegistryParams
+from tasks.errors import MedtransferError
+from tasks.registry.promotion import Candidate, Champion, as_float
+
+MAX_DESCRIPTION = 5000  # the SQL registry's description column holds 5000 characters
+
+
+def current_champion(client, config: RegistryParams) -> Champion | None:
+    """The version holding ``config.alias``, or ``None`` (no such model or alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(config.model_name, config.alias)
+    except MlflowException:
+        return None
+    return Champion(
+        version=str(version.version),
+        dataset_version=str(version.tags.get("dataset_version", "")),
+        test_auc=as_float(version.tags.get("test_auc")),
+    )
+
+
+def check_run(client, candidate: Candidate, saved) -> str:
+    """The run exists, is live, logged a model, and that model is the saved student.
+
+    Returns:
+        The URI of the run's logged model named ``model`` (MLflow 3 keeps it as a LoggedModel,
+        ``models:/<model id>``; ``runs:/<run>/model`` for older stores).
+    """
+    import mlflow
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(candidate.run_id)
+    except MlflowException as err:
+        raise MedtransferError(
+            f"MLflow run {candidate.run_id} (from train.json) is not in the tracking store "
+            f"{mlflow.get_tracking_uri()}. Check MLFLOW_TRACKING_URI / mlflow.tracking_uri."
+        ) from err
+    if run.info.lifecycle_stage != "active":
+        raise MedtransferError(f"MLflow run {candidate.run_id} is deleted; re-run training.")
+    model_uri = _logged_model_uri(client, run)
+    try:
+        logged = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as err:  # MLflow raises several types for a missing or broken model
+        raise MedtransferError(
+            f"MLflow run {candidate.run_id} has no loadable model named 'model' "
+            f"({type(err).__name__}). Re-run `medtransfer train`."
+        ) from err
+    logged_state, saved_state = logged.state_dict(), saved.state_dict()
+    same = logged_state.keys() == saved_state.keys() and all(
+        torch.equal(logged_state[k].cpu(), saved_state[k]) for k in saved_state
+    )
+    if not same:
+        raise MedtransferError(
+            f"The saved student in train.model_dir is not the model MLflow run "
+            f"{candidate.run_id} logged; re-run `medtransfer train` so that both agree."
+        )
+    run_dataset = run.data.tags.get("dataset_version")
+    if run_dataset and candidate.dataset_version and run_dataset != candidate.dataset_version:
+        raise MedtransferError(
+            f"train.json says dataset {candidate.dataset_version} but run {candidate.run_id} "
+            f"is tagged {run_dataset}; re-run `medtransfer train`."
+        )
+    return model_uri
+
+
+def _logged_model_uri(client, run) -> str:
+    outputs = run.outputs.model_outputs if run.outputs is not None else []
+    for output in outputs:
+        model = client.get_logged_model(output.model_id)
+        if model.name == "model":
+            return model.model_uri
+    return f"runs:/{run.info.run_id}/model"
+
+
+def ensure_registered_model(client, name: str) -> bool:
+    """Create the registered model if missing; returns whether this call created it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return False
+    except MlflowException:
+        client.create_registered_model(
+            name, description="Students fine-tuned from an ImageNet teacher by medtransfer."
+        )
+        return True
+
+
+def roll_back(client, name: str, version: str | None, created_model: bool) -> None:
+    """Undo a registration that failed half-way (best effort: the original error wins)."""
+    try:
+        if version is not None:
+            client.delete_model_version(name, version)
+        if created_model:
+            client.delete_registered_model(name)
+    except Exception:  # the caller re-raises the original error, which says more
+        pass
+
+
+def description(card: str, card_uri: str) -> str:
+    if len(card) <= MAX_DESCRIPTION:
+        return card
+    note = f"\n\n(cut here; the full card is the artifact {card_uri})\n"
+    return card[: MAX_DESCRIPTION - len(note)] + note

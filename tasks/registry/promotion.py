@@ -1,0 +1,160 @@
+"""Whether a newly trained student earns the registry alias, and how its version is tagged.
+
+Pure logic over the stage reports: :class:`Candidate` (the student about to be registered),
+:class:`Champion` (the version holding the alias), :func:`promotion_decision` and
+:func:`version_tags`. The registry stage (:mod:`tasks.stages.register`) applies the decision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_TAG_VALUE = 5000  # the SQL registry's tag value column
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The trained student about to be registered, with its reports."""
+
+    run_id: str
+    dataset_version: str
+    spec: dict[str, Any]
+    metrics: dict[str, Any]
+    robustness: dict[str, Any] | None
+    ingest: dict[str, Any]
+
+    @property
+    def test_auc(self) -> float:
+        return as_float((self.metrics.get("test") or {}).get("auc"))
+
+    @property
+    def robustness_passed(self) -> bool:
+        return bool(self.robustness and (self.robustness.get("verdict") or {}).get("passed"))
+
+    @property
+    def robustness_reasons(self) -> list[str]:
+        if self.robustness is None:
+            return ["no robustness report (run the robustness check before registering)"]
+        reasons = (self.robustness.get("verdict") or {}).get("reasons") or []
+        return [str(r) for r in reasons]
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The version that holds the alias now."""
+
+    version: str
+    dataset_version: str
+    test_auc: float
+
+
+@dataclass
+class RegisterResult:
+    """The content of ``reports/register.json``."""
+
+    model_name: str
+    version: str
+    alias: str
+    alias_moved: bool
+    champion_version: str | None
+    previous_champion: str | None
+    reasons: list[str]
+    dataset_version: str
+    test_auc: float
+    robustness_passed: bool
+    run_id: str
+    model_card: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def promotion_decision(candidate: Candidate, champion: Champion | None) -> tuple[bool, list[str]]:
+    """Whether the alias moves to ``candidate``, and why (one sentence per reason).
+
+    Rules, in order:
+
+    1. A candidate that failed the robustness gates (or has no robustness report) never takes
+       the alias; the gate reasons are returned.
+    2. A candidate without a finite test AUC never takes it.
+    3. With no champion, a passing candidate takes the alias.
+    4. A champion evaluated on a *different* dataset version is not comparable by AUC (another
+       test set); the passing candidate takes over, because registering a student trained on
+       new data says the data moved on. Roll back by pointing the alias at the old version.
+    5. On the same dataset version the candidate must have a strictly higher test AUC.
+    """
+    if not candidate.robustness_passed:
+        return False, [f"robustness gates failed: {r}" for r in candidate.robustness_reasons] or [
+            "robustness gates failed"
+        ]
+    auc = candidate.test_auc
+    if not math.isfinite(auc):
+        return False, ["the test AUC is undefined (the test split has a single class?)"]
+    if champion is None:
+        return True, ["passed the robustness gates; no version held the alias"]
+    if champion.dataset_version != candidate.dataset_version:
+        return True, [
+            f"passed the robustness gates; the previous holder (version {champion.version}) was "
+            f"evaluated on dataset {champion.dataset_version or 'unknown'}, not "
+            f"{candidate.dataset_version}: a passing version on the new data takes over"
+        ]
+    if not math.isfinite(champion.test_auc):
+        return True, [
+            f"passed the robustness gates; version {champion.version} has no recorded test AUC"
+        ]
+    if auc > champion.test_auc:
+        return True, [
+            f"passed the robustness gates; test AUC {auc:.4f} beats version "
+            f"{champion.version}'s {champion.test_auc:.4f} on the same dataset"
+        ]
+    return False, [
+        f"test AUC {auc:.4f} does not beat version {champion.version}'s "
+        f"{champion.test_auc:.4f} on the same dataset"
+    ]
+
+
+def version_tags(candidate: Candidate, promoted: bool, reasons: list[str]) -> dict[str, str]:
+    """The tags of the new version: provenance, metrics, robustness verdict, promotion."""
+    spec = candidate.spec
+    test = candidate.metrics.get("test") or {}
+    val = candidate.metrics.get("val") or {}
+    tags = {
+        "run_id": candidate.run_id,
+        "dataset_version": candidate.dataset_version,
+        "teacher": str(spec["teacher"]),
+        "teacher_weights_sha256": str(spec["teacher_weights_sha256"]),
+        "strategy": str(spec["strategy"]),
+        "image_size": str(spec["image_size"]),
+        "classes": ",".join(spec["classes"]),
+        "student_spec": json.dumps(spec, sort_keys=True),
+        "test_auc": _text(test.get("auc")),
+        "test_accuracy": _text(test.get("accuracy")),
+        "test_sensitivity": _text(test.get("sensitivity")),
+        "test_specificity": _text(test.get("specificity")),
+        "val_auc": _text(val.get("auc")),
+        "threshold": _text(candidate.metrics.get("threshold")),
+        "threshold_rule": str(candidate.metrics.get("threshold_rule", "")),
+        "robustness_passed": "true" if candidate.robustness_passed else "false",
+        "robustness_reasons": "; ".join(candidate.robustness_reasons),
+        "promotion": "promoted" if promoted else "not_promoted",
+        "promotion_reasons": "; ".join(reasons),
+    }
+    robust_metrics = (candidate.robustness or {}).get("metrics") or {}
+    for key, value in robust_metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            tags[f"robustness.{key}"] = _text(value)
+    return {k: v[:MAX_TAG_VALUE] for k, v in tags.items()}
+
+
+def as_float(value: Any) -> float:
+    """``value`` as a float, or NaN when it is missing or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _text(value: Any) -> str:
+    number = as_float(value)
+    return "nan" if math.isnan(number) else repr(number)

@@ -1,0 +1,155 @@
+"""Every stage report: its path, its producer, its content, and one way to write and read it.
+
+A report is a JSON file in ``reports_dir`` (a DVC metric). Stages never spell a report's file
+name: they write and read through the :class:`Report` constants below, so the Prefect cache
+(``flows.cache``), ``dvc.yaml`` and the stages agree on where each one lives. Writes are atomic
+(a temporary file renamed into place), so a crash never leaves half a report behind.
+
+The content of each report is described by a ``TypedDict`` (the keys other stages read);
+stages that build a report as a dataclass write it through :func:`as_json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from tasks.errors import MedtransferError
+
+PLOTS_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class Report:
+    """One stage report: ``<reports_dir>/<file_name>``, written by ``medtransfer <stage>``."""
+
+    file_name: str
+    stage: str
+
+    def path(self, reports_dir: str | Path) -> Path:
+        """Where the report lives under ``reports_dir``."""
+        return Path(reports_dir) / self.file_name
+
+    def write(self, reports_dir: str | Path, content: Any) -> Path:
+        """Write ``content`` (a mapping or a dataclass) as JSON, atomically; returns the path.
+
+        Non-finite numbers become ``null``: JSON has no ``NaN`` or ``Infinity``.
+        """
+        path = self.path(reports_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(as_json(content), indent=2, sort_keys=False) + "\n")
+        os.replace(partial, path)
+        return path
+
+    def read(self, reports_dir: str | Path) -> dict[str, Any]:
+        """The report's content.
+
+        Raises:
+            MedtransferError: the report is missing or not JSON; the message names the command
+                that writes it.
+        """
+        path = self.path(reports_dir)
+        if not path.is_file():
+            raise MedtransferError(f"{path} is missing: run `medtransfer {self.stage}` first.")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise MedtransferError(
+                f"{path} is not valid JSON ({err.msg}); re-run `medtransfer {self.stage}`."
+            ) from err
+
+    def read_if_present(self, reports_dir: str | Path) -> dict[str, Any] | None:
+        """The report's content, or None when the stage has not run."""
+        return self.read(reports_dir) if self.path(reports_dir).is_file() else None
+
+
+INGEST = Report("ingest.json", "ingest")
+TRAIN = Report("train.json", "train")
+METRICS = Report("metrics.json", "evaluate")
+ROBUSTNESS = Report("robustness.json", "robustness")
+REGISTER = Report("register.json", "register")
+PACKAGE = Report("package.json", "package")
+ALL = (INGEST, TRAIN, METRICS, ROBUSTNESS, REGISTER, PACKAGE)
+BY_STAGE = {report.stage: report for report in ALL}
+
+
+def plot_path(reports_dir: str | Path, file_name: str) -> Path:
+    """Where a plot (a DVC plot, also logged to MLflow) lives: ``<reports_dir>/plots/<name>``."""
+    return Path(reports_dir) / PLOTS_DIR / file_name
+
+
+def as_json(content: Any) -> Any:
+    """``content`` as JSON-ready values: dataclasses as dicts, tuples as lists, paths as text,
+    numpy scalars as Python numbers, non-finite floats as None."""
+    if dataclasses.is_dataclass(content) and not isinstance(content, type):
+        content = (
+            content.to_report() if hasattr(content, "to_report") else dataclasses.asdict(content)
+        )
+    if isinstance(content, dict):
+        return {str(key): as_json(value) for key, value in content.items()}
+    if isinstance(content, list | tuple):
+        return [as_json(value) for value in content]
+    if isinstance(content, Path):
+        return str(content)
+    if hasattr(content, "item") and callable(content.item):  # numpy scalars
+        content = content.item()
+    if isinstance(content, float) and not math.isfinite(content):
+        return None
+    return content
+
+
+# ------------------------------------------------------- content: the keys other stages read
+
+
+class IngestContent(TypedDict):
+    source_kind: str
+    files_seen: int
+    ingested: int
+    quarantined: int
+    images: int
+    quarantined_by_reason: dict[str, int]
+    splits: dict[str, dict[str, int]]
+    classes: dict[str, int]
+
+
+class TrainContent(TypedDict, total=False):
+    run_id: str | None
+    dataset_version: str
+    strategy: str
+    best_epoch: int
+    best_val_auc: float
+    epochs_run: int
+    resumed_from_epoch: int | None
+
+
+class MetricsContent(TypedDict, total=False):
+    threshold: float
+    threshold_rule: str
+    val: dict[str, float]
+    test: dict[str, float]
+
+
+class RobustnessContent(TypedDict, total=False):
+    verdict: dict[str, Any]
+    metrics: dict[str, float]
+
+
+class RegisterContent(TypedDict, total=False):
+    model_name: str
+    version: str
+    alias: str
+    alias_moved: bool
+    champion_version: str | None
+    reasons: list[str]
+
+
+class PackageContent(TypedDict, total=False):
+    bento: str
+    archive: str
+    bento_model: str
