@@ -94,14 +94,26 @@ def read_dataset(path: str | Path | BinaryIO) -> Dataset:
     ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
     if "TransferSyntaxUID" not in ds.file_meta:
         # pydicom found the encoding while reading; record it so the pixel decoders know it.
-        ds.file_meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian
-            if ds.is_implicit_VR
-            else pydicom.uid.ExplicitVRLittleEndian
-            if ds.is_little_endian
-            else pydicom.uid.ExplicitVRBigEndian
-        )
+        ds.file_meta.TransferSyntaxUID = _transfer_syntax_of_encoding(*ds.original_encoding)
     return ds
+
+
+def _transfer_syntax_of_encoding(
+    implicit_vr: bool | None, little_endian: bool | None
+) -> pydicom.uid.UID:
+    """The uncompressed transfer syntax of a dataset's ``original_encoding``.
+
+    Takes the pair pydicom records while reading (implicit VR?, little endian?) and returns
+    Implicit VR Little Endian, Explicit VR Little Endian or Explicit VR Big Endian. ``None``
+    (never read from bytes) counts as pydicom's own default, implicit VR little endian.
+    """
+    # Reading the pair through Dataset.original_encoding, not the is_implicit_VR and
+    # is_little_endian attributes: those are deprecated in pydicom 3 and gone in pydicom 4.
+    if implicit_vr is None or implicit_vr:
+        return pydicom.uid.ImplicitVRLittleEndian
+    if little_endian is None or little_endian:
+        return pydicom.uid.ExplicitVRLittleEndian
+    return pydicom.uid.ExplicitVRBigEndian
 
 
 def _rewind(source: str | Path | BinaryIO) -> None:
