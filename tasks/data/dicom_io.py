@@ -20,7 +20,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    get_decoder,
+    pixel_array,
+)
 
 # Quarantine reason codes (the `reason` column of quarantine.csv).
 NOT_DICOM = "not_dicom"
@@ -158,15 +164,11 @@ def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
     frame_indices = list(range(n_frames)) if multiframe == "all" else [n_frames // 2]
     notes = [f"frames:{n_frames}->{len(frame_indices)}"] if n_frames > 1 else []
 
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
-        raise DicomRejected(
-            DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}"
-        ) from err
-    if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
-        pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
-    frames = [_to_display(pixels[i], ds, i, notes) for i in frame_indices]
+    pixels = _decode_pixels(ds, n_frames, frame_indices)
+    frames = [
+        _to_display(frame, ds, index, notes)
+        for frame, index in zip(pixels, frame_indices, strict=True)
+    ]
     return DecodedImage(
         frames=np.stack(frames).astype(np.float32, copy=False),
         notes=list(dict.fromkeys(notes)),  # de-duplicate, keep order
@@ -178,6 +180,35 @@ def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
 def decode_file(path: str | Path, multiframe: str = "middle") -> DecodedImage:
     """:func:`read_dataset` then :func:`decode_dataset`."""
     return decode_dataset(read_dataset(path), multiframe=multiframe)
+
+
+def _decode_pixels(ds: Dataset, n_frames: int, frame_indices: list[int]) -> np.ndarray:
+    """Decode the stored frames ``frame_indices`` of ``ds`` (``n_frames`` in all).
+
+    Returns an array ``(len(frame_indices), rows, columns[, samples])`` of stored values
+    (YBR already converted to RGB, as pydicom does by default).
+
+    Raises:
+        DicomRejected: ``decode_failed`` when the pixel data does not decode.
+    """
+    try:
+        if n_frames > 1 and len(frame_indices) == 1:
+            # One frame of many: pydicom 3 decodes just that frame (only its bytes, or only its
+            # fragments when compressed), so a large volume never becomes one array here.
+            return pixel_array(ds, index=frame_indices[0])[np.newaxis]
+        # pydicom.pixels.pixel_array rather than Dataset.pixel_array: the property goes through
+        # Dataset.convert_pixel_data, which is deprecated in pydicom 3 and gone in pydicom 4.
+        pixels = pixel_array(ds)
+    except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
+        raise DicomRejected(
+            DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}"
+        ) from err
+    if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
+        pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
+    # Here every frame is wanted (``all``, or a single-frame image), in order.
+    if pixels.shape[0] != len(frame_indices):
+        raise DicomRejected(DECODE_FAILED, "the decoded frames do not match Number of Frames")
+    return pixels
 
 
 def _check_transfer_syntax(ds: Dataset) -> None:
