@@ -1,8 +1,9 @@
 """Decoding one DICOM file into display-space grayscale frames.
 
 The pipeline follows the DICOM grayscale pipeline (PS3.4 N.2): stored values → modality LUT
-(Rescale Slope/Intercept or a Modality LUT) → VOI LUT or window → MONOCHROME1 inversion.
-Colour images (RGB, YBR, PALETTE COLOR) become luminance. The result is float32 in [0, 1],
+(Rescale Slope/Intercept or a Modality LUT) → VOI LUT or window (VOI LUT Function LINEAR,
+LINEAR_EXACT or SIGMOID) → inversion for MONOCHROME1 or Presentation LUT Shape INVERSE (once).
+A multi-frame image in ``middle`` mode has only its middle frame decoded. Colour images (RGB, YBR, PALETTE COLOR) become luminance. The result is float32 in [0, 1],
 shape ``(frames, rows, columns)``, with a list of notes saying what was applied.
 
 Every way a file can fail is a :class:`DicomRejected` with a short ``reason`` code, so that the
@@ -37,6 +38,8 @@ UNSUPPORTED_IMAGE = "unsupported_image"
 DECODE_FAILED = "decode_failed"
 
 MULTIFRAME_MODES = ("middle", "all")
+# VOI LUT Function (0028,1056), PS3.3 C.11.2.1.3: LINEAR when absent.
+VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -269,10 +272,34 @@ def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
             values += np.float32(intercept)
             notes.append("rescale")
     display = _apply_voi(values, ds, index, notes)
+    return _apply_presentation_shape(display, ds, photometric, notes)
+
+
+def _apply_presentation_shape(
+    display: np.ndarray, ds: Dataset, photometric: str, notes: list[str]
+) -> np.ndarray:
+    """VOI output in [0, 1] → P-values in [0, 1] (0 black): inverted or left as it is.
+
+    MONOCHROME1 means the minimum value is shown white, so its VOI output is inverted.
+    Presentation LUT Shape (2050,0020) INVERSE (PS3.3 C.11.6.1.2) inverts too. The standard
+    asks for INVERSE exactly when the image is MONOCHROME1 (e.g. PS3.3 C.8.11.3, DX Image):
+    both name the same single inversion, so MONOCHROME1 with INVERSE is inverted once, not
+    twice. IDENTITY never undoes MONOCHROME1: a MONOCHROME1 image that says IDENTITY breaks
+    that rule, and the photometric interpretation, which every image must have, is trusted.
+    Any other shape (not defined by the standard) is ignored and noted.
+    """
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if shape not in ("", "IDENTITY", "INVERSE"):
+        notes.append("presentation_lut_shape_unknown")
     if photometric == "MONOCHROME1":
         notes.append("monochrome1_inverted")
-        display = 1.0 - display
-    return display
+    elif shape == "INVERSE":
+        notes.append("presentation_lut_inverted")
+    else:
+        return display
+    # 1 - x over the whole output range [0, 1] (not over the image's own maximum, which
+    # pydicom's apply_presentation_lut uses): a window's saturated end stays 0 or 1.
+    return 1.0 - display
 
 
 def _apply_voi(values: np.ndarray, ds: Dataset, index: int, notes: list[str]) -> np.ndarray:
@@ -288,15 +315,30 @@ def _apply_voi(values: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
             notes.append("voi_lut_invalid")
     window = _window(ds, index)
     if window is not None:
-        center, width = window
+        center, width, function = window
+        if function == "SIGMOID":
+            notes.append("window_sigmoid")
+            return window_sigmoid(values, center, width)
+        if function == "LINEAR_EXACT":
+            notes.append("window_linear_exact")
+            return window_linear_exact(values, center, width)
+        if function not in VOI_LUT_FUNCTIONS:
+            notes.append("voi_lut_function_unknown")  # the standard's default stands in
         notes.append("window")
         return window_linear(values, center, width)
     notes.append("minmax")
     return _rescale(values, float(values.min()), float(values.max()))
 
 
-def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
-    """The first (Window Center, Window Width) pair, from the frame's functional group if any."""
+def _window(ds: Dataset, index: int) -> tuple[float, float, str] | None:
+    """The first (Window Center, Window Width) pair and the VOI LUT Function that goes with it.
+
+    The three come from the frame's Frame VOI LUT functional group when there is one, else the
+    shared group, else the top level. Returns ``(center, width, function)`` with ``function``
+    upper-case (``LINEAR`` when absent; an undefined value is passed on for the caller to note),
+    or None when there is no usable window: LINEAR needs a width of at least 1, LINEAR_EXACT
+    and SIGMOID a width above 0 (PS3.3 C.11.2.1.2.1, C.11.2.1.3).
+    """
     source: Dataset = ds
     if "PerFrameFunctionalGroupsSequence" in ds:
         try:
@@ -315,7 +357,9 @@ def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
         width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
     except (TypeError, ValueError, IndexError):
         return None
-    return (center, width) if width >= 1 else None
+    function = str(source.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    minimum_ok = width > 0 if function in ("LINEAR_EXACT", "SIGMOID") else width >= 1
+    return (center, width, function) if minimum_ok and np.isfinite([center, width]).all() else None
 
 
 def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -332,6 +376,36 @@ def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray
     out *= np.float32(1.0 / (width - 1))
     out += np.float32(0.5 - (center - 0.5) / (width - 1))
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def window_linear_exact(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM LINEAR_EXACT window function (PS3.3 C.11.2.1.3.2) with output range [0, 1].
+
+    ``(x - center) / width + 0.5`` clipped to [0, 1]: values at or below ``center - width / 2``
+    map to 0, values above ``center + width / 2`` map to 1. ``width`` must be above 0. Returns
+    a new float32 array; the input is left alone.
+    """
+    out = np.array(values, dtype=np.float32)
+    out *= np.float32(1.0 / width)
+    out += np.float32(0.5 - center / width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def window_sigmoid(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM SIGMOID window function (PS3.3 C.11.2.1.3.1) with output range [0, 1].
+
+    ``1 / (1 + exp(-4 (x - center) / width))``; ``width`` must be above 0. Returns a new
+    float32 array; the input is left alone.
+    """
+    # The same curve written as 0.5 (1 + tanh(2 (x - c) / w)): tanh cannot overflow where exp
+    # of a large argument would (values far below the center).
+    out = np.array(values, dtype=np.float64)
+    out -= center
+    out *= 2.0 / width
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out.astype(np.float32)
 
 
 def _rescale_coefficients(ds: Dataset) -> tuple[float, float]:
