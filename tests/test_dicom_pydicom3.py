@@ -12,6 +12,7 @@ from io import BytesIO
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tasks.data import dicom_io
@@ -256,3 +257,23 @@ def test_an_undefined_voi_lut_function_or_shape_falls_back_and_is_noted_without_
     np.testing.assert_allclose(decoded.frames[0], expected, atol=1e-6)
     assert decoded.notes == ["voi_lut_function_unknown", "window", "presentation_lut_shape_unknown"]
     assert not any("CUBIC" in note or "SWIRL" in note for note in decoded.notes)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "reason"),
+    [
+        ("NumberOfFrames", "SECRET", dicom_io.UNREADABLE),
+        ("PhotometricInterpretation", "HSV", dicom_io.UNSUPPORTED_IMAGE),  # pydicom decodes it
+        ("PhotometricInterpretation", "SECRET", dicom_io.DECODE_FAILED),  # pydicom refuses it
+    ],
+)
+def test_a_rejection_never_quotes_the_attribute_value(
+    attribute: str, value: str, reason: str
+) -> None:
+    ds = make_mono_dataset(RAMP)
+    # A raw element: pydicom would refuse a non-number NumberOfFrames through setattr.
+    ds[attribute] = pydicom.DataElement(tag_for_keyword(attribute), "CS", value)
+    with pytest.raises(dicom_io.DicomRejected) as err:
+        dicom_io.decode_dataset(ds)
+    assert err.value.reason == reason
+    assert value.lower() not in str(err.value).lower()

@@ -86,7 +86,9 @@ def read_dataset(path: str | Path | BinaryIO) -> Dataset:
         pass  # no preamble or File Meta: maybe an old ACR-NEMA style file; try below
     except Exception as err:  # pydicom raises many types on corrupt headers
         raise DicomRejected(
-            UNREADABLE, f"header could not be parsed: {type(err).__name__}: {err}"
+            # The error's type only: pydicom's text may quote an element's value.
+            UNREADABLE,
+            f"header could not be parsed ({type(err).__name__})",
         ) from err
     # Without the 'DICM' prefix any bytes "parse"; accept the result only if it looks like
     # an image or a SOP instance.
@@ -204,7 +206,9 @@ def _decode_pixels(ds: Dataset, n_frames: int, frame_indices: list[int]) -> np.n
         pixels = pixel_array(ds)
     except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
         raise DicomRejected(
-            DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}"
+            # The error's type only: decoders' texts quote element values.
+            DECODE_FAILED,
+            f"pixel data does not decode ({type(err).__name__})",
         ) from err
     if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
         pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
@@ -236,7 +240,8 @@ def _number_of_frames(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError) as err:
-        raise DicomRejected(UNREADABLE, f"NumberOfFrames is not a number: {err}") from err
+        # Not the parser's text: it would quote the value.
+        raise DicomRejected(UNREADABLE, "Number of Frames is not a number") from err
 
 
 def _samples(ds: Dataset) -> int:
@@ -255,9 +260,8 @@ def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
         bits = int(ds.get("BitsStored", 8) or 8)
         return _luminance(frame) / float(2**bits - 1)
     if not photometric.startswith("MONOCHROME"):
-        raise DicomRejected(
-            UNSUPPORTED_IMAGE, f"photometric interpretation {photometric} is not supported"
-        )
+        # The value itself stays out of the message: it may be any bytes from a broken file.
+        raise DicomRejected(UNSUPPORTED_IMAGE, "the photometric interpretation is not supported")
 
     if "ModalityLUTSequence" in ds:
         values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
