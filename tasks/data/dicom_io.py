@@ -1,8 +1,9 @@
 """Decoding one DICOM file into display-space grayscale frames.
 
 The pipeline follows the DICOM grayscale pipeline (PS3.4 N.2): stored values → modality LUT
-(Rescale Slope/Intercept or a Modality LUT) → VOI LUT or window → MONOCHROME1 inversion.
-Colour images (RGB, YBR, PALETTE COLOR) become luminance. The result is float32 in [0, 1],
+(Rescale Slope/Intercept or a Modality LUT) → VOI LUT or window (VOI LUT Function LINEAR,
+LINEAR_EXACT or SIGMOID) → inversion for MONOCHROME1 or Presentation LUT Shape INVERSE (once).
+A multi-frame image in ``middle`` mode has only its middle frame decoded. Colour images (RGB, YBR, PALETTE COLOR) become luminance. The result is float32 in [0, 1],
 shape ``(frames, rows, columns)``, with a list of notes saying what was applied.
 
 Every way a file can fail is a :class:`DicomRejected` with a short ``reason`` code, so that the
@@ -20,7 +21,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    get_decoder,
+    pixel_array,
+)
 
 # Quarantine reason codes (the `reason` column of quarantine.csv).
 NOT_DICOM = "not_dicom"
@@ -31,6 +38,8 @@ UNSUPPORTED_IMAGE = "unsupported_image"
 DECODE_FAILED = "decode_failed"
 
 MULTIFRAME_MODES = ("middle", "all")
+# VOI LUT Function (0028,1056), PS3.3 C.11.2.1.3: LINEAR when absent.
+VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -77,7 +86,9 @@ def read_dataset(path: str | Path | BinaryIO) -> Dataset:
         pass  # no preamble or File Meta: maybe an old ACR-NEMA style file; try below
     except Exception as err:  # pydicom raises many types on corrupt headers
         raise DicomRejected(
-            UNREADABLE, f"header could not be parsed: {type(err).__name__}: {err}"
+            # The error's type only: pydicom's text may quote an element's value.
+            UNREADABLE,
+            f"header could not be parsed ({type(err).__name__})",
         ) from err
     # Without the 'DICM' prefix any bytes "parse"; accept the result only if it looks like
     # an image or a SOP instance.
@@ -94,14 +105,26 @@ def read_dataset(path: str | Path | BinaryIO) -> Dataset:
     ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
     if "TransferSyntaxUID" not in ds.file_meta:
         # pydicom found the encoding while reading; record it so the pixel decoders know it.
-        ds.file_meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian
-            if ds.is_implicit_VR
-            else pydicom.uid.ExplicitVRLittleEndian
-            if ds.is_little_endian
-            else pydicom.uid.ExplicitVRBigEndian
-        )
+        ds.file_meta.TransferSyntaxUID = _transfer_syntax_of_encoding(*ds.original_encoding)
     return ds
+
+
+def _transfer_syntax_of_encoding(
+    implicit_vr: bool | None, little_endian: bool | None
+) -> pydicom.uid.UID:
+    """The uncompressed transfer syntax of a dataset's ``original_encoding``.
+
+    Takes the pair pydicom records while reading (implicit VR?, little endian?) and returns
+    Implicit VR Little Endian, Explicit VR Little Endian or Explicit VR Big Endian. ``None``
+    (never read from bytes) counts as pydicom's own default, implicit VR little endian.
+    """
+    # Reading the pair through Dataset.original_encoding, not the is_implicit_VR and
+    # is_little_endian attributes: those are deprecated in pydicom 3 and gone in pydicom 4.
+    if implicit_vr is None or implicit_vr:
+        return pydicom.uid.ImplicitVRLittleEndian
+    if little_endian is None or little_endian:
+        return pydicom.uid.ExplicitVRLittleEndian
+    return pydicom.uid.ExplicitVRBigEndian
 
 
 def _rewind(source: str | Path | BinaryIO) -> None:
@@ -146,15 +169,11 @@ def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
     frame_indices = list(range(n_frames)) if multiframe == "all" else [n_frames // 2]
     notes = [f"frames:{n_frames}->{len(frame_indices)}"] if n_frames > 1 else []
 
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
-        raise DicomRejected(
-            DECODE_FAILED, f"pixel data does not decode: {type(err).__name__}: {err}"
-        ) from err
-    if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
-        pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
-    frames = [_to_display(pixels[i], ds, i, notes) for i in frame_indices]
+    pixels = _decode_pixels(ds, n_frames, frame_indices)
+    frames = [
+        _to_display(frame, ds, index, notes)
+        for frame, index in zip(pixels, frame_indices, strict=True)
+    ]
     return DecodedImage(
         frames=np.stack(frames).astype(np.float32, copy=False),
         notes=list(dict.fromkeys(notes)),  # de-duplicate, keep order
@@ -166,6 +185,37 @@ def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
 def decode_file(path: str | Path, multiframe: str = "middle") -> DecodedImage:
     """:func:`read_dataset` then :func:`decode_dataset`."""
     return decode_dataset(read_dataset(path), multiframe=multiframe)
+
+
+def _decode_pixels(ds: Dataset, n_frames: int, frame_indices: list[int]) -> np.ndarray:
+    """Decode the stored frames ``frame_indices`` of ``ds`` (``n_frames`` in all).
+
+    Returns an array ``(len(frame_indices), rows, columns[, samples])`` of stored values
+    (YBR already converted to RGB, as pydicom does by default).
+
+    Raises:
+        DicomRejected: ``decode_failed`` when the pixel data does not decode.
+    """
+    try:
+        if n_frames > 1 and len(frame_indices) == 1:
+            # One frame of many: pydicom 3 decodes just that frame (only its bytes, or only its
+            # fragments when compressed), so a large volume never becomes one array here.
+            return pixel_array(ds, index=frame_indices[0])[np.newaxis]
+        # pydicom.pixels.pixel_array rather than Dataset.pixel_array: the property goes through
+        # Dataset.convert_pixel_data, which is deprecated in pydicom 3 and gone in pydicom 4.
+        pixels = pixel_array(ds)
+    except Exception as err:  # decoders raise ValueError, RuntimeError, ... on bad data
+        raise DicomRejected(
+            # The error's type only: decoders' texts quote element values.
+            DECODE_FAILED,
+            f"pixel data does not decode ({type(err).__name__})",
+        ) from err
+    if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
+        pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
+    # Here every frame is wanted (``all``, or a single-frame image), in order.
+    if pixels.shape[0] != len(frame_indices):
+        raise DicomRejected(DECODE_FAILED, "the decoded frames do not match Number of Frames")
+    return pixels
 
 
 def _check_transfer_syntax(ds: Dataset) -> None:
@@ -190,7 +240,8 @@ def _number_of_frames(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError) as err:
-        raise DicomRejected(UNREADABLE, f"NumberOfFrames is not a number: {err}") from err
+        # Not the parser's text: it would quote the value.
+        raise DicomRejected(UNREADABLE, "Number of Frames is not a number") from err
 
 
 def _samples(ds: Dataset) -> int:
@@ -209,9 +260,8 @@ def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
         bits = int(ds.get("BitsStored", 8) or 8)
         return _luminance(frame) / float(2**bits - 1)
     if not photometric.startswith("MONOCHROME"):
-        raise DicomRejected(
-            UNSUPPORTED_IMAGE, f"photometric interpretation {photometric} is not supported"
-        )
+        # The value itself stays out of the message: it may be any bytes from a broken file.
+        raise DicomRejected(UNSUPPORTED_IMAGE, "the photometric interpretation is not supported")
 
     if "ModalityLUTSequence" in ds:
         values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
@@ -226,10 +276,34 @@ def _to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
             values += np.float32(intercept)
             notes.append("rescale")
     display = _apply_voi(values, ds, index, notes)
+    return _apply_presentation_shape(display, ds, photometric, notes)
+
+
+def _apply_presentation_shape(
+    display: np.ndarray, ds: Dataset, photometric: str, notes: list[str]
+) -> np.ndarray:
+    """VOI output in [0, 1] → P-values in [0, 1] (0 black): inverted or left as it is.
+
+    MONOCHROME1 means the minimum value is shown white, so its VOI output is inverted.
+    Presentation LUT Shape (2050,0020) INVERSE (PS3.3 C.11.6.1.2) inverts too. The standard
+    asks for INVERSE exactly when the image is MONOCHROME1 (e.g. PS3.3 C.8.11.3, DX Image):
+    both name the same single inversion, so MONOCHROME1 with INVERSE is inverted once, not
+    twice. IDENTITY never undoes MONOCHROME1: a MONOCHROME1 image that says IDENTITY breaks
+    that rule, and the photometric interpretation, which every image must have, is trusted.
+    Any other shape (not defined by the standard) is ignored and noted.
+    """
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if shape not in ("", "IDENTITY", "INVERSE"):
+        notes.append("presentation_lut_shape_unknown")
     if photometric == "MONOCHROME1":
         notes.append("monochrome1_inverted")
-        display = 1.0 - display
-    return display
+    elif shape == "INVERSE":
+        notes.append("presentation_lut_inverted")
+    else:
+        return display
+    # 1 - x over the whole output range [0, 1] (not over the image's own maximum, which
+    # pydicom's apply_presentation_lut uses): a window's saturated end stays 0 or 1.
+    return 1.0 - display
 
 
 def _apply_voi(values: np.ndarray, ds: Dataset, index: int, notes: list[str]) -> np.ndarray:
@@ -245,15 +319,30 @@ def _apply_voi(values: np.ndarray, ds: Dataset, index: int, notes: list[str]) ->
             notes.append("voi_lut_invalid")
     window = _window(ds, index)
     if window is not None:
-        center, width = window
+        center, width, function = window
+        if function == "SIGMOID":
+            notes.append("window_sigmoid")
+            return window_sigmoid(values, center, width)
+        if function == "LINEAR_EXACT":
+            notes.append("window_linear_exact")
+            return window_linear_exact(values, center, width)
+        if function not in VOI_LUT_FUNCTIONS:
+            notes.append("voi_lut_function_unknown")  # the standard's default stands in
         notes.append("window")
         return window_linear(values, center, width)
     notes.append("minmax")
     return _rescale(values, float(values.min()), float(values.max()))
 
 
-def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
-    """The first (Window Center, Window Width) pair, from the frame's functional group if any."""
+def _window(ds: Dataset, index: int) -> tuple[float, float, str] | None:
+    """The first (Window Center, Window Width) pair and the VOI LUT Function that goes with it.
+
+    The three come from the frame's Frame VOI LUT functional group when there is one, else the
+    shared group, else the top level. Returns ``(center, width, function)`` with ``function``
+    upper-case (``LINEAR`` when absent; an undefined value is passed on for the caller to note),
+    or None when there is no usable window: LINEAR needs a width of at least 1, LINEAR_EXACT
+    and SIGMOID a width above 0 (PS3.3 C.11.2.1.2.1, C.11.2.1.3).
+    """
     source: Dataset = ds
     if "PerFrameFunctionalGroupsSequence" in ds:
         try:
@@ -272,7 +361,9 @@ def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
         width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
     except (TypeError, ValueError, IndexError):
         return None
-    return (center, width) if width >= 1 else None
+    function = str(source.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    minimum_ok = width > 0 if function in ("LINEAR_EXACT", "SIGMOID") else width >= 1
+    return (center, width, function) if minimum_ok and np.isfinite([center, width]).all() else None
 
 
 def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -289,6 +380,36 @@ def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray
     out *= np.float32(1.0 / (width - 1))
     out += np.float32(0.5 - (center - 0.5) / (width - 1))
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def window_linear_exact(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM LINEAR_EXACT window function (PS3.3 C.11.2.1.3.2) with output range [0, 1].
+
+    ``(x - center) / width + 0.5`` clipped to [0, 1]: values at or below ``center - width / 2``
+    map to 0, values above ``center + width / 2`` map to 1. ``width`` must be above 0. Returns
+    a new float32 array; the input is left alone.
+    """
+    out = np.array(values, dtype=np.float32)
+    out *= np.float32(1.0 / width)
+    out += np.float32(0.5 - center / width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def window_sigmoid(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM SIGMOID window function (PS3.3 C.11.2.1.3.1) with output range [0, 1].
+
+    ``1 / (1 + exp(-4 (x - center) / width))``; ``width`` must be above 0. Returns a new
+    float32 array; the input is left alone.
+    """
+    # The same curve written as 0.5 (1 + tanh(2 (x - c) / w)): tanh cannot overflow where exp
+    # of a large argument would (values far below the center).
+    out = np.array(values, dtype=np.float64)
+    out -= center
+    out *= 2.0 / width
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out.astype(np.float32)
 
 
 def _rescale_coefficients(ds: Dataset) -> tuple[float, float]:
