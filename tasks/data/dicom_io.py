@@ -29,6 +29,8 @@ from pydicom.pixels import (
     pixel_array,
 )
 
+from tasks.config import MULTIFRAME_MODES
+
 # Quarantine reason codes (the `reason` column of quarantine.csv).
 NOT_DICOM = "not_dicom"
 UNREADABLE = "unreadable"
@@ -37,7 +39,6 @@ UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
 UNSUPPORTED_IMAGE = "unsupported_image"
 DECODE_FAILED = "decode_failed"
 
-MULTIFRAME_MODES = ("middle", "all")
 # VOI LUT Function (0028,1056), PS3.3 C.11.2.1.3: LINEAR when absent.
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
