@@ -52,26 +52,7 @@ def run_package(params: Params) -> dict:
     home = bentoml_home(serving)
     threshold = parse_threshold(version.tags.get("threshold"))
     dataset_version = version.tags.get("dataset_version", "")
-    model_tag = import_model(
-        model,
-        spec,
-        version,
-        labels={
-            "registry_version": str(version.version),
-            "dataset_version": dataset_version[:63],
-            "teacher": spec.teacher,
-            "strategy": spec.strategy,
-        },
-        metadata={
-            "registered_model": version.name,
-            "registry_version": str(version.version),
-            "run_id": version.run_id or "",
-            "dataset_version": dataset_version,
-            "threshold": threshold,
-            "classes": list(spec.classes),
-            "image_size": spec.image_size,
-        },
-    )
+    model_tag = _import_student(model, spec, version, threshold, dataset_version)
     args = _service_arguments(serving, version, spec, model_tag, threshold, dataset_version)
     bento = build_bento(serving, args, version)
     archive = export_bento(bento, serving)
@@ -96,6 +77,30 @@ def run_package(params: Params) -> dict:
         archive,
     )
     return report
+
+
+def _import_student(model, spec, version, threshold: float | None, dataset_version: str) -> str:
+    """Save the student into BentoML's model store with its provenance; returns the tag."""
+    return import_model(
+        model,
+        spec,
+        version,
+        labels={
+            "registry_version": str(version.version),
+            "dataset_version": dataset_version[:63],
+            "teacher": spec.teacher,
+            "strategy": spec.strategy,
+        },
+        metadata={
+            "registered_model": version.name,
+            "registry_version": str(version.version),
+            "run_id": version.run_id or "",
+            "dataset_version": dataset_version,
+            "threshold": threshold,
+            "classes": list(spec.classes),
+            "image_size": spec.image_size,
+        },
+    )
 
 
 def _service_arguments(

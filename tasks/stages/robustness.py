@@ -23,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from tasks import reports
-from tasks.config import Params
+from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
 from tasks.evaluation.evaluation import evaluate_student
 from tasks.model.student_io import load_student
@@ -84,23 +84,7 @@ def run_robustness(params: Params) -> dict:
         else None,
         title=f"{spec.strategy} student of {spec.teacher} under attack",
     )
-    report = {
-        "verdict": {
-            "passed": verdict.passed,
-            "reasons": list(verdict.reasons),
-            "checked": list(verdict.checked),
-        },
-        "clean_test_auc": clean.test.auc,
-        "n_examples": result.n_examples,
-        "strategy": spec.strategy,
-        "metrics": result.to_metrics(),
-        "table": result.to_table(),
-        "reference_probe": {"metrics": reference.to_metrics(), "table": reference.to_table()}
-        if reference
-        else None,
-        "strategies": strategies,
-        "config": {**dataclasses.asdict(config), "epsilons": list(config.epsilons)},
-    }
+    report = _report(verdict, clean.test.auc, result, reference, strategies, spec.strategy, config)
     reports.ROBUSTNESS.write(params.reports_dir, report)
     _log(params, report, plot)
     logger.info(
@@ -110,6 +94,35 @@ def run_robustness(params: Params) -> dict:
         "".join(f"; {reason}" for reason in verdict.reasons),
     )
     return report
+
+
+def _report(
+    verdict,
+    clean_test_auc: float,
+    result: RobustnessResult,
+    reference: RobustnessResult | None,
+    strategies: list[dict],
+    strategy: str,
+    config: RobustnessParams,
+) -> dict:
+    """The content of the robustness report."""
+    return {
+        "verdict": {
+            "passed": verdict.passed,
+            "reasons": list(verdict.reasons),
+            "checked": list(verdict.checked),
+        },
+        "clean_test_auc": clean_test_auc,
+        "n_examples": result.n_examples,
+        "strategy": strategy,
+        "metrics": result.to_metrics(),
+        "table": result.to_table(),
+        "reference_probe": {"metrics": reference.to_metrics(), "table": reference.to_table()}
+        if reference
+        else None,
+        "strategies": strategies,
+        "config": {**dataclasses.asdict(config), "epsilons": list(config.epsilons)},
+    }
 
 
 def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module) -> Attack:
