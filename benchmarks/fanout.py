@@ -39,9 +39,9 @@ VARIANTS = ("pool", "processes", "threads", "dask")
 
 
 def time_variant(variant: str, folder: Path, params: dict) -> float:
-    """Seconds to ingest ``folder`` (its labels.csv beside it) with one decode map."""
+    """Seconds to ingest ``folder`` (its labels.csv inside it) with one decode map."""
     config = IngestConfig.from_params(params)
-    labels = read_label_source(folder, str(folder.parent / "labels.csv"))
+    labels = read_label_source(folder, str(folder / "labels.csv"))
     decode_map = None
     if variant != "pool":
         decode_map = task_runner_decode_map(

@@ -56,7 +56,7 @@ def run_stage(folder: Path, out: Path) -> dict:
 
     config = IngestConfig(
         source=str(folder),
-        labels_csv=str(folder.parent / "labels.csv"),
+        labels_csv=str(folder / "labels.csv"),
         processed_dir=str(out / "processed"),
         image_size=IMAGE_SIZE,
         multiframe="middle",

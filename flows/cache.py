@@ -6,7 +6,9 @@ parameters decodes and trains nothing (Prefect logs such a task as ``Cached``). 
 - the parameters the stage reads;
 - its inputs' content: the raw source (file names, sizes, modification times), the processed
   dataset's DVC hash, the saved student's bytes;
-- the source code of the modules the stage runs, so a code change invalidates it.
+- the source code of the modules the stage runs (:func:`tasks.code_closure.code_version`:
+  the import closure of ``tasks.stages.<stage>``, the one stage table that dvc.yaml's code deps
+  also follow), so a code change invalidates it.
 
 A cached result must never stand for files that are gone: the flow refreshes a stage whose
 outputs (:func:`outputs_present`) are missing instead of reusing its cache entry.
@@ -19,65 +21,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tasks.code_closure import code_version
+from tasks.data import synthetic
 from tasks.data.dataset import INFO_FILE, dataset_version
-
-TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-STAGE_MODULES = {
-    "ingest": (
-        "stages/ingest",
-        "data/dicom_io",
-        "data/preprocess",
-        "data/synthetic",
-        "data/labels",
-        "data/splits",
-        "data/dataset",
-    ),
-    "train": (
-        "stages/train",
-        "training/loop",
-        "model/student",
-        "model/teachers",
-        "model/transforms",
-        "model/student_io",
-        "stages/evaluate",
-        "evaluation/metrics",
-    ),
-    "evaluate": (
-        "stages/evaluate",
-        "evaluation/metrics",
-        "evaluation/plots",
-        "model/student_io",
-        "model/transforms",
-    ),
-    "robustness": (
-        "stages/robustness",
-        "robustness/attacks",
-        "robustness/verdict",
-        "model/student_io",
-    ),
-    "register": ("stages/register", "registry/model_card"),
-    "package": (
-        "stages/package",
-        "model/inference",
-        "data/preprocess",
-        "data/dicom_io",
-        "model/student_io",
-    ),
-}
-
-
-def code_version(stage: str) -> str:
-    """SHA-256 over the source of the modules a stage runs."""
-    digest = hashlib.sha256()
-    for module in STAGE_MODULES[stage]:
-        digest.update((TASKS_DIR / f"{module}.py").read_bytes())
-    return digest.hexdigest()
 
 
 def source_fingerprint(params: dict) -> str:
     """What the raw source is right now, cheaply: the synthetic recipe, or file stats."""
     source = str(params["data"]["source"])
-    if source == "synthetic":
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    if synthetic.is_synthetic_source(source, recipe):
         return _digest(params.get("synthetic"), params.get("seed"))
     path = Path(source)
     if path.is_file():
@@ -99,6 +52,7 @@ def outputs_present(stage: str, params: dict) -> bool:
     """Whether the files ``stage`` writes are all on disk."""
     reports = Path(params.get("reports_dir", "reports"))
     outputs = {
+        "synthesize": [Path(params["synthetic"]["output_dir"]) / synthetic.FINGERPRINT_FILE],
         "ingest": [Path(params["data"]["processed_dir"]) / INFO_FILE, reports / "ingest.json"],
         "train": [_model_file(params), reports / "train.json"],
         "evaluate": [reports / "metrics.json"],
@@ -122,11 +76,9 @@ def stage_key(stage: str, params: dict) -> str:
         inputs = ("train", "metrics", "robustness") if stage == "register" else ("register",)
         parts += [params.get("registry"), params.get("gates"), params.get("serving")]
         parts += [_file_digest(reports / f"{name}.json") for name in inputs]
-        if stage == "package":  # the service code goes into the Bento too
-            parts += [
-                _file_digest(path) for path in sorted((TASKS_DIR.parent / "serving").glob("*.*"))
-            ]
         return f"medtransfer-{stage}-{_digest(*parts)}"
+    if stage == "synthesize":
+        return f"medtransfer-{stage}-{_digest(*parts, params.get('synthetic'))}"
     if stage == "ingest":
         parts += [params.get("data"), params.get("synthetic"), source_fingerprint(params)]
     else:

@@ -19,6 +19,12 @@ from tasks.config import load_params
 from tasks.errors import MedtransferError
 
 
+def _synthesize(params: dict, args: argparse.Namespace) -> dict:
+    from tasks.stages.synthesize import run_synthesize
+
+    return run_synthesize(params)
+
+
 def _ingest(params: dict, args: argparse.Namespace) -> dict:
     from tasks.stages.ingest import run_ingest
 
@@ -84,6 +90,10 @@ def _deploy(params: dict, args: argparse.Namespace) -> dict:
 
 
 STAGES: dict[str, tuple[Callable[[dict, argparse.Namespace], dict], str]] = {
+    "synthesize": (
+        _synthesize,
+        "write the built-in synthetic DICOM set (the default data.source) and its labels",
+    ),
     "ingest": (
         _ingest,
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",

@@ -4,7 +4,7 @@ Each stage is the function in ``tasks/`` wrapped as a Prefect task; nothing is r
 here. Run it with ``medtransfer run`` or ``python -m flows.pipeline``.
 
 Caching: every stage task carries a cache key built from its inputs, parameters and code
-(``tasks.stage_cache``), so a re-run with nothing changed decodes and trains nothing; Prefect
+(``flows.cache``), so a re-run with nothing changed decodes and trains nothing; Prefect
 logs those tasks as ``Cached`` and the run summary lists them. A stage whose output files are
 missing is recomputed whatever its key. After a crash, the finished stages are cache hits and
 training resumes from its last epoch checkpoint.
@@ -20,12 +20,14 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cache import outputs_present, stage_key
 from flows.fanout import task_runner_decode_map
 from tasks.config import load_params
+from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tasks.stages.evaluate import run_evaluate
 from tasks.stages.ingest import run_ingest
 from tasks.stages.package import run_package
 from tasks.stages.register import run_register
 from tasks.stages.robustness import run_robustness
+from tasks.stages.synthesize import run_synthesize
 from tasks.stages.train import run_train
 
 
@@ -48,6 +50,12 @@ STAGE_OPTIONS = {
     "retry_delay_seconds": 2,
     "retry_condition_fn": _transient,
 }
+
+
+@task(name="synthesize", cache_key_fn=_key("synthesize"), **STAGE_OPTIONS)
+def synthesize(params: dict) -> dict:
+    """Write the built-in synthetic DICOM set and its labels; returns where they are."""
+    return run_synthesize(params)
 
 
 @task(name="ingest", cache_key_fn=_key("ingest"), **STAGE_OPTIONS)
@@ -118,7 +126,10 @@ def medtransfer_pipeline(
     """
     params = load_params(params_file, overrides or [])
     cached: list[str] = []
-    summary: dict = {"ingest": run_stage(ingest, "ingest", params, cached)}
+    summary: dict = {}
+    if uses_synthetic_set(params):
+        summary["synthesize"] = run_stage(synthesize, "synthesize", params, cached)
+    summary["ingest"] = run_stage(ingest, "ingest", params, cached)
     summary["train"] = run_stage(train, "train", params, cached)
     summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached)
     summary["robustness"] = run_stage(robustness, "robustness", params, cached)
@@ -136,6 +147,12 @@ def medtransfer_pipeline(
         description="What this medtransfer run produced",
     )
     return summary
+
+
+def uses_synthetic_set(params: dict) -> bool:
+    """Whether ``data.source`` is the built-in synthetic set (the shorthand or its folder)."""
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    return synthetic.is_synthetic_source(str(params["data"]["source"]), recipe)
 
 
 def summary_markdown(summary: dict) -> str:

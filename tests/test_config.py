@@ -35,7 +35,8 @@ def test_bad_overrides_fail_loudly(override: str, message: str) -> None:
 
 def test_repository_params_load() -> None:
     params = load_params(REPO / "params.yaml")
-    assert params["data"]["source"] == "synthetic"
+    # the synthesize stage's folder, a path DVC can depend on
+    assert params["data"]["source"] == f"{params['synthetic']['output_dir']}/dicom"
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path) -> None:

@@ -179,8 +179,11 @@ def run_ingest(
             classes among the ingested images.
     """
     config = IngestConfig.from_params(params)
-    if config.source == "synthetic":
-        folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    if synthetic.is_synthetic_source(config.source, recipe):
+        # Generating is a no-op when `medtransfer synthesize` (its own DVC stage and flow
+        # task) already wrote this recipe's set; it keeps `medtransfer ingest` usable alone.
+        folder, labels_csv = synthetic.generate(recipe)
         return ingest_folder(
             folder,
             read_label_source(folder, labels_csv),
