@@ -40,7 +40,7 @@ VARIANTS = ("pool", "processes", "threads", "dask")
 
 def time_variant(variant: str, folder: Path, params: Params) -> float:
     """Seconds to ingest ``folder`` (its labels.csv beside it) with one decode map."""
-    labels = read_label_source(folder, str(folder.parent / "labels.csv"))
+    labels = read_label_source(folder, str(folder / "labels.csv"))
     decode_map = None
     if variant != "pool":
         decode_map = task_runner_decode_map(

@@ -72,7 +72,7 @@ def run_stage(folder: Path, out: Path) -> dict:
             "data.workers=0",
         ],
     )
-    labels = read_label_source(folder, str(folder.parent / "labels.csv"))
+    labels = read_label_source(folder, str(folder / "labels.csv"))
     start = time.perf_counter()
     result = ingest_folder(folder, labels, params.data, 0, "benchmark", progress=False)
     return {"seconds": time.perf_counter() - start, "images": result.images}

@@ -6,7 +6,9 @@ parameters decodes and trains nothing (Prefect logs such a task as ``Cached``). 
 - the parameters the stage reads;
 - its inputs' content: the raw source (file names, sizes, modification times), the processed
   dataset's DVC hash, the saved student's bytes;
-- the source code of the modules the stage runs, so a code change invalidates it.
+- the source code of the modules the stage runs (:func:`tasks.code_closure.code_version`:
+  the import closure of ``tasks.stages.<stage>``, the one stage table that dvc.yaml's code deps
+  also follow), so a code change invalidates it.
 
 A cached result must never stand for files that are gone: the flow refreshes a stage whose
 outputs (:func:`outputs_present`) are missing instead of reusing its cache entry.
@@ -14,71 +16,26 @@ outputs (:func:`outputs_present`) are missing instead of reusing its cache entry
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from tasks import reports
+from tasks.code_closure import code_version
+from tasks.config import Params
+from tasks.data import synthetic
 from tasks.data.dataset import INFO_FILE, dataset_version
-
-TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-STAGE_MODULES = {
-    "ingest": (
-        "stages/ingest",
-        "data/dicom_io",
-        "data/preprocess",
-        "data/synthetic",
-        "data/labels",
-        "data/splits",
-        "data/dataset",
-    ),
-    "train": (
-        "stages/train",
-        "training/loop",
-        "model/student",
-        "model/teachers",
-        "model/transforms",
-        "model/student_io",
-        "stages/evaluate",
-        "evaluation/metrics",
-    ),
-    "evaluate": (
-        "stages/evaluate",
-        "evaluation/metrics",
-        "evaluation/plots",
-        "model/student_io",
-        "model/transforms",
-    ),
-    "robustness": (
-        "stages/robustness",
-        "robustness/attacks",
-        "robustness/verdict",
-        "model/student_io",
-    ),
-    "register": ("stages/register", "registry/model_card"),
-    "package": (
-        "stages/package",
-        "model/inference",
-        "data/preprocess",
-        "data/dicom_io",
-        "model/student_io",
-    ),
-}
+from tasks.model.student_io import MODEL_FILE
 
 
-def code_version(stage: str) -> str:
-    """SHA-256 over the source of the modules a stage runs."""
-    digest = hashlib.sha256()
-    for module in STAGE_MODULES[stage]:
-        digest.update((TASKS_DIR / f"{module}.py").read_bytes())
-    return digest.hexdigest()
-
-
-def source_fingerprint(params: dict) -> str:
+def source_fingerprint(params: Params) -> str:
     """What the raw source is right now, cheaply: the synthetic recipe, or file stats."""
-    source = str(params["data"]["source"])
-    if source == "synthetic":
-        return _digest(params.get("synthetic"), params.get("seed"))
+    source = params.data.source
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    if synthetic.is_synthetic_source(source, recipe):
+        return _digest(_section(params, "synthetic"), params.seed)
     path = Path(source)
     if path.is_file():
         stat = path.stat()
@@ -88,58 +45,67 @@ def source_fingerprint(params: dict) -> str:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             stat = file.stat()
             entries.append((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
-    labels_csv = params["data"].get("labels_csv")
+    labels_csv = params.data.labels_csv
     if labels_csv and Path(labels_csv).is_file():
         stat = Path(labels_csv).stat()
         entries.append((str(labels_csv), stat.st_size, stat.st_mtime_ns))
     return _digest(str(path.resolve()), entries)
 
 
-def outputs_present(stage: str, params: dict) -> bool:
+def outputs_present(stage: str, params: Params) -> bool:
     """Whether the files ``stage`` writes are all on disk."""
-    reports = Path(params.get("reports_dir", "reports"))
-    outputs = {
-        "ingest": [Path(params["data"]["processed_dir"]) / INFO_FILE, reports / "ingest.json"],
-        "train": [_model_file(params), reports / "train.json"],
-        "evaluate": [reports / "metrics.json"],
-        "robustness": [reports / "robustness.json"],
-        "register": [reports / "register.json"],
-        "package": [reports / "package.json"],
-    }[stage]
+    if stage == "synthesize":
+        return (Path(params.synthetic.output_dir) / synthetic.FINGERPRINT_FILE).is_file()
+    outputs = [reports.BY_STAGE[stage].path(params.reports_dir)]
+    if stage == "ingest":
+        outputs.append(Path(params.data.processed_dir) / INFO_FILE)
+    if stage == "train":
+        outputs.append(_model_file(params))
     if stage == "package" and outputs[0].is_file():
-        outputs.append(Path(json.loads(outputs[0].read_text()).get("archive", "")))
+        archive = (reports.PACKAGE.read(params.reports_dir) or {}).get("archive", "")
+        outputs.append(Path(archive))
     return all(path.is_file() for path in outputs)
 
 
-def stage_key(stage: str, params: dict) -> str:
+def stage_key(stage: str, params: Params) -> str:
     """The cache key of ``stage`` under ``params``, from its inputs as they are now."""
-    reports = Path(params.get("reports_dir", "reports"))
-    processed = Path(params["data"]["processed_dir"])
+    processed = Path(params.data.processed_dir)
     model_file = _model_file(params)
-    parts: list[Any] = [stage, code_version(stage), params.get("seed"), str(reports)]
+    parts: list[Any] = [stage, code_version(stage), params.seed, params.reports_dir]
     if stage in ("register", "package"):
         # What the registry sees: the run, its evaluation and verdict; then the registered version.
-        inputs = ("train", "metrics", "robustness") if stage == "register" else ("register",)
-        parts += [params.get("registry"), params.get("gates"), params.get("serving")]
-        parts += [_file_digest(reports / f"{name}.json") for name in inputs]
-        if stage == "package":  # the service code goes into the Bento too
-            parts += [
-                _file_digest(path) for path in sorted((TASKS_DIR.parent / "serving").glob("*.*"))
-            ]
+        inputs = (
+            (reports.TRAIN, reports.METRICS, reports.ROBUSTNESS)
+            if stage == "register"
+            else (reports.REGISTER,)
+        )
+        parts += [_section(params, name) for name in ("registry", "gates", "serving")]
+        parts += [_file_digest(report.path(params.reports_dir)) for report in inputs]
         return f"medtransfer-{stage}-{_digest(*parts)}"
+    if stage == "synthesize":
+        return f"medtransfer-{stage}-{_digest(*parts, _section(params, 'synthetic'))}"
     if stage == "ingest":
-        parts += [params.get("data"), params.get("synthetic"), source_fingerprint(params)]
+        parts += [
+            _section(params, "data"),
+            _section(params, "synthetic"),
+            source_fingerprint(params),
+        ]
     else:
-        parts += [dataset_version(processed), params.get("train"), params.get("mlflow")]
+        parts += [dataset_version(processed), _section(params, "train"), _section(params, "mlflow")]
     if stage in ("evaluate", "robustness"):
-        parts += [_file_digest(model_file), params.get("eval")]
+        parts += [_file_digest(model_file), _section(params, "eval")]
     if stage == "robustness":
-        parts += [params.get("robustness"), params.get("gates")]
+        parts += [_section(params, "robustness"), _section(params, "gates")]
     return f"medtransfer-{stage}-{_digest(*parts)}"
 
 
-def _model_file(params: dict) -> Path:
-    return Path((params.get("train") or {}).get("model_dir", "models/student")) / "model.pt"
+def _model_file(params: Params) -> Path:
+    return Path(params.train.model_dir) / MODEL_FILE
+
+
+def _section(params: Params, name: str) -> Any:
+    """One section of ``params`` as plain values, for hashing."""
+    return dataclasses.asdict(getattr(params, name))
 
 
 def _digest(*parts: Any) -> str:

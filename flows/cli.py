@@ -23,6 +23,12 @@ from tasks.config import Params, load_params
 from tasks.errors import MedtransferError
 
 
+def _synthesize(params: Params, args: argparse.Namespace) -> dict:
+    from tasks.stages.synthesize import run_synthesize
+
+    return run_synthesize(params)
+
+
 def _ingest(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.ingest import run_ingest
 
@@ -80,6 +86,10 @@ def _deploy(params: Params, args: argparse.Namespace) -> dict:
 
 
 STAGES: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
+    "synthesize": (
+        _synthesize,
+        "write the built-in synthetic DICOM set (the default data.source) and its labels",
+    ),
     "ingest": (
         _ingest,
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",

@@ -4,7 +4,7 @@ Each stage is the function in ``tasks/`` wrapped as a Prefect task; nothing is r
 here. Run it with ``medtransfer run`` or ``python -m flows.pipeline``.
 
 Caching: every stage task carries a cache key built from its inputs, parameters and code
-(``tasks.stage_cache``), so a re-run with nothing changed decodes and trains nothing; Prefect
+(``flows.cache``), so a re-run with nothing changed decodes and trains nothing; Prefect
 logs those tasks as ``Cached`` and the run summary lists them. A stage whose output files are
 missing is recomputed whatever its key. After a crash, the finished stages are cache hits and
 training resumes from its last epoch checkpoint.
@@ -21,12 +21,14 @@ from flows.cache import outputs_present, stage_key
 from flows.fanout import task_runner_decode_map
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
+from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tasks.stages.evaluate import run_evaluate
 from tasks.stages.ingest import run_ingest
 from tasks.stages.package import run_package
 from tasks.stages.register import run_register
 from tasks.stages.robustness import run_robustness
+from tasks.stages.synthesize import run_synthesize
 from tasks.stages.train import run_train
 
 
@@ -49,6 +51,12 @@ STAGE_OPTIONS = {
     "retry_delay_seconds": 2,
     "retry_condition_fn": _transient,
 }
+
+
+@task(name="synthesize", cache_key_fn=_key("synthesize"), **STAGE_OPTIONS)
+def synthesize(params: Params) -> dict:
+    """Write the built-in synthetic DICOM set and its labels; returns where they are."""
+    return run_synthesize(params)
 
 
 @task(name="ingest", cache_key_fn=_key("ingest"), **STAGE_OPTIONS)
@@ -119,7 +127,10 @@ def medtransfer_pipeline(
     """
     params = load_params(params_file, overrides or [])
     cached: list[str] = []
-    summary: dict = {"ingest": run_stage(ingest, "ingest", params, cached)}
+    summary: dict = {}
+    if uses_synthetic_set(params):
+        summary["synthesize"] = run_stage(synthesize, "synthesize", params, cached)
+    summary["ingest"] = run_stage(ingest, "ingest", params, cached)
     summary["train"] = run_stage(train, "train", params, cached)
     summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached)
     summary["robustness"] = run_stage(robustness, "robustness", params, cached)
@@ -137,6 +148,12 @@ def medtransfer_pipeline(
         description="What this medtransfer run produced",
     )
     return summary
+
+
+def uses_synthetic_set(params: Params) -> bool:
+    """Whether ``data.source`` is the built-in synthetic set (the shorthand or its folder)."""
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    return synthetic.is_synthetic_source(params.data.source, recipe)
 
 
 def summary_markdown(summary: dict, params: Params) -> str:

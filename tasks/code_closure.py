@@ -10,6 +10,7 @@ source with :mod:`ast`, without importing anything, and follows imports at any d
 from __future__ import annotations
 
 import ast
+import hashlib
 from functools import cache
 from pathlib import Path
 
@@ -91,3 +92,60 @@ def import_closure(*modules: str, root: Path = PROJECT_ROOT) -> list[Path]:
 def relative_paths(paths: list[Path], root: Path = PROJECT_ROOT) -> list[str]:
     """``paths`` as POSIX paths relative to ``root`` (how dvc.yaml and bentofile.yaml name them)."""
     return [path.relative_to(root).as_posix() for path in paths]
+
+
+# The stage table: every pipeline stage, in run order. A stage's code is the import closure of
+# its entry-point module ``tasks.stages.<stage>``; the Prefect cache key (``flows.cache``), the
+# training checkpoint's key and dvc.yaml's code deps (checked by tests/test_layout.py) all
+# read it from here, so none of them lists modules by hand.
+STAGES = ("synthesize", "ingest", "train", "evaluate", "robustness", "register", "package")
+# What a stage runs beyond its own closure: ``package`` builds the Bento from the service, its
+# recipe and its pinned requirements, and the service's own imports go into the Bento too.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {"package": ("serving.service",)}
+EXTRA_FILES: dict[str, tuple[str, ...]] = {
+    "package": (
+        "serving/__init__.py",
+        "serving/service.py",
+        "serving/bentofile.yaml",
+        "serving/requirements.txt",
+    )
+}
+
+
+def stage_code_files(stage: str, root: Path = PROJECT_ROOT) -> list[Path]:
+    """The source files whose content ``stage``'s result depends on, sorted, absolute.
+
+    Args:
+        stage: one of :data:`STAGES`.
+        root: the project root (a copy of the tree in tests).
+
+    Returns:
+        The import closure of ``tasks.stages.<stage>`` plus, for ``package``, the serving
+        files and the service's closure.
+    """
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; the stages are {STAGES}")
+    files = set(import_closure(f"tasks.stages.{stage}", *EXTRA_MODULES.get(stage, ()), root=root))
+    files |= {root / name for name in EXTRA_FILES.get(stage, ())}
+    return sorted(files)
+
+
+def code_version(stage: str, root: Path = PROJECT_ROOT) -> str:
+    """SHA-256 over the relative path and bytes of every file in :func:`stage_code_files`:
+    an edit, a new import or a renamed module gives a new version."""
+    digest = hashlib.sha256()
+    for path in stage_code_files(stage, root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def main() -> None:
+    """Print each stage's code deps as dvc.yaml lists them (``python -m tasks.code_closure``)."""
+    for stage in STAGES:
+        print(f"{stage}:")
+        print("\n".join(f"  - {path}" for path in relative_paths(stage_code_files(stage))))
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,10 @@ def params(tmp_path: Path) -> dict:
     return load_params(
         REPO / "params.yaml",
         [
+            # the shorthand and sub-folder labels: the shipped data.source and labels_csv name
+            # the synthetic set's folder and its CSV inside the project
+            "data.source=synthetic",
+            "data.labels_csv=null",
             f"data.processed_dir={tmp_path / 'processed'}",
             f"reports_dir={tmp_path / 'reports'}",
             f"synthetic.output_dir={tmp_path / 'synthetic'}",

@@ -39,7 +39,8 @@ def test_bad_overrides_fail_loudly(override: str, message: str) -> None:
 
 def test_repository_params_load_as_typed_sections() -> None:
     params = load_params(REPO / "params.yaml")
-    assert params.data.source == "synthetic"
+    # the synthesize stage's folder, a path DVC can depend on
+    assert params.data.source == f"{params.synthetic.output_dir}/dicom"
     assert params.train.augment.flip is True
     assert params.robustness.epsilons_255 == (0.5, 1.0, 2.0, 4.0, 8.0)
     assert params.gates.in_pixels()["teacher_transfer_eps"] == pytest.approx(1 / 255)

@@ -1,4 +1,4 @@
-"""`dvc repro` in a real git + DVC repository runs the ingestion stage reproducibly."""
+"""`dvc repro` in a real git + DVC repository: reproducible ingestion of a versioned input."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tasks.config import Params
+from tasks.data import synthetic
 from tasks.data.dataset import dataset_version
 from tests.conftest import REPO
 
@@ -30,7 +31,13 @@ def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: Par
     shutil.copytree(REPO / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
     small = params.to_dict()
-    small["data"] = {**small["data"], "processed_dir": "data/processed"}
+    # the shipped source: the synthesize stage's folder, with its labels.csv inside
+    small["data"] = {
+        **small["data"],
+        "processed_dir": "data/processed",
+        "source": "data/synthetic/dicom",
+        "labels_csv": "labels.csv",
+    }
     small["synthetic"] = {**small["synthetic"], "output_dir": "data/synthetic"}
     small["reports_dir"] = "reports"
     (repo / "params.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
@@ -38,7 +45,8 @@ def test_dvc_repro_gives_the_same_dataset_hash_twice(tmp_path: Path, params: Par
     _run(["dvc", "init", "-q"], repo)
     _run(["dvc", "config", "core.analytics", "false"], repo)
 
-    _run(["dvc", "repro", "ingest"], repo)
+    ran = _run(["dvc", "repro", "ingest"], repo)
+    assert "Running stage 'synthesize'" in ran  # the synthetic set is ingest's upstream stage
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     first = next(
         o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/processed"
@@ -67,7 +75,12 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
     tiny = train_params.to_dict()
-    tiny["data"] = {**tiny["data"], "processed_dir": "data/processed"}
+    tiny["data"] = {
+        **tiny["data"],
+        "processed_dir": "data/processed",
+        "source": "data/synthetic/dicom",
+        "labels_csv": "labels.csv",
+    }
     tiny["synthetic"] = {**tiny["synthetic"], "output_dir": "data/synthetic"}
     tiny["reports_dir"] = "reports"
     tiny["train"] = {
@@ -127,3 +140,50 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
     assert new_run != base_run
     logged = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(new_run).data.params
     assert logged["train.lr"] == "0.003"
+
+
+def test_dvc_versions_the_input_folder_a_new_dicom_file_reruns_ingest(
+    tmp_path: Path, params: Params
+) -> None:
+    """data.source is a dependency of ingest: an unchanged folder re-runs nothing, one more
+    DICOM file makes `dvc status` report ingest changed and `dvc repro` re-ingest it."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    shutil.copytree(REPO / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo)
+    # A user's folder: DICOM files with their labels CSV inside (data.labels_csv relative to it).
+    folder, _ = synthetic.generate(
+        synthetic.SyntheticConfig(output_dir=str(repo / "incoming"), n_patients=10, size=32)
+    )
+    held_back = tmp_path / "case_0009"
+    shutil.move(folder / "case_0009", held_back)
+    mine = {**params.to_dict(), "reports_dir": "reports"}
+    mine["data"] = {
+        **mine["data"],
+        "source": "incoming/dicom",
+        "labels_csv": "labels.csv",
+        "processed_dir": "data/processed",
+    }
+    mine["synthetic"] = {**mine["synthetic"], "output_dir": "data/synthetic"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.analytics", "false"], repo)
+
+    ran = _run(["dvc", "repro", "ingest"], repo)
+    assert "Running stage 'ingest'" in ran
+    assert "synthesize" not in ran  # a folder of one's own needs no synthetic set
+    seen = json.loads((repo / "reports/ingest.json").read_text())["files_seen"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert "incoming/dicom" in {dep["path"] for dep in lock["stages"]["ingest"]["deps"]}
+
+    assert "ingest" not in _run(["dvc", "status", "ingest"], repo)
+    assert "Stage 'ingest' didn't change" in _run(["dvc", "repro", "ingest"], repo)
+
+    shutil.move(held_back, folder / "case_0009")  # new DICOM files arrive
+    status = _run(["dvc", "status", "ingest"], repo)
+    assert "ingest" in status and "incoming/dicom" in status
+    assert "Running stage 'ingest'" in _run(["dvc", "repro", "ingest"], repo)
+    report = json.loads((repo / "reports/ingest.json").read_text())
+    assert report["files_seen"] > seen
+    assert report["quarantined"] == 0  # every new file found its label in the CSV

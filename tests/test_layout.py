@@ -1,12 +1,20 @@
-"""The layout's contracts: what the Bento ships is what the service imports."""
+"""The layout's contracts: what the Bento ships is what the service imports; what each
+stage runs is its import closure, in dvc.yaml and in the cache keys alike."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
 
-from tasks.code_closure import import_closure, relative_paths
+from tasks.code_closure import (
+    STAGES,
+    code_version,
+    import_closure,
+    relative_paths,
+    stage_code_files,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,3 +31,35 @@ def test_the_service_needs_neither_attacks_nor_training_nor_ingestion() -> None:
     assert "tasks/model/inference.py" in needed and "tasks/data/dicom_io.py" in needed
     for absent in ("tasks/robustness/", "tasks/training/", "tasks/stages/", "tasks/data/synthetic"):
         assert not any(path.startswith(absent) for path in needed), absent
+
+
+def _dvc_code_deps(stage: dict) -> set[str]:
+    """The deps of one dvc.yaml stage that are project source (tasks/, serving/)."""
+    return {dep for dep in stage.get("deps", []) if dep.startswith(("tasks/", "serving/"))}
+
+
+def test_every_dvc_stage_depends_on_exactly_its_import_closure() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert tuple(stages) == STAGES
+    for name, stage in stages.items():
+        expected = set(relative_paths(stage_code_files(name)))
+        listed = _dvc_code_deps(stage)
+        assert listed == expected, (
+            f"dvc.yaml stage {name}: missing {sorted(expected - listed)}, "
+            f"extra {sorted(listed - expected)}"
+        )
+
+
+def test_editing_the_adversarial_module_changes_the_train_cache_key(tmp_path: Path) -> None:
+    """The train stage imports tasks/training/adversarial.py, so its code version (the
+    Prefect cache key's code part and the checkpoint key's) must follow that file."""
+    copy = tmp_path / "project"
+    for folder in ("tasks", "serving"):
+        shutil.copytree(REPO / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_version("train", copy)
+    assert before == code_version("train", REPO)  # the same tree gives the same version
+    evaluate_before = code_version("evaluate", copy)
+    adversarial = copy / "tasks" / "training" / "adversarial.py"
+    adversarial.write_text(adversarial.read_text() + "\n# an edit\n")
+    assert code_version("train", copy) != before
+    assert code_version("evaluate", copy) == evaluate_before  # evaluate does not import it

@@ -141,6 +141,13 @@ def copy_patients(source: Path, labels_csv: Path, watched: Path, patients: range
     return copied
 
 
+def student_weights(model_file: Path) -> dict:
+    """The saved student's tensors, read from ``model.pt`` as the service would."""
+    import torch
+
+    return torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"]
+
+
 @pytest.mark.slow
 def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
     prefect_harness, tiny_params: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -190,9 +197,16 @@ def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
     assert mlflow_run_ids(tracking_uri) == [state["mlflow_run_id"]]  # no new training
     assert read_state(state_file) == state
 
+    model_file = Path(tiny_params["train"]["model_dir"]) / "model.pt"
+    weights_before = student_weights(model_file)
     assert copy_patients(generated, labels_csv, watched, range(12, 16)) > 0
     third = watch_and_retrain(params_file=str(params_file))
     assert third["retrained"] is True
+    # The flow resumes checkpoints: new data must start a new training, not resume the
+    # finished one and save the same student again.
+    weights_after = student_weights(model_file)
+    assert weights_after.keys() == weights_before.keys()
+    assert any(not weights_after[k].equal(weights_before[k]) for k in weights_before)
     assert third["previous_version"] == first["dataset_version"]
     assert third["dataset_version"] != first["dataset_version"]
     assert read_state(state_file)["dataset_version"] == third["dataset_version"]

@@ -44,7 +44,8 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
         folder: the DICOM folder.
         labels_csv: a CSV with a ``label`` column and a ``path`` (relative to ``folder``) or
             ``SOPInstanceUID`` column; None to use class sub-folders. A relative CSV path is
-            looked up in the working directory first, then inside ``folder``.
+            looked up inside ``folder`` first (where it is versioned with the images, one DVC
+            dependency), then in the working directory.
 
     Raises:
         MedtransferError: the CSV is missing, unreadable, or lacks the needed columns.
@@ -52,7 +53,7 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     if labels_csv is None:
         return LabelSource(from_subfolders=True)
     csv_path = Path(labels_csv)
-    if not csv_path.is_absolute() and not csv_path.is_file() and (folder / csv_path).is_file():
+    if not csv_path.is_absolute() and (folder / csv_path).is_file():
         csv_path = folder / csv_path
     if not csv_path.is_file():
         raise MedtransferError(

@@ -37,6 +37,9 @@ LABEL_NAMES = ("normal", "opacity")
 DICOM_SUBDIR = "dicom"
 LABELS_FILE = "labels.csv"
 FINGERPRINT_FILE = "generator.json"
+# Bumped when the files' layout changes, so a set written by an older layout is regenerated.
+LAYOUT_VERSION = 2
+SHORTHAND = "synthetic"
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,14 @@ def generate(config: SyntheticConfig) -> tuple[Path, Path]:
 
     Returns:
         ``(dicom_dir, labels_csv)``: the folder of ``case_NNNN/img_K.dcm`` files and the CSV
-        (``path`` relative to that folder, ``label``). Beside them, ``generator.json`` records
-        the configuration that produced them.
+        inside it (``path`` relative to that folder, ``label``), so the folder is the whole
+        labelled data set, versioned as one DVC dependency. Beside the folder,
+        ``generator.json`` records the configuration that produced them.
     """
     out = Path(config.output_dir)
-    dicom_dir, labels_csv = out / DICOM_SUBDIR, out / LABELS_FILE
-    fingerprint = json.dumps(asdict(config), sort_keys=True)
+    dicom_dir = source_folder(config)
+    labels_csv = dicom_dir / LABELS_FILE
+    fingerprint = json.dumps({**asdict(config), "layout": LAYOUT_VERSION}, sort_keys=True)
     fingerprint_path = out / FINGERPRINT_FILE
     if fingerprint_path.is_file() and fingerprint_path.read_text() == fingerprint:
         return dicom_dir, labels_csv  # already generated with exactly this configuration
@@ -114,6 +119,20 @@ def generate(config: SyntheticConfig) -> tuple[Path, Path]:
         writer.writerows(rows)
     fingerprint_path.write_text(fingerprint)
     return dicom_dir, labels_csv
+
+
+def source_folder(config: SyntheticConfig) -> Path:
+    """The folder ``generate`` writes the DICOM files and ``labels.csv`` to:
+    ``<output_dir>/dicom`` (the shipped ``data.source``)."""
+    return Path(config.output_dir) / DICOM_SUBDIR
+
+
+def is_synthetic_source(source: str, config: SyntheticConfig) -> bool:
+    """Whether ``data.source`` names the synthetic set: the shorthand ``synthetic`` or the
+    generator's own folder (:func:`source_folder`), however the path is spelled."""
+    if source == SHORTHAND:
+        return True
+    return Path(source).resolve() == source_folder(config).resolve()
 
 
 def make_patients(config: SyntheticConfig) -> list[SyntheticPatient]:

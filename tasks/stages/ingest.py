@@ -56,8 +56,11 @@ def run_ingest(
 
 def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None) -> IngestResult:
     data = params.data
-    if data.source == "synthetic":
-        folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    if synthetic.is_synthetic_source(data.source, recipe):
+        # Generating is a no-op when `medtransfer synthesize` (its own DVC stage and flow
+        # task) already wrote this recipe's set; it keeps `medtransfer ingest` usable alone.
+        folder, labels_csv = synthetic.generate(recipe)
         labels = read_label_source(folder, labels_csv)
         return ingest_folder(folder, labels, data, params.seed, "synthetic", progress, decode_map)
     source = Path(data.source)

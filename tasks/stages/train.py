@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.code_closure import code_version
 from tasks.config import checked_section
 from tasks.data.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
@@ -270,7 +271,9 @@ def _train_one(
     )
     val_images, val_labels = dataset.subset("val")
     val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
-    checkpoint_dir = Path(config.checkpoint_dir) / _run_key(params, strategy, fraction)
+    checkpoint_dir = Path(config.checkpoint_dir) / _run_key(
+        params, strategy, fraction, data_version
+    )
     # The scratch control has no pretrained weights; every other student names its teacher file.
     teacher_sha256 = model.weights_sha256 or ""
 
@@ -389,9 +392,17 @@ def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed:
     return np.sort(np.concatenate(chosen))
 
 
-def _run_key(params: dict, strategy: str, fraction: float) -> str:
-    """Checkpoints live per (data, params, strategy, fraction): resume never mixes runs."""
+def _run_key(params: dict, strategy: str, fraction: float, data_version: str) -> str:
+    """The checkpoint folder's name for one (strategy, fraction): resume never mixes runs.
+
+    It covers the dataset's content (``data_version``, the processed folder's DVC hash), the
+    train stage's code (:func:`tasks.code_closure.code_version`) and the parameters, so new
+    data or new code starts a fresh training instead of resuming a finished checkpoint of
+    the old one (the flow always resumes). Returns ``"<strategy>-<fraction>-<digest>"``.
+    """
     relevant = {k: params.get(k) for k in ("seed", "data", "train")}
+    relevant["dataset_version"] = data_version
+    relevant["code_version"] = code_version("train")
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
         :12
     ]
