@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
-from tasks.training.loop import CHECKPOINT_NAME, FitConfig, fit
+from tasks.training.loop import CHECKPOINT_NAME, FitConfig, _seed_epoch, class_weights, fit
 
 
 def _toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +116,46 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
 def test_class_weighting_modes_run(tmp_path: Path, mode: str) -> None:
     _, result = _fit(tmp_path, epochs=1, class_weighting=mode)
     assert len(result.history) == 1
+
+
+def test_balanced_class_weights_are_the_sample_count_over_classes_times_class_count() -> None:
+    # Three negatives, one positive: N / (k * count) = 4 / (2 * 3) and 4 / (2 * 1).
+    weights = class_weights(np.array([0, 0, 0, 1]), 2, "balanced")
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 2.0]), rtol=0, atol=1e-6)
+
+
+def test_a_class_absent_from_the_labels_gets_a_finite_weight() -> None:
+    weights = class_weights(np.array([0, 0, 1, 1]), 3, "balanced")
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 2 / 3, 4 / 3]), rtol=0, atol=1e-6)
+
+
+def test_class_weighting_none_gives_no_weights() -> None:
+    assert class_weights(np.array([0, 0, 0, 1]), 2, "none") is None
+
+
+def _epoch_draws(seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An augmented image and a dropout-style torch draw right after seeding ``(seed, epoch)``."""
+    images, labels = _toy_data(1, 0)
+    dataset = ImageDataset(images, labels, train_transform(AugmentConfig(), 16))
+    _seed_epoch(seed, epoch, dataset)
+    return dataset[0][0], torch.rand(8)
+
+
+def test_epoch_seeding_replays_the_same_seed_and_epoch_exactly() -> None:
+    image, draw = _epoch_draws(seed=3, epoch=1)
+    again_image, again_draw = _epoch_draws(seed=3, epoch=1)
+    assert torch.equal(image, again_image) and torch.equal(draw, again_draw)
+
+
+def test_epoch_seeding_makes_augmentation_and_dropout_depend_on_the_seed() -> None:
+    image, draw = _epoch_draws(seed=3, epoch=1)
+    other_image, other_draw = _epoch_draws(seed=4, epoch=1)
+    assert not torch.equal(image, other_image)
+    assert not torch.equal(draw, other_draw)
+
+
+def test_epoch_seeding_makes_augmentation_and_dropout_depend_on_the_epoch() -> None:
+    image, draw = _epoch_draws(seed=3, epoch=1)
+    next_image, next_draw = _epoch_draws(seed=3, epoch=2)
+    assert not torch.equal(image, next_image)
+    assert not torch.equal(draw, next_draw)
