@@ -27,8 +27,10 @@ def _ingest(params: dict, args: argparse.Namespace) -> dict:
 
 def _train(params: dict, args: argparse.Namespace) -> dict:
     from tasks.stages.train import run_train
+    from tasks.training.recorders import log_to_terminal
 
-    return run_train(params, resume=args.resume)
+    log_to_terminal()
+    return run_train(params, resume=args.resume, progress=not args.quiet)
 
 
 def _evaluate(params: dict, args: argparse.Namespace) -> dict:

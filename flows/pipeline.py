@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.cache import outputs_present, stage_key
 from flows.fanout import task_runner_decode_map
+from flows.progress import PrefectProgressRecorder
 from tasks.config import load_params
 from tasks.errors import MedtransferError
 from tasks.stages.evaluate import run_evaluate
@@ -63,10 +64,12 @@ def ingest(params: dict) -> dict:
 def train(params: dict, resume: bool = True) -> dict:
     """Fine-tune the teacher into a student, logged to MLflow; returns the train report.
 
+    The epochs' progress shows as a progress artifact (:mod:`flows.progress`).
+
     ``resume``: continue from this configuration's last epoch checkpoint when there is one
     (after a crash), otherwise start fresh.
     """
-    return run_train(params, resume=resume)
+    return run_train(params, resume=resume, recorders=[PrefectProgressRecorder()])
 
 
 @task(name="evaluate", cache_key_fn=_key("evaluate"), **STAGE_OPTIONS)

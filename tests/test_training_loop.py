@@ -297,3 +297,28 @@ def test_a_fit_makes_its_loss_scaler_once(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(loop, "grad_scaler", counting_grad_scaler)
     _fit(tmp_path, epochs=2)
     assert len(calls) == 1
+
+
+def test_the_prefect_recorder_moves_one_progress_artifact_per_fit_to_100(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import progress
+
+    calls: list[tuple] = []
+
+    def create(progress: float, key: str, description: str) -> str:
+        calls.append(("create", progress, key))
+        return "artifact-id"
+
+    def update(artifact_id: str, progress: float, description: str) -> None:
+        calls.append(("update", artifact_id, progress, description.split(":")[0]))
+
+    monkeypatch.setattr(progress, "create_progress_artifact", create)
+    monkeypatch.setattr(progress, "update_progress_artifact", update)
+    _fit(tmp_path, epochs=2, recorders=(progress.PrefectProgressRecorder(),))
+    assert calls == [
+        ("create", 0.0, "medtransfer-train-progress"),
+        ("update", "artifact-id", 50.0, "epoch 1/2"),
+        ("update", "artifact-id", 100.0, "epoch 2/2"),
+        ("update", "artifact-id", 100.0, "done"),
+    ]

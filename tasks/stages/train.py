@@ -24,7 +24,7 @@ from tasks.data.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
-from tasks.stages.evaluate import evaluate_student
+from tasks.stages.evaluate import Evaluation, evaluate_student
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
 from tasks.training.loop import FitConfig, Perturb, dist_env, fit
 from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder, TrainingRecorder
@@ -191,16 +191,11 @@ def run_train(
         # Students of an earlier comparison must not be mistaken for this run's.
         shutil.rmtree(Path(config.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
 
-    tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
     logging = env.is_main
     if logging:
         configure_mlflow(params)
     nested = len(strategies) * len(fractions) > 1
-    parent = (
-        mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
-        if logging and nested
-        else None
-    )
+    parent = _start_parent_run(config, strategies, data_version) if logging and nested else None
     session = _Session(
         params=params,
         config=config,
@@ -229,6 +224,14 @@ def run_train(
         reports.mkdir(parents=True, exist_ok=True)
         (reports / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _start_parent_run(config: TrainConfig, strategies: list[str], data_version: str):
+    """Start the parent MLflow run of a comparison (its trainings are child runs); returns it."""
+    import mlflow
+
+    tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
+    return mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
 
 
 def _train_all(
@@ -324,12 +327,7 @@ def _train_one(
             model, dataset, str((params.get("eval") or {}).get("threshold", "youden"))
         )
         if run is not None:
-            # eval_*: the selected weights at the threshold chosen on val (the recorder logged
-            # the per-epoch val_* curves and best_epoch / best_val_auc).
-            mlflow.log_metrics(
-                {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)}
-            )
-            _log_model(model, dataset)
+            _log_evaluation_and_model(evaluation, model, dataset)
         spec = _student_spec(config, base_strategy, dataset, teacher_sha256)
         outcome = TrainedStudent(
             strategy=strategy,
@@ -441,13 +439,18 @@ def _recorders(session: _Session, run, bar_label: str) -> list[TrainingRecorder]
     return recorders + list(session.recorders)
 
 
-def _log_model(model: nn.Module, dataset: ProcessedDataset) -> None:
-    """Log the student to the active run as an MLflow PyTorch model, with a signature and an
-    input example of two validation images."""
+def _log_evaluation_and_model(
+    evaluation: Evaluation, model: nn.Module, dataset: ProcessedDataset
+) -> None:
+    """Log to the active run the selected student's evaluation and the student itself, as an
+    MLflow PyTorch model with a signature and an input example of two validation images."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
+    # eval_*: the selected weights at the threshold chosen on val (the MLflow recorder logged
+    # the per-epoch val_* curves, best_epoch and best_val_auc).
+    mlflow.log_metrics({f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)})
     example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
     with torch.no_grad():
         output = torch.softmax(model(torch.from_numpy(example)), 1).numpy()

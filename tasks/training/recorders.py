@@ -163,3 +163,19 @@ def format_duration(seconds: float) -> str:
 def _row_index(result: FitResult, epoch: int) -> int:
     """Position of ``epoch`` in ``result.history`` (the history starts at epoch 0)."""
     return next(i for i, row in enumerate(result.history) if row["epoch"] == epoch)
+
+
+def log_to_terminal(logger_name: str = "medtransfer") -> None:
+    """Show ``logger_name``'s INFO lines on stderr, above any progress bar (for the command line).
+
+    Idempotent. The lines do not also propagate to the root logger, which Prefect may have given
+    a console handler of its own: each line prints once.
+    """
+    logger = logging.getLogger(logger_name)
+    if any(isinstance(h, TqdmLoggingHandler) for h in logger.handlers):
+        return
+    handler = TqdmLoggingHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
