@@ -28,7 +28,13 @@ from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
 from tasks.model.student import build_student, param_groups
 from tasks.model.transforms import AugmentConfig, ImageDataset, train_transform
-from tasks.training.loop import autocast_context, backward_and_step, dist_env, resolve_device
+from tasks.training.loop import (
+    autocast_context,
+    backward_and_step,
+    dist_env,
+    grad_scaler,
+    resolve_device,
+)
 
 
 def timed_images_per_s(
@@ -43,7 +49,7 @@ def timed_images_per_s(
     """Train steps over ``loader`` (cycled); images/s over ``steps`` after ``warmup`` steps."""
     optimizer = torch.optim.AdamW(param_groups(model, 1e-3), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
-    autocast, scaler = autocast_context(device, amp)
+    autocast, scaler = autocast_context(device, amp), grad_scaler(device, amp)
     model.train()
     seen, start, step = 0, None, 0
     while step < warmup + steps:

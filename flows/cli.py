@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ def _ingest(params: Params, args: argparse.Namespace) -> dict:
 def _train(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.train import run_train
 
-    return run_train(params, resume=args.resume)
+    return run_train(params, resume=args.resume, progress=not args.quiet)
 
 
 def _evaluate(params: Params, args: argparse.Namespace) -> dict:
@@ -170,15 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def configure_logging() -> None:
-    """The stages' ``medtransfer.*``/``tasks.*`` log lines on stderr, one per event (the
-    Prefect flow captures the same loggers into its run logs)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    """The stages' log lines (loggers under ``tasks`` and ``medtransfer``) on stderr, above any
+    progress bar; the Prefect flow copies the same loggers into its run logs."""
+    from tasks.training.recorders import log_to_terminal
+
     for name in ("tasks", "medtransfer"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        if not logger.handlers:
-            logger.addHandler(handler)
+        log_to_terminal(name)
 
 
 def human_summary(command: str, result: dict, params: Params) -> str:

@@ -22,6 +22,9 @@ PROCESS_DEFAULTS = {
     # than Prefect's default 20 s, and the run failed with "Timed out while attempting to
     # connect to ephemeral Prefect API server".
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # The stages log through Python logging (loggers under `tasks` and `medtransfer`, no
+    # Prefect import in tasks/): Prefect copies these loggers' lines into the flow run's logs.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,medtransfer",
 }
 
 

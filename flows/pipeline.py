@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.cache import outputs_present, stage_key
 from flows.fanout import task_runner_decode_map
+from flows.progress import PrefectProgressRecorder
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
 from tasks.data import synthetic
@@ -72,10 +73,12 @@ def ingest(params: Params) -> dict:
 def train(params: Params, resume: bool = True) -> dict:
     """Fine-tune the teacher into a student, logged to MLflow; returns the train report.
 
+    The epochs' progress shows as a progress artifact (:mod:`flows.progress`).
+
     ``resume``: continue from this configuration's last epoch checkpoint when there is one
     (after a crash), otherwise start fresh.
     """
-    return run_train(params, resume=resume)
+    return run_train(params, resume=resume, recorders=[PrefectProgressRecorder()])
 
 
 @task(name="evaluate", cache_key_fn=_key("evaluate"), **STAGE_OPTIONS)

@@ -1,4 +1,5 @@
-"""MLflow set-up shared by the stages that log: tracking URI, experiment, flattened params.
+"""MLflow set-up shared by the stages that log: tracking URI, experiment, flattened params,
+and the training loop's MLflow recorder.
 
 Embedded default: a SQLite store (``mlflow.db``) and a local artifact folder (``mlartifacts/``)
 inside the project, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows every run.
@@ -7,10 +8,16 @@ A tracking server is configuration: set ``mlflow.tracking_uri`` (or ``MLFLOW_TRA
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tasks.training.recorders import TrainingRecorder
+
+if TYPE_CHECKING:
+    from tasks.training.loop import FitResult
 
 from tasks.config import Params
 
@@ -49,3 +56,32 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
         else:
             flat[name] = str(value)[:MAX_PARAM_LENGTH]
     return flat
+
+
+class MlflowRecorder(TrainingRecorder):
+    """Logs the training loop's events to the MLflow run ``run_id``.
+
+    After each epoch: every metric of the epoch's row (``train_loss``, ``images_per_s``,
+    ``val_loss``, ``val_auc``, ``val_accuracy``, ``lr``, ``seconds``) at ``step=epoch``, leaving
+    out non-finite values (a NaN AUC when val holds one class), which MLflow cannot plot. At the
+    end: ``best_epoch`` and ``best_val_auc``, the epoch that model selection kept.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def epoch_ended(self, row: dict[str, float]) -> None:
+        """Log ``row``'s metrics at step ``row["epoch"]``."""
+        import mlflow
+
+        metrics = {k: v for k, v in row.items() if k != "epoch" and math.isfinite(v)}
+        mlflow.log_metrics(metrics, step=int(row["epoch"]), run_id=self.run_id)
+
+    def fit_ended(self, result: FitResult) -> None:
+        """Log the selected epoch and its validation score."""
+        import mlflow
+
+        mlflow.log_metrics(
+            {"best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc},
+            run_id=self.run_id,
+        )

@@ -23,8 +23,26 @@ def _client() -> MlflowClient:
     return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
 
 
+class _EpochsSeen:
+    """A caller's recorder: notes the epochs it is told about."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def fit_started(self, total_epochs: int, start_epoch: int, n_train: int) -> None:
+        pass
+
+    def epoch_ended(self, row: dict[str, float]) -> None:
+        self.epochs.append(int(row["epoch"]))
+
+    def fit_ended(self, result) -> None:
+        pass
+
+
 def test_train_then_evaluate_records_everything(train_params: Params) -> None:
-    report = run_train(train_params)
+    seen = _EpochsSeen()
+    report = run_train(train_params, progress=False, recorders=[seen])
+    assert seen.epochs == [0, 1]
     reports = Path(train_params.reports_dir)
     assert json.loads((reports / "train.json").read_text())["run_id"] == report["run_id"]
 
@@ -33,8 +51,20 @@ def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     assert run.data.tags["dataset_version"].endswith(".dir")
     assert len(run.data.params["teacher.weights_sha256"]) == 64
     assert run.data.metrics["ingest_files_seen"] > 0
-    history = _client().get_metric_history(report["run_id"], "val_auc")
-    assert [m.step for m in history] == [0, 1]
+    per_epoch = (
+        "train_loss",
+        "images_per_s",
+        "val_loss",
+        "val_auc",
+        "val_accuracy",
+        "lr",
+        "seconds",
+    )
+    for name in per_epoch:
+        history = _client().get_metric_history(report["run_id"], name)
+        assert [m.step for m in history] == [0, 1], name
+    assert run.data.metrics["best_epoch"] == report["best_epoch"]
+    assert run.data.metrics["best_val_auc"] == pytest.approx(report["best_val_auc"])
     model = mlflow.pytorch.load_model(f"runs:/{report['run_id']}/model")
     assert model is not None
     logged = mlflow.models.get_model_info(f"runs:/{report['run_id']}/model")

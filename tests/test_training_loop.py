@@ -1,7 +1,10 @@
-"""The training loop on a tiny network: learning, seeded reproducibility, resume, early stop."""
+"""The training loop on a tiny network: learning, seeded reproducibility, resume, early stop,
+class weights, mixed-precision set-up and the recorders it reports to."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +14,23 @@ import torch
 from torch import nn
 
 from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
-from tasks.training.loop import CHECKPOINT_NAME, FitConfig, fit
+from tasks.training import loop
+from tasks.training.loop import (
+    CHECKPOINT_NAME,
+    FitConfig,
+    FitResult,
+    _seed_epoch,
+    autocast_context,
+    class_weights,
+    fit,
+    grad_scaler,
+)
+from tasks.training.recorders import (
+    LoggingRecorder,
+    ProgressBarRecorder,
+    TrainingRecorder,
+    format_duration,
+)
 
 
 def _toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -21,6 +40,33 @@ def _toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images = rng.normal(110, 25, (n, 16, 16))
     images[:, 5:11, 5:11] += np.where(labels[:, None, None] == 1, 40, -40)
     return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+class _Events(TrainingRecorder):
+    """Notes every event the loop reports, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def fit_started(self, total_epochs: int, start_epoch: int, n_train: int) -> None:
+        self.seen.append(("started", total_epochs, start_epoch, n_train))
+
+    def epoch_ended(self, row: dict[str, float]) -> None:
+        self.seen.append(("epoch", row["epoch"]))
+
+    def fit_ended(self, result: FitResult) -> None:
+        self.seen.append(("ended", result.best_epoch))
+
+
+class _CrashAfter(TrainingRecorder):
+    """Interrupts training as Ctrl-C would, once ``epoch`` is done and checkpointed."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_ended(self, row: dict[str, float]) -> None:
+        if row["epoch"] == self.epoch:
+            raise KeyboardInterrupt
 
 
 def _toy_model() -> nn.Module:
@@ -40,9 +86,9 @@ def _fit(
     epochs: int,
     resume: bool = False,
     model: nn.Module | None = None,
-    on_epoch=None,
+    recorders: tuple[TrainingRecorder, ...] = (),
     **changes,
-):
+) -> tuple[nn.Module, FitResult]:
     images, labels = _toy_data(96, 0)
     val_images, val_labels = _toy_data(48, 1)
     model = model or _toy_model()
@@ -68,7 +114,7 @@ def _fit(
         labels,
         2,
         config,
-        on_epoch=on_epoch,
+        recorders=recorders,
     )
 
 
@@ -91,13 +137,13 @@ def test_resume_after_a_crash_continues_to_the_same_weights(tmp_path: Path) -> N
     straight_model, _ = _fit(tmp_path / "straight", epochs=4)
 
     # Crash after the second epoch's checkpoint, then resume with a freshly built model.
-    def crash(row: dict) -> None:
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "crashy", epochs=4, on_epoch=crash)
-    resumed_model, resumed = _fit(tmp_path / "crashy", epochs=4, resume=True, model=_toy_model())
+        _fit(tmp_path / "crashy", epochs=4, recorders=(_CrashAfter(epoch=1),))
+    events = _Events()
+    resumed_model, resumed = _fit(
+        tmp_path / "crashy", epochs=4, resume=True, model=_toy_model(), recorders=(events,)
+    )
+    assert events.seen[0] == ("started", 4, 2, 96)
     assert resumed.resumed_from_epoch == 1
     assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
     for key, value in straight_model.state_dict().items():
@@ -116,3 +162,163 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
 def test_class_weighting_modes_run(tmp_path: Path, mode: str) -> None:
     _, result = _fit(tmp_path, epochs=1, class_weighting=mode)
     assert len(result.history) == 1
+
+
+def test_balanced_class_weights_are_the_sample_count_over_classes_times_class_count() -> None:
+    # Three negatives, one positive: N / (k * count) = 4 / (2 * 3) and 4 / (2 * 1).
+    weights = class_weights(np.array([0, 0, 0, 1]), 2, "balanced")
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 2.0]), rtol=0, atol=1e-6)
+
+
+def test_a_class_absent_from_the_labels_gets_a_finite_weight() -> None:
+    weights = class_weights(np.array([0, 0, 1, 1]), 3, "balanced")
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 2 / 3, 4 / 3]), rtol=0, atol=1e-6)
+
+
+def test_class_weighting_none_gives_no_weights() -> None:
+    assert class_weights(np.array([0, 0, 0, 1]), 2, "none") is None
+
+
+def _epoch_draws(seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An augmented image and a dropout-style torch draw right after seeding ``(seed, epoch)``."""
+    images, labels = _toy_data(1, 0)
+    dataset = ImageDataset(images, labels, train_transform(AugmentConfig(), 16))
+    _seed_epoch(seed, epoch, dataset)
+    return dataset[0][0], torch.rand(8)
+
+
+def test_epoch_seeding_replays_the_same_seed_and_epoch_exactly() -> None:
+    image, draw = _epoch_draws(seed=3, epoch=1)
+    again_image, again_draw = _epoch_draws(seed=3, epoch=1)
+    assert torch.equal(image, again_image) and torch.equal(draw, again_draw)
+
+
+def test_epoch_seeding_makes_augmentation_and_dropout_depend_on_the_seed() -> None:
+    image, draw = _epoch_draws(seed=3, epoch=1)
+    other_image, other_draw = _epoch_draws(seed=4, epoch=1)
+    assert not torch.equal(image, other_image)
+    assert not torch.equal(draw, other_draw)
+
+
+def test_epoch_seeding_makes_augmentation_and_dropout_depend_on_the_epoch() -> None:
+    image, draw = _epoch_draws(seed=3, epoch=1)
+    next_image, next_draw = _epoch_draws(seed=3, epoch=2)
+    assert not torch.equal(image, next_image)
+    assert not torch.equal(draw, next_draw)
+
+
+def test_recorders_hear_the_start_every_epoch_and_the_end_in_order(tmp_path: Path) -> None:
+    events = _Events()
+    _, result = _fit(tmp_path, epochs=2, recorders=(events,))
+    assert events.seen == [
+        ("started", 2, 0, 96),
+        ("epoch", 0),
+        ("epoch", 1),
+        ("ended", result.best_epoch),
+    ]
+
+
+def test_the_logging_recorder_writes_one_line_per_epoch_and_a_summary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="medtransfer"):
+        _, result = _fit(tmp_path, epochs=2, recorders=(LoggingRecorder(),))
+    lines = [r.getMessage() for r in caplog.records if r.name == "medtransfer.training"]
+    assert lines[0] == "training on 96 images for 2 epochs, starting"
+    for number, (line, row) in enumerate(zip(lines[1:3], result.history, strict=True), 1):
+        assert line.startswith(f"epoch {number}/2: train loss {row['train_loss']:.4f}, ")
+        assert f"val AUC {row['val_auc']:.3f}" in line and "images/s, about " in line
+    assert lines[2].endswith("about 0s left")  # nothing left after the last epoch
+    best_auc = result.history[result.best_epoch]["val_auc"]
+    assert lines[3].startswith(
+        f"training finished: best epoch {result.best_epoch + 1}/2, best val AUC {best_auc:.3f}, "
+        "2 epochs in "
+    )
+    assert len(lines) == 4
+
+
+def test_the_progress_bar_counts_epochs_on_stderr_and_is_silent_when_disabled(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _fit(tmp_path / "bar", epochs=2, recorders=(ProgressBarRecorder(),))
+    assert "train: 100%" in capsys.readouterr().err
+    _fit(tmp_path / "quiet", epochs=2, recorders=(ProgressBarRecorder(enabled=False),))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(8.4, "8s"), (75.2, "1m 15s"), (3725, "1h 02m"), (float("nan"), "?")]
+)
+def test_durations_read_as_hours_minutes_and_seconds(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+class _CountingScaler:
+    """Stands in for ``torch.amp.GradScaler`` and counts how many are made."""
+
+    made = 0
+
+    def __init__(self, device: str) -> None:
+        type(self).made += 1
+
+
+def test_fp16_autocast_makes_no_loss_scaler_and_grad_scaler_makes_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An fp16-only GPU, simulated: the scaler must come from grad_scaler, not from each autocast.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.amp, "GradScaler", _CountingScaler)
+    monkeypatch.setattr(_CountingScaler, "made", 0)
+    cuda = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": the context is not entered
+        contexts = [autocast_context(cuda, True) for _ in range(3)]
+    assert all(isinstance(c, torch.autocast) and c.fast_dtype == torch.float16 for c in contexts)
+    assert _CountingScaler.made == 0
+    assert isinstance(grad_scaler(cuda, True), _CountingScaler) and _CountingScaler.made == 1
+
+
+@pytest.mark.parametrize(
+    ("device", "amp", "bf16"), [("cpu", True, False), ("cuda", False, False), ("cuda", True, True)]
+)
+def test_no_loss_scaler_without_fp16_autocast(
+    monkeypatch: pytest.MonkeyPatch, device: str, amp: bool, bf16: bool
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    assert grad_scaler(torch.device(device), amp) is None
+
+
+def test_a_fit_makes_its_loss_scaler_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def counting_grad_scaler(device: torch.device, enabled: bool) -> None:
+        calls.append(device)
+
+    monkeypatch.setattr(loop, "grad_scaler", counting_grad_scaler)
+    _fit(tmp_path, epochs=2)
+    assert len(calls) == 1
+
+
+def test_the_prefect_recorder_moves_one_progress_artifact_per_fit_to_100(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import progress
+
+    calls: list[tuple] = []
+
+    def create(progress: float, key: str, description: str) -> str:
+        calls.append(("create", progress, key))
+        return "artifact-id"
+
+    def update(artifact_id: str, progress: float, description: str) -> None:
+        calls.append(("update", artifact_id, progress, description.split(":")[0]))
+
+    monkeypatch.setattr(progress, "create_progress_artifact", create)
+    monkeypatch.setattr(progress, "update_progress_artifact", update)
+    _fit(tmp_path, epochs=2, recorders=(progress.PrefectProgressRecorder(),))
+    assert calls == [
+        ("create", 0.0, "medtransfer-train-progress"),
+        ("update", "artifact-id", 50.0, "epoch 1/2"),
+        ("update", "artifact-id", 100.0, "epoch 2/2"),
+        ("update", "artifact-id", 100.0, "done"),
+    ]

@@ -12,82 +12,47 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks import reports
 from tasks.code_closure import code_version
-from tasks.config import checked_section
+from tasks.config import Params, TrainParams
 from tasks.data.dataset import ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
-from tasks.evaluation.evaluation import evaluate_student
+from tasks.evaluation.evaluation import Evaluation, evaluate_student
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
-from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
-from tasks.training.loop import FitConfig, dist_env, fit
+from tasks.training.loop import FitConfig, Perturb, dist_env, fit
+from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder, TrainingRecorder
 
-TRAIN_REPORT = "train.json"
+if TYPE_CHECKING:
+    from torch import nn
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The ``train`` section of params.yaml."""
-
-    teacher: str = "efficientnet-lite0"
-    weights_path: str | None = None
-    strategy: str = "partial"
-    unfreeze_blocks: int = 3
-    compare: tuple[str, ...] | None = None
-    label_fractions: tuple[float, ...] | None = None
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 1e-3
-    backbone_lr_factor: float = 0.1
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    patience: int = 3
-    dropout: float = 0.2
-    class_weighting: str = "balanced"
-    num_workers: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    # Mitigation: "pgd" trains on PGD-perturbed images at adversarial_eps_255 / 255.
-    adversarial: str = "none"
-    adversarial_eps_255: float = 1.0
-    adversarial_steps: int = 3
-    model_dir: str = "models/student"
-    checkpoint_dir: str = "models/checkpoints"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    @classmethod
-    def from_params(cls, params: dict) -> TrainConfig:
-        section = checked_section(params, "train", cls.__dataclass_fields__)
-        section["augment"] = AugmentConfig(**(section.get("augment") or {}))
-        for key in ("compare", "label_fractions"):
-            if section.get(key) is not None:
-                value = section[key]
-                section[key] = tuple(value if isinstance(value, list | tuple) else [value])
-        return cls(**section)
-
-    def fit_config(self, seed: int, checkpoint_dir: Path, resume: bool) -> FitConfig:
-        return FitConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            patience=self.patience,
-            class_weighting=self.class_weighting,
-            num_workers=self.num_workers,
-            seed=seed,
-            device=self.device,
-            amp=self.amp,
-            channels_last=self.channels_last,
-            checkpoint_dir=str(checkpoint_dir),
-            resume=resume,
-        )
+def fit_config(config: TrainParams, seed: int, checkpoint_dir: Path, resume: bool) -> FitConfig:
+    """The loop's settings from the ``train`` section."""
+    return FitConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        patience=config.patience,
+        class_weighting=config.class_weighting,
+        num_workers=config.num_workers,
+        seed=seed,
+        device=config.device,
+        amp=config.amp,
+        channels_last=config.channels_last,
+        checkpoint_dir=str(checkpoint_dir),
+        resume=resume,
+    )
 
 
 @dataclass
@@ -105,7 +70,7 @@ class TrainedStudent:
     resumed_from_epoch: int | None
 
 
-def validate(config: TrainConfig, dataset: ProcessedDataset) -> None:
+def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
     """Every configuration error, raised before any training starts."""
     from tasks.model.student import STRATEGIES, build_student, check_image_size
 
@@ -115,10 +80,6 @@ def validate(config: TrainConfig, dataset: ProcessedDataset) -> None:
                 f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}, each optionally "
                 f"with {ADVERSARIAL_SUFFIX} for PGD adversarial training."
             )
-    if config.adversarial not in ("none", "pgd"):
-        raise MedtransferError(
-            f"train.adversarial must be none or pgd, not {config.adversarial!r}."
-        )
     check_image_size(config.teacher, dataset.image_size)
     # Building the network checks the teacher name, its weights and unfreeze_blocks.
     build_student(
@@ -129,26 +90,51 @@ def validate(config: TrainConfig, dataset: ProcessedDataset) -> None:
         pretrained=False,
         weights_path=config.weights_path,
     )
-    for fraction in config.label_fractions or ():
-        if not 0 < fraction <= 1:
-            raise MedtransferError(f"train.label_fractions must be in (0, 1], got {fraction}.")
     if len(dataset.indices("train")) == 0 or len(dataset.indices("val")) == 0:
         raise MedtransferError(
             "The processed dataset has an empty train or val split; ingest more data."
         )
 
 
-def run_train(params: dict, resume: bool = False) -> dict:
-    """The training stage; returns the content of ``reports/train.json``."""
+@dataclass(frozen=True)
+class _Session:
+    """What every (strategy, fraction) training of one :func:`run_train` call shares."""
+
+    params: Params
+    config: TrainParams
+    dataset: ProcessedDataset
+    seed: int
+    resume: bool
+    data_version: str
+    ingest_counts: dict[str, float]
+    nested: bool  # several trainings: each is a child run of one parent run
+    progress: bool  # a terminal progress bar over epochs
+    recorders: tuple[TrainingRecorder, ...]  # the caller's, told of every fit
+
+
+def run_train(
+    params: Params,
+    resume: bool = False,
+    progress: bool = True,
+    recorders: Sequence[TrainingRecorder] = (),
+) -> dict:
+    """The training stage; returns the content of the train report (:data:`tasks.reports.TRAIN`).
+
+    Args:
+        params: the configuration (params.yaml with overrides).
+        resume: continue each training from its last epoch checkpoint when there is one.
+        progress: show a progress bar over epochs on stderr (the log lines come either way).
+        recorders: further listeners to every fit, on rank 0 (the Prefect flow passes its
+            progress artifact); MLflow, logging and the progress bar are always there.
+    """
     import mlflow
 
     from tasks.tracking import configure_mlflow, flatten_params
 
-    config = TrainConfig.from_params(params)
-    seed = int(params.get("seed", 0))
-    dataset = load_processed(params["data"]["processed_dir"])
+    config, seed = params.train, params.seed
+    dataset = load_processed(params.data.processed_dir)
     validate(config, dataset)
-    data_version = dataset_version(params["data"]["processed_dir"])
+    data_version = dataset_version(params.data.processed_dir)
     ingest_counts = _ingest_counts(params)
     strategies = list(config.compare or (config.strategy,))
     fractions = list(config.label_fractions or (1.0,))
@@ -157,211 +143,142 @@ def run_train(params: dict, resume: bool = False) -> dict:
         # Students of an earlier comparison must not be mistaken for this run's.
         shutil.rmtree(Path(config.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
 
-    tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
     logging = env.is_main
     if logging:
         configure_mlflow(params)
     nested = len(strategies) * len(fractions) > 1
-    parent = (
-        mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
-        if logging and nested
-        else None
+    parent = _start_parent_run(config, strategies, data_version) if logging and nested else None
+    session = _Session(
+        params=params,
+        config=config,
+        dataset=dataset,
+        seed=seed,
+        resume=resume,
+        data_version=data_version,
+        ingest_counts=ingest_counts,
+        nested=nested and logging,
+        progress=progress,
+        recorders=tuple(recorders),
     )
-    results: list[TrainedStudent] = []
-    primary_run_id = None
     try:
         if parent is not None:
-            mlflow.log_params(flatten_params(params))
-        for fraction in fractions:
-            for strategy in strategies:
-                outcome, model, spec = _train_one(
-                    params,
-                    config,
-                    dataset,
-                    strategy,
-                    fraction,
-                    seed,
-                    resume,
-                    data_version,
-                    ingest_counts,
-                    nested and logging,
-                )
-                results.append(outcome)
-                is_primary = strategy == config.strategy or (
-                    config.compare
-                    and strategy == strategies[0]
-                    and config.strategy not in strategies
-                )
-                if fraction == max(fractions) and env.is_main:
-                    if len(strategies) > 1:
-                        save_student(
-                            model, spec, Path(config.model_dir) / STRATEGIES_SUBDIR / strategy
-                        )
-                    if is_primary:
-                        save_student(model, spec, config.model_dir)
-                        primary_run_id = outcome.run_id
+            mlflow.log_params(flatten_params(params.to_dict()))
+        results, primary_run_id = _train_all(session, strategies, fractions)
         if parent is not None:
-            _log_comparison(results, Path(params.get("reports_dir", "reports")))
+            _log_comparison(results, params.reports_dir)
     finally:
         if parent is not None:
             mlflow.end_run()
 
+    report = _train_report(results, primary_run_id, parent, data_version)
+    if env.is_main:
+        reports.TRAIN.write(params.reports_dir, report)
+    return report
+
+
+def _start_parent_run(config: TrainParams, strategies: list[str], data_version: str):
+    """Start the parent MLflow run of a comparison (its trainings are child runs); returns it."""
+    import mlflow
+
+    tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
+    return mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
+
+
+def _train_all(
+    session: _Session, strategies: list[str], fractions: list[float]
+) -> tuple[list[TrainedStudent], str | None]:
+    """Train every (strategy, fraction) and save the students of the largest fraction.
+
+    Returns:
+        Every training's outcome, and the MLflow run id of the primary student (the one saved
+        to ``train.model_dir``; ``None`` off rank 0).
+    """
+    config, env = session.config, dist_env()
+    results: list[TrainedStudent] = []
+    primary_run_id = None
+    for fraction in fractions:
+        for strategy in strategies:
+            outcome, model, spec = _train_one(session, strategy, fraction)
+            results.append(outcome)
+            is_primary = strategy == config.strategy or (
+                config.compare and strategy == strategies[0] and config.strategy not in strategies
+            )
+            if fraction == max(fractions) and env.is_main:
+                if len(strategies) > 1:
+                    save_student(model, spec, Path(config.model_dir) / STRATEGIES_SUBDIR / strategy)
+                if is_primary:
+                    save_student(model, spec, config.model_dir)
+                    primary_run_id = outcome.run_id
+    return results, primary_run_id
+
+
+def _train_report(
+    results: list[TrainedStudent], primary_run_id: str | None, parent, data_version: str
+) -> dict:
+    """The content of the train report: the primary student's outcome and every run's.
+
+    ``parent``: the comparison's parent MLflow run, or ``None`` for a single training.
+    """
     primary = (
         next(r for r in results if r.run_id == primary_run_id) if primary_run_id else results[-1]
     )
-    report = {
+    return {
         "run_id": primary.run_id,
         "parent_run_id": parent.info.run_id if parent is not None else None,
         "dataset_version": data_version,
         **{k: v for k, v in asdict(primary).items() if k != "run_id"},
         "runs": [asdict(r) for r in results],
     }
-    if env.is_main:
-        reports = Path(params.get("reports_dir", "reports"))
-        reports.mkdir(parents=True, exist_ok=True)
-        (reports / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def _train_one(
-    params,
-    config: TrainConfig,
-    dataset: ProcessedDataset,
-    strategy: str,
-    fraction: float,
-    seed: int,
-    resume: bool,
-    data_version: str,
-    ingest_counts: dict,
-    nested: bool,
-):
-    """Train one student (strategy, fraction) inside its own MLflow run."""
+    session: _Session, strategy: str, fraction: float
+) -> tuple[TrainedStudent, nn.Module, StudentSpec]:
+    """Train one student (strategy, fraction) inside its own MLflow run (on rank 0).
+
+    Returns:
+        The outcome, the student with its selected weights (on the CPU, in eval mode), and the
+        spec it is saved with.
+    """
     import mlflow
     import torch
-    from mlflow.models import infer_signature
 
-    from tasks.model.student import build_student, param_groups
-    from tasks.tracking import flatten_params
+    from tasks.model.student import param_groups
 
-    env = dist_env()
-    torch.manual_seed(seed)
+    config, dataset, params = session.config, session.dataset, session.params
+    torch.manual_seed(session.seed)  # the student's new head starts from the same weights
     base_strategy, adversarial = split_variant(strategy)
     adversarial = adversarial or config.adversarial == "pgd"
-    perturb = (
-        pgd_perturbation(config.adversarial_eps_255 / 255.0, config.adversarial_steps)
-        if adversarial
-        else None
-    )
-    train_idx = label_subset(dataset.labels, dataset.indices("train"), fraction, seed)
-    model = build_student(
-        config.teacher,
-        base_strategy,
-        num_classes=len(dataset.classes),
-        unfreeze_blocks=config.unfreeze_blocks,
-        pretrained=base_strategy != "scratch",
-        weights_path=config.weights_path,
-        dropout=config.dropout,
-    )
-    groups = param_groups(model, config.lr, config.backbone_lr_factor)
-    size = dataset.image_size
-    train_set = ImageDataset(
-        dataset.images[np.sort(train_idx)],
-        dataset.labels[np.sort(train_idx)],
-        train_transform(config.augment, size),
-    )
-    val_images, val_labels = dataset.subset("val")
-    val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
+    train_idx = label_subset(dataset.labels, dataset.indices("train"), fraction, session.seed)
+    model = _build_model(config, base_strategy, len(dataset.classes))
+    train_set, val_set = _datasets(config, dataset, train_idx)
     checkpoint_dir = Path(config.checkpoint_dir) / _run_key(
-        params, strategy, fraction, data_version
+        params, strategy, fraction, session.data_version
     )
     # The scratch control has no pretrained weights; every other student names its teacher file.
     teacher_sha256 = model.weights_sha256 or ""
 
-    run = None
-    if env.is_main:
-        run = mlflow.start_run(
-            run_name=f"{strategy}@{fraction:g}" if nested else strategy,
-            nested=nested,
-            tags={
-                "dataset_version": data_version,
-                "teacher": config.teacher,
-                "strategy": base_strategy,
-                "variant": strategy,
-                "adversarial_training": f"pgd@{config.adversarial_eps_255:g}/255"
-                if adversarial
-                else "none",
-                "label_fraction": str(fraction),
-                "stage": "train",
-            },
-        )
+    run = _start_run(session, strategy, fraction, adversarial) if dist_env().is_main else None
     try:
         if run is not None:
-            mlflow.log_params(flatten_params(params))
-            mlflow.log_params(
-                {
-                    "run.strategy": strategy,
-                    "run.label_fraction": fraction,
-                    "run.n_train": len(train_idx),
-                    "teacher.weights_sha256": teacher_sha256 or "none (random init)",
-                    "dataset.version": data_version,
-                }
-            )
-            mlflow.log_metrics({f"ingest_{k}": v for k, v in ingest_counts.items()})
-
-        def on_epoch(row: dict) -> None:
-            if run is not None:
-                mlflow.log_metrics(
-                    {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)},
-                    step=row["epoch"],
-                )
-
+            _log_run_inputs(session, strategy, fraction, len(train_idx), teacher_sha256)
         result = fit(
             model,
-            groups,
+            param_groups(model, config.lr, config.backbone_lr_factor),
             train_set,
             val_set,
             dataset.labels[train_idx],
             len(dataset.classes),
-            config.fit_config(seed, checkpoint_dir, resume),
-            on_epoch=on_epoch,
-            perturb=perturb,
+            fit_config(config, session.seed, checkpoint_dir, session.resume),
+            recorders=_recorders(session, run, f"train {strategy}@{fraction:g}"),
+            perturb=_perturbation(config) if adversarial else None,
         )
         model.load_state_dict(result.best_state)
         model.to("cpu").eval()
-        evaluation = evaluate_student(
-            model, dataset, str((params.get("eval") or {}).get("threshold", "youden"))
-        )
+        evaluation = evaluate_student(model, dataset, params.eval.threshold)
         if run is not None:
-            mlflow.log_metrics(
-                {
-                    "best_epoch": result.best_epoch,
-                    "best_val_auc": result.best_val_auc,
-                    # eval_*: the selected weights at the threshold chosen on val (val_* above
-                    # are the per-epoch curves).
-                    **{f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
-                }
-            )
-            example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
-            with torch.no_grad():
-                output = torch.softmax(model(torch.from_numpy(example)), 1).numpy()
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, output),
-                input_example=example,
-                code_paths=[str(Path(__file__).resolve().parents[1])],
-                pip_requirements=["torch", "monai", "numpy"],
-            )
-        spec = StudentSpec(
-            teacher=config.teacher,
-            strategy=base_strategy,
-            unfreeze_blocks=config.unfreeze_blocks,
-            num_classes=len(dataset.classes),
-            dropout=config.dropout,
-            image_size=size,
-            classes=tuple(dataset.classes),
-            teacher_weights_sha256=teacher_sha256,
-        )
+            _log_evaluation_and_model(evaluation, model, dataset)
+        spec = _student_spec(config, base_strategy, dataset, teacher_sha256)
         outcome = TrainedStudent(
             strategy=strategy,
             fraction=fraction,
@@ -379,6 +296,140 @@ def _train_one(
     return outcome, model, spec
 
 
+def _build_model(config: TrainParams, base_strategy: str, num_classes: int) -> nn.Module:
+    """The student network for ``base_strategy`` (without ``+pgd``), teacher weights loaded
+    unless it is the scratch control."""
+    from tasks.model.student import build_student
+
+    return build_student(
+        config.teacher,
+        base_strategy,
+        num_classes=num_classes,
+        unfreeze_blocks=config.unfreeze_blocks,
+        pretrained=base_strategy != "scratch",
+        weights_path=config.weights_path,
+        dropout=config.dropout,
+    )
+
+
+def _datasets(
+    config: TrainParams, dataset: ProcessedDataset, train_idx: np.ndarray
+) -> tuple[ImageDataset, ImageDataset]:
+    """The augmented training set of ``train_idx`` and the plain validation set."""
+    size = dataset.image_size
+    train_set = ImageDataset(
+        dataset.images[np.sort(train_idx)],
+        dataset.labels[np.sort(train_idx)],
+        train_transform(config.augment, size),
+    )
+    val_images, val_labels = dataset.subset("val")
+    return train_set, ImageDataset(val_images, val_labels, to_tensor_transform())
+
+
+def _perturbation(config: TrainParams) -> Perturb:
+    """The PGD training hook at ``adversarial_eps_255`` / 255 (pixels are in [0, 1])."""
+    return pgd_perturbation(config.adversarial_eps_255 / 255.0, config.adversarial_steps)
+
+
+def _start_run(session: _Session, strategy: str, fraction: float, adversarial: bool):
+    """Start this training's MLflow run (a child run when several are compared); returns it."""
+    import mlflow
+
+    config = session.config
+    return mlflow.start_run(
+        run_name=f"{strategy}@{fraction:g}" if session.nested else strategy,
+        nested=session.nested,
+        tags={
+            "dataset_version": session.data_version,
+            "teacher": config.teacher,
+            "strategy": split_variant(strategy)[0],
+            "variant": strategy,
+            "adversarial_training": f"pgd@{config.adversarial_eps_255:g}/255"
+            if adversarial
+            else "none",
+            "label_fraction": str(fraction),
+            "stage": "train",
+        },
+    )
+
+
+def _log_run_inputs(
+    session: _Session, strategy: str, fraction: float, n_train: int, teacher_sha256: str
+) -> None:
+    """Log what the active run trains on: every parameter, the teacher file, the dataset version
+    and the ingestion counts."""
+    import mlflow
+
+    from tasks.tracking import flatten_params
+
+    mlflow.log_params(flatten_params(session.params.to_dict()))
+    mlflow.log_params(
+        {
+            "run.strategy": strategy,
+            "run.label_fraction": fraction,
+            "run.n_train": n_train,
+            "teacher.weights_sha256": teacher_sha256 or "none (random init)",
+            "dataset.version": session.data_version,
+        }
+    )
+    mlflow.log_metrics({f"ingest_{k}": v for k, v in session.ingest_counts.items()})
+
+
+def _recorders(session: _Session, run, bar_label: str) -> list[TrainingRecorder]:
+    """Who hears one fit's events: MLflow (when ``run`` is this rank's run), the log, the
+    progress bar, then the caller's recorders."""
+    from tasks.tracking import MlflowRecorder
+
+    recorders: list[TrainingRecorder] = [MlflowRecorder(run.info.run_id)] if run else []
+    recorders.append(LoggingRecorder())
+    # One bar per training: several in a comparison, so each says which it is.
+    recorders.append(
+        ProgressBarRecorder(session.progress, bar_label if session.nested else "train")
+    )
+    return recorders + list(session.recorders)
+
+
+def _log_evaluation_and_model(
+    evaluation: Evaluation, model: nn.Module, dataset: ProcessedDataset
+) -> None:
+    """Log to the active run the selected student's evaluation and the student itself, as an
+    MLflow PyTorch model with a signature and an input example of two validation images."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    # eval_*: the selected weights at the threshold chosen on val (the MLflow recorder logged
+    # the per-epoch val_* curves, best_epoch and best_val_auc).
+    mlflow.log_metrics({f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)})
+    example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
+    with torch.no_grad():
+        output = torch.softmax(model(torch.from_numpy(example)), 1).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        code_paths=[str(Path(__file__).resolve().parents[1])],
+        pip_requirements=["torch", "monai", "numpy"],
+    )
+
+
+def _student_spec(
+    config: TrainParams, base_strategy: str, dataset: ProcessedDataset, teacher_sha256: str
+) -> StudentSpec:
+    """What ``save_student`` writes beside the weights, to rebuild the network for serving."""
+    return StudentSpec(
+        teacher=config.teacher,
+        strategy=base_strategy,
+        unfreeze_blocks=config.unfreeze_blocks,
+        num_classes=len(dataset.classes),
+        dropout=config.dropout,
+        image_size=dataset.image_size,
+        classes=tuple(dataset.classes),
+        teacher_weights_sha256=teacher_sha256,
+    )
+
+
 def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded, label-stratified share of ``indices`` (at least 2 per class), sorted."""
     if fraction >= 1.0:
@@ -392,7 +443,7 @@ def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed:
     return np.sort(np.concatenate(chosen))
 
 
-def _run_key(params: dict, strategy: str, fraction: float, data_version: str) -> str:
+def _run_key(params: Params, strategy: str, fraction: float, data_version: str) -> str:
     """The checkpoint folder's name for one (strategy, fraction): resume never mixes runs.
 
     It covers the dataset's content (``data_version``, the processed folder's DVC hash), the
@@ -400,26 +451,22 @@ def _run_key(params: dict, strategy: str, fraction: float, data_version: str) ->
     data or new code starts a fresh training instead of resuming a finished checkpoint of
     the old one (the flow always resumes). Returns ``"<strategy>-<fraction>-<digest>"``.
     """
-    relevant = {k: params.get(k) for k in ("seed", "data", "train")}
+    sections = params.to_dict()
+    relevant = {k: sections[k] for k in ("seed", "data", "train")}
     relevant["dataset_version"] = data_version
     relevant["code_version"] = code_version("train")
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
-        :12
-    ]
-    return f"{strategy}-{fraction:g}-{digest}"
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{strategy}-{fraction:g}-{digest[:12]}"
 
 
-def _ingest_counts(params: dict) -> dict[str, float]:
-    report = Path(params.get("reports_dir", "reports")) / "ingest.json"
-    if not report.is_file():
-        return {}
-    content = json.loads(report.read_text())
+def _ingest_counts(params: Params) -> dict[str, float]:
+    content = reports.INGEST.read_if_present(params.reports_dir) or {}
     return {
         k: content[k] for k in ("files_seen", "ingested", "quarantined", "images") if k in content
     }
 
 
-def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
+def _log_comparison(results: list[TrainedStudent], reports_dir: str) -> None:
     """Comparison table on the parent run, plus the data-efficiency plot for several fractions."""
     import mlflow
 
@@ -435,5 +482,5 @@ def _log_comparison(results: list[TrainedStudent], reports: Path) -> None:
         curves: dict[str, list[tuple[int, float]]] = {}
         for r in results:
             curves.setdefault(r.strategy, []).append((r.n_train, r.test_auc))
-        path = plot_data_efficiency(curves, reports / "plots" / "data_efficiency.png")
+        path = plot_data_efficiency(curves, reports.plot_path(reports_dir, "data_efficiency.png"))
         mlflow.log_artifact(str(path))

@@ -13,7 +13,8 @@ configuration. ``fit`` adds what a clinical team needs from it:
 - under ``torchrun``: DistributedDataParallel with a DistributedSampler; rank 0 alone writes
   checkpoints and reports epochs.
 
-No MLflow or Prefect here: the caller passes ``on_epoch`` to log.
+No MLflow or Prefect here: the caller passes recorders (:mod:`tasks.training.recorders`),
+which ``fit`` calls on rank 0 when it starts, after each epoch and when it ends.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from tasks.evaluation.metrics import roc_auc
+from tasks.training.recorders import TrainingRecorder
 
 CHECKPOINT_NAME = "last.pt"
 # (model, images, labels) -> perturbed images; the adversarial-training hook.
@@ -118,13 +120,26 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on GPUs that support it, fp16 on older ones, nothing on the CPU."""
+def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager:
+    """bf16 autocast on GPUs that support it, fp16 on older ones, nothing on the CPU.
+
+    Only the context: the fp16 loss scaler is :func:`grad_scaler`, made once per fit, because
+    its scale factor must carry over from batch to batch.
+    """
     if not enabled or device.type != "cuda":
-        return nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler | None:
+    """The loss scaler that fp16 autocast needs (see :func:`autocast_context`), else ``None``.
+
+    bf16 has fp32's exponent range, so its gradients do not underflow and need no scaling.
+    """
+    if not enabled or device.type != "cuda" or torch.cuda.is_bf16_supported():
+        return None
+    return torch.amp.GradScaler("cuda")
 
 
 def backward_and_step(
@@ -153,7 +168,10 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     perturb: Perturb | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns ``{"train_loss", "images_per_s"}``."""
+    """One pass over ``loader``; returns ``{"train_loss", "images_per_s"}``.
+
+    ``scaler``: the fit's fp16 loss scaler from :func:`grad_scaler` (``None`` for bf16/fp32).
+    """
     model.train()
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
@@ -165,8 +183,7 @@ def train_one_epoch(
         if perturb is not None:
             images = perturb(model, images, labels)
             model.train()
-        autocast, _ = autocast_context(device, amp)
-        with autocast:
+        with autocast_context(device, amp):
             loss = criterion(model(images), labels)
         backward_and_step(loss, optimizer, scaler)
         scheduler.step()
@@ -191,12 +208,48 @@ def predict(
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        autocast, _ = autocast_context(device, amp)
-        with autocast:
+        with autocast_context(device, amp):
             logits = model(images)
         probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         labels.append(batch_labels.numpy())
     return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def validation_metrics(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool = True,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """``{"val_loss", "val_auc", "val_accuracy"}`` of ``model`` over ``loader``.
+
+    ``val_auc`` is NaN when the loader holds one class only.
+    """
+    probabilities, labels = predict(model, loader, device, amp, channels_last)
+    log_probabilities = torch.log(torch.from_numpy(probabilities).clamp_min(1e-8))
+    return {
+        "val_loss": float(nn.functional.nll_loss(log_probabilities, torch.from_numpy(labels))),
+        "val_auc": roc_auc(labels, probabilities),
+        "val_accuracy": float((probabilities.argmax(1) == labels).mean()),
+    }
+
+
+@dataclass
+class _Trainer:
+    """What one fit trains with, built once by :func:`_build_trainer` and shared by its steps."""
+
+    model: nn.Module  # unwrapped: checkpoints and validation use it
+    net: nn.Module  # what training batches go through (DDP-wrapped under torchrun)
+    device: torch.device
+    channels_last: bool
+    sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
 
 
 def fit(
@@ -207,7 +260,7 @@ def fit(
     train_labels: np.ndarray,
     n_classes: int,
     config: FitConfig,
-    on_epoch: Callable[[dict], None] | None = None,
+    recorders: Sequence[TrainingRecorder] = (),
     perturb: Perturb | None = None,
 ) -> FitResult:
     """Train ``model`` and return the weights of its best validation epoch.
@@ -219,25 +272,112 @@ def fit(
         train_labels: labels of ``train_set`` (for class weights).
         n_classes: number of classes.
         config: loop settings.
-        on_epoch: called on rank 0 after each epoch with that epoch's metrics.
+        recorders: told, on rank 0 only, when the fit starts, after each epoch (once its
+            checkpoint is written) and when it ends; see :class:`TrainingRecorder`.
         perturb: optional adversarial-training hook applied to every training batch.
     """
     env = dist_env()
+    device = _setup_device(config.device, env)
+    trainer = _build_trainer(
+        model, param_groups, train_set, val_set, train_labels, n_classes, config, env, device
+    )
+    result = FitResult(
+        best_state=_cpu_state(model), best_epoch=-1, best_val_auc=-math.inf, device=str(device)
+    )
+    checkpoint_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
+    start_epoch = _resume(checkpoint_path, trainer, result) if config.resume else 0
+    # Other ranks train the same epochs in lockstep; one voice is enough.
+    reporting = list(recorders) if env.is_main else []
+    for recorder in reporting:
+        recorder.fit_started(config.epochs, start_epoch, len(train_set))
+
+    epochs_without_gain = sum(1 for row in result.history if row["epoch"] > result.best_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        if epochs_without_gain >= config.patience:
+            result.stopped_early = True
+            break
+        row = _run_epoch(trainer, epoch, config, train_set, perturb)
+        result.history.append(row)
+        epochs_without_gain = (
+            0 if _select_if_better(result, row, model) else epochs_without_gain + 1
+        )
+        if env.is_main:
+            _save_checkpoint(checkpoint_path, epoch, trainer, result)
+            for recorder in reporting:
+                recorder.epoch_ended(row)
+        if env.distributed:
+            dist.barrier()
+    for recorder in reporting:
+        recorder.fit_ended(result)
+    return result
+
+
+def _setup_device(name: str, env: DistEnv) -> torch.device:
+    """Join the ``torchrun`` process group if there is one; returns this rank's device."""
     if env.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    device = resolve_device(config.device, env)
+    device = resolve_device(name, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    use_channels_last = config.channels_last and device.type == "cuda"
-    model.to(device)
-    if use_channels_last:
-        model.to(memory_format=torch.channels_last)
-    net: nn.Module = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if env.distributed
-        else model
+    return device
+
+
+def _build_trainer(
+    model: nn.Module,
+    param_groups: list[dict],
+    train_set: Dataset,
+    val_set: Dataset,
+    train_labels: np.ndarray,
+    n_classes: int,
+    config: FitConfig,
+    env: DistEnv,
+    device: torch.device,
+) -> _Trainer:
+    """Model on its device, loaders, loss, optimizer, schedule and loss scaler for one fit."""
+    channels_last = config.channels_last and device.type == "cuda"
+    net = _place_model(model, device, channels_last, env)
+    sampler, train_loader, val_loader = _build_loaders(train_set, val_set, config, env, device)
+    weights = class_weights(train_labels, n_classes, config.class_weighting)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(config, max(1, len(train_loader)))
+    )
+    return _Trainer(
+        model=model,
+        net=net,
+        device=device,
+        channels_last=channels_last,
+        sampler=sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        # One scaler for the whole fit: its scale adapts over the batches and is checkpointed.
+        scaler=grad_scaler(device, config.amp),
     )
 
+
+def _place_model(
+    model: nn.Module, device: torch.device, channels_last: bool, env: DistEnv
+) -> nn.Module:
+    """Move ``model`` to ``device`` (in place); returns what to train: it, or its DDP wrapper."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if not env.distributed:
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _build_loaders(
+    train_set: Dataset, val_set: Dataset, config: FitConfig, env: DistEnv, device: torch.device
+) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+    """The training sampler (this rank's seeded share, reshuffled by ``set_epoch``) and the
+    training and validation loaders."""
     sampler = DistributedSampler(
         train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed
     )
@@ -247,6 +387,7 @@ def fit(
         sampler=sampler,
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
+        # A last batch of one or two images makes a noisy step (and breaks BatchNorm at one).
         drop_last=len(train_set) > config.batch_size * env.world_size,
         worker_init_fn=_seed_worker,
         persistent_workers=config.num_workers > 0,
@@ -257,78 +398,65 @@ def fit(
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )
+    return sampler, train_loader, val_loader
 
-    weights = class_weights(train_labels, n_classes, config.class_weighting)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
-    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(train_loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(config, steps_per_epoch)
-    )
-    _, scaler = autocast_context(device, config.amp)
 
-    result = FitResult(
-        best_state=_cpu_state(model), best_epoch=-1, best_val_auc=-math.inf, device=str(device)
-    )
-    start_epoch = 0
-    checkpoint_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
-    if config.resume and checkpoint_path.is_file():
-        start_epoch = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, result)
-        result.resumed_from_epoch = start_epoch - 1
+def _resume(checkpoint_path: Path, trainer: _Trainer, result: FitResult) -> int:
+    """Restore ``trainer`` and ``result`` from the checkpoint if there is one; returns the
+    epoch to start with (0 without a checkpoint)."""
+    if not checkpoint_path.is_file():
+        return 0
+    start_epoch = _load_checkpoint(checkpoint_path, trainer, result)
+    result.resumed_from_epoch = start_epoch - 1
+    return start_epoch
 
-    epochs_without_gain = sum(1 for row in result.history if row["epoch"] > result.best_epoch)
-    for epoch in range(start_epoch, config.epochs):
-        if epochs_without_gain >= config.patience:
-            result.stopped_early = True
-            break
-        _seed_epoch(config.seed, epoch, train_set)
-        sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        row = {"epoch": epoch}
-        row.update(
-            train_one_epoch(
-                net,
-                train_loader,
-                criterion,
-                optimizer,
-                scheduler,
-                device,
-                config.amp,
-                use_channels_last,
-                scaler,
-                perturb,
-            )
+
+def _run_epoch(
+    trainer: _Trainer, epoch: int, config: FitConfig, train_set: Dataset, perturb: Perturb | None
+) -> dict[str, float]:
+    """Train one epoch and validate; returns the epoch's row (see ``TrainingRecorder``)."""
+    _seed_epoch(config.seed, epoch, train_set)
+    trainer.sampler.set_epoch(epoch)
+    epoch_start = time.perf_counter()
+    row: dict[str, float] = {"epoch": epoch}
+    row.update(
+        train_one_epoch(
+            trainer.net,
+            trainer.train_loader,
+            trainer.criterion,
+            trainer.optimizer,
+            trainer.scheduler,
+            trainer.device,
+            config.amp,
+            trainer.channels_last,
+            trainer.scaler,
+            perturb,
         )
-        probabilities, labels = predict(model, val_loader, device, config.amp, use_channels_last)
-        row["val_loss"] = float(
-            nn.functional.nll_loss(
-                torch.log(torch.from_numpy(probabilities).clamp_min(1e-8)), torch.from_numpy(labels)
-            )
+    )
+    row.update(
+        validation_metrics(
+            trainer.model, trainer.val_loader, trainer.device, config.amp, trainer.channels_last
         )
-        row["val_auc"] = roc_auc(labels, probabilities)
-        row["val_accuracy"] = float((probabilities.argmax(1) == labels).mean())
-        row["lr"] = optimizer.param_groups[-1]["lr"]
-        row["seconds"] = time.perf_counter() - epoch_start
-        result.history.append(row)
+    )
+    row["lr"] = trainer.optimizer.param_groups[-1]["lr"]
+    row["seconds"] = time.perf_counter() - epoch_start
+    return row
 
-        # NaN AUC (one class in val) falls back to the negative validation loss.
-        score = row["val_auc"] if not math.isnan(row["val_auc"]) else -row["val_loss"]
-        if score > result.best_val_auc:
-            result.best_val_auc, result.best_epoch = score, epoch
-            result.best_state = _cpu_state(model)
-            epochs_without_gain = 0
-        else:
-            epochs_without_gain += 1
-        if env.is_main:
-            _save_checkpoint(checkpoint_path, epoch, model, optimizer, scheduler, scaler, result)
-            if on_epoch is not None:
-                on_epoch(row)
-        if env.distributed:
-            dist.barrier()
-    return result
+
+def _select_if_better(result: FitResult, row: dict[str, float], model: nn.Module) -> bool:
+    """Model selection: keep ``model``'s weights in ``result`` if ``row`` beats the best so far;
+    returns whether it did."""
+    # NaN AUC (one class in val) falls back to the negative validation loss.
+    score = row["val_auc"] if not math.isnan(row["val_auc"]) else -row["val_loss"]
+    if score <= result.best_val_auc:
+        return False
+    result.best_val_auc, result.best_epoch = score, int(row["epoch"])
+    result.best_state = _cpu_state(model)
+    return True
 
 
 def _warmup_cosine(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate factor per optimizer step: linear warm-up, then cosine decay to 0."""
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, config.epochs * steps_per_epoch)
 
@@ -358,20 +486,19 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s state dict (later steps must not change it)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save_checkpoint(
-    path: Path, epoch: int, model, optimizer, scheduler, scaler, result: FitResult
-) -> None:
+def _save_checkpoint(path: Path, epoch: int, trainer: _Trainer, result: FitResult) -> None:
     """Write ``last.pt`` atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "epoch": epoch,
-        "model": _cpu_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "model": _cpu_state(trainer.model),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "best_state": result.best_state,
         "best_epoch": result.best_epoch,
         "best_val_auc": result.best_val_auc,
@@ -382,14 +509,14 @@ def _save_checkpoint(
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, result: FitResult) -> int:
-    """Restore everything from ``last.pt``; returns the epoch to continue with."""
+def _load_checkpoint(path: Path, trainer: _Trainer, result: FitResult) -> int:
+    """Restore ``trainer`` and ``result`` from ``last.pt``; returns the epoch to continue with."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if trainer.scaler is not None and state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
     result.best_state = state["best_state"]
     result.best_epoch = state["best_epoch"]
     result.best_val_auc = state["best_val_auc"]
