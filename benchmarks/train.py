@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
 from tasks.model.student import build_student, param_groups
-from tasks.model.transforms import AugmentConfig, ImageDataset, train_transform
+from tasks.model.transforms import ImageDataset, train_transform
 from tasks.training.loop import (
     autocast_context,
     backward_and_step,
@@ -85,16 +85,16 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    train_cfg = params["train"]
-    size, batch = int(params["data"]["image_size"]), int(train_cfg["batch_size"])
+    train_cfg = params.train
+    size, batch = params.data.image_size, train_cfg.batch_size
     device = resolve_device(args.device, dist_env())
     rng = np.random.default_rng(0)
     n = batch * 8
     images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
     labels = rng.integers(0, 2, n)
-    workers = int(train_cfg.get("num_workers", 0)) if device.type == "cpu" else 4
+    workers = train_cfg.num_workers if device.type == "cpu" else 4
     data_path = DataLoader(
-        ImageDataset(images, labels, train_transform(AugmentConfig(**train_cfg["augment"]), size)),
+        ImageDataset(images, labels, train_transform(train_cfg.augment, size)),
         batch_size=batch,
         shuffle=True,
         drop_last=True,
@@ -113,10 +113,10 @@ def main() -> None:
     def student() -> nn.Module:
         torch.manual_seed(0)
         model = build_student(
-            train_cfg["teacher"],
-            train_cfg["strategy"],
+            train_cfg.teacher,
+            train_cfg.strategy,
             2,
-            unfreeze_blocks=int(train_cfg["unfreeze_blocks"]),
+            unfreeze_blocks=train_cfg.unfreeze_blocks,
         )
         return model.to(device)
 
@@ -156,8 +156,8 @@ def main() -> None:
     )
     write_result(
         f"train-{device.type}",
-        f"{machine_header()}\n\nStudent {train_cfg['teacher']} / {train_cfg['strategy']} "
-        f"(unfreeze_blocks {train_cfg['unfreeze_blocks']}), {size}x{size}, batch {batch}, {mode}; "
+        f"{machine_header()}\n\nStudent {train_cfg.teacher} / {train_cfg.strategy} "
+        f"(unfreeze_blocks {train_cfg.unfreeze_blocks}), {size}x{size}, batch {batch}, {mode}; "
         f"{args.steps} timed steps after 3 warm-up steps, median of {args.repeats} interleaved runs; "
         f"DataLoader workers {workers}.\n\n{table}",
     )

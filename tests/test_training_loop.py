@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.model.transforms import AugmentConfig, ImageDataset, to_tensor_transform, train_transform
+from tasks.config import load_params
+from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.training import loop
 from tasks.training.loop import (
     CHECKPOINT_NAME,
@@ -31,6 +32,8 @@ from tasks.training.recorders import (
     TrainingRecorder,
     format_duration,
 )
+
+SHIPPED = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
 
 
 def _toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,14 +100,21 @@ def _fit(
             epochs=epochs,
             batch_size=16,
             lr=0.01,
+            weight_decay=1e-4,
+            warmup_epochs=1.0,
             patience=10,
+            class_weighting="balanced",
+            num_workers=0,
             seed=3,
+            device="cpu",
+            amp=False,
+            channels_last=False,
             checkpoint_dir=str(tmp_path / "ckpt"),
             resume=resume,
         ),
         **changes,
     )
-    train_set = ImageDataset(images, labels, train_transform(AugmentConfig(), 16))
+    train_set = ImageDataset(images, labels, train_transform(SHIPPED.train.augment, 16))
     val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
     return model, fit(
         model,
@@ -182,7 +192,7 @@ def test_class_weighting_none_gives_no_weights() -> None:
 def _epoch_draws(seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An augmented image and a dropout-style torch draw right after seeding ``(seed, epoch)``."""
     images, labels = _toy_data(1, 0)
-    dataset = ImageDataset(images, labels, train_transform(AugmentConfig(), 16))
+    dataset = ImageDataset(images, labels, train_transform(SHIPPED.train.augment, 16))
     _seed_epoch(seed, epoch, dataset)
     return dataset[0][0], torch.rand(8)
 

@@ -7,8 +7,6 @@ Images leave the processed dataset as uint8 ``(S, S)`` and reach the model as fl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -24,17 +22,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Augmentation strengths (``train.augment`` in params.yaml); zero disables a transform."""
-
-    flip: bool = True
-    rotate_degrees: float = 10.0
-    scale: float = 0.1
-    translate: float = 0.05
-    contrast_gamma: float = 0.2
-    noise_std: float = 0.01
+from tasks.config import AugmentParams
 
 
 def to_tensor_transform() -> Compose:
@@ -48,7 +36,7 @@ def to_tensor_transform() -> Compose:
     )
 
 
-def train_transform(config: AugmentConfig, image_size: int) -> Compose:
+def train_transform(config: AugmentParams, image_size: int) -> Compose:
     """:func:`to_tensor_transform` followed by random flips, affine jitter, contrast and noise.
 
     The augmentations are mild on purpose: radiographs come in a standard pose, and a subtle

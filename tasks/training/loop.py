@@ -45,22 +45,23 @@ Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How to train (the loop-related keys of ``train`` in params.yaml)."""
+    """How to train (the loop-related keys of ``train`` in params.yaml; no defaults here,
+    they live in params.yaml and reach the loop through the train stage)."""
 
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    patience: int = 3
-    class_weighting: str = "balanced"
-    num_workers: int = 0
-    seed: int = 42
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    checkpoint_dir: str = "models/checkpoints"
-    resume: bool = False
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    patience: int
+    class_weighting: str
+    num_workers: int
+    seed: int
+    device: str
+    amp: bool
+    channels_last: bool
+    checkpoint_dir: str
+    resume: bool
 
 
 @dataclass
