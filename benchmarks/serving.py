@@ -132,6 +132,7 @@ def package(params: dict, root: Path, batching: bool, overrides: list[str]) -> d
         [
             str(BIN / "medtransfer"),
             "package",
+            "--json",
             "--params",
             str(params_file),
             *(arg for setting in settings for arg in ("-S", setting)),

@@ -195,8 +195,9 @@ class RobustnessParams:
 class GatesParams:
     """``gates``: the promotion gates (null disables one); budgets in 1/255 units."""
 
-    min_clean_auc: float | None = rule(min=0.0, max=1.0)
-    min_robust_acc: float | None = rule(min=0.0, max=1.0)
+    # Above 1 blocks every model (a way to hold promotion).
+    min_clean_auc: float | None = rule(min=0.0)
+    min_robust_acc: float | None = rule(min=0.0)
     robust_acc_eps_255: float | None = rule(above=0.0)
     max_teacher_transfer_success: float | None = rule(min=0.0, max=1.0)
     teacher_transfer_eps_255: float | None = rule(above=0.0)
@@ -415,6 +416,9 @@ def _scalar(kind: type, value: Any, key: str, checks: Mapping[str, Any]) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
+        # `-S eval.threshold=0.5` reads as a YAML number; a text field takes its spelling.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
         ok = isinstance(value, str)
     if not ok:
         raise MedtransferError(f"{key} must be {_expected(kind)}, not {_shown(value)}.")

@@ -96,7 +96,7 @@ def params_file(params: Params, tmp_path: Path) -> Path:
     import yaml
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     return path
 
 

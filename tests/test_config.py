@@ -113,7 +113,10 @@ def test_the_typed_params_round_trip_through_a_params_file() -> None:
         ("data.image_size=100000", "data.image_size must be at most 1024"),
         ("eval.threshold=best", "eval.threshold must be one of"),
         ("registry.version=abc", "registry.version must be an integer"),
-        ("gates.min_clean_auc=2", "gates.min_clean_auc must be at most 1.0"),
+        (
+            "gates.max_teacher_transfer_success=2",
+            "gates.max_teacher_transfer_success must be at most 1.0",
+        ),
         ("serving.max_batch_size=1", "serving.max_batch_size must be at least 2"),
         ("orchestration.task_runner=spark", "orchestration.task_runner must be one of"),
         ("robustness.epsilons_255=[1,x]", "robustness.epsilons_255 must be a number, not .x."),

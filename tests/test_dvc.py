@@ -153,7 +153,15 @@ def test_dvc_versions_the_input_folder_a_new_dicom_file_reruns_ingest(
     shutil.copy(REPO / "dvc.yaml", repo)
     # A user's folder: DICOM files with their labels CSV inside (data.labels_csv relative to it).
     folder, _ = synthetic.generate(
-        synthetic.SyntheticConfig(output_dir=str(repo / "incoming"), n_patients=10, size=32)
+        synthetic.SyntheticConfig.from_params(
+            params.with_overrides(
+                [
+                    f"synthetic.output_dir={repo / 'incoming'}",
+                    "synthetic.n_patients=10",
+                    "synthetic.size=32",
+                ]
+            )
+        )
     )
     held_back = tmp_path / "case_0009"
     shutil.move(folder / "case_0009", held_back)

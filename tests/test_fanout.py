@@ -130,9 +130,9 @@ def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_unknown_task_runner_is_a_clear_error(params: Params, workers: int) -> None:
-    wrong = params.with_overrides(["orchestration.task_runner=spark", f"data.workers={workers}"])
+    # Refused when the parameters are read, before the flow decodes anything.
     with pytest.raises(MedtransferError, match=r"orchestration\.task_runner must be one of"):
-        task_runner_decode_map(wrong)
+        params.with_overrides(["orchestration.task_runner=spark", f"data.workers={workers}"])
 
 
 def test_one_worker_decodes_in_the_flows_process_unless_a_cluster_is_named(params: Params) -> None:
@@ -163,17 +163,17 @@ def test_worker_processes_report_to_the_flows_temporary_server(
                     "data.workers=2",
                     "orchestration.task_runner=processes",
                 ],
-            )
+            ).to_dict()
         )
     )
     script = (
         # `flows` first, as in the medtransfer command: its process defaults (a startup
         # timeout for the temporary server that suits a busy machine) precede prefect's import.
         "import flows\n"
-        "import yaml, sys\n"
+        "from tasks.config import load_params\n"
         "from tests.test_fanout import ingest_only\n"
         "if __name__ == '__main__':\n"
-        f"    report = ingest_only(yaml.safe_load(open({str(params_file)!r})))\n"
+        f"    report = ingest_only(load_params({str(params_file)!r}))\n"
         "    print('files_seen', report['files_seen'])\n"
     )
     done = run_python(script, environment_without_prefect(tmp_path / "prefect-home"), 300)

@@ -197,7 +197,7 @@ def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
     assert mlflow_run_ids(tracking_uri) == [state["mlflow_run_id"]]  # no new training
     assert read_state(state_file) == state
 
-    model_file = Path(tiny_params["train"]["model_dir"]) / "model.pt"
+    model_file = Path(tiny_params.train.model_dir) / "model.pt"
     weights_before = student_weights(model_file)
     assert copy_patients(generated, labels_csv, watched, range(12, 16)) > 0
     third = watch_and_retrain(params_file=str(params_file))

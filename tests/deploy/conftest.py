@@ -131,7 +131,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Serve
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
     env["BENTOML_HOME"] = str(root / "build-home")
     package = json.loads(
-        run_checked([str(BIN / "medtransfer"), "package", "--params", str(params_file)], env, root)
+        run_checked(
+            [str(BIN / "medtransfer"), "package", "--json", "--params", str(params_file)], env, root
+        )
     )
     serve_home = root / "serve-home"
     serve_home.mkdir()
