@@ -309,26 +309,25 @@ def test_a_fit_makes_its_loss_scaler_once(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(calls) == 1
 
 
-def test_the_prefect_recorder_moves_one_progress_artifact_per_fit_to_100(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from flows import progress
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_prefect_recorder_leaves_one_real_progress_artifact_at_100(tmp_path: Path) -> None:
+    """On Prefect's test server: each fit makes one progress artifact and ends it at 100."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    calls: list[tuple] = []
+    from flows.progress import PrefectProgressRecorder
 
-    def create(progress: float, key: str, description: str) -> str:
-        calls.append(("create", progress, key))
-        return "artifact-id"
+    key = "loop-test-progress"
 
-    def update(artifact_id: str, progress: float, description: str) -> None:
-        calls.append(("update", artifact_id, progress, description.split(":")[0]))
+    @flow(name="fit-with-progress")
+    def fit_in_a_flow() -> None:
+        _fit(tmp_path, epochs=2, recorders=(PrefectProgressRecorder(key),))
 
-    monkeypatch.setattr(progress, "create_progress_artifact", create)
-    monkeypatch.setattr(progress, "update_progress_artifact", update)
-    _fit(tmp_path, epochs=2, recorders=(progress.PrefectProgressRecorder(),))
-    assert calls == [
-        ("create", 0.0, "medtransfer-train-progress"),
-        ("update", "artifact-id", 50.0, "epoch 1/2"),
-        ("update", "artifact-id", 100.0, "epoch 2/2"),
-        ("update", "artifact-id", 100.0, "done"),
-    ]
+    fit_in_a_flow()
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert [(artifact.type, artifact.data) for artifact in found] == [("progress", 100.0)]
+    assert found[0].description.startswith("done: best epoch")
