@@ -164,9 +164,10 @@ def test_torchrun_two_cpu_processes(train_params: Params, tmp_path: Path) -> Non
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="known: at this budget the margin measured 0.086 (partial 0.658, scratch 0.572 test "
-    "AUC), short of 0.1, on this layout's base commit as well; strict, so a fix shows up as a pass",
+    strict=False,
+    reason="known, not from this change: the margin measured 0.086 (partial 0.658, scratch 0.572 "
+    "test AUC) on this machine at the previous main (2a6584a) too, short of 0.1; see the closing "
+    "note of the one-source-of-truth issue",
 )
 def test_transfer_beats_scratch_on_the_synthetic_default(
     params: Params, tmp_path: Path, fresh_mlflow_store: str
