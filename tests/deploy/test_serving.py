@@ -290,10 +290,10 @@ def test_a_reply_holds_only_the_documented_fields(served) -> None:
 PACKAGE_TWICE = """
 import json, sys, tarfile
 import yaml
-from tasks.config import apply_overrides
+from tasks.config import load_params
 from tasks.stages.package import run_package
 
-params = yaml.safe_load(open(sys.argv[1]))
+params = load_params(sys.argv[1])
 for version in (1, 2):
     report = run_package(params.with_overrides([f"registry.version={version}"]))
     with tarfile.open(report["archive"]) as archive:
