@@ -44,8 +44,9 @@ def _ingest(report: dict) -> list[str]:
 def _train(report: dict) -> list[str]:
     return [
         f"dataset version: {report.get('dataset_version', '?')}",
-        f"student: {report.get('strategy')}, best epoch {report.get('best_epoch')} of "
-        f"{report.get('epochs_run')}, validation AUC {_number(report.get('best_val_auc'))}",
+        # Epochs counted from 1, as the training log shows them (reports keep 0-based).
+        f"student: {report.get('strategy')}, best epoch {_plus_one(report.get('best_epoch'))} "
+        f"of {report.get('epochs_run')}, validation AUC {_number(report.get('best_val_auc'))}",
     ]
 
 
@@ -94,6 +95,10 @@ SECTIONS = {
 def _mlflow_line(run_id: str, tracking_uri: str | None) -> str:
     store = tracking_uri or "sqlite:///mlflow.db"
     return f"MLflow run {run_id}: open the UI with `mlflow ui --backend-store-uri {store}`"
+
+
+def _plus_one(value: Any) -> Any:
+    return value + 1 if isinstance(value, int) else value
 
 
 def _number(value: Any) -> str:

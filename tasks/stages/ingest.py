@@ -43,12 +43,12 @@ def run_ingest(
     reports.INGEST.write(params.reports_dir, result)
     reasons = {k: v for k, v in result.quarantined_by_reason.items() if v}
     logger.info(
-        "ingest: %d files seen, %d ingested (%d images), %d quarantined %s; %s",
+        "ingest: %d files seen, %d ingested (%d images), %d quarantined%s; images per split: %s",
         result.files_seen,
         result.ingested,
         result.images,
         result.quarantined,
-        reasons or "",
+        f" {reasons}" if reasons else "",
         ", ".join(f"{split} {counts['images']}" for split, counts in result.splits.items()),
     )
     return result
