@@ -1,0 +1,139 @@
+"""Faults lose nothing and mislabel nothing: outputs are swapped in whole or not at all.
+
+The kill tests run the real ``medtransfer`` command in a temporary project (a copy of
+params.yaml, every path relative to it), SIGKILL its process group at seeded points while it
+writes, run it again, and compare the result with an uninterrupted run's bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tasks.data.dataset import dataset_version
+
+REPO = Path(__file__).resolve().parent.parent
+# Small sets: about a second per uninterrupted run on a 2-core machine.
+SMALL = ["synthetic.size=64", "data.image_size=32", "data.workers=1"]
+
+
+def _project(tmp_path: Path) -> Path:
+    """A temporary project: a copy of params.yaml; data/ and reports/ are created beside it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    return root
+
+
+def _command(subcommand: str, overrides: list[str]) -> list[str]:
+    """``medtransfer <subcommand> --quiet -S ...`` run with this interpreter."""
+    settings = [part for item in [*SMALL, *overrides] for part in ("-S", item)]
+    return [sys.executable, "-m", "flows.cli", subcommand, "--quiet", *settings]
+
+
+def _environment() -> dict[str, str]:
+    """This environment with the repository first on the import path (the code under test)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(root: Path, subcommand: str, overrides: list[str]) -> None:
+    """Run the command to its end; fail the test, showing its output, unless it exits 0."""
+    done = subprocess.run(
+        _command(subcommand, overrides),
+        cwd=root,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _kill_when(
+    root: Path, subcommand: str, overrides: list[str], ready: Callable[[], bool]
+) -> bool:
+    """Start the command, SIGKILL its whole process group as soon as ``ready()`` holds.
+
+    Returns whether the kill landed (False: the command had already ended on its own).
+    """
+    process = subprocess.Popen(
+        _command(subcommand, overrides),
+        cwd=root,
+        env=_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches decoding workers too
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if ready():
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+                return process.returncode == -signal.SIGKILL
+            time.sleep(0.01)
+        return False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def _files_written_since(folder: Path, since_ns: int, suffix: str) -> int:
+    """How many files ending in ``suffix`` under ``folder`` were written after ``since_ns``."""
+    count = 0
+    for path in folder.rglob(f"*{suffix}"):
+        with contextlib.suppress(FileNotFoundError):  # a folder being swapped or removed
+            if path.stat().st_mtime_ns >= since_ns:
+                count += 1
+    return count
+
+
+def _outcome(root: Path) -> dict[str, object]:
+    """What a run left: the dataset's version and bytes, the synthetic labels and report."""
+    processed = root / "data" / "processed"
+    return {
+        "dataset_version": dataset_version(processed, root / "dvc.lock"),
+        "images": (processed / "images.npy").read_bytes(),
+        "labels_npy": np.load(processed / "labels.npy").tolist(),
+        "synthetic_labels": (root / "data" / "synthetic" / "dicom" / "labels.csv").read_text(),
+        "report": (root / "reports" / "ingest.json").read_text(),
+    }
+
+
+def test_an_interrupted_larger_regeneration_never_mislabels_the_next_run(tmp_path: Path) -> None:
+    """The reported scenario: ingest 30 patients, start 400 and kill it while it writes the
+    synthetic set, ingest 30 again. The last run must equal the first, byte for byte."""
+    root = _project(tmp_path)
+    thirty, four_hundred = ["synthetic.n_patients=30"], ["synthetic.n_patients=400"]
+    _run(root, "ingest", thirty)
+    expected = _outcome(root)
+
+    rng = np.random.default_rng(20260101)
+    kills = 0
+    # The 400-patient set has about 1200 files: kill after a seeded number of them.
+    for after_files in sorted(int(k) for k in rng.integers(1, 1100, size=3)):
+        started = time.time_ns()
+        landed = _kill_when(
+            root,
+            "ingest",
+            four_hundred,
+            lambda n=after_files, t=started: _files_written_since(root / "data", t, ".dcm") >= n,
+        )
+        assert landed, f"the run ended before {after_files} files were written"
+        kills += 1
+        _run(root, "ingest", thirty)
+        assert _outcome(root) == expected, f"after a kill at file {after_files}"
+        assert sorted(p.name for p in (root / "data").iterdir()) == ["processed", "synthetic"]
+    assert kills == 3
