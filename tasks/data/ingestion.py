@@ -3,8 +3,9 @@
 Every input file ends either in the dataset or in ``quarantine.csv`` with a reason, so
 ``ingested + quarantined == files_seen`` always holds. Files are decoded in parallel worker
 processes; the parent keeps the sorted file order, so the output is byte-identical for the same
-input and parameters. The dataset is first written to a staging folder and moved into place
-at the end: an interrupted run never leaves a half-written dataset behind.
+input and parameters. The dataset is first written to a staging folder and swapped into place
+at the end (:mod:`tasks.atomic`): an interrupted run leaves the previous dataset or the new
+one, never a half-written one or none.
 
 The stage's entry point is :func:`tasks.stages.ingest.run_ingest`; this module is the work:
 :func:`ingest_folder` and :func:`ingest_npz` build the dataset and return its counts.
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tasks import atomic
 from tasks.config import DataParams
 from tasks.data import dataset as ds_files
 from tasks.data import dicom_io
@@ -119,7 +121,39 @@ def ingest_folder(
         )
     salt = patient_salt()
     staging = _staging_dir(data.processed_dir)
-    raw_path = staging / "images.raw"
+    try:
+        rows, quarantine = _decode_into(
+            staging / "images.raw", folder, files, labels, data, salt, progress, decode_map
+        )
+        ingested_files = len({row["source_file"] for row in rows})
+        return _finish(
+            staging,
+            rows,
+            quarantine,
+            data,
+            seed,
+            source_kind,
+            files_seen=len(files),
+            ingested=ingested_files,
+        )
+    except BaseException:
+        # The next run would remove it too; removing it now keeps a long-lived process clean.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _decode_into(
+    raw_path: Path,
+    folder: Path,
+    files: list[Path],
+    labels: LabelSource,
+    data: DataParams,
+    salt: str,
+    progress: bool,
+    decode_map: DecodeMap | None,
+) -> tuple[list[dict], list[dict]]:
+    """Decode ``files``, append each kept image's bytes to ``raw_path``; returns the manifest
+    rows of the kept images and the quarantine rows of the rest, in file order."""
     rows: list[dict] = []
     quarantine: list[dict] = []
     seen_sop_uids: set[str] = set()
@@ -164,17 +198,7 @@ def ingest_folder(
                         "notes": outcome.notes,
                     }
                 )
-    ingested_files = len({row["source_file"] for row in rows})
-    return _finish(
-        staging,
-        rows,
-        quarantine,
-        data,
-        seed,
-        source_kind,
-        files_seen=len(files),
-        ingested=ingested_files,
-    )
+    return rows, quarantine
 
 
 def ingest_npz(path: Path, data: DataParams, seed: int) -> IngestResult:
@@ -356,11 +380,15 @@ def _decode_star(job: tuple) -> FileOutcome:
 
 
 def _staging_dir(processed_dir: str) -> Path:
-    staging = Path(f"{processed_dir}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
+    """A fresh staging folder beside ``processed_dir`` to write the next dataset into.
+
+    First undoes what an interrupted run left (:func:`tasks.atomic.recover_folder`): a
+    dataset set aside mid-swap goes back in place, old staging folders are removed, so they
+    never accumulate.
+    """
+    processed = Path(processed_dir)
+    atomic.recover_folder(processed)
+    return atomic.new_staging_folder(processed)
 
 
 def _finish(
@@ -440,10 +468,9 @@ def _finish(
     }
     (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
+    # Swapped in whole: a kill at any point leaves the previous dataset or this one.
     processed = Path(data.processed_dir)
-    if processed.exists():
-        shutil.rmtree(processed)
-    staging.rename(processed)
+    atomic.swap_in_folder(staging, processed)
 
     result = IngestResult(
         processed_dir=processed,

@@ -14,6 +14,7 @@ deterministic for a given configuration: same seed, same bytes.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter
 
+from tasks import atomic
 from tasks.config import Params
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -80,6 +82,12 @@ class SyntheticPatient:
 def generate(config: SyntheticConfig) -> tuple[Path, Path]:
     """Write the synthetic DICOM set and its ``labels.csv`` unless an identical one exists.
 
+    The whole set is written into a staging folder beside ``output_dir``, its manifest
+    (``generator.json``) last, and then swapped in (:mod:`tasks.atomic`): a run killed at any
+    point leaves the previous set, with its own manifest, or the new one, never new files
+    under an old manifest. An existing set is reused only when its manifest names this exact
+    configuration and its labels and file count still match it.
+
     Args:
         config: what to generate.
 
@@ -91,15 +99,30 @@ def generate(config: SyntheticConfig) -> tuple[Path, Path]:
     """
     out = Path(config.output_dir)
     dicom_dir = source_folder(config)
-    labels_csv = dicom_dir / LABELS_FILE
-    fingerprint = json.dumps({**asdict(config), "layout": LAYOUT_VERSION}, sort_keys=True)
-    fingerprint_path = out / FINGERPRINT_FILE
-    if fingerprint_path.is_file() and fingerprint_path.read_text() == fingerprint:
-        return dicom_dir, labels_csv  # already generated with exactly this configuration
-    if dicom_dir.exists():
-        shutil.rmtree(dicom_dir)
-    dicom_dir.mkdir(parents=True)
+    atomic.recover_folder(out)
+    if _manifest_matches(out, config):
+        return dicom_dir, dicom_dir / LABELS_FILE
 
+    staging = atomic.new_staging_folder(out)
+    try:
+        files = _write_set(config, staging / DICOM_SUBDIR)
+        manifest = {
+            "config": _config_record(config),
+            "files": files,
+            "labels_sha256": _sha256(staging / DICOM_SUBDIR / LABELS_FILE),
+        }
+        # Last: a folder with a manifest is a complete folder.
+        (staging / FINGERPRINT_FILE).write_text(json.dumps(manifest, sort_keys=True) + "\n")
+        atomic.swap_in_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dicom_dir, dicom_dir / LABELS_FILE
+
+
+def _write_set(config: SyntheticConfig, dicom_dir: Path) -> int:
+    """Write every patient's DICOM files and ``labels.csv`` into ``dicom_dir``; returns the
+    number of DICOM files."""
     rows: list[tuple[str, str]] = []
     for patient in make_patients(config):
         rng = np.random.default_rng([config.seed, patient.index])
@@ -113,12 +136,38 @@ def generate(config: SyntheticConfig) -> tuple[Path, Path]:
             ds.save_as(dicom_dir / relative, enforce_file_format=True)
             rows.append((relative, LABEL_NAMES[patient.label]))
 
-    with open(labels_csv, "w", newline="") as handle:
+    with open(dicom_dir / LABELS_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
         writer.writerows(rows)
-    fingerprint_path.write_text(fingerprint)
-    return dicom_dir, labels_csv
+    return len(rows)
+
+
+def _config_record(config: SyntheticConfig) -> dict:
+    """The configuration as the manifest records it (JSON types, with the layout version)."""
+    return json.loads(json.dumps({**asdict(config), "layout": LAYOUT_VERSION}))
+
+
+def _manifest_matches(out: Path, config: SyntheticConfig) -> bool:
+    """Whether ``out`` holds a complete set generated with exactly ``config``: its manifest
+    names ``config``, its ``labels.csv`` has the recorded hash and the DICOM file count is
+    the recorded one. A set from an older layout, edited or half-deleted fails the check."""
+    try:
+        manifest = json.loads((out / FINGERPRINT_FILE).read_text())
+        labels_csv = out / DICOM_SUBDIR / LABELS_FILE
+        return (
+            isinstance(manifest, dict)
+            and manifest.get("config") == _config_record(config)
+            and manifest.get("labels_sha256") == _sha256(labels_csv)
+            and manifest.get("files") == sum(1 for _ in (out / DICOM_SUBDIR).rglob("*.dcm"))
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def source_folder(config: SyntheticConfig) -> Path:

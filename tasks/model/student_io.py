@@ -8,13 +8,13 @@ come from the file) and load it with ``weights_only=True``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tasks import atomic
 from tasks.errors import MedtransferError
 
 MODEL_FILE = "model.pt"
@@ -51,16 +51,15 @@ def build_from_spec(spec: StudentSpec) -> nn.Module:
 
 
 def save_student(model: nn.Module, spec: StudentSpec, folder: str | Path) -> Path:
-    """Write ``folder/model.pt`` atomically; returns its path."""
+    """Write ``folder/model.pt`` atomically (:func:`tasks.atomic.write_file`: a unique
+    temporary name, so concurrent or killed writers never leave a mixed file); returns its
+    path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MODEL_FILE
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"state_dict": state, "spec": {**asdict(spec), "classes": list(spec.classes)}}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_file(path, lambda partial: torch.save(payload, partial))
 
 
 def load_student(folder: str | Path) -> tuple[nn.Module, StudentSpec]:

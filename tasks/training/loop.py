@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from tasks import atomic
 from tasks.evaluation.metrics import roc_auc
 from tasks.training.recorders import TrainingRecorder
 
@@ -505,9 +506,7 @@ def _save_checkpoint(path: Path, epoch: int, trainer: _Trainer, result: FitResul
         "best_val_auc": result.best_val_auc,
         "history": result.history,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic.write_file(path, lambda partial: torch.save(state, partial))
 
 
 def _load_checkpoint(path: Path, trainer: _Trainer, result: FitResult) -> int:
