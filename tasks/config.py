@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -143,7 +144,7 @@ class TrainParams:
         for fraction in self.label_fractions or ():
             if not 0 < fraction <= 1:
                 raise MedtransferError(f"train.label_fractions must lie in (0, 1], not {fraction}.")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise MedtransferError(
                 f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}."
             )

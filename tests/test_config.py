@@ -109,6 +109,7 @@ def test_the_typed_params_round_trip_through_a_params_file() -> None:
         ("train.amp=yes please", "train.amp must be true or false"),
         ("train.strategy=deep", "train.strategy must be one of"),
         ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N"),
+        ("train.device=cudax", "train.device must be auto, cpu, cuda or cuda:N"),
         ("train.augment.flip=3", "train.augment.flip must be true or false"),
         ("data.image_size=100000", "data.image_size must be at most 1024"),
         ("data.image_size=100", r"data.image_size must be a multiple of 32, not 100 \(nearest: 96"),

@@ -81,6 +81,7 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
                 f"with {ADVERSARIAL_SUFFIX} for PGD adversarial training."
             )
     check_image_size(config.teacher, dataset.image_size)
+    check_device(config.device)
     # Building the network checks the teacher name, its weights and unfreeze_blocks.
     build_student(
         config.teacher,
@@ -93,6 +94,27 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
     if len(dataset.indices("train")) == 0 or len(dataset.indices("val")) == 0:
         raise MedtransferError(
             "The processed dataset has an empty train or val split; ingest more data."
+        )
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this host does not have, before anything is written: torch would
+    fail only when the model moves, after the MLflow run and the student folder were touched."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MedtransferError(
+            f"train.device={device} but CUDA is not available on this host (torch "
+            f"{torch.__version__}); use train.device=auto or cpu."
+        )
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and (not index.isdigit() or int(index) >= count):
+        raise MedtransferError(
+            f"train.device={device} but this host has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}; use train.device=auto, cuda or cuda:N."
         )
 
 
