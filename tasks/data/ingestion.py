@@ -166,6 +166,7 @@ def ingest_folder(
                     }
                 )
     ingested_files = len({row["source_file"] for row in rows})
+    labels_from = str(labels.csv_path) if labels.csv_path else ds_files.SUBFOLDER_LABELS
     return _finish(
         staging,
         rows,
@@ -175,6 +176,7 @@ def ingest_folder(
         source_kind,
         files_seen=len(files),
         ingested=ingested_files,
+        origin=(str(folder), labels_from),
     )
 
 
@@ -211,7 +213,17 @@ def ingest_npz(path: Path, data: DataParams, seed: int) -> IngestResult:
                         "split": split,
                     }
                 )
-    return _finish(staging, rows, [], data, seed, "npz", files_seen=len(rows), ingested=len(rows))
+    return _finish(
+        staging,
+        rows,
+        [],
+        data,
+        seed,
+        "npz",
+        files_seen=len(rows),
+        ingested=len(rows),
+        origin=(str(path), "npz arrays"),
+    )
 
 
 def check_npz(path: Path) -> dict[str, np.ndarray]:
@@ -480,8 +492,13 @@ def _finish(
     source_kind: str,
     files_seen: int,
     ingested: int,
+    origin: tuple[str, str],
 ) -> IngestResult:
-    """Check classes, split, write every file of the dataset, move it into place, report."""
+    """Check classes, split, write every file of the dataset, move it into place, report.
+
+    ``origin``: the source's location and where its labels came from, as configured; with the
+    counts and a content digest they become the dataset's source record.
+    """
     reasons = Counter(item["reason"] for item in quarantine)
     classes = sorted({row["label"] for row in rows})
     if len(classes) < 2:
@@ -545,6 +562,20 @@ def _finish(
         "multiframe": data.multiframe,
         "images": len(rows),
         "splits": split_counts,
+        ds_files.SOURCE_KEY: ds_files.DatasetSource(
+            kind=source_kind,
+            location=origin[0],
+            labels=origin[1],
+            content_sha256=ds_files.content_digest(rows),
+            files_seen=files_seen,
+            ingested=ingested,
+            quarantined=len(quarantine),
+            images=len(rows),
+            image_size=size,
+            multiframe=data.multiframe,
+            val_fraction=data.val_fraction,
+            test_fraction=data.test_fraction,
+        ).to_info(),
     }
     (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
