@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from tasks.config import Params
-from tasks.data.dataset import read_source
 from tests.conftest import REPO, make_mono_dataset, write_dataset
 
 # ------------------------------------------------------------ what was ingested is logged
@@ -45,6 +44,7 @@ def _dicom_folder(root: Path, patients: int = 12) -> tuple[Path, Path]:
 def test_the_dataset_records_the_folder_it_was_ingested_from(
     params: Params, tmp_path: Path
 ) -> None:
+    from tasks.data.dataset import read_source
     from tasks.stages.ingest import run_ingest
 
     folder, labels = _dicom_folder(tmp_path)
