@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -32,11 +33,17 @@ STRATEGIES = ("linear_probe", "partial", "full", "scratch")
 THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 TASK_RUNNERS = ("threads", "processes", "dask")
 MULTIFRAME_MODES = ("middle", "all")
+# Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
+# min_image_size): another size either fails inside the network or silently pads its stride-2
+# layers unlike the weights were trained. The ceiling keeps one image at 1 MB and a batch in
+# memory; the teachers were trained at 224-260 px, so nothing is gained far above it.
+IMAGE_SIZE_STEP = 32
+MAX_IMAGE_SIZE = 1024
 
 
 def rule(**checks: Any) -> Any:
     """A required dataclass field with value checks: ``choices`` (allowed values), ``min`` and
-    ``max`` (inclusive), ``above`` (exclusive lower bound)."""
+    ``max`` (inclusive), ``above`` (exclusive lower bound), ``multiple_of`` (an integer step)."""
     return field(metadata=checks)
 
 
@@ -50,7 +57,7 @@ class DataParams:
     source: str
     labels_csv: str | None
     processed_dir: str
-    image_size: int = rule(min=16, max=1024)
+    image_size: int = rule(min=IMAGE_SIZE_STEP, max=MAX_IMAGE_SIZE, multiple_of=IMAGE_SIZE_STEP)
     multiframe: str = rule(choices=MULTIFRAME_MODES)
     val_fraction: float = rule(min=0.0, max=0.9)
     test_fraction: float = rule(min=0.0, max=0.9)
@@ -137,7 +144,7 @@ class TrainParams:
         for fraction in self.label_fractions or ():
             if not 0 < fraction <= 1:
                 raise MedtransferError(f"train.label_fractions must lie in (0, 1], not {fraction}.")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise MedtransferError(
                 f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}."
             )
@@ -435,6 +442,13 @@ def _check_range(value: Any, key: str, checks: Mapping[str, Any]) -> None:
         raise MedtransferError(f"{key} must be at most {checks['max']}, not {value!r}.")
     if "above" in checks and value <= checks["above"]:
         raise MedtransferError(f"{key} must be greater than {checks['above']}, not {value!r}.")
+    step = checks.get("multiple_of")
+    if step and value % step:
+        below, above = value - value % step, value - value % step + step
+        nearest = " or ".join(str(v) for v in (below, above) if v >= checks.get("min", step))
+        raise MedtransferError(
+            f"{key} must be a multiple of {step}, not {value!r} (nearest: {nearest})."
+        )
 
 
 def _expected(hint: Any) -> str:

@@ -153,7 +153,7 @@ def test_ingestion_killed_at_seeded_points_leaves_a_whole_dataset_and_reruns_ide
     dataset in place is the previous one or the new one, whole; leftovers never pile up; the
     run after the kills equals an uninterrupted run."""
     root = _project(tmp_path)
-    new, old = ["synthetic.n_patients=30"], ["synthetic.n_patients=30", "data.image_size=16"]
+    new, old = ["synthetic.n_patients=30"], ["synthetic.n_patients=30", "data.image_size=64"]
     _run(root, "ingest", new)
     expected = _outcome(root)
     _run(root, "ingest", old)

@@ -109,8 +109,11 @@ def test_the_typed_params_round_trip_through_a_params_file() -> None:
         ("train.amp=yes please", "train.amp must be true or false"),
         ("train.strategy=deep", "train.strategy must be one of"),
         ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N"),
+        ("train.device=cudax", "train.device must be auto, cpu, cuda or cuda:N"),
         ("train.augment.flip=3", "train.augment.flip must be true or false"),
         ("data.image_size=100000", "data.image_size must be at most 1024"),
+        ("data.image_size=100", r"data.image_size must be a multiple of 32, not 100 \(nearest: 96"),
+        ("data.image_size=16", "data.image_size must be at least 32"),
         ("eval.threshold=best", "eval.threshold must be one of"),
         ("registry.version=abc", "registry.version must be an integer"),
         (
@@ -155,3 +158,14 @@ def test_a_yaml_syntax_error_or_a_non_utf8_file_is_one_line(tmp_path) -> None:
 def test_missing_params_file_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(MedtransferError, match="No parameter file"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_every_image_size_the_configuration_accepts_suits_every_teacher() -> None:
+    from tasks.config import IMAGE_SIZE_STEP, MAX_IMAGE_SIZE
+    from tasks.model.student import check_image_size
+    from tasks.model.teachers import known_teachers
+
+    accepted = range(IMAGE_SIZE_STEP, MAX_IMAGE_SIZE + 1, IMAGE_SIZE_STEP)
+    for teacher in known_teachers():
+        for size in accepted:
+            check_image_size(teacher, size)  # raises when ingest would accept a size train refuses

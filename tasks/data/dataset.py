@@ -8,7 +8,9 @@ Layout of ``data.processed_dir`` (a DVC output of the ``ingest`` stage):
 - ``manifest.csv``: one row per image: ``index, image_sha256, source_file, frame, label,
   label_index, split, patient_hash, sop_uid_hash, notes``;
 - ``quarantine.csv``: one row per rejected file: ``source_file, reason, detail``;
-- ``dataset.json``: ``classes``, ``image_size``, ``source_kind``, counts per split and class.
+- ``dataset.json``: ``classes``, ``image_size``, ``source_kind``, counts per split and class,
+  and ``source``: what was ingested (:class:`DatasetSource`), the record every later stage
+  logs, whatever ``-S data.source=...`` says when it runs.
 
 No file here holds a patient-identifying DICOM attribute: patients appear only as salted
 hashes.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,8 @@ MANIFEST_COLUMNS = [
     "notes",
 ]
 QUARANTINE_COLUMNS = ["source_file", "reason", "detail"]
+SOURCE_KEY = "source"  # the ingestion record's key in dataset.json
+SUBFOLDER_LABELS = "class sub-folders"
 
 
 @dataclass
@@ -84,6 +89,11 @@ class ProcessedDataset:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def source(self) -> DatasetSource:
+        """What this dataset was ingested from (its ``dataset.json`` record)."""
+        return source_from_info(self.info, self.root)
 
 
 def load_processed(processed_dir: str | Path) -> ProcessedDataset:
@@ -164,3 +174,109 @@ def directory_md5(root: Path) -> str:
         entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(root).as_posix()})
     payload = json.dumps(entries, sort_keys=True, separators=(", ", ": ")).encode()
     return hashlib.md5(payload).hexdigest() + ".dir"
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """What a processed dataset was ingested from: written by ingestion into ``dataset.json``
+    and logged by train, evaluate and register instead of the ``data.*`` values they were
+    started with, which need not be the ones the dataset was built from.
+
+    ``location`` and ``labels`` are the paths as the ingest configuration named them (a
+    relative path stays relative, so no home folder is added). They are the user's own words,
+    already in params.yaml, dvc.yaml and the manifest's ``source_file`` column; nothing read
+    from a DICOM file goes into them. A folder named after a patient would carry that name
+    here as it does there: name input folders by study or site, not by patient.
+
+    Attributes:
+        kind: ``synthetic``, ``dicom_folder`` or ``npz``.
+        location: the folder or ``.npz`` file read (for ``synthetic``, the generated folder).
+        labels: the labels CSV, ``class sub-folders`` or ``npz arrays``.
+        content_sha256: SHA-256 of every ingested image's hash, label and split, in order:
+            the same content gives the same digest whatever the file names or the salt.
+        files_seen, ingested, quarantined, images: ingestion's counts.
+        image_size, multiframe, val_fraction, test_fraction: the ``data`` settings that
+            shaped the dataset.
+    """
+
+    kind: str
+    location: str
+    labels: str
+    content_sha256: str
+    files_seen: int
+    ingested: int
+    quarantined: int
+    images: int
+    image_size: int
+    multiframe: str
+    val_fraction: float
+    test_fraction: float
+
+    def to_info(self) -> dict:
+        """The record as it is stored under ``dataset.json``'s ``source`` key."""
+        return asdict(self)
+
+    def mlflow_params(self) -> dict[str, str]:
+        """``dataset.*`` parameters naming the source, plus the ``data.*`` parameters that
+        shaped the dataset as they were at ingestion (they replace the current ones)."""
+        return {
+            "dataset.source": self.location,
+            "dataset.source_kind": self.kind,
+            "dataset.labels": self.labels,
+            "dataset.content_sha256": self.content_sha256,
+            **{f"dataset.{key}": str(getattr(self, key)) for key in _COUNT_KEYS},
+            "data.source": self.location,
+            "data.labels_csv": self.labels,
+            "data.image_size": str(self.image_size),
+            "data.multiframe": self.multiframe,
+            "data.val_fraction": str(self.val_fraction),
+            "data.test_fraction": str(self.test_fraction),
+        }
+
+    def mlflow_tags(self, prefix: str = "") -> dict[str, str]:
+        """Searchable tags: ``dataset.source`` and ``dataset.source_kind`` (after ``prefix``)."""
+        return {
+            f"{prefix}dataset.source": self.location,
+            f"{prefix}dataset.source_kind": self.kind,
+            f"{prefix}dataset.content_sha256": self.content_sha256,
+        }
+
+
+_COUNT_KEYS = ("files_seen", "ingested", "quarantined", "images")
+
+
+def content_digest(rows: Iterable[Mapping[str, object]]) -> str:
+    """SHA-256 over the manifest rows' ``image_sha256``, ``label`` and ``split``, in order."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(f"{row['image_sha256']}\t{row['label']}\t{row['split']}\n".encode())
+    return digest.hexdigest()
+
+
+def read_source(processed_dir: str | Path) -> DatasetSource:
+    """The ingestion record of the processed dataset in ``processed_dir``.
+
+    Raises:
+        MedtransferError: no dataset there, or one ingested before datasets recorded their
+            source (re-ingesting writes the record).
+    """
+    root = Path(processed_dir)
+    path = root / INFO_FILE
+    if not path.is_file():
+        raise MedtransferError(
+            f"No processed dataset at {root} (missing {INFO_FILE}). Run `medtransfer ingest` first."
+        )
+    return source_from_info(json.loads(path.read_text()), root)
+
+
+def source_from_info(info: Mapping, root: str | Path) -> DatasetSource:
+    """The :class:`DatasetSource` in the parsed ``dataset.json`` ``info`` of the dataset at
+    ``root`` (named in the error)."""
+    record = info.get(SOURCE_KEY)
+    try:
+        return DatasetSource(**record)
+    except TypeError as err:  # absent (None) or written by another version
+        raise MedtransferError(
+            f"The processed dataset at {root} does not record what it was ingested from (it "
+            "predates that record); re-run `medtransfer ingest` so runs log its true source."
+        ) from err

@@ -71,6 +71,18 @@ def check_run(client, candidate: Candidate, saved) -> str:
     return model_uri
 
 
+SOURCE_TAGS = ("dataset.source", "dataset.source_kind", "dataset.content_sha256")
+
+
+def run_dataset_source(client, run_id: str) -> dict[str, str]:
+    """The ``dataset.*`` source tags the train stage set on ``run_id`` from the dataset's own
+    record (:meth:`tasks.data.dataset.DatasetSource.mlflow_tags`); ``{}`` for a run that set
+    none. These name what the student was trained on, even when the processed dataset has
+    been re-ingested since."""
+    tags = client.get_run(run_id).data.tags
+    return {key: tags[key] for key in SOURCE_TAGS if key in tags}
+
+
 def _logged_model_uri(client, run) -> str:
     outputs = run.outputs.model_outputs if run.outputs is not None else []
     for output in outputs:

@@ -121,9 +121,10 @@ def _data_table(ingest: Mapping[str, Any]) -> list[str]:
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     source = ingest.get("source_kind")
     if source:
+        where = f" `{ingest['source']}`" if ingest.get("source") else ""
         rows += [
             "",
-            f"Source: {source}; files seen {ingest.get('files_seen')}, ingested "
+            f"Source: {source}{where}; files seen {ingest.get('files_seen')}, ingested "
             f"{ingest.get('ingested')}, quarantined {ingest.get('quarantined')}.",
         ]
     return rows

@@ -14,7 +14,7 @@ import numpy as np
 
 from tasks import reports
 from tasks.config import Params
-from tasks.data.dataset import ProcessedDataset, load_processed
+from tasks.data.dataset import DatasetSource, ProcessedDataset, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluation import plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_student, gradcam_grid
@@ -35,6 +35,7 @@ def run_evaluate(params: Params) -> dict:
         MedtransferError: the student and the dataset disagree on classes or image size.
     """
     dataset = load_processed(params.data.processed_dir)
+    source = dataset.source  # refuses a dataset that does not record its source
     model, spec = load_student(params.train.model_dir)
     _check_matches(spec, dataset)
     evaluation = evaluate_student(model, dataset, params.eval.threshold)
@@ -46,7 +47,7 @@ def run_evaluate(params: Params) -> dict:
         "test": _split_report(evaluation.test),
     }
     reports.METRICS.write(params.reports_dir, report)
-    _log_to_training_run(params, evaluation, figures, report)
+    _log_to_training_run(params, evaluation, figures, report, source)
     test = evaluation.test
     logger.info(
         "evaluate: test AUC %.3f, sensitivity %.3f, specificity %.3f at threshold %.3f (%s)",
@@ -107,10 +108,14 @@ def _split_report(metrics: SplitMetrics) -> dict:
 
 
 def _log_to_training_run(
-    params: Params, evaluation: Evaluation, figures: list[Path], report: dict
+    params: Params, evaluation: Evaluation, figures: list[Path], report: dict, source: DatasetSource
 ) -> None:
     """Add the evaluation to the MLflow run that trained the student (named by the train
-    report); a student trained outside this pipeline has none, and the reports stand alone."""
+    report); a student trained outside this pipeline has none, and the reports stand alone.
+
+    The run is tagged ``evaluate.dataset.*`` with the evaluated dataset's own source record:
+    what the figures were measured on, whatever ``data.source`` said when evaluate ran.
+    """
     import mlflow
 
     from tasks.tracking import configure_mlflow
@@ -121,6 +126,7 @@ def _log_to_training_run(
         return
     configure_mlflow(params)
     with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags(source.mlflow_tags(prefix="evaluate."))
         mlflow.log_metrics(
             {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)}
         )

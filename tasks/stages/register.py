@@ -26,6 +26,7 @@ from tasks.registry.mlflow_registry import (
     description,
     ensure_registered_model,
     roll_back,
+    run_dataset_source,
 )
 from tasks.registry.model_card import CardInputs, render_model_card
 from tasks.registry.promotion import (
@@ -58,9 +59,11 @@ def run_register(params: Params) -> dict:
     configure_mlflow(params)
     client = MlflowClient()
     model_uri = check_run(client, candidate, saved)
+    source = run_dataset_source(client, candidate.run_id)
+    candidate = dataclasses.replace(candidate, ingest=with_run_source(candidate.ingest, source))
     champion = current_champion(client, config)
     promoted, reasons = promotion_decision(candidate, champion)
-    tags = version_tags(candidate, promoted, reasons)
+    tags = {**version_tags(candidate, promoted, reasons), **(source or UNKNOWN_SOURCE)}
     version, card_uri = _register_version(
         client, config, model_uri, candidate, promoted, reasons, tags
     )
@@ -83,6 +86,24 @@ def run_register(params: Params) -> dict:
     reports.REGISTER.write(params.reports_dir, report)
     _log_decision(result, champion)
     return report
+
+
+# A run logged before training runs recorded their data's source (or outside this pipeline).
+UNKNOWN_SOURCE = {"dataset.source_kind": "unknown (the training run recorded no source)"}
+
+
+def with_run_source(ingest: dict[str, Any], source: dict[str, str]) -> dict[str, Any]:
+    """The ingest report's counts for the model card, with its source replaced by the training
+    run's own record: the report describes the latest ingestion, which need not be the data
+    this student was trained on."""
+    counts = {k: v for k, v in ingest.items() if k not in ("source_kind", "source")}
+    if not source:
+        return counts
+    return {
+        **counts,
+        "source_kind": source.get("dataset.source_kind", ""),
+        "source": source.get("dataset.source", ""),
+    }
 
 
 def gather_candidate(params: Params) -> tuple[Candidate, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 from tasks import reports
 from tasks.code_closure import code_version
 from tasks.config import Params, TrainParams
-from tasks.data.dataset import ProcessedDataset, dataset_version, load_processed
+from tasks.data.dataset import DatasetSource, ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluation.evaluation import Evaluation, evaluate_student
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
@@ -81,6 +81,7 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
                 f"with {ADVERSARIAL_SUFFIX} for PGD adversarial training."
             )
     check_image_size(config.teacher, dataset.image_size)
+    check_device(config.device)
     # Building the network checks the teacher name, its weights and unfreeze_blocks.
     build_student(
         config.teacher,
@@ -93,6 +94,27 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
     if len(dataset.indices("train")) == 0 or len(dataset.indices("val")) == 0:
         raise MedtransferError(
             "The processed dataset has an empty train or val split; ingest more data."
+        )
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this host does not have, before anything is written: torch would
+    fail only when the model moves, after the MLflow run and the student folder were touched."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MedtransferError(
+            f"train.device={device} but CUDA is not available on this host (torch "
+            f"{torch.__version__}); use train.device=auto or cpu."
+        )
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and (not index.isdigit() or int(index) >= count):
+        raise MedtransferError(
+            f"train.device={device} but this host has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}; use train.device=auto, cuda or cuda:N."
         )
 
 
@@ -129,13 +151,14 @@ def run_train(
     """
     import mlflow
 
-    from tasks.tracking import configure_mlflow, flatten_params
+    from tasks.tracking import configure_mlflow
 
     config, seed = params.train, params.seed
     dataset = load_processed(params.data.processed_dir)
+    source = dataset.source  # refuses a dataset that does not record its source
     validate(config, dataset)
     data_version = dataset_version(params.data.processed_dir)
-    ingest_counts = _ingest_counts(params)
+    ingest_counts = _ingest_counts(source)
     strategies = list(config.compare or (config.strategy,))
     fractions = list(config.label_fractions or (1.0,))
     env = dist_env()
@@ -162,7 +185,8 @@ def run_train(
     )
     try:
         if parent is not None:
-            mlflow.log_params(flatten_params(params.to_dict()))
+            mlflow.log_params(logged_params(params, source))
+            mlflow.set_tags(source.mlflow_tags())
         results, primary_run_id = _train_all(session, strategies, fractions)
         if parent is not None:
             _log_comparison(results, params.reports_dir)
@@ -360,9 +384,9 @@ def _log_run_inputs(
     and the ingestion counts."""
     import mlflow
 
-    from tasks.tracking import flatten_params
-
-    mlflow.log_params(flatten_params(session.params.to_dict()))
+    source = session.dataset.source
+    mlflow.log_params(logged_params(session.params, source))
+    mlflow.set_tags(source.mlflow_tags())
     mlflow.log_params(
         {
             "run.strategy": strategy,
@@ -373,6 +397,15 @@ def _log_run_inputs(
         }
     )
     mlflow.log_metrics({f"ingest_{k}": v for k, v in session.ingest_counts.items()})
+
+
+def logged_params(params: Params, source: DatasetSource) -> dict[str, str]:
+    """Every parameter as MLflow logs it, except that the ``data.*`` values describing the
+    dataset are the ones it was ingested with (from its own record), plus ``dataset.*``: a
+    run started with another ``-S data.source`` still names the data it trained on."""
+    from tasks.tracking import flatten_params
+
+    return {**flatten_params(params.to_dict()), **source.mlflow_params()}
 
 
 def _recorders(session: _Session, run, bar_label: str) -> list[TrainingRecorder]:
@@ -459,11 +492,10 @@ def _run_key(params: Params, strategy: str, fraction: float, data_version: str) 
     return f"{strategy}-{fraction:g}-{digest[:12]}"
 
 
-def _ingest_counts(params: Params) -> dict[str, float]:
-    content = reports.INGEST.read_if_present(params.reports_dir) or {}
-    return {
-        k: content[k] for k in ("files_seen", "ingested", "quarantined", "images") if k in content
-    }
+def _ingest_counts(source: DatasetSource) -> dict[str, float]:
+    """Ingestion's counts from the dataset's own record (the ingest report in reports_dir may
+    describe a later ingestion into another folder)."""
+    return {k: getattr(source, k) for k in ("files_seen", "ingested", "quarantined", "images")}
 
 
 def _log_comparison(results: list[TrainedStudent], reports_dir: str) -> None:

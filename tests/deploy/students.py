@@ -72,7 +72,14 @@ def log_student(
     example = torch.rand(2, 1, image_size, image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         output = torch.softmax(model(example), 1).numpy()
-    tags = {"dataset_version": dataset_version, "teacher": TEACHER, "strategy": "linear_probe"}
+    tags = {
+        "dataset_version": dataset_version,
+        "teacher": TEACHER,
+        "strategy": "linear_probe",
+        # what the train stage tags from the dataset's own record, and the registry reads
+        "dataset.source": "data/synthetic/dicom",
+        "dataset.source_kind": "synthetic",
+    }
     with mlflow.start_run(run_name=f"student-{seed}", tags=tags) as run:
         mlflow.pytorch.log_model(
             model,

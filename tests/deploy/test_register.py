@@ -103,6 +103,9 @@ def test_a_version_carries_provenance_tags_and_its_model_card(tmp_path: Path, st
     assert tags["robustness_passed"] == "true" and tags["promotion"] == "promoted"
     assert float(tags["robustness.robust_acc_pgd_eps_0.0039"]) == 0.6
     assert version.run_id == a.run_id
+    # the data the run recorded (the train stage's dataset.* tags), not the ingest report's
+    assert tags["dataset.source"] == "data/synthetic/dicom"
+    assert tags["dataset.source_kind"] == "synthetic"
 
     card = version.description
     for needed in (
@@ -114,6 +117,7 @@ def test_a_version_carries_provenance_tags_and_its_model_card(tmp_path: Path, st
         "| 0.0039 (1.0/255) | 0.600 | 0.100 |",  # robustness: budget, PGD, teacher transfer
         "## Limits",
         "synthetic data set",
+        "Source: synthetic `data/synthetic/dicom`",
     ):
         assert needed in card, needed
     artifact = client.download_artifacts(
