@@ -25,6 +25,9 @@ PROCESS_DEFAULTS = {
     # The stages log through Python logging (loggers under `tasks` and `medtransfer`, no
     # Prefect import in tasks/): Prefect copies these loggers' lines into the flow run's logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,medtransfer",
+    # ...and outside a flow run (a stage command, a test) those lines stay local, without a
+    # warning that there is no flow run to send them to.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 
