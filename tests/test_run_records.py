@@ -187,3 +187,44 @@ def test_the_flow_resume_starts_afresh_without_a_word_when_parameters_changed(
     assert report["resumed_from_epoch"] is None
     assert _steps(report["run_id"]) == [0, 1]
     assert "medtransfer.continues_run" not in _client().get_run(report["run_id"]).data.tags
+
+
+class _StopsSecondFit:
+    """A caller's recorder that presses Ctrl-C when the second training's first epoch ends."""
+
+    def __init__(self) -> None:
+        self.fits = 0
+
+    def fit_started(self, total_epochs: int, start_epoch: int, n_train: int) -> None:
+        self.fits += 1
+
+    def epoch_ended(self, row: dict[str, float]) -> None:
+        if self.fits == 2:
+            raise KeyboardInterrupt
+
+    def fit_ended(self, result) -> None:
+        pass
+
+
+def test_a_stopped_comparison_ends_killed_and_resume_continues_its_parent_and_child(
+    train_params: Params,
+) -> None:
+    params = train_params.with_overrides(["train.compare=[linear_probe,scratch]"])
+    with pytest.raises(KeyboardInterrupt):
+        run_train(params, progress=False, recorders=[_StopsSecondFit()])
+    statuses = {r.data.tags.get("variant", "parent"): r.info.status for r in _runs()}
+    assert statuses == {"parent": "KILLED", "linear_probe": "FINISHED", "scratch": "KILLED"}
+    stopped = {r.data.tags.get("variant", "parent"): r.info.run_id for r in _runs()}
+
+    report = run_train(params, resume=True, progress=False)
+
+    assert report["parent_run_id"] == stopped["parent"]
+    scratch = next(r for r in report["runs"] if r["strategy"] == "scratch")
+    assert scratch["run_id"] == stopped["scratch"]
+    assert _steps(stopped["scratch"]) == [0, 1]
+    runs = {r.info.run_id: r for r in _runs()}
+    assert runs[stopped["parent"]].info.status == "FINISHED"
+    assert runs[stopped["scratch"]].data.tags["mlflow.parentRunId"] == stopped["parent"]
+    # The finished child keeps its run; its checkpoint is re-evaluated in a linked new one.
+    probe = next(r for r in report["runs"] if r["strategy"] == "linear_probe")
+    assert runs[probe["run_id"]].data.tags["medtransfer.continues_run"] == stopped["linear_probe"]
