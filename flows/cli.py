@@ -6,7 +6,9 @@ Every sub-command reads ``params.yaml`` (or ``--params``) and applies ``-S key=v
 overrides, spelled as for ``dvc exp run -S``. Progress goes to stderr (log lines, and bars unless
 ``--quiet``); stdout gets a short human summary, or the full JSON with ``--json``. A
 :class:`~tasks.errors.MedtransferError` is printed as one line and exits with status 2; nothing
-else is caught, so a bug still shows its traceback.
+else is caught, so a bug still shows its traceback. Ctrl-C and SIGTERM (which the train stage
+turns into an exception, to record its run as ``KILLED``) end with one line and the shell's
+status for the signal: 130 and 143.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
 from tasks.errors import MedtransferError
+from tasks.tracking import EXIT_SIGINT, EXIT_SIGTERM, Terminated
 
 
 def _synthesize(params: Params, args: argparse.Namespace) -> dict:
@@ -138,8 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             command.add_argument(
                 "--resume",
-                action="store_true",
-                help="continue from the last checkpoint of this configuration",
+                nargs="?",
+                const="strict",
+                default=False,
+                choices=["strict", "force"],
+                metavar="force",
+                help="continue the interrupted training of this configuration (its checkpoint "
+                "and its MLflow run); with changed parameters, data or code it is an error "
+                "naming what changed, unless --resume=force, which continues the latest "
+                "checkpoint with the new values",
             )
         if name == "deploy":
             command.add_argument(
@@ -161,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedtransferError as err:
         print(f"medtransfer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as err:
+        stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        print(f"medtransfer {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_SIGINT if isinstance(err, KeyboardInterrupt) else EXIT_SIGTERM
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -1,5 +1,10 @@
 """MLflow set-up shared by the stages that log: tracking URI, experiment, flattened params,
-and the training loop's MLflow recorder.
+the training loop's MLflow recorder, and how a run ends honestly.
+
+A run ends ``FINISHED`` only when its work is done: an exception ends it ``FAILED``, Ctrl-C or
+SIGTERM ``KILLED`` (:func:`ended_honestly`, :func:`sigterm_raises`). SIGKILL leaves it
+``RUNNING``; the train stage closes such a stale run the next time it trains the same
+configuration.
 
 Embedded default: a SQLite store (``mlflow.db``) and a local artifact folder (``mlartifacts/``)
 inside the project, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows every run.
@@ -10,7 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +30,67 @@ if TYPE_CHECKING:
 from tasks.config import Params
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one parameter value
+# Exit statuses of the ``medtransfer`` command when stopped, as a shell reports a signal.
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception (see :func:`sigterm_raises`) so that ``finally`` blocks
+    and run records see it. A ``BaseException``, as ``KeyboardInterrupt`` is: ``except
+    Exception`` must not swallow a request to stop."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread, as Ctrl-C raises
+    ``KeyboardInterrupt``; the previous handler is restored on the way out.
+
+    Python's default for SIGTERM ends the process at once, with no unwinding, which would leave
+    an MLflow run ``RUNNING`` forever. Outside the main thread (a Prefect task's worker) Python
+    allows no handler: nothing is installed, and the process's own handling stays in charge.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_status(error: BaseException | None) -> str:
+    """The MLflow status a run ends with: ``FINISHED`` without ``error``, ``KILLED`` when the
+    user or the system stopped it (Ctrl-C, SIGTERM), ``FAILED`` for any other exception."""
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt | Terminated):
+        return "KILLED"
+    return "FAILED"
+
+
+@contextmanager
+def ended_honestly(active: bool = True) -> Iterator[None]:
+    """End the active MLflow run on the way out with :func:`end_status` of what happened, and
+    let any exception through. ``active=False``: there is no run here (off rank 0), do nothing.
+
+    ``mlflow.start_run``'s own context marks Ctrl-C ``FAILED`` and a bare ``end_run`` in a
+    ``finally`` marks everything ``FINISHED``: neither says what happened.
+    """
+    import mlflow
+
+    try:
+        yield
+    except BaseException as error:
+        if active:
+            mlflow.end_run(end_status(error))
+        raise
+    if active:
+        mlflow.end_run(end_status(None))
 
 
 def configure_mlflow(params: Params) -> str:
@@ -85,3 +154,43 @@ class MlflowRecorder(TrainingRecorder):
             {"best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc},
             run_id=self.run_id,
         )
+
+
+def run_status(run_id: str, experiment_id: str) -> str | None:
+    """The status of ``run_id`` (``RUNNING``, ``FINISHED``, ...), or ``None`` when this store has
+    no such live run in ``experiment_id`` (another store or experiment, or a deleted run): such
+    a run can be neither closed nor continued from here."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        return None
+    return run.info.status
+
+
+def close_run(run_id: str, status: str = "KILLED") -> None:
+    """End ``run_id`` (not the active run) with ``status``."""
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> int:
+    """Log to ``run_id`` the epoch rows of ``history`` that it lacks; returns how many.
+
+    A continued run lacks the epoch whose checkpoint was written just before the process was
+    killed, ahead of its metrics; a new run that continues another's checkpoint lacks them all.
+    Either way the run's metric history then covers every epoch of the weights it ends with.
+    """
+    import mlflow
+
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_loss")}
+    recorder = MlflowRecorder(run_id)
+    missing = [row for row in history if int(row["epoch"]) not in logged]
+    for row in missing:
+        recorder.epoch_ended(row)
+    return len(missing)

@@ -5,17 +5,23 @@ strategy gives one MLflow run. ``train.compare`` (a list of strategies) and
 ``train.label_fractions`` (shares of the training set) give one parent run with a nested child
 run per (strategy, fraction), a comparison table and, for fractions, the data-efficiency plot.
 The student of ``train.strategy`` on the full training set is saved to ``train.model_dir``.
+
+Run records are honest (see :mod:`tasks.training.checkpoints`): a training that raises ends its
+run ``FAILED``, one stopped by Ctrl-C or SIGTERM ``KILLED``; a run left ``RUNNING`` by a killed
+process is closed ``KILLED`` the next time the same configuration trains; and resuming continues
+the interrupted MLflow run itself, so its metrics cover every epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -28,11 +34,35 @@ from tasks.evaluation.evaluation import Evaluation, evaluate_student
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
-from tasks.training.loop import FitConfig, Perturb, dist_env, fit
+from tasks.training.checkpoints import (
+    RunRecord,
+    changed_keys,
+    checkpoint_fits,
+    checkpoint_history,
+    copy_checkpoint,
+    latest_other_checkpoint,
+    owner_alive,
+    read_run_record,
+    this_process,
+    write_run_record,
+)
+from tasks.training.loop import CHECKPOINT_NAME, FitConfig, Perturb, dist_env, fit
 from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder, TrainingRecorder
 
 if TYPE_CHECKING:
     from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# How ``resume`` treats a checkpoint (``run_train(resume=True)`` is ``"matching"``):
+# matching: continue this exact configuration's checkpoint if there is one, else start afresh
+#     without a word; the Prefect flow always resumes, and new data, code or parameters must
+#     simply train anew there (the checkpoint folder's name covers all three).
+# strict: ``medtransfer train --resume``, a person asking to continue: when only another
+#     configuration's checkpoint exists, stop with an error naming the keys that changed.
+# force: ``--resume=force``: continue that other configuration's latest checkpoint under the
+#     new values (say, more epochs), in a new MLflow run tagged with the one it continues.
+ResumeMode = Literal["matching", "strict", "force"]
 
 
 def fit_config(config: TrainParams, seed: int, checkpoint_dir: Path, resume: bool) -> FitConfig:
@@ -119,6 +149,19 @@ def check_device(device: str) -> None:
 
 
 @dataclass(frozen=True)
+class _Plan:
+    """How one (strategy, fraction) training starts; every plan is made before any training."""
+
+    folder: Path  # this configuration's checkpoint folder
+    configuration: dict[str, str]  # what the folder's name digests, key by key
+    resume: bool  # fit continues the folder's checkpoint when there is one
+    previous: RunRecord | None  # the folder's run record: its latest training's MLflow run
+    seed_from: Path | None = None  # force: the other configuration's folder to continue
+    continue_run_id: str | None = None  # rank 0: an interrupted MLflow run to continue
+    linked_run_id: str | None = None  # rank 0: the run whose checkpoint a new run continues
+
+
+@dataclass(frozen=True)
 class _Session:
     """What every (strategy, fraction) training of one :func:`run_train` call shares."""
 
@@ -126,7 +169,7 @@ class _Session:
     config: TrainParams
     dataset: ProcessedDataset
     seed: int
-    resume: bool
+    plans: Mapping[tuple[str, float], _Plan]  # by (strategy, fraction)
     data_version: str
     ingest_counts: dict[str, float]
     nested: bool  # several trainings: each is a child run of one parent run
@@ -136,7 +179,7 @@ class _Session:
 
 def run_train(
     params: Params,
-    resume: bool = False,
+    resume: bool | ResumeMode = False,
     progress: bool = True,
     recorders: Sequence[TrainingRecorder] = (),
 ) -> dict:
@@ -144,68 +187,259 @@ def run_train(
 
     Args:
         params: the configuration (params.yaml with overrides).
-        resume: continue each training from its last epoch checkpoint when there is one.
+        resume: ``False``: train from scratch. ``True`` (``"matching"``): continue each
+            training from this configuration's last epoch checkpoint when there is one.
+            ``"strict"``: the same, but a checkpoint of changed parameters, data or code is a
+            :class:`MedtransferError` naming the changed keys; ``"force"``: continue that one
+            (see :data:`ResumeMode`).
         progress: show a progress bar over epochs on stderr (the log lines come either way).
         recorders: further listeners to every fit, on rank 0 (the Prefect flow passes its
             progress artifact); MLflow, logging and the progress bar are always there.
     """
-    import mlflow
+    from tasks.tracking import ended_honestly, sigterm_raises
 
-    from tasks.tracking import configure_mlflow
+    strategies, fractions = _trainings(params.train)
+    session, parent_id = _prepare_session(params, resume, progress, recorders)
+    with sigterm_raises():
+        parent = (
+            _start_parent_run(params.train, strategies, session.data_version, parent_id)
+            if session.nested
+            else None
+        )
+        with ended_honestly(parent is not None):
+            if parent is not None:
+                _log_dataset_and_params(params, session.dataset.source)
+            results, primary_run_id = _train_all(session, strategies, fractions)
+            if parent is not None:
+                _log_comparison(results, params.reports_dir)
 
-    config, seed = params.train, params.seed
-    dataset = load_processed(params.data.processed_dir)
-    source = dataset.source  # refuses a dataset that does not record its source
-    validate(config, dataset)
-    data_version = dataset_version(params.data.processed_dir)
-    ingest_counts = _ingest_counts(source)
-    strategies = list(config.compare or (config.strategy,))
-    fractions = list(config.label_fractions or (1.0,))
-    env = dist_env()
-    if env.is_main:
-        # Students of an earlier comparison must not be mistaken for this run's.
-        shutil.rmtree(Path(config.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
-
-    logging = env.is_main
-    if logging:
-        configure_mlflow(params)
-    nested = len(strategies) * len(fractions) > 1
-    parent = _start_parent_run(config, strategies, data_version) if logging and nested else None
-    session = _Session(
-        params=params,
-        config=config,
-        dataset=dataset,
-        seed=seed,
-        resume=resume,
-        data_version=data_version,
-        ingest_counts=ingest_counts,
-        nested=nested and logging,
-        progress=progress,
-        recorders=tuple(recorders),
-    )
-    try:
-        if parent is not None:
-            mlflow.log_params(logged_params(params, source))
-            mlflow.set_tags(source.mlflow_tags())
-        results, primary_run_id = _train_all(session, strategies, fractions)
-        if parent is not None:
-            _log_comparison(results, params.reports_dir)
-    finally:
-        if parent is not None:
-            mlflow.end_run()
-
-    report = _train_report(results, primary_run_id, parent, data_version)
-    if env.is_main:
+    report = _train_report(results, primary_run_id, parent, session.data_version)
+    if dist_env().is_main:
         reports.TRAIN.write(params.reports_dir, report)
     return report
 
 
-def _start_parent_run(config: TrainParams, strategies: list[str], data_version: str):
-    """Start the parent MLflow run of a comparison (its trainings are child runs); returns it."""
+def _trainings(config: TrainParams) -> tuple[list[str], list[float]]:
+    """The strategies and label fractions one ``run_train`` trains (every pair of them)."""
+    return list(config.compare or (config.strategy,)), list(config.label_fractions or (1.0,))
+
+
+def _prepare_session(
+    params: Params,
+    resume: bool | ResumeMode,
+    progress: bool,
+    recorders: Sequence[TrainingRecorder],
+) -> tuple[_Session, str | None]:
+    """Check everything and plan every training's checkpoint and MLflow run before any work.
+
+    Returns:
+        The session the trainings share, and the id of a comparison's parent run to continue
+        (``None``: start a new one).
+
+    Raises:
+        MedtransferError: a configuration error, a dataset without its source record, or a
+            refused ``--resume``.
+    """
+    from tasks.tracking import configure_mlflow
+
+    config = params.train
+    dataset = load_processed(params.data.processed_dir)
+    source = dataset.source  # refuses a dataset that does not record its source
+    validate(config, dataset)
+    data_version = dataset_version(params.data.processed_dir)
+    strategies, fractions = _trainings(config)
+    mode = _resume_mode(resume)
+    # Every training's checkpoint is planned first: a refused --resume stops before any work.
+    plans = {
+        (strategy, fraction): _plan_checkpoint(params, strategy, fraction, data_version, mode)
+        for fraction in fractions
+        for strategy in strategies
+    }
+    env = dist_env()
+    if env.is_main:
+        # Students of an earlier comparison must not be mistaken for this run's.
+        shutil.rmtree(Path(config.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
+    parent_id = None
+    if env.is_main:
+        experiment_id = configure_mlflow(params)
+        plans = {key: _plan_run(plan, experiment_id) for key, plan in plans.items()}
+        parent_id = _parent_to_continue(plans, experiment_id)
+    session = _Session(
+        params=params,
+        config=config,
+        dataset=dataset,
+        seed=params.seed,
+        plans=plans,
+        data_version=data_version,
+        ingest_counts=_ingest_counts(source),
+        nested=len(strategies) * len(fractions) > 1 and env.is_main,
+        progress=progress,
+        recorders=tuple(recorders),
+    )
+    return session, parent_id
+
+
+def _start_parent_run(
+    config: TrainParams, strategies: list[str], data_version: str, continue_run_id: str | None
+):
+    """Start the parent MLflow run of a comparison (its trainings are child runs), or continue
+    the interrupted one ``continue_run_id``; returns it."""
     import mlflow
 
+    if continue_run_id is not None:
+        return mlflow.start_run(run_id=continue_run_id)
     tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
     return mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
+
+
+def _resume_mode(resume: bool | ResumeMode) -> ResumeMode | None:
+    """``run_train``'s ``resume`` as a mode; ``None``: start afresh."""
+    if resume is False:
+        return None
+    if resume is True:
+        return "matching"
+    if resume not in ("matching", "strict", "force"):
+        raise MedtransferError(f"resume={resume!r}: choose True, False, 'strict' or 'force'.")
+    return resume
+
+
+def _plan_checkpoint(
+    params: Params, strategy: str, fraction: float, data_version: str, mode: ResumeMode | None
+) -> _Plan:
+    """Which checkpoint one training continues (on every rank: files only, no MLflow).
+
+    Raises:
+        MedtransferError: ``mode`` is ``"strict"`` and the latest checkpoint of this
+            (strategy, fraction) was made with other parameters, data or code.
+    """
+    configuration = _configuration(params, data_version)
+    root = Path(params.train.checkpoint_dir)
+    folder = root / _run_key(configuration, strategy, fraction)
+    plan = _Plan(folder, configuration, resume=mode is not None, previous=read_run_record(folder))
+    if mode in (None, "matching") or (folder / CHECKPOINT_NAME).is_file() or plan.previous:
+        return plan
+    other = latest_other_checkpoint(root, f"{strategy}-{fraction:g}-", exclude=folder)
+    if other is None:
+        logger.info("no checkpoint of %s@%g to resume: training from the start", strategy, fraction)
+        return plan
+    if mode == "strict":
+        before = read_run_record(other)
+        raise MedtransferError(
+            _changed_message(
+                strategy, fraction, other, before.configuration if before else {}, configuration
+            )
+        )
+    logger.warning("--resume=force: continuing the checkpoint in %s with new values", other)
+    return replace(plan, seed_from=other)
+
+
+def _changed_message(
+    strategy: str, fraction: float, other: Path, before: dict[str, str], after: dict[str, str]
+) -> str:
+    """The one-line refusal of a ``--resume`` whose checkpoint has other values."""
+
+    def short(value: str | None) -> str:
+        text = "(none)" if value is None else " ".join(value.split())
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    changes = ", ".join(
+        f"{key} ({short(before.get(key))} -> {short(after.get(key))})"
+        for key in changed_keys(before, after)
+    )
+    return (
+        f"--resume: changed since the checkpoint of {strategy}@{fraction:g} in {other}: "
+        f"{changes}; use --resume=force to continue it with the new values, or leave out "
+        "--resume to start afresh"
+    )
+
+
+def _plan_run(plan: _Plan, experiment_id: str) -> _Plan:
+    """Rank 0's half of a plan: close the stale run of this configuration, and choose the MLflow
+    run to continue (an interrupted one) or to link to (the one whose checkpoint a new run
+    continues)."""
+    status = _close_stale_runs(plan.previous, experiment_id) if plan.previous else None
+    if plan.seed_from is not None:
+        other = read_run_record(plan.seed_from)
+        return replace(plan, linked_run_id=other.run_id if other else None)
+    if not plan.resume or plan.previous is None:
+        return plan
+    if status in ("KILLED", "FAILED"):
+        return replace(plan, continue_run_id=plan.previous.run_id)
+    if status == "FINISHED" and (plan.folder / CHECKPOINT_NAME).is_file():
+        # A finished training's run stays as it ended; a new one re-evaluates its checkpoint.
+        return replace(plan, linked_run_id=plan.previous.run_id)
+    return plan
+
+
+def _close_stale_runs(record: RunRecord, experiment_id: str) -> str | None:
+    """End ``KILLED`` the run (and parent run) of ``record`` that a killed process left
+    ``RUNNING``, saying so in a log line; returns the run's status after that.
+
+    Raises:
+        MedtransferError: the process that wrote ``record`` is still alive: it is training this
+            configuration right now, into the same checkpoint folder.
+    """
+    from tasks.tracking import close_run, run_status
+
+    status = run_status(record.run_id, experiment_id)
+    parent = run_status(record.parent_run_id, experiment_id) if record.parent_run_id else None
+    if "RUNNING" not in (status, parent):
+        return status
+    if owner_alive(record):
+        raise MedtransferError(
+            f"Another training of this configuration is still running (pid {record.pid}, "
+            f"MLflow run {record.run_id}); wait for it to end or stop it first."
+        )
+    for run_id, run_state in ((record.run_id, status), (record.parent_run_id, parent)):
+        if run_state == "RUNNING":
+            close_run(run_id, "KILLED")
+            logger.warning(
+                "closed stale MLflow run %s as KILLED: left RUNNING by a training that was "
+                "killed (pid %d on %s)",
+                run_id,
+                record.pid,
+                record.host,
+            )
+    return "KILLED" if status == "RUNNING" else status
+
+
+def _parent_to_continue(plans: Mapping[tuple[str, float], _Plan], experiment_id: str) -> str | None:
+    """The interrupted parent run of a comparison whose child runs are being continued (its
+    stale ``RUNNING`` state already closed by :func:`_close_stale_runs`)."""
+    from tasks.tracking import run_status
+
+    for plan in plans.values():
+        parent = plan.previous.parent_run_id if plan.previous else None
+        continued = plan.continue_run_id is not None and parent is not None
+        if continued and run_status(parent, experiment_id) in ("KILLED", "FAILED"):
+            return parent
+    return None
+
+
+def _log_dataset_and_params(params: Params, source: DatasetSource) -> None:
+    """Log to the active run every parameter, the dataset's ``data.*`` values as ingested, and
+    the dataset's own record of its source as tags."""
+    import mlflow
+
+    _log_new_params(logged_params(params, source))
+    mlflow.set_tags(source.mlflow_tags())
+
+
+def _log_new_params(flat: Mapping[str, Any]) -> None:
+    """Log every parameter (``{"train.lr": "0.001", ...}``) to the active run. A continued
+    run already has them: values that changed since (outside the checkpoint's key:
+    evaluation, serving, ...) cannot be logged again in MLflow, so they are named in a tag and
+    a log line instead."""
+    import mlflow
+
+    flat = {key: str(value) for key, value in flat.items()}
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != v)
+    mlflow.log_params({k: v for k, v in flat.items() if k not in logged})
+    if changed:
+        mlflow.set_tag("medtransfer.params_changed_on_resume", ", ".join(changed)[:5000])
+        logger.warning("parameters changed since this run began (not re-logged): %s", changed)
 
 
 def _train_all(
@@ -264,28 +498,31 @@ def _train_one(
         The outcome, the student with its selected weights (on the CPU, in eval mode), and the
         spec it is saved with.
     """
-    import mlflow
     import torch
 
     from tasks.model.student import param_groups
+    from tasks.tracking import ended_honestly, log_missing_epochs
 
     config, dataset, params = session.config, session.dataset, session.params
+    plan = session.plans[(strategy, fraction)]
     torch.manual_seed(session.seed)  # the student's new head starts from the same weights
     base_strategy, adversarial = split_variant(strategy)
     adversarial = adversarial or config.adversarial == "pgd"
     train_idx = label_subset(dataset.labels, dataset.indices("train"), fraction, session.seed)
     model = _build_model(config, base_strategy, len(dataset.classes))
     train_set, val_set = _datasets(config, dataset, train_idx)
-    checkpoint_dir = Path(config.checkpoint_dir) / _run_key(
-        params, strategy, fraction, session.data_version
-    )
+    if plan.seed_from is not None:
+        _continue_other_checkpoint(plan, model)
     # The scratch control has no pretrained weights; every other student names its teacher file.
     teacher_sha256 = model.weights_sha256 or ""
 
-    run = _start_run(session, strategy, fraction, adversarial) if dist_env().is_main else None
-    try:
+    run = _start_run(session, strategy, fraction, adversarial, plan) if dist_env().is_main else None
+    with ended_honestly(run is not None):
         if run is not None:
+            _record_run(run, plan)
             _log_run_inputs(session, strategy, fraction, len(train_idx), teacher_sha256)
+            if plan.resume:
+                log_missing_epochs(run.info.run_id, checkpoint_history(plan.folder))
         result = fit(
             model,
             param_groups(model, config.lr, config.backbone_lr_factor),
@@ -293,7 +530,7 @@ def _train_one(
             val_set,
             dataset.labels[train_idx],
             len(dataset.classes),
-            fit_config(config, session.seed, checkpoint_dir, session.resume),
+            fit_config(config, session.seed, plan.folder, plan.resume),
             recorders=_recorders(session, run, f"train {strategy}@{fraction:g}"),
             perturb=_perturbation(config) if adversarial else None,
         )
@@ -314,10 +551,32 @@ def _train_one(
             run_id=run.info.run_id if run is not None else None,
             resumed_from_epoch=result.resumed_from_epoch,
         )
-    finally:
-        if run is not None:
-            mlflow.end_run()
     return outcome, model, spec
+
+
+def _continue_other_checkpoint(plan: _Plan, model: nn.Module) -> None:
+    """``--resume=force``: copy the other configuration's checkpoint into this one's folder
+    (unless an earlier forced run already did and trained on), so that fit continues it and the
+    other stays as it was. Every rank copies: each one's fit reads the folder."""
+    if (plan.folder / CHECKPOINT_NAME).is_file():
+        return
+    if not checkpoint_fits(plan.seed_from, model):
+        raise MedtransferError(
+            f"--resume=force: the checkpoint in {plan.seed_from} was made for another network "
+            "(teacher, strategy or head) and cannot be continued; leave out --resume."
+        )
+    copy_checkpoint(plan.seed_from, plan.folder)
+
+
+def _record_run(run, plan: _Plan) -> None:
+    """Write the run record beside the checkpoint as soon as the run exists: if this process is
+    killed, the next run of this configuration finds the run to close and continue."""
+    import mlflow
+
+    parent = run.data.tags.get("mlflow.parentRunId")
+    write_run_record(plan.folder, this_process(run.info.run_id, parent, plan.configuration))
+    if plan.linked_run_id is not None:
+        mlflow.set_tag("medtransfer.continues_run", plan.linked_run_id)
 
 
 def _build_model(config: TrainParams, base_strategy: str, num_classes: int) -> nn.Module:
@@ -355,11 +614,19 @@ def _perturbation(config: TrainParams) -> Perturb:
     return pgd_perturbation(config.adversarial_eps_255 / 255.0, config.adversarial_steps)
 
 
-def _start_run(session: _Session, strategy: str, fraction: float, adversarial: bool):
-    """Start this training's MLflow run (a child run when several are compared); returns it."""
+def _start_run(session: _Session, strategy: str, fraction: float, adversarial: bool, plan: _Plan):
+    """Start this training's MLflow run (a child run when several are compared), or continue
+    the interrupted one the plan names; returns it."""
     import mlflow
 
     config = session.config
+    if plan.continue_run_id is not None:
+        parent = mlflow.active_run()
+        tags = {"medtransfer.continued": "true"}
+        if session.nested and parent is not None:
+            tags["mlflow.parentRunId"] = parent.info.run_id
+        logger.info("continuing MLflow run %s", plan.continue_run_id)
+        return mlflow.start_run(run_id=plan.continue_run_id, nested=session.nested, tags=tags)
     return mlflow.start_run(
         run_name=f"{strategy}@{fraction:g}" if session.nested else strategy,
         nested=session.nested,
@@ -384,10 +651,8 @@ def _log_run_inputs(
     and the ingestion counts."""
     import mlflow
 
-    source = session.dataset.source
-    mlflow.log_params(logged_params(session.params, source))
-    mlflow.set_tags(source.mlflow_tags())
-    mlflow.log_params(
+    _log_dataset_and_params(session.params, session.dataset.source)
+    _log_new_params(
         {
             "run.strategy": strategy,
             "run.label_fraction": fraction,
@@ -396,7 +661,10 @@ def _log_run_inputs(
             "dataset.version": session.data_version,
         }
     )
-    mlflow.log_metrics({f"ingest_{k}": v for k, v in session.ingest_counts.items()})
+    logged = mlflow.active_run().data.metrics  # a continued run has them already
+    mlflow.log_metrics(
+        {f"ingest_{k}": v for k, v in session.ingest_counts.items() if f"ingest_{k}" not in logged}
+    )
 
 
 def logged_params(params: Params, source: DatasetSource) -> dict[str, str]:
@@ -476,19 +744,28 @@ def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed:
     return np.sort(np.concatenate(chosen))
 
 
-def _run_key(params: Params, strategy: str, fraction: float, data_version: str) -> str:
-    """The checkpoint folder's name for one (strategy, fraction): resume never mixes runs.
-
-    It covers the dataset's content (``data_version``, the processed folder's DVC hash), the
-    train stage's code (:func:`tasks.code_closure.code_version`) and the parameters, so new
-    data or new code starts a fresh training instead of resuming a finished checkpoint of
-    the old one (the flow always resumes). Returns ``"<strategy>-<fraction>-<digest>"``.
+def _configuration(params: Params, data_version: str) -> dict[str, str]:
+    """What a checkpoint was trained with, flat (``train.lr``, ...): the ``seed``, ``data`` and
+    ``train`` parameters, the dataset's content (``dataset_version``, the processed folder's DVC
+    hash) and the train stage's code (``code_version``, :func:`tasks.code_closure.code_version`).
     """
+    from tasks.tracking import flatten_params
+
     sections = params.to_dict()
     relevant = {k: sections[k] for k in ("seed", "data", "train")}
     relevant["dataset_version"] = data_version
     relevant["code_version"] = code_version("train")
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+    return flatten_params(relevant)
+
+
+def _run_key(configuration: dict[str, str], strategy: str, fraction: float) -> str:
+    """The checkpoint folder's name for one (strategy, fraction): resume never mixes runs.
+
+    A digest of the whole :func:`_configuration`, so new data, code or parameters start a fresh
+    training instead of resuming a finished checkpoint of the old ones (the flow always
+    resumes). Returns ``"<strategy>-<fraction>-<digest>"``.
+    """
+    digest = hashlib.sha256(json.dumps(configuration, sort_keys=True).encode()).hexdigest()
     return f"{strategy}-{fraction:g}-{digest[:12]}"
 
 
