@@ -13,6 +13,7 @@ from tasks.code_closure import (
     code_version,
     import_closure,
     relative_paths,
+    rewrite_dvc_code_deps,
     stage_code_files,
 )
 
@@ -63,3 +64,11 @@ def test_editing_the_adversarial_module_changes_the_train_cache_key(tmp_path: Pa
     adversarial.write_text(adversarial.read_text() + "\n# an edit\n")
     assert code_version("train", copy) != before
     assert code_version("evaluate", copy) == evaluate_before  # evaluate does not import it
+
+
+def test_rewriting_dvc_yaml_restores_a_dropped_code_dep_and_keeps_everything_else() -> None:
+    shipped = (REPO / "dvc.yaml").read_text()
+    assert rewrite_dvc_code_deps(shipped) == shipped  # already the closure: nothing moves
+    broken = shipped.replace("      - tasks/training/adversarial.py\n", "", 1)
+    assert broken != shipped
+    assert rewrite_dvc_code_deps(broken) == shipped
