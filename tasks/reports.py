@@ -5,8 +5,9 @@ name: they write and read through the :class:`Report` constants below, so the Pr
 (``flows.cache``), ``dvc.yaml`` and the stages agree on where each one lives. Writes are atomic
 (a temporary file renamed into place), so a crash never leaves half a report behind.
 
-The content of each report is described by a ``TypedDict`` (the keys other stages read);
-stages that build a report as a dataclass write it through :func:`as_json`.
+The ingest report's content is :class:`tasks.data.ingestion.IngestResult`; each other report's
+is described below by a ``TypedDict`` (the keys other stages and the summary read). Dataclasses
+are written through :func:`as_json`.
 """
 
 from __future__ import annotations
@@ -104,18 +105,7 @@ def as_json(content: Any) -> Any:
     return content
 
 
-# ------------------------------------------------------- content: the keys other stages read
-
-
-class IngestContent(TypedDict):
-    source_kind: str
-    files_seen: int
-    ingested: int
-    quarantined: int
-    images: int
-    quarantined_by_reason: dict[str, int]
-    splits: dict[str, dict[str, int]]
-    classes: dict[str, int]
+# ----------------------------- content of the reports built as dicts: the keys others read
 
 
 class TrainContent(TypedDict, total=False):
