@@ -15,19 +15,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Generic, TypedDict, TypeVar
 
+from tasks.atomic import write_file
 from tasks.errors import MedtransferError
+
+Content = TypeVar("Content")
 
 PLOTS_DIR = "plots"
 
 
 @dataclass(frozen=True)
-class Report:
-    """One stage report: ``<reports_dir>/<file_name>``, written by ``medtransfer <stage>``."""
+class Report(Generic[Content]):
+    """One stage report: ``<reports_dir>/<file_name>``, written by ``medtransfer <stage>``;
+    ``Content`` is what :meth:`read` returns (a ``TypedDict`` of the keys readers use)."""
 
     file_name: str
     stage: str
@@ -41,14 +44,10 @@ class Report:
 
         Non-finite numbers become ``null``: JSON has no ``NaN`` or ``Infinity``.
         """
-        path = self.path(reports_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(as_json(content), indent=2, sort_keys=False) + "\n")
-        os.replace(partial, path)
-        return path
+        text = json.dumps(as_json(content), indent=2) + "\n"
+        return write_file(self.path(reports_dir), lambda partial: partial.write_text(text))
 
-    def read(self, reports_dir: str | Path) -> dict[str, Any]:
+    def read(self, reports_dir: str | Path) -> Content:
         """The report's content.
 
         Raises:
@@ -65,44 +64,9 @@ class Report:
                 f"{path} is not valid JSON ({err.msg}); re-run `medtransfer {self.stage}`."
             ) from err
 
-    def read_if_present(self, reports_dir: str | Path) -> dict[str, Any] | None:
+    def read_if_present(self, reports_dir: str | Path) -> Content | None:
         """The report's content, or None when the stage has not run."""
         return self.read(reports_dir) if self.path(reports_dir).is_file() else None
-
-
-INGEST = Report("ingest.json", "ingest")
-TRAIN = Report("train.json", "train")
-METRICS = Report("metrics.json", "evaluate")
-ROBUSTNESS = Report("robustness.json", "robustness")
-REGISTER = Report("register.json", "register")
-PACKAGE = Report("package.json", "package")
-ALL = (INGEST, TRAIN, METRICS, ROBUSTNESS, REGISTER, PACKAGE)
-BY_STAGE = {report.stage: report for report in ALL}
-
-
-def plot_path(reports_dir: str | Path, file_name: str) -> Path:
-    """Where a plot (a DVC plot, also logged to MLflow) lives: ``<reports_dir>/plots/<name>``."""
-    return Path(reports_dir) / PLOTS_DIR / file_name
-
-
-def as_json(content: Any) -> Any:
-    """``content`` as JSON-ready values: dataclasses as dicts, tuples as lists, paths as text,
-    numpy scalars as Python numbers, non-finite floats as None."""
-    if dataclasses.is_dataclass(content) and not isinstance(content, type):
-        content = (
-            content.to_report() if hasattr(content, "to_report") else dataclasses.asdict(content)
-        )
-    if isinstance(content, dict):
-        return {str(key): as_json(value) for key, value in content.items()}
-    if isinstance(content, list | tuple):
-        return [as_json(value) for value in content]
-    if isinstance(content, Path):
-        return str(content)
-    if hasattr(content, "item") and callable(content.item):  # numpy scalars
-        content = content.item()
-    if isinstance(content, float) and not math.isfinite(content):
-        return None
-    return content
 
 
 # ----------------------------- content of the reports built as dicts: the keys others read
@@ -143,3 +107,39 @@ class PackageContent(TypedDict, total=False):
     bento: str
     archive: str
     bento_model: str
+
+
+# The ingest report is IngestResult.to_report() (tasks.data.ingestion): read as plain JSON.
+INGEST: Report[dict[str, Any]] = Report("ingest.json", "ingest")
+TRAIN: Report[TrainContent] = Report("train.json", "train")
+METRICS: Report[MetricsContent] = Report("metrics.json", "evaluate")
+ROBUSTNESS: Report[RobustnessContent] = Report("robustness.json", "robustness")
+REGISTER: Report[RegisterContent] = Report("register.json", "register")
+PACKAGE: Report[PackageContent] = Report("package.json", "package")
+ALL = (INGEST, TRAIN, METRICS, ROBUSTNESS, REGISTER, PACKAGE)
+BY_STAGE = {report.stage: report for report in ALL}
+
+
+def plot_path(reports_dir: str | Path, file_name: str) -> Path:
+    """Where a plot (a DVC plot, also logged to MLflow) lives: ``<reports_dir>/plots/<name>``."""
+    return Path(reports_dir) / PLOTS_DIR / file_name
+
+
+def as_json(content: Any) -> Any:
+    """``content`` as JSON-ready values: dataclasses as dicts, tuples as lists, paths as text,
+    numpy scalars as Python numbers, non-finite floats as None."""
+    if dataclasses.is_dataclass(content) and not isinstance(content, type):
+        content = (
+            content.to_report() if hasattr(content, "to_report") else dataclasses.asdict(content)
+        )
+    if isinstance(content, dict):
+        return {str(key): as_json(value) for key, value in content.items()}
+    if isinstance(content, list | tuple):
+        return [as_json(value) for value in content]
+    if isinstance(content, Path):
+        return str(content)
+    if hasattr(content, "item") and callable(content.item):  # numpy scalars
+        content = content.item()
+    if isinstance(content, float) and not math.isfinite(content):
+        return None
+    return content
