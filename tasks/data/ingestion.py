@@ -522,24 +522,18 @@ def _finish(
     ingested: int,
     origin: tuple[str, str],
 ) -> IngestResult:
-    """Check classes, split, write every file of the dataset, move it into place, report.
+    """Check classes, split, write every file of the dataset, swap it into place, count.
 
     ``origin``: the source's location and where its labels came from, as configured; with the
     counts and a content digest they become the dataset's source record.
     """
+    if ingested + len(quarantine) != files_seen:  # the stage's core promise, checked first
+        raise AssertionError(f"accounting broken: {ingested} + {len(quarantine)} != {files_seen}")
     reasons = Counter(item["reason"] for item in quarantine)
-    classes = sorted({row["label"] for row in rows})
-    if len(classes) < 2:
-        shutil.rmtree(staging)
-        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none"
-        raise MedtransferError(
-            f"Only {len(classes)} class ({classes}) among {len(rows)} ingested images of "
-            f"{files_seen} files (quarantined: {summary}). A classifier needs at least two "
-            "labels; check the labels CSV or the class sub-folders."
-        )
+    classes = _classes(rows, reasons, files_seen, staging)
     class_index = {name: i for i, name in enumerate(classes)}
     labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
-    if source_kind != "npz":
+    if source_kind != "npz":  # a MedMNIST archive keeps its official split
         splits = patient_level_split(
             [row["patient_hash"] for row in rows],
             labels,
@@ -549,29 +543,91 @@ def _finish(
         )
         for row, split in zip(rows, splits, strict=True):
             row["split"] = split
-
-    size = data.image_size
-    images = np.lib.format.open_memmap(
-        staging / ds_files.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(rows), size, size)
-    )
-    block = 1024  # copy in blocks so memory stays flat whatever the number of images
-    with open(staging / "images.raw", "rb") as raw:
-        for start in range(0, len(rows), block):
-            count = min(block, len(rows) - start)
-            images[start : start + count] = np.frombuffer(
-                raw.read(count * size * size), dtype=np.uint8
-            ).reshape(count, size, size)
-    images.flush()
-    del images
-    (staging / "images.raw").unlink()
+    _write_images(staging, len(rows), data.image_size)
     np.save(staging / ds_files.LABELS_FILE, labels)
-
     for index, row in enumerate(rows):
         row["index"], row["label_index"] = index, class_index[row["label"]]
     _write_csv(staging / ds_files.MANIFEST_FILE, ds_files.MANIFEST_COLUMNS, rows)
     _write_csv(staging / ds_files.QUARANTINE_FILE, ds_files.QUARANTINE_COLUMNS, quarantine)
+    split_counts = _split_counts(rows, classes)
+    source = ds_files.DatasetSource(
+        kind=source_kind,
+        location=origin[0],
+        labels=origin[1],
+        content_sha256=ds_files.content_digest(rows),
+        files_seen=files_seen,
+        ingested=ingested,
+        quarantined=len(quarantine),
+        images=len(rows),
+        image_size=data.image_size,
+        multiframe=data.multiframe,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+    )
+    info = {
+        "classes": classes,
+        "image_size": data.image_size,
+        "source_kind": source_kind,
+        "multiframe": data.multiframe,
+        "images": len(rows),
+        "splits": split_counts,
+        ds_files.SOURCE_KEY: source.to_info(),
+    }
+    (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    # Swapped in whole: a kill at any point leaves the previous dataset or this one.
+    atomic.swap_in_folder(staging, Path(data.processed_dir))
+    return IngestResult(
+        processed_dir=Path(data.processed_dir),
+        source_kind=source_kind,
+        files_seen=files_seen,
+        ingested=ingested,
+        quarantined=len(quarantine),
+        images=len(rows),
+        quarantined_by_reason={reason: reasons.get(reason, 0) for reason in QUARANTINE_REASONS},
+        splits=split_counts,
+        classes={name: int((labels == i).sum()) for name, i in class_index.items()},
+    )
 
-    split_counts = {
+
+def _classes(rows: list[dict], reasons: Counter, files_seen: int, staging: Path) -> list[str]:
+    """The sorted class names of the kept images.
+
+    Raises:
+        MedtransferError: fewer than two classes (the staging folder is removed first).
+    """
+    classes = sorted({row["label"] for row in rows})
+    if len(classes) < 2:
+        shutil.rmtree(staging)
+        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none"
+        raise MedtransferError(
+            f"Only {len(classes)} class ({classes}) among {len(rows)} ingested images of "
+            f"{files_seen} files (quarantined: {summary}). A classifier needs at least two "
+            "labels; check the labels CSV or the class sub-folders."
+        )
+    return classes
+
+
+def _write_images(staging: Path, count: int, size: int) -> None:
+    """``images.raw`` (``count`` images of ``size`` x ``size`` bytes, in order) becomes
+    ``images.npy``, copied in blocks so memory stays flat whatever the number of images."""
+    images = np.lib.format.open_memmap(
+        staging / ds_files.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(count, size, size)
+    )
+    block = 1024
+    with open(staging / "images.raw", "rb") as raw:
+        for start in range(0, count, block):
+            n = min(block, count - start)
+            images[start : start + n] = np.frombuffer(
+                raw.read(n * size * size), dtype=np.uint8
+            ).reshape(n, size, size)
+    images.flush()
+    del images
+    (staging / "images.raw").unlink()
+
+
+def _split_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
+    """Per split: images, patients and images of each class."""
+    return {
         split: {
             "images": sum(row["split"] == split for row in rows),
             "patients": len({row["patient_hash"] for row in rows if row["split"] == split}),
@@ -582,51 +638,6 @@ def _finish(
         }
         for split in ds_files.SPLITS
     }
-    class_counts = {name: int((labels == i).sum()) for name, i in class_index.items()}
-    info = {
-        "classes": classes,
-        "image_size": size,
-        "source_kind": source_kind,
-        "multiframe": data.multiframe,
-        "images": len(rows),
-        "splits": split_counts,
-        ds_files.SOURCE_KEY: ds_files.DatasetSource(
-            kind=source_kind,
-            location=origin[0],
-            labels=origin[1],
-            content_sha256=ds_files.content_digest(rows),
-            files_seen=files_seen,
-            ingested=ingested,
-            quarantined=len(quarantine),
-            images=len(rows),
-            image_size=size,
-            multiframe=data.multiframe,
-            val_fraction=data.val_fraction,
-            test_fraction=data.test_fraction,
-        ).to_info(),
-    }
-    (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-
-    # Swapped in whole: a kill at any point leaves the previous dataset or this one.
-    processed = Path(data.processed_dir)
-    atomic.swap_in_folder(staging, processed)
-
-    result = IngestResult(
-        processed_dir=processed,
-        source_kind=source_kind,
-        files_seen=files_seen,
-        ingested=ingested,
-        quarantined=len(quarantine),
-        images=len(rows),
-        quarantined_by_reason={reason: reasons.get(reason, 0) for reason in QUARANTINE_REASONS},
-        splits=split_counts,
-        classes=class_counts,
-    )
-    if result.ingested + result.quarantined != result.files_seen:  # the stage's core promise
-        raise AssertionError(
-            f"accounting broken: {result.ingested} + {result.quarantined} != {result.files_seen}"
-        )
-    return result
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
