@@ -135,11 +135,12 @@ def test_every_bad_value_is_one_clear_line_naming_the_key(override: str, message
 
 def test_unknown_and_missing_keys_in_a_params_file_are_named(tmp_path) -> None:
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())
-    shipped["train"]["epocs"] = 3
+    # Sections the old loaders read as raw dicts ignored a typo silently.
+    shipped["orchestration"]["watch_foldr"] = "/incoming"
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(shipped))
-    with pytest.raises(MedtransferError, match=r"Unknown key 'train.epocs'"):
+    with pytest.raises(MedtransferError, match=r"Unknown key 'orchestration.watch_foldr'"):
         load_params(tmp_path / "typo.yaml")
-    del shipped["train"]["epocs"], shipped["eval"]["threshold"]
+    del shipped["orchestration"]["watch_foldr"], shipped["eval"]["threshold"]
     (tmp_path / "missing.yaml").write_text(yaml.safe_dump(shipped))
     with pytest.raises(MedtransferError, match=r"lacks 'eval.threshold'"):
         load_params(tmp_path / "missing.yaml")
