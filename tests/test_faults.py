@@ -112,6 +112,8 @@ def test_a_registration_whose_report_cannot_be_written_leaves_no_version_and_rer
     assert client.search_model_versions(f"name='{name}'") == []
     assert client.search_registered_models(filter_string=f"name='{name}'") == []
     assert not reports.REGISTER.path(reports_dir).exists()
+    run_id = reports.TRAIN.read(reports_dir)["run_id"]
+    assert "registry.version" not in client.get_run(run_id).data.tags  # names no removed version
 
     shutil.rmtree(partial)
     rerun = medtransfer_pipeline(params_file=str(params_file))
@@ -122,3 +124,4 @@ def test_a_registration_whose_report_cannot_be_written_leaves_no_version_and_rer
         versions[0].version
     )
     assert reports.REGISTER.read(reports_dir)["version"] == rerun["register"]["version"]
+    assert client.get_run(run_id).data.tags["registry.version"] == f"{name}/{versions[0].version}"

@@ -100,6 +100,9 @@ def run_register(params: Params) -> dict:
     return report
 
 
+# The training run's tag naming its registry version, ``<model name>/<version>``.
+RUN_VERSION_TAG = "registry.version"
+
 # A run logged before training runs recorded their data's source (or outside this pipeline).
 UNKNOWN_SOURCE = {"dataset.source_kind": "unknown (the training run recorded no source)"}
 
@@ -182,6 +185,7 @@ def _register_version(
     created_model = ensure_registered_model(client, config.model_name)
     version = None
     previous_report = _current_report(reports_dir)
+    previous_tag = client.get_run(candidate.run_id).data.tags.get(RUN_VERSION_TAG)
     written = False
     try:
         registered = mlflow.register_model(model_uri, config.model_name, tags=tags)
@@ -208,7 +212,7 @@ def _register_version(
             config.model_name, version, description=description(card, card_uri)
         )
         client.set_model_version_tag(config.model_name, version, "model_card", card_uri)
-        client.set_tag(candidate.run_id, "registry.version", f"{config.model_name}/{version}")
+        client.set_tag(candidate.run_id, RUN_VERSION_TAG, f"{config.model_name}/{version}")
         result = result_for(version, card_uri)
         reports.REGISTER.write(reports_dir, dataclasses.asdict(result))
         written = True
@@ -216,10 +220,23 @@ def _register_version(
             client.set_registered_model_alias(config.model_name, config.alias, version)
     except BaseException:
         roll_back(client, config.model_name, version, created_model)
+        if version is not None:  # the run must not name the version just removed
+            _restore_run_tag(client, candidate.run_id, previous_tag)
         if written:  # it describes the version just removed: the previous one is true again
             _restore_report(reports_dir, previous_report)
         raise
     return result
+
+
+def _restore_run_tag(client, run_id: str, previous: str | None) -> None:
+    """Put the run's :data:`RUN_VERSION_TAG` back as it was (best effort, like the rollback)."""
+    try:
+        if previous is None:
+            client.delete_tag(run_id, RUN_VERSION_TAG)
+        else:
+            client.set_tag(run_id, RUN_VERSION_TAG, previous)
+    except Exception:  # no tag to delete, or the store is down: the original error says more
+        pass
 
 
 def _current_report(reports_dir: str) -> dict[str, Any] | None:
