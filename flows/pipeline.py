@@ -8,10 +8,16 @@ Caching: every stage task carries a cache key built from its inputs, parameters 
 logs those tasks as ``Cached`` and the run summary lists them. A stage whose output files are
 missing is recomputed whatever its key. After a crash, the finished stages are cache hits and
 training resumes from its last epoch checkpoint.
+
+I/O faults: a stage's OSError is retried when a retry can help (a busy share, a timeout); one
+that describes the storage as it is (a file in place of a folder, a read-only or full disk) is
+not. Either way an OSError left over fails the flow with a :class:`StageIOError`: one line
+naming the stage, the path and what to do, which ``medtransfer run`` prints without a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 from prefect import flow, get_run_logger, task
@@ -40,10 +46,53 @@ def _key(stage: str) -> Callable:
     return cache_key
 
 
+# OSErrors that describe the storage as it is, not a hiccup: a retry two seconds later meets
+# the same file in place of a folder, the same read-only mount, the same full disk, and a
+# retried train stage trains again from its last checkpoint for nothing.
+PERSISTENT_ERRNOS: dict[int, str] = {
+    errno.ENOTDIR: "a file stands where a folder is expected: move it away",
+    errno.EEXIST: "a file stands where a folder is expected: move it away",
+    errno.EISDIR: "a folder stands where a file is expected: move it away",
+    errno.EACCES: "make it writable for this user",
+    errno.EPERM: "make it writable for this user",
+    errno.EROFS: "it is on a read-only file system: point the path at a writable one",
+    errno.ENOSPC: "the disk is full: free space on it",
+    errno.EDQUOT: "the disk quota is used up: free space or raise the quota",
+    errno.EFBIG: "a file hit the file-size limit (ulimit -f): raise the limit",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter folder",
+    errno.ELOOP: "the path loops through symbolic links: fix the links",
+}
+
+
+class StageIOError(MedtransferError):
+    """A stage's I/O failed for good (after any retries): one line naming the stage, the path
+    and what to do. An I/O fault is the machine's state, not a bug, so it gets no traceback."""
+
+
 def _transient(task, task_run, state) -> bool:
-    """Retry I/O hiccups (a busy network share, a locked file); never a user error."""
+    """Retry I/O hiccups (a busy network share, a locked file); never a user error, nor an
+    OSError that a retry would only meet again (:data:`PERSISTENT_ERRNOS`)."""
     error = state.result(raise_on_failure=False)
-    return isinstance(error, OSError) and not isinstance(error, MedtransferError)
+    return (
+        isinstance(error, OSError)
+        and not isinstance(error, MedtransferError)
+        and error.errno not in PERSISTENT_ERRNOS
+    )
+
+
+def stage_io_error(stage: str, error: OSError) -> StageIOError:
+    """``error`` from ``stage`` as one line: the stage, the path, the cause and what to do."""
+    paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
+    where = f" at {paths}" if paths else ""
+    cause = error.strerror or str(error) or type(error).__name__
+    advice = PERSISTENT_ERRNOS.get(
+        error.errno,
+        f"it kept failing after {STAGE_OPTIONS['retries']} retries: check that disk or share",
+    )
+    return StageIOError(
+        f"stage {stage} failed to read or write{where}: {cause} ({advice}). Then run again: "
+        "the stages that finished are cache hits."
+    )
 
 
 STAGE_OPTIONS = {
@@ -106,10 +155,19 @@ def package(params: Params) -> dict:
 
 
 def run_stage(stage_task, stage: str, params: Params, cached: list[str], **kwargs) -> dict:
-    """Run one stage task, recomputing it when its outputs are gone; note cache hits."""
+    """Run one stage task, recomputing it when its outputs are gone; note cache hits.
+
+    Raises:
+        StageIOError: the stage's I/O failed for good (an OSError left after the retries).
+    """
     refresh = not outputs_present(stage, params)
     state = stage_task.with_options(refresh_cache=refresh)(params, return_state=True, **kwargs)
-    result = state.result()  # a failed stage raises here and fails the flow with its message
+    try:
+        result = state.result()  # a failed stage raises here and fails the flow with its message
+    except MedtransferError:  # already says what to do, even if it were an OSError too
+        raise
+    except OSError as err:
+        raise stage_io_error(stage, err) from err
     if state.name == "Cached":
         cached.append(stage)
         get_run_logger().info(

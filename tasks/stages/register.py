@@ -7,14 +7,16 @@ card, and moves the alias (``registry.alias``, default ``champion``) to it only 
 it (see :func:`tasks.registry.promotion.promotion_decision`). The outcome is the register report.
 
 Registration is all or nothing: everything that can be checked is checked before the version
-exists, and a failure after that deletes the version again (and the registered model, if this
-call created it), so the registry never holds a half-registered version.
+exists, and a failure after that (the register report's write included) deletes the version
+again (and the registered model, if this call created it) and puts the previous report back, so
+the registry never holds a half-registered version, nor one that the next run registers again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from tasks import reports
@@ -64,29 +66,42 @@ def run_register(params: Params) -> dict:
     champion = current_champion(client, config)
     promoted, reasons = promotion_decision(candidate, champion)
     tags = {**version_tags(candidate, promoted, reasons), **(source or UNKNOWN_SOURCE)}
-    version, card_uri = _register_version(
-        client, config, model_uri, candidate, promoted, reasons, tags
-    )
-    result = RegisterResult(
-        model_name=config.model_name,
-        version=version,
-        alias=config.alias,
-        alias_moved=promoted,
-        champion_version=version if promoted else (champion.version if champion else None),
-        previous_champion=champion.version if champion else None,
-        reasons=reasons,
-        dataset_version=candidate.dataset_version,
-        test_auc=candidate.test_auc,
-        robustness_passed=candidate.robustness_passed,
-        run_id=candidate.run_id,
-        model_card=card_uri,
-        tags=tags,
+
+    def result_for(version: str, card_uri: str) -> RegisterResult:
+        return RegisterResult(
+            model_name=config.model_name,
+            version=version,
+            alias=config.alias,
+            alias_moved=promoted,
+            champion_version=version if promoted else (champion.version if champion else None),
+            previous_champion=champion.version if champion else None,
+            reasons=reasons,
+            dataset_version=candidate.dataset_version,
+            test_auc=candidate.test_auc,
+            robustness_passed=candidate.robustness_passed,
+            run_id=candidate.run_id,
+            model_card=card_uri,
+            tags=tags,
+        )
+
+    result = _register_version(
+        client,
+        config,
+        model_uri,
+        candidate,
+        promoted,
+        reasons,
+        tags,
+        params.reports_dir,
+        result_for,
     )
     report = dataclasses.asdict(result)
-    reports.REGISTER.write(params.reports_dir, report)
     _log_decision(result, champion)
     return report
 
+
+# The training run's tag naming its registry version, ``<model name>/<version>``.
+RUN_VERSION_TAG = "registry.version"
 
 # A run logged before training runs recorded their data's source (or outside this pipeline).
 UNKNOWN_SOURCE = {"dataset.source_kind": "unknown (the training run recorded no source)"}
@@ -153,16 +168,25 @@ def _register_version(
     promoted: bool,
     reasons: list[str],
     tags: dict[str, str],
-) -> tuple[str, str]:
-    """Create the version, attach its model card, move the alias last; all or nothing.
+    reports_dir: str,
+    result_for: Callable[[str, str], RegisterResult],
+) -> RegisterResult:
+    """Create the version, attach its model card, write the register report (``result_for``
+    the version and the card's URI), move the alias last; all or nothing.
+
+    The report is written inside: a version whose report could not be written would stay in
+    the registry under a failed stage, and the next run would register the same student again.
 
     Returns:
-        The new version number and the model card's URI.
+        The result, as written to the report.
     """
     import mlflow
 
     created_model = ensure_registered_model(client, config.model_name)
     version = None
+    previous_report = _current_report(reports_dir)
+    previous_tag = client.get_run(candidate.run_id).data.tags.get(RUN_VERSION_TAG)
+    written = False
     try:
         registered = mlflow.register_model(model_uri, config.model_name, tags=tags)
         version = str(registered.version)
@@ -188,13 +212,52 @@ def _register_version(
             config.model_name, version, description=description(card, card_uri)
         )
         client.set_model_version_tag(config.model_name, version, "model_card", card_uri)
-        client.set_tag(candidate.run_id, "registry.version", f"{config.model_name}/{version}")
+        client.set_tag(candidate.run_id, RUN_VERSION_TAG, f"{config.model_name}/{version}")
+        result = result_for(version, card_uri)
+        reports.REGISTER.write(reports_dir, dataclasses.asdict(result))
+        written = True
         if promoted:  # last: until here the alias still points at the previous holder
             client.set_registered_model_alias(config.model_name, config.alias, version)
     except BaseException:
         roll_back(client, config.model_name, version, created_model)
+        if version is not None:  # the run must not name the version just removed
+            _restore_run_tag(client, candidate.run_id, previous_tag)
+        if written:  # it describes the version just removed: the previous one is true again
+            _restore_report(reports_dir, previous_report)
         raise
-    return version, card_uri
+    return result
+
+
+def _restore_run_tag(client, run_id: str, previous: str | None) -> None:
+    """Put the run's :data:`RUN_VERSION_TAG` back as it was (best effort, like the rollback)."""
+    try:
+        if previous is None:
+            client.delete_tag(run_id, RUN_VERSION_TAG)
+        else:
+            client.set_tag(run_id, RUN_VERSION_TAG, previous)
+    except Exception:  # no tag to delete, or the store is down: the original error says more
+        pass
+
+
+def _current_report(reports_dir: str) -> dict[str, Any] | None:
+    """The register report as it is, to put back if this registration fails; None when there
+    is none or it is broken (a broken one is not worth restoring)."""
+    try:
+        return reports.REGISTER.read_if_present(reports_dir)
+    except MedtransferError:
+        return None
+
+
+def _restore_report(reports_dir: str, previous: dict[str, Any] | None) -> None:
+    """Put the register report back as it was before this call (best effort, like the rollback:
+    the original error wins)."""
+    try:
+        if previous is None:
+            reports.REGISTER.path(reports_dir).unlink(missing_ok=True)
+        else:
+            reports.REGISTER.write(reports_dir, previous)
+    except OSError:
+        pass
 
 
 def _log_decision(result: RegisterResult, champion: Champion | None) -> None:
