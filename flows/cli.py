@@ -5,8 +5,9 @@
 Every sub-command reads ``params.yaml`` (or ``--params``) and applies ``-S key=value``
 overrides, spelled as for ``dvc exp run -S``. Progress goes to stderr (log lines, and bars unless
 ``--quiet``); stdout gets a short human summary, or the full JSON with ``--json``. A
-:class:`~tasks.errors.MedtransferError` is printed as one line and exits with status 2; nothing
-else is caught, so a bug still shows its traceback. Ctrl-C and SIGTERM (which the train stage
+:class:`~tasks.errors.MedtransferError`, or an ``OSError`` (the disk or share as it is: a
+file where a folder belongs, a full disk), is printed as one line naming the stage, the path and
+what to do, and exits with status 2; nothing else is caught, so a bug still shows its traceback. Ctrl-C and SIGTERM (which the train stage
 turns into an exception, to record its run as ``KILLED``) end with one line and the shell's
 status for the signal: 130 and 143.
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
-from tasks.errors import MedtransferError
+from tasks.errors import MedtransferError, stage_io_error
 from tasks.tracking import EXIT_SIGINT, EXIT_SIGTERM, Terminated
 
 
@@ -170,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = handler(params, args)
     except MedtransferError as err:
         print(f"medtransfer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the disk or share as it is, not a bug: one line, no traceback
+        print(
+            f"medtransfer {args.command}: error: {stage_io_error(args.command, err)}",
+            file=sys.stderr,
+        )
         return 2
     except (KeyboardInterrupt, Terminated) as err:
         stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)

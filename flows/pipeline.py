@@ -17,7 +17,6 @@ naming the stage, the path and what to do, which ``medtransfer run`` prints with
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 
 from prefect import flow, get_run_logger, task
@@ -29,7 +28,7 @@ from flows.progress import PrefectProgressRecorder
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
 from tasks.data import synthetic
-from tasks.errors import MedtransferError
+from tasks.errors import PERSISTENT_ERRNOS, MedtransferError, stage_io_error
 from tasks.stages.evaluate import run_evaluate
 from tasks.stages.ingest import run_ingest
 from tasks.stages.package import run_package
@@ -46,29 +45,6 @@ def _key(stage: str) -> Callable:
     return cache_key
 
 
-# OSErrors that describe the storage as it is, not a hiccup: a retry two seconds later meets
-# the same file in place of a folder, the same read-only mount, the same full disk, and a
-# retried train stage trains again from its last checkpoint for nothing.
-PERSISTENT_ERRNOS: dict[int, str] = {
-    errno.ENOTDIR: "a file stands where a folder is expected: move it away",
-    errno.EEXIST: "a file stands where a folder is expected: move it away",
-    errno.EISDIR: "a folder stands where a file is expected: move it away",
-    errno.EACCES: "make it writable for this user",
-    errno.EPERM: "make it writable for this user",
-    errno.EROFS: "it is on a read-only file system: point the path at a writable one",
-    errno.ENOSPC: "the disk is full: free space on it",
-    errno.EDQUOT: "the disk quota is used up: free space or raise the quota",
-    errno.EFBIG: "a file hit the file-size limit (ulimit -f): raise the limit",
-    errno.ENAMETOOLONG: "the path is too long: choose a shorter folder",
-    errno.ELOOP: "the path loops through symbolic links: fix the links",
-}
-
-
-class StageIOError(MedtransferError):
-    """A stage's I/O failed for good (after any retries): one line naming the stage, the path
-    and what to do. An I/O fault is the machine's state, not a bug, so it gets no traceback."""
-
-
 def _transient(task, task_run, state) -> bool:
     """Retry I/O hiccups (a busy network share, a locked file); never a user error, nor an
     OSError that a retry would only meet again (:data:`PERSISTENT_ERRNOS`)."""
@@ -77,21 +53,6 @@ def _transient(task, task_run, state) -> bool:
         isinstance(error, OSError)
         and not isinstance(error, MedtransferError)
         and error.errno not in PERSISTENT_ERRNOS
-    )
-
-
-def stage_io_error(stage: str, error: OSError) -> StageIOError:
-    """``error`` from ``stage`` as one line: the stage, the path, the cause and what to do."""
-    paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
-    where = f" at {paths}" if paths else ""
-    cause = error.strerror or str(error) or type(error).__name__
-    advice = PERSISTENT_ERRNOS.get(
-        error.errno,
-        f"it kept failing after {STAGE_OPTIONS['retries']} retries: check that disk or share",
-    )
-    return StageIOError(
-        f"stage {stage} failed to read or write{where}: {cause} ({advice}). Then run again: "
-        "the stages that finished are cache hits."
     )
 
 
@@ -167,7 +128,7 @@ def run_stage(stage_task, stage: str, params: Params, cached: list[str], **kwarg
     except MedtransferError:  # already says what to do, even if it were an OSError too
         raise
     except OSError as err:
-        raise stage_io_error(stage, err) from err
+        raise stage_io_error(stage, err, retries=STAGE_OPTIONS["retries"]) from err
     if state.name == "Cached":
         cached.append(stage)
         get_run_logger().info(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,11 @@ from mlflow.tracking import MlflowClient
 from prefect.states import Failed
 
 from flows.cli import main
-from flows.pipeline import STAGE_OPTIONS, StageIOError, _transient, medtransfer_pipeline
+from flows.pipeline import STAGE_OPTIONS, _transient, medtransfer_pipeline
 from tasks import reports
 from tasks.config import Params
+from tasks.errors import StageIOError
+from tests.conftest import REPO
 from tests.test_flow import TINY
 
 
@@ -125,3 +129,45 @@ def test_a_registration_whose_report_cannot_be_written_leaves_no_version_and_rer
     )
     assert reports.REGISTER.read(reports_dir)["version"] == rerun["register"]["version"]
     assert client.get_run(run_id).data.tags["registry.version"] == f"{name}/{versions[0].version}"
+
+
+def test_a_stage_command_meeting_a_file_in_place_of_a_folder_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Outside the flow too: `medtransfer ingest` whose processed folder's parent is a file."""
+    blocker = tmp_path / "data"
+    blocker.write_text("not a folder")
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "medtransfer"),
+            "ingest",
+            "--quiet",
+            "--params",
+            str(REPO / "params.yaml"),
+            "-S",
+            "data.source=synthetic",
+            "-S",
+            "data.labels_csv=null",
+            "-S",
+            f"synthetic.output_dir={tmp_path / 'synthetic'}",
+            "-S",
+            "synthetic.n_patients=4",
+            "-S",
+            "synthetic.size=64",
+            "-S",
+            "data.image_size=32",
+            "-S",
+            f"data.processed_dir={blocker / 'processed'}",
+            "-S",
+            f"reports_dir={tmp_path / 'reports'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("medtransfer ingest")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and "stage ingest failed to read or write" in lines[0]
+    assert str(blocker) in lines[0]
