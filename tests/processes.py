@@ -167,3 +167,40 @@ def http_ok(url: str) -> bool:
             return reply.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+
+
+def kill_group_when(
+    command: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    ready: Callable[[int], bool],
+    timeout: float,
+    poll_seconds: float = 0.01,
+) -> bool:
+    """Start ``command`` in its own process group and SIGKILL the whole group as soon as
+    ``ready(pid)`` holds (so the kill reaches its worker processes too).
+
+    Returns whether the kill landed: False when the command ended on its own first, or
+    ``timeout`` seconds passed. The group is gone when this returns either way.
+    """
+    process = subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if ready(process.pid):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+                return process.returncode == -signal.SIGKILL
+            time.sleep(poll_seconds)
+        return False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)

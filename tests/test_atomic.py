@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from tasks import atomic
 from tasks.data.dataset import dataset_version
+from tests.processes import kill_group_when
 
 REPO = Path(__file__).resolve().parent.parent
 # Small sets: about a second per uninterrupted run on a 2-core machine.
@@ -69,27 +69,8 @@ def _kill_when(
 
     Returns whether the kill landed (False: the command had already ended on its own).
     """
-    process = subprocess.Popen(
-        _command(subcommand, overrides),
-        cwd=root,
-        env=_environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill reaches decoding workers too
-    )
-    deadline = time.monotonic() + 60
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if ready():
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
-                return process.returncode == -signal.SIGKILL
-            time.sleep(0.01)
-        return False
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    command = _command(subcommand, overrides)
+    return kill_group_when(command, root, _environment(), lambda pid: ready(), timeout=60)
 
 
 def _files_written_since(folder: Path, since_ns: int, suffix: str) -> int:

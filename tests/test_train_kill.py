@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from tasks import atomic
 from tasks.model.student_io import MODEL_FILE, load_student
 from tasks.training.checkpoints import RUN_RECORD_NAME, read_run_record
 from tasks.training.loop import CHECKPOINT_NAME
+from tests.processes import kill_group_when
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = ["synthetic.n_patients=16", "synthetic.size=64", "data.image_size=32", "data.workers=1"]
@@ -94,34 +94,24 @@ def _kill_when(
     landed mid-training: after this process recorded its run beside the checkpoint and before
     it saved the student.
     """
-    (root / "models" / "student" / MODEL_FILE).unlink(missing_ok=True)
-    process = subprocess.Popen(
+    student = root / "models" / "student" / MODEL_FILE
+    student.unlink(missing_ok=True)
+    pids: list[int] = []
+
+    def ready_noting_pid(pid: int) -> bool:
+        pids[:] = [pid]
+        return ready(pid)
+
+    landed = kill_group_when(
         _command("train", *flags),
-        cwd=root,
-        env=_environment(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill reaches any child too
+        root,
+        _environment(root),
+        ready_noting_pid,
+        timeout=120,
+        poll_seconds=0.002,
     )
-    deadline = time.monotonic() + 120
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if ready(process.pid):
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
-                landed = process.returncode == -signal.SIGKILL
-                mid_training = (
-                    landed
-                    and _training_began(root, process.pid)
-                    and not (root / "models" / "student" / MODEL_FILE).exists()
-                )
-                return landed, mid_training
-            time.sleep(0.002)
-        return False, False
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    mid_training = landed and _training_began(root, pids[0]) and not student.exists()
+    return landed, mid_training
 
 
 def _checkpoint_folder(root: Path) -> Path | None:
