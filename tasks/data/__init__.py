@@ -1,0 +1,1 @@
+"""DICOM decoding, preprocessing, labels, patient-level splits, the synthetic generator, ingestion and the processed dataset."""

@@ -1,0 +1,1 @@
+"""Evaluating a student: metrics with thresholds, calibration error, Grad-CAM and plots."""

@@ -1,0 +1,1 @@
+"""Attacks on the student and its public teacher, the robustness check's parts and the promotion verdict."""
