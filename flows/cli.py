@@ -53,7 +53,7 @@ def _evaluate(params: Params, args: argparse.Namespace) -> dict:
 def _robustness(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.robustness import run_robustness
 
-    return run_robustness(params)
+    return run_robustness(params, progress=not args.quiet)
 
 
 def _register(params: Params, args: argparse.Namespace) -> dict:

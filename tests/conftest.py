@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,21 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _stage_loggers_as_found() -> Iterator[None]:
+    """Undo the command line's logging set-up after a test that ran ``flows.cli.main`` in this
+    process: it stops ``tasks.*``/``medtransfer.*`` lines from propagating (so that a terminal
+    shows each once), which would hide them from later tests' ``caplog``."""
+    yield
+    from tasks.training.recorders import TqdmLoggingHandler
+
+    for name in ("tasks", "medtransfer"):
+        logger = logging.getLogger(name)
+        logger.propagate = True
+        for handler in [h for h in logger.handlers if isinstance(h, TqdmLoggingHandler)]:
+            logger.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)

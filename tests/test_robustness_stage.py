@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -30,8 +31,16 @@ def robust_params(train_params: Params) -> dict:
     return params
 
 
-def test_report_verdict_and_mlflow(robust_params: Params) -> None:
-    report = run_robustness(robust_params)
+def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCaptureFixture) -> None:
+    # Listen to the stage's logger itself: the command line's set-up (another test may have
+    # run it in this process) stops `tasks.*` lines from propagating to the root logger.
+    stage_logger = logging.getLogger("tasks.stages.robustness")
+    stage_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="tasks.stages.robustness")
+    try:
+        report = run_robustness(robust_params, progress=False)
+    finally:
+        stage_logger.removeHandler(caplog.handler)
     reports = Path(robust_params.reports_dir)
     assert json.loads((reports / "robustness.json").read_text())["verdict"] == report["verdict"]
     assert (reports / "plots" / "robustness.png").stat().st_size > 1000
@@ -47,6 +56,11 @@ def test_report_verdict_and_mlflow(robust_params: Params) -> None:
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.tags["robustness_verdict"] in {"pass", "fail"}
     assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics
+
+    # Attack progress: one line per model and budget (the student, then the reference probe).
+    budget_lines = [r.getMessage() for r in caplog.records if "/255 on 12 images" in r.getMessage()]
+    assert [line.split(" at ")[1].split("/")[0] for line in budget_lines] == ["1.00", "8.00"] * 2
+    assert any("robustness verdict:" in r.getMessage() for r in caplog.records)
 
 
 def test_a_failing_gate_is_a_verdict_not_a_crash(robust_params: Params) -> None:

@@ -642,6 +642,7 @@ def evaluate_robustness(
     *,
     target_pool: tuple[Images, np.ndarray] | None = None,
     crafted: dict | None = None,
+    on_budget: Callable[[EpsilonRow], None] | None = None,
 ) -> RobustnessResult:
     """Measure the student under every attack at every budget.
 
@@ -663,6 +664,7 @@ def evaluate_robustness(
         target_pool: ``(images, labels)`` for mimicry targets; default: ``images``.
         crafted: share one dict between calls that attack several students on the same images
             with the same teacher: the teacher-transfer perturbations are crafted only once.
+        on_budget: told each budget's row as soon as its attacks are done (progress).
 
     Returns:
         A :class:`RobustnessResult` (no adversarial images are kept: they would take
@@ -729,6 +731,8 @@ def evaluate_robustness(
                 noise_acc=noise.accuracy,
             )
         )
+        if on_budget is not None:
+            on_budget(rows[-1])
     return RobustnessResult(
         clean_acc=clean_acc,
         n_examples=len(clean),

@@ -7,6 +7,7 @@ The stage (:mod:`tasks.stages.robustness`) chains them; the robustness benchmark
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tasks.data.dataset import ProcessedDataset
 from tasks.model.student_io import STRATEGIES_SUBDIR, load_student
 from tasks.robustness.attacks import evaluate_robustness
 from tasks.robustness.verdict import (
+    EpsilonRow,
     RobustnessResult,
     metric_key,
 )
@@ -34,12 +36,14 @@ def attack_at_budgets(
     target_pool: tuple[np.ndarray, np.ndarray],
     crafted: dict,
     device: str = "cpu",
+    on_budget: Callable[[EpsilonRow], None] | None = None,
 ) -> RobustnessResult:
     """:func:`tasks.robustness.attacks.evaluate_robustness` of ``model`` at ``config``'s
     budgets and steps.
 
     ``crafted``: one dict shared by every model attacked on the same images, so the
-    teacher-transfer perturbations are crafted once.
+    teacher-transfer perturbations are crafted once. ``on_budget``: told each budget's row
+    when its attacks are done.
     """
     return evaluate_robustness(
         model,
@@ -54,6 +58,7 @@ def attack_at_budgets(
         device=device,
         target_pool=target_pool,
         crafted=crafted,
+        on_budget=on_budget,
     )
 
 

@@ -34,6 +34,7 @@ from tasks.robustness.check import (
     fit_linear_probe,
 )
 from tasks.robustness.verdict import (
+    EpsilonRow,
     ReferenceCurve,
     RobustnessResult,
     gate_verdict,
@@ -44,8 +45,11 @@ logger = logging.getLogger(__name__)
 Attack = Callable[[nn.Module], RobustnessResult]
 
 
-def run_robustness(params: Params) -> dict:
+def run_robustness(params: Params, progress: bool = True) -> dict:
     """Attack the saved student (and its frozen-teacher probe), decide the verdict.
+
+    ``progress``: a bar per attacked model over its budgets on stderr (a log line per budget
+    comes either way).
 
     Returns:
         The content of the robustness report (:data:`tasks.reports.ROBUSTNESS`): ``verdict``
@@ -58,7 +62,8 @@ def run_robustness(params: Params) -> dict:
     dataset = load_processed(params.data.processed_dir)
     model_dir = Path(params.train.model_dir)
     student, spec = load_student(model_dir)
-    attack = _attack_on_shared_images(params, dataset, teacher_feature_extractor(spec.teacher))
+    teacher = teacher_feature_extractor(spec.teacher)
+    attack = _attack_on_shared_images(params, dataset, teacher, progress)
     logger.info(
         "robustness: attacking the %s student at %d budgets",
         spec.strategy,
@@ -125,26 +130,63 @@ def _report(
     }
 
 
-def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module) -> Attack:
+def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progress: bool) -> Attack:
     """One attack function for every model scored in this run: the same seeded images, the
-    same teacher, and teacher-transfer perturbations crafted once and shared."""
+    same teacher, and teacher-transfer perturbations crafted once and shared; each call
+    reports its budgets as they finish."""
     images, labels = attack_subset(dataset, params.robustness.max_samples, params.seed)
     target_pool = attack_subset(dataset, None, params.seed)  # mimicry: other-class test images
     crafted: dict = {}
 
     def attack(model: nn.Module) -> RobustnessResult:
-        return attack_at_budgets(
-            params.robustness,
-            model,
-            teacher,
-            images,
-            labels,
-            seed=params.seed,
-            target_pool=target_pool,
-            crafted=crafted,
-        )
+        budgets = len([eps for eps in params.robustness.epsilons if eps > 0])
+        with _BudgetProgress(type(model).__name__, budgets, len(labels), progress) as report:
+            return attack_at_budgets(
+                params.robustness,
+                model,
+                teacher,
+                images,
+                labels,
+                seed=params.seed,
+                target_pool=target_pool,
+                crafted=crafted,
+                on_budget=report,
+            )
 
     return attack
+
+
+class _BudgetProgress:
+    """Attack progress for one model: a log line per finished budget and, when ``enabled``,
+    a terminal bar over the budgets (a context manager that closes the bar)."""
+
+    def __init__(self, model_name: str, budgets: int, n_images: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.model_name, self.n_images = model_name, n_images
+        self.bar = tqdm(total=budgets, desc="attacks", unit="budget", disable=not enabled)
+
+    def __enter__(self) -> _BudgetProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def __call__(self, row: EpsilonRow) -> None:
+        if row.eps == 0.0:
+            return
+        self.bar.update(1)
+        logger.info(
+            "robustness: %s at %.2f/255 on %d images: FGSM acc %.3f, PGD acc %.3f, "
+            "teacher-transfer success %.3f, noise acc %.3f",
+            self.model_name,
+            row.eps * 255,
+            self.n_images,
+            row.fgsm_acc,
+            row.pgd_acc,
+            row.teacher_transfer_success,
+            row.noise_acc,
+        )
 
 
 def _log(params: Params, report: dict, plot: Path) -> None:
