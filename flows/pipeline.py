@@ -45,7 +45,7 @@ def _key(stage: str) -> Callable:
     return cache_key
 
 
-def _transient(task, task_run, state) -> bool:
+def is_transient_io_error(task, task_run, state) -> bool:
     """Retry I/O hiccups (a busy network share, a locked file); never a user error, nor an
     OSError that a retry would only meet again (:data:`PERSISTENT_ERRNOS`)."""
     error = state.result(raise_on_failure=False)
@@ -60,7 +60,7 @@ STAGE_OPTIONS = {
     "persist_result": True,
     "retries": 2,
     "retry_delay_seconds": 2,
-    "retry_condition_fn": _transient,
+    "retry_condition_fn": is_transient_io_error,
 }
 
 

@@ -191,3 +191,19 @@ def test_file_on_disk_roundtrip(tmp_path: Path) -> None:
     assert outcome.source_file == "a/b.dcm"
     assert outcome.images[0][0, 0] == 0 and outcome.images[0][-1, -1] == 255
     assert len(outcome.patient_hash) == 16 and "PID-1" not in outcome.patient_hash
+
+
+def test_an_rle_stream_that_makes_the_rust_decoder_panic_is_rejected_not_raised() -> None:
+    """pylibjpeg-rle panics on this corrupt stream; pyo3's PanicException is a BaseException,
+    which used to escape every ``except Exception`` and take the service worker down."""
+    from pydicom.data import get_testdata_file
+
+    from tasks.model.inference import InputRejected, prepare_dicom
+
+    corrupt = bytearray(Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes())
+    corrupt[2736] = 208  # one byte of the first RLE segment, found by fuzzing
+    with pytest.raises(dicom_io.DicomRejected) as rejected:
+        dicom_io.decode_file(BytesIO(bytes(corrupt)))
+    assert rejected.value.reason == dicom_io.DECODE_FAILED
+    with pytest.raises(InputRejected, match=dicom_io.DECODE_FAILED):
+        prepare_dicom(bytes(corrupt), 64)

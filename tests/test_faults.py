@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from prefect.states import Failed
 
 from flows.cli import main
-from flows.pipeline import STAGE_OPTIONS, _transient, medtransfer_pipeline
+from flows.pipeline import STAGE_OPTIONS, is_transient_io_error, medtransfer_pipeline
 from tasks import reports
 from tasks.config import Params
 from tasks.errors import StageIOError
@@ -62,12 +62,16 @@ def test_only_io_errors_that_a_retry_can_fix_are_retried(tmp_path: Path) -> None
     with pytest.raises(OSError) as not_a_folder:  # the real error the file system gives
         (folder_file / "metrics.json").write_text("{}")
     assert not_a_folder.value.errno == errno.ENOTDIR
-    assert not _transient(None, None, _failed_with(not_a_folder.value))
-    assert not _transient(None, None, _failed_with(OSError(errno.ENOSPC, "No space left")))
+    assert not is_transient_io_error(None, None, _failed_with(not_a_folder.value))
+    assert not is_transient_io_error(
+        None, None, _failed_with(OSError(errno.ENOSPC, "No space left"))
+    )
     # a share that timed out or a device that hiccupped may answer on the next attempt
-    assert _transient(None, None, _failed_with(TimeoutError(errno.ETIMEDOUT, "timed out")))
-    assert _transient(None, None, _failed_with(OSError(errno.EIO, "Input/output error")))
-    assert not _transient(None, None, _failed_with(ValueError("a bug, not the disk")))
+    assert is_transient_io_error(
+        None, None, _failed_with(TimeoutError(errno.ETIMEDOUT, "timed out"))
+    )
+    assert is_transient_io_error(None, None, _failed_with(OSError(errno.EIO, "Input/output error")))
+    assert not is_transient_io_error(None, None, _failed_with(ValueError("a bug, not the disk")))
 
 
 def test_a_file_in_place_of_the_plots_folder_fails_run_in_one_line_and_the_rerun_resumes(
@@ -103,23 +107,23 @@ def test_a_registration_whose_report_cannot_be_written_leaves_no_version_and_rer
 ) -> None:
     params_file = _params_file(train_params, tmp_path)
     reports_dir = Path(train_params.reports_dir)
-    # The register report is written through a temporary file renamed into place; a folder
-    # of that name makes the write fail after the version exists in the registry.
-    partial = reports_dir / f".{reports.REGISTER.file_name}.partial"
-    partial.mkdir(parents=True)
+    # The register report is written to a temporary file renamed over it; a folder where the
+    # report belongs makes that rename fail after the version exists in the registry.
+    blocker = reports.REGISTER.path(reports_dir)
+    blocker.mkdir(parents=True)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     name = train_params.registry.model_name
 
     with pytest.raises(StageIOError, match="stage register failed") as failure:
         medtransfer_pipeline(params_file=str(params_file))
-    assert str(partial) in str(failure.value)
+    assert str(blocker) in str(failure.value)
     assert client.search_model_versions(f"name='{name}'") == []
     assert client.search_registered_models(filter_string=f"name='{name}'") == []
-    assert not reports.REGISTER.path(reports_dir).exists()
+    assert blocker.is_dir()  # no report written in its place
     run_id = reports.TRAIN.read(reports_dir)["run_id"]
     assert "registry.version" not in client.get_run(run_id).data.tags  # names no removed version
 
-    shutil.rmtree(partial)
+    shutil.rmtree(blocker)
     rerun = medtransfer_pipeline(params_file=str(params_file))
     assert rerun["cached"] == ["synthesize", "ingest", "train", "evaluate", "robustness"]
     versions = client.search_model_versions(f"name='{name}'")

@@ -32,15 +32,8 @@ def robust_params(train_params: Params) -> dict:
 
 
 def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCaptureFixture) -> None:
-    # Listen to the stage's logger itself: the command line's set-up (another test may have
-    # run it in this process) stops `tasks.*` lines from propagating to the root logger.
-    stage_logger = logging.getLogger("tasks.stages.robustness")
-    stage_logger.addHandler(caplog.handler)
     caplog.set_level(logging.INFO, logger="tasks.stages.robustness")
-    try:
-        report = run_robustness(robust_params, progress=False)
-    finally:
-        stage_logger.removeHandler(caplog.handler)
+    report = run_robustness(robust_params, progress=False)
     reports = Path(robust_params.reports_dir)
     assert json.loads((reports / "robustness.json").read_text())["verdict"] == report["verdict"]
     assert (reports / "plots" / "robustness.png").stat().st_size > 1000
@@ -59,7 +52,12 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
 
     # Attack progress: one line per model and budget (the student, then the reference probe).
     budget_lines = [r.getMessage() for r in caplog.records if "/255 on 12 images" in r.getMessage()]
-    assert [line.split(" at ")[1].split("/")[0] for line in budget_lines] == ["1.00", "8.00"] * 2
+    assert [line.split(" on 12")[0].split("robustness: ")[1] for line in budget_lines] == [
+        "student at 1.00/255",
+        "student at 8.00/255",
+        "frozen-teacher probe at 1.00/255",
+        "frozen-teacher probe at 8.00/255",
+    ]
     assert any("robustness verdict:" in r.getMessage() for r in caplog.records)
 
 

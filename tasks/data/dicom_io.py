@@ -211,12 +211,26 @@ def _decode_pixels(ds: Dataset, n_frames: int, frame_indices: list[int]) -> np.n
             DECODE_FAILED,
             f"pixel data does not decode ({type(err).__name__})",
         ) from err
+    except BaseException as err:
+        if not is_decoder_panic(err):
+            raise
+        # A Rust decoder (pylibjpeg-rle) panics on some corrupt streams; pyo3 raises that as a
+        # PanicException, which is not an Exception, and would otherwise kill the caller.
+        raise DicomRejected(DECODE_FAILED, "pixel data does not decode (decoder panic)") from err
     if pixels.ndim == 2 or (pixels.ndim == 3 and n_frames == 1 and _samples(ds) > 1):
         pixels = pixels[np.newaxis]  # one frame: make the frame axis explicit
     # Here every frame is wanted (``all``, or a single-frame image), in order.
     if pixels.shape[0] != len(frame_indices):
         raise DicomRejected(DECODE_FAILED, "the decoded frames do not match Number of Frames")
     return pixels
+
+
+def is_decoder_panic(error: BaseException) -> bool:
+    """Whether ``error`` is a compiled decoder's panic (pyo3's ``PanicException``, which
+    derives from ``BaseException``), as opposed to an interrupt or an exit."""
+    return type(error).__name__ == "PanicException" and not isinstance(
+        error, KeyboardInterrupt | SystemExit | GeneratorExit
+    )
 
 
 def _check_transfer_syntax(ds: Dataset) -> None:

@@ -110,7 +110,10 @@ def fit_linear_probe(teacher: str, dataset: ProcessedDataset, steps: int, seed: 
 
 
 def compare_strategies(model_dir: Path, attack, gates: dict) -> list[dict]:
-    """Attack every strategy saved by a ``train.compare`` run; one table row each."""
+    """Attack every strategy saved by a ``train.compare`` run; one table row each.
+
+    ``attack(model, label)``: the run's attack at every budget, ``label`` naming the model in
+    its progress lines."""
     rows = []
     folder = model_dir / STRATEGIES_SUBDIR
     if not folder.is_dir():
@@ -119,7 +122,7 @@ def compare_strategies(model_dir: Path, attack, gates: dict) -> list[dict]:
     transfer_eps = gates.get("teacher_transfer_eps") or 1 / 255
     for strategy_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         model, _ = load_student(strategy_dir)
-        result = attack(model)
+        result = attack(model, f"saved {strategy_dir.name} student")
         metrics = result.to_metrics()
         frozen = (
             sum(1 for m in model.frozen_modules() for p in m.parameters())

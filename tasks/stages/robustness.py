@@ -42,7 +42,8 @@ from tasks.robustness.verdict import (
 )
 
 logger = logging.getLogger(__name__)
-Attack = Callable[[nn.Module], RobustnessResult]
+# (model, what to call it in the log) -> its result at every budget
+Attack = Callable[..., RobustnessResult]
 
 
 def run_robustness(params: Params, progress: bool = True) -> dict:
@@ -69,15 +70,14 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         spec.strategy,
         len(config.epsilons) - 1,
     )
-    result = attack(student)
+    result = attack(student, "student")
     clean = evaluate_student(student, dataset, params.eval.threshold)
     verdict = gate_verdict(result.to_metrics(), clean.test.auc, gates)
     reference = None
     if config.reference_probe:
         logger.info("robustness: attacking a linear probe on the frozen teacher (reference)")
-        reference = attack(
-            fit_linear_probe(spec.teacher, dataset, config.reference_probe_steps, seed)
-        )
+        probe = fit_linear_probe(spec.teacher, dataset, config.reference_probe_steps, seed)
+        reference = attack(probe, "frozen-teacher probe")
     strategies = compare_strategies(model_dir, attack, gates)
     plot = plot_robustness_curves(
         result,
@@ -138,9 +138,10 @@ def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progre
     target_pool = attack_subset(dataset, None, params.seed)  # mimicry: other-class test images
     crafted: dict = {}
 
-    def attack(model: nn.Module) -> RobustnessResult:
+    def attack(model: nn.Module, label: str = "") -> RobustnessResult:
         budgets = len([eps for eps in params.robustness.epsilons if eps > 0])
-        with _BudgetProgress(type(model).__name__, budgets, len(labels), progress) as report:
+        name = label or type(model).__name__
+        with _BudgetProgress(name, budgets, len(labels), progress) as report:
             return attack_at_budgets(
                 params.robustness,
                 model,
