@@ -54,13 +54,40 @@ def sigterm_raises() -> Iterator[None]:
         return
 
     def _raise(signum: int, frame: object) -> None:
-        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+        stop = Terminated(f"stopped by signal {signal.Signals(signum).name}")
+        if _store_writes_open:
+            _pending_stop.append(stop)  # raised when the store write ends (see store_write)
+            return
+        raise stop
 
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Store writes in progress, and a SIGTERM that arrived during one. An exception raised in the
+# middle of a SQLite write can leave that connection's transaction open, and the run could then
+# not be ended (`database is locked`): the stop waits for the write to finish.
+_store_writes_open = 0
+_pending_stop: list[Terminated] = []
+
+
+@contextmanager
+def store_write() -> Iterator[None]:
+    """Mark an MLflow store write (also usable as a decorator): a SIGTERM arriving inside is
+    raised as :class:`Terminated` right after it, never in the middle of it."""
+    global _store_writes_open
+    _store_writes_open += 1
+    try:
+        yield
+    finally:
+        _store_writes_open -= 1
+    if not _store_writes_open and _pending_stop:
+        stop = _pending_stop.pop()
+        _pending_stop.clear()
+        raise stop
 
 
 def end_status(error: BaseException | None) -> str:
@@ -87,10 +114,12 @@ def ended_honestly(active: bool = True) -> Iterator[None]:
         yield
     except BaseException as error:
         if active:
-            mlflow.end_run(end_status(error))
+            with store_write():  # a second SIGTERM must not cut the run's ending short
+                mlflow.end_run(end_status(error))
         raise
     if active:
-        mlflow.end_run(end_status(None))
+        with store_write():
+            mlflow.end_run(end_status(None))
 
 
 def configure_mlflow(params: Params) -> str:
@@ -139,6 +168,7 @@ class MlflowRecorder(TrainingRecorder):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
 
+    @store_write()
     def epoch_ended(self, row: dict[str, float]) -> None:
         """Log ``row``'s metrics at step ``row["epoch"]``."""
         import mlflow
@@ -146,6 +176,7 @@ class MlflowRecorder(TrainingRecorder):
         metrics = {k: v for k, v in row.items() if k != "epoch" and math.isfinite(v)}
         mlflow.log_metrics(metrics, step=int(row["epoch"]), run_id=self.run_id)
 
+    @store_write()
     def fit_ended(self, result: FitResult) -> None:
         """Log the selected epoch and its validation score."""
         import mlflow

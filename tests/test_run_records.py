@@ -228,3 +228,22 @@ def test_a_stopped_comparison_ends_killed_and_resume_continues_its_parent_and_ch
     # The finished child keeps its run; its checkpoint is re-evaluated in a linked new one.
     probe = next(r for r in report["runs"] if r["strategy"] == "linear_probe")
     assert runs[probe["run_id"]].data.tags["medtransfer.continues_run"] == stopped["linear_probe"]
+
+
+def test_a_sigterm_during_a_store_write_is_raised_right_after_it_not_inside() -> None:
+    """An exception in the middle of a SQLite write can leave its transaction open, and then
+    the run cannot be ended KILLED (`database is locked`): the stop waits for the write."""
+    import os
+    import signal
+
+    from tasks.tracking import Terminated, sigterm_raises, store_write
+
+    finished = []
+    with pytest.raises(Terminated), sigterm_raises():
+        with store_write():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes: give it the chance
+                pass
+            finished.append("write")
+        finished.append("after")
+    assert finished == ["write"]

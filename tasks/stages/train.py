@@ -33,6 +33,7 @@ from tasks.errors import MedtransferError
 from tasks.evaluation.evaluation import Evaluation, evaluate_student
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
+from tasks.tracking import store_write
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
 from tasks.training.checkpoints import (
     RunRecord,
@@ -279,6 +280,7 @@ def _prepare_session(
     return session, parent_id
 
 
+@store_write()
 def _start_parent_run(
     config: TrainParams, strategies: list[str], data_version: str, continue_run_id: str | None
 ):
@@ -416,6 +418,7 @@ def _parent_to_continue(plans: Mapping[tuple[str, float], _Plan], experiment_id:
     return None
 
 
+@store_write()
 def _log_dataset_and_params(params: Params, source: DatasetSource) -> None:
     """Log to the active run every parameter, the dataset's ``data.*`` values as ingested, and
     the dataset's own record of its source as tags."""
@@ -614,6 +617,7 @@ def _perturbation(config: TrainParams) -> Perturb:
     return pgd_perturbation(config.adversarial_eps_255 / 255.0, config.adversarial_steps)
 
 
+@store_write()
 def _start_run(session: _Session, strategy: str, fraction: float, adversarial: bool, plan: _Plan):
     """Start this training's MLflow run (a child run when several are compared), or continue
     the interrupted one the plan names; returns it."""
@@ -644,6 +648,7 @@ def _start_run(session: _Session, strategy: str, fraction: float, adversarial: b
     )
 
 
+@store_write()
 def _log_run_inputs(
     session: _Session, strategy: str, fraction: float, n_train: int, teacher_sha256: str
 ) -> None:
@@ -690,6 +695,7 @@ def _recorders(session: _Session, run, bar_label: str) -> list[TrainingRecorder]
     return recorders + list(session.recorders)
 
 
+@store_write()
 def _log_evaluation_and_model(
     evaluation: Evaluation, model: nn.Module, dataset: ProcessedDataset
 ) -> None:
@@ -775,6 +781,7 @@ def _ingest_counts(source: DatasetSource) -> dict[str, float]:
     return {k: getattr(source, k) for k in ("files_seen", "ingested", "quarantined", "images")}
 
 
+@store_write()
 def _log_comparison(results: list[TrainedStudent], reports_dir: str) -> None:
     """Comparison table on the parent run, plus the data-efficiency plot for several fractions."""
     import mlflow
