@@ -190,28 +190,7 @@ def _register_version(
     try:
         registered = mlflow.register_model(model_uri, config.model_name, tags=tags)
         version = str(registered.version)
-        card = render_model_card(
-            CardInputs(
-                model_name=config.model_name,
-                version=version,
-                run_id=candidate.run_id,
-                spec=candidate.spec,
-                dataset_version=candidate.dataset_version,
-                ingest=candidate.ingest,
-                metrics=candidate.metrics,
-                robustness=candidate.robustness,
-                promoted=promoted,
-                alias=config.alias,
-                reasons=reasons,
-            )
-        )
-        card_path = f"model_card/{config.model_name}-v{version}.md"
-        client.log_text(candidate.run_id, card, card_path)
-        card_uri = f"runs:/{candidate.run_id}/{card_path}"
-        client.update_model_version(
-            config.model_name, version, description=description(card, card_uri)
-        )
-        client.set_model_version_tag(config.model_name, version, "model_card", card_uri)
+        card_uri = _attach_model_card(client, config, version, candidate, promoted, reasons)
         client.set_tag(candidate.run_id, RUN_VERSION_TAG, f"{config.model_name}/{version}")
         result = result_for(version, card_uri)
         reports.REGISTER.write(reports_dir, dataclasses.asdict(result))
@@ -226,6 +205,39 @@ def _register_version(
             _restore_report(reports_dir, previous_report)
         raise
     return result
+
+
+def _attach_model_card(
+    client,
+    config: RegistryParams,
+    version: str,
+    candidate: Candidate,
+    promoted: bool,
+    reasons: list[str],
+) -> str:
+    """Render the version's model card, log it on the training run and make it the version's
+    description and ``model_card`` tag; returns the card's URI."""
+    card = render_model_card(
+        CardInputs(
+            model_name=config.model_name,
+            version=version,
+            run_id=candidate.run_id,
+            spec=candidate.spec,
+            dataset_version=candidate.dataset_version,
+            ingest=candidate.ingest,
+            metrics=candidate.metrics,
+            robustness=candidate.robustness,
+            promoted=promoted,
+            alias=config.alias,
+            reasons=reasons,
+        )
+    )
+    card_path = f"model_card/{config.model_name}-v{version}.md"
+    client.log_text(candidate.run_id, card, card_path)
+    card_uri = f"runs:/{candidate.run_id}/{card_path}"
+    client.update_model_version(config.model_name, version, description=description(card, card_uri))
+    client.set_model_version_tag(config.model_name, version, "model_card", card_uri)
+    return card_uri
 
 
 def _restore_run_tag(client, run_id: str, previous: str | None) -> None:

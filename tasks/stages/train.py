@@ -47,7 +47,7 @@ from tasks.training.checkpoints import (
     this_process,
     write_run_record,
 )
-from tasks.training.loop import CHECKPOINT_NAME, FitConfig, Perturb, dist_env, fit
+from tasks.training.loop import CHECKPOINT_NAME, FitConfig, FitResult, Perturb, dist_env, fit
 from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder, TrainingRecorder
 
 if TYPE_CHECKING:
@@ -542,19 +542,25 @@ def _train_one(
         evaluation = evaluate_student(model, dataset, params.eval.threshold)
         if run is not None:
             _log_evaluation_and_model(evaluation, model, dataset)
-        spec = _student_spec(config, base_strategy, dataset, teacher_sha256)
-        outcome = TrainedStudent(
-            strategy=strategy,
-            fraction=fraction,
-            n_train=len(train_idx),
-            best_epoch=result.best_epoch,
-            best_val_auc=result.best_val_auc,
-            test_auc=evaluation.test.auc,
-            epochs_run=len(result.history),
-            run_id=run.info.run_id if run is not None else None,
-            resumed_from_epoch=result.resumed_from_epoch,
-        )
-    return outcome, model, spec
+    spec = _student_spec(config, base_strategy, dataset, teacher_sha256)
+    return _outcome(strategy, fraction, len(train_idx), result, evaluation, run), model, spec
+
+
+def _outcome(
+    strategy: str, fraction: float, n_train: int, result: FitResult, evaluation: Evaluation, run
+) -> TrainedStudent:
+    """One training's outcome; ``run`` is its MLflow run, ``None`` off rank 0."""
+    return TrainedStudent(
+        strategy=strategy,
+        fraction=fraction,
+        n_train=n_train,
+        best_epoch=result.best_epoch,
+        best_val_auc=result.best_val_auc,
+        test_auc=evaluation.test.auc,
+        epochs_run=len(result.history),
+        run_id=run.info.run_id if run is not None else None,
+        resumed_from_epoch=result.resumed_from_epoch,
+    )
 
 
 def _continue_other_checkpoint(plan: _Plan, model: nn.Module) -> None:
