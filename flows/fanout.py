@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
+from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -116,11 +116,11 @@ def api_shared_with_workers() -> Iterator[None]:
     if PREFECT_API_URL.value():
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the one Prefect started for this run, or starts now
-    server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    # The flow run's client talks to that server (Prefect starts it with the run): its public
+    # address is what the workers need.
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url).rstrip("/")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
         yield
 
 

@@ -42,21 +42,26 @@ class PackageResult:
 def bentoml_home(config: ServingParams) -> Path:
     """Point BentoML at its store: ``BENTOML_HOME`` if set, else ``serving.bentoml_home``.
 
-    BentoML reads the variable when it first touches its store, so this runs before any
-    BentoML call; a process that already used another store is refused.
+    BentoML reads the variable once, when it first touches its store, so this runs before any
+    BentoML call; :func:`import_model` refuses a process whose store turns out to be elsewhere.
     """
     home = Path(os.environ.get("BENTOML_HOME") or config.bentoml_home).resolve()
     os.environ["BENTOML_HOME"] = str(home)
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
-    in_use = Path(BentoMLContainer.bentoml_home.get()).resolve()
+
+def check_store(stored_path: str | Path) -> None:
+    """Refuse when a stored model (its public ``Model.path``) is not under ``BENTOML_HOME``:
+    this process used another store before :func:`bentoml_home` set the variable."""
+    home = Path(os.environ.get("BENTOML_HOME", "")).resolve()
+    path = Path(stored_path).resolve()  # <home>/models/<name>/<version>
+    in_use = path.parents[2] if len(path.parents) > 2 else path
     if in_use != home:
         raise MedtransferError(
             f"BentoML in this process already uses {in_use}, not {home}; run `medtransfer "
             "package` in a fresh process."
         )
-    home.mkdir(parents=True, exist_ok=True)
-    return home
 
 
 def resolve_version(client, registry: RegistryParams):
@@ -131,7 +136,7 @@ def import_model(model, spec, version, labels: dict[str, str], metadata: dict[st
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         tag = f"{_tag_name(version.name)}:v{version.version}-{digest[:12]}"
         try:
-            bentoml.models.get(tag)
+            check_store(bentoml.models.get(tag).path)
             return tag
         except NotFound:
             pass
@@ -139,6 +144,8 @@ def import_model(model, spec, version, labels: dict[str, str], metadata: dict[st
             tag, labels=labels, metadata={**metadata, "model_sha256": digest}
         ) as stored:
             shutil.copyfile(path, Path(stored.path) / MODEL_FILE)
+    # Checked once stored: inside ``create`` the model sits in a temporary folder.
+    check_store(bentoml.models.get(tag).path)
     return tag
 
 
