@@ -40,6 +40,7 @@ from tasks.data.ingestion import (
     decode_in_process_pool,
     split_in_chunks,
 )
+from tasks.errors import MedtransferError
 
 
 @task(name="decode-files", cache_policy=NO_CACHE, persist_result=False)
@@ -80,20 +81,40 @@ class FanoutConfig:
             return ProcessPoolTaskRunner(max_workers=self.workers)
         if self.runner == "threads":
             return ThreadPoolTaskRunner(max_workers=self.workers)
-        # dask. Imported here: dask's import costs about a second, paid only by those who use it.
-        from prefect_dask import DaskTaskRunner
+        return _dask_runner(self.workers, self.dask_address)
 
-        if self.dask_address:
-            return DaskTaskRunner(address=self.dask_address)
-        # One single-threaded worker process per decoding worker: decoding holds the GIL.
-        return DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": self.workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            }
-        )
+
+def dask_runner_class() -> type[TaskRunner]:
+    """prefect-dask's ``DaskTaskRunner``.
+
+    Raises:
+        MedtransferError: prefect-dask (the ``dask`` extra) is not installed.
+    """
+    # Imported here: dask's import costs about a second, paid only by those who use it.
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise MedtransferError(
+            "orchestration.task_runner=dask needs the dask extra: pip install "
+            "'medtransfer[dask]' (or set orchestration.task_runner to threads or processes)."
+        ) from err
+    return DaskTaskRunner
+
+
+def _dask_runner(workers: int, address: str | None) -> TaskRunner:
+    """prefect-dask's runner: on the scheduler at ``address``, or on a local cluster of
+    ``workers`` single-threaded processes (decoding holds the GIL)."""
+    DaskTaskRunner = dask_runner_class()
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
 
 
 @contextmanager
@@ -131,6 +152,8 @@ def task_runner_decode_map(params: Params) -> DecodeMap:
     once every chunk's result has been handed back.
     """
     fanout = FanoutConfig.from_params(params)
+    if fanout.runner == "dask":
+        dask_runner_class()  # a missing extra is said before any file is read
     if not fanout.fans_out:
         return decode_in_process_pool
 
