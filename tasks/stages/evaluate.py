@@ -118,7 +118,7 @@ def _log_to_training_run(
     """
     import mlflow
 
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking import configure_mlflow, logged_model_id
 
     trained = reports.TRAIN.read_if_present(params.reports_dir)
     run_id = (trained or {}).get("run_id")
@@ -127,8 +127,9 @@ def _log_to_training_run(
     configure_mlflow(params)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(source.mlflow_tags(prefix="evaluate."))
-        mlflow.log_metrics(
-            {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)}
+        mlflow.log_metrics(  # linked to the logged student: its model page shows them
+            {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
+            model_id=logged_model_id(run_id),
         )
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")

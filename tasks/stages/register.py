@@ -65,7 +65,7 @@ def run_register(params: Params) -> dict:
     candidate = dataclasses.replace(candidate, ingest=with_run_source(candidate.ingest, source))
     champion = current_champion(client, config)
     promoted, reasons = promotion_decision(candidate, champion)
-    tags = {**version_tags(candidate, promoted, reasons), **(source or UNKNOWN_SOURCE)}
+    tags = version_tags(candidate, promoted, reasons)
 
     def result_for(version: str, card_uri: str) -> RegisterResult:
         return RegisterResult(
@@ -102,9 +102,6 @@ def run_register(params: Params) -> dict:
 
 # The training run's tag naming its registry version, ``<model name>/<version>``.
 RUN_VERSION_TAG = "registry.version"
-
-# A run logged before training runs recorded their data's source (or outside this pipeline).
-UNKNOWN_SOURCE = {"dataset.source_kind": "unknown (the training run recorded no source)"}
 
 
 def with_run_source(ingest: dict[str, Any], source: dict[str, str]) -> dict[str, Any]:

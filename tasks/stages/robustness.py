@@ -194,7 +194,7 @@ def _log(params: Params, report: dict, plot: Path) -> None:
     """Metrics, plot, report and verdict onto the MLflow run that trained the student."""
     import mlflow
 
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking import configure_mlflow, logged_model_id
 
     trained = reports.TRAIN.read_if_present(params.reports_dir) or {}
     if not trained.get("run_id"):
@@ -202,14 +202,16 @@ def _log(params: Params, report: dict, plot: Path) -> None:
     configure_mlflow(params)
     finite = {k: v for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
     with mlflow.start_run(run_id=trained["run_id"]):
-        mlflow.log_metrics(finite)
+        model_id = logged_model_id(trained["run_id"])  # the model page shows what is linked
+        mlflow.log_metrics(finite, model_id=model_id)
         if report["reference_probe"]:
             mlflow.log_metrics(
                 {
                     f"probe_{k}": v
                     for k, v in report["reference_probe"]["metrics"].items()
                     if v is not None and np.isfinite(v)
-                }
+                },
+                model_id=model_id,
             )
         mlflow.log_artifact(str(plot), artifact_path="robustness")
         mlflow.log_dict(report, "robustness/robustness.json")

