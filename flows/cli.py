@@ -69,9 +69,9 @@ def _package(params: Params, args: argparse.Namespace) -> dict:
 
 
 def _run(params: Params, args: argparse.Namespace) -> dict:
-    from flows.pipeline import medtransfer_pipeline
+    from flows.pipeline import run_pipeline
 
-    return medtransfer_pipeline(params_file=args.params, overrides=list(args.set))
+    return run_pipeline(params_file=args.params, overrides=list(args.set))
 
 
 def _serve_deployments(params: Params, args: argparse.Namespace) -> dict:

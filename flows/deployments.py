@@ -83,6 +83,7 @@ def build_deployments(
     """
     from prefect.types.entrypoint import EntrypointType
 
+    from flows.fanout import flow_task_runner
     from flows.pipeline import medtransfer_pipeline
     from flows.watch import watch_and_retrain
 
@@ -100,7 +101,10 @@ def build_deployments(
             "entrypoint_type": EntrypointType.MODULE_PATH,
             "job_variables": {"working_dir": str(Path(working_dir or Path.cwd()).resolve())},
         }
-    retrain = medtransfer_pipeline.to_deployment(
+    # The flows run on the task runner the configuration names (the ingest maps decoding on
+    # it). A work pool's worker imports the decorated flow instead: its default thread pool.
+    runner = flow_task_runner(params)
+    retrain = medtransfer_pipeline.with_options(task_runner=runner).to_deployment(
         name=RETRAIN_DEPLOYMENT,
         schedules=cron_schedules(config.retrain_cron, config.timezone, "retrain_cron"),
         parameters=parameters,
@@ -108,7 +112,7 @@ def build_deployments(
         tags=["medtransfer", "retrain"],
         **pool,
     )
-    watch = watch_and_retrain.to_deployment(
+    watch = watch_and_retrain.with_options(task_runner=runner).to_deployment(
         name=WATCH_DEPLOYMENT,
         schedules=cron_schedules(config.watch_cron, config.timezone, "watch_cron"),
         parameters=parameters,

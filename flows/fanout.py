@@ -1,9 +1,9 @@
 """Ingestion fan-out through a Prefect task runner, chosen by ``orchestration.task_runner``.
 
 The flow's ingest stage hands :func:`task_runner_decode_map` to ``tasks.ingest.run_ingest``:
-the files are cut into consecutive chunks and each chunk is decoded by the Prefect task
-``decode-files`` submitted to the configured runner, so every chunk is a task run in the
-Prefect UI. The decoding itself is ``tasks.ingest.decode_chunk``; only where it runs changes:
+the files are cut into consecutive chunks and the Prefect task ``decode-files`` is mapped over
+them (``decode_files.map``) on the flow run's task runner, which ``medtransfer run`` sets from
+the configuration (:func:`flow_task_runner`), so every chunk is a task run in the Prefect UI. The decoding itself is ``tasks.ingest.decode_chunk``; only where it runs changes:
 
 - ``threads`` (default): Prefect's ``ThreadPoolTaskRunner``. Reading, decompressing, windowing
   and resizing spend most of their time outside the GIL: on 2 cores threads decoded 1.2x
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import get_client, task
+from prefect import get_client, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -145,11 +145,22 @@ def api_shared_with_workers() -> Iterator[None]:
         yield
 
 
-def task_runner_decode_map(params: Params) -> DecodeMap:
-    """A :data:`~tasks.data.ingestion.DecodeMap` that runs ``decode-files`` tasks on the configured runner.
+def flow_task_runner(params: Params) -> TaskRunner:
+    """The task runner a flow that ingests with ``params`` runs with: the configured one when
+    decoding fans out, else Prefect's default (nothing is mapped on it)."""
+    fanout = FanoutConfig.from_params(params)
+    return fanout.task_runner() if fanout.fans_out else ThreadPoolTaskRunner()
 
-    The runner is entered when decoding starts and shut down (a local Dask cluster with it)
-    once every chunk's result has been handed back.
+
+def task_runner_decode_map(params: Params) -> DecodeMap:
+    """A :data:`~tasks.data.ingestion.DecodeMap` that maps ``decode-files`` over the chunks with
+    ``.map`` on the task runner of the flow run it is called in (:func:`flow_task_runner`, set
+    with ``flow.with_options(task_runner=...)`` by ``medtransfer run``, the watch flow and the
+    deployments). A flow started otherwise (its decorator's thread pool) decodes on its own
+    runner, with a warning naming the configured one.
+
+    A flow-level runner lives as long as the flow run: a local Dask cluster started for the run
+    stays up (idle) until the run ends, not only while ingest decodes.
     """
     fanout = FanoutConfig.from_params(params)
     if fanout.runner == "dask":
@@ -160,25 +171,41 @@ def task_runner_decode_map(params: Params) -> DecodeMap:
     def decode_map(
         folder: Path, files: list[Path], data: DataParams, salt: str
     ) -> Iterator[FileOutcome]:
+        _warn_if_other_runner(fanout)
         # Decoding threads must not each swap the process-wide warning filters (that is not
         # thread-safe): silence warnings here, once, for all of them. Worker processes
         # silence their own, and need the flow's API address instead.
         shared = warnings_silenced() if fanout.runner == "threads" else api_shared_with_workers()
-        with shared, fanout.task_runner() as runner:
-            futures = [
-                runner.submit(
-                    decode_files,
-                    {
-                        "folder": str(folder),
-                        "paths": [str(path) for path in chunk],
-                        "image_size": data.image_size,
-                        "multiframe": data.multiframe,
-                        "salt": salt,
-                    },
-                )
-                for chunk in split_in_chunks(files, data.worker_count)
-            ]
+        chunks = split_in_chunks(files, data.worker_count)
+        with shared:
+            futures = decode_files.map(
+                folder=unmapped(str(folder)),
+                paths=[[str(path) for path in chunk] for chunk in chunks],
+                image_size=unmapped(data.image_size),
+                multiframe=unmapped(data.multiframe),
+                salt=unmapped(salt),
+            )
             for future in futures:
                 yield from future.result()
 
     return decode_map
+
+
+def _warn_if_other_runner(fanout: FanoutConfig) -> None:
+    """Say so when the flow run's task runner is not the kind ``orchestration.task_runner``
+    names (a flow started without :func:`flow_task_runner`)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = getattr(context, "task_runner", None)
+    wanted = {"threads": ThreadPoolTaskRunner, "processes": ProcessPoolTaskRunner}.get(
+        fanout.runner
+    ) or dask_runner_class()
+    if runner is not None and not isinstance(runner, wanted):
+        get_run_logger().warning(
+            "orchestration.task_runner is %s but this flow run's task runner is %s: decoding "
+            "there. Start the flow with flow.with_options(task_runner=flow_task_runner(params)) "
+            "(as `medtransfer run` does) to use the configured one.",
+            fanout.runner,
+            type(runner).__name__,
+        )

@@ -17,13 +17,15 @@ naming the stage, the path and what to do, which ``medtransfer run`` prints with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.artifacts import publish
 from flows.cache import outputs_present, stage_key
-from flows.fanout import task_runner_decode_map
+from flows.fanout import flow_task_runner, task_runner_decode_map
 from flows.progress import PrefectProgressRecorder
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
@@ -164,12 +166,28 @@ def medtransfer_pipeline(
             "No registry version carries the alias yet: nothing approved to package."
         )
     summary["cached"] = cached
+    publish(summary, effective_tracking_uri(params))
     create_markdown_artifact(
         key="medtransfer-summary",
         markdown=summary_markdown(summary, params),
         description="What this medtransfer run produced",
     )
     return summary
+
+
+def effective_tracking_uri(params: Params) -> str:
+    """The MLflow store the stages log to: ``MLFLOW_TRACKING_URI`` wins over params.yaml."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+
+
+def run_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Run :func:`medtransfer_pipeline` on the task runner ``orchestration.task_runner`` names
+    (``data.workers`` wide), where its ingest maps the decoding; returns the flow's summary."""
+    params = load_params(params_file, overrides or [])
+    runner = flow_task_runner(params)
+    return medtransfer_pipeline.with_options(task_runner=runner)(
+        params_file=params_file, overrides=overrides
+    )
 
 
 def uses_synthetic_set(params: Params) -> bool:
@@ -185,4 +203,4 @@ def summary_markdown(summary: dict, params: Params) -> str:
 
 
 if __name__ == "__main__":
-    medtransfer_pipeline()
+    run_pipeline()

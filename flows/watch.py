@@ -30,7 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows.pipeline import ingest, medtransfer_pipeline, run_stage
+from flows.pipeline import ingest, run_pipeline, run_stage
 from tasks.config import Params, load_params
 from tasks.data.dataset import dataset_version
 
@@ -122,7 +122,7 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
         version,
         source,
     )
-    summary = medtransfer_pipeline(params_file=params_file, overrides=overrides)
+    summary = run_pipeline(params_file=params_file, overrides=overrides)
     # Record what the pipeline actually trained on: its own ingest may have seen files that
     # arrived after our check.
     trained_version = summary["train"]["dataset_version"]

@@ -87,7 +87,7 @@ def _outcome(root: Path) -> dict[str, object]:
     """What a run left: the dataset's version and bytes, the synthetic labels and report."""
     processed = root / "data" / "processed"
     return {
-        "dataset_version": dataset_version(processed, root / "dvc.lock"),
+        "dataset_version": dataset_version(processed),
         "images": (processed / "images.npy").read_bytes(),
         "labels_npy": np.load(processed / "labels.npy").tolist(),
         "synthetic_labels": (root / "data" / "synthetic" / "dicom" / "labels.csv").read_text(),
@@ -155,7 +155,7 @@ def test_ingestion_killed_at_seeded_points_leaves_a_whole_dataset_and_reruns_ide
 
         landed += _kill_when(root, "ingest", new, ready)
         processed = data / "processed"
-        assert dataset_version(processed, root / "dvc.lock") in versions
+        assert dataset_version(processed) in versions
         assert len(list(data.iterdir())) <= len(known) + 1  # at most this run's staging
     assert landed >= 3, "most kills must land while the run writes"
 

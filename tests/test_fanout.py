@@ -16,7 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows import pipeline
-from flows.fanout import task_runner_decode_map
+from flows.fanout import flow_task_runner, task_runner_decode_map
 from tasks.config import Params
 from tasks.data.ingestion import decode_in_process_pool, split_in_chunks
 from tasks.data.synthetic import SyntheticConfig, generate
@@ -31,6 +31,12 @@ DATASET_FILES = ("images.npy", "labels.npy", "manifest.csv", "quarantine.csv", "
 def ingest_only(params: Params) -> dict:
     """The pipeline's ingest task alone, in a flow of its own."""
     return pipeline.ingest(params)
+
+
+def ingest_flow(params: Params):
+    """``ingest_only`` on the task runner ``params`` configure, as ``medtransfer run`` runs
+    the pipeline."""
+    return ingest_only.with_options(task_runner=flow_task_runner(params))
 
 
 @pytest.fixture
@@ -52,7 +58,7 @@ def _flow_ingest(params: Params, out: Path, overrides: list[str]) -> tuple[dict,
     fanned = params.with_overrides(
         [f"data.processed_dir={out / 'processed'}", f"reports_dir={out / 'reports'}", *overrides],
     )
-    state = ingest_only(fanned, return_state=True)
+    state = ingest_flow(fanned)(fanned, return_state=True)
     return state.result(), str(state.state_details.flow_run_id)
 
 
@@ -171,9 +177,10 @@ def test_worker_processes_report_to_the_flows_temporary_server(
         # timeout for the temporary server that suits a busy machine) precede prefect's import.
         "import flows\n"
         "from tasks.config import load_params\n"
-        "from tests.test_fanout import ingest_only\n"
+        "from tests.test_fanout import ingest_flow\n"
         "if __name__ == '__main__':\n"
-        f"    report = ingest_only(load_params({str(params_file)!r}))\n"
+        f"    params = load_params({str(params_file)!r})\n"
+        "    report = ingest_flow(params)(params)\n"
         "    print('files_seen', report['files_seen'])\n"
     )
     done = run_python(script, environment_without_prefect(tmp_path / "prefect-home"), 300)

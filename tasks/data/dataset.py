@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from tasks.errors import MedtransferError
 
@@ -134,46 +133,32 @@ def load_processed(processed_dir: str | Path) -> ProcessedDataset:
     )
 
 
-def dataset_version(processed_dir: str | Path, lock_file: str | Path = "dvc.lock") -> str:
-    """The version of a processed dataset: DVC's hash of the folder.
+def dataset_version(processed_dir: str | Path) -> str:
+    """The version of a processed dataset: DVC's hash of the folder, the ``md5`` that
+    ``dvc.lock`` records for the ``ingest`` stage's output once DVC has run it.
 
-    Reads the hash DVC recorded for the ``ingest`` stage's output in ``dvc.lock`` when that
-    entry describes the folder as it is now; otherwise computes the same kind of content hash
-    (``md5`` of the sorted file hashes, suffixed ``.dir``) from the files themselves, so a run
-    outside DVC still names its data exactly.
+    DVC's own object builder (``dvc_data``, what ``dvc add``/``dvc commit`` use) hashes the
+    folder, dry-run: nothing is written to a cache, and a folder outside a DVC repository (a
+    test's, a run without ``dvc repro``) is named by the same hash.
 
     Returns:
         A string like ``"3f2a...e1.dir"``.
     """
+    import tempfile
+
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import LocalFileSystem
+
     root = Path(processed_dir)
-    computed = directory_md5(root)
-    lock = Path(lock_file)
-    if lock.is_file():
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-            for out in stages.get("ingest", {}).get("outs", []):
-                if Path(out.get("path", "")) == root and out.get("md5") == computed:
-                    return str(out["md5"])
-        except yaml.YAMLError:
-            pass
-    return computed
-
-
-def directory_md5(root: Path) -> str:
-    """DVC-style directory hash: md5 of the JSON list of ``{"md5", "relpath"}`` entries."""
     if not root.is_dir():
         raise MedtransferError(
             f"No processed dataset folder at {root}; run `medtransfer ingest` first."
         )
-    entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest = hashlib.md5()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(chunk)
-        entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(root).as_posix()})
-    payload = json.dumps(entries, sort_keys=True, separators=(", ", ": ")).encode()
-    return hashlib.md5(payload).hexdigest() + ".dir"
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as staging:
+        _, _, tree = build(HashFileDB(fs, staging), str(root.resolve()), fs, "md5", dry_run=True)
+    return str(tree.hash_info.value)
 
 
 @dataclass(frozen=True)
