@@ -44,6 +44,7 @@ def test_flow_runs_every_stage_then_hits_the_cache(
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("medtransfer")
     assert len(client.search_runs([experiment.experiment_id])) == 1
+    _check_artifacts(first)
 
     second = medtransfer_pipeline(params_file=str(params_file))
     # the synthetic source: its generation is a task of its own, cached like the others
@@ -63,3 +64,27 @@ def test_flow_runs_every_stage_then_hits_the_cache(
     third = medtransfer_pipeline(params_file=str(params_file), overrides=["eval.threshold=0.5"])
     assert third["cached"] == ["synthesize", "ingest", "train"]
     assert third["evaluate"]["threshold"] == 0.5
+
+
+def _check_artifacts(summary: dict) -> None:
+    """The flow run's Prefect artifacts: the metrics and robustness tables, and the links to
+    the MLflow run and the registry version."""
+    from prefect.artifacts import Artifact
+
+    metrics = json.loads(Artifact.get("medtransfer-metrics").data)
+    assert [row["split"] for row in metrics] == ["val", "test"]
+    assert metrics[1]["auc"] == summary["evaluate"]["test"]["auc"]
+    robustness = {
+        row["epsilon"]: row for row in json.loads(Artifact.get("medtransfer-robustness").data)
+    }
+    pgd = summary["robustness"]["metrics"]["robust_acc_pgd_eps_0.0039"]  # epsilons_255=[1]
+    assert robustness["0.0039"]["robust_acc_pgd"] == pgd
+    run_id = summary["train"]["run_id"]
+    assert Artifact.get("medtransfer-mlflow-run").data == (
+        f"[MLflow run {run_id}](http://127.0.0.1:5000/#/runs/{run_id}"
+        "?workflowType=machine_learning)"
+    )
+    assert Artifact.get("medtransfer-registry-version").data == (
+        "[medtransfer-student version 1]"
+        "(http://127.0.0.1:5000/#/models/medtransfer-student/versions/1)"
+    )
