@@ -74,8 +74,10 @@ def test_mlflow_ui_shows_experiment_run_dataset_model_metrics_and_champion(
     assert dataset.digest == report["dataset_version"][:36]
     assert dataset.source_type == "local" and "processed" in dataset.source
     model_id = logged_model_id(run.info.run_id)
-    model_metrics = {m.key: m.value for m in client.get_logged_model(model_id).metrics or []}
-    assert model_metrics["eval_test_auc"] == auc  # linked to the model, not only to the run
+    model_metrics = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
+    # linked to the model and to the dataset they were measured on
+    assert model_metrics["eval_test_auc"].value == auc
+    assert model_metrics["eval_test_auc"].dataset_digest == dataset.digest
     client.create_registered_model(MODEL_NAME)
     version = client.create_model_version(
         MODEL_NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
@@ -134,6 +136,7 @@ def test_mlflow_ui_shows_experiment_run_dataset_model_metrics_and_champion(
                 row = page.get_by_role("row").filter(has_text="eval_test_auc").first
                 expect(row).to_be_visible()
                 assert _shows_number(row.inner_text(), auc), (row.inner_text(), auc)
+                assert dataset.name in row.inner_text()  # the metric's dataset column
                 row.scroll_into_view_if_needed()  # the metrics table sits below the fold
                 shoot("logged_model")
 
