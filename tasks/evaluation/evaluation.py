@@ -100,17 +100,9 @@ def gradcam_grid(
     correct = np.flatnonzero(predicted == labels)[:per_group]
     wrong = np.flatnonzero(predicted != labels)[:per_group]
     chosen = np.concatenate([correct, wrong]).astype(int)
-    cam = GradCAM(nn_module=model, target_layers=layer)
     chosen_set = ImageDataset(images[chosen], labels[chosen], to_tensor_transform())
     batch = torch.stack([chosen_set[k][0] for k in range(len(chosen))])
-    model.eval()
-    with torch.enable_grad():
-        # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
-        maps = (
-            cam(batch.requires_grad_(True), class_idx=torch.as_tensor(predicted[chosen]))
-            .detach()
-            .numpy()
-        )
+    maps = gradcam_maps(model, layer, batch, predicted[chosen])
     classes = dataset.classes
     captions = [
         f"{'ok' if predicted[i] == labels[i] else 'WRONG'}: true {classes[labels[i]]}, pred {classes[predicted[i]]} ({probabilities[i].max():.2f})"
@@ -119,3 +111,31 @@ def gradcam_grid(
     return plots.plot_image_grid(
         [images[i] / 255.0 for i in chosen], list(maps[:, 0]), captions, path
     )
+
+
+def gradcam_maps(
+    model: nn.Module, layer: str, batch: torch.Tensor, classes: np.ndarray
+) -> np.ndarray:
+    """Grad-CAM of each image for its own class: ``(B, 1, H, W)`` float maps in [0, 1].
+
+    Args:
+        model: a classifier returning logits ``(B, C)``.
+        layer: the dotted name of the convolution whose activations are weighted.
+        batch: images ``(B, 1, H, W)`` as the model takes them.
+        classes: ``(B,)`` the class each image's map explains (e.g. its prediction).
+
+    MONAI's ``GradCAM`` backpropagates ``logits[:, class_idx].sum()``: given one index per
+    image it mixes every listed class into every map. So it is called once per class, on the
+    images that class explains, and each map depends on its own image and class only.
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    cam = GradCAM(nn_module=model, target_layers=layer)
+    maps = np.zeros((len(batch), 1, *batch.shape[2:]), dtype=np.float32)
+    model.eval()
+    with torch.enable_grad():
+        for cls in np.unique(classes):
+            rows = np.flatnonzero(classes == cls)
+            # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
+            images = batch[torch.as_tensor(rows)].clone().requires_grad_(True)
+            maps[rows] = cam(images, class_idx=int(cls)).detach().numpy()
+    return maps
