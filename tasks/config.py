@@ -31,6 +31,7 @@ DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 STRATEGIES = ("linear_probe", "partial", "full", "scratch")
 THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
+CALIBRATIONS = ("temperature", "none")
 TASK_RUNNERS = ("threads", "processes", "dask")
 MULTIFRAME_MODES = ("middle", "all")
 # Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
@@ -152,10 +153,12 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    """``eval``: the decision threshold rule and the Grad-CAM grid."""
+    """``eval``: the decision threshold rule, the Grad-CAM grid, calibration and intervals."""
 
     threshold: str = rule(choices=THRESHOLD_RULES)
     gradcam_examples: int = rule(min=0)
+    calibration: str = rule(choices=CALIBRATIONS)
+    bootstrap: int = rule(min=100)
 
 
 @dataclass(frozen=True)
