@@ -36,3 +36,53 @@ def test_gradcam_maps_of_a_mixed_batch_equal_each_images_own_map(student) -> Non
     # and the class matters: the other class's map of the same image differs
     other = gradcam_maps(student, GRADCAM_LAYER, images[:1], np.array([1]))
     assert np.abs(other[0] - maps[0]).max() > 0.05
+
+
+METRICS_REPORT = {
+    "threshold": 0.42,
+    "threshold_rule": "youden",
+    "calibration": {"temperature": 1.7, "test_ece_uncalibrated": 0.081},
+    "bootstrap": {"resamples": 1000, "seed": 42, "unit": "patient"},
+    "val": {"auc": 0.9, "accuracy": 0.8, "sensitivity": 0.8, "specificity": 0.8, "ece": 0.05},
+    "test": {
+        "auc": 0.875,
+        "accuracy": 0.8,
+        "sensitivity": 0.75,
+        "specificity": 0.85,
+        "ece": 0.04,
+        "n_images": 55,
+        "n_patients": 18,
+        "ci95": {
+            "auc": {"low": 0.701, "high": 0.968},
+            "accuracy": {"low": 0.69, "high": 0.9},
+            "sensitivity": {"low": 0.5, "high": 0.95},
+            "specificity": {"low": 0.7, "high": 1.0},
+            "ece": {"low": 0.02, "high": 0.12},
+        },
+    },
+}
+
+
+def test_model_card_and_run_summary_show_each_test_metric_with_its_interval() -> None:
+    from flows.summary import summary_lines
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    card = render_model_card(
+        CardInputs(
+            model_name="m",
+            version="1",
+            run_id="r",
+            spec={"classes": ["a", "b"]},
+            dataset_version="d",
+            ingest={},
+            metrics=METRICS_REPORT,
+            robustness=None,
+            promoted=False,
+            alias="champion",
+        )
+    )
+    assert "| test | 0.875 [0.701, 0.968] | 0.800 [0.690, 0.900] |" in card
+    assert "55 images of 18 patients" in card and "T = 1.70" in card
+    lines = summary_lines({"evaluate": METRICS_REPORT})
+    assert lines[0].startswith("test AUC 0.875 [0.701, 0.968], sensitivity 0.750 [0.500, 0.950]")
+    assert "18 test patients" in lines[1]

@@ -88,14 +88,16 @@ def render_model_card(inputs: CardInputs) -> str:
     ]
     for split in ("val", "test"):
         values = inputs.metrics.get(split) or {}
+        ci = values.get("ci95") or {}
         lines.append(
             f"| {split} | "
             + " | ".join(
-                _num(values.get(k))
+                _num(values.get(k)) + _interval(ci.get(k))
                 for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
             )
             + " |"
         )
+    lines += _metrics_notes(inputs.metrics)
     lines += ["", "## Robustness", ""]
     lines += _robustness_section(inputs.robustness)
     lines += ["", "## Promotion", ""]
@@ -103,6 +105,34 @@ def render_model_card(inputs: CardInputs) -> str:
     lines += ["", "## Limits", ""]
     lines += [f"- {limit}" for limit in _limits(inputs)]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_notes(metrics: Mapping[str, Any]) -> list[str]:
+    """What the metrics table rests on: test size, interval method, calibration."""
+    test = metrics.get("test") or {}
+    notes = []
+    if test.get("ci95"):
+        boot = metrics.get("bootstrap") or {}
+        notes.append(
+            f"Test: {test.get('n_images')} images of {test.get('n_patients')} patients; "
+            f"brackets are 95% intervals by bootstrap over patients ({boot.get('resamples')} "
+            f"resamples, seed {boot.get('seed')})."
+        )
+    calibration = metrics.get("calibration") or {}
+    if "temperature" in calibration:
+        notes.append(
+            f"Probabilities are temperature-scaled (T = {_num(calibration['temperature'], 2)}, "
+            f"fitted on validation; the served model applies it). Test ECE before scaling: "
+            f"{_num(calibration.get('test_ece_uncalibrated'))}."
+        )
+    return ["", *notes] if notes else []
+
+
+def _interval(bounds: Any) -> str:
+    """`` [low, high]`` of a ``{"low", "high"}`` interval, or nothing."""
+    if not isinstance(bounds, Mapping):
+        return ""
+    return f" [{_num(bounds.get('low'))}, {_num(bounds.get('high'))}]"
 
 
 def _data_table(ingest: Mapping[str, Any]) -> list[str]:
