@@ -191,6 +191,9 @@ class RobustnessParams:
     epsilons_255: tuple[float, ...] = rule(min=0.0, max=255.0)
     pgd_steps: int = rule(min=1)
     pgd_step_fraction: float | None = rule(above=0.0)
+    apgd_steps: int = rule(min=1)
+    universal_images: int = rule(min=1)
+    universal_steps: int = rule(min=1)
     batch_size: int = rule(min=1)
     reference_probe: bool = rule()
     reference_probe_steps: int = rule(min=1)
@@ -211,6 +214,8 @@ class GatesParams:
     robust_acc_eps_255: float | None = rule(above=0.0)
     max_teacher_transfer_success: float | None = rule(min=0.0, max=1.0)
     teacher_transfer_eps_255: float | None = rule(above=0.0)
+    max_universal_fooling: float | None = rule(min=0.0, max=1.0)
+    universal_eps_255: float | None = rule(above=0.0)
 
     def in_pixels(self) -> dict[str, float | None]:
         """The gates with ``*_eps_255`` budgets converted to pixel units (``*_eps``)."""
