@@ -86,3 +86,30 @@ def test_model_card_and_run_summary_show_each_test_metric_with_its_interval() ->
     lines = summary_lines({"evaluate": METRICS_REPORT})
     assert lines[0].startswith("test AUC 0.875 [0.701, 0.968], sensitivity 0.750 [0.500, 0.950]")
     assert "18 test patients" in lines[1]
+
+
+def test_model_card_shows_robustness_rates_with_their_intervals() -> None:
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    robustness = {
+        "verdict": {"passed": False, "reasons": ["x"]},
+        "n_examples": 55,
+        "metrics": {"clean_acc": 0.8, "robust_acc_apgd_eps_0.0039": 0.0},
+        "intervals": {"clean_acc": [0.68, 0.88], "robust_acc_apgd_eps_0.0039": [0.0, 0.065]},
+    }
+    card = render_model_card(
+        CardInputs(
+            model_name="m",
+            version="1",
+            run_id="r",
+            spec={"classes": ["a", "b"]},
+            dataset_version="d",
+            ingest={},
+            metrics=METRICS_REPORT,
+            robustness=robustness,
+            promoted=False,
+            alias="champion",
+        )
+    )
+    assert "on the 55 evaluated test images: 0.800 [0.68, 0.88]" in card
+    assert "| 0.0039 (1.0/255) | 0.000 [0.00, 0.07] |" in card

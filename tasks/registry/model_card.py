@@ -128,6 +128,13 @@ def _metrics_notes(metrics: Mapping[str, Any]) -> list[str]:
     return ["", *notes] if notes else []
 
 
+def _pair(bounds: Any) -> str:
+    """`` [low, high]`` of a ``[low, high]`` list, or nothing."""
+    if not isinstance(bounds, Sequence) or len(bounds) != 2:
+        return ""
+    return f" [{_num(bounds[0], 2)}, {_num(bounds[1], 2)}]"
+
+
 def _interval(bounds: Any) -> str:
     """`` [low, high]`` of a ``{"low", "high"}`` interval, or nothing."""
     if not isinstance(bounds, Mapping):
@@ -186,8 +193,14 @@ def _robustness_section(robustness: Mapping[str, Any] | None) -> list[str]:
     lines = [f"Verdict: **{'passed' if passed else 'failed'}**."]
     lines += [f"- {reason}" for reason in verdict.get("reasons") or []]
     metrics = robustness.get("metrics") or {}
+    intervals = robustness.get("intervals") or {}
     if "clean_acc" in metrics:
-        lines += ["", f"Clean accuracy on the evaluated images: {_num(metrics['clean_acc'])}."]
+        n = robustness.get("n_examples")
+        lines += [
+            "",
+            f"Clean accuracy on the {n} evaluated test images: {_num(metrics['clean_acc'])}"
+            f"{_pair(intervals.get('clean_acc'))}. Brackets: 95% Wilson intervals.",
+        ]
     measures, rows = robustness_table(metrics)
     if rows:
         lines += [
@@ -197,9 +210,11 @@ def _robustness_section(robustness: Mapping[str, Any] | None) -> list[str]:
         ]
         for eps, values in rows:
             budget = f"{eps} ({_num(_as_float(eps) * 255.0, 1)}/255)"
-            lines.append(
-                f"| {budget} | " + " | ".join(_num(values.get(m)) for m in measures) + " |"
-            )
+            cells = [
+                _num(values.get(m)) + _pair(intervals.get(f"{m}{EPS_SEPARATOR}{eps}"))
+                for m in measures
+            ]
+            lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return lines
 
 
