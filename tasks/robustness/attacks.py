@@ -513,7 +513,9 @@ def craft_feature_mimicry(
     device: Device = "cpu",
 ) -> np.ndarray:
     """Targeted teacher-transfer perturbation (feature mimicry): make each image's teacher
-    features resemble those of its target, minimising ``||f(x_i + d_i) - f(t_i)||_2``.
+    features resemble those of its target, minimising ``||f(x_i + d_i) - f(t_i)||_2``, with
+    ART's ``FeatureAdversariesPyTorch`` (Sabour et al., 2016) in its PGD form from the clean
+    image.
 
     Args:
         target_images: one target per image, same shape as ``images`` (see
@@ -529,18 +531,47 @@ def craft_feature_mimicry(
     if eps == 0.0 or len(clean) == 0:
         return clean.copy()
     step = float(step_size) if step_size is not None else default_step_size(eps, steps)
-    return _feature_pgd(
-        teacher_features,
-        clean,
-        lambda batch, x: _features(teacher_features, torch.from_numpy(targets[batch]).to(x.device)),
-        -1.0,
-        eps,
-        steps,
-        step,
-        batch_size,
-        seed,
-        device,
-    )
+    from art.attacks.evasion import FeatureAdversariesPyTorch
+    from art.estimators.classification import PyTorchClassifier
+
+    head = _FeatureOutput(teacher_features)
+    torch_device = torch.device(device)
+    with preserved_state(teacher_features), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        estimator = PyTorchClassifier(
+            model=head,
+            loss=nn.MSELoss(),  # unused by the attack, required by the estimator
+            input_shape=tuple(clean.shape[1:]),
+            nb_classes=max(2, int(head(torch.from_numpy(clean[:1])).shape[1])),
+            clip_values=(0.0, 1.0),
+            device_type="gpu" if torch_device.type == "cuda" else "cpu",
+        )
+        attack = FeatureAdversariesPyTorch(
+            estimator,
+            delta=eps,
+            layer="features",
+            max_iter=steps,
+            step_size=step,
+            batch_size=batch_size,
+            random_start=False,  # towards a target the gradient at the clean image is not zero
+            verbose=False,
+        )
+        adversarial = attack.generate(x=clean, y=targets)
+    return _project(np.asarray(adversarial, dtype=np.float32), clean, eps)
+
+
+class _FeatureOutput(nn.Module):
+    """The teacher's flattened features behind a fresh named layer, ``features``: ART's
+    ``get_activations`` leaves a forward hook on the layer it reads, so it reads this
+    throw-away one instead of a module of the shared teacher."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.features = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.extractor(x).flatten(start_dim=1))
 
 
 def choose_mimicry_targets(labels: np.ndarray, pool_labels: np.ndarray, seed: int) -> np.ndarray:
