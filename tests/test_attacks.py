@@ -526,3 +526,25 @@ def test_crafted_teacher_perturbations_are_shared_between_students(toy):
         other, teacher, toy["images"], toy["labels"], EPS_8, steps=3, seed=0
     )
     np.testing.assert_array_equal(uncached.adversarial, first.adversarial)
+
+
+def test_universal_perturbation_from_natural_images_fools_the_student_more_than_noise(toy):
+    from tasks.robustness.universal import (
+        craft_universal_perturbation,
+        natural_crops,
+        universal_fooling_rate,
+    )
+
+    natural = natural_crops(8, SIZE, seed=0)
+    assert natural.shape == (8, 1, SIZE, SIZE) and natural.dtype == np.float32
+    np.testing.assert_array_equal(natural, natural_crops(8, SIZE, seed=0))  # seeded
+    assert 0.0 <= natural.min() and natural.max() <= 1.0 and natural.std() > 0.05
+    delta = craft_universal_perturbation(toy["teacher"], natural, EPS_8, steps=5, seed=0)
+    assert delta.shape == (1, 1, SIZE, SIZE) and np.abs(delta).max() <= EPS_8 + FLOAT_TOL
+    images = toy["images"]
+    clean_predictions = predict(toy["model"], images)
+    rate, count = universal_fooling_rate(toy["model"], images, delta, clean_predictions)
+    assert rate == pytest.approx(count / len(images))
+    signs = np.random.default_rng(0).choice([-EPS_8, EPS_8], size=delta.shape).astype(np.float32)
+    noise_rate, _ = universal_fooling_rate(toy["model"], images, signs, clean_predictions)
+    assert rate > noise_rate + 0.2
