@@ -538,7 +538,7 @@ def test_universal_perturbation_from_natural_images_fools_the_student_more_than_
     natural = natural_crops(8, SIZE, seed=0)
     assert natural.shape == (8, 1, SIZE, SIZE) and natural.dtype == np.float32
     np.testing.assert_array_equal(natural, natural_crops(8, SIZE, seed=0))  # seeded
-    assert 0.0 <= natural.min() and natural.max() <= 1.0 and natural.std() > 0.05
+    assert natural.min() >= 0.0 and natural.max() <= 1.0 and natural.std() > 0.05
     delta = craft_universal_perturbation(toy["teacher"], natural, EPS_8, steps=5, seed=0)
     assert delta.shape == (1, 1, SIZE, SIZE) and np.abs(delta).max() <= EPS_8 + FLOAT_TOL
     images = toy["images"]

@@ -113,3 +113,17 @@ def test_model_card_shows_robustness_rates_with_their_intervals() -> None:
     )
     assert "on the 55 evaluated test images: 0.800 [0.68, 0.88]" in card
     assert "| 0.0039 (1.0/255) | 0.000 [0.00, 0.07] |" in card
+
+
+def test_registry_tags_carry_the_test_intervals_and_the_temperature() -> None:
+    from tasks.registry.promotion import Candidate, version_tags
+
+    candidate = Candidate(
+        run_id="r", dataset_version="d",
+        spec={"teacher": "t", "teacher_weights_sha256": "s", "strategy": "full",
+              "image_size": 64, "classes": ["a", "b"]},
+        metrics=METRICS_REPORT, robustness=None, ingest={},
+    )  # fmt: skip
+    tags = version_tags(candidate, promoted=False, reasons=[])
+    assert tags["test_auc_ci95"] == "0.701..0.968"
+    assert tags["temperature"] == "1.7"

@@ -140,6 +140,11 @@ def version_tags(candidate: Candidate, promoted: bool, reasons: list[str]) -> di
         "promotion": "promoted" if promoted else "not_promoted",
         "promotion_reasons": "; ".join(reasons),
     }
+    for name, bounds in (test.get("ci95") or {}).items():
+        tags[f"test_{name}_ci95"] = f"{_text(bounds.get('low'))}..{_text(bounds.get('high'))}"
+    calibration = candidate.metrics.get("calibration") or {}
+    if "temperature" in calibration:
+        tags["temperature"] = _text(calibration["temperature"])
     robust_metrics = (candidate.robustness or {}).get("metrics") or {}
     for key, value in robust_metrics.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
