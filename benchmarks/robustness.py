@@ -1,7 +1,8 @@
 """Time the robustness stage's attacks: the issue's 600 images, and the demo default.
 
-Runs the stage's attacks through ``tasks.robustness.check.attack_at_budgets`` (FGSM, PGD, both
-teacher-transfer attacks, noise at every budget) exactly as the stage does, on synthetic chest images at the default image size,
+Runs the stage's attacks through ``tasks.robustness.check.attack_at_budgets`` (FGSM, PGD,
+APGD-CE on the survivors, both teacher-transfer attacks, the natural-image universal
+perturbation, noise at every budget) exactly as the stage does, on synthetic chest images at the default image size,
 for each ``--samples`` value: first against a freshly built default student (this crafts the
 teacher-transfer perturbations), then, as the stage's default ``reference_probe: true`` does,
 against a linear probe on the frozen teacher, reusing those crafted perturbations. Weights do
@@ -24,6 +25,7 @@ from tasks.config import load_params
 from tasks.data.synthetic import chest_scene
 from tasks.model.student import build_student, teacher_feature_extractor
 from tasks.robustness.check import attack_at_budgets
+from tasks.robustness.universal import natural_crops
 from tasks.training.loop import dist_env, resolve_device
 
 
@@ -54,6 +56,7 @@ def main() -> None:
     teacher = teacher_feature_extractor(train_cfg.teacher)
     probe = build_student(train_cfg.teacher, "linear_probe", 2, dropout=0.0).eval()
     budgets = len([e for e in config.epsilons if e > 0])
+    natural = natural_crops(config.universal_images, size, 0)
 
     rows = []
     for n in args.samples:
@@ -71,6 +74,7 @@ def main() -> None:
                 seed=0,
                 target_pool=(images, labels),
                 crafted=crafted,
+                natural_images=natural,
                 device=str(device),
             )
             seconds.append(time.perf_counter() - start)
@@ -96,8 +100,9 @@ def main() -> None:
     print(table)
     write_result(
         f"robustness-{device.type}",
-        f"{machine_header()}\n\nAttacks of the robustness stage (FGSM, PGD, teacher-transfer untargeted and "
-        f"mimicry, uniform noise) at budgets {[round(e * 255, 2) for e in config.epsilons if e > 0]}/255, "
+        f"{machine_header()}\n\nAttacks of the robustness stage (FGSM, PGD, APGD-CE "
+        f"({config.apgd_steps} steps), teacher-transfer untargeted and mimicry, universal "
+        f"({config.universal_images} natural crops, {config.universal_steps} steps), uniform noise) at budgets {[round(e * 255, 2) for e in config.epsilons if e > 0]}/255, "
         f"{size}x{size} images, default student ({train_cfg.strategy}) then the frozen-teacher "
         f"probe (teacher-transfer perturbations crafted once, reused), device {device}. One run "
         f"each.\n\n{table}",

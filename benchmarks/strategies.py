@@ -32,9 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 COLUMNS = (
     ("robust_acc_fgsm", "FGSM acc"),
     ("robust_acc_pgd", "PGD acc"),
-    ("teacher_transfer_acc", "teacher-transfer acc"),
+    ("robust_acc_apgd", "white-box acc (APGD-CE, worst case)"),
     ("teacher_transfer_success", "teacher-transfer success"),
     ("teacher_mimicry_success", "mimicry success"),
+    ("universal_fooling", "universal fooling (natural images)"),
     ("noise_acc", "noise acc"),
 )
 
@@ -57,6 +58,16 @@ def run_steps(workdir: Path, strategies: list[str]) -> dict[str, float]:
         seconds["train"] = medtransfer(
             workdir, "train", "-S", f"train.compare=[{','.join(strategies)}]"
         )
+    for strategy in strategies:
+        if not (reports / strategy / "metrics.json").is_file():
+            seconds[f"evaluate {strategy}"] = medtransfer(
+                workdir,
+                "evaluate",
+                "-S",
+                f"train.model_dir=models/student/strategies/{strategy}",
+                "-S",
+                f"reports_dir=reports/{strategy}",
+            )
     for index, strategy in enumerate(strategies):
         if (reports / strategy / "robustness.json").is_file():
             continue
@@ -75,23 +86,35 @@ def run_steps(workdir: Path, strategies: list[str]) -> dict[str, float]:
     return seconds
 
 
-def budget_table(rows: list[tuple[str, float | None, list[dict]]]) -> str:
-    """Markdown: one line per (model, budget) with every measure."""
+def _with_interval(value: float | None, bounds: list | None) -> str:
+    if value is None or value != value:
+        return "n/a"
+    if not bounds:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+
+def budget_table(rows: list[tuple[str, str, dict]]) -> str:
+    """Markdown: one line per (model, budget) with every measure and its 95% interval."""
+    from tasks.robustness.verdict import metric_key
+
     lines = [
         "| model | test AUC | budget /255 | clean acc | "
         + " | ".join(title for _, title in COLUMNS)
         + " |",
         "| --- | ---: | ---: | ---: |" + " ---: |" * len(COLUMNS),
     ]
-    for name, auc, table in rows:
-        for entry in table:
+    for name, shown_auc, measured in rows:
+        intervals = measured.get("intervals") or {}
+        for entry in measured["table"]:
             if entry["eps"] == 0:
                 continue
-            values = " | ".join(f"{entry[key]:.2f}" for key, _ in COLUMNS)
-            shown_auc = "n/a" if auc is None else f"{auc:.3f}"
-            lines.append(
-                f"| {name} | {shown_auc} | {entry['eps_255']:g} | {entry['clean_acc']:.2f} | {values} |"
+            values = " | ".join(
+                _with_interval(entry.get(key), intervals.get(metric_key(key, entry["eps"])))
+                for key, _ in COLUMNS
             )
+            clean = _with_interval(entry["clean_acc"], intervals.get("clean_acc"))
+            lines.append(f"| {name} | {shown_auc} | {entry['eps_255']:g} | {clean} | {values} |")
     return "\n".join(lines)
 
 
@@ -101,35 +124,53 @@ def main() -> None:
     parser.add_argument(
         "--strategies", nargs="+", default=["linear_probe", "partial", "full", "scratch"]
     )
+    parser.add_argument("--source", help="data.source (default: the synthetic set)")
+    parser.add_argument("--name", default="robustness-strategies", help="result file name")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not (args.workdir / "params.yaml").is_file():
         shutil.copy(REPO / "params.yaml", args.workdir)
+        if args.source:
+            _set_source(args.workdir / "params.yaml", args.source)
 
     seconds = run_steps(args.workdir, args.strategies)
     trained = json.loads((args.workdir / "reports/train.json").read_text())
     test_auc = {run["strategy"]: run["test_auc"] for run in trained["runs"]}
     rows, reference, n_examples = [], None, 0
     for strategy in args.strategies:
-        report = json.loads((args.workdir / "reports" / strategy / "robustness.json").read_text())
+        folder = args.workdir / "reports" / strategy
+        report = json.loads((folder / "robustness.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())["test"]
+        auc_ci = metrics.get("ci95", {}).get("auc", {})
+        shown_auc = _with_interval(metrics["auc"], [auc_ci.get("low"), auc_ci.get("high")])
         n_examples = report["n_examples"]
-        rows.append((strategy, test_auc[strategy], report["table"]))
+        rows.append((strategy, shown_auc or f"{test_auc[strategy]:.3f}", report))
         if report["reference_probe"]:
-            reference = report["reference_probe"]["table"]
+            reference = report["reference_probe"]
     if reference:
-        rows.append(("frozen-teacher probe", None, reference))
+        rows.append(("frozen-teacher probe", "n/a", reference))
     table = budget_table(rows)
     config = report["config"]
     timing = ", ".join(f"{step} {s:.0f} s" for step, s in seconds.items()) or "reused reports"
     print(table)
     write_result(
-        "robustness-strategies",
-        f"{machine_header()}\n\nSynthetic default (params.yaml), every strategy of "
+        args.name,
+        f"{machine_header()}\n\n{args.source or 'Synthetic default'} (params.yaml), every strategy of "
         f"`train.compare=[{','.join(args.strategies)}]` attacked on the whole test split "
         f"({n_examples} images), {config['pgd_steps']} PGD steps; the teacher-transfer "
         "perturbations are crafted on the frozen ImageNet teacher alone. Success = share of "
         f"the model's correct answers that the attack flips. Steps timed: {timing}.\n\n{table}",
     )
+
+
+def _set_source(params_file: Path, source: str) -> None:
+    """Point the work folder's params.yaml at another data source (a MedMNIST .npz)."""
+    import yaml
+
+    params = yaml.safe_load(params_file.read_text())
+    params["data"]["source"] = source
+    params["data"]["labels_csv"] = None
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -52,11 +52,26 @@ def _train(report: dict) -> list[str]:
 
 def _evaluate(report: dict) -> list[str]:
     test = report.get("test") or {}
-    return [
-        f"test AUC {_number(test.get('auc'))}, sensitivity {_number(test.get('sensitivity'))}, "
-        f"specificity {_number(test.get('specificity'))} at threshold "
+    ci = test.get("ci95") or {}
+
+    def value(name: str) -> str:
+        bounds = ci.get(name) or {}
+        interval = (
+            f" [{_number(bounds.get('low'))}, {_number(bounds.get('high'))}]" if bounds else ""
+        )
+        return f"{_number(test.get(name))}{interval}"
+
+    lines = [
+        f"test AUC {value('auc')}, sensitivity {value('sensitivity')}, "
+        f"specificity {value('specificity')} at threshold "
         f"{_number(report.get('threshold'))} ({report.get('threshold_rule')})"
     ]
+    if ci:
+        lines.append(
+            f"  95% intervals: bootstrap over {test.get('n_patients')} test patients "
+            f"({test.get('n_images')} images)"
+        )
+    return lines
 
 
 def _robustness(report: dict) -> list[str]:

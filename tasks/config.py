@@ -31,6 +31,7 @@ DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 STRATEGIES = ("linear_probe", "partial", "full", "scratch")
 THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
+CALIBRATIONS = ("temperature", "none")
 TASK_RUNNERS = ("threads", "processes", "dask")
 MULTIFRAME_MODES = ("middle", "all")
 # Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
@@ -152,10 +153,12 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    """``eval``: the decision threshold rule and the Grad-CAM grid."""
+    """``eval``: the decision threshold rule, the Grad-CAM grid, calibration and intervals."""
 
     threshold: str = rule(choices=THRESHOLD_RULES)
     gradcam_examples: int = rule(min=0)
+    calibration: str = rule(choices=CALIBRATIONS)
+    bootstrap: int = rule(min=100)
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,9 @@ class RobustnessParams:
     epsilons_255: tuple[float, ...] = rule(min=0.0, max=255.0)
     pgd_steps: int = rule(min=1)
     pgd_step_fraction: float | None = rule(above=0.0)
+    apgd_steps: int = rule(min=1)
+    universal_images: int = rule(min=1)
+    universal_steps: int = rule(min=1)
     batch_size: int = rule(min=1)
     reference_probe: bool = rule()
     reference_probe_steps: int = rule(min=1)
@@ -208,6 +214,8 @@ class GatesParams:
     robust_acc_eps_255: float | None = rule(above=0.0)
     max_teacher_transfer_success: float | None = rule(min=0.0, max=1.0)
     teacher_transfer_eps_255: float | None = rule(above=0.0)
+    max_universal_fooling: float | None = rule(min=0.0, max=1.0)
+    universal_eps_255: float | None = rule(above=0.0)
 
     def in_pixels(self) -> dict[str, float | None]:
         """The gates with ``*_eps_255`` budgets converted to pixel units (``*_eps``)."""

@@ -9,6 +9,8 @@ situation the teacher-transfer attack is about (a student that kept the public b
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import math
 import re
 
@@ -20,6 +22,7 @@ from torch import nn
 from tasks.errors import MedtransferError
 from tasks.robustness.attacks import (
     AttackOutcome,
+    apgd_attack,
     as_pixel_array,
     check_step_fraction,
     choose_mimicry_targets,
@@ -118,8 +121,9 @@ class GradientRefusingStudent(nn.Module):
         return _RefuseBackward.apply(self.inner(x))
 
 
-@pytest.fixture(scope="module")
-def toy() -> dict:
+def train_tiny(perturb=None) -> TinyCNN:
+    """The toy student after 40 Adam steps on squares; ``perturb(model, x, y)`` (a training
+    loop hook such as PGD adversarial training) replaces each batch when given."""
     torch.manual_seed(0)
     train_x, train_y = make_squares(256, seed=1)
     model = TinyCNN()
@@ -128,12 +132,18 @@ def toy() -> dict:
     generator = torch.Generator().manual_seed(0)
     for _ in range(40):
         idx = torch.randint(0, len(x), (32,), generator=generator)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        batch = x[idx] if perturb is None else perturb(model, x[idx], y[idx])
+        loss = nn.functional.cross_entropy(model(batch), y[idx])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     model.zero_grad(set_to_none=True)
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def toy() -> dict:
+    model = train_tiny()
     images, labels = make_squares(64, seed=2)
     teacher = FeatureExtractor(copy.deepcopy(model))
     clean_acc = float(np.mean(predict(model, images) == labels))
@@ -311,6 +321,12 @@ def test_evaluate_robustness_end_to_end_and_restores_the_student(toy):
         assert value == pytest.approx(result.clean_acc)
     assert zero.teacher_transfer_success == 0.0 and zero.teacher_mimicry_success == 0.0
     assert result.row(EPS_8).pgd_acc < result.clean_acc - 0.3
+    # the reported white-box figure is the worst case: never above FGSM or PGD at its budget,
+    # never rising with the budget
+    worst = [row.apgd_acc for row in result.rows]
+    assert worst == sorted(worst, reverse=True) and worst[0] == result.clean_acc
+    for row in result.rows:
+        assert row.apgd_acc <= min(row.fgsm_acc, row.pgd_acc)
     # ART leaves the model in eval mode with gradients in every parameter, and the attacks
     # freeze parameters while they run; the student must come back as it was.
     assert all(module.training for module in student.modules())
@@ -321,7 +337,8 @@ def _result(**overrides: float) -> RobustnessResult:
     def row(eps: float) -> EpsilonRow:
         values = dict(
             fgsm_acc=0.7, pgd_acc=0.6, teacher_transfer_acc=0.8, teacher_transfer_success=0.1,
-            teacher_mimicry_acc=0.75, teacher_mimicry_success=0.2, noise_acc=0.9,
+            teacher_mimicry_acc=0.75, teacher_mimicry_success=0.2, noise_acc=0.9, apgd_acc=0.6,
+            universal_fooling=0.1,
         )  # fmt: skip
         values.update(overrides if eps > 0 else {})
         return EpsilonRow(eps=eps, **values)
@@ -349,7 +366,7 @@ def test_metric_keys_are_flat_formatted_and_valid_mlflow_names():
     assert metrics["teacher_transfer_success_eps_0.0157"] == 0.1
     assert metrics["noise_acc_eps_0.0000"] == 0.9
     assert metrics["clean_acc"] == 0.9
-    assert len(metrics) == 1 + 3 * 7
+    assert len(metrics) == 1 + 3 * 9
     # MLflow's rule for metric names on every platform (its validation module); "@" fails it.
     for key in metrics:
         assert re.fullmatch(r"[/\w.\- ]+", key), key
@@ -373,20 +390,20 @@ def test_gate_verdict_passes_a_good_student():
 
 
 def test_gate_verdict_names_each_failed_gate():
-    metrics = _result(pgd_acc=0.2, teacher_mimicry_success=0.7).to_metrics()
+    metrics = _result(apgd_acc=0.2, teacher_mimicry_success=0.7).to_metrics()
     verdict = gate_verdict(metrics, clean_auc=0.6, gates=GATES)
     assert not verdict.passed
     assert len(verdict.reasons) == 3
     auc, robust, transfer = verdict.reasons
-    assert "clean AUC 0.600" in auc and "0.750" in auc
-    assert "PGD robust accuracy" in robust and "0.200" in robust and "0.0039" in robust
+    assert "clean AUC is 0.600" in auc and "0.750" in auc
+    assert "APGD-CE) robust accuracy" in robust and "0.200" in robust and "0.0039" in robust
     # The stronger of the two transfer attacks (mimicry here) decides.
     assert "mimicry" in transfer and "0.700" in transfer
 
 
 def test_gate_verdict_fails_on_one_gate_only_and_on_nan():
-    verdict = gate_verdict(_result(pgd_acc=0.4).to_metrics(), clean_auc=0.9, gates=GATES)
-    assert not verdict.passed and len(verdict.reasons) == 1 and "PGD" in verdict.reasons[0]
+    verdict = gate_verdict(_result(apgd_acc=0.4).to_metrics(), clean_auc=0.9, gates=GATES)
+    assert not verdict.passed and len(verdict.reasons) == 1 and "APGD" in verdict.reasons[0]
     nan_metrics = _result(teacher_transfer_success=math.nan).to_metrics()
     verdict = gate_verdict(nan_metrics, clean_auc=0.9, gates=GATES)
     assert not verdict.passed and "undefined" in verdict.reasons[0]
@@ -395,7 +412,7 @@ def test_gate_verdict_fails_on_one_gate_only_and_on_nan():
 def test_gate_budget_is_matched_by_its_formatting_and_unmeasured_budgets_are_errors():
     metrics = _result().to_metrics()
     assert gate_verdict(metrics, 0.9, {**GATES, "robust_acc_eps": 0.0039}).passed
-    with pytest.raises(MedtransferError, match=r"robust_acc_pgd_eps_0\.0078.*0\.0039"):
+    with pytest.raises(MedtransferError, match=r"robust_acc_apgd_eps_0\.0078.*0\.0039"):
         gate_verdict(metrics, 0.9, {**GATES, "robust_acc_eps": 2 / 255})
     with pytest.raises(MedtransferError, match="Unknown robustness gates"):
         gate_verdict(metrics, 0.9, {**GATES, "min_robust_accuracy": 0.5})
@@ -403,6 +420,72 @@ def test_gate_budget_is_matched_by_its_formatting_and_unmeasured_budgets_are_err
         gate_verdict(metrics, 0.9, {"max_teacher_transfer_success": 0.5})
     # A null threshold switches its gate off.
     assert gate_verdict(metrics, 0.1, {**GATES, "min_clean_auc": None}).passed
+
+
+def test_gates_decide_on_the_intervals_unfavourable_bound():
+    # 6 of 10 robust: Wilson 95% interval 0.313-0.832, below a 0.5 minimum at its lower bound
+    small = _result(apgd_acc=0.6, teacher_mimicry_success=0.0)
+    verdict = gate_verdict(small.to_metrics(), 0.9, GATES, result=small)
+    assert not verdict.passed and len(verdict.reasons) == 1
+    assert "0.600 (95% CI 0.313-0.832, n=10)" in verdict.reasons[0]
+    large = dataclasses.replace(small, n_examples=1000)  # 600 of 1000: 0.569-0.630
+    assert gate_verdict(large.to_metrics(), 0.9, GATES, result=large).passed
+    # a clean AUC of 0.9 whose interval reaches down to 0.7 does not clear 0.75
+    verdict = gate_verdict(
+        large.to_metrics(), 0.9, GATES, result=large, clean_auc_interval=(0.7, 0.97), n_test=55
+    )
+    assert not verdict.passed and "0.900 (95% CI 0.700-0.970, n=55)" in verdict.reasons[0]
+    # a success rate passes only if its upper bound is within the maximum: 1 of 9 clean-correct
+    # flipped is 0.111 (0.020-0.435)
+    gates = {"max_teacher_transfer_success": 0.4, "teacher_transfer_eps": 1 / 255}
+    transfer = _result(teacher_transfer_success=1 / 9, teacher_mimicry_success=0.0)
+    verdict = gate_verdict(transfer.to_metrics(), 0.9, gates, result=transfer)
+    assert not verdict.passed and "0.111 (95% CI 0.020-0.435, n=9)" in verdict.reasons[0]
+    assert gate_verdict(transfer.to_metrics(), 0.9, gates).passed  # the estimate alone would pass
+
+
+def test_universal_gate_fails_on_the_fooling_rates_upper_bound():
+    gates = {"max_universal_fooling": 0.3, "universal_eps": 1 / 255}
+    result = _result(universal_fooling=0.1)  # 1 of 10: 0.018-0.404
+    verdict = gate_verdict(result.to_metrics(), 0.9, gates, result=result)
+    assert (
+        not verdict.passed and "universal" in verdict.reasons[0] and "0.404" in verdict.reasons[0]
+    )
+    with pytest.raises(MedtransferError, match="universal_eps"):
+        gate_verdict(result.to_metrics(), 0.9, {"max_universal_fooling": 0.3})
+
+
+def test_apgd_accuracy_does_not_rise_with_the_budget_beyond_its_interval(toy):
+    from tasks.evaluation.metrics import wilson_interval
+
+    images, labels = toy["images"][:32], toy["labels"][:32]
+    n = len(labels)
+    accuracies = [
+        apgd_attack(toy["model"], images, labels, eps / 255, steps=5, seed=1).accuracy
+        for eps in (2, 4, 8)
+    ]
+    for smaller, larger in itertools.pairwise(accuracies):
+        assert larger <= wilson_interval(round(smaller * n), n)[1]
+    # and APGD does not give up where a 3-step PGD overshoots
+    pgd = pgd_attack(toy["model"], images, labels, EPS_8, steps=3, seed=1).accuracy
+    assert accuracies[-1] <= pgd and accuracies[-1] < 0.5
+
+
+def test_pgd_training_beats_the_plain_student_under_the_pgd_it_is_measured_with(toy):
+    """Adversarial training and the evaluation share one PGD: a no-op training hook fails this."""
+    from tasks.training.adversarial import pgd_perturbation
+
+    defended = train_tiny(pgd_perturbation(EPS_8, steps=3))
+    images, labels = toy["images"], toy["labels"]
+    plain = pgd_attack(toy["model"], images, labels, EPS_8, steps=5, seed=2)
+    robust = pgd_attack(defended, images, labels, EPS_8, steps=5, seed=2)
+    n = len(labels)
+    assert robust.accuracy >= 0.9
+    # the intervals separate: the defended lower bound is above the plain upper bound
+    from tasks.evaluation.metrics import wilson_interval
+
+    plain_high = wilson_interval(round(plain.accuracy * n), n)[1]
+    assert wilson_interval(round(robust.accuracy * n), n)[0] > plain_high
 
 
 def test_plot_writes_a_png_with_a_reference_curve(tmp_path):
@@ -443,3 +526,25 @@ def test_crafted_teacher_perturbations_are_shared_between_students(toy):
         other, teacher, toy["images"], toy["labels"], EPS_8, steps=3, seed=0
     )
     np.testing.assert_array_equal(uncached.adversarial, first.adversarial)
+
+
+def test_universal_perturbation_from_natural_images_fools_the_student_more_than_noise(toy):
+    from tasks.robustness.universal import (
+        craft_universal_perturbation,
+        natural_crops,
+        universal_fooling_rate,
+    )
+
+    natural = natural_crops(8, SIZE, seed=0)
+    assert natural.shape == (8, 1, SIZE, SIZE) and natural.dtype == np.float32
+    np.testing.assert_array_equal(natural, natural_crops(8, SIZE, seed=0))  # seeded
+    assert natural.min() >= 0.0 and natural.max() <= 1.0 and natural.std() > 0.05
+    delta = craft_universal_perturbation(toy["teacher"], natural, EPS_8, steps=5, seed=0)
+    assert delta.shape == (1, 1, SIZE, SIZE) and np.abs(delta).max() <= EPS_8 + FLOAT_TOL
+    images = toy["images"]
+    clean_predictions = predict(toy["model"], images)
+    rate, count = universal_fooling_rate(toy["model"], images, delta, clean_predictions)
+    assert rate == pytest.approx(count / len(images))
+    signs = np.random.default_rng(0).choice([-EPS_8, EPS_8], size=delta.shape).astype(np.float32)
+    noise_rate, _ = universal_fooling_rate(toy["model"], images, signs, clean_predictions)
+    assert rate > noise_rate + 0.2

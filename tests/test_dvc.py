@@ -94,12 +94,16 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
         "max_samples": 4,
         "epsilons_255": [1],
         "pgd_steps": 1,
+        "apgd_steps": 2,
+        "universal_images": 2,
+        "universal_steps": 1,
         "reference_probe": False,
     }
     tiny["gates"] = {
         **tiny["gates"],
         "min_clean_auc": None,
         "max_teacher_transfer_success": None,
+        "max_universal_fooling": None,
     }
     tiny["serving"] = {**tiny["serving"], "export_dir": "bentos"}
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
@@ -114,6 +118,10 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
     files = {name for workspace in shown.values() for name in workspace.get("data", {})}
     assert {"reports/ingest.json", "reports/metrics.json", "reports/robustness.json"} <= files
     assert "didn't change" in _run(["dvc", "repro", "evaluate"], repo)
+    # the plots are data DVC reads with its templates (what `dvc plots diff` overlays)
+    plotted = _run(["dvc", "plots", "show", "--json", "--split"], repo)
+    for name in ("roc_test.json", "confusion_test.json", "robustness_curves.json"):
+        assert f"reports/plots/{name}" in plotted, name
 
     # Experiments are git commits of their own: the baseline must be committed first.
     (repo / ".gitignore").write_text("/data/synthetic/\n/bentos/\n/models/checkpoints/\n")

@@ -18,9 +18,13 @@ TINY = [
     "robustness.epsilons_255=[1]",
     "robustness.pgd_steps=1",
     "robustness.reference_probe=false",
+    "robustness.apgd_steps=2",
+    "robustness.universal_images=2",
+    "robustness.universal_steps=1",
     # A one-epoch student is no good; the gates are not under test here, the flow is.
     "gates.min_clean_auc=null",
     "gates.max_teacher_transfer_success=null",
+    "gates.max_universal_fooling=null",
 ]
 
 

@@ -7,10 +7,15 @@ import pytest
 
 from tasks.errors import MedtransferError
 from tasks.evaluation.metrics import (
+    apply_temperature,
+    bootstrap_intervals,
     choose_threshold,
     expected_calibration_error,
+    fit_temperature,
     roc_auc,
     split_metrics,
+    weighted_metrics,
+    wilson_interval,
 )
 
 
@@ -51,3 +56,71 @@ def test_calibration_error_of_known_cases() -> None:
 
 def test_auc_is_nan_with_one_class() -> None:
     assert np.isnan(roc_auc(np.array([1, 1]), np.array([[0.2, 0.8], [0.4, 0.6]])))
+
+
+def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    scores = np.clip(labels * 0.25 + rng.normal(0.4, 0.2, n), 0.001, 0.999).round(2)  # ties too
+    return labels, np.stack([1 - scores, scores], axis=1)
+
+
+def test_weighted_metrics_equal_split_metrics_on_images_repeated_by_their_weights() -> None:
+    labels, probabilities = _scores(40, seed=1)
+    weights = np.random.default_rng(2).integers(0, 4, (5, 40)).astype(float)
+    values = weighted_metrics(labels, probabilities, 0.5, weights)
+    for row in range(5):
+        index = np.repeat(np.arange(40), weights[row].astype(int))
+        expected = split_metrics(labels[index], probabilities[index], 0.5)
+        for name in ("auc", "accuracy", "sensitivity", "specificity", "ece"):
+            assert values[name][row] == pytest.approx(getattr(expected, name)), name
+
+
+def test_bootstrap_resamples_patients_so_copies_of_one_patients_image_add_no_certainty() -> None:
+    labels, probabilities = _scores(30, seed=3)
+    once = bootstrap_intervals(labels, probabilities, 0.5, np.arange(30), 500, seed=7)
+    # every patient now has five identical images: the evidence is the same 30 patients
+    five = bootstrap_intervals(
+        np.repeat(labels, 5),
+        np.repeat(probabilities, 5, axis=0),
+        0.5,
+        np.repeat(np.arange(30), 5),
+        500,
+        seed=7,
+    )
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "ece"):
+        assert five[name] == pytest.approx(once[name]), name
+    point = split_metrics(labels, probabilities, 0.5)
+    assert once["auc"][0] < point.auc < once["auc"][1]
+    assert once["auc"][1] - once["auc"][0] > 0.1  # 30 patients do not pin an AUC down
+
+
+def test_bootstrap_is_seeded() -> None:
+    labels, probabilities = _scores(30, seed=3)
+    groups = np.arange(30) // 2
+    first = bootstrap_intervals(labels, probabilities, 0.5, groups, 200, seed=1)
+    assert bootstrap_intervals(labels, probabilities, 0.5, groups, 200, seed=1) == first
+    assert bootstrap_intervals(labels, probabilities, 0.5, groups, 200, seed=2) != first
+
+
+def test_wilson_interval_of_known_values() -> None:
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(32, 32)[0] == pytest.approx(0.8928, abs=1e-4)
+    assert all(np.isnan(wilson_interval(0, 0)))
+
+
+def test_temperature_fitted_on_overconfident_scores_recovers_the_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (20000, 3))
+    truth = np.exp(logits / 2.0)  # labels drawn at temperature 2: the raw softmax overconfides
+    truth /= truth.sum(1, keepdims=True)
+    labels = (rng.random(20000)[:, None] > truth.cumsum(1)).sum(1)
+    raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    temperature = fit_temperature(labels, raw)
+    assert temperature == pytest.approx(2.0, abs=0.08)
+    calibrated = apply_temperature(raw, temperature)
+    assert expected_calibration_error(labels, calibrated) < 0.02
+    assert expected_calibration_error(labels, raw) > 0.1
+    np.testing.assert_allclose(calibrated, truth, atol=0.03)
+    np.testing.assert_allclose(apply_temperature(raw, 1.0), raw, atol=1e-6)

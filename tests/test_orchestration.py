@@ -56,10 +56,14 @@ def tiny_params(params: Params, tmp_path: Path, fresh_mlflow_store: str) -> dict
             "robustness.epsilons_255=[1]",
             "robustness.pgd_steps=1",
             "robustness.reference_probe=false",
+            "robustness.apgd_steps=2",
+            "robustness.universal_images=2",
+            "robustness.universal_steps=1",
             # a one-epoch student is no good: the gates would stop it before the registry alias
             # and packaging, which belong to the pipeline under test here
             "gates.min_clean_auc=null",
             "gates.max_teacher_transfer_success=null",
+            "gates.max_universal_fooling=null",
             f"serving.bentoml_home={tmp_path / 'bentoml'}",
             f"serving.export_dir={tmp_path / 'bentos'}",
             f"orchestration.retrain_cron={WEEKLY}",

@@ -25,7 +25,11 @@ def robust_params(train_params: Params) -> dict:
             "robustness.max_samples=12",
             "robustness.epsilons_255=[1,8]",
             "robustness.pgd_steps=2",
+            "robustness.apgd_steps=3",
+            "robustness.universal_images=4",
+            "robustness.universal_steps=2",
             "robustness.reference_probe_steps=30",
+            "gates.universal_eps_255=1",
         ],
     )
     run_train(params)
@@ -39,9 +43,16 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
     assert json.loads((reports / "robustness.json").read_text())["verdict"] == report["verdict"]
     assert (reports / "plots" / "robustness.png").stat().st_size > 1000
     metrics = report["metrics"]
-    for measure in ("robust_acc_pgd", "teacher_transfer_success", "noise_acc"):
-        assert metric_key(measure, 8 / 255) in metrics
+    measures = ("robust_acc_apgd", "teacher_transfer_success", "noise_acc", "universal_fooling")
+    for measure in measures:
+        low, high = report["intervals"][metric_key(measure, 8 / 255)]
+        assert low <= metrics[metric_key(measure, 8 / 255)] <= high, measure
     assert report["n_examples"] == 12
+    assert len(report["clean_test_auc_ci95"]) == 2
+    # every verdict line states the estimate, its interval and n
+    assert all("95% CI" in line for line in report["verdict"]["checked"])
+    curves = json.loads((reports / "plots" / "robustness_curves.json").read_text())
+    assert {row["model"] for row in curves} == {"student", "frozen-teacher probe"}
     assert report["reference_probe"] is not None
     # An 8/255 PGD attack never helps: accuracy under it is at most the clean accuracy.
     assert metrics[metric_key("robust_acc_pgd", 8 / 255)] <= metrics["clean_acc"]
@@ -55,6 +66,7 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
     linked = {m.key: m.value for m in model.metrics or []}
     key = metric_key("robust_acc_pgd", 1 / 255)
     assert linked[key] == metrics[key]
+    assert metric_key("robust_acc_apgd", 1 / 255) + "_ci_low" in run.data.metrics
 
     # Attack progress: one line per model and budget (the student, then the reference probe).
     budget_lines = [r.getMessage() for r in caplog.records if "/255 on 12 images" in r.getMessage()]
@@ -83,6 +95,8 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         robust_acc_eps_255=2.0,
         max_teacher_transfer_success=None,
         teacher_transfer_eps_255=None,
+        max_universal_fooling=0.3,
+        universal_eps_255=4.0,
     ).in_pixels()
     assert gates == {
         "min_clean_auc": None,
@@ -90,6 +104,8 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         "robust_acc_eps": 2 / 255,
         "max_teacher_transfer_success": None,
         "teacher_transfer_eps": None,
+        "max_universal_fooling": 0.3,
+        "universal_eps": 4 / 255,
     }
 
 
@@ -102,7 +118,11 @@ def test_pgd_training_variant_appears_in_the_strategy_table(train_params: Params
             "robustness.max_samples=8",
             "robustness.epsilons_255=[1]",
             "robustness.pgd_steps=1",
+            "robustness.apgd_steps=2",
+            "robustness.universal_images=4",
+            "robustness.universal_steps=1",
             "robustness.reference_probe=false",
+            "gates.universal_eps_255=1",
         ],
     )
     report = run_train(params)
@@ -112,3 +132,4 @@ def test_pgd_training_variant_appears_in_the_strategy_table(train_params: Params
     assert set(rows) == {"linear_probe", "linear_probe+pgd"}
     for row in rows.values():
         assert 0.0 <= row["clean_acc"] <= 1.0 and 0.0 <= row["robust_acc_pgd"] <= 1.0
+        assert row["robust_acc_apgd"] <= row["robust_acc_pgd"] and row["n_examples"] == 8

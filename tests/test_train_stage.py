@@ -81,7 +81,45 @@ def test_train_then_evaluate_records_everything(train_params: Params) -> None:
         "evaluation/gradcam_test.png",
         "evaluation/metrics.json",
     } <= artifacts
-    assert "eval_test_auc" in _client().get_run(report["run_id"]).data.metrics
+    logged_metrics = _client().get_run(report["run_id"]).data.metrics
+    assert "eval_test_auc" in logged_metrics
+    _check_intervals_and_calibration(train_params, metrics, logged_metrics)
+
+
+def _check_intervals_and_calibration(params: Params, metrics: dict, logged: dict) -> None:
+    """metrics.json, MLflow and the served probabilities agree on intervals and calibration."""
+    import numpy as np
+
+    from tasks.data.dataset import load_processed
+    from tasks.evaluation.metrics import apply_temperature
+    from tasks.model.inference import Predictor, probabilities
+
+    test = metrics["test"]
+    assert test["n_patients"] <= test["n_images"] == sum(map(sum, test["confusion"]))
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "ece"):
+        low, high = test["ci95"][name]["low"], test["ci95"][name]["high"]
+        assert low <= test[name] <= high, name
+        assert logged[f"eval_test_{name}_ci_low"] == pytest.approx(low), name
+    assert metrics["bootstrap"] == {
+        "resamples": params.eval.bootstrap,
+        "seed": 42,
+        "unit": "patient",
+    }
+    # the temperature fitted here is the one saved with the student, which serving applies
+    predictor = Predictor.from_folder(params.train.model_dir)
+    temperature = metrics["calibration"]["temperature"]
+    assert predictor.spec.temperature == pytest.approx(temperature)
+    assert logged["eval_temperature"] == pytest.approx(temperature)
+    dataset = load_processed(params.data.processed_dir)
+    images, _ = dataset.subset("test")
+    raw = probabilities(predictor.model, images)
+    np.testing.assert_allclose(
+        predictor.predict_images(images), apply_temperature(raw, temperature), atol=1e-5
+    )
+    plots = Path(params.reports_dir) / "plots"
+    for name in ("roc_test.json", "confusion_test.json", "reliability_test.json"):
+        assert json.loads((plots / name).read_text()), name
+    assert (plots / "reliability_test.png").stat().st_size > 1000
 
 
 def test_compare_and_label_fractions_nest_child_runs(train_params: Params) -> None:

@@ -6,7 +6,7 @@ training's strategy comparisons and by the robustness stage's clean reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader
 from tasks.data.dataset import ProcessedDataset
 from tasks.errors import MedtransferError
 from tasks.evaluation import plots
-from tasks.evaluation.metrics import SplitMetrics, choose_threshold, split_metrics
+from tasks.evaluation.metrics import (
+    SplitMetrics,
+    apply_temperature,
+    bootstrap_intervals,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    split_metrics,
+)
 from tasks.model.transforms import ImageDataset, to_tensor_transform
 from tasks.training.loop import predict
 
@@ -29,7 +37,13 @@ GRADCAM_LAYER = "backbone.top"
 
 @dataclass
 class Evaluation:
-    """Metrics and predictions of one student on val and test."""
+    """Metrics and predictions of one student on val and test.
+
+    ``probabilities`` are the calibrated ones (divided by ``temperature``; 1.0 when
+    ``eval.calibration`` is ``none``), the threshold is chosen on them; ``raw_probabilities``
+    are the plain softmax, kept for the before/after calibration figures. ``intervals`` are
+    the test metrics' 95% patient-level bootstrap intervals over ``n_test_patients``.
+    """
 
     threshold_rule: str
     threshold: float
@@ -37,10 +51,22 @@ class Evaluation:
     test: SplitMetrics
     probabilities: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
+    temperature: float = 1.0
+    raw_probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    n_test_patients: int = 0
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics for MLflow: ``val_auc``, ``test_sensitivity``, ``threshold``, ..."""
-        return {**self.val.as_dict("val"), **self.test.as_dict("test"), "threshold": self.threshold}
+        """Flat metrics for MLflow: ``val_auc``, ``test_sensitivity``, ``threshold``,
+        ``test_auc_ci_low``/``_high``, ``temperature``, ``test_ece_uncalibrated``, ..."""
+        flat = {**self.val.as_dict("val"), **self.test.as_dict("test")}
+        for name, (low, high) in self.intervals.items():
+            flat[f"test_{name}_ci_low"], flat[f"test_{name}_ci_high"] = low, high
+        flat["threshold"] = self.threshold
+        flat["temperature"] = self.temperature
+        for split, raw in self.raw_probabilities.items():
+            flat[f"{split}_ece_uncalibrated"] = expected_calibration_error(self.labels[split], raw)
+        return flat
 
 
 def evaluate_student(
@@ -49,8 +75,55 @@ def evaluate_student(
     threshold_rule: str,
     batch_size: int = 64,
     device: str = "cpu",
+    calibration: str = "none",
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> Evaluation:
-    """Predict val and test, choose the threshold on val, compute both splits' metrics."""
+    """Predict val and test, calibrate and choose the threshold on val, compute both splits'
+    metrics and (``bootstrap`` > 0) the test metrics' patient-level 95% intervals.
+
+    Args:
+        calibration: ``temperature`` fits one temperature on val (:func:`fit_temperature`)
+            and applies it to both splits; ``none`` keeps the softmax.
+        bootstrap: resamples of test patients (0: no intervals); seed: their seed.
+    """
+    raw, labels = _predict_splits(model, dataset, batch_size, device)
+    temperature = (
+        fit_temperature(labels["val"], raw["val"]) if calibration == "temperature" else 1.0
+    )
+    probabilities = {split: apply_temperature(p, temperature) for split, p in raw.items()}
+    binary = probabilities["val"].shape[1] == 2
+    threshold = (
+        choose_threshold(labels["val"], probabilities["val"][:, 1], threshold_rule)
+        if binary
+        else 0.5
+    )
+    patients = dataset.manifest["patient_hash"].to_numpy()[dataset.indices("test")]
+    intervals = (
+        bootstrap_intervals(
+            labels["test"], probabilities["test"], threshold, patients, bootstrap, seed
+        )
+        if bootstrap > 0
+        else {}
+    )
+    return Evaluation(
+        threshold_rule=threshold_rule,
+        threshold=threshold,
+        val=split_metrics(labels["val"], probabilities["val"], threshold),
+        test=split_metrics(labels["test"], probabilities["test"], threshold),
+        probabilities=probabilities,
+        labels=labels,
+        temperature=temperature,
+        raw_probabilities=raw,
+        intervals=intervals,
+        n_test_patients=len(np.unique(patients)),
+    )
+
+
+def _predict_splits(
+    model: nn.Module, dataset: ProcessedDataset, batch_size: int, device: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Softmax probabilities ``(N, C)`` and labels ``(N,)`` of val and test."""
     probabilities, labels = {}, {}
     for split in ("val", "test"):
         images, split_labels = dataset.subset(split)
@@ -62,20 +135,7 @@ def evaluate_student(
             ImageDataset(images, split_labels, to_tensor_transform()), batch_size=batch_size
         )
         probabilities[split], labels[split] = predict(model, loader, torch.device(device))
-    binary = probabilities["val"].shape[1] == 2
-    threshold = (
-        choose_threshold(labels["val"], probabilities["val"][:, 1], threshold_rule)
-        if binary
-        else 0.5
-    )
-    return Evaluation(
-        threshold_rule=threshold_rule,
-        threshold=threshold,
-        val=split_metrics(labels["val"], probabilities["val"], threshold),
-        test=split_metrics(labels["test"], probabilities["test"], threshold),
-        probabilities=probabilities,
-        labels=labels,
-    )
+    return probabilities, labels
 
 
 def gradcam_grid(
@@ -100,17 +160,9 @@ def gradcam_grid(
     correct = np.flatnonzero(predicted == labels)[:per_group]
     wrong = np.flatnonzero(predicted != labels)[:per_group]
     chosen = np.concatenate([correct, wrong]).astype(int)
-    cam = GradCAM(nn_module=model, target_layers=layer)
     chosen_set = ImageDataset(images[chosen], labels[chosen], to_tensor_transform())
     batch = torch.stack([chosen_set[k][0] for k in range(len(chosen))])
-    model.eval()
-    with torch.enable_grad():
-        # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
-        maps = (
-            cam(batch.requires_grad_(True), class_idx=torch.as_tensor(predicted[chosen]))
-            .detach()
-            .numpy()
-        )
+    maps = gradcam_maps(model, layer, batch, predicted[chosen])
     classes = dataset.classes
     captions = [
         f"{'ok' if predicted[i] == labels[i] else 'WRONG'}: true {classes[labels[i]]}, pred {classes[predicted[i]]} ({probabilities[i].max():.2f})"
@@ -119,3 +171,31 @@ def gradcam_grid(
     return plots.plot_image_grid(
         [images[i] / 255.0 for i in chosen], list(maps[:, 0]), captions, path
     )
+
+
+def gradcam_maps(
+    model: nn.Module, layer: str, batch: torch.Tensor, classes: np.ndarray
+) -> np.ndarray:
+    """Grad-CAM of each image for its own class: ``(B, 1, H, W)`` float maps in [0, 1].
+
+    Args:
+        model: a classifier returning logits ``(B, C)``.
+        layer: the dotted name of the convolution whose activations are weighted.
+        batch: images ``(B, 1, H, W)`` as the model takes them.
+        classes: ``(B,)`` the class each image's map explains (e.g. its prediction).
+
+    MONAI's ``GradCAM`` backpropagates ``logits[:, class_idx].sum()``: given one index per
+    image it mixes every listed class into every map. So it is called once per class, on the
+    images that class explains, and each map depends on its own image and class only.
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    cam = GradCAM(nn_module=model, target_layers=layer)
+    maps = np.zeros((len(batch), 1, *batch.shape[2:]), dtype=np.float32)
+    model.eval()
+    with torch.enable_grad():
+        for cls in np.unique(classes):
+            rows = np.flatnonzero(classes == cls)
+            # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
+            images = batch[torch.as_tensor(rows)].clone().requires_grad_(True)
+            maps[rows] = cam(images, class_idx=int(cls)).detach().numpy()
+    return maps

@@ -115,3 +115,189 @@ def split_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: floa
         threshold=float(threshold),
         confusion=matrix.tolist(),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# intervals
+
+# The metrics that carry a bootstrap interval, in report order.
+INTERVAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+CONFIDENCE = 0.95
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``successes / n``; (nan, nan) when n = 0.
+
+    Wilson rather than the normal approximation: it stays inside [0, 1] and keeps its
+    coverage at 0 or n successes, which is where robust accuracies live.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def patient_weights(groups: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap weights ``(resamples, N)``: each row draws the patients (``groups``, one id per
+    image) with replacement, and every image counts as often as its patient was drawn.
+
+    Resampling patients, not images, because images of one patient are not independent: the
+    split is patient-level, so the patient is the unit of sampling.
+    """
+    _, patient_of_image = np.unique(np.asarray(groups), return_inverse=True)
+    n_patients = int(patient_of_image.max()) + 1 if len(patient_of_image) else 0
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=resamples)
+    return counts[:, patient_of_image].astype(np.float64)
+
+
+def weighted_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """:func:`split_metrics`' AUC, accuracy, sensitivity, specificity and ECE for each row of
+    ``weights`` ``(B, N)`` (image ``i`` counted ``weights[b, i]`` times); each value ``(B,)``.
+
+    Equal to :func:`split_metrics` on the images repeated by their weights, computed for all
+    rows at once. Sensitivity/specificity are NaN for more than two classes; a metric a row
+    cannot define (e.g. AUC with one class drawn) is NaN in that row.
+    """
+    labels = np.asarray(labels)
+    predicted = predict_labels(probabilities, threshold)
+    total = weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = {"accuracy": weights @ (predicted == labels) / total}
+        if probabilities.shape[1] == 2:
+            pos, neg = labels == 1, labels == 0
+            result["sensitivity"] = weights[:, pos] @ (predicted[pos] == 1) / weights[:, pos].sum(1)
+            result["specificity"] = weights[:, neg] @ (predicted[neg] == 0) / weights[:, neg].sum(1)
+            result["auc"] = _weighted_binary_auc(labels, probabilities[:, 1], weights)
+        else:
+            nan = np.full(len(weights), np.nan)
+            result["sensitivity"] = result["specificity"] = nan
+            result["auc"] = _weighted_auc_by_repeats(labels, probabilities, weights)
+        result["ece"] = _weighted_ece(labels, probabilities, weights) / total
+    return {name: result[name] for name in INTERVAL_METRICS}
+
+
+def _weighted_binary_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC per weight row: P(score of a positive > score of a negative), ties 1/2."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    w_pos, w_neg = weights[:, labels == 1], weights[:, labels == 0]
+    pairs = w_pos.sum(1) * w_neg.sum(1)
+    return np.einsum("bi,ij,bj->b", w_pos, wins, w_neg) / pairs
+
+
+def _weighted_auc_by_repeats(
+    labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Macro one-vs-rest AUC per weight row, by repeating images (more than two classes)."""
+    aucs = []
+    for row in weights.astype(np.int64):
+        index = np.repeat(np.arange(len(labels)), row)
+        aucs.append(roc_auc(labels[index], probabilities[index]))
+    return np.asarray(aucs)
+
+
+def _weighted_ece(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``total weight * ECE`` per weight row, with :func:`expected_calibration_error`'s bins."""
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    bins = 10
+    # bin k holds (k/bins, (k+1)/bins]; confidence 0 cannot occur for a top-class probability
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    member = np.eye(bins)[index]  # (N, bins)
+    gap = weights @ (member * correct[:, None]) - weights @ (member * confidence[:, None])
+    return np.abs(gap).sum(axis=1)
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    groups: np.ndarray,
+    resamples: int,
+    seed: int,
+) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of :data:`INTERVAL_METRICS` by bootstrap over patients.
+
+    Args:
+        labels: ``(N,)`` class indices; probabilities: ``(N, C)``.
+        threshold: the decision threshold, fixed (chosen on validation, not per resample).
+        groups: ``(N,)`` patient id of each image.
+        resamples: bootstrap draws; seed: their seed.
+
+    Returns:
+        ``{metric: (low, high)}``; (nan, nan) where no resample defines the metric.
+    """
+    weights = patient_weights(groups, resamples, seed)
+    values = weighted_metrics(labels, probabilities, threshold, weights)
+    intervals = {}
+    for name, draws in values.items():
+        draws = draws[np.isfinite(draws)]
+        if len(draws) == 0:
+            intervals[name] = (float("nan"), float("nan"))
+            continue
+        low, high = np.percentile(draws, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities ``softmax(log(p) / T)``, ``(N, C)`` float32.
+
+    ``log p`` equals the logits up to a per-row constant, which softmax ignores, so this is
+    ``softmax(logits / T)`` without needing the logits.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if temperature == 1.0:
+        return probabilities.astype(np.float32)
+    logits = np.log(np.clip(probabilities, 1e-30, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The temperature in [0.05, 20] minimising the negative log-likelihood of ``labels``
+    under :func:`apply_temperature` (Guo et al., ICML 2017): fitted on validation."""
+    from scipy.optimize import minimize_scalar
+
+    labels = np.asarray(labels, dtype=np.int64)
+    log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-30, 1.0))
+
+    def nll(log_t: float) -> float:
+        z = log_p / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        log_softmax = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-log_softmax[np.arange(len(labels)), labels].mean())
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(best.x))
+
+
+def reliability_curve(
+    labels: np.ndarray, probabilities: np.ndarray, bins: int = 10
+) -> list[dict[str, float]]:
+    """Per non-empty confidence bin: mean confidence, accuracy and image count (the points of a
+    reliability diagram, with :func:`expected_calibration_error`'s bins)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    points = []
+    for low, high in itertools.pairwise(np.linspace(0.0, 1.0, bins + 1)):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            points.append(
+                {
+                    "confidence": float(confidence[in_bin].mean()),
+                    "accuracy": float(correct[in_bin].mean()),
+                    "n": int(in_bin.sum()),
+                }
+            )
+    return points

@@ -74,6 +74,34 @@ def plot_data_efficiency(
     return _save(fig, path)
 
 
+def plot_reliability(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, bins: int = 10
+) -> Path:
+    """A reliability diagram: accuracy against mean top-class confidence per bin, one line per
+    ``{name: (labels, probabilities (N, C))}`` (before and after calibration)."""
+    from tasks.evaluation.metrics import reliability_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    for name, (labels, probabilities) in curves.items():
+        points = reliability_curve(labels, probabilities, bins)
+        ax.plot(
+            [p["confidence"] for p in points],
+            [p["accuracy"] for p in points],
+            marker="o",
+            label=name,
+        )
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(
+        xlabel="confidence (top-class probability)",
+        ylabel="accuracy",
+        title="Reliability (test)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_image_grid(
     images: Sequence[np.ndarray],
     overlays: Sequence[np.ndarray | None],

@@ -188,15 +188,18 @@ def to_model_input(images: np.ndarray | Sequence[np.ndarray]):
     return torch.stack([transform(np.asarray(image)) for image in images])
 
 
-def probabilities(model, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` (eval mode, CPU)."""
+def probabilities(
+    model, images: np.ndarray | Sequence[np.ndarray], temperature: float = 1.0
+) -> np.ndarray:
+    """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` (eval mode, CPU):
+    ``softmax(logits / temperature)``, the student's calibration (``StudentSpec.temperature``)."""
     import torch
 
     if len(images) == 0:
         return np.zeros((0, 0), dtype=np.float32)
     with torch.inference_mode():
         logits = model(to_model_input(images))
-        return torch.softmax(logits.float(), dim=1).numpy()
+        return torch.softmax(logits.float() / float(temperature), dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -245,14 +248,15 @@ class Predictor:
         return cls(model, spec)
 
     def predict_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 ``(B, S, S)`` images at the student's size → probabilities ``(B, C)``."""
+        """uint8 ``(B, S, S)`` images at the student's size → calibrated probabilities ``(B, C)``
+        (the temperature saved with the student)."""
         images = np.asarray(images)
         if images.ndim != 3 or images.shape[1:] != (self.spec.image_size,) * 2:
             raise ValueError(
                 f"expected uint8 images (B, {self.spec.image_size}, {self.spec.image_size}), "
                 f"got shape {images.shape}"
             )
-        return probabilities(self.model, images)
+        return probabilities(self.model, images, getattr(self.spec, "temperature", 1.0))
 
     def predict_dicom(self, source: bytes | str | Path) -> np.ndarray:
         """One DICOM file → probabilities ``(C,)``; raises :class:`InputRejected`."""

@@ -34,6 +34,10 @@ class StudentSpec:
     image_size: int
     classes: tuple[str, ...]
     teacher_weights_sha256: str
+    # Softmax temperature fitted on validation (eval.calibration); every probability that
+    # leaves the product is softmax(logits / temperature). 1.0: uncalibrated, and what a
+    # student saved before calibration existed reads as.
+    temperature: float = 1.0
 
 
 def build_from_spec(spec: StudentSpec) -> nn.Module:

@@ -89,14 +89,16 @@ def render_model_card(inputs: CardInputs) -> str:
     ]
     for split in ("val", "test"):
         values = inputs.metrics.get(split) or {}
+        ci = values.get("ci95") or {}
         lines.append(
             f"| {split} | "
             + " | ".join(
-                _num(values.get(k))
+                _num(values.get(k)) + _interval(ci.get(k))
                 for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
             )
             + " |"
         )
+    lines += _metrics_notes(inputs.metrics)
     lines += ["", "## Robustness", ""]
     lines += _robustness_section(inputs.robustness)
     lines += ["", "## Promotion", ""]
@@ -136,6 +138,41 @@ def weights_origin(teacher: str) -> str:
         "weights or the ImageNet data they were trained on. Check the terms with the "
         "package's author before deploying."
     )
+
+
+def _metrics_notes(metrics: Mapping[str, Any]) -> list[str]:
+    """What the metrics table rests on: test size, interval method, calibration."""
+    test = metrics.get("test") or {}
+    notes = []
+    if test.get("ci95"):
+        boot = metrics.get("bootstrap") or {}
+        notes.append(
+            f"Test: {test.get('n_images')} images of {test.get('n_patients')} patients; "
+            f"brackets are 95% intervals by bootstrap over patients ({boot.get('resamples')} "
+            f"resamples, seed {boot.get('seed')})."
+        )
+    calibration = metrics.get("calibration") or {}
+    if "temperature" in calibration:
+        notes.append(
+            f"Probabilities are temperature-scaled (T = {_num(calibration['temperature'], 2)}, "
+            f"fitted on validation; the served model applies it). Test ECE before scaling: "
+            f"{_num(calibration.get('test_ece_uncalibrated'))}."
+        )
+    return ["", *notes] if notes else []
+
+
+def _pair(bounds: Any) -> str:
+    """`` [low, high]`` of a ``[low, high]`` list, or nothing."""
+    if not isinstance(bounds, Sequence) or len(bounds) != 2:
+        return ""
+    return f" [{_num(bounds[0], 2)}, {_num(bounds[1], 2)}]"
+
+
+def _interval(bounds: Any) -> str:
+    """`` [low, high]`` of a ``{"low", "high"}`` interval, or nothing."""
+    if not isinstance(bounds, Mapping):
+        return ""
+    return f" [{_num(bounds.get('low'))}, {_num(bounds.get('high'))}]"
 
 
 def _data_table(ingest: Mapping[str, Any]) -> list[str]:
@@ -189,8 +226,14 @@ def _robustness_section(robustness: Mapping[str, Any] | None) -> list[str]:
     lines = [f"Verdict: **{'passed' if passed else 'failed'}**."]
     lines += [f"- {reason}" for reason in verdict.get("reasons") or []]
     metrics = robustness.get("metrics") or {}
+    intervals = robustness.get("intervals") or {}
     if "clean_acc" in metrics:
-        lines += ["", f"Clean accuracy on the evaluated images: {_num(metrics['clean_acc'])}."]
+        n = robustness.get("n_examples")
+        lines += [
+            "",
+            f"Clean accuracy on the {n} evaluated test images: {_num(metrics['clean_acc'])}"
+            f"{_pair(intervals.get('clean_acc'))}. Brackets: 95% Wilson intervals.",
+        ]
     measures, rows = robustness_table(metrics)
     if rows:
         lines += [
@@ -200,9 +243,11 @@ def _robustness_section(robustness: Mapping[str, Any] | None) -> list[str]:
         ]
         for eps, values in rows:
             budget = f"{eps} ({_num(_as_float(eps) * 255.0, 1)}/255)"
-            lines.append(
-                f"| {budget} | " + " | ".join(_num(values.get(m)) for m in measures) + " |"
-            )
+            cells = [
+                _num(values.get(m)) + _pair(intervals.get(f"{m}{EPS_SEPARATOR}{eps}"))
+                for m in measures
+            ]
+            lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -268,6 +268,45 @@ def default_step_size(eps: float, steps: int) -> float:
     return 2.5 * eps / max(steps, 1)
 
 
+def pgd_perturb(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    generator: torch.Generator | None = None,
+    random_start: bool = True,
+) -> torch.Tensor:
+    """L-inf PGD (Madry et al.) on one batch: the one implementation that both the evaluation
+    (:func:`pgd_attack`) and adversarial training (:mod:`tasks.training.adversarial`) run.
+
+    Args:
+        images: ``(B, C, H, W)`` in [0, 1], on the model's device; labels: ``(B,)``.
+        generator: seeds the uniform random start in the ball (a CPU generator); ``None``
+            uses torch's global generator (training, seeded by ``train``'s seed).
+        random_start: ``False`` starts at the clean images.
+
+    Returns:
+        The perturbed batch, detached, within ``eps`` of ``images`` and in [0, 1]. The model's
+        mode is the caller's business; only the input gets gradients (no parameter's ``.grad``).
+
+    The loss is summed over the batch, not averaged: a mean shrinks every gradient by 1/B and
+    confident examples' gradients then underflow to exact zeros in float32, masking the attack.
+    """
+    start = torch.zeros(images.shape)
+    if random_start:
+        start.uniform_(-eps, eps, generator=generator)
+    delta = start.to(images.device, images.dtype)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model((images + delta).clamp(0.0, 1.0))
+        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + step_size * gradient.sign()).clamp(-eps, eps)
+    return (images + delta).clamp(0.0, 1.0).detach()
+
+
 def pgd_attack(
     model: nn.Module,
     images: Images,
@@ -281,13 +320,15 @@ def pgd_attack(
     seed: int = 0,
     device: Device = "cpu",
 ) -> AttackOutcome:
-    """White-box L-inf PGD (ART's PyTorch implementation) against the true labels.
+    """White-box L-inf PGD against the true labels, with :func:`pgd_perturb` (the attack
+    adversarial training uses), in eval mode.
 
     Args:
         step_size: pixel units per iteration; ``None`` is :func:`default_step_size`.
-        random_init: start from a uniform point in the ball (seeded by ``seed``).
+        random_init: start from a uniform point in the ball (seeded by ``seed``); ``False``
+            starts at the clean image.
 
-    ``eps == 0`` returns the clean images without calling ART (which refuses a zero step).
+    ``eps == 0`` returns the clean images.
     """
     eps = check_eps(eps)
     if steps < 1:
@@ -299,19 +340,56 @@ def pgd_attack(
     step = float(step_size) if step_size is not None else default_step_size(eps, steps)
     if not step > 0:
         raise MedtransferError(f"PGD step size must be positive, got {step_size!r}.")
-    from art.attacks.evasion import ProjectedGradientDescentPyTorch
+    generator = torch.Generator().manual_seed(seed)
+    adversarial = np.empty_like(clean)
+    with preserved_state(model):
+        model.to(device).eval()
+        for batch in _batches(len(clean), batch_size):
+            x = torch.from_numpy(clean[batch]).to(device)
+            target = torch.from_numpy(y[batch]).to(device)
+            perturbed = pgd_perturb(model, x, target, eps, steps, step, generator, random_init)
+            adversarial[batch] = perturbed.cpu().numpy()
+    return _outcome(model, eps, _project(adversarial, clean, eps), y, batch_size, device)
+
+
+def apgd_attack(
+    model: nn.Module,
+    images: Images,
+    labels: np.ndarray | torch.Tensor | Sequence[int],
+    eps: float,
+    *,
+    steps: int = 20,
+    restarts: int = 1,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: Device = "cpu",
+) -> AttackOutcome:
+    """White-box APGD-CE (Croce and Hein, 2020; ART's ``AutoProjectedGradientDescent``): PGD
+    that adapts its step and keeps the best iterate, so it does not give up where a fixed-step
+    PGD overshoots. The loss is the estimator's summed cross-entropy (APGD's CE objective).
+
+    ``restarts`` random starts (each attacks only the images still correctly classified);
+    ``eps == 0`` returns the clean images.
+    """
+    eps = check_eps(eps)
+    clean = as_pixel_array(images)
+    y = as_label_array(labels, len(clean))
+    if eps == 0.0 or len(clean) == 0:
+        return _outcome(model, eps, clean.copy(), y, batch_size, device)
+    from art.attacks.evasion import AutoProjectedGradientDescent
 
     with preserved_state(model), _numpy_global_seed(seed):
         classifier = _art_classifier(model, clean, device)
-        attack = ProjectedGradientDescentPyTorch(
+        attack = AutoProjectedGradientDescent(
             classifier,
             norm=np.inf,
             eps=eps,
-            eps_step=step,
+            eps_step=2 * eps,  # APGD's initial step (the paper's 2 * eps); it halves as needed
             max_iter=steps,
             targeted=False,
-            num_random_init=1 if random_init else 0,
+            nb_random_init=restarts,
             batch_size=batch_size,
+            loss_type=None,  # the estimator's summed cross-entropy
             verbose=False,
         )
         adversarial = attack.generate(x=clean, y=y)
@@ -435,7 +513,9 @@ def craft_feature_mimicry(
     device: Device = "cpu",
 ) -> np.ndarray:
     """Targeted teacher-transfer perturbation (feature mimicry): make each image's teacher
-    features resemble those of its target, minimising ``||f(x_i + d_i) - f(t_i)||_2``.
+    features resemble those of its target, minimising ``||f(x_i + d_i) - f(t_i)||_2``, with
+    ART's ``FeatureAdversariesPyTorch`` (Sabour et al., 2016) in its PGD form from the clean
+    image.
 
     Args:
         target_images: one target per image, same shape as ``images`` (see
@@ -451,18 +531,47 @@ def craft_feature_mimicry(
     if eps == 0.0 or len(clean) == 0:
         return clean.copy()
     step = float(step_size) if step_size is not None else default_step_size(eps, steps)
-    return _feature_pgd(
-        teacher_features,
-        clean,
-        lambda batch, x: _features(teacher_features, torch.from_numpy(targets[batch]).to(x.device)),
-        -1.0,
-        eps,
-        steps,
-        step,
-        batch_size,
-        seed,
-        device,
-    )
+    from art.attacks.evasion import FeatureAdversariesPyTorch
+    from art.estimators.classification import PyTorchClassifier
+
+    head = _FeatureOutput(teacher_features)
+    torch_device = torch.device(device)
+    with preserved_state(teacher_features), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        estimator = PyTorchClassifier(
+            model=head,
+            loss=nn.MSELoss(),  # unused by the attack, required by the estimator
+            input_shape=tuple(clean.shape[1:]),
+            nb_classes=max(2, int(head(torch.from_numpy(clean[:1])).shape[1])),
+            clip_values=(0.0, 1.0),
+            device_type="gpu" if torch_device.type == "cuda" else "cpu",
+        )
+        attack = FeatureAdversariesPyTorch(
+            estimator,
+            delta=eps,
+            layer="features",
+            max_iter=steps,
+            step_size=step,
+            batch_size=batch_size,
+            random_start=False,  # towards a target the gradient at the clean image is not zero
+            verbose=False,
+        )
+        adversarial = attack.generate(x=clean, y=targets)
+    return _project(np.asarray(adversarial, dtype=np.float32), clean, eps)
+
+
+class _FeatureOutput(nn.Module):
+    """The teacher's flattened features behind a fresh named layer, ``features``: ART's
+    ``get_activations`` leaves a forward hook on the layer it reads, so it reads this
+    throw-away one instead of a module of the shared teacher."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.features = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.extractor(x).flatten(start_dim=1))
 
 
 def choose_mimicry_targets(labels: np.ndarray, pool_labels: np.ndarray, seed: int) -> np.ndarray:
@@ -625,6 +734,134 @@ def _clean_row(clean_acc: float, clean_predictions: np.ndarray, labels: np.ndarr
         teacher_mimicry_acc=clean_acc,
         teacher_mimicry_success=success,
         noise_acc=clean_acc,
+        apgd_acc=clean_acc,
+        universal_fooling=0.0,
+    )
+
+
+@dataclass
+class _Run:
+    """What every budget of one :func:`evaluate_robustness` call shares."""
+
+    student: nn.Module
+    teacher_features: nn.Module
+    clean: np.ndarray
+    labels: np.ndarray
+    clean_predictions: np.ndarray
+    # images no white-box attack has fooled at any budget so far (starts: clean-correct ones)
+    still_robust: np.ndarray
+    pgd_steps: int
+    fraction: float
+    apgd_steps: int
+    natural_images: np.ndarray | None
+    universal_steps: int
+    seed: int
+    target_pool: tuple[Images, np.ndarray] | None
+    crafted: dict | None
+    common: dict
+
+
+def _white_box(run: _Run, eps: float, index: int) -> tuple[float, float, float]:
+    """FGSM, PGD and the worst-case white-box accuracy at ``eps`` (see ``EpsilonRow.apgd_acc``).
+
+    APGD-CE runs only on images that FGSM and PGD here, and every attack at smaller budgets,
+    left correct: the others are already fooled within this budget.
+    """
+    fgsm = fgsm_attack(run.student, run.clean, run.labels, eps, **run.common)
+    pgd = pgd_attack(
+        run.student,
+        run.clean,
+        run.labels,
+        eps,
+        steps=run.pgd_steps,
+        step_size=run.fraction * eps,
+        seed=_derive_seed(run.seed, 1, index),
+        **run.common,
+    )
+    survivors = run.still_robust & (fgsm.predictions == run.labels)
+    survivors &= pgd.predictions == run.labels
+    rows = np.flatnonzero(survivors)
+    if len(rows):
+        apgd = apgd_attack(
+            run.student,
+            run.clean[rows],
+            run.labels[rows],
+            eps,
+            steps=run.apgd_steps,
+            seed=_derive_seed(run.seed, 5, index),
+            **run.common,
+        )
+        survivors[rows] = apgd.predictions == run.labels[rows]
+    run.still_robust = survivors
+    return fgsm.accuracy, pgd.accuracy, float(survivors.mean())
+
+
+def _universal(run: _Run, eps: float, index: int) -> float:
+    """The fooling rate of the natural-image universal perturbation at ``eps`` (NaN: none)."""
+    from tasks.robustness.universal import craft_universal_perturbation, universal_fooling_rate
+
+    if run.natural_images is None:
+        return math.nan
+    key = ("universal", eps, run.universal_steps, run.seed, len(run.natural_images))
+    if run.crafted is not None and key in run.crafted:
+        delta = run.crafted[key]
+    else:
+        delta = craft_universal_perturbation(
+            run.teacher_features,
+            run.natural_images,
+            eps,
+            steps=run.universal_steps,
+            seed=_derive_seed(run.seed, 6, index),
+            **run.common,
+        )
+        if run.crafted is not None:
+            run.crafted[key] = delta
+    rate, _ = universal_fooling_rate(
+        run.student, run.clean, delta, run.clean_predictions, **run.common
+    )
+    return rate
+
+
+def _budget_row(run: _Run, eps: float, index: int) -> EpsilonRow:
+    """Every attack at one budget."""
+    fgsm_acc, pgd_acc, worst_acc = _white_box(run, eps, index)
+    transfers = {
+        mode: teacher_transfer_attack(
+            run.student,
+            run.teacher_features,
+            run.clean,
+            run.labels,
+            eps,
+            mode=mode,
+            target_pool=run.target_pool,
+            steps=run.pgd_steps,
+            step_size=run.fraction * eps,
+            seed=_derive_seed(run.seed, 2 + k, index),
+            clean_predictions=run.clean_predictions,
+            crafted=run.crafted,
+            **run.common,
+        )
+        for k, mode in enumerate(("untargeted", "mimicry"))
+    }
+    noise = noise_attack(
+        run.student,
+        run.clean,
+        run.labels,
+        eps,
+        seed=_derive_seed(run.seed, 4, index),
+        **run.common,
+    )
+    return EpsilonRow(
+        eps=eps,
+        fgsm_acc=fgsm_acc,
+        pgd_acc=pgd_acc,
+        teacher_transfer_acc=transfers["untargeted"].accuracy,
+        teacher_transfer_success=transfers["untargeted"].success_rate,
+        teacher_mimicry_acc=transfers["mimicry"].accuracy,
+        teacher_mimicry_success=transfers["mimicry"].success_rate,
+        noise_acc=noise.accuracy,
+        apgd_acc=worst_acc,
+        universal_fooling=_universal(run, eps, index),
     )
 
 
@@ -640,6 +877,9 @@ def evaluate_robustness(
     seed: int = 0,
     device: Device = "cpu",
     *,
+    apgd_steps: int = 20,
+    natural_images: np.ndarray | None = None,
+    universal_steps: int = 20,
     target_pool: tuple[Images, np.ndarray] | None = None,
     crafted: dict | None = None,
     on_budget: Callable[[EpsilonRow], None] | None = None,
@@ -648,27 +888,28 @@ def evaluate_robustness(
 
     Args:
         student: the classifier under test (pixel space in, logits out).
-        teacher_features: the pristine public teacher's feature extractor; the transfer attacks
-            are crafted on it alone.
-        images: float ``(N, C, H, W)`` in [0, 1].
-        labels: ``(N,)`` class indices.
+        teacher_features: the pristine public teacher's feature extractor; the transfer and
+            universal attacks are crafted on it alone.
+        images: float ``(N, C, H, W)`` in [0, 1]; labels: ``(N,)`` class indices.
         epsilons: L-inf budgets in pixel units, e.g. ``[0, 1/255, 2/255, 4/255]``; sorted and
-            de-duplicated. Budget 0 costs nothing: every attack returns the clean images
-            there, so its row is the clean accuracy (and a success rate of 0).
+            de-duplicated. Budget 0 is the clean row (success and fooling rates 0).
         pgd_steps: iterations of PGD and of both teacher-transfer attacks.
         pgd_step_size: their step **as a fraction of each budget**; ``None`` is
             ``2.5 / pgd_steps``. See :func:`check_step_fraction`.
         batch_size: images per forward/backward pass.
         seed: every random start, noise draw and mimicry target derives from it.
         device: where the models run (they are moved there).
+        apgd_steps: APGD-CE iterations (the reported white-box figure, ``apgd_acc``).
+        natural_images: ``(M, C, H, W)`` natural images for the universal perturbation
+            (:func:`tasks.robustness.universal.natural_crops`); ``None`` skips it.
+        universal_steps: its crafting iterations.
         target_pool: ``(images, labels)`` for mimicry targets; default: ``images``.
         crafted: share one dict between calls that attack several students on the same images
-            with the same teacher: the teacher-transfer perturbations are crafted only once.
+            with the same teacher: teacher-crafted perturbations are crafted only once.
         on_budget: told each budget's row as soon as its attacks are done (progress).
 
     Returns:
-        A :class:`RobustnessResult` (no adversarial images are kept: they would take
-        ``N * C * H * W * 4`` bytes per attack and budget).
+        A :class:`RobustnessResult` (no adversarial images are kept).
     """
     clean = as_pixel_array(images)
     y = as_label_array(labels, len(clean))
@@ -679,60 +920,35 @@ def evaluate_robustness(
         raise MedtransferError("The robustness check needs at least one budget (epsilons).")
     check_distinct_epsilons(budgets)
     fraction = check_step_fraction(pgd_step_size, pgd_steps)
-
     clean_predictions = predict(student, clean, batch_size=batch_size, device=device)
     clean_acc = float(np.mean(clean_predictions == y))
-    common = {"batch_size": batch_size, "device": device}
+    run = _Run(
+        student,
+        teacher_features,
+        clean,
+        y,
+        clean_predictions,
+        clean_predictions == y,
+        pgd_steps,
+        fraction,
+        apgd_steps,
+        natural_images,
+        universal_steps,
+        seed,
+        target_pool,
+        crafted,
+        {"batch_size": batch_size, "device": device},
+    )
     rows = []
     for index, eps in enumerate(budgets):
-        if eps == 0.0:
-            rows.append(_clean_row(clean_acc, clean_predictions, y))
-            continue
-        step = fraction * eps
-        fgsm = fgsm_attack(student, clean, y, eps, **common)
-        pgd = pgd_attack(
-            student,
-            clean,
-            y,
-            eps,
-            steps=pgd_steps,
-            step_size=step or None,
-            seed=_derive_seed(seed, 1, index),
-            **common,
+        row = (
+            _clean_row(clean_acc, clean_predictions, y)
+            if eps == 0.0
+            else _budget_row(run, eps, index)
         )
-        transfers = {
-            mode: teacher_transfer_attack(
-                student,
-                teacher_features,
-                clean,
-                y,
-                eps,
-                mode=mode,
-                target_pool=target_pool,
-                steps=pgd_steps,
-                step_size=step or None,
-                seed=_derive_seed(seed, 2 + k, index),
-                clean_predictions=clean_predictions,
-                crafted=crafted,
-                **common,
-            )
-            for k, mode in enumerate(("untargeted", "mimicry"))
-        }
-        noise = noise_attack(student, clean, y, eps, seed=_derive_seed(seed, 4, index), **common)
-        rows.append(
-            EpsilonRow(
-                eps=eps,
-                fgsm_acc=fgsm.accuracy,
-                pgd_acc=pgd.accuracy,
-                teacher_transfer_acc=transfers["untargeted"].accuracy,
-                teacher_transfer_success=transfers["untargeted"].success_rate,
-                teacher_mimicry_acc=transfers["mimicry"].accuracy,
-                teacher_mimicry_success=transfers["mimicry"].success_rate,
-                noise_acc=noise.accuracy,
-            )
-        )
-        if on_budget is not None:
-            on_budget(rows[-1])
+        rows.append(row)
+        if on_budget is not None and eps > 0:
+            on_budget(row)
     return RobustnessResult(
         clean_acc=clean_acc,
         n_examples=len(clean),

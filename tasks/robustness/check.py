@@ -21,6 +21,7 @@ from tasks.robustness.attacks import evaluate_robustness
 from tasks.robustness.verdict import (
     EpsilonRow,
     RobustnessResult,
+    format_eps,
     metric_key,
 )
 
@@ -35,6 +36,7 @@ def attack_at_budgets(
     seed: int,
     target_pool: tuple[np.ndarray, np.ndarray],
     crafted: dict,
+    natural_images: np.ndarray | None = None,
     device: str = "cpu",
     on_budget: Callable[[EpsilonRow], None] | None = None,
 ) -> RobustnessResult:
@@ -42,8 +44,9 @@ def attack_at_budgets(
     budgets and steps.
 
     ``crafted``: one dict shared by every model attacked on the same images, so the
-    teacher-transfer perturbations are crafted once. ``on_budget``: told each budget's row
-    when its attacks are done.
+    teacher-crafted perturbations are crafted once. ``natural_images``: the universal
+    perturbation's crops (:func:`tasks.robustness.universal.natural_crops`), ``None`` skips
+    it. ``on_budget``: told each budget's row when its attacks are done.
     """
     return evaluate_robustness(
         model,
@@ -56,6 +59,9 @@ def attack_at_budgets(
         batch_size=config.batch_size,
         seed=seed,
         device=device,
+        apgd_steps=config.apgd_steps,
+        natural_images=natural_images,
+        universal_steps=config.universal_steps,
         target_pool=target_pool,
         crafted=crafted,
         on_budget=on_budget,
@@ -120,10 +126,11 @@ def compare_strategies(model_dir: Path, attack, gates: dict) -> list[dict]:
         return rows
     robust_eps = gates.get("robust_acc_eps") or 1 / 255
     transfer_eps = gates.get("teacher_transfer_eps") or 1 / 255
+    universal_eps = gates.get("universal_eps") or 2 / 255
     for strategy_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         model, _ = load_student(strategy_dir)
         result = attack(model, f"saved {strategy_dir.name} student")
-        metrics = result.to_metrics()
+        metrics, intervals = result.to_metrics(), result.to_intervals()
         frozen = (
             sum(1 for m in model.frozen_modules() for p in m.parameters())
             if hasattr(model, "frozen_modules")
@@ -134,13 +141,23 @@ def compare_strategies(model_dir: Path, attack, gates: dict) -> list[dict]:
                 "strategy": strategy_dir.name,  # the variant, e.g. partial+pgd
                 "frozen_parameter_tensors": frozen,
                 "clean_acc": result.clean_acc,
+                "n_examples": result.n_examples,
                 "robust_acc_pgd": metrics.get(metric_key("robust_acc_pgd", robust_eps)),
+                "robust_acc_apgd": metrics.get(metric_key("robust_acc_apgd", robust_eps)),
                 "teacher_transfer_success": metrics.get(
                     metric_key("teacher_transfer_success", transfer_eps)
                 ),
                 "teacher_mimicry_success": metrics.get(
                     metric_key("teacher_mimicry_success", transfer_eps)
                 ),
+                "universal_fooling": metrics.get(metric_key("universal_fooling", universal_eps)),
+                "ci95": {
+                    key: intervals[key]
+                    for key in intervals
+                    if key.endswith(format_eps(robust_eps))
+                    or key.endswith(format_eps(transfer_eps))
+                    or key.endswith(format_eps(universal_eps))
+                },
             }
         )
     return rows

@@ -24,12 +24,17 @@ CLEAN_ACC = "clean_acc"
 PER_EPS_MEASURES = (
     "robust_acc_fgsm",
     "robust_acc_pgd",
+    "robust_acc_apgd",
     "teacher_transfer_acc",
     "teacher_transfer_success",
     "teacher_mimicry_acc",
     "teacher_mimicry_success",
     "noise_acc",
+    "universal_fooling",
 )
+# Rates whose denominator is the images the model got right on clean input; every other
+# measure is a fraction of all evaluated images.
+SUCCESS_MEASURES = ("teacher_transfer_success", "teacher_mimicry_success")
 EPS_SEPARATOR = "_eps_"
 EPS_DECIMALS = 4
 
@@ -39,7 +44,10 @@ KNOWN_GATES = (
     "robust_acc_eps",
     "max_teacher_transfer_success",
     "teacher_transfer_eps",
+    "max_universal_fooling",
+    "universal_eps",
 )
+Interval = tuple[float, float]
 
 
 def format_eps(eps: float) -> str:
@@ -76,6 +84,11 @@ class EpsilonRow:
 
     ``*_success`` is the fraction of the examples the student classified correctly on clean
     input that it misclassifies under the perturbation; NaN when it got none right.
+    ``apgd_acc`` is the reported white-box robust accuracy: an image counts as robust at
+    ``eps`` only if APGD-CE, PGD and FGSM at every budget up to ``eps`` all failed on it (a
+    perturbation allowed at a smaller budget is allowed at this one), so it never rises with
+    the budget. ``universal_fooling``: the share of images whose prediction the universal
+    perturbation (crafted on the teacher from natural images) changes. NaN: not measured.
     """
 
     eps: float
@@ -86,17 +99,21 @@ class EpsilonRow:
     teacher_mimicry_acc: float
     teacher_mimicry_success: float
     noise_acc: float
+    apgd_acc: float = math.nan
+    universal_fooling: float = math.nan
 
     def measures(self) -> dict[str, float]:
         """``{measure name: value}`` in :data:`PER_EPS_MEASURES` order."""
         return {
             "robust_acc_fgsm": self.fgsm_acc,
             "robust_acc_pgd": self.pgd_acc,
+            "robust_acc_apgd": self.apgd_acc,
             "teacher_transfer_acc": self.teacher_transfer_acc,
             "teacher_transfer_success": self.teacher_transfer_success,
             "teacher_mimicry_acc": self.teacher_mimicry_acc,
             "teacher_mimicry_success": self.teacher_mimicry_success,
             "noise_acc": self.noise_acc,
+            "universal_fooling": self.universal_fooling,
         }
 
 
@@ -141,6 +158,28 @@ class RobustnessResult:
             for measure, value in row.measures().items():
                 metrics[metric_key(measure, row.eps)] = float(value)
         return metrics
+
+    @property
+    def clean_correct(self) -> int:
+        """How many evaluated images the model classified correctly on clean input."""
+        return round(self.clean_acc * self.n_examples)
+
+    def denominator(self, measure: str) -> int:
+        """The number of images a measure is a fraction of."""
+        return self.clean_correct if measure in SUCCESS_MEASURES else self.n_examples
+
+    def to_intervals(self) -> dict[str, Interval]:
+        """95% Wilson intervals ``{metric key: (low, high)}`` of ``clean_acc`` and every
+        measured per-budget rate (the counts are the rate times its denominator)."""
+        from tasks.evaluation.metrics import wilson_interval
+
+        intervals = {CLEAN_ACC: wilson_interval(self.clean_correct, self.n_examples)}
+        for row in self.rows:
+            for measure, value in row.measures().items():
+                if math.isfinite(value):
+                    n = self.denominator(measure)
+                    intervals[metric_key(measure, row.eps)] = wilson_interval(round(value * n), n)
+        return intervals
 
     def to_table(self) -> list[dict[str, float]]:
         """One dict per budget (``eps``, ``eps_255`` = eps x 255, ``clean_acc``, the measures)."""
@@ -203,24 +242,37 @@ def _gate_eps(gates: Mapping[str, object], name: str, needed_by: str) -> float:
 
 
 def gate_verdict(
-    result_metrics: Mapping[str, float], clean_auc: float, gates: Mapping[str, object]
+    result_metrics: Mapping[str, float],
+    clean_auc: float,
+    gates: Mapping[str, object],
+    *,
+    result: RobustnessResult | None = None,
+    clean_auc_interval: Interval | None = None,
+    n_test: int | None = None,
 ) -> Verdict:
-    """Decide promotion from the logged metrics.
+    """Decide promotion from the measured metrics, on their 95% intervals' unfavourable bounds.
 
     Args:
         result_metrics: metrics as produced by :meth:`RobustnessResult.to_metrics` (or read
             back from MLflow).
-        clean_auc: the student's clean ROC AUC on the evaluation split.
+        clean_auc: the student's clean ROC AUC on the test split.
         gates: thresholds from ``params.yaml``; a missing or null threshold turns its gate off:
 
-            - ``min_clean_auc``: ``clean_auc`` must be at least this;
-            - ``min_robust_acc`` at ``robust_acc_eps``: PGD (white-box) accuracy at least this;
-            - ``max_teacher_transfer_success`` at ``teacher_transfer_eps``: the success rate of
-              the stronger teacher-transfer attack (untargeted or mimicry, whichever was
-              measured and is higher) at most this.
+            - ``min_clean_auc``: the AUC interval's lower bound must be at least this;
+            - ``min_robust_acc`` at ``robust_acc_eps``: the lower bound of the white-box
+              robust accuracy (``robust_acc_apgd``) at least this;
+            - ``max_teacher_transfer_success`` at ``teacher_transfer_eps``: the upper bound of
+              the stronger teacher-transfer attack's success rate (untargeted or mimicry) at
+              most this;
+            - ``max_universal_fooling`` at ``universal_eps``: the upper bound of the universal
+              perturbation's fooling rate at most this.
+        result: the measurements behind ``result_metrics``: their Wilson intervals and sizes.
+            Without it (or for a metric it lacks) the estimate is its own interval.
+        clean_auc_interval: the AUC's bootstrap interval; n_test: the test images behind it.
 
     Returns:
-        A :class:`Verdict`. A failed gate, or a NaN metric, is a normal outcome with a reason.
+        A :class:`Verdict`; every sentence states n, the estimate and the interval. A failed
+        gate, or a NaN metric, is a normal outcome with a reason.
 
     Raises:
         MedtransferError: an unknown gate name (a typo must not silently disable a gate), a
@@ -231,62 +283,129 @@ def gate_verdict(
         raise MedtransferError(
             f"Unknown robustness gates {unknown}; known gates: {list(KNOWN_GATES)}."
         )
-
-    reasons: list[str] = []
-    checked: list[str] = []
-
-    def check(ok: bool, sentence: str) -> None:
-        checked.append(("PASS: " if ok else "FAIL: ") + sentence)
-        if not ok:
-            reasons.append(sentence)
-
-    # NaN compares false both ways, so each test is written as "value satisfies the bound".
+    checks = _Checks(result)
     if gates.get("min_clean_auc") is not None:
-        bound = float(gates["min_clean_auc"])  # type: ignore[arg-type]
-        ok = clean_auc >= bound
-        check(
-            ok, f"clean AUC {clean_auc:.3f} {'>=' if ok else 'is below the required'} {bound:.3f}"
+        interval = clean_auc_interval or (clean_auc, clean_auc)
+        checks.at_least(
+            "clean AUC",
+            clean_auc,
+            interval,
+            n_test,
+            float(gates["min_clean_auc"]),  # type: ignore[arg-type]
         )
-
     if gates.get("min_robust_acc") is not None:
-        bound = float(gates["min_robust_acc"])  # type: ignore[arg-type]
         eps = _gate_eps(gates, "robust_acc_eps", "min_robust_acc")
-        value = _lookup(result_metrics, "robust_acc_pgd", eps, "robust_acc_eps")
-        ok = value >= bound
-        check(
+        key = metric_key("robust_acc_apgd", eps)
+        value = _lookup(result_metrics, "robust_acc_apgd", eps, "robust_acc_eps")
+        checks.at_least(
+            f"white-box (APGD-CE) robust accuracy at eps {_budget(eps)}",
+            value,
+            checks.interval(key, value),
+            checks.n(key),
+            float(gates["min_robust_acc"]),  # type: ignore[arg-type]
+        )
+    if gates.get("max_teacher_transfer_success") is not None:
+        _transfer_gate(result_metrics, gates, checks)
+    if gates.get("max_universal_fooling") is not None:
+        eps = _gate_eps(gates, "universal_eps", "max_universal_fooling")
+        key = metric_key("universal_fooling", eps)
+        value = _lookup(result_metrics, "universal_fooling", eps, "universal_eps")
+        checks.at_most(
+            f"universal-perturbation (natural images, teacher) fooling rate at eps {_budget(eps)}",
+            value,
+            checks.interval(key, value),
+            checks.n(key),
+            float(gates["max_universal_fooling"]),  # type: ignore[arg-type]
+        )
+    return Verdict(passed=not checks.reasons, reasons=checks.reasons, checked=checks.checked)
+
+
+def _transfer_gate(
+    result_metrics: Mapping[str, float], gates: Mapping[str, object], checks: _Checks
+) -> None:
+    """The stronger teacher-transfer attack's success rate (by its upper bound) at most the gate."""
+    bound = float(gates["max_teacher_transfer_success"])  # type: ignore[arg-type]
+    eps = _gate_eps(gates, "teacher_transfer_eps", "max_teacher_transfer_success")
+    keys = {
+        "untargeted": metric_key("teacher_transfer_success", eps),
+        "mimicry": metric_key("teacher_mimicry_success", eps),
+    }
+    values = {
+        "untargeted": _lookup(
+            result_metrics, "teacher_transfer_success", eps, "teacher_transfer_eps"
+        )
+    }
+    if keys["mimicry"] in result_metrics:
+        values["mimicry"] = float(result_metrics[keys["mimicry"]])
+    if any(math.isnan(v) for v in values.values()):
+        checks.check(
+            False,
+            f"teacher-transfer success rate at eps {format_eps(eps)} is undefined (NaN): the "
+            "student classified no evaluation example correctly",
+        )
+        return
+    kind = max(values, key=lambda k: checks.interval(keys[k], values[k])[1])
+    checks.at_most(
+        f"teacher-transfer ({kind}) attack success rate at eps {_budget(eps)}",
+        values[kind],
+        checks.interval(keys[kind], values[kind]),
+        checks.n(keys[kind]),
+        bound,
+    )
+
+
+def _budget(eps: float) -> str:
+    return f"{format_eps(eps)} ({eps * 255:.2g}/255)"
+
+
+class _Checks:
+    """Collects gate sentences: ``PASS:``/``FAIL:`` lines and the failures' reasons."""
+
+    def __init__(self, result: RobustnessResult | None) -> None:
+        self.intervals = result.to_intervals() if result is not None else {}
+        self.result = result
+        self.reasons: list[str] = []
+        self.checked: list[str] = []
+
+    def interval(self, key: str, value: float) -> Interval:
+        return self.intervals.get(key, (value, value))
+
+    def n(self, key: str) -> int | None:
+        if self.result is None:
+            return None
+        return self.result.denominator(key.rpartition(EPS_SEPARATOR)[0])
+
+    def check(self, ok: bool, sentence: str) -> None:
+        self.checked.append(("PASS: " if ok else "FAIL: ") + sentence)
+        if not ok:
+            self.reasons.append(sentence)
+
+    def at_least(
+        self, what: str, value: float, interval: Interval, n: int | None, bound: float
+    ) -> None:
+        # NaN compares false both ways, so the test is written as "bound satisfied".
+        ok = interval[0] >= bound
+        self.check(
             ok,
-            f"PGD robust accuracy at eps {format_eps(eps)} ({eps * 255:.2g}/255) is {value:.3f}, "
-            f"{'>=' if ok else 'below the required'} {bound:.3f}",
+            f"{what} is {_estimate(value, interval, n)}: its lower bound "
+            f"{'>=' if ok else 'is below the required'} {bound:.3f}",
         )
 
-    if gates.get("max_teacher_transfer_success") is not None:
-        bound = float(gates["max_teacher_transfer_success"])  # type: ignore[arg-type]
-        eps = _gate_eps(gates, "teacher_transfer_eps", "max_teacher_transfer_success")
-        values = {
-            "untargeted": _lookup(
-                result_metrics, "teacher_transfer_success", eps, "teacher_transfer_eps"
-            )
-        }
-        mimicry_key = metric_key("teacher_mimicry_success", eps)
-        if mimicry_key in result_metrics:
-            values["mimicry"] = float(result_metrics[mimicry_key])
-        if any(math.isnan(v) for v in values.values()):
-            check(
-                False,
-                f"teacher-transfer success rate at eps {format_eps(eps)} is undefined (NaN): the "
-                "student classified no evaluation example correctly",
-            )
-        else:
-            kind, value = max(values.items(), key=lambda item: item[1])
-            ok = value <= bound
-            check(
-                ok,
-                f"teacher-transfer ({kind}) attack success rate at eps {format_eps(eps)} "
-                f"({eps * 255:.2g}/255) is {value:.3f}, "
-                f"{'<=' if ok else 'above the allowed'} {bound:.3f}",
-            )
+    def at_most(
+        self, what: str, value: float, interval: Interval, n: int | None, bound: float
+    ) -> None:
+        ok = interval[1] <= bound
+        self.check(
+            ok,
+            f"{what} is {_estimate(value, interval, n)}: its upper bound "
+            f"{'<=' if ok else 'is above the allowed'} {bound:.3f}",
+        )
 
-    return Verdict(passed=not reasons, reasons=reasons, checked=checked)
+
+def _estimate(value: float, interval: Interval, n: int | None) -> str:
+    """``0.600 (95% CI 0.313-0.832, n=10)``."""
+    size = f", n={n}" if n is not None else ""
+    return f"{value:.3f} (95% CI {interval[0]:.3f}-{interval[1]:.3f}{size})"
 
 
 @dataclass(frozen=True)
@@ -332,6 +451,7 @@ def plot_robustness_curves(
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.add_subplot()
     curves = (
+        ("white-box APGD-CE, worst case (reported)", "apgd_acc", "D-"),
         ("white-box PGD", "pgd_acc", "o-"),
         ("white-box FGSM", "fgsm_acc", "s-"),
         ("teacher transfer (untargeted)", "teacher_transfer_acc", "^-"),

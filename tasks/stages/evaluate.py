@@ -16,9 +16,9 @@ from tasks import reports
 from tasks.config import Params
 from tasks.data.dataset import DatasetSource, ProcessedDataset, load_processed
 from tasks.errors import MedtransferError
-from tasks.evaluation import plots
+from tasks.evaluation import plot_data, plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_student, gradcam_grid
-from tasks.evaluation.metrics import SplitMetrics
+from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
 from tasks.model.student_io import StudentSpec, load_student
 
 logger = logging.getLogger(__name__)
@@ -38,26 +38,77 @@ def run_evaluate(params: Params) -> dict:
     source = dataset.source  # refuses a dataset that does not record its source
     model, spec = load_student(params.train.model_dir)
     _check_matches(spec, dataset)
-    evaluation = evaluate_student(model, dataset, params.eval.threshold)
+    evaluation = evaluate_student(
+        model,
+        dataset,
+        params.eval.threshold,
+        calibration=params.eval.calibration,
+        bootstrap=params.eval.bootstrap,
+        seed=params.seed,
+    )
+    _check_temperature(spec, evaluation)
     figures = _plots(params, model, spec, dataset, evaluation)
-    report = {
-        "threshold_rule": evaluation.threshold_rule,
-        "threshold": evaluation.threshold,
-        "val": _split_report(evaluation.val),
-        "test": _split_report(evaluation.test),
-    }
+    report = evaluation_report(evaluation, params.eval.bootstrap, params.seed)
+    plot_data.write_evaluation_plots(params.reports_dir, evaluation, dataset.classes)
     reports.METRICS.write(params.reports_dir, report)
     _log_to_training_run(params, evaluation, figures, report, source)
-    test = evaluation.test
+    test, ci = evaluation.test, evaluation.intervals
     logger.info(
-        "evaluate: test AUC %.3f, sensitivity %.3f, specificity %.3f at threshold %.3f (%s)",
+        "evaluate: test AUC %.3f (95%% CI %.3f-%.3f, %d images of %d patients), sensitivity "
+        "%.3f, specificity %.3f at threshold %.3f (%s), temperature %.2f",
         test.auc,
+        *ci.get("auc", (float("nan"), float("nan"))),
+        len(evaluation.labels["test"]),
+        evaluation.n_test_patients,
         test.sensitivity,
         test.specificity,
         evaluation.threshold,
         evaluation.threshold_rule,
+        evaluation.temperature,
     )
     return report
+
+
+def evaluation_report(evaluation: Evaluation, resamples: int, seed: int) -> dict:
+    """The metrics report: threshold, calibration (temperature, ECE before and after), and per
+    split the metrics; the test split also its size and each metric's 95% interval
+    (``ci95.auc.low``/``high``, bootstrap over patients)."""
+    raw = evaluation.raw_probabilities
+    test = _split_report(evaluation.test)
+    test["n_images"] = len(evaluation.labels["test"])
+    test["n_patients"] = evaluation.n_test_patients
+    test["ci95"] = {
+        name: {"low": low, "high": high} for name, (low, high) in evaluation.intervals.items()
+    }
+    return {
+        "threshold_rule": evaluation.threshold_rule,
+        "threshold": evaluation.threshold,
+        "calibration": {
+            "temperature": evaluation.temperature,
+            **{
+                f"{split}_ece_uncalibrated": expected_calibration_error(
+                    evaluation.labels[split], raw[split]
+                )
+                for split in raw
+            },
+        },
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "patient"},
+        "val": _split_report(evaluation.val),
+        "test": test,
+    }
+
+
+def _check_temperature(spec: StudentSpec, evaluation: Evaluation) -> None:
+    """Warn when the temperature saved with the student (what serving applies) is not the one
+    fitted here: the student was trained under another ``eval.calibration``."""
+    if abs(spec.temperature - evaluation.temperature) > 1e-3 * evaluation.temperature:
+        logger.warning(
+            "evaluate: the student was saved with temperature %.3f but validation gives %.3f; "
+            "the served probabilities use %.3f. Re-run `medtransfer train` to align them.",
+            spec.temperature,
+            evaluation.temperature,
+            spec.temperature,
+        )
 
 
 def _check_matches(spec: StudentSpec, dataset: ProcessedDataset) -> None:
@@ -84,6 +135,19 @@ def _plots(
             dataset.classes,
             reports.plot_path(params.reports_dir, "confusion_test.png"),
             f"test, threshold {evaluation.threshold:.3f}",
+        ),
+        plots.plot_reliability(
+            {
+                f"before (T=1, ECE {evaluation.metrics()['test_ece_uncalibrated']:.3f})": (
+                    evaluation.labels["test"],
+                    evaluation.raw_probabilities["test"],
+                ),
+                f"after (T={evaluation.temperature:.2f}, ECE {evaluation.test.ece:.3f})": (
+                    evaluation.labels["test"],
+                    evaluation.probabilities["test"],
+                ),
+            },
+            reports.plot_path(params.reports_dir, "reliability_test.png"),
         ),
         gradcam_grid(
             model,

@@ -25,7 +25,8 @@ from torch import nn
 from tasks import reports
 from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
-from tasks.evaluation.evaluation import evaluate_student
+from tasks.evaluation import plot_data
+from tasks.evaluation.evaluation import Evaluation, evaluate_student
 from tasks.model.student_io import load_student
 from tasks.robustness.check import (
     attack_at_budgets,
@@ -33,11 +34,14 @@ from tasks.robustness.check import (
     compare_strategies,
     fit_linear_probe,
 )
+from tasks.robustness.universal import natural_crops
 from tasks.robustness.verdict import (
+    PER_EPS_MEASURES,
     EpsilonRow,
     ReferenceCurve,
     RobustnessResult,
     gate_verdict,
+    metric_key,
     plot_robustness_curves,
 )
 
@@ -71,8 +75,22 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         len(config.epsilons) - 1,
     )
     result = attack(student, "student")
-    clean = evaluate_student(student, dataset, params.eval.threshold)
-    verdict = gate_verdict(result.to_metrics(), clean.test.auc, gates)
+    clean = evaluate_student(
+        student,
+        dataset,
+        params.eval.threshold,
+        calibration=params.eval.calibration,
+        bootstrap=params.eval.bootstrap,
+        seed=seed,
+    )
+    verdict = gate_verdict(
+        result.to_metrics(),
+        clean.test.auc,
+        gates,
+        result=result,
+        clean_auc_interval=clean.intervals.get("auc"),
+        n_test=len(clean.labels["test"]),
+    )
     reference = None
     if config.reference_probe:
         logger.info("robustness: attacking a linear probe on the frozen teacher (reference)")
@@ -89,7 +107,8 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         else None,
         title=f"{spec.strategy} student of {spec.teacher} under attack",
     )
-    report = _report(verdict, clean.test.auc, result, reference, strategies, spec.strategy, config)
+    report = _report(verdict, clean, result, reference, strategies, spec.strategy, config)
+    plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, _curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
     _log(params, report, plot)
     logger.info(
@@ -101,9 +120,36 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     return report
 
 
+def _curve_rows(result: RobustnessResult, reference: RobustnessResult | None) -> list[dict]:
+    """The robustness curves as DVC plot data: one row per model, measure and budget, with
+    its 95% interval."""
+    rows = []
+    for model, measured in (("student", result), ("frozen-teacher probe", reference)):
+        if measured is None:
+            continue
+        intervals = measured.to_intervals()
+        for row in measured.to_table():
+            for measure in PER_EPS_MEASURES:
+                key = metric_key(measure, row["eps"])
+                if key in intervals:
+                    low, high = intervals[key]
+                    rows.append(
+                        {
+                            "model": model,
+                            "attack": measure,
+                            "eps_255": row["eps_255"],
+                            "value": row[measure],
+                            "ci_low": low,
+                            "ci_high": high,
+                            "n": measured.denominator(measure),
+                        }
+                    )
+    return rows
+
+
 def _report(
     verdict,
-    clean_test_auc: float,
+    clean: Evaluation,
     result: RobustnessResult,
     reference: RobustnessResult | None,
     strategies: list[dict],
@@ -117,12 +163,19 @@ def _report(
             "reasons": list(verdict.reasons),
             "checked": list(verdict.checked),
         },
-        "clean_test_auc": clean_test_auc,
+        "clean_test_auc": clean.test.auc,
+        "clean_test_auc_ci95": list(clean.intervals.get("auc", (None, None))),
         "n_examples": result.n_examples,
         "strategy": strategy,
         "metrics": result.to_metrics(),
+        "intervals": {key: list(bounds) for key, bounds in result.to_intervals().items()},
         "table": result.to_table(),
-        "reference_probe": {"metrics": reference.to_metrics(), "table": reference.to_table()}
+        "reference_probe": {
+            "n_examples": reference.n_examples,
+            "metrics": reference.to_metrics(),
+            "intervals": {key: list(b) for key, b in reference.to_intervals().items()},
+            "table": reference.to_table(),
+        }
         if reference
         else None,
         "strategies": strategies,
@@ -136,6 +189,7 @@ def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progre
     reports its budgets as they finish."""
     images, labels = attack_subset(dataset, params.robustness.max_samples, params.seed)
     target_pool = attack_subset(dataset, None, params.seed)  # mimicry: other-class test images
+    natural = natural_crops(params.robustness.universal_images, dataset.image_size, params.seed)
     crafted: dict = {}
 
     def attack(model: nn.Module, label: str = "") -> RobustnessResult:
@@ -151,6 +205,7 @@ def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progre
                 seed=params.seed,
                 target_pool=target_pool,
                 crafted=crafted,
+                natural_images=natural,
                 on_budget=report,
             )
 
@@ -178,14 +233,17 @@ class _BudgetProgress:
             return
         self.bar.update(1)
         logger.info(
-            "robustness: %s at %.2f/255 on %d images: FGSM acc %.3f, PGD acc %.3f, "
-            "teacher-transfer success %.3f, noise acc %.3f",
+            "robustness: %s at %.2f/255 on %d images: FGSM acc %.3f, PGD acc %.3f, white-box "
+            "(APGD-CE) acc %.3f, teacher-transfer success %.3f, universal fooling %.3f, noise "
+            "acc %.3f",
             self.model_name,
             row.eps * 255,
             self.n_images,
             row.fgsm_acc,
             row.pgd_acc,
+            row.apgd_acc,
             row.teacher_transfer_success,
+            row.universal_fooling,
             row.noise_acc,
         )
 
@@ -201,6 +259,9 @@ def _log(params: Params, report: dict, plot: Path) -> None:
         return
     configure_mlflow(params)
     finite = {k: v for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
+    for key, (low, high) in report["intervals"].items():
+        if np.isfinite(low) and np.isfinite(high):
+            finite[f"{key}_ci_low"], finite[f"{key}_ci_high"] = low, high
     with mlflow.start_run(run_id=trained["run_id"]):
         model_id = logged_model_id(trained["run_id"])  # the model page shows what is linked
         mlflow.log_metrics(finite, model_id=model_id)

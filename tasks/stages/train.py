@@ -548,10 +548,17 @@ def _train_one(
         )
         model.load_state_dict(result.best_state)
         model.to("cpu").eval()
-        evaluation = evaluate_student(model, dataset, params.eval.threshold)
+        evaluation = evaluate_student(
+            model,
+            dataset,
+            params.eval.threshold,
+            calibration=params.eval.calibration,
+            bootstrap=params.eval.bootstrap,
+            seed=session.seed,
+        )
         if run is not None:
             _log_evaluation_and_model(evaluation, model, session)
-    spec = _student_spec(config, base_strategy, dataset, teacher_sha256)
+    spec = _student_spec(config, base_strategy, dataset, teacher_sha256, evaluation.temperature)
     return _outcome(strategy, fraction, len(train_idx), result, evaluation, run), model, spec
 
 
@@ -734,7 +741,7 @@ def _log_evaluation_and_model(evaluation: Evaluation, model: nn.Module, session:
     dataset = session.dataset
     example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
     with torch.no_grad():
-        output = torch.softmax(model(torch.from_numpy(example)), 1).numpy()
+        output = torch.softmax(model(torch.from_numpy(example)) / evaluation.temperature, 1).numpy()
     info = mlflow.pytorch.log_model(
         model,
         name=MODEL_NAME,
@@ -755,7 +762,11 @@ def _log_evaluation_and_model(evaluation: Evaluation, model: nn.Module, session:
 
 
 def _student_spec(
-    config: TrainParams, base_strategy: str, dataset: ProcessedDataset, teacher_sha256: str
+    config: TrainParams,
+    base_strategy: str,
+    dataset: ProcessedDataset,
+    teacher_sha256: str,
+    temperature: float,
 ) -> StudentSpec:
     """What ``save_student`` writes beside the weights, to rebuild the network for serving."""
     return StudentSpec(
@@ -767,6 +778,7 @@ def _student_spec(
         image_size=dataset.image_size,
         classes=tuple(dataset.classes),
         teacher_weights_sha256=teacher_sha256,
+        temperature=temperature,
     )
 
 

@@ -1,7 +1,8 @@
 """The mitigation: PGD adversarial training (Madry et al.), as a hook of the training loop.
 
 Each training batch is replaced by its worst case within an L-inf ball of ``eps`` in pixel
-space, found by a few signed-gradient steps from a random start. The student then learns on
+space, found by a few signed-gradient steps from a random start: the same PGD
+(:func:`tasks.robustness.attacks.pgd_perturb`) that the robustness check measures with. The student then learns on
 perturbed images, trading some clean accuracy for robustness; the robustness report shows
 that trade-off when the plain and the PGD-trained student are compared
 (``train.compare=[partial,partial+pgd]``).
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional
 
+from tasks.robustness.attacks import pgd_perturb
 from tasks.training.loop import Perturb
 
 ADVERSARIAL_SUFFIX = "+pgd"
@@ -43,13 +44,9 @@ def pgd_perturbation(eps: float, steps: int, step_fraction: float = 2.5) -> Pert
         # Attack passes in eval mode: they must not move BatchNorm statistics or dropout masks.
         was_training = model.training
         model.eval()
-        delta = torch.empty_like(images).uniform_(-eps, eps)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = functional.cross_entropy(model((images + delta).clamp(0.0, 1.0)), labels)
-            (gradient,) = torch.autograd.grad(loss, delta)  # gradients of the input only
-            delta = (delta.detach() + step * gradient.sign()).clamp(-eps, eps)
-        model.train(was_training)
-        return (images + delta).clamp(0.0, 1.0).detach()
+        try:
+            return pgd_perturb(model, images, labels, eps, steps, step)
+        finally:
+            model.train(was_training)
 
     return perturb

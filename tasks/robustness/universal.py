@@ -1,0 +1,112 @@
+"""The attack that needs no medical data: a universal perturbation crafted on the public
+teacher from natural images alone, then added to every test image of the student.
+
+An outsider who knows only which public teacher a student was built on can mount it: no
+medical image, no query to the student (Hirano et al., BMC Med. Imaging 2021; Minagi et al.,
+J. Imaging 2022). The natural images are scikit-image's bundled sample photographs (cameraman,
+coffee, coins, textures, ...), cut into seeded random crops; no file of the dataset is read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.robustness.attacks import _project, check_eps, predict, preserved_state
+
+# scikit-image's sample images that ship inside the package (no download) and are not medical.
+NATURAL_IMAGES = (
+    "astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "moon", "page", "rocket", "text",
+)  # fmt: skip
+
+
+def natural_crops(n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` seeded random square crops of the sample photographs, greyscale, resized to
+    ``size``: float32 ``(n, 1, size, size)`` in [0, 1]."""
+    from skimage import data
+    from skimage.color import rgb2gray
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in NATURAL_IMAGES:
+        image = getattr(data, name)()
+        photos.append(rgb2gray(image[..., :3]) if image.ndim == 3 else image / 255.0)
+    crops = np.empty((n, 1, size, size), dtype=np.float32)
+    for k in range(n):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(min(photo.shape) // 3, min(photo.shape) + 1))
+        top = int(rng.integers(photo.shape[0] - side + 1))
+        left = int(rng.integers(photo.shape[1] - side + 1))
+        crop = photo[top : top + side, left : left + side]
+        crops[k, 0] = resize(crop, (size, size), anti_aliasing=True)
+    return np.clip(crops, 0.0, 1.0)
+
+
+def craft_universal_perturbation(
+    teacher_features: nn.Module,
+    natural: np.ndarray,
+    eps: float,
+    *,
+    steps: int = 20,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """One perturbation ``(1, C, H, W)`` within ``eps`` (L-inf) that moves the teacher's
+    features of every natural image as far as possible: signed-gradient ascent on
+    ``sum_i ||f(x_i + d) - f(x_i)||^2`` over all crops, from a seeded random start.
+
+    Args:
+        natural: float ``(N, C, H, W)`` natural images in [0, 1] (:func:`natural_crops`).
+    """
+    eps = check_eps(eps)
+    shape = (1, *natural.shape[1:])
+    if eps == 0.0:
+        return np.zeros(shape, dtype=np.float32)
+    generator = torch.Generator().manual_seed(seed)
+    delta = ((torch.rand(shape, generator=generator) * 2 - 1) * eps / 2).to(device)
+    step = 2.5 * eps / steps
+    with preserved_state(teacher_features):
+        teacher_features.to(device)
+        x = torch.from_numpy(natural).to(device)
+        with torch.no_grad():
+            clean = torch.cat(
+                [
+                    teacher_features(x[i : i + batch_size]).flatten(1)
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
+        for _ in range(steps):
+            gradient = torch.zeros_like(delta)
+            for i in range(0, len(x), batch_size):
+                d = delta.detach().requires_grad_(True)
+                moved = teacher_features((x[i : i + batch_size] + d).clamp(0.0, 1.0)).flatten(1)
+                loss = (moved - clean[i : i + batch_size]).pow(2).sum()
+                gradient += torch.autograd.grad(loss, d)[0]
+            delta = (delta + step * gradient.sign()).clamp(-eps, eps)
+    return delta.detach().cpu().numpy().astype(np.float32)
+
+
+def universal_fooling_rate(
+    model: nn.Module,
+    images: np.ndarray,
+    perturbation: np.ndarray,
+    clean_predictions: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> tuple[float, int]:
+    """The share of ``images`` whose predicted class the perturbation changes, and how many.
+
+    Args:
+        images: float ``(N, C, H, W)`` in [0, 1]; perturbation: ``(1, C, H, W)``, added to
+            each and clipped to [0, 1]; clean_predictions: ``(N,)`` the model's classes on
+            ``images``.
+    """
+    eps = float(np.abs(perturbation).max()) if perturbation.size else 0.0
+    perturbed = _project(images + perturbation, images, eps)
+    changed = predict(model, perturbed, batch_size=batch_size, device=device) != clean_predictions
+    return (float(changed.mean()) if len(changed) else float("nan")), int(changed.sum())

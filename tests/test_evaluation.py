@@ -1,0 +1,115 @@
+"""Grad-CAM per predicted class, patient-level bootstrap intervals and temperature scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.visualize import GradCAM
+
+from tasks.evaluation.evaluation import GRADCAM_LAYER, gradcam_maps
+from tasks.model.student import build_student
+from tasks.model.teachers import DEFAULT_TEACHER
+
+
+@pytest.fixture(scope="module")
+def student() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_student(DEFAULT_TEACHER, "partial", 2, unfreeze_blocks=2).eval()
+    with torch.no_grad():  # a head that does not favour one class everywhere
+        model.head.weight.normal_(0.0, 1.0)
+    return model
+
+
+def test_gradcam_maps_of_a_mixed_batch_equal_each_images_own_map(student) -> None:
+    images = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    classes = np.array([0, 1, 1, 0])  # a batch that mixes predicted classes, as the grid does
+    maps = gradcam_maps(student, GRADCAM_LAYER, images, classes)
+    cam = GradCAM(nn_module=student, target_layers=GRADCAM_LAYER)
+    with torch.enable_grad():
+        alone = [
+            cam(images[i : i + 1].clone().requires_grad_(True), class_idx=int(c)).detach().numpy()
+            for i, c in enumerate(classes)
+        ]
+    assert maps.shape == (4, 1, 64, 64)
+    np.testing.assert_allclose(maps, np.concatenate(alone), atol=1e-5)
+    # and the class matters: the other class's map of the same image differs
+    other = gradcam_maps(student, GRADCAM_LAYER, images[:1], np.array([1]))
+    assert np.abs(other[0] - maps[0]).max() > 0.05
+
+
+METRICS_REPORT = {
+    "threshold": 0.42,
+    "threshold_rule": "youden",
+    "calibration": {"temperature": 1.7, "test_ece_uncalibrated": 0.081},
+    "bootstrap": {"resamples": 1000, "seed": 42, "unit": "patient"},
+    "val": {"auc": 0.9, "accuracy": 0.8, "sensitivity": 0.8, "specificity": 0.8, "ece": 0.05},
+    "test": {
+        "auc": 0.875,
+        "accuracy": 0.8,
+        "sensitivity": 0.75,
+        "specificity": 0.85,
+        "ece": 0.04,
+        "n_images": 55,
+        "n_patients": 18,
+        "ci95": {
+            "auc": {"low": 0.701, "high": 0.968},
+            "accuracy": {"low": 0.69, "high": 0.9},
+            "sensitivity": {"low": 0.5, "high": 0.95},
+            "specificity": {"low": 0.7, "high": 1.0},
+            "ece": {"low": 0.02, "high": 0.12},
+        },
+    },
+}
+
+
+def test_model_card_and_run_summary_show_each_test_metric_with_its_interval() -> None:
+    from flows.summary import summary_lines
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    card = render_model_card(
+        CardInputs(
+            model_name="m",
+            version="1",
+            run_id="r",
+            spec={"classes": ["a", "b"]},
+            dataset_version="d",
+            ingest={},
+            metrics=METRICS_REPORT,
+            robustness=None,
+            promoted=False,
+            alias="champion",
+        )
+    )
+    assert "| test | 0.875 [0.701, 0.968] | 0.800 [0.690, 0.900] |" in card
+    assert "55 images of 18 patients" in card and "T = 1.70" in card
+    lines = summary_lines({"evaluate": METRICS_REPORT})
+    assert lines[0].startswith("test AUC 0.875 [0.701, 0.968], sensitivity 0.750 [0.500, 0.950]")
+    assert "18 test patients" in lines[1]
+
+
+def test_model_card_shows_robustness_rates_with_their_intervals() -> None:
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    robustness = {
+        "verdict": {"passed": False, "reasons": ["x"]},
+        "n_examples": 55,
+        "metrics": {"clean_acc": 0.8, "robust_acc_apgd_eps_0.0039": 0.0},
+        "intervals": {"clean_acc": [0.68, 0.88], "robust_acc_apgd_eps_0.0039": [0.0, 0.065]},
+    }
+    card = render_model_card(
+        CardInputs(
+            model_name="m",
+            version="1",
+            run_id="r",
+            spec={"classes": ["a", "b"]},
+            dataset_version="d",
+            ingest={},
+            metrics=METRICS_REPORT,
+            robustness=robustness,
+            promoted=False,
+            alias="champion",
+        )
+    )
+    assert "on the 55 evaluated test images: 0.800 [0.68, 0.88]" in card
+    assert "| 0.0039 (1.0/255) | 0.000 [0.00, 0.07] |" in card
