@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from prefect.schedules import Schedule
 
 RETRAIN_DEPLOYMENT = "scheduled-retrain"
+MONITOR_DEPLOYMENT = "serving-drift"
 WATCH_DEPLOYMENT = "watch-folder"
 
 
@@ -120,6 +121,31 @@ def build_deployments(
     return [retrain, watch]
 
 
+def monitor_deployments(
+    params: Params, params_file: str | Path, overrides: Sequence[str] = (), **pool: Any
+) -> list[RunnerDeployment]:
+    """``monitor/serving-drift``: ``medtransfer monitor`` on the cron ``monitor.cron`` (none
+    when it is null)."""
+    from flows.monitor import monitor_flow
+
+    if not params.monitor.cron:
+        return []
+    return [
+        monitor_flow.to_deployment(
+            name=MONITOR_DEPLOYMENT,
+            schedules=cron_schedules(params.monitor.cron, params.orchestration.timezone, "cron"),
+            parameters={
+                "params_file": str(Path(params_file).resolve()),
+                "overrides": list(overrides),
+            },
+            description="Compare the service's recent requests with the training profile.",
+            tags=["medtransfer", "monitor"],
+            concurrency_limit=1,
+            **pool,
+        )
+    ]
+
+
 def serve_deployments(
     params_file: str | Path = "params.yaml", overrides: Sequence[str] = ()
 ) -> None:
@@ -131,7 +157,10 @@ def serve_deployments(
     from prefect import serve
 
     params = load_params(params_file, overrides)
-    serve(*build_deployments(params, params_file, overrides))
+    serve(
+        *build_deployments(params, params_file, overrides),
+        *monitor_deployments(params, params_file, overrides),
+    )
 
 
 def deploy_deployments(

@@ -72,7 +72,7 @@ DEFLATE_SLACK = 1024 * 1024
 
 # VOI LUT Function (0028,1056), PS3.3 C.11.2.1.3: LINEAR when absent.
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class DicomRejected(Exception):
@@ -344,7 +344,7 @@ def decode_dataset(
     """
     if multiframe not in MULTIFRAME_MODES:
         raise ValueError(f"multiframe must be one of {MULTIFRAME_MODES}, not {multiframe!r}")
-    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise DicomRejected(NO_PIXEL_DATA, "the file has no Pixel Data element (not an image)")
     _check_transfer_syntax(ds)
 

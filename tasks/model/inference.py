@@ -59,6 +59,10 @@ REJECTIONS: dict[str, tuple[int, str]] = {
         "The image decodes to more than its header declares or than the server accepts.",
     ),
     "not_png": (422, "The upload is not a PNG image."),
+    "out_of_scope": (
+        422,
+        "The image's DICOM metadata is outside the data the model was trained on.",
+    ),
 }
 
 # ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.ingest, tasks.dicom_io).
@@ -78,6 +82,7 @@ class InputRejected(Exception):
         status, message = REJECTIONS[reason]
         self.reason = reason
         self.status = status
+        self.hint = hint
         self.message = f"{where}{message}{hint}"
         super().__init__(f"{reason}: {self.message}")
 
@@ -91,6 +96,7 @@ def prepare_dicom(
     image_size: int,
     max_image_dim: int = dicom_io.MAX_IMAGE_DIM,
     multiframe: str | None = None,
+    scope=None,
 ) -> np.ndarray:
     """One DICOM image → the uint8 ``(image_size, image_size)`` image the model sees.
 
@@ -102,6 +108,8 @@ def prepare_dicom(
         multiframe: the rule the model's training data was ingested with (``data.multiframe``):
             ``middle`` takes a multi-frame file's middle frame, as ingestion did; ``all`` or
             None refuses multi-frame files (one image per request).
+        scope: a :class:`tasks.model.profile.Scope`: a file whose header values are outside
+            it is refused ``out_of_scope`` (the message names what was expected); None: no check.
 
     Raises:
         InputRejected: not DICOM, truncated, no pixel data, unsupported transfer syntax or image
@@ -113,6 +121,9 @@ def prepare_dicom(
         source = io.BytesIO(bytes(source))
     try:
         ds = dicom_io.read_dataset(source, max_image_dim)
+        if not any(keyword in ds for keyword in dicom_io.PIXEL_KEYWORDS):
+            raise InputRejected(dicom_io.NO_PIXEL_DATA)  # not an image: before its scope
+        _check_scope(ds, scope)
         if _header_int(ds, "NumberOfFrames", 1) > 1 and multiframe != "middle":
             raise InputRejected("multi_frame")
         rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
@@ -178,6 +189,16 @@ def _png_to_display(image) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 2:
         raise InputRejected(dicom_io.UNSUPPORTED_IMAGE)
     return uint8_to_display(array)
+
+
+def _check_scope(ds, scope) -> None:
+    if scope is None:
+        return
+    from tasks.model.profile import header_values
+
+    expected = scope.violation(header_values(ds))
+    if expected is not None:
+        raise InputRejected("out_of_scope", hint=expected)
 
 
 def _header_int(ds, keyword: str, default: int) -> int:
