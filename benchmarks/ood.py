@@ -198,7 +198,7 @@ def evaluate(params, model, spec, dataset) -> tuple[str, dict]:
                 refused += 1
                 continue
             features.append(features_and_probabilities(model, image[None])[1][0])
-        feats = np.array(features).reshape(len(features), -1)
+        feats = np.stack(features) if features else np.zeros((0, 0))
         line = [family, str(len(items)), str(refused)]
         for method, profile in profiles.items():
             s = profile.detector.score(feats) if len(feats) else np.zeros(0)

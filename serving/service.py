@@ -146,7 +146,9 @@ class StudentModel:
         # service's /readyz asks this one's: ready means the student is in memory.
         self.predictor: Predictor | None = Predictor.from_folder(self.bento_model.path)
         profile = DataProfile.load(self.bento_model.path)
-        self.detector = profile.detector if profile is not None else None
+        # serving.ood_gate false: no score, no abstention (the benchmark's "gate off").
+        gate = ARGS.ood_gate and profile is not None
+        self.detector = profile.detector if gate else None
 
     def __is_ready__(self) -> bool:
         """``/readyz`` answers 200 only once the student is loaded."""

@@ -88,6 +88,12 @@ def test_an_image_over_the_dimension_limit_is_refused_before_decoding() -> None:
     with pytest.raises(InputRejected) as rejected:
         prepare_dicom(deflated_dicom(ds), 32, max_image_dim=256)
     assert (rejected.value.status, rejected.value.reason) == (413, dicom_io.TOO_LARGE)
+    # Within the dimensions, but colour: 220 x 220 x 3 bytes > 256 x 256 x 2 bytes.
+    rgb = make_mono_dataset(np.zeros((4, 4), dtype=np.uint16))
+    rgb.Rows, rgb.Columns, rgb.SamplesPerPixel, rgb.BitsAllocated = 220, 220, 3, 8
+    with pytest.raises(dicom_io.DicomRejected) as refused:
+        dicom_io.decode_dataset(rgb, max_image_dim=256)
+    assert refused.value.reason == dicom_io.TOO_LARGE
 
 
 MARKER = "ZQXMARK"  # in text values

@@ -255,9 +255,10 @@ def _deflated_header(head: bytes, max_image_dim: int | None) -> tuple[int, int]:
 
 
 def decoded_bytes_limit(max_image_dim: int) -> int:
-    """The most bytes of stored pixel values decoded at once: one RGB 16-bit image of
-    ``max_image_dim`` x ``max_image_dim`` (384 MiB at 8192)."""
-    return max_image_dim * max_image_dim * 3 * 2
+    """The most bytes of stored pixel values decoded at once: one 16-bit grayscale image of
+    ``max_image_dim`` x ``max_image_dim`` (128 MiB at 8192). Colour or multi-frame data of
+    that size are refused: decoding 8192 x 8192 x 3 16-bit samples alone took 1.5 GB."""
+    return max_image_dim * max_image_dim * 2
 
 
 def check_image_size(ds: Dataset, max_image_dim: int | None, frames: int | None = 1) -> int:

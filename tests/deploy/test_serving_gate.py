@@ -177,3 +177,24 @@ def test_medtransfer_monitor_compares_the_served_requests_with_the_profile(serve
     }
     assert report["abstention_share"] > 0 and "abstention_share" in report["drifted"]
     assert (reports_dir / "plots" / "monitor.png").is_file()
+
+
+def test_no_marked_dicom_value_reaches_a_reply_or_the_server_log(served) -> None:
+    import io
+
+    from tests.test_hostile_dicom import MARKER, UID_MARKER, marked_datasets
+
+    uploads = []
+    for ds in marked_datasets().values():
+        buffer = io.BytesIO()
+        ds.save_as(buffer, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        uploads.append(buffer.getvalue())
+    replies = [
+        requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM) for data in uploads
+    ]
+    files = [("files", (f"{MARKER}.dcm", data, "application/dicom")) for data in uploads[-3:]]
+    replies.append(requests.post(f"{served.url}/classify/batch", files=files))
+    statuses = {r.status_code for r in replies}
+    assert 200 in statuses and 422 in statuses
+    text = "\n".join(r.text for r in replies) + served.log_text()
+    assert MARKER not in text and UID_MARKER not in text
