@@ -185,12 +185,17 @@ def evaluate(params, model, spec, dataset) -> tuple[str, dict]:
     }
     scope = Scope(profiles["knn"].scope) if profiles["knn"].scope else None
     rows, scores = [], {m: {} for m in profiles}
+    runs = []
     for family, items in families(dataset).items():
+        runs.append((family, items, scope))
+        if family in ("CT", "MR") and scope is not None:  # the detector alone, for comparison
+            runs.append((f"{family} (no scope gate)", items, None))
+    for family, items, gate in runs:
         refused, features = 0, []
         for kind, data in items:
             try:
                 image = (
-                    prepare_dicom(data, SIZE, multiframe=profiles["knn"].multiframe, scope=scope)
+                    prepare_dicom(data, SIZE, multiframe=profiles["knn"].multiframe, scope=gate)
                     if kind == "dicom"
                     else prepare_png(data, SIZE)
                 )
@@ -213,7 +218,9 @@ def evaluate(params, model, spec, dataset) -> tuple[str, dict]:
     aurocs = {}
     for method in profiles:
         inside = scores[method]["held-back"]
-        outside = np.concatenate([v for k, v in scores[method].items() if k != "held-back"])
+        outside = np.concatenate(
+            [v for k, v in scores[method].items() if k != "held-back" and "no scope" not in k]
+        )
         aurocs[method] = _auroc(inside, outside)
     header = "| family | n | refused (scope, decode) | knn | mahalanobis | energy |\n|---|---|---|---|---|---|\n"
     table = header + "\n".join("| " + " | ".join(r) + " |" for r in rows)

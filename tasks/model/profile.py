@@ -128,9 +128,14 @@ class OodDetector:
         return -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))
 
     def calibrate(self, validation_scores: np.ndarray, false_rejection: float) -> None:
-        """Threshold at the ``1 - false_rejection`` quantile of validation scores: about that
-        share of in-distribution images is refused."""
-        self.threshold = float(np.quantile(validation_scores, 1.0 - false_rejection))
+        """Threshold at the conformal ``1 - false_rejection`` quantile of ``n`` validation
+        scores (the ``ceil((n + 1)(1 - false_rejection))``-th smallest): a new image from the
+        same distribution is refused with probability at most ``false_rejection``. The plain
+        quantile refused 11-12% of held-back images at 5% (benchmarks/results/ood.md)."""
+        scores = np.sort(np.asarray(validation_scores, dtype=np.float64))
+        rank = int(np.ceil((len(scores) + 1) * (1.0 - false_rejection)))
+        # Fewer scores than the rate can resolve: refuse only what is above all of them.
+        self.threshold = float(scores[min(rank, len(scores)) - 1] + (rank > len(scores)) * 1e-9)
 
     def save(self, folder: Path) -> None:
         np.savez(folder / OOD_FILE, **self.arrays)
