@@ -203,6 +203,7 @@ class UploadLimits:
             body = await _read_body(receive, headers.get("content-length"), self.max_bytes)
             if accepted == MULTIPART_TYPES:
                 _check_multipart(body, content_type, self.max_files)
+                await _parse_multipart(scope, body, self.max_files)
             elif body.lstrip()[:8].lower().startswith((b"http://", b"https://")):
                 raise InputRejected("not_png" if accepted == PNG_TYPES else "not_dicom")
         except InputRejected as err:
@@ -218,7 +219,68 @@ class UploadLimits:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, _own_errors(send, scope["path"]))
+
+
+def _own_errors(send, path: str):
+    """``send`` with BentoML's own 400 (a pydantic validation error of the typed input, e.g.
+    a part's content type) replaced by this service's error body: clients get one format."""
+    held: dict = {}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            held["start"] = message  # wait for the body to see whose error it is
+            return
+        if "start" in held and message["type"] == "http.response.body":
+            start, body = held.pop("start"), message.get("body", b"")
+            if b'"validation error' in body or b"validation error for" in body:
+                reason = "bad_multipart" if path.endswith("/batch") else "bad_request"
+                error = InputRejected(reason)
+                response = JSONResponse(error.to_dict(), status_code=400)
+                start = {
+                    **start,
+                    "headers": [
+                        (k, v) for k, v in start["headers"] if k.lower() != b"content-length"
+                    ]
+                    + [(b"content-length", str(len(response.body)).encode())],
+                }
+                body = response.body
+            await send(start)
+            await send({**message, "body": body})
+            return
+        await send(message)
+
+    return wrapped
+
+
+async def _parse_multipart(scope, body: bytes, max_files: int) -> None:
+    """Parse the body as BentoML will (Starlette's parser): 400 ``bad_multipart`` when it does
+    not parse (BentoML would answer 500), when a ``files`` entry is not a file or when there
+    are parts of other names; 400 ``no_files`` without a ``files`` part."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartParser
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(
+        Headers(scope=scope), stream(), max_files=max_files, max_fields=max_files + 16
+    )
+    try:
+        form = await parser.parse()
+    except Exception:  # MultiPartException and python-multipart's own parser errors
+        raise InputRejected("bad_multipart") from None
+    try:
+        parts = form.getlist("files")
+        if not parts:
+            raise InputRejected("no_files")
+        if set(form.keys()) != {"files"}:
+            # Kept out: BentoML JSON-decodes every other part and answers 500 on binary ones.
+            raise InputRejected("bad_multipart", hint=" Send only parts named 'files'.")
+        if not all(isinstance(p, UploadFile) for p in parts):
+            raise InputRejected("bad_multipart", hint=" Send each file as a file part.")
+    finally:
+        await form.close()
 
 
 def _check_content_type(header: str, accepted: tuple[str, ...]) -> str:
