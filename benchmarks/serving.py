@@ -222,7 +222,8 @@ def rle_giant() -> bytes:
     from tests.conftest import make_mono_dataset
     from tests.deploy.samples import dataset_bytes
 
-    ds = make_mono_dataset(np.zeros((8, 8), dtype=np.uint16))
+    # In the training data's scope (CR, CHEST), so that the size limit is what refuses it.
+    ds = make_mono_dataset(np.zeros((8, 8), dtype=np.uint16), BodyPartExamined="CHEST")
     pixels = np.zeros((8192, 8192, 3), dtype=np.uint16)
     ds.set_pixel_data(pixels, photometric_interpretation="RGB", bits_stored=16)
     ds.compress(RLELossless, encoding_plugin="pylibjpeg")
@@ -325,7 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--gate-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: serve gate on and gate off side by side (batching on) and alternate "
+        "ROUNDS runs of the largest client count on each, then the bomb cases "
+        "(benchmarks/results/serving-gate.md)",
+    )
     args = parser.parse_args(argv)
+    if args.gate_ab:
+        return gate_ab(args)
 
     root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
@@ -417,6 +429,73 @@ def main(argv: list[str] | None = None) -> int:
     )
     path = write_result("serving", body)
     print("\n".join(table))
+    print(f"written to {path}")
+    return 0
+
+
+def gate_ab(args: argparse.Namespace) -> int:
+    """The OOD gate's cost measured side by side: both Bentos served at once, runs alternated
+    (on, off, on, off, ...) so that the machine's other load falls on both alike."""
+    root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-gate-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MEDTRANSFER_ARTIFACT_ROOT"] = str(root / "mlartifacts")
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    clients = max(args.clients)
+    try:
+        params = make_student(root)
+        files = make_dicoms(root)
+        bentos = {c: package(params, root, True, o)["bento"] for c, o in CONFIGS.items()}
+        with contextlib.ExitStack() as stack:
+            served = {
+                c: stack.enter_context(serve(b, root / f"server-{i}.log"))
+                for i, (c, b) in enumerate(bentos.items())
+            }
+            for url, _ in served.values():
+                asyncio.run(drive(url, files, 1, 5.0))
+            runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+            for _ in range(args.gate_ab):
+                for config, (url, _) in served.items():
+                    runs[config].append(asyncio.run(drive(url, files, clients, args.seconds)))
+                    print(config, _line({**runs[config][-1], "config": config, "batching": "on"}))
+            bombs = bomb_cases(*served["gate on"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    median = {
+        c: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
+        for c, rs in runs.items()
+    }
+    ratios = [
+        on["rps"] / off["rps"] for on, off in zip(runs["gate on"], runs["gate off"], strict=True)
+    ]
+    lines = [
+        machine_header(),
+        "",
+        f"Gate on vs off, served side by side, batching on, {clients} clients, "
+        f"{args.gate_ab} alternated runs of {args.seconds:g} s each (the machine was shared "
+        "with other work; both servers ran all along). Medians over the runs:",
+        "",
+        "| OOD gate | requests/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {c} | {m['rps']:.1f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} |"
+            for c, m in median.items()
+        ),
+        "",
+        "Per-round requests/s ratio on / off: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f" (median {statistics.median(ratios):.2f}).",
+        "",
+        "Bomb cases against the gate-on server (peak RSS = the largest VmHWM among its "
+        "processes, cumulative since it started):",
+        "",
+        "| case | upload MB | statuses | peak RSS MiB |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {b['case']} | {b['size_mb']:.1f} | {b['statuses']} | {b['peak_mib']:.0f} |"
+            for b in bombs
+        ),
+    ]
+    path = write_result("serving-gate", "\n".join(lines))
     print(f"written to {path}")
     return 0
 
