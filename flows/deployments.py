@@ -82,7 +82,6 @@ def build_deployments(
     Returns:
         ``[retrain, watch]`` as Prefect ``RunnerDeployment`` objects.
     """
-    from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import medtransfer_pipeline
     from flows.watch import watch_and_retrain
@@ -92,15 +91,7 @@ def build_deployments(
         "params_file": str(Path(params_file).resolve()),
         "overrides": list(overrides),
     }
-    pool: dict[str, Any] = {}
-    if work_pool_name:
-        # A worker imports the flow by module name (the project is pip-installed where it
-        # runs) and starts it in the project folder, where params.yaml's relative paths live.
-        pool = {
-            "work_pool_name": work_pool_name,
-            "entrypoint_type": EntrypointType.MODULE_PATH,
-            "job_variables": {"working_dir": str(Path(working_dir or Path.cwd()).resolve())},
-        }
+    pool = _pool_settings(work_pool_name, working_dir)
     retrain = medtransfer_pipeline.to_deployment(
         name=RETRAIN_DEPLOYMENT,
         schedules=cron_schedules(config.retrain_cron, config.timezone, "retrain_cron"),
@@ -119,6 +110,21 @@ def build_deployments(
         **pool,
     )
     return [retrain, watch]
+
+
+def _pool_settings(work_pool_name: str | None, working_dir: str | Path | None) -> dict[str, Any]:
+    """``to_deployment`` settings for a work pool (none to ``serve``)."""
+    from prefect.types.entrypoint import EntrypointType
+
+    if not work_pool_name:
+        return {}
+    # A worker imports the flow by module name (the project is pip-installed where it runs)
+    # and starts it in the project folder, where params.yaml's relative paths live.
+    return {
+        "work_pool_name": work_pool_name,
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        "job_variables": {"working_dir": str(Path(working_dir or Path.cwd()).resolve())},
+    }
 
 
 def monitor_deployments(
@@ -180,6 +186,8 @@ def deploy_deployments(
     params = load_params(params_file, overrides)
     deployments = build_deployments(
         params, params_file, overrides, work_pool_name=work_pool_name, working_dir=working_dir
+    ) + monitor_deployments(
+        params, params_file, overrides, **_pool_settings(work_pool_name, working_dir)
     )
     try:
         ids = deploy(*deployments, work_pool_name=work_pool_name, ignore_warnings=True)

@@ -87,3 +87,22 @@ def test_monitor_flags_drifted_statistics_and_abstentions(
     assert low < report["abstention_share"] < high
     assert (Path(params.reports_dir) / "plots" / "monitor.png").is_file()
     assert json.loads(json.dumps(report))["drift"] is True
+
+
+def test_the_monitor_deployment_runs_on_its_cron_with_the_params_file(
+    params: Params, tmp_path: Path
+) -> None:
+    from flows.deployments import MONITOR_DEPLOYMENT, monitor_deployments
+
+    [deployment] = monitor_deployments(
+        params, tmp_path / "params.yaml", ["monitor.window=50"], work_pool_name="cpu"
+    )
+    assert (deployment.flow_name, deployment.name) == ("monitor", MONITOR_DEPLOYMENT)
+    [schedule] = deployment.schedules
+    assert schedule.schedule.cron == params.monitor.cron == "0 * * * *"
+    assert deployment.parameters == {
+        "params_file": str((tmp_path / "params.yaml").resolve()),
+        "overrides": ["monitor.window=50"],
+    }
+    assert deployment.work_pool_name == "cpu" and deployment.concurrency_limit == 1
+    assert monitor_deployments(params.with_overrides(["monitor.cron=null"]), "p.yaml") == []
