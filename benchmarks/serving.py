@@ -12,8 +12,14 @@ and writes the table with machine, versions, date and load average to
 ``benchmarks/results/serving.md``. The client runs on the same machine as the server, so it
 takes its share of the CPU in every row alike.
 
-Two model-worker settings are compared: params.yaml's defaults (one torch thread, batches of
-up to 8) and torch's default threads with batches of up to 32.
+The out-of-distribution gate is compared on and off (``serving.ood_gate``; off, the model
+worker computes no OOD score), each with batching on and off, with params.yaml's model-worker
+defaults (one torch thread, batches of up to 8). Packaging records the training profile, so a
+small synthetic set is ingested at 128 px first.
+
+Then the bomb cases, against the gate-on, batching-on server: the peak resident memory
+(``VmHWM``, the largest among the server's processes) after a 1 MB deflate bomb (1 GiB inflated),
+four of them at once, a 3 MB one (3 GiB) and a 6 MB RLE image of 8192 x 8192 x 3 x 16 bits.
 
 Usage: ``python -m benchmarks.serving [--seconds 15] [--clients 1 8 32] [--keep]``.
 """
@@ -92,6 +98,7 @@ def make_student(root: Path) -> dict:
             input_example=example.numpy(),
             pip_requirements=["torch", "monai", "numpy"],
         )
+    params = _with_training_data(params, root)
     reports = root / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "train.json").write_text(
@@ -104,6 +111,26 @@ def make_student(root: Path) -> dict:
         json.dumps({"verdict": {"passed": True, "reasons": []}, "metrics": {}})
     )
     run_register(params)
+    return params.to_dict()
+
+
+def _with_training_data(params, root: Path):
+    """``params`` pointing at a small synthetic set ingested at IMAGE_SIZE (the profile's)."""
+    from tasks.stages.ingest import run_ingest
+    from tasks.stages.synthesize import run_synthesize
+
+    params = params.with_overrides(
+        [
+            f"synthetic.output_dir={root / 'synthetic'}",
+            "synthetic.n_patients=24",
+            f"data.processed_dir={root / 'processed'}",
+            f"data.image_size={IMAGE_SIZE}",
+            f"serving.monitor_store={root / 'monitor.sqlite'}",
+        ]
+    )
+    folder = run_synthesize(params)["dicom_dir"]
+    params = params.with_overrides([f"data.source={folder}"])
+    run_ingest(params, progress=False)
     return params
 
 
@@ -113,11 +140,10 @@ def make_dicoms(root: Path) -> list[bytes]:
     return [path.read_bytes() for path in sorted(folder.rglob("*.dcm"))][:N_FILES]
 
 
-# Model-worker settings compared: params.yaml's defaults, and torch's own thread count with
-# BentoML-style large batches.
+# The OOD gate on (params.yaml) and off.
 CONFIGS = {
-    "defaults": [],
-    "torch threads, batch 32": ["serving.model_threads=0", "serving.max_batch_size=32"],
+    "gate on": [],
+    "gate off": ["serving.ood_gate=false"],
 }
 
 
@@ -170,9 +196,76 @@ def serve(bento: str, log: Path):
                 if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
                     break
             time.sleep(0.5)
-        yield url
+        yield url, process.pid
     finally:
         stop_server_tree(process)
+
+
+def peak_rss(pid: int) -> int:
+    """The largest peak resident size (VmHWM) among ``pid`` and its children, in bytes."""
+    import psutil
+
+    peaks = [0]
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            peaks.append(int(next(s for s in status if s.startswith("VmHWM")).split()[1]) * 1024)
+    return max(peaks)
+
+
+def rle_giant() -> bytes:
+    """8192 x 8192 x 3 samples of 16 bits, zeros, RLE Lossless: about 6 MB."""
+    import numpy as np
+    from pydicom.uid import RLELossless
+
+    from tests.conftest import make_mono_dataset
+    from tests.deploy.samples import dataset_bytes
+
+    # In the training data's scope (CR, CHEST), so that the size limit is what refuses it.
+    ds = make_mono_dataset(np.zeros((8, 8), dtype=np.uint16), BodyPartExamined="CHEST")
+    pixels = np.zeros((8192, 8192, 3), dtype=np.uint16)
+    ds.set_pixel_data(pixels, photometric_interpretation="RGB", bits_stored=16)
+    ds.compress(RLELossless, encoding_plugin="pylibjpeg")
+    return dataset_bytes(ds)
+
+
+def bomb_cases(url: str, pid: int) -> list[dict]:
+    """Peak server memory after each hostile upload (see the module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from tests.deploy.samples import deflate_bomb
+
+    one = deflate_bomb(2**30)
+    cases = {
+        "deflate bomb, 1 MB -> 1 GiB": [one],
+        "4 deflate bombs at once": [one] * 4,
+        "deflate bomb, 3 MB -> 3 GiB": [deflate_bomb(3 * 2**30)],
+        "RLE 8192 x 8192 x 3 x 16 bit": [rle_giant()],
+    }
+    out = [{"case": "(before)", "size_mb": 0.0, "statuses": "", "peak_mib": peak_rss(pid) / 2**20}]
+
+    def post(data: bytes) -> int:
+        headers = {"Content-Type": "application/dicom"}
+        return requests.post(
+            f"{url}/classify/dicom", data=data, headers=headers, timeout=300
+        ).status_code
+
+    for name, bodies in cases.items():
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            statuses = list(pool.map(post, bodies))
+        out.append(
+            {
+                "case": name,
+                "size_mb": len(bodies[0]) / 1e6,
+                "statuses": ", ".join(map(str, statuses)),
+                "peak_mib": peak_rss(pid) / 2**20,
+            }
+        )
+        print(out[-1], flush=True)
+    return out
 
 
 async def drive(url: str, files: list[bytes], clients: int, seconds: float) -> dict:
@@ -233,7 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--gate-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: serve gate on and gate off side by side (batching on) and alternate "
+        "ROUNDS runs of the largest client count on each, then the bomb cases "
+        "(benchmarks/results/serving-gate.md)",
+    )
     args = parser.parse_args(argv)
+    if args.gate_ab:
+        return gate_ab(args)
 
     root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
@@ -244,12 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         params = make_student(root)
         files = make_dicoms(root)
         rows = []
+        bombs: list[dict] = []
         for config, overrides in CONFIGS.items():
             for batching in (True, False):
                 report = package(params, root, batching, overrides)
                 mode = "on" if batching else "off"
                 log = root / f"server-{len(rows)}.log"
-                with serve(report["bento"], log) as url:
+                with serve(report["bento"], log) as (url, pid):
                     # Warm-up at low load: BentoML's batcher first calibrates its latency model,
                     # and its wait estimate, raised by a burst, decays only slowly afterwards.
                     asyncio.run(drive(url, files, 1, 5.0))
@@ -258,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                         row.update(batching=mode, config=config)
                         rows.append(row)
                         print(_line(row), flush=True)
+                    if config == "gate on" and batching:
+                        bombs = bomb_cases(url, pid)
     finally:
         if args.keep:
             print(f"kept {root}")
@@ -265,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     table = [
-        "| model worker | clients | batching | requests/s | p50 ms | p99 ms | requests | errors "
+        "| OOD gate | clients | batching | requests/s | p50 ms | p99 ms | requests | errors "
         "| load avg |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -290,10 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Student: efficientnet-lite0 `partial`, {IMAGE_SIZE} px; requests: synthetic "
             f"512x512 16-bit DICOM files to `/classify/dicom`, {args.seconds:g} s per row, "
-            "client on the same machine. Batching off: `serving.batching=false`. Model worker "
-            "`defaults`: params.yaml (max batch 8, one torch thread); `torch threads, batch 32`: "
-            "`serving.model_threads=0` (one thread per core) and `serving.max_batch_size=32`. "
-            "Load avg: the machine's 1-minute load average after the row (other work on the "
+            "client on the same machine. Batching off: `serving.batching=false`. Gate off: "
+            "`serving.ood_gate=false` (no OOD score). Model worker: params.yaml (max batch 8, "
+            "one torch thread). The machine was shared with other work. Load avg: the machine's 1-minute load average after the row (other work on the "
             "machine shows up there).",
             "",
             *table,
@@ -301,8 +407,95 @@ def main(argv: list[str] | None = None) -> int:
             "Batching on / off, requests/s: " + "; ".join(speedups) + ".",
         ]
     )
+    body += "\n\nBomb cases (gate on, batching on; peak RSS = the largest VmHWM among the "
+    body += "server's processes, cumulative):\n\n| case | upload MB | statuses | peak RSS MiB |\n"
+    body += "| --- | --- | --- | --- |\n"
+    body += "\n".join(
+        f"| {b['case']} | {b['size_mb']:.1f} | {b['statuses']} | {b['peak_mib']:.0f} |"
+        for b in bombs
+    )
+    gate = {
+        c: next(
+            r
+            for r in rows
+            if (r["config"], r["batching"], r["clients"]) == (c, "on", max(args.clients))
+        )
+        for c in CONFIGS
+    }
+    body += (
+        f"\n\nGate cost at {max(args.clients)} clients, batching on: "
+        f"{gate['gate on']['rps'] / gate['gate off']['rps']:.2f}x the requests/s of gate off, "
+        f"p99 {gate['gate on']['p99_ms']:.0f} vs {gate['gate off']['p99_ms']:.0f} ms."
+    )
     path = write_result("serving", body)
     print("\n".join(table))
+    print(f"written to {path}")
+    return 0
+
+
+def gate_ab(args: argparse.Namespace) -> int:
+    """The OOD gate's cost measured side by side: both Bentos served at once, runs alternated
+    (on, off, on, off, ...) so that the machine's other load falls on both alike."""
+    root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-gate-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MEDTRANSFER_ARTIFACT_ROOT"] = str(root / "mlartifacts")
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    clients = max(args.clients)
+    try:
+        params = make_student(root)
+        files = make_dicoms(root)
+        bentos = {c: package(params, root, True, o)["bento"] for c, o in CONFIGS.items()}
+        with contextlib.ExitStack() as stack:
+            served = {
+                c: stack.enter_context(serve(b, root / f"server-{i}.log"))
+                for i, (c, b) in enumerate(bentos.items())
+            }
+            for url, _ in served.values():
+                asyncio.run(drive(url, files, 1, 5.0))
+            runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+            for _ in range(args.gate_ab):
+                for config, (url, _) in served.items():
+                    runs[config].append(asyncio.run(drive(url, files, clients, args.seconds)))
+                    print(config, _line({**runs[config][-1], "config": config, "batching": "on"}))
+            bombs = bomb_cases(*served["gate on"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    median = {
+        c: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
+        for c, rs in runs.items()
+    }
+    ratios = [
+        on["rps"] / off["rps"] for on, off in zip(runs["gate on"], runs["gate off"], strict=True)
+    ]
+    lines = [
+        machine_header(),
+        "",
+        f"Gate on vs off, served side by side, batching on, {clients} clients, "
+        f"{args.gate_ab} alternated runs of {args.seconds:g} s each (the machine was shared "
+        "with other work; both servers ran all along). Medians over the runs:",
+        "",
+        "| OOD gate | requests/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {c} | {m['rps']:.1f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} |"
+            for c, m in median.items()
+        ),
+        "",
+        "Per-round requests/s ratio on / off: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f" (median {statistics.median(ratios):.2f}).",
+        "",
+        "Bomb cases against the gate-on server (peak RSS = the largest VmHWM among its "
+        "processes, cumulative since it started):",
+        "",
+        "| case | upload MB | statuses | peak RSS MiB |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {b['case']} | {b['size_mb']:.1f} | {b['statuses']} | {b['peak_mib']:.0f} |"
+            for b in bombs
+        ),
+    ]
+    path = write_result("serving-gate", "\n".join(lines))
     print(f"written to {path}")
     return 0
 

@@ -81,6 +81,8 @@ def stage_key(stage: str, params: Params) -> str:
         )
         parts += [_section(params, name) for name in ("registry", "gates", "serving")]
         parts += [_file_digest(report.path(params.reports_dir)) for report in inputs]
+        if stage == "package":  # the training data's profile is recorded with the model
+            parts.append(dataset_version(processed))
         return f"medtransfer-{stage}-{_digest(*parts)}"
     if stage == "synthesize":
         return f"medtransfer-{stage}-{_digest(*parts, _section(params, 'synthetic'))}"

@@ -68,6 +68,12 @@ def _package(params: Params, args: argparse.Namespace) -> dict:
     return run_package(params)
 
 
+def _monitor(params: Params, args: argparse.Namespace) -> dict:
+    from tasks.monitoring import run_monitor
+
+    return run_monitor(params)
+
+
 def _run(params: Params, args: argparse.Namespace) -> dict:
     from flows.pipeline import run_pipeline
 
@@ -108,6 +114,10 @@ STAGES: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
         "register the trained student in the MLflow registry; move the alias if it earns it",
     ),
     "package": (_package, "build and export the Bento of the approved registry version"),
+    "monitor": (
+        _monitor,
+        "compare the service's recent requests with the training profile (drift report)",
+    ),
     "run": (_run, "run the whole Prefect flow"),
     "serve-deployments": (
         _serve_deployments,

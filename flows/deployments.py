@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from prefect.schedules import Schedule
 
 RETRAIN_DEPLOYMENT = "scheduled-retrain"
+MONITOR_DEPLOYMENT = "serving-drift"
 WATCH_DEPLOYMENT = "watch-folder"
 
 
@@ -81,8 +82,6 @@ def build_deployments(
     Returns:
         ``[retrain, watch]`` as Prefect ``RunnerDeployment`` objects.
     """
-    from prefect.types.entrypoint import EntrypointType
-
     from flows.fanout import flow_task_runner
     from flows.pipeline import medtransfer_pipeline
     from flows.watch import watch_and_retrain
@@ -92,15 +91,7 @@ def build_deployments(
         "params_file": str(Path(params_file).resolve()),
         "overrides": list(overrides),
     }
-    pool: dict[str, Any] = {}
-    if work_pool_name:
-        # A worker imports the flow by module name (the project is pip-installed where it
-        # runs) and starts it in the project folder, where params.yaml's relative paths live.
-        pool = {
-            "work_pool_name": work_pool_name,
-            "entrypoint_type": EntrypointType.MODULE_PATH,
-            "job_variables": {"working_dir": str(Path(working_dir or Path.cwd()).resolve())},
-        }
+    pool = _pool_settings(work_pool_name, working_dir)
     # The flows run on the task runner the configuration names (the ingest maps decoding on
     # it). A work pool's worker imports the decorated flow instead: its default thread pool.
     runner = flow_task_runner(params)
@@ -124,6 +115,46 @@ def build_deployments(
     return [retrain, watch]
 
 
+def _pool_settings(work_pool_name: str | None, working_dir: str | Path | None) -> dict[str, Any]:
+    """``to_deployment`` settings for a work pool (none to ``serve``)."""
+    from prefect.types.entrypoint import EntrypointType
+
+    if not work_pool_name:
+        return {}
+    # A worker imports the flow by module name (the project is pip-installed where it runs)
+    # and starts it in the project folder, where params.yaml's relative paths live.
+    return {
+        "work_pool_name": work_pool_name,
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        "job_variables": {"working_dir": str(Path(working_dir or Path.cwd()).resolve())},
+    }
+
+
+def monitor_deployments(
+    params: Params, params_file: str | Path, overrides: Sequence[str] = (), **pool: Any
+) -> list[RunnerDeployment]:
+    """``monitor/serving-drift``: ``medtransfer monitor`` on the cron ``monitor.cron`` (none
+    when it is null)."""
+    from flows.monitor import monitor_flow
+
+    if not params.monitor.cron:
+        return []
+    return [
+        monitor_flow.to_deployment(
+            name=MONITOR_DEPLOYMENT,
+            schedules=cron_schedules(params.monitor.cron, params.orchestration.timezone, "cron"),
+            parameters={
+                "params_file": str(Path(params_file).resolve()),
+                "overrides": list(overrides),
+            },
+            description="Compare the service's recent requests with the training profile.",
+            tags=["medtransfer", "monitor"],
+            concurrency_limit=1,
+            **pool,
+        )
+    ]
+
+
 def serve_deployments(
     params_file: str | Path = "params.yaml", overrides: Sequence[str] = ()
 ) -> None:
@@ -135,7 +166,10 @@ def serve_deployments(
     from prefect import serve
 
     params = load_params(params_file, overrides)
-    serve(*build_deployments(params, params_file, overrides))
+    serve(
+        *build_deployments(params, params_file, overrides),
+        *monitor_deployments(params, params_file, overrides),
+    )
 
 
 def deploy_deployments(
@@ -155,6 +189,8 @@ def deploy_deployments(
     params = load_params(params_file, overrides)
     deployments = build_deployments(
         params, params_file, overrides, work_pool_name=work_pool_name, working_dir=working_dir
+    ) + monitor_deployments(
+        params, params_file, overrides, **_pool_settings(work_pool_name, working_dir)
     )
     try:
         ids = deploy(*deployments, work_pool_name=work_pool_name, ignore_warnings=True)

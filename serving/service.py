@@ -1,60 +1,83 @@
-"""The medtransfer BentoML service: classify DICOM (and PNG) uploads with the approved student.
+"""The medtransfer BentoML service: classify DICOM (and PNG) uploads with the approved student,
+and say so when an upload is unlike what it was trained on.
 
 Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.yaml``):
 
 - :class:`StudentModel` holds the student (loaded with :func:`tasks.student_io.load_student`
-  from the Bento's model) and exposes one batchable call, uint8 images ``(B, S, S)`` →
-  probabilities ``(B, C)``. BentoML's adaptive batching groups concurrent calls into one forward
-  pass (``serving.max_batch_size`` images, waiting at most ``serving.max_latency_ms``).
-- :class:`Classifier`, the HTTP entry point, reads and checks uploads and prepares them with
-  :mod:`tasks.inference` (the training preprocessing, imported, not copied), then calls the
-  model service. Its routes:
+  from the Bento's model) and the training data's profile recorded with it
+  (:mod:`tasks.model.profile`), and exposes one batchable call, uint8 images ``(B, S, S)`` →
+  ``(B, C + 1)``: the class probabilities (through :mod:`tasks.model.inference`, calibration
+  included) and the out-of-distribution score of the student's own features. BentoML's adaptive
+  batching groups concurrent calls into one forward pass.
+- :class:`Classifier`, the HTTP entry point: typed ``@bentoml.api`` routes (so ``/docs`` has a
+  schema and an upload form for each, and ``bentoml.SyncHTTPClient`` works), behind
+  :class:`UploadLimits`, which enforces the limits before BentoML reads a body.
 
   ========================  ======================================  ==========================
   route                     body                                    reply
   ========================  ======================================  ==========================
-  POST /classify/dicom      one DICOM file, ``application/dicom``   label, probabilities, ...
+  POST /classify/dicom      one DICOM file, ``application/dicom``   label, probabilities, ood
   POST /classify/png        one PNG, ``image/png``                  same
   POST /classify/batch      ``multipart/form-data``, parts          ``results``: one per file
                             named ``files``, one DICOM each
   GET  /info                                                        model, classes, limits
   GET  /healthz /livez      (BentoML)                               200 while the server lives
   GET  /readyz              (BentoML)                               200 once the model loaded
+  GET  /metrics             (BentoML, Prometheus)                   abstentions, OOD scores
+  GET  /docs /docs.json     (BentoML)                               OpenAPI page and schema
   ========================  ======================================  ==========================
+
+Every reply carries the OOD score (``ood``). At or above the threshold set at packaging on the
+validation split (``serving.ood_false_rejection``) the reply is 200 with ``"label": null``,
+``"abstained": true``, ``"probabilities": null`` and the reason: never a diagnosis. A DICOM whose
+Modality, Photometric Interpretation or Body Part is outside the training data's is refused with
+422 ``out_of_scope``. A multi-frame DICOM is read the way the model's ingestion read it (the
+``multiframe`` rule recorded with the model).
 
 Bad input gets a 4xx with ``{"error": code, "message": ..., "status": ...}`` (codes in
 :data:`tasks.inference.REJECTIONS`), never a 500. The one 5xx is 503 ``model_unavailable``
-(with ``Retry-After``) when the model service sheds a call it cannot finish within
-``max_latency_ms`` or is restarting. Replies and log lines carry reason codes and
-fixed messages only: no DICOM attribute, file name or decoder text, so no patient data.
+(with ``Retry-After``). Replies and log lines carry reason codes and fixed messages only: no
+DICOM attribute, file name or decoder text, so no patient data. Per request the service keeps
+only non-identifying numbers (OOD score, probabilities, three image statistics) in a bounded
+SQLite store (``serving.monitor_store``) for ``medtransfer monitor``.
 
 Configuration comes from the Bento's arguments (:class:`ServingArgs`), written by
-``medtransfer package`` from params.yaml and the registry version.
+``medtransfer package`` from params.yaml, the registry version and the recorded profile.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
 
 import bentoml
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from bentoml.validators import ContentType
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict
 
-# pydicom warns about odd attribute values by quoting them: never let one reach the log.
+# tasks.data.dicom_io silences pydicom's logger and warnings after importing pydicom (whose
+# import resets its logger); this filter also covers anything imported before it.
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-logging.getLogger("pydicom").setLevel(logging.ERROR)
 
-from tasks.model.inference import (  # noqa: E402 - after the warning filters above
+from tasks.model.inference import (  # noqa: E402 - after the warning filter above
     InputRejected,
     Predictor,
     decide,
     prepare_dicom,
     prepare_png,
 )
+from tasks.model.profile import (  # noqa: E402
+    DataProfile,
+    Scope,
+    features_and_probabilities,
+)
+from tasks.model.request_store import RequestStore  # noqa: E402
 
 logger = logging.getLogger("medtransfer.serving")
 
@@ -62,6 +85,11 @@ DICOM_TYPES = ("application/dicom", "application/octet-stream")
 PNG_TYPES = ("image/png",)
 MULTIPART_TYPES = ("multipart/form-data",)
 MODEL_CALL_ATTEMPTS = 3
+WRONG_METHODS = ["GET", "PUT", "DELETE", "PATCH"]
+ABSTAIN_REASON = (
+    "The image is unlike the data the model was trained on (its out-of-distribution score is "
+    "at or above the threshold); no diagnosis is given."
+)
 
 
 class ServingArgs(BaseModel):
@@ -83,6 +111,13 @@ class ServingArgs(BaseModel):
     max_batch_size: int = 8
     max_latency_ms: int = 5000
     model_threads: int = 1
+    # The training data's rule for multi-frame files (data.multiframe), and its header values.
+    multiframe: str | None = None
+    scope: dict[str, list[str]] | None = None
+    ood_threshold: float | None = None
+    ood_gate: bool = True
+    monitor_store: str = ""
+    monitor_max_records: int = 10000
 
 
 ARGS = bentoml.use_arguments(ServingArgs)
@@ -98,7 +133,7 @@ ARGS = bentoml.use_arguments(ServingArgs)
     runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
 )
 class StudentModel:
-    """The student, one batchable forward pass."""
+    """The student and its OOD detector, one batchable forward pass."""
 
     bento_model = bentoml.models.BentoModel(ARGS.model_tag)
 
@@ -110,6 +145,10 @@ class StudentModel:
         # BentoML starts answering for this worker only after __init__ returns, and the entry
         # service's /readyz asks this one's: ready means the student is in memory.
         self.predictor: Predictor | None = Predictor.from_folder(self.bento_model.path)
+        profile = DataProfile.load(self.bento_model.path)
+        # serving.ood_gate false: no score, no abstention (the benchmark's "gate off").
+        gate = ARGS.ood_gate and profile is not None
+        self.detector = profile.detector if gate else None
 
     def __is_ready__(self) -> bool:
         """``/readyz`` answers 200 only once the student is loaded."""
@@ -121,22 +160,211 @@ class StudentModel:
         max_latency_ms=ARGS.max_latency_ms,
     )
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images ``(B, S, S)`` → class probabilities ``(B, C)`` float32."""
+        """uint8 images ``(B, S, S)`` → float32 ``(B, C + 1)``: class probabilities, then the
+        OOD score (NaN for a model packaged without a profile)."""
         assert self.predictor is not None
-        return self.predictor.predict_images(np.asarray(images, dtype=np.uint8))
+        images = np.asarray(images, dtype=np.uint8)
+        probs, features = features_and_probabilities(
+            self.predictor.model, images, self.predictor.spec.temperature
+        )
+        scores = np.full(len(images), np.nan)
+        if self.detector is not None and features.shape[1]:
+            scores = self.detector.score(features)
+        return np.concatenate([probs, scores[:, None]], axis=1).astype(np.float32)
 
 
-app = FastAPI(title="medtransfer", docs_url=None, redoc_url=None, openapi_url=None)
+class UploadLimits:
+    """ASGI middleware in front of the classify routes: the limits, before BentoML reads a body.
+
+    Per route it checks the Content-Type (415), counts the body as it arrives (413
+    ``payload_too_large``; nothing beyond the limit is read), refuses an empty body (400) and a
+    body that is a URL (BentoML would download it), and in a multipart body counts the parts
+    named ``files``: more than ``max_files`` is always 413 ``too_many_files`` (Starlette's own
+    1000-part limit would answer 400 or 500 first), none is 400 ``no_files``, and a ``files``
+    part that is not a file is 400 ``bad_multipart``. The checked body is then replayed.
+    """
+
+    def __init__(self, app, max_bytes: int, max_files: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.routes = {
+            "/classify/dicom": DICOM_TYPES,
+            "/classify/png": PNG_TYPES,
+            "/classify/batch": MULTIPART_TYPES,
+        }
+
+    async def __call__(self, scope, receive, send) -> None:
+        accepted = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if accepted is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            content_type = _check_content_type(headers.get("content-type", ""), accepted)
+            body = await _read_body(receive, headers.get("content-length"), self.max_bytes)
+            if accepted == MULTIPART_TYPES:
+                _check_multipart(body, content_type, self.max_files)
+                await _parse_multipart(scope, body, self.max_files)
+            elif body.lstrip()[:8].lower().startswith((b"http://", b"https://")):
+                raise InputRejected("not_png" if accepted == PNG_TYPES else "not_dicom")
+        except InputRejected as err:
+            logger.info("rejected %s with %d: %s", scope["path"], err.status, err.reason)
+            await JSONResponse(err.to_dict(), status_code=err.status)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, _own_errors(send, scope["path"]))
+
+
+def _own_errors(send, path: str):
+    """``send`` with BentoML's own 400 (a pydantic validation error of the typed input, e.g.
+    a part's content type) replaced by this service's error body: clients get one format."""
+    held: dict = {}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            held["start"] = message  # wait for the body to see whose error it is
+            return
+        if "start" in held and message["type"] == "http.response.body":
+            start, body = held.pop("start"), message.get("body", b"")
+            if b'"validation error' in body or b"validation error for" in body:
+                reason = "bad_multipart" if path.endswith("/batch") else "bad_request"
+                error = InputRejected(reason)
+                response = JSONResponse(error.to_dict(), status_code=400)
+                start = {
+                    **start,
+                    "headers": [
+                        (k, v) for k, v in start["headers"] if k.lower() != b"content-length"
+                    ]
+                    + [(b"content-length", str(len(response.body)).encode())],
+                }
+                body = response.body
+            await send(start)
+            await send({**message, "body": body})
+            return
+        await send(message)
+
+    return wrapped
+
+
+async def _parse_multipart(scope, body: bytes, max_files: int) -> None:
+    """Parse the body as BentoML will (Starlette's parser): 400 ``bad_multipart`` when it does
+    not parse (BentoML would answer 500), when a ``files`` entry is not a file or when there
+    are parts of other names; 400 ``no_files`` without a ``files`` part."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartParser
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(
+        Headers(scope=scope), stream(), max_files=max_files, max_fields=max_files + 16
+    )
+    try:
+        form = await parser.parse()
+    except Exception:  # MultiPartException and python-multipart's own parser errors
+        raise InputRejected("bad_multipart") from None
+    try:
+        parts = form.getlist("files")
+        if not parts:
+            raise InputRejected("no_files")
+        if set(form.keys()) != {"files"}:
+            # Kept out: BentoML JSON-decodes every other part and answers 500 on binary ones.
+            raise InputRejected("bad_multipart", hint=" Send only parts named 'files'.")
+        if not all(isinstance(p, UploadFile) for p in parts):
+            raise InputRejected("bad_multipart", hint=" Send each file as a file part.")
+    finally:
+        await form.close()
+
+
+def _check_content_type(header: str, accepted: tuple[str, ...]) -> str:
+    """The media type and its parameters; 415 unless the media type is one of ``accepted``."""
+    if header.split(";")[0].strip().lower() not in accepted:
+        raise InputRejected("unsupported_media_type", hint=f" Send {' or '.join(accepted)}.")
+    return header
+
+
+async def _read_body(receive, declared: str | None, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed ``limit`` bytes."""
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise InputRejected("bad_request")
+        if int(declared) > limit:
+            raise InputRejected("payload_too_large", hint=f" The limit is {limit} bytes.")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InputRejected("bad_request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:  # a chunked body declares no length: count as it arrives
+            raise InputRejected("payload_too_large", hint=f" The limit is {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    if not body:
+        raise InputRejected("empty_body")
+    return body
+
+
+def _check_multipart(body: bytes, content_type: str, max_files: int) -> None:
+    """Count the parts named ``files`` of a multipart body (only their headers are read)."""
+    boundary = ""
+    for parameter in content_type.split(";")[1:]:
+        key, _, value = parameter.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        raise InputRejected("bad_multipart")
+    delimiter = b"--" + boundary.encode("latin-1")
+    files, position = 0, body.find(delimiter)
+    while position >= 0:
+        start = position + len(delimiter)
+        if body[start : start + 2] == b"--":
+            break  # the closing delimiter
+        end = body.find(b"\r\n\r\n", start, start + 16384)
+        if end < 0:
+            break  # cut off inside a part's headers
+        head = body[start:end].lower()
+        if b'name="files"' in head or b"name=files" in head:
+            if b"filename=" not in head:
+                raise InputRejected("bad_multipart", hint=" Send each file as a file part.")
+            files += 1
+            if files > max_files:
+                raise InputRejected("too_many_files", hint=f" The limit is {max_files} files.")
+        position = body.find(delimiter, end)
+    if files == 0:
+        raise InputRejected("no_files")
+
+
+info_app = FastAPI(title="medtransfer", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @bentoml.service(name="medtransfer", workers=1, traffic={"timeout": 120})
-@bentoml.asgi_app(app, path="/")
+@bentoml.asgi_app(info_app, path="/")
 class Classifier:
     """HTTP entry point: checks and prepares uploads, asks :class:`StudentModel`, replies."""
 
     student = bentoml.depends(StudentModel)
 
-    @app.get("/info")
+    def __init__(self) -> None:
+        self.scope = Scope(ARGS.scope) if ARGS.scope else None
+        # The store's path as packaged (absolute), or the deployment's own.
+        store = os.environ.get("MEDTRANSFER_MONITOR_STORE") or ARGS.monitor_store
+        self.monitor = RequestStore(store, ARGS.monitor_max_records)
+        self.metrics = _Metrics()
+
+    @info_app.get("/info")
     async def info(self) -> JSONResponse:
         """What is served: model, version, dataset, classes, threshold, input limits."""
         return JSONResponse(
@@ -156,59 +384,119 @@ class Classifier:
                     "max_latency_ms": ARGS.max_latency_ms,
                 },
                 "model_threads": ARGS.model_threads,
+                "multiframe": ARGS.multiframe,
+                "scope": ARGS.scope,
+                "ood": {"gate": ARGS.ood_gate, "threshold": ARGS.ood_threshold},
             }
         )
 
-    @app.post("/classify/dicom")
-    async def classify_dicom(self, request: Request) -> JSONResponse:
-        """One single-frame DICOM file as the request body (``application/dicom``)."""
-        return await self._classify_one(request, DICOM_TYPES, prepare_dicom)
+    @info_app.get("/docs", include_in_schema=False)
+    async def docs(self) -> RedirectResponse:
+        """BentoML serves its OpenAPI page (Swagger UI, an upload form per route) at ``/``."""
+        return RedirectResponse("/")
 
-    @app.post("/classify/png")
-    async def classify_png(self, request: Request) -> JSONResponse:
-        """One PNG image as the request body (``image/png``)."""
-        return await self._classify_one(request, PNG_TYPES, prepare_png)
+    @info_app.api_route("/classify/dicom", methods=WRONG_METHODS, include_in_schema=False)
+    @info_app.api_route("/classify/png", methods=WRONG_METHODS, include_in_schema=False)
+    @info_app.api_route("/classify/batch", methods=WRONG_METHODS, include_in_schema=False)
+    async def wrong_method(self) -> JSONResponse:
+        """The classify routes take POST only (BentoML's routes answer POST; other methods
+        reach this app)."""
+        return JSONResponse({"error": "method_not_allowed"}, status_code=405)
 
-    async def _classify_one(
-        self,
-        request: Request,
-        types: tuple[str, ...],
-        prepare: Callable[[bytes, int, int], np.ndarray],
-    ) -> JSONResponse:
-        """Shared body of the single-image endpoints: check the content type, read the body,
-        ``prepare`` it into one model-ready image, predict; the decision as JSON, or a 4xx."""
-        try:
-            _check_content_type(request, types)
-            body = await _read_body(request, ARGS.max_upload_bytes)
-            image = await _in_thread(prepare, body, ARGS.image_size, ARGS.max_image_dim)
-            probs = await self._predict(image[np.newaxis])
-        except InputRejected as err:
-            return _rejection(request, err)
-        except ModelUnavailable:
-            return _unavailable()
-        return JSONResponse({**_decision(probs[0]), **_served_by()})
+    @bentoml.api(route="/classify/dicom")
+    async def classify_dicom(
+        self, file: Annotated[Path, ContentType("application/dicom")], /
+    ) -> dict:
+        """Classify one DICOM file sent as the request body (``application/dicom``)."""
+        return await self._classify_one("/classify/dicom", file, self._prepare_dicom)
 
-    @app.post("/classify/batch")
-    async def classify_batch(self, request: Request) -> JSONResponse:
-        """Several DICOM files as ``multipart/form-data`` parts named ``files``.
+    @bentoml.api(route="/classify/png")
+    async def classify_png(self, file: Annotated[Path, ContentType("image/png")], /) -> dict:
+        """Classify one PNG image sent as the request body (``image/png``)."""
+        return await self._classify_one("/classify/png", file, _prepare_png)
+
+    @bentoml.api(route="/classify/batch")
+    async def classify_batch(
+        self, files: list[Annotated[Path, ContentType("application/*")]]
+    ) -> dict:
+        """Classify several DICOM files, ``multipart/form-data`` file parts named ``files``.
 
         One bad file rejects the whole request, naming the file's position (from 0).
         """
         try:
-            _check_content_type(request, MULTIPART_TYPES)
-            body = await _read_body(request, ARGS.max_upload_bytes)
-            files = await _multipart_files(request, body, ARGS.max_batch_files)
-            images = await _in_thread(_prepare_all, files)
-            probs = await self._predict(images)
+            images = await _in_thread(self._prepare_all, files)
+            outputs = await self._predict(images)
         except InputRejected as err:
-            return _rejection(request, err)
+            return _rejection("/classify/batch", err, self.monitor)
         except ModelUnavailable:
             return _unavailable()
-        results = [{"index": i, **_decision(p)} for i, p in enumerate(probs)]
+        results = [
+            {"index": i, **self._decision("/classify/batch", o, images[i])}
+            for i, o in enumerate(outputs)
+        ]
         return JSONResponse({"results": results, **_served_by()})
 
+    async def _classify_one(self, route: str, file: Path, prepare: Callable) -> JSONResponse:
+        """Shared body of the single-image routes: ``prepare`` the upload into one model-ready
+        image, predict; the decision as JSON, or a 4xx."""
+        try:
+            image = await _in_thread(prepare, file.read_bytes())
+            outputs = await self._predict(image[np.newaxis])
+        except InputRejected as err:
+            return _rejection(route, err, self.monitor)
+        except ModelUnavailable:
+            return _unavailable()
+        return JSONResponse({**self._decision(route, outputs[0], image), **_served_by()})
+
+    def _prepare_dicom(self, data: bytes) -> np.ndarray:
+        """DICOM bytes → the model's uint8 image, refusing what is outside the training scope."""
+        return prepare_dicom(
+            data, ARGS.image_size, ARGS.max_image_dim, ARGS.multiframe, scope=self.scope
+        )
+
+    def _prepare_all(self, files: list[Path]) -> np.ndarray:
+        images = []
+        for index, path in enumerate(files):
+            try:
+                images.append(self._prepare_dicom(path.read_bytes()))
+            except InputRejected as err:
+                raise InputRejected(err.reason, where=f"File {index}: ", hint=err.hint) from None
+        if not images:
+            raise InputRejected("no_files")
+        return np.stack(images)
+
+    def _decision(self, route: str, output: np.ndarray, image: np.ndarray) -> dict:
+        """One image's reply from the model's ``(C + 1,)`` output; recorded for monitoring."""
+        probs, score = output[:-1], float(output[-1])
+        threshold = ARGS.ood_threshold
+        abstained = bool(
+            ARGS.ood_gate and threshold is not None and np.isfinite(score) and score >= threshold
+        )
+        self.metrics.observe(route, score, abstained)
+        self.monitor.record(route, score, probs, image, abstained=abstained, refused=False)
+        ood = {
+            "score": score if np.isfinite(score) else None,
+            "threshold": threshold,
+            "out_of_distribution": bool(threshold is not None and score >= threshold),
+        }
+        if abstained:
+            return {
+                "label": None,
+                "probabilities": None,
+                "abstained": True,
+                "reason": ABSTAIN_REASON,
+                "ood": ood,
+            }
+        decision = decide(probs, ARGS.classes, ARGS.threshold)
+        return {
+            "label": decision.label,
+            "probabilities": decision.probabilities,
+            "abstained": False,
+            "ood": ood,
+        }
+
     async def _predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities of ``images``, in chunks no larger than one model batch.
+        """Model outputs ``(B, C + 1)`` of ``images``, in chunks no larger than one model batch.
 
         Raises:
             ModelUnavailable: the model service failed or shed the call (BentoML's batcher
@@ -243,6 +531,11 @@ class Classifier:
         raise ModelUnavailable
 
 
+Classifier.add_asgi_middleware(
+    UploadLimits, max_bytes=ARGS.max_upload_bytes, max_files=ARGS.max_batch_files
+)
+
+
 class ModelUnavailable(Exception):
     """The model service did not answer (overloaded, restarting): the client may retry."""
 
@@ -259,75 +552,8 @@ def _unavailable() -> JSONResponse:
     )
 
 
-def _prepare_all(files: list[bytes]) -> np.ndarray:
-    images = []
-    for index, data in enumerate(files):
-        try:
-            images.append(prepare_dicom(data, ARGS.image_size, ARGS.max_image_dim))
-        except InputRejected as err:
-            raise InputRejected(err.reason, where=f"File {index}: ") from None
-    return np.stack(images)
-
-
-def _check_content_type(request: Request, accepted: tuple[str, ...]) -> None:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in accepted:
-        raise InputRejected("unsupported_media_type", hint=f" Send {' or '.join(accepted)}.")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed ``limit`` bytes."""
-    from starlette.requests import ClientDisconnect
-
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise InputRejected("bad_request")
-        if int(declared) > limit:
-            raise InputRejected("payload_too_large", hint=f" The limit is {limit} bytes.")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # a chunked body declares no length: count as it arrives
-                raise InputRejected("payload_too_large", hint=f" The limit is {limit} bytes.")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise InputRejected("bad_request") from None
-    body = b"".join(chunks)
-    if not body:
-        raise InputRejected("empty_body")
-    return body
-
-
-async def _multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
-    """The ``files`` parts of a multipart body, as bytes."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartParser
-
-    async def stream():
-        yield body
-
-    parser = MultiPartParser(
-        request.headers,
-        stream(),
-        max_files=max_files + 1,  # one more than allowed, to tell "too many" apart
-        max_fields=max_files + 16,
-        max_part_size=64 * 1024,  # non-file fields are small; files are spooled to disk
-    )
-    try:
-        form = await parser.parse()
-    except Exception:  # MultiPartException and python-multipart's own parser errors
-        raise InputRejected("bad_multipart") from None
-    try:
-        parts = form.getlist("files")
-        if len(parts) > max_files:
-            raise InputRejected("too_many_files", hint=f" The limit is {max_files} files.")
-        if not parts or not all(isinstance(p, UploadFile) for p in parts):
-            raise InputRejected("no_files")
-        return [await part.read() for part in parts]
-    finally:
-        await form.close()
+def _prepare_png(data: bytes) -> np.ndarray:
+    return prepare_png(data, ARGS.image_size, ARGS.max_image_dim)
 
 
 async def _in_thread(function, *args):
@@ -337,9 +563,42 @@ async def _in_thread(function, *args):
     return await anyio.to_thread.run_sync(function, *args)
 
 
-def _decision(probs: np.ndarray) -> dict:
-    decision = decide(probs, ARGS.classes, ARGS.threshold)
-    return {"label": decision.label, "probabilities": decision.probabilities}
+class _Metrics:
+    """Prometheus metrics on BentoML's ``/metrics``: abstentions and the OOD score histogram.
+
+    Created in the worker (BentoML sets up Prometheus' multi-process mode before it builds the
+    service, after this module is imported).
+    """
+
+    def __init__(self) -> None:
+        import prometheus_client
+
+        self.abstentions = prometheus_client.Counter(
+            "medtransfer_abstentions",
+            "Replies that abstained because the image is out of distribution",
+            ["route"],
+        )
+        self.scores = prometheus_client.Histogram(
+            "medtransfer_ood_score",
+            "Out-of-distribution scores of classified images (the threshold is in /info)",
+            ["route"],
+            buckets=_score_buckets(),
+        )
+
+    def observe(self, route: str, score: float, abstained: bool) -> None:
+        if np.isfinite(score):
+            self.scores.labels(route=route).observe(score)
+        if abstained:
+            self.abstentions.labels(route=route).inc()
+
+
+def _score_buckets() -> list[float]:
+    """Histogram buckets around the threshold: 0.25x ... 4x of it (or a fixed range)."""
+    threshold = ARGS.ood_threshold
+    if threshold is None or threshold <= 0:
+        return [0.1 * i for i in range(1, 11)] + [float("inf")]
+    factors = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
+    return [threshold * f for f in factors] + [float("inf")]
 
 
 def _model_block() -> dict:
@@ -355,7 +614,9 @@ def _served_by() -> dict:
     return {"threshold": ARGS.threshold, "model": _model_block()}
 
 
-def _rejection(request: Request, err: InputRejected) -> JSONResponse:
+def _rejection(route: str, err: InputRejected, monitor: RequestStore) -> JSONResponse:
     # Reason code and route only: nothing from the upload is logged.
-    logger.info("rejected %s with %d: %s", request.url.path, err.status, err.reason)
+    logger.info("rejected %s with %d: %s", route, err.status, err.reason)
+    if err.reason == "out_of_scope":
+        monitor.record(route, float("nan"), None, None, abstained=False, refused=True)
     return JSONResponse(err.to_dict(), status_code=err.status)

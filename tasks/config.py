@@ -34,6 +34,8 @@ THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 CALIBRATIONS = ("temperature", "none")
 TASK_RUNNERS = ("threads", "processes", "dask")
 MULTIFRAME_MODES = ("middle", "all")
+# Out-of-distribution scores on the student's features (tasks/model/profile.py).
+OOD_METHODS = ("knn", "mahalanobis", "energy")
 # Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
 # min_image_size): another size either fails inside the network or silently pads its stride-2
 # layers unlike the weights were trained. The ceiling keeps one image at 1 MB and a batch in
@@ -252,6 +254,21 @@ class ServingParams:
     max_batch_size: int = rule(min=2)
     max_latency_ms: int = rule(min=1)
     model_threads: int = rule(min=0)
+    ood_method: str = rule(choices=OOD_METHODS)
+    ood_false_rejection: float = rule(above=0.0, max=0.5)
+    ood_gate: bool = rule()
+    monitor_store: str = rule()
+    monitor_max_records: int = rule(min=1)
+
+
+@dataclass(frozen=True)
+class MonitorParams:
+    """``monitor``: drift of the served requests against the training profile."""
+
+    window: int = rule(min=10)
+    psi_max: float = rule(above=0.0)
+    abstention_max: float = rule(min=0.0, max=1.0)
+    cron: str | None = rule()
 
 
 @dataclass(frozen=True)
@@ -270,6 +287,7 @@ class Params:
     gates: GatesParams = rule()
     registry: RegistryParams = rule()
     serving: ServingParams = rule()
+    monitor: MonitorParams = rule()
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as plain YAML-ready values (tuples as lists), for dumping a params

@@ -7,19 +7,35 @@ A multi-frame image in ``middle`` mode has only its middle frame decoded. Colour
 shape ``(frames, rows, columns)``, with a list of notes saying what was applied.
 
 Every way a file can fail is a :class:`DicomRejected` with a short ``reason`` code, so that the
-ingestion stage can put the file in its quarantine report instead of crashing.
+ingestion stage can put the file in its quarantine report instead of crashing. A rejection's
+``detail`` is a sentence written here, never a decoder's text or an attribute's value.
+
+Decoding is bounded: an image's rows and columns may not exceed ``max_image_dim``, the frames to
+decode may not exceed :func:`decoded_bytes_limit`, and a Deflated Explicit VR Little Endian data
+set is inflated with a bounded decompressor (:func:`read_dataset`) instead of pydicom's
+unbounded ``zlib.decompress``: a 1 MB deflate bomb is refused (``too_large``) after inflating
+at most its header's worth of pixel data.
+
+Importing this module silences pydicom's logger and warnings (they quote attribute values, e.g.
+``Invalid value for VR UI: '1.2.840...'``) and turns off pydicom's value validation on reading.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+import pydicom.config
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import (
     apply_color_lut,
@@ -31,6 +47,12 @@ from pydicom.pixels import (
 
 from tasks.config import MULTIFRAME_MODES
 
+# After pydicom's import, which configures its logger: nothing pydicom says may reach a log,
+# since its messages quote attribute values (UIDs, names, malformed values).
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 # Quarantine reason codes (the `reason` column of quarantine.csv).
 NOT_DICOM = "not_dicom"
 UNREADABLE = "unreadable"
@@ -38,10 +60,19 @@ NO_PIXEL_DATA = "no_pixel_data"
 UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
 UNSUPPORTED_IMAGE = "unsupported_image"
 DECODE_FAILED = "decode_failed"
+TOO_LARGE = "too_large"
+
+# The largest rows or columns decoded unless the caller says otherwise (serving.max_image_dim's
+# default; ingestion uses it).
+MAX_IMAGE_DIM = 8192
+# A deflated data set's header (everything before Pixel Data) must inflate within this much.
+DEFLATE_HEADER_PROBE = 4 * 1024 * 1024
+# Room for elements after the pixel data (overlays, padding) in a deflated data set.
+DEFLATE_SLACK = 1024 * 1024
 
 # VOI LUT Function (0028,1056), PS3.3 C.11.2.1.3: LINEAR when absent.
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class DicomRejected(Exception):
@@ -70,16 +101,22 @@ class DecodedImage:
     patient_key: str = ""
 
 
-def read_dataset(path: str | Path | BinaryIO) -> Dataset:
+def read_dataset(path: str | Path | BinaryIO, max_image_dim: int | None = MAX_IMAGE_DIM) -> Dataset:
     """Read a DICOM file's header and pixel data bytes (not yet decoded).
 
     ``path`` may also be a seekable binary stream (an upload held in memory); it is read from
-    its start.
+    its start. A deflated data set is inflated within the bound its own header declares (see
+    :func:`_read_deflated`); ``max_image_dim`` (None: no limit) caps the rows and columns that
+    bound may allow.
 
     Raises:
         DicomRejected: ``not_dicom`` without a DICOM preamble/header, ``unreadable`` when the
-            header is truncated or corrupt.
+            header is truncated or corrupt, ``too_large`` when a deflated data set inflates to
+            more than its header declares or than ``max_image_dim`` allows.
     """
+    if _meta_transfer_syntax(path) == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        with _opened(path) as fp:
+            return _read_deflated(fp, max_image_dim)
     _rewind(path)
     try:
         return pydicom.dcmread(path)
@@ -108,6 +145,148 @@ def read_dataset(path: str | Path | BinaryIO) -> Dataset:
         # pydicom found the encoding while reading; record it so the pixel decoders know it.
         ds.file_meta.TransferSyntaxUID = _transfer_syntax_of_encoding(*ds.original_encoding)
     return ds
+
+
+@contextlib.contextmanager
+def _opened(source: str | Path | BinaryIO) -> Iterator[BinaryIO]:
+    """A binary stream at the start of ``source``: the stream itself, or the file opened."""
+    if hasattr(source, "read"):
+        _rewind(source)
+        yield source  # type: ignore[misc]
+        return
+    with open(source, "rb") as fp:
+        yield fp
+
+
+def _not_file_meta(tag, vr, length) -> bool:
+    return tag.group != 2
+
+
+def _read_file_meta(fp: BinaryIO) -> FileMetaDataset | None:
+    """The File Meta group after a 128-byte preamble and ``DICM``, or None without them.
+
+    Leaves ``fp`` at the start of the data set.
+    """
+    start = fp.read(132)
+    if len(start) < 132 or start[128:] != b"DICM":
+        return None
+    try:
+        meta = pydicom.filereader.read_dataset(fp, False, True, stop_when=_not_file_meta)
+        return FileMetaDataset(meta)
+    except Exception as err:
+        raise DicomRejected(
+            UNREADABLE, f"file meta information could not be parsed ({type(err).__name__})"
+        ) from err
+
+
+def _meta_transfer_syntax(source: str | Path | BinaryIO) -> str:
+    """The File Meta's Transfer Syntax UID ("" when there is none); reads only the meta group."""
+    with _opened(source) as fp:
+        meta = _read_file_meta(fp)
+    if meta is None:
+        return ""
+    try:
+        return str(meta.get("TransferSyntaxUID", "") or "")
+    except Exception:  # a malformed value: pydicom's own reading decides below
+        return ""
+
+
+def _read_deflated(fp: BinaryIO, max_image_dim: int | None) -> Dataset:
+    """A Deflated Explicit VR Little Endian file, inflated with a bound (PS3.5 A.5).
+
+    The first :data:`DEFLATE_HEADER_PROBE` bytes are inflated and their header read up to the
+    Pixel Data element; the rest may inflate to at most the pixel bytes that header declares
+    (rows x columns x samples x bytes per sample x frames, each checked against
+    ``max_image_dim``) plus :data:`DEFLATE_SLACK`. So memory stays within a few times the
+    declared image, whatever the compressed stream holds.
+    """
+    meta = _read_file_meta(fp)
+    assert meta is not None  # the caller found the Transfer Syntax in it
+    zipped = fp.read()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        head = inflater.decompress(zipped, DEFLATE_HEADER_PROBE)
+        header_end, declared = _deflated_header(head, max_image_dim)
+        bound = header_end + declared + DEFLATE_SLACK
+        # max_length 0 would mean "no limit": ask for at least one byte.
+        rest = inflater.decompress(inflater.unconsumed_tail, max(bound - len(head), 0) + 1)
+    except zlib.error as err:
+        raise DicomRejected(UNREADABLE, "the deflated data set does not inflate") from err
+    del zipped
+    if len(head) + len(rest) > bound:
+        raise DicomRejected(
+            TOO_LARGE, "the deflated data set inflates to more than its header declares"
+        )
+    try:
+        ds = pydicom.filereader.read_dataset(io.BytesIO(head + rest), False, True)
+    except Exception as err:
+        raise DicomRejected(
+            UNREADABLE, f"header could not be parsed ({type(err).__name__})"
+        ) from err
+    # Inflated, the pixel data are native Explicit VR Little Endian.
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+
+
+def _deflated_header(head: bytes, max_image_dim: int | None) -> tuple[int, int]:
+    """(offset of Pixel Data, declared pixel bytes) of an inflated data set's first bytes."""
+    fp = io.BytesIO(head)
+    try:
+        header = pydicom.filereader.read_dataset(
+            fp, False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010
+        )
+    except Exception as err:
+        if len(head) >= DEFLATE_HEADER_PROBE:  # cut by the probe, not corrupt
+            raise DicomRejected(TOO_LARGE, "the deflated header is larger than is read") from err
+        raise DicomRejected(
+            UNREADABLE, f"header could not be parsed ({type(err).__name__})"
+        ) from err
+    offset = fp.tell()
+    if head[offset : offset + 4] != _PIXEL_DATA_TAG:
+        if len(head) >= DEFLATE_HEADER_PROBE:
+            raise DicomRejected(TOO_LARGE, "the deflated header is larger than the server reads")
+        return len(head), 0  # the whole data set, without pixel data
+    return offset, check_image_size(header, max_image_dim, frames=None)
+
+
+def decoded_bytes_limit(max_image_dim: int) -> int:
+    """The most bytes of stored pixel values decoded at once: one 16-bit grayscale image of
+    ``max_image_dim`` x ``max_image_dim`` (128 MiB at 8192). Colour or multi-frame data of
+    that size are refused: decoding 8192 x 8192 x 3 16-bit samples alone took 1.5 GB."""
+    return max_image_dim * max_image_dim * 2
+
+
+def check_image_size(ds: Dataset, max_image_dim: int | None, frames: int | None = 1) -> int:
+    """The stored pixel bytes ``frames`` frames of ``ds`` decode to (None: every frame), from
+    its header: rows x columns x samples x bytes per sample x frames.
+
+    Raises:
+        DicomRejected: ``too_large`` when rows or columns exceed ``max_image_dim`` or the bytes
+            exceed :func:`decoded_bytes_limit`; ``unreadable`` when a size is not a number.
+    """
+    rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    samples = _header_int(ds, "SamplesPerPixel", 1)
+    bits = _header_int(ds, "BitsAllocated", 8)
+    count = _number_of_frames(ds) if frames is None else frames
+    size = max(rows, 0) * max(columns, 0) * max(samples, 1) * max((bits + 7) // 8, 1) * count
+    if max_image_dim is None:
+        return size
+    if max(rows, columns) > max_image_dim or size > decoded_bytes_limit(max_image_dim):
+        raise DicomRejected(TOO_LARGE, "the image is larger than the decoder accepts")
+    return size
+
+
+def _header_int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError) as err:
+        # Not the parser's text: it would quote the value.
+        raise DicomRejected(UNREADABLE, "an image size attribute is not a number") from err
 
 
 def _transfer_syntax_of_encoding(
@@ -146,29 +325,35 @@ def patient_key(ds: Dataset) -> str:
     return ""
 
 
-def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
+def decode_dataset(
+    ds: Dataset, multiframe: str = "middle", max_image_dim: int | None = MAX_IMAGE_DIM
+) -> DecodedImage:
     """Decode the pixel data of ``ds`` into display-space frames.
 
     Args:
         ds: a dataset from :func:`read_dataset`.
         multiframe: ``middle`` keeps the middle frame of a multi-frame image, ``all`` keeps all.
+        max_image_dim: the largest rows or columns decoded (None: no limit); the frames to
+            decode must also fit :func:`decoded_bytes_limit`, checked on the header first.
 
     Returns:
         The decoded image; see :class:`DecodedImage`.
 
     Raises:
         DicomRejected: no pixel data, unsupported transfer syntax or image type, or pixel data
-            that does not decode (truncated, corrupt).
+            that does not decode (truncated, corrupt); ``too_large`` over the limits.
     """
     if multiframe not in MULTIFRAME_MODES:
         raise ValueError(f"multiframe must be one of {MULTIFRAME_MODES}, not {multiframe!r}")
-    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise DicomRejected(NO_PIXEL_DATA, "the file has no Pixel Data element (not an image)")
     _check_transfer_syntax(ds)
 
     n_frames = _number_of_frames(ds)
     frame_indices = list(range(n_frames)) if multiframe == "all" else [n_frames // 2]
     notes = [f"frames:{n_frames}->{len(frame_indices)}"] if n_frames > 1 else []
+    # Decoders allocate what the header declares: check it before any of them runs.
+    check_image_size(ds, max_image_dim, frames=len(frame_indices))
 
     pixels = _decode_pixels(ds, n_frames, frame_indices)
     frames = [
@@ -183,9 +368,13 @@ def decode_dataset(ds: Dataset, multiframe: str = "middle") -> DecodedImage:
     )
 
 
-def decode_file(path: str | Path, multiframe: str = "middle") -> DecodedImage:
-    """:func:`read_dataset` then :func:`decode_dataset`."""
-    return decode_dataset(read_dataset(path), multiframe=multiframe)
+def decode_file(
+    path: str | Path, multiframe: str = "middle", max_image_dim: int | None = MAX_IMAGE_DIM
+) -> DecodedImage:
+    """:func:`read_dataset` then :func:`decode_dataset`, both bounded by ``max_image_dim``."""
+    return decode_dataset(
+        read_dataset(path, max_image_dim), multiframe=multiframe, max_image_dim=max_image_dim
+    )
 
 
 def _decode_pixels(ds: Dataset, n_frames: int, frame_indices: list[int]) -> np.ndarray:
@@ -241,20 +430,25 @@ def _check_transfer_syntax(ds: Dataset) -> None:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as err:
         raise DicomRejected(
-            UNSUPPORTED_TRANSFER_SYNTAX,
-            f"no decoder for transfer syntax {tsyntax.name} ({tsyntax})",
+            UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder for transfer syntax {_uid_name(tsyntax)}"
         ) from err
     if not decoder.is_available:
         raise DicomRejected(
             UNSUPPORTED_TRANSFER_SYNTAX,
-            f"transfer syntax {tsyntax.name} needs a decoding plugin that is not installed",
+            f"transfer syntax {_uid_name(tsyntax)} needs a decoding plugin that is not installed",
         )
+
+
+def _uid_name(uid: pydicom.uid.UID) -> str:
+    """A standard UID's registered name; anything else (which may be any text from the file)
+    is not quoted."""
+    return uid.name if uid.is_valid and uid.name != str(uid) else "(not a registered UID)"
 
 
 def _number_of_frames(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         # Not the parser's text: it would quote the value.
         raise DicomRejected(UNREADABLE, "Number of Frames is not a number") from err
 
@@ -444,6 +638,14 @@ def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of an ``(..., 3)`` array, as float32."""
+    """ITU-R BT.601 luma of an ``(..., 3)`` array, as float32.
+
+    Channel by channel: a float32 copy of the whole RGB array would be twice the size of a
+    16-bit image (1.5 GB for 8192 x 8192 x 3).
+    """
     weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return rgb.astype(np.float32) @ weights
+    luma = rgb[..., 0].astype(np.float32)
+    luma *= weights[0]
+    for channel in (1, 2):
+        luma += rgb[..., channel].astype(np.float32) * weights[channel]
+    return luma

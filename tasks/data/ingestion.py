@@ -51,6 +51,7 @@ QUARANTINE_REASONS = (
     dicom_io.UNSUPPORTED_TRANSFER_SYNTAX,
     dicom_io.UNSUPPORTED_IMAGE,
     dicom_io.DECODE_FAILED,
+    dicom_io.TOO_LARGE,
     NO_LABEL,
     DUPLICATE_SOP_UID,
 )
@@ -392,7 +393,8 @@ def decode_to_outcome(
         return outcome
     except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
         outcome.reason = dicom_io.DECODE_FAILED
-        outcome.detail = f"unexpected {type(err).__name__}: {err}"
+        # The error's type only: a decoder's text can quote attribute values (patient data).
+        outcome.detail = f"unexpected {type(err).__name__}"
         return outcome
     outcome.sop_uid = decoded.sop_instance_uid
     outcome.sop_uid_hash = (

@@ -54,7 +54,15 @@ REJECTIONS: dict[str, tuple[int, str]] = {
         "Send single frames.",
     ),
     "image_too_large": (422, "The image's rows or columns exceed the server's limit."),
+    dicom_io.TOO_LARGE: (
+        413,
+        "The image decodes to more than its header declares or than the server accepts.",
+    ),
     "not_png": (422, "The upload is not a PNG image."),
+    "out_of_scope": (
+        422,
+        "The image's DICOM metadata is outside the data the model was trained on.",
+    ),
 }
 
 # ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.ingest, tasks.dicom_io).
@@ -74,6 +82,7 @@ class InputRejected(Exception):
         status, message = REJECTIONS[reason]
         self.reason = reason
         self.status = status
+        self.hint = hint
         self.message = f"{where}{message}{hint}"
         super().__init__(f"{reason}: {self.message}")
 
@@ -83,32 +92,44 @@ class InputRejected(Exception):
 
 
 def prepare_dicom(
-    source: bytes | str | Path | BinaryIO, image_size: int, max_image_dim: int | None = None
+    source: bytes | str | Path | BinaryIO,
+    image_size: int,
+    max_image_dim: int = dicom_io.MAX_IMAGE_DIM,
+    multiframe: str | None = None,
+    scope=None,
 ) -> np.ndarray:
-    """One single-frame DICOM image → the uint8 ``(image_size, image_size)`` image the model sees.
+    """One DICOM image → the uint8 ``(image_size, image_size)`` image the model sees.
 
     Args:
         source: the file's bytes, a path, or a seekable binary stream.
         image_size: the student's input side (``StudentSpec.image_size``).
         max_image_dim: refuse images with more rows or columns than this (checked on the header,
-            before any pixel is decoded); ``None`` for no limit.
+            before any pixel is decoded); decoding and inflating are bounded by it too.
+        multiframe: the rule the model's training data was ingested with (``data.multiframe``):
+            ``middle`` takes a multi-frame file's middle frame, as ingestion did; ``all`` or
+            None refuses multi-frame files (one image per request).
+        scope: a :class:`tasks.model.profile.Scope`: a file whose header values are outside
+            it is refused ``out_of_scope`` (the message names what was expected); None: no check.
 
     Raises:
         InputRejected: not DICOM, truncated, no pixel data, unsupported transfer syntax or image
-            type, multi-frame, too large, or pixel data that does not decode.
+            type, multi-frame (unless ``middle``), too large, or pixel data that does not decode.
     """
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
             raise InputRejected("empty_body")
         source = io.BytesIO(bytes(source))
     try:
-        ds = dicom_io.read_dataset(source)
-        if _header_int(ds, "NumberOfFrames", 1) > 1:
+        ds = dicom_io.read_dataset(source, max_image_dim)
+        if not any(keyword in ds for keyword in dicom_io.PIXEL_KEYWORDS):
+            raise InputRejected(dicom_io.NO_PIXEL_DATA)  # not an image: before its scope
+        _check_scope(ds, scope)
+        if _header_int(ds, "NumberOfFrames", 1) > 1 and multiframe != "middle":
             raise InputRejected("multi_frame")
         rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
-        if max_image_dim is not None and max(rows, columns) > max_image_dim:
+        if max(rows, columns) > max_image_dim:
             raise InputRejected("image_too_large")
-        decoded = dicom_io.decode_dataset(ds, multiframe="middle")
+        decoded = dicom_io.decode_dataset(ds, multiframe="middle", max_image_dim=max_image_dim)
     except dicom_io.DicomRejected as err:
         raise InputRejected(err.reason) from None  # err.detail may quote the file: not shown
     except InputRejected:
@@ -120,7 +141,9 @@ def prepare_dicom(
     return resize_display(decoded.frames[0], image_size)
 
 
-def prepare_png(data: bytes, image_size: int, max_image_dim: int | None = None) -> np.ndarray:
+def prepare_png(
+    data: bytes, image_size: int, max_image_dim: int | None = dicom_io.MAX_IMAGE_DIM
+) -> np.ndarray:
     """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
 
     8-bit images go through :func:`tasks.preprocess.uint8_to_display` (colour ones then to luma,
@@ -166,6 +189,16 @@ def _png_to_display(image) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 2:
         raise InputRejected(dicom_io.UNSUPPORTED_IMAGE)
     return uint8_to_display(array)
+
+
+def _check_scope(ds, scope) -> None:
+    if scope is None:
+        return
+    from tasks.model.profile import header_values
+
+    expected = scope.violation(header_values(ds))
+    if expected is not None:
+        raise InputRejected("out_of_scope", hint=expected)
 
 
 def _header_int(ds, keyword: str, default: int) -> int:

@@ -118,22 +118,31 @@ def student_from_version(version) -> tuple[Any, Any]:
     return model, spec
 
 
-def import_model(model, spec, version, labels: dict[str, str], metadata: dict[str, Any]) -> str:
-    """Save the student into BentoML's model store; returns the model tag.
+def import_model(
+    model, spec, version, labels: dict[str, str], metadata: dict[str, Any], profile=None
+) -> str:
+    """Save the student (and the training data's ``profile``, a
+    :class:`tasks.model.profile.DataProfile`, when given) into BentoML's model store; returns
+    the model tag.
 
-    The tag's version is ``v<registry version>-<first 12 hex of model.pt's SHA-256>``, so
-    packaging the same weights again reuses the stored model.
+    The tag's version is ``v<registry version>-<first 12 hex of the SHA-256 of the saved
+    files>``, so packaging the same weights with the same profile again reuses the stored model.
     """
     import shutil
 
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from tasks.model.student_io import MODEL_FILE, save_student
+    from tasks.model.student_io import save_student
 
     with tempfile.TemporaryDirectory() as staging:
-        path = save_student(model, spec, staging)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        save_student(model, spec, staging)
+        if profile is not None:
+            profile.save(staging)
+        hasher = hashlib.sha256()
+        for saved in sorted(Path(staging).iterdir()):
+            hasher.update(saved.read_bytes())
+        digest = hasher.hexdigest()
         tag = f"{_tag_name(version.name)}:v{version.version}-{digest[:12]}"
         try:
             check_store(bentoml.models.get(tag).path)
@@ -143,7 +152,8 @@ def import_model(model, spec, version, labels: dict[str, str], metadata: dict[st
         with bentoml.models.create(
             tag, labels=labels, metadata={**metadata, "model_sha256": digest}
         ) as stored:
-            shutil.copyfile(path, Path(stored.path) / MODEL_FILE)
+            for saved in Path(staging).iterdir():  # model.pt, and profile.json, ood.npz
+                shutil.copyfile(saved, Path(stored.path) / saved.name)
     # Checked once stored: inside ``create`` the model sits in a temporary folder.
     check_store(bentoml.models.get(tag).path)
     return tag

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 from tasks import reports
@@ -26,6 +27,10 @@ from tasks.registry.bento import (
     resolve_version,
     student_from_version,
 )
+from tasks.registry.profile_fit import fit_profile
+
+# Under reports_dir: the serving profile the drift monitor compares requests with.
+SERVING_PROFILE_DIR = "serving_profile"
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,12 @@ def run_package(params: Params) -> dict:
     home = bentoml_home(serving)
     threshold = parse_threshold(version.tags.get("threshold"))
     dataset_version = version.tags.get("dataset_version", "")
-    model_tag = _import_student(model, spec, version, threshold, dataset_version)
+    profile = fit_profile(model, spec, params)
+    model_tag = _import_student(model, spec, version, threshold, dataset_version, profile)
     args = _service_arguments(serving, version, spec, model_tag, threshold, dataset_version)
+    args.update(
+        multiframe=profile.multiframe, scope=profile.scope, ood_threshold=profile.ood["threshold"]
+    )
     bento = build_bento(serving, args, version)
     archive = export_bento(bento, serving)
     result = PackageResult(
@@ -68,7 +77,10 @@ def run_package(params: Params) -> dict:
         batching=serving.batching,
     )
     report = dataclasses.asdict(result)
+    report["profile"] = _profile_summary(profile)
     reports.PACKAGE.write(params.reports_dir, report)
+    # The drift monitor's reference: the profile without the detector's arrays.
+    profile.save(_profile_dir(params))
     logger.info(
         "package: Bento %s of %s version %s, archive %s",
         bento.tag,
@@ -79,8 +91,29 @@ def run_package(params: Params) -> dict:
     return report
 
 
-def _import_student(model, spec, version, threshold: float | None, dataset_version: str) -> str:
-    """Save the student into BentoML's model store with its provenance; returns the tag."""
+def _profile_summary(profile) -> dict[str, Any]:
+    """What the package report says about the recorded profile (no arrays)."""
+    return {
+        "scope": profile.scope,
+        "multiframe": profile.multiframe,
+        "n_train": profile.n_train,
+        "n_val": profile.n_val,
+        "ood": profile.ood,
+    }
+
+
+def _profile_dir(params: Params):
+    """Where ``profile.json`` (and ``ood.npz``) are kept for ``medtransfer monitor``."""
+    folder = Path(params.reports_dir) / SERVING_PROFILE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _import_student(
+    model, spec, version, threshold: float | None, dataset_version: str, profile
+) -> str:
+    """Save the student and its data profile into BentoML's model store with its provenance;
+    returns the tag."""
     return import_model(
         model,
         spec,
@@ -99,7 +132,11 @@ def _import_student(model, spec, version, threshold: float | None, dataset_versi
             "threshold": threshold,
             "classes": list(spec.classes),
             "image_size": spec.image_size,
+            "ood_method": profile.ood["method"],
+            "ood_threshold": profile.ood["threshold"],
+            "multiframe": profile.multiframe,
         },
+        profile=profile,
     )
 
 
@@ -127,4 +164,8 @@ def _service_arguments(
         "max_batch_size": serving.max_batch_size,
         "max_latency_ms": serving.max_latency_ms,
         "model_threads": serving.model_threads,
+        "ood_gate": serving.ood_gate,
+        # Absolute: `bentoml serve` runs the service inside the Bento's own folder.
+        "monitor_store": str(Path(serving.monitor_store).resolve()),
+        "monitor_max_records": serving.monitor_max_records,
     }

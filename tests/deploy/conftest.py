@@ -61,6 +61,61 @@ def students(mlflow_store: Path) -> dict[str, LoggedStudent]:
 
 
 @dataclass(frozen=True)
+class TrainingData:
+    """The processed dataset the served Bento's profile is fit on, and its source folder."""
+
+    source: Path
+    processed: Path
+    labels_csv: Path
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory: pytest.TempPathFactory) -> TrainingData:
+    """A small synthetic set (multi-frame files included) plus the pydicom corpus images the
+    serving tests send, ingested at the students' 64 px: the served model's training data, so
+    that its scope covers the corpus' modalities and its OOD threshold is set on validation."""
+    import csv
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from tasks.config import load_params
+    from tasks.data import synthetic
+    from tasks.stages.ingest import run_ingest
+    from tests.deploy.samples import GOOD_DICOM
+    from tests.deploy.students import REPO
+
+    root = tmp_path_factory.mktemp("training-data")
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            f"synthetic.output_dir={root / 'synthetic'}",
+            "synthetic.n_patients=16",
+            "synthetic.size=128",
+            "synthetic.multiframe_fraction=0.3",
+            f"data.processed_dir={root / 'processed'}",
+            "data.image_size=64",
+            "data.workers=1",
+            f"reports_dir={root / 'reports'}",
+        ],
+    )
+    generated, _ = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
+    # A copy: ingesting the synthetic folder itself would regenerate it (a changed set).
+    source = root / "mixed"
+    shutil.copytree(generated, source)
+    labels_csv = source / synthetic.LABELS_FILE
+    with open(labels_csv, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        for index, name in enumerate(GOOD_DICOM):
+            (source / "corpus").mkdir(exist_ok=True)
+            shutil.copyfile(get_testdata_file(name), source / "corpus" / name)
+            writer.writerow([f"corpus/{name}", synthetic.LABEL_NAMES[index % 2]])
+    overrides = [f"data.source={source}", f"data.labels_csv={labels_csv}"]
+    run_ingest(params.with_overrides(overrides), progress=False)
+    return TrainingData(source, root / "processed", labels_csv)
+
+
+@dataclass(frozen=True)
 class Served:
     """A running ``bentoml serve``: its URL, log file, package report and the student it serves."""
 
@@ -69,6 +124,10 @@ class Served:
     package: dict
     student: LoggedStudent
     pid: int
+    home: Path
+    training: TrainingData
+    monitor_store: Path
+    params_file: Path
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -114,7 +173,9 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Served]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, students, training_data: TrainingData
+) -> Iterator[Served]:
     """Student ``a`` registered, packaged by the CLI, exported, imported into a fresh BentoML
     home (the archive must stand alone) and served by ``bentoml serve`` on loopback."""
     from tasks.stages.register import run_register
@@ -122,6 +183,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Serve
     root = tmp_path_factory.mktemp("served")
     student = students["a"]
     overrides = [f"{k}={v}" for k, v in SERVED_LIMITS.items()]
+    overrides.append(f"data.processed_dir={training_data.processed}")
+    overrides.append(f"serving.monitor_store={root / 'monitor' / 'requests.sqlite'}")
     params = stage_params(root, student, ["registry.model_name=served-student", *overrides])
     write_reports(params, student, threshold=0.5)
     run_register(params)
@@ -146,6 +209,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, students) -> Iterator[Serve
     process, url = start_server(package["bento"], serve_home, log, env)
     try:
         wait_ready(process, url, log)
-        yield Served(url=url, log=log, package=package, student=student, pid=process.pid)
+        yield Served(
+            url=url,
+            log=log,
+            package=package,
+            student=student,
+            pid=process.pid,
+            home=serve_home,
+            monitor_store=root / "monitor" / "requests.sqlite",
+            params_file=params_file,
+            training=training_data,
+        )
     finally:
         stop_server_tree(process)

@@ -169,3 +169,46 @@ def bad_inputs(max_upload_bytes: int, max_image_dim: int) -> list[BadInput]:
         ),
         BadInput("empty PNG", "/classify/png", b"", "image/png", 400, "empty_body"),
     ]
+
+
+def deflated_dicom(ds, pixel_bytes: int | None = None) -> bytes:
+    """``ds`` written as Deflated Explicit VR Little Endian (PS3.5 A.5).
+
+    With ``pixel_bytes``, the Pixel Data element is replaced by that many zero bytes, whatever
+    the header says: a deflate bomb (1 GiB of zeros deflates to about 1 MB).
+    """
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = ds.copy()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    if pixel_bytes is None:
+        write_dataset(body, ds)
+        deflated = compressor.compress(body.getvalue())
+    else:
+        del ds.PixelData
+        write_dataset(body, ds)
+        # (7FE0,0010) OB, two reserved bytes, a 4-byte length: then the zeros.
+        header = body.getvalue() + b"\xe0\x7f\x10\x00OB\0\0" + pixel_bytes.to_bytes(4, "little")
+        parts = [compressor.compress(header)]
+        zeros = b"\0" * (16 * 1024 * 1024)
+        for start in range(0, pixel_bytes, len(zeros)):
+            parts.append(compressor.compress(zeros[: pixel_bytes - start]))
+        deflated = b"".join(parts)
+    deflated += compressor.flush()
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    return out.getvalue() + deflated
+
+
+def deflate_bomb(inflated_bytes: int = 2**30) -> bytes:
+    """A 64 x 64 image whose deflated data set inflates to ``inflated_bytes`` (1 GiB: ~1 MB)."""
+    ds = make_mono_dataset(np.zeros((64, 64), dtype=np.uint16))
+    return deflated_dicom(ds, pixel_bytes=inflated_bytes)

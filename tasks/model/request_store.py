@@ -1,0 +1,126 @@
+"""The service's per-request record for drift monitoring: non-identifying numbers only.
+
+One row per classified (or out-of-scope) image: time, route, OOD score, whether the reply
+abstained or was refused out of scope, the class probabilities and three statistics of the
+model's input image (:func:`tasks.model.profile.image_statistics`). No pixel, no header value, no
+file name. The store is a SQLite file bounded to ``max_records`` rows (the oldest go first);
+``medtransfer monitor`` reads the latest rows with :func:`read_recent`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.model.profile import image_statistics
+
+logger = logging.getLogger(__name__)
+SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    route TEXT NOT NULL,
+    ood_score REAL,
+    abstained INTEGER NOT NULL,
+    refused INTEGER NOT NULL,
+    probabilities TEXT,
+    mean REAL, std REAL, saturated REAL
+)"""
+# Rows are trimmed to max_records every this many writes (not on each one).
+TRIM_EVERY = 100
+
+
+class RequestStore:
+    """A bounded SQLite store of per-request numbers; ``path`` "" keeps nothing.
+
+    Writing never fails a request: an unwritable store is logged once and then skipped.
+    """
+
+    def __init__(self, path: str | Path, max_records: int) -> None:
+        self.path = Path(path) if str(path) else None
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._writes = 0
+        self._failed = False
+
+    def record(
+        self,
+        route: str,
+        score: float,
+        probabilities: np.ndarray | None,
+        image: np.ndarray | None,
+        *,
+        abstained: bool,
+        refused: bool,
+    ) -> None:
+        """Keep one request's numbers (``image``: the model's uint8 input ``(S, S)``)."""
+        if self.path is None or self._failed:
+            return
+        stats = image_statistics(image[np.newaxis])[0] if image is not None else [None] * 3
+        probs = (
+            json.dumps([round(float(p), 6) for p in probabilities])
+            if probabilities is not None
+            else None
+        )
+        row = (
+            time.time(),
+            route,
+            score if np.isfinite(score) else None,
+            int(abstained),
+            int(refused),
+            probs,
+            *map(_number, stats),
+        )
+        try:
+            with self._lock:
+                connection = self._connect()
+                connection.execute(
+                    "INSERT INTO requests (time, route, ood_score, abstained, refused, "
+                    "probabilities, mean, std, saturated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                self._writes += 1
+                if self._writes % TRIM_EVERY == 0:
+                    connection.execute(
+                        "DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?",
+                        (self.max_records,),
+                    )
+                connection.commit()
+        except (sqlite3.Error, OSError) as err:
+            self._failed = True
+            logger.warning(
+                "monitor store %s not writable (%s): not recording", self.path, type(err).__name__
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._connection is None:
+            assert self.path is not None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(self.path, check_same_thread=False)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._connection.execute(SCHEMA)
+        return self._connection
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def read_recent(path: str | Path, window: int) -> list[dict]:
+    """The latest ``window`` rows of the store at ``path`` (oldest first), as dicts."""
+    connection = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        connection.row_factory = sqlite3.Row
+        rows = connection.execute(
+            "SELECT * FROM requests ORDER BY id DESC LIMIT ?", (window,)
+        ).fetchall()
+    finally:
+        connection.close()
+    return [dict(row) for row in reversed(rows)]

@@ -1,0 +1,119 @@
+"""Fitting the training data's profile at packaging (:class:`tasks.model.profile.DataProfile`).
+
+From the processed dataset the model was trained on: the DICOM header values of its training
+files (the scope gate), its multi-frame rule, deciles of image statistics, the OOD detector fit
+on the training split's features and its threshold set on the validation split at
+``serving.ood_false_rejection``. The test split is left alone: it is the held-back
+in-distribution set the OOD evaluation (``benchmarks.ood``) measures acceptance on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import Params
+from tasks.errors import MedtransferError
+from tasks.model.profile import (
+    STATISTICS,
+    DataProfile,
+    OodDetector,
+    deciles,
+    features_and_probabilities,
+    header_values,
+    image_statistics,
+)
+
+logger = logging.getLogger(__name__)
+BATCH = 64
+
+
+def fit_profile(model, spec, params: Params) -> DataProfile:
+    """The profile of the processed dataset in ``data.processed_dir`` for ``model``.
+
+    Raises:
+        MedtransferError: no processed dataset, or one of another image size than the model's.
+    """
+    from tasks.data.dataset import load_processed
+
+    try:
+        dataset = load_processed(params.data.processed_dir)
+    except (FileNotFoundError, MedtransferError) as err:
+        raise MedtransferError(
+            f"No processed dataset in {params.data.processed_dir}: packaging records the "
+            "training data's profile with the model; run `medtransfer ingest` first."
+        ) from err
+    if dataset.image_size != spec.image_size:
+        raise MedtransferError(
+            f"The processed dataset in {params.data.processed_dir} has {dataset.image_size} px "
+            f"images and the model takes {spec.image_size} px: package with the dataset the "
+            "model was trained on."
+        )
+    train_images, train_labels = dataset.subset("train")
+    val_images, _ = dataset.subset("val")
+    if len(val_images) == 0:  # a tiny set: the threshold comes from the training split
+        val_images = train_images
+    _, train_features = _forward(model, train_images, spec.temperature)
+    val_probs, val_features = _forward(model, val_images, spec.temperature)
+    serving = params.serving
+    head = (model.head.weight.detach().numpy(), model.head.bias.detach().numpy())
+    detector = OodDetector.fit(serving.ood_method, train_features, train_labels, head)
+    val_scores = detector.score(val_features)
+    detector.calibrate(val_scores, serving.ood_false_rejection)
+    stats = image_statistics(train_images)
+    positive = val_probs[:, -1] if val_probs.shape[1] > 1 else val_probs[:, 0]
+    return DataProfile(
+        scope=_scope(dataset),
+        multiframe=dataset.source.multiframe,
+        source_kind=dataset.source.kind,
+        n_train=len(train_images),
+        n_val=len(val_images),
+        statistics={name: deciles(stats[:, i]) for i, name in enumerate(STATISTICS)},
+        ood={
+            "method": serving.ood_method,
+            "threshold": detector.threshold,
+            "false_rejection": serving.ood_false_rejection,
+            "val_rejected": float(np.mean(val_scores >= detector.threshold)),
+            "score_deciles": deciles(val_scores),
+        },
+        probability_deciles=deciles(positive),
+        detector=detector,
+    )
+
+
+def _forward(model, images: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and features of uint8 ``(N, S, S)`` images, in batches."""
+    probs, features = [], []
+    for start in range(0, len(images), BATCH):
+        p, f = features_and_probabilities(model, images[start : start + BATCH], temperature)
+        probs.append(p)
+        features.append(f)
+    return np.concatenate(probs), np.concatenate(features)
+
+
+def _scope(dataset) -> dict[str, list[str]] | None:
+    """Header values of the dataset's source files (every split: validation and test images
+    are the same population as training); None for a source without DICOM headers (a
+    ``.npz``) or when the source folder is not readable here."""
+    import pydicom
+
+    source = dataset.source
+    if source.kind == "npz":
+        return None
+    folder = Path(source.location)
+    if not folder.is_dir():
+        logger.warning("package: %s is not readable here: no scope gate on metadata", folder)
+        return None
+    seen: dict[str, set[str]] = {}
+    for name in sorted(set(dataset.manifest["source_file"])):
+        try:
+            ds = pydicom.dcmread(folder / name, stop_before_pixels=True)
+        except Exception:  # ingested once, unreadable now: leave it out
+            continue
+        for keyword, value in header_values(ds).items():
+            seen.setdefault(keyword, set()).add(value)
+    if not seen:
+        return None
+    return {keyword: sorted(values) for keyword, values in seen.items()}

@@ -1,0 +1,108 @@
+"""``medtransfer monitor``: population stability against the training deciles, the abstention
+share with its interval, drift flags, the report, the plot and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import main as cli_main
+from tasks.config import Params
+from tasks.model.profile import DataProfile
+from tasks.model.request_store import RequestStore, read_recent
+from tasks.monitoring import MONITOR, population_stability, wilson_interval
+
+EDGES = [float(e) for e in np.arange(1, 10) / 10]  # deciles of U(0, 1)
+
+
+def test_psi_is_zero_for_the_training_distribution_and_known_for_a_collapsed_one() -> None:
+    uniform = (np.arange(1000) + 0.5) / 1000
+    assert population_stability(uniform, EDGES) == pytest.approx(0.0, abs=1e-12)
+    # All in one bin: 0.9 ln(10) + 9 (1e-4 - 0.1) ln(1e-3), the floor keeping it finite.
+    assert population_stability(np.full(50, 0.05), EDGES) == pytest.approx(8.28309, abs=1e-4)
+
+
+def test_wilson_interval_of_a_known_proportion() -> None:
+    low, high = wilson_interval(5, 100)
+    assert low == pytest.approx(0.02154, abs=1e-4) and high == pytest.approx(0.11175, abs=1e-4)
+
+
+def _profile(folder: Path) -> None:
+    DataProfile(
+        scope=None,
+        multiframe="middle",
+        source_kind="synthetic",
+        n_train=100,
+        n_val=20,
+        statistics={"mean": EDGES, "std": EDGES, "saturated": EDGES},
+        ood={"method": "knn", "threshold": 0.95, "false_rejection": 0.05, "score_deciles": EDGES},
+        probability_deciles=EDGES,
+    ).save(folder)
+
+
+def test_monitor_flags_drifted_statistics_and_abstentions(
+    params: Params, tmp_path: Path, fresh_mlflow_store: str
+) -> None:
+    folder = Path(params.reports_dir) / "serving_profile"
+    folder.mkdir(parents=True)
+    _profile(folder)
+    store_path = tmp_path / "requests.sqlite"
+    store = RequestStore(store_path, max_records=1000)
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        # Images all bright (mean ~0.9: drifted), scores and probabilities as in training.
+        image = np.full((8, 8), 230, dtype=np.uint8)
+        score = float(rng.uniform())
+        store.record(
+            "/classify/png",
+            score,
+            np.array([0.5, rng.uniform()]),
+            image,
+            abstained=score >= 0.95 or i % 4 == 0,
+            refused=False,
+        )
+    assert len(read_recent(store_path, 50)) == 50
+    code = cli_main(
+        [
+            "monitor",
+            "--json",
+            "-S",
+            f"serving.monitor_store={store_path}",
+            "-S",
+            f"reports_dir={params.reports_dir}",
+            "-S",
+            "monitor.window=200",
+        ]
+    )
+    assert code == 0
+    report = MONITOR.read(params.reports_dir)
+    assert report["n"] == 200
+    assert report["psi"]["mean"] > report["psi_max"] and "mean" in report["drifted"]
+    assert report["psi"]["ood_score"] < report["psi_max"]
+    assert "abstention_share" in report["drifted"]  # ~29% against 15% allowed
+    low, high = report["abstention_interval"]
+    assert low < report["abstention_share"] < high
+    assert (Path(params.reports_dir) / "plots" / "monitor.png").is_file()
+    assert json.loads(json.dumps(report))["drift"] is True
+
+
+def test_the_monitor_deployment_runs_on_its_cron_with_the_params_file(
+    params: Params, tmp_path: Path
+) -> None:
+    from flows.deployments import MONITOR_DEPLOYMENT, monitor_deployments
+
+    [deployment] = monitor_deployments(
+        params, tmp_path / "params.yaml", ["monitor.window=50"], work_pool_name="cpu"
+    )
+    assert (deployment.flow_name, deployment.name) == ("monitor", MONITOR_DEPLOYMENT)
+    [schedule] = deployment.schedules
+    assert schedule.schedule.cron == params.monitor.cron == "0 * * * *"
+    assert deployment.parameters == {
+        "params_file": str((tmp_path / "params.yaml").resolve()),
+        "overrides": ["monitor.window=50"],
+    }
+    assert deployment.work_pool_name == "cpu" and deployment.concurrency_limit == 1
+    assert monitor_deployments(params.with_overrides(["monitor.cron=null"]), "p.yaml") == []
