@@ -89,4 +89,4 @@ def fit_linear_head(
 
     with torch.enable_grad():
         optimizer.step(closure)
-        return float(closure())
+        return float(closure().detach())
