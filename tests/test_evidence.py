@@ -196,3 +196,29 @@ def test_advise_prints_the_ranked_table_and_the_recommendation(
         "efficientnet-lite2",
     }
     assert any(line.startswith("recommended: teacher efficientnet-lite") for line in lines)
+
+
+def test_the_model_card_says_how_auto_chose() -> None:
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    strong = _taps("efficientnet-lite0", [0.6, 0.7, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
+    weak = _taps("efficientnet-lite1", [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
+    decision = decide({"efficientnet-lite1": weak, "efficientnet-lite0": strong}, 100, 1.0)
+    inputs = dict(model_name="m", version="1", run_id="r", spec={}, dataset_version="d")
+    card = render_model_card(
+        CardInputs(
+            **inputs,
+            ingest={},
+            metrics={},
+            robustness=None,
+            promoted=False,
+            alias="champion",
+            selection=decision.to_dict(),
+        )
+    )
+    assert "`auto` chose efficientnet-lite0, lp_ft (unfreeze 16 blocks), confidence high" in card
+    assert "| efficientnet-lite0 | stage3 | 0.900 [0.870, 0.930] | -0.500 |" in card
+    plain = render_model_card(
+        CardInputs(**inputs, ingest={}, metrics={}, robustness=None, promoted=False, alias="a")
+    )
+    assert "How the teacher" not in plain
