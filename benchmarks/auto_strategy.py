@@ -57,7 +57,7 @@ def hanley_mcneil(auc: float, n_pos: int, n_neg: int) -> tuple[float, float]:
     return max(0.0, auc - half), min(1.0, auc + half)
 
 
-def run_dataset(workdir: Path, source: str, size: int, epochs: int) -> dict:
+def run_dataset(workdir: Path, source: str, size: int, epochs: int, patients: int) -> dict:
     """Ingest, auto and the exhaustive search for one data set; returns the measured values."""
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "params.yaml").is_file():
@@ -65,7 +65,7 @@ def run_dataset(workdir: Path, source: str, size: int, epochs: int) -> dict:
     common = ["-S", f"data.image_size={size}", "-S", f"train.epochs={epochs}"]
     if source == "synthetic":
         if not (workdir / "data/synthetic/dicom").is_dir():
-            medtransfer(workdir, "synthesize")
+            medtransfer(workdir, "synthesize", "-S", f"synthetic.n_patients={patients}")
     else:
         common += ["-S", f"data.source={source}"]
     if not (workdir / "reports/ingest.json").is_file():
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--data", nargs="+", default=["synthetic"])
+    parser.add_argument("--patients", type=int, default=120, help="synthetic.n_patients")
     args = parser.parse_args()
     lines = [
         "| data | auto chose | auto test AUC [95% CI] | best exhaustive | auto - best | auto "
@@ -154,16 +155,17 @@ def main() -> None:
     reasons = []
     for source in args.data:
         name = Path(source).stem if source != "synthetic" else "synthetic"
-        measured = run_dataset(args.workdir / name, source, args.size, args.epochs)
+        measured = run_dataset(args.workdir / name, source, args.size, args.epochs, args.patients)
         lines += table_rows(name, measured)
         reasons.append(f"- {name}: " + "; ".join(measured["auto"]["auto"]["reasons"]))
     table = "\n".join(lines)
     print(table)
     print("\n".join(reasons))
     write_result(
-        "auto-strategy",
+        f"auto-strategy-{'-'.join(Path(d).stem for d in args.data)}",
         f"{machine_header()}\n\nShared machine (2 cores, other jobs running): times are "
         f"indicative, side by side in one run. Images at {args.size} px, {args.epochs} epochs, "
+        f"synthetic.n_patients={args.patients} (synthetic only), "
         f"candidates {', '.join(TEACHERS)} x {', '.join(STRATEGIES)}. Test AUC intervals: "
         f"Hanley-McNeil 95%.\n\n{table}\n\nWhy auto chose what it chose:\n\n" + "\n".join(reasons),
     )
