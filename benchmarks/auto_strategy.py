@@ -43,7 +43,9 @@ def medtransfer(workdir: Path, *args: str) -> float:
     start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(REPO)  # the work folder's own MLflow store (params.yaml)
-    subprocess.run(command, cwd=workdir, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed: {done.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
