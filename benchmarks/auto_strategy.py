@@ -59,7 +59,9 @@ def hanley_mcneil(auc: float, n_pos: int, n_neg: int) -> tuple[float, float]:
     return max(0.0, auc - half), min(1.0, auc + half)
 
 
-def run_dataset(workdir: Path, source: str, size: int, epochs: int, patients: int) -> dict:
+def run_dataset(
+    workdir: Path, source: str, size: int, epochs: int, patients: int, teachers: list[str]
+) -> dict:
     """Ingest, auto and the exhaustive search for one data set; returns the measured values."""
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "params.yaml").is_file():
@@ -100,7 +102,7 @@ def run_dataset(workdir: Path, source: str, size: int, epochs: int, patients: in
             "-S",
             f"train.compare=[{','.join(STRATEGIES)}]",
         )
-        for teacher in TEACHERS
+        for teacher in teachers
     }
     return {"auto": auto, "exhaustive": exhaustive, "seconds": seconds, "workdir": workdir}
 
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--data", nargs="+", default=["synthetic"])
     parser.add_argument("--patients", type=int, default=120, help="synthetic.n_patients")
+    parser.add_argument("--teachers", nargs="+", default=list(TEACHERS))
     args = parser.parse_args()
     lines = [
         "| data | auto chose | auto test AUC [95% CI] | best exhaustive | auto - best | auto "
@@ -157,7 +160,9 @@ def main() -> None:
     reasons = []
     for source in args.data:
         name = Path(source).stem if source != "synthetic" else "synthetic"
-        measured = run_dataset(args.workdir / name, source, args.size, args.epochs, args.patients)
+        measured = run_dataset(
+            args.workdir / name, source, args.size, args.epochs, args.patients, args.teachers
+        )
         lines += table_rows(name, measured)
         reasons.append(f"- {name}: " + "; ".join(measured["auto"]["auto"]["reasons"]))
     table = "\n".join(lines)
@@ -168,7 +173,8 @@ def main() -> None:
         f"{machine_header()}\n\nShared machine (2 cores, other jobs running): times are "
         f"indicative, side by side in one run. Images at {args.size} px, {args.epochs} epochs, "
         f"synthetic.n_patients={args.patients} (synthetic only), "
-        f"candidates {', '.join(TEACHERS)} x {', '.join(STRATEGIES)}. Test AUC intervals: "
+        f"exhaustive search over {', '.join(args.teachers)} x {', '.join(STRATEGIES)}; auto "
+        f"weighs {', '.join(TEACHERS)}. Test AUC intervals: "
         f"Hanley-McNeil 95%.\n\n{table}\n\nWhy auto chose what it chose:\n\n" + "\n".join(reasons),
     )
 
