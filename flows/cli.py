@@ -44,6 +44,12 @@ def _train(params: Params, args: argparse.Namespace) -> dict:
     return run_train(params, resume=args.resume, progress=not args.quiet)
 
 
+def _advise(params: Params, args: argparse.Namespace) -> dict:
+    from tasks.stages.advise import run_advise
+
+    return run_advise(params)
+
+
 def _evaluate(params: Params, args: argparse.Namespace) -> dict:
     from tasks.stages.evaluate import run_evaluate
 
@@ -104,6 +110,11 @@ STAGES: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
     ),
     "train": (_train, "fine-tune the teacher into a student and log the run to MLflow"),
+    "advise": (
+        _advise,
+        "probe each teacher's frozen features on the training split and recommend a teacher, "
+        "strategy and depth (no training)",
+    ),
     "evaluate": (_evaluate, "val/test metrics, plots and Grad-CAM of the saved student"),
     "robustness": (
         _robustness,
@@ -211,6 +222,8 @@ def configure_logging() -> None:
 def human_summary(command: str, result: dict, params: Params) -> str:
     """The few lines a person reads after ``command``: the whole run's summary for ``run``,
     the stage's own part otherwise."""
+    if command == "advise":
+        return "\n".join(result["lines"])
     summary = result if command == "run" else {command: result}
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
     lines = summary_lines(summary, uri) or [json.dumps(result, default=str)[:500]]

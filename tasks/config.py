@@ -29,7 +29,7 @@ from tasks.errors import MedtransferError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
-STRATEGIES = ("linear_probe", "partial", "full", "scratch")
+STRATEGIES = ("linear_probe", "partial", "full", "scratch", "lp_ft")
 THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 CALIBRATIONS = ("temperature", "none")
 TASK_RUNNERS = ("threads", "processes", "dask")
@@ -119,7 +119,8 @@ class TrainParams:
 
     teacher: str
     weights_path: str | None
-    strategy: str = rule(choices=STRATEGIES)
+    # auto: chosen by the evidence step (tasks/training/evidence.py) before training
+    strategy: str = rule(choices=(*STRATEGIES, "auto"))
     unfreeze_blocks: int = rule(min=0)
     compare: tuple[str, ...] | None = rule()
     label_fractions: tuple[float, ...] | None = rule(above=0.0, max=1.0)

@@ -80,6 +80,7 @@ class TrainContent(TypedDict, total=False):
     best_val_auc: float
     epochs_run: int
     resumed_from_epoch: int | None
+    auto: dict[str, Any]  # train.teacher/strategy auto: the evidence step's decision
 
 
 class MetricsContent(TypedDict, total=False):

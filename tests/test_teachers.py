@@ -42,9 +42,16 @@ def _pinned_at(path: Path) -> teachers.TeacherSpec:
     return dataclasses.replace(spec, bundled_weights=pinned)
 
 
-def test_default_teacher_is_lite0_and_the_only_one() -> None:
+def test_default_teacher_is_lite0_in_a_zoo_of_six() -> None:
     assert DEFAULT_TEACHER == "efficientnet-lite0"
-    assert known_teachers() == ("efficientnet-lite0",)
+    assert known_teachers() == (
+        "densenet121",
+        "efficientnet-lite0",
+        "efficientnet-lite1",
+        "efficientnet-lite2",
+        "resnet18",
+        "resnet50",
+    )
 
 
 def test_bundled_file_matches_the_pinned_hash(bundled_path: Path) -> None:
@@ -81,7 +88,7 @@ def test_lite_architecture_has_no_squeeze_excitation_and_only_relu6() -> None:
     assert not any(getattr(block, "has_se", False) for block in built.backbone.blocks)
     activations = {type(m).__name__ for m in modules if "swish" in type(m).__name__.lower()}
     assert activations == set()
-    assert all(isinstance(block._swish, nn.ReLU6) for block in built.backbone.blocks)
+    assert all(isinstance(block.activation, nn.ReLU6) for block in built.backbone.blocks)
     assert isinstance(built.backbone.stem[-1], nn.ReLU6)
     assert isinstance(built.backbone.top[-1], nn.ReLU6)
     n_params = sum(p.numel() for p in built.backbone.parameters())
@@ -154,12 +161,15 @@ def test_a_user_weights_file_is_loaded_and_its_hash_recorded(tmp_path: Path) -> 
 
 
 def test_user_weights_in_monai_layout_are_accepted_too(tmp_path: Path) -> None:
-    network = get_teacher(DEFAULT_TEACHER).build_network(3)
+    # MONAI's EfficientNet nests blocks by stage: block 9 is _blocks.4.9 (lite0's stage 4).
+    state = read_state_dict(resolve_weights(DEFAULT_TEACHER))
+    nested = {k.replace("_blocks.9.", "_blocks.4.9."): v for k, v in state.items()}
+    assert "_blocks.4.9._project_conv.weight" in nested
     own = tmp_path / "nested.pt"
-    torch.save(network.state_dict(), own)
+    torch.save(nested, own)
     built = build_teacher(DEFAULT_TEACHER, weights_path=own)
-    original = network._blocks.get_submodule("4.9")  # MONAI: stage 4, global block index 9
-    assert torch.equal(built.backbone.blocks[9]._project_conv.weight, original._project_conv.weight)
+    project = built.backbone.blocks[9]._project_conv.weight
+    assert torch.equal(project, state["_blocks.9._project_conv.weight"])
 
 
 def test_user_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
@@ -189,17 +199,17 @@ def test_a_missing_user_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_unknown_teacher_lists_the_known_ones() -> None:
-    with pytest.raises(MedtransferError, match=r"Unknown teacher 'resnet50'.*efficientnet-lite0"):
-        get_teacher("resnet50")
+    with pytest.raises(MedtransferError, match=r"Unknown teacher 'resnet34'.*efficientnet-lite0"):
+        get_teacher("resnet34")
     with pytest.raises(MedtransferError, match="Unknown teacher"):
-        imagenet_classifier("efficientnet-lite1")  # exists on PyPI, deliberately not registered
+        imagenet_classifier("efficientnet-lite3")  # exists upstream, deliberately not registered
 
 
 def test_register_teacher_adds_by_name_and_refuses_to_shadow(monkeypatch) -> None:
     monkeypatch.setattr(teachers, "_REGISTRY", dict(teachers._REGISTRY))
     copy = dataclasses.replace(get_teacher(DEFAULT_TEACHER), name="my-lite0")
     register_teacher(copy)
-    assert known_teachers() == ("efficientnet-lite0", "my-lite0")
+    assert "my-lite0" in known_teachers() and len(known_teachers()) == 7
     assert get_teacher("my-lite0") is copy
     with pytest.raises(ValueError, match="already registered"):
         register_teacher(copy)

@@ -11,6 +11,9 @@ Strategies (:data:`STRATEGIES`), from least to most adapted:
 - ``partial``: the last ``unfreeze_blocks`` blocks and the backbone's top (final 1x1 conv + BN)
   train; the earlier blocks and the stem stay frozen, BatchNorm statistics included.
 - ``full``: everything trains; :func:`param_groups` gives earlier layers smaller learning rates.
+- ``lp_ft``: ``full``, but the head first fits the frozen features (a linear probe, the train
+  stage's LP stage) before everything fine-tunes: a fitted head disturbs the pretrained
+  features less than a random one (Kumar et al., ICLR 2022: better out of distribution).
 - ``scratch``: the same network, randomly initialised, everything trains at one learning rate:
   the control that shows what the ImageNet weights buy.
 
@@ -36,7 +39,7 @@ from tasks.model.teachers import (
     get_teacher,
 )
 
-STRATEGIES = ("linear_probe", "partial", "full", "scratch")
+STRATEGIES = ("linear_probe", "partial", "full", "scratch", "lp_ft")
 
 
 # --------------------------------------------------------------------------------------------

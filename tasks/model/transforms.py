@@ -66,6 +66,9 @@ def train_transform(config: AugmentParams, image_size: int) -> Compose:
     return Compose(transforms)
 
 
+# Kept rather than monai.data.ArrayDataset: that one reseeds the transform on every item from
+# its own RandomState, overriding the per-epoch set_random_state that makes a resumed epoch
+# replay exactly (tasks/training/loop.py), and does not clamp jittered pixels to [0, 1].
 class ImageDataset(Dataset):
     """``(image, label)`` pairs from uint8 arrays through a MONAI transform.
 

@@ -30,6 +30,7 @@ class CardInputs:
         promoted: whether the alias moved to this version.
         alias: the alias name.
         reasons: why the alias moved or did not.
+        selection: the evidence step's decision when teacher or strategy was ``auto``.
     """
 
     model_name: str
@@ -43,6 +44,7 @@ class CardInputs:
     promoted: bool
     alias: str
     reasons: Sequence[str] = field(default_factory=list)
+    selection: Mapping[str, Any] | None = None
 
 
 def render_model_card(inputs: CardInputs) -> str:
@@ -99,6 +101,7 @@ def render_model_card(inputs: CardInputs) -> str:
             + " |"
         )
     lines += _metrics_notes(inputs.metrics)
+    lines += _selection_section(inputs.selection)
     lines += ["", "## Robustness", ""]
     lines += _robustness_section(inputs.robustness)
     lines += ["", "## Promotion", ""]
@@ -173,6 +176,36 @@ def _interval(bounds: Any) -> str:
     if not isinstance(bounds, Mapping):
         return ""
     return f" [{_num(bounds.get('low'))}, {_num(bounds.get('high'))}]"
+
+
+def _selection_section(selection: Mapping[str, Any] | None) -> list[str]:
+    """How ``auto`` chose the teacher and strategy: the decision, its reasons, and the best
+    k-NN AUC per candidate teacher (empty when nothing was ``auto``)."""
+    if not selection:
+        return []
+    lines = [
+        "",
+        "## How the teacher and strategy were chosen",
+        "",
+        f"`auto` chose {selection.get('teacher')}, {selection.get('strategy')} (unfreeze "
+        f"{selection.get('unfreeze_blocks')} blocks), confidence {selection.get('confidence')}, "
+        f"from frozen-feature evidence on {selection.get('n_images')} training images:",
+        "",
+        *(f"- {reason}" for reason in selection.get("reasons", ())),
+        "",
+        "| teacher | best tap | k-NN AUC [95% CI] | LogME there |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    best: dict[str, Mapping[str, Any]] = {}
+    for row in selection.get("evidence", ()):
+        if row["teacher"] not in best or row["knn_auc"] > best[row["teacher"]]["knn_auc"]:
+            best[row["teacher"]] = row
+    for teacher, row in best.items():
+        lines.append(
+            f"| {teacher} | {row['tap']} | {_num(row['knn_auc'])} [{_num(row['knn_auc_low'])}, "
+            f"{_num(row['knn_auc_high'])}] | {_num(row['logme'])} |"
+        )
+    return lines
 
 
 def _data_table(ingest: Mapping[str, Any]) -> list[str]:

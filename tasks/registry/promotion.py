@@ -25,6 +25,7 @@ class Candidate:
     metrics: dict[str, Any]
     robustness: dict[str, Any] | None
     ingest: dict[str, Any]
+    selection: dict[str, Any] | None = None  # the train report's ``auto`` decision, if any
 
     @property
     def test_auc(self) -> float:

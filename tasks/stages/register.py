@@ -153,6 +153,7 @@ def gather_candidate(params: Params) -> tuple[Candidate, Any]:
         metrics=metrics,
         robustness=robustness,
         ingest=reports.INGEST.read_if_present(params.reports_dir) or {},
+        selection=train.get("auto"),
     )
     return candidate, saved
 
@@ -227,6 +228,7 @@ def _attach_model_card(
             promoted=promoted,
             alias=config.alias,
             reasons=reasons,
+            selection=candidate.selection,
         )
     )
     card_path = f"model_card/{config.model_name}-v{version}.md"

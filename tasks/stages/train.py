@@ -53,6 +53,8 @@ from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder, Train
 if TYPE_CHECKING:
     from torch import nn
 
+    from tasks.training.evidence import Decision
+
 logger = logging.getLogger(__name__)
 
 # How ``resume`` treats a checkpoint (``run_train(resume=True)`` is ``"matching"``):
@@ -104,6 +106,7 @@ class TrainedStudent:
 def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
     """Every configuration error, raised before any training starts."""
     from tasks.model.student import STRATEGIES, build_student, check_image_size
+    from tasks.model.teachers import resolve_weights
 
     for strategy in (config.strategy, *(config.compare or ())):
         if split_variant(strategy)[0] not in STRATEGIES:
@@ -113,15 +116,17 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
             )
     check_image_size(config.teacher, dataset.image_size)
     check_device(config.device)
-    # Building the network checks the teacher name, its weights and unfreeze_blocks.
+    # Building the network checks the teacher name and unfreeze_blocks; resolving its weights
+    # file that it exists (and its hash, when bundled), unless only the scratch control trains.
     build_student(
         config.teacher,
         split_variant(config.strategy)[0],
         num_classes=len(dataset.classes),
         unfreeze_blocks=config.unfreeze_blocks,
         pretrained=False,
-        weights_path=config.weights_path,
     )
+    if any(split_variant(s)[0] != "scratch" for s in (config.strategy, *(config.compare or ()))):
+        resolve_weights(config.teacher, config.weights_path)
     if len(dataset.indices("train")) == 0 or len(dataset.indices("val")) == 0:
         raise MedtransferError(
             "The processed dataset has an empty train or val split; ingest more data."
@@ -176,6 +181,7 @@ class _Session:
     nested: bool  # several trainings: each is a child run of one parent run
     progress: bool  # a terminal progress bar over epochs
     recorders: tuple[TrainingRecorder, ...]  # the caller's, told of every fit
+    decision: Decision | None = None  # the evidence step's choice under auto
 
 
 def run_train(
@@ -199,21 +205,83 @@ def run_train(
     """
     from tasks.tracking import ended_honestly, sigterm_raises
 
+    params, decision = _resolve_auto(params)
     strategies, fractions = _trainings(params.train)
     session, parent_id = _prepare_session(params, resume, progress, recorders)
+    session = replace(session, decision=decision)
     with sigterm_raises():
         parent = _start_parent_run(session, strategies, parent_id) if session.nested else None
         with ended_honestly(parent is not None):
             if parent is not None:
                 _log_dataset_and_params(params, session.dataset.source)
+                _log_decision(decision)
             results, primary_run_id = _train_all(session, strategies, fractions)
             if parent is not None:
                 _log_comparison(results, params.reports_dir)
 
     report = _train_report(results, primary_run_id, parent, session.data_version)
+    if decision is not None:
+        report["auto"] = decision.to_dict()
     if dist_env().is_main:
         reports.TRAIN.write(params.reports_dir, report)
     return report
+
+
+def _resolve_auto(params: Params) -> tuple[Params, Decision | None]:
+    """``train.teacher: auto`` and ``train.strategy: auto``: run the evidence step and put its
+    choice into the parameters (everything after sees, logs and checkpoints concrete values);
+    returns them with the decision, or ``params`` and ``None`` when nothing is auto."""
+    from tasks.training.evidence import advise
+
+    config = params.train
+    if "auto" not in (config.teacher, config.strategy):
+        return params, None
+    decision = advise(params)
+    overrides = [f"train.teacher={decision.teacher}"]
+    if config.strategy == "auto":
+        overrides += [
+            f"train.strategy={decision.strategy}",
+            f"train.unfreeze_blocks={decision.unfreeze_blocks}",
+        ]
+    logger.info(
+        "auto (%d images, %.0f s, confidence %s): %s; %s",
+        decision.n_images,
+        decision.seconds,
+        decision.confidence,
+        ", ".join(overrides),
+        "; ".join(decision.reasons),
+    )
+    return params.with_overrides(overrides), decision
+
+
+@store_write()
+def _log_decision(decision: Decision | None) -> None:
+    """The evidence step's choice on the active run: tags, the decision with every tap's
+    evidence (JSON and a table) and the plot of probe score against depth."""
+    import tempfile
+
+    import mlflow
+
+    from tasks.training.evidence import plot_evidence
+
+    if decision is None:
+        return
+    content = decision.to_dict()
+    mlflow.set_tags(
+        {
+            "medtransfer.auto.teacher": decision.teacher,
+            "medtransfer.auto.strategy": decision.strategy,
+            "medtransfer.auto.unfreeze_blocks": str(decision.unfreeze_blocks),
+            "medtransfer.auto.confidence": decision.confidence,
+        }
+    )
+    mlflow.log_dict({k: v for k, v in content.items() if k != "evidence"}, "auto/decision.json")
+    rows = content["evidence"]
+    mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "auto/evidence.json")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "evidence.png"
+        plot_evidence(decision, path)
+        mlflow.log_artifact(str(path), "auto")
 
 
 def _trainings(config: TrainParams) -> tuple[list[str], list[float]]:
@@ -508,7 +576,6 @@ def _train_one(
     """
     import torch
 
-    from tasks.model.student import param_groups
     from tasks.tracking import ended_honestly, log_missing_epochs
 
     config, dataset, params = session.config, session.dataset, session.params
@@ -535,18 +602,16 @@ def _train_one(
             _log_run_inputs(session, strategy, fraction, len(train_idx), teacher_sha256)
             if plan.resume:
                 log_missing_epochs(run.info.run_id, checkpoint_history(plan.folder))
-        result = fit(
+        result = _fit_student(
+            session,
             model,
-            param_groups(model, config.lr, config.backbone_lr_factor),
-            train_set,
-            val_set,
-            dataset.labels[train_idx],
-            len(dataset.classes),
+            base_strategy,
+            train_idx,
+            (train_set, val_set),
             fit_config(config, session.seed, plan.folder, plan.resume),
             recorders=_recorders(session, run, f"train {strategy}@{fraction:g}"),
             perturb=_perturbation(config) if adversarial else None,
         )
-        model.load_state_dict(result.best_state)
         model.to("cpu").eval()
         evaluation = evaluate_student(
             model,
@@ -560,6 +625,59 @@ def _train_one(
             _log_evaluation_and_model(evaluation, model, session)
     spec = _student_spec(config, base_strategy, dataset, teacher_sha256, evaluation.temperature)
     return _outcome(strategy, fraction, len(train_idx), result, evaluation, run), model, spec
+
+
+def _fit_student(
+    session: _Session,
+    model: nn.Module,
+    base_strategy: str,
+    train_idx: np.ndarray,
+    sets: tuple[ImageDataset, ImageDataset],
+    loop: FitConfig,
+    recorders: list[TrainingRecorder],
+    perturb: Perturb | None,
+) -> FitResult:
+    """Fit ``model`` and load its selected weights into it.
+
+    A frozen trunk that sees no augmentation (``linear_probe`` with every ``train.augment``
+    value off, no adversarial training) trains its head on features computed once
+    (:mod:`tasks.training.features`); ``lp_ft`` first fits the head to the frozen features
+    (the LP stage), then fine-tunes everything.
+    """
+    from tasks.model.student import param_groups
+    from tasks.training.features import HeadOnly, feature_datasets, fit_linear_head
+    from tasks.training.loop import class_weights, resolve_device
+
+    config, dataset = session.config, session.dataset
+    labels = dataset.labels[np.sort(train_idx)]
+    n_classes = len(dataset.classes)
+    cached = base_strategy == "linear_probe" and not _augments(config) and perturb is None
+    if cached or base_strategy == "lp_ft":
+        device = resolve_device(loop.device, dist_env())
+        train = (dataset.images[np.sort(train_idx)], labels)
+        features = feature_datasets(model.to(device), train, dataset.subset("val"), device)
+    if base_strategy == "lp_ft":
+        weights = class_weights(labels, n_classes, config.class_weighting)
+        loss = fit_linear_head(
+            model.head, features[0].tensors[0], labels, weights, loop.weight_decay
+        )
+        logger.info("LP-FT: head fitted to the frozen features (loss %.4f), now fine-tuning", loss)
+    if cached:
+        head = HeadOnly(model)
+        groups = [{"name": "head", "params": list(head.head.parameters()), "lr": config.lr}]
+        loop = replace(loop, channels_last=False)  # (B, D) features have no memory format
+        result = fit(head, groups, *features, labels, n_classes, loop, recorders)
+        head.load_state_dict(result.best_state)
+        return result
+    groups = param_groups(model, config.lr, config.backbone_lr_factor)
+    result = fit(model, groups, *sets, labels, n_classes, loop, recorders, perturb)
+    model.load_state_dict(result.best_state)
+    return result
+
+
+def _augments(config: TrainParams) -> bool:
+    """Whether any ``train.augment`` transform is on."""
+    return any(bool(value) for value in asdict(config.augment).values())
 
 
 def _outcome(
@@ -698,6 +816,7 @@ def _log_run_inputs(
             "dataset.version": session.data_version,
         }
     )
+    _log_decision(session.decision)
     logged = mlflow.active_run().data.metrics  # a continued run has them already
     mlflow.log_metrics(
         {f"ingest_{k}": v for k, v in session.ingest_counts.items() if f"ingest_{k}" not in logged}

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from monai.optimizers import WarmupCosineSchedule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -342,9 +343,7 @@ def _build_trainer(
     weights = class_weights(train_labels, n_classes, config.class_weighting)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(config, max(1, len(train_loader)))
-    )
+    scheduler = warmup_cosine(optimizer, config, max(1, len(train_loader)))
     return _Trainer(
         model=model,
         net=net,
@@ -457,18 +456,15 @@ def _select_if_better(result: FitResult, row: dict[str, float], model: nn.Module
     return True
 
 
-def _warmup_cosine(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The learning-rate factor per optimizer step: linear warm-up, then cosine decay to 0."""
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, config: FitConfig, steps_per_epoch: int
+) -> WarmupCosineSchedule:
+    """MONAI's per-step schedule: linear warm-up over ``warmup_epochs`` from ``lr / warmup``
+    (not from 0, which would waste the first of a fine-tune's few hundred steps), then cosine
+    decay to 0 at the last step."""
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, config.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return WarmupCosineSchedule(optimizer, warmup, total, warmup_multiplier=1.0 / warmup)
 
 
 def _seed_epoch(seed: int, epoch: int, dataset: Dataset) -> None:

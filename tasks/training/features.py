@@ -1,0 +1,92 @@
+"""Features of a frozen trunk, computed once: the linear probe without augmentation and the LP
+stage of LP-FT train a head on them instead of pushing every image through the backbone again
+every epoch (on a CPU the backbone is nearly all of an epoch's time).
+
+A frozen trunk in eval mode is a fixed function of the image, so with no augmentation its
+features are the same every epoch: caching them changes nothing but the time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+FEATURE_BATCH = 64
+
+
+@torch.no_grad()
+def frozen_features(model: nn.Module, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``model.features`` of uint8 ``(N, H, W)`` images (pixels / 255, eval mode, no grad) →
+    float32 ``(N, D)`` on the CPU. The model's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for first in range(0, len(images), FEATURE_BATCH):
+        x = torch.from_numpy(np.asarray(images[first : first + FEATURE_BATCH], np.float32))
+        chunks.append(model.features((x / 255.0)[:, None].to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+class HeadOnly(nn.Module):
+    """A student's dropout and head over cached features: ``(B, D)`` → logits ``(B, C)``.
+
+    It holds the student's own modules, so training it trains the student's head; its state
+    dict (``dropout``, ``head.*``) is what its checkpoints hold.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.dropout = student.dropout
+        self.head = student.head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features))
+
+
+def feature_datasets(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    device: torch.device,
+) -> tuple[TensorDataset, TensorDataset]:
+    """``(features, label)`` datasets of the training and validation ``(images, labels)``."""
+    return tuple(
+        TensorDataset(
+            frozen_features(model, images, device), torch.as_tensor(labels, dtype=torch.long)
+        )
+        for images, labels in (train, val)
+    )
+
+
+def fit_linear_head(
+    head: nn.Linear,
+    features: torch.Tensor,
+    labels: np.ndarray,
+    class_weights: torch.Tensor | None,
+    l2: float,
+    max_iter: int = 200,
+) -> float:
+    """The LP stage of LP-FT: fit ``head`` to ``(N, D)`` features by full-batch L-BFGS on the
+    (class-weighted) cross-entropy plus ``l2 * ||W||^2`` (a logistic regression, as in Kumar et
+    al. 2022). Deterministic; returns the final training loss."""
+    features = features.to(head.weight.device)
+    targets = torch.as_tensor(labels, dtype=torch.long, device=features.device)
+    criterion = nn.CrossEntropyLoss(
+        weight=class_weights.to(features.device) if class_weights is not None else None
+    )
+    optimizer = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = criterion(head(features), targets) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+        return float(closure().detach())
