@@ -73,6 +73,7 @@ def test_each_strategy_trains_exactly_its_parts(strategy: str) -> None:
         + _numel(backbone.top)
         + head,
         "full": _numel(student),
+        "lp_ft": _numel(student),  # its LP stage is the train stage's; then all trains
         "scratch": _numel(student),
     }[strategy]
     assert _trainable(student) == expected
