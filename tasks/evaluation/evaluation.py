@@ -15,6 +15,7 @@ from monai.visualize import GradCAM
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tasks.config import EvalParams
 from tasks.data.dataset import ProcessedDataset
 from tasks.errors import MedtransferError
 from tasks.evaluation import plots
@@ -67,6 +68,22 @@ class Evaluation:
         for split, raw in self.raw_probabilities.items():
             flat[f"{split}_ece_uncalibrated"] = expected_calibration_error(self.labels[split], raw)
         return flat
+
+
+def evaluate_configured(
+    model: nn.Module, dataset: ProcessedDataset, config: EvalParams, seed: int
+) -> Evaluation:
+    """:func:`evaluate_student` as ``params.yaml``'s ``eval`` section asks (threshold rule,
+    calibration, bootstrap resamples), seeded: the one call of the train, evaluate and
+    robustness stages, so the three report the same figures for the same student."""
+    return evaluate_student(
+        model,
+        dataset,
+        config.threshold,
+        calibration=config.calibration,
+        bootstrap=config.bootstrap,
+        seed=seed,
+    )
 
 
 def evaluate_student(

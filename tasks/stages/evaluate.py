@@ -17,7 +17,7 @@ from tasks.config import Params
 from tasks.data.dataset import DatasetSource, ProcessedDataset, load_processed
 from tasks.errors import MedtransferError
 from tasks.evaluation import plot_data, plots
-from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_student, gradcam_grid
+from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_configured, gradcam_grid
 from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
 from tasks.model.student_io import StudentSpec, load_student
 
@@ -38,14 +38,7 @@ def run_evaluate(params: Params) -> dict:
     source = dataset.source  # refuses a dataset that does not record its source
     model, spec = load_student(params.train.model_dir)
     _check_matches(spec, dataset)
-    evaluation = evaluate_student(
-        model,
-        dataset,
-        params.eval.threshold,
-        calibration=params.eval.calibration,
-        bootstrap=params.eval.bootstrap,
-        seed=params.seed,
-    )
+    evaluation = evaluate_configured(model, dataset, params.eval, params.seed)
     _check_temperature(spec, evaluation)
     figures = _plots(params, model, spec, dataset, evaluation)
     report = evaluation_report(evaluation, params.eval.bootstrap, params.seed)

@@ -26,7 +26,7 @@ from tasks import reports
 from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
 from tasks.evaluation import plot_data
-from tasks.evaluation.evaluation import Evaluation, evaluate_student
+from tasks.evaluation.evaluation import Evaluation, evaluate_configured
 from tasks.model.student_io import load_student
 from tasks.robustness.check import (
     attack_at_budgets,
@@ -75,14 +75,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         len(config.epsilons) - 1,
     )
     result = attack(student, "student")
-    clean = evaluate_student(
-        student,
-        dataset,
-        params.eval.threshold,
-        calibration=params.eval.calibration,
-        bootstrap=params.eval.bootstrap,
-        seed=seed,
-    )
+    clean = evaluate_configured(student, dataset, params.eval, seed)
     verdict = gate_verdict(
         result.to_metrics(),
         clean.test.auc,

@@ -30,7 +30,7 @@ from tasks.code_closure import code_version
 from tasks.config import Params, TrainParams
 from tasks.data.dataset import DatasetSource, ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
-from tasks.evaluation.evaluation import Evaluation, evaluate_student
+from tasks.evaluation.evaluation import Evaluation, evaluate_configured
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.tracking import store_write
@@ -613,14 +613,7 @@ def _train_one(
             perturb=_perturbation(config) if adversarial else None,
         )
         model.to("cpu").eval()
-        evaluation = evaluate_student(
-            model,
-            dataset,
-            params.eval.threshold,
-            calibration=params.eval.calibration,
-            bootstrap=params.eval.bootstrap,
-            seed=session.seed,
-        )
+        evaluation = evaluate_configured(model, dataset, params.eval, session.seed)
         if run is not None:
             _log_evaluation_and_model(evaluation, model, session)
     spec = _student_spec(config, base_strategy, dataset, teacher_sha256, evaluation.temperature)
