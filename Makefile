@@ -53,6 +53,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.dataset_version
+	$(PY) -m benchmarks.ood
+	$(PY) -m benchmarks.auto_strategy
 
 clean-venv:
 	rm -rf $(VENV)
