@@ -86,20 +86,8 @@ def render_model_card(inputs: CardInputs) -> str:
         "",
         "## Metrics",
         "",
-        "| split | AUC | accuracy | sensitivity | specificity | ECE |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for split in ("val", "test"):
-        values = inputs.metrics.get(split) or {}
-        ci = values.get("ci95") or {}
-        lines.append(
-            f"| {split} | "
-            + " | ".join(
-                _num(values.get(k)) + _interval(ci.get(k))
-                for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
-            )
-            + " |"
-        )
+    lines += _metrics_table(inputs.metrics)
     lines += _metrics_notes(inputs.metrics)
     lines += _selection_section(inputs.selection)
     lines += ["", "## Robustness", ""]
@@ -109,6 +97,23 @@ def render_model_card(inputs: CardInputs) -> str:
     lines += ["", "## Limits", ""]
     lines += [f"- {limit}" for limit in _limits(inputs)]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
+    """Validation and test metrics, each with its 95% interval where the report has one."""
+    lines = [
+        "| split | AUC | accuracy | sensitivity | specificity | ECE |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for split in ("val", "test"):
+        values = metrics.get(split) or {}
+        ci = values.get("ci95") or {}
+        cells = (
+            _num(values.get(k)) + _interval(ci.get(k))
+            for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
+        )
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def weights_origin(teacher: str) -> str:

@@ -27,7 +27,7 @@ from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
 from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
-from tasks.model.student_io import load_student
+from tasks.model.student_io import StudentSpec, load_student
 from tasks.robustness.check import (
     attack_at_budgets,
     attack_subset,
@@ -48,6 +48,26 @@ from tasks.robustness.verdict import (
 logger = logging.getLogger(__name__)
 # (model, what to call it in the log) -> its result at every budget
 Attack = Callable[..., RobustnessResult]
+
+
+def _plot_curves(
+    params: Params,
+    result: RobustnessResult,
+    reference: RobustnessResult | None,
+    spec: StudentSpec,
+) -> Path:
+    """The student's robustness curves, with the frozen-teacher probe's teacher-transfer
+    curve as the reference when there is one; returns the PNG's path."""
+    return plot_robustness_curves(
+        result,
+        reports.plot_path(params.reports_dir, "robustness.png"),
+        reference=ReferenceCurve.from_result(
+            reference, "frozen-teacher probe, teacher-transfer", "teacher_transfer_acc"
+        )
+        if reference
+        else None,
+        title=f"{spec.strategy} student of {spec.teacher} under attack",
+    )
 
 
 def run_robustness(params: Params, progress: bool = True) -> dict:
@@ -90,16 +110,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         probe = fit_linear_probe(spec.teacher, dataset, config.reference_probe_steps, seed)
         reference = attack(probe, "frozen-teacher probe")
     strategies = compare_strategies(model_dir, attack, gates)
-    plot = plot_robustness_curves(
-        result,
-        reports.plot_path(params.reports_dir, "robustness.png"),
-        reference=ReferenceCurve.from_result(
-            reference, "frozen-teacher probe, teacher-transfer", "teacher_transfer_acc"
-        )
-        if reference
-        else None,
-        title=f"{spec.strategy} student of {spec.teacher} under attack",
-    )
+    plot = _plot_curves(params, result, reference, spec)
     report = _report(verdict, clean, result, reference, strategies, spec.strategy, config)
     plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, _curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
