@@ -294,30 +294,46 @@ def gate_verdict(
             float(gates["min_clean_auc"]),  # type: ignore[arg-type]
         )
     if gates.get("min_robust_acc") is not None:
-        eps = _gate_eps(gates, "robust_acc_eps", "min_robust_acc")
-        key = metric_key("robust_acc_apgd", eps)
-        value = _lookup(result_metrics, "robust_acc_apgd", eps, "robust_acc_eps")
-        checks.at_least(
-            f"white-box (APGD-CE) robust accuracy at eps {_budget(eps)}",
-            value,
-            checks.interval(key, value),
-            checks.n(key),
-            float(gates["min_robust_acc"]),  # type: ignore[arg-type]
-        )
+        _budget_gate(
+            result_metrics, gates, checks, "min_robust_acc", "robust_acc_apgd",
+            "white-box (APGD-CE) robust accuracy",
+        )  # fmt: skip
     if gates.get("max_teacher_transfer_success") is not None:
         _transfer_gate(result_metrics, gates, checks)
     if gates.get("max_universal_fooling") is not None:
-        eps = _gate_eps(gates, "universal_eps", "max_universal_fooling")
-        key = metric_key("universal_fooling", eps)
-        value = _lookup(result_metrics, "universal_fooling", eps, "universal_eps")
-        checks.at_most(
-            f"universal-perturbation (natural images, teacher) fooling rate at eps {_budget(eps)}",
-            value,
-            checks.interval(key, value),
-            checks.n(key),
-            float(gates["max_universal_fooling"]),  # type: ignore[arg-type]
-        )
+        _budget_gate(
+            result_metrics, gates, checks, "max_universal_fooling", "universal_fooling",
+            "universal-perturbation (natural images, teacher) fooling rate",
+        )  # fmt: skip
     return Verdict(passed=not checks.reasons, reasons=checks.reasons, checked=checks.checked)
+
+
+def _budget_gate(
+    result_metrics: Mapping[str, float],
+    gates: Mapping[str, object],
+    checks: _Checks,
+    gate: str,
+    measure: str,
+    label: str,
+) -> None:
+    """One gate on one measure at its budget: ``min_*`` gates on the interval's lower bound,
+    ``max_*`` on its upper bound, at the budget its own key names (``robust_acc_eps``,
+    ``universal_eps``)."""
+    eps_gate = {
+        "min_robust_acc": "robust_acc_eps",
+        "max_universal_fooling": "universal_eps",
+    }[gate]
+    eps = _gate_eps(gates, eps_gate, gate)
+    key = metric_key(measure, eps)
+    value = _lookup(result_metrics, measure, eps, eps_gate)
+    decide = checks.at_least if gate.startswith("min_") else checks.at_most
+    decide(
+        f"{label} at eps {_budget(eps)}",
+        value,
+        checks.interval(key, value),
+        checks.n(key),
+        float(gates[gate]),  # type: ignore[arg-type]
+    )
 
 
 def _transfer_gate(
