@@ -865,6 +865,22 @@ def _budget_row(run: _Run, eps: float, index: int) -> EpsilonRow:
     )
 
 
+def _checked_inputs(
+    images: Images, labels: np.ndarray | torch.Tensor | Sequence[int], epsilons: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The evaluation images as float pixels ``(N, C, H, W)``, their labels ``(N,)`` and the
+    sorted, de-duplicated budgets; refuses an empty set of images or budgets."""
+    clean = as_pixel_array(images)
+    y = as_label_array(labels, len(clean))
+    if len(clean) == 0:
+        raise MedtransferError("The robustness check needs at least one evaluation image.")
+    budgets = sorted({check_eps(eps) for eps in epsilons})
+    if not budgets:
+        raise MedtransferError("The robustness check needs at least one budget (epsilons).")
+    check_distinct_epsilons(budgets)
+    return clean, y, budgets
+
+
 def evaluate_robustness(
     student: nn.Module,
     teacher_features: nn.Module,
@@ -911,14 +927,7 @@ def evaluate_robustness(
     Returns:
         A :class:`RobustnessResult` (no adversarial images are kept).
     """
-    clean = as_pixel_array(images)
-    y = as_label_array(labels, len(clean))
-    if len(clean) == 0:
-        raise MedtransferError("The robustness check needs at least one evaluation image.")
-    budgets = sorted({check_eps(eps) for eps in epsilons})
-    if not budgets:
-        raise MedtransferError("The robustness check needs at least one budget (epsilons).")
-    check_distinct_epsilons(budgets)
+    clean, y, budgets = _checked_inputs(images, labels, epsilons)
     fraction = check_step_fraction(pgd_step_size, pgd_steps)
     clean_predictions = predict(student, clean, batch_size=batch_size, device=device)
     clean_acc = float(np.mean(clean_predictions == y))
@@ -941,14 +950,12 @@ def evaluate_robustness(
     )
     rows = []
     for index, eps in enumerate(budgets):
-        row = (
-            _clean_row(clean_acc, clean_predictions, y)
-            if eps == 0.0
-            else _budget_row(run, eps, index)
-        )
-        rows.append(row)
-        if on_budget is not None and eps > 0:
-            on_budget(row)
+        if eps == 0.0:
+            rows.append(_clean_row(clean_acc, clean_predictions, y))
+            continue
+        rows.append(_budget_row(run, eps, index))
+        if on_budget is not None:
+            on_budget(rows[-1])
     return RobustnessResult(
         clean_acc=clean_acc,
         n_examples=len(clean),

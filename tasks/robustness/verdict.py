@@ -241,6 +241,15 @@ def _gate_eps(gates: Mapping[str, object], name: str, needed_by: str) -> float:
     return float(value)
 
 
+def _check_known_gates(gates: Mapping[str, object]) -> None:
+    """Refuse an unknown gate name: a typo must not silently disable a gate."""
+    unknown = sorted(set(gates) - set(KNOWN_GATES))
+    if unknown:
+        raise MedtransferError(
+            f"Unknown robustness gates {unknown}; known gates: {list(KNOWN_GATES)}."
+        )
+
+
 def gate_verdict(
     result_metrics: Mapping[str, float],
     clean_auc: float,
@@ -278,11 +287,7 @@ def gate_verdict(
         MedtransferError: an unknown gate name (a typo must not silently disable a gate), a
             threshold without its budget, or a budget that was not measured.
     """
-    unknown = sorted(set(gates) - set(KNOWN_GATES))
-    if unknown:
-        raise MedtransferError(
-            f"Unknown robustness gates {unknown}; known gates: {list(KNOWN_GATES)}."
-        )
+    _check_known_gates(gates)
     checks = _Checks(result)
     if gates.get("min_clean_auc") is not None:
         interval = clean_auc_interval or (clean_auc, clean_auc)
