@@ -120,8 +120,14 @@ def test_dvc_repro_runs_the_whole_pipeline_like_the_flow_and_exp_run_varies_it(
     assert "didn't change" in _run(["dvc", "repro", "evaluate"], repo)
     # the plots are data DVC reads with its templates (what `dvc plots diff` overlays)
     plotted = _run(["dvc", "plots", "show", "--json", "--split"], repo)
-    for name in ("roc_test.json", "confusion_test.json", "robustness_curves.json"):
+    for name in (
+        "train_history.json",
+        "roc_test.json",
+        "confusion_test.json",
+        "robustness_curves.json",
+    ):
         assert f"reports/plots/{name}" in plotted, name
+    assert "training loss" in plotted  # the top-level plot of the history's two losses
 
     # Experiments are git commits of their own: the baseline must be committed first.
     (repo / ".gitignore").write_text("/data/synthetic/\n/bentos/\n/models/checkpoints/\n")

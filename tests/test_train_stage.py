@@ -63,6 +63,14 @@ def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     for name in per_epoch:
         history = _client().get_metric_history(report["run_id"], name)
         assert [m.step for m in history] == [0, 1], name
+    # the history's plot data (what `dvc plots diff` overlays) is the run's per-epoch metrics
+    plotted = json.loads((reports / "plots" / "train_history.json").read_text())
+    assert [row["epoch"] for row in plotted] == [0, 1]
+    assert {row["strategy"] for row in plotted} == {"linear_probe"}
+    for name in ("train_loss", "val_loss", "val_auc"):
+        logged = [m.value for m in _client().get_metric_history(report["run_id"], name)]
+        assert [row[name] for row in plotted] == pytest.approx(logged), name
+    assert "history" not in report and all("history" not in row for row in report["runs"])
     assert run.data.metrics["best_epoch"] == report["best_epoch"]
     assert run.data.metrics["best_val_auc"] == pytest.approx(report["best_val_auc"])
     model = mlflow.pytorch.load_model(f"runs:/{report['run_id']}/model")

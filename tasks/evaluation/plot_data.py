@@ -20,6 +20,7 @@ ROC = "roc_test.json"
 CONFUSION = "confusion_test.json"
 RELIABILITY = "reliability_test.json"
 ROBUSTNESS = "robustness_curves.json"
+HISTORY = "train_history.json"
 
 
 def write_rows(reports_dir: str | Path, name: str, rows: Iterable[Mapping[str, object]]) -> Path:

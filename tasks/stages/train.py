@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,6 +30,7 @@ from tasks.code_closure import code_version
 from tasks.config import Params, TrainParams
 from tasks.data.dataset import DatasetSource, ProcessedDataset, dataset_version, load_processed
 from tasks.errors import MedtransferError
+from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
@@ -101,6 +102,13 @@ class TrainedStudent:
     epochs_run: int
     run_id: str | None
     resumed_from_epoch: int | None
+    # The fit's per-epoch rows (epoch, train_loss, val_loss, val_auc, ...): the training
+    # history's plot data, left out of the train report.
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def report_row(self) -> dict[str, Any]:
+        """The outcome as the train report lists it (without the history)."""
+        return {key: value for key, value in asdict(self).items() if key != "history"}
 
 
 def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
@@ -223,6 +231,8 @@ def run_train(
     if decision is not None:
         report["auto"] = decision.to_dict()
     if dist_env().is_main:
+        primary = _primary(results, primary_run_id)
+        plot_data.write_rows(params.reports_dir, plot_data.HISTORY, history_rows(primary))
         reports.TRAIN.write(params.reports_dir, report)
     return report
 
@@ -553,16 +563,38 @@ def _train_report(
 
     ``parent``: the comparison's parent MLflow run, or ``None`` for a single training.
     """
-    primary = (
-        next(r for r in results if r.run_id == primary_run_id) if primary_run_id else results[-1]
-    )
+    primary = _primary(results, primary_run_id)
     return {
         "run_id": primary.run_id,
         "parent_run_id": parent.info.run_id if parent is not None else None,
         "dataset_version": data_version,
-        **{k: v for k, v in asdict(primary).items() if k != "run_id"},
-        "runs": [asdict(r) for r in results],
+        **{k: v for k, v in primary.report_row().items() if k != "run_id"},
+        "runs": [r.report_row() for r in results],
     }
+
+
+def _primary(results: list[TrainedStudent], primary_run_id: str | None) -> TrainedStudent:
+    """The outcome of the student saved to ``train.model_dir`` (the last one off rank 0)."""
+    if primary_run_id is None:
+        return results[-1]
+    return next(r for r in results if r.run_id == primary_run_id)
+
+
+# The columns of the training history's plot data (DVC overlays them across experiments).
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr")
+
+
+def history_rows(outcome: TrainedStudent) -> list[dict[str, object]]:
+    """One row per epoch of ``outcome``'s fit, with its strategy and label fraction: the points
+    of ``reports/plots/train_history.json`` (resumed epochs included, from the checkpoint)."""
+    return [
+        {
+            "strategy": outcome.strategy,
+            "fraction": outcome.fraction,
+            **{key: row[key] for key in HISTORY_COLUMNS if key in row},
+        }
+        for row in outcome.history
+    ]
 
 
 def _train_one(
@@ -687,6 +719,7 @@ def _outcome(
         epochs_run=len(result.history),
         run_id=run.info.run_id if run is not None else None,
         resumed_from_epoch=result.resumed_from_epoch,
+        history=list(result.history),
     )
 
 
