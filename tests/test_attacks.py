@@ -455,6 +455,42 @@ def test_universal_gate_fails_on_the_fooling_rates_upper_bound():
         gate_verdict(result.to_metrics(), 0.9, {"max_universal_fooling": 0.3})
 
 
+class PeriodicMargin(nn.Module):
+    """A classifier one large step fools less than a small one: class 1 while the image's mean
+    brightness ``m`` stays near a peak of ``cos(2 pi (m - 0.5) / PERIOD)`` (margin above 0.5).
+
+    FGSM pushes ``m`` away from the peak by exactly its budget, so from ``0.5 + PERIOD / 12``
+    a quarter period lands in the trough (class 0) and a whole period back on a peak (class
+    1): per budget, FGSM at ``PERIOD`` scores higher than at ``PERIOD / 4``.
+    """
+
+    PERIOD = 8 / 255
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        brightness = x.mean(dim=(1, 2, 3))
+        margin = torch.cos(2 * math.pi * (brightness - 0.5) / self.PERIOD) - 0.5
+        return torch.stack([torch.zeros_like(margin), margin], dim=1)
+
+
+def test_each_white_box_line_keeps_an_image_fooled_at_a_smaller_budget_fooled(toy):
+    model, period = PeriodicMargin(), PeriodicMargin.PERIOD
+    images = np.full((8, 1, SIZE, SIZE), 0.5 + period / 12, dtype=np.float32)
+    labels = np.ones(8, dtype=np.int64)
+    quarter, whole = period / 4, period
+    # the model does what it is built for: FGSM alone overshoots back into the right class
+    assert fgsm_attack(model, images, labels, quarter).accuracy == 0.0
+    assert fgsm_attack(model, images, labels, whole).accuracy == 1.0
+
+    result = evaluate_robustness(
+        model, toy["teacher"], images, labels, [quarter, whole], pgd_steps=3, seed=0,
+        target_pool=(toy["images"], toy["labels"]),
+    )  # fmt: skip
+    assert result.clean_acc == 1.0
+    # fooled at a quarter period means fooled within a whole one: every line stays at 0
+    for row in (result.row(quarter), result.row(whole)):
+        assert (row.fgsm_acc, row.pgd_acc, row.apgd_acc) == (0.0, 0.0, 0.0), row.eps
+
+
 def test_apgd_accuracy_does_not_rise_with_the_budget_beyond_its_interval(toy):
     from tasks.evaluation.metrics import wilson_interval
 

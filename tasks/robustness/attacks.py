@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -748,8 +748,6 @@ class _Run:
     clean: np.ndarray
     labels: np.ndarray
     clean_predictions: np.ndarray
-    # images no white-box attack has fooled at any budget so far (starts: clean-correct ones)
-    still_robust: np.ndarray
     pgd_steps: int
     fraction: float
     apgd_steps: int
@@ -759,41 +757,68 @@ class _Run:
     target_pool: tuple[Images, np.ndarray] | None
     crafted: dict | None
     common: dict
+    # Per white-box attack ("fgsm", "pgd", and "worst": every attack including APGD-CE), the
+    # images it has not fooled at any budget so far; all start as the clean-correct images.
+    robust: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _attack_survivors(
+    run: _Run, name: str, attack: Callable[[np.ndarray, np.ndarray], AttackOutcome]
+) -> np.ndarray:
+    """Run ``attack(images, labels)`` on the images ``run.robust[name]`` still holds, and drop
+    those it fools; returns the updated mask ``(N,)``.
+
+    An image fooled at a smaller budget is fooled at every larger one (that perturbation is
+    allowed there too), so it is not attacked again: each white-box line can only fall with
+    the budget, and once an undefended student is at 0, larger budgets cost nothing.
+    """
+    robust = run.robust[name]
+    rows = np.flatnonzero(robust)
+    if len(rows):
+        outcome = attack(run.clean[rows], run.labels[rows])
+        robust[rows] = outcome.predictions == run.labels[rows]
+    return robust
 
 
 def _white_box(run: _Run, eps: float, index: int) -> tuple[float, float, float]:
-    """FGSM, PGD and the worst-case white-box accuracy at ``eps`` (see ``EpsilonRow.apgd_acc``).
+    """FGSM, PGD and the worst-case white-box accuracy at ``eps`` (see ``EpsilonRow``), each
+    over the images no smaller budget of it fooled.
 
     APGD-CE runs only on images that FGSM and PGD here, and every attack at smaller budgets,
     left correct: the others are already fooled within this budget.
     """
-    fgsm = fgsm_attack(run.student, run.clean, run.labels, eps, **run.common)
-    pgd = pgd_attack(
-        run.student,
-        run.clean,
-        run.labels,
-        eps,
-        steps=run.pgd_steps,
-        step_size=run.fraction * eps,
-        seed=_derive_seed(run.seed, 1, index),
-        **run.common,
+    fgsm = _attack_survivors(
+        run, "fgsm", lambda x, y: fgsm_attack(run.student, x, y, eps, **run.common)
     )
-    survivors = run.still_robust & (fgsm.predictions == run.labels)
-    survivors &= pgd.predictions == run.labels
-    rows = np.flatnonzero(survivors)
-    if len(rows):
-        apgd = apgd_attack(
+    pgd = _attack_survivors(
+        run,
+        "pgd",
+        lambda x, y: pgd_attack(
             run.student,
-            run.clean[rows],
-            run.labels[rows],
+            x,
+            y,
+            eps,
+            steps=run.pgd_steps,
+            step_size=run.fraction * eps,
+            seed=_derive_seed(run.seed, 1, index),
+            **run.common,
+        ),
+    )
+    run.robust["worst"] &= fgsm & pgd
+    worst = _attack_survivors(
+        run,
+        "worst",
+        lambda x, y: apgd_attack(
+            run.student,
+            x,
+            y,
             eps,
             steps=run.apgd_steps,
             seed=_derive_seed(run.seed, 5, index),
             **run.common,
-        )
-        survivors[rows] = apgd.predictions == run.labels[rows]
-    run.still_robust = survivors
-    return fgsm.accuracy, pgd.accuracy, float(survivors.mean())
+        ),
+    )
+    return float(fgsm.mean()), float(pgd.mean()), float(worst.mean())
 
 
 def _universal(run: _Run, eps: float, index: int) -> float:
@@ -932,21 +957,21 @@ def evaluate_robustness(
     clean_predictions = predict(student, clean, batch_size=batch_size, device=device)
     clean_acc = float(np.mean(clean_predictions == y))
     run = _Run(
-        student,
-        teacher_features,
-        clean,
-        y,
-        clean_predictions,
-        clean_predictions == y,
-        pgd_steps,
-        fraction,
-        apgd_steps,
-        natural_images,
-        universal_steps,
-        seed,
-        target_pool,
-        crafted,
-        {"batch_size": batch_size, "device": device},
+        student=student,
+        teacher_features=teacher_features,
+        clean=clean,
+        labels=y,
+        clean_predictions=clean_predictions,
+        pgd_steps=pgd_steps,
+        fraction=fraction,
+        apgd_steps=apgd_steps,
+        natural_images=natural_images,
+        universal_steps=universal_steps,
+        seed=seed,
+        target_pool=target_pool,
+        crafted=crafted,
+        common={"batch_size": batch_size, "device": device},
+        robust={name: clean_predictions == y for name in ("fgsm", "pgd", "worst")},
     )
     rows = []
     for index, eps in enumerate(budgets):

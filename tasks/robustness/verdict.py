@@ -84,10 +84,11 @@ class EpsilonRow:
 
     ``*_success`` is the fraction of the examples the student classified correctly on clean
     input that it misclassifies under the perturbation; NaN when it got none right.
-    ``apgd_acc`` is the reported white-box robust accuracy: an image counts as robust at
-    ``eps`` only if APGD-CE, PGD and FGSM at every budget up to ``eps`` all failed on it (a
-    perturbation allowed at a smaller budget is allowed at this one), so it never rises with
-    the budget. ``universal_fooling``: the share of images whose prediction the universal
+    ``fgsm_acc`` and ``pgd_acc``: the share of images that attack left correct at every budget
+    up to ``eps`` (a perturbation allowed at a smaller budget is allowed at this one), so
+    neither rises with the budget. ``apgd_acc`` is the reported white-box robust accuracy: an
+    image counts as robust at ``eps`` only if APGD-CE, PGD and FGSM at every budget up to
+    ``eps`` all failed on it. ``universal_fooling``: the share of images whose prediction the universal
     perturbation (crafted on the teacher from natural images) changes. NaN: not measured.
     """
 
