@@ -650,36 +650,10 @@ def teacher_transfer_attack(
     key = (mode, eps, steps, step_size, seed, len(clean))
     if crafted is not None and key in crafted:
         adversarial = crafted[key]
-    elif mode == "untargeted":
-        adversarial = craft_feature_attack(
-            teacher_features,
-            clean,
-            eps,
-            steps=steps,
-            step_size=step_size,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-        )
-    elif mode == "mimicry":
-        pool_images, pool_labels = (clean, y) if target_pool is None else target_pool
-        pool = as_pixel_array(pool_images)
-        pool_y = as_label_array(pool_labels, len(pool))
-        targets = pool[choose_mimicry_targets(y, pool_y, seed)]
-        adversarial = craft_feature_mimicry(
-            teacher_features,
-            clean,
-            targets,
-            eps,
-            steps=steps,
-            step_size=step_size,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-        )
     else:
-        raise MedtransferError(
-            f"Teacher-transfer mode must be 'untargeted' or 'mimicry', not {mode!r}."
+        craft = {"steps": steps, "step_size": step_size, "batch_size": batch_size, "seed": seed}
+        adversarial = _craft_on_teacher(
+            teacher_features, clean, y, eps, mode, target_pool, {**craft, "device": device}
         )
     if crafted is not None:
         crafted[key] = adversarial
@@ -697,6 +671,30 @@ def teacher_transfer_attack(
         accuracy=base.accuracy,
         success_rate=success,
         clean_correct=n_correct,
+    )
+
+
+def _craft_on_teacher(
+    teacher_features: nn.Module,
+    clean: np.ndarray,
+    labels: np.ndarray,
+    eps: float,
+    mode: TransferMode,
+    target_pool: tuple[Images, np.ndarray] | None,
+    settings: dict,
+) -> np.ndarray:
+    """The teacher-transfer perturbed images ``(N, C, H, W)`` of ``mode``, crafted on the
+    teacher alone; ``settings``: steps, step_size, batch_size, seed and device."""
+    if mode == "untargeted":
+        return craft_feature_attack(teacher_features, clean, eps, **settings)
+    if mode == "mimicry":
+        pool_images, pool_labels = (clean, labels) if target_pool is None else target_pool
+        pool = as_pixel_array(pool_images)
+        pool_y = as_label_array(pool_labels, len(pool))
+        targets = pool[choose_mimicry_targets(labels, pool_y, settings["seed"])]
+        return craft_feature_mimicry(teacher_features, clean, targets, eps, **settings)
+    raise MedtransferError(
+        f"Teacher-transfer mode must be 'untargeted' or 'mimicry', not {mode!r}."
     )
 
 
@@ -847,8 +845,10 @@ def _universal(run: _Run, eps: float, index: int) -> float:
     return rate
 
 
-def _budget_row(run: _Run, eps: float, index: int) -> EpsilonRow:
-    """Every attack at one budget."""
+def _budget_row(
+    run: _Run, eps: float, index: int, on_budget: Callable[[EpsilonRow], None] | None = None
+) -> EpsilonRow:
+    """Every attack at one budget; ``on_budget`` is told the row when they are done."""
     fgsm_acc, pgd_acc, worst_acc = _white_box(run, eps, index)
     transfers = {
         mode: teacher_transfer_attack(
@@ -876,7 +876,7 @@ def _budget_row(run: _Run, eps: float, index: int) -> EpsilonRow:
         seed=_derive_seed(run.seed, 4, index),
         **run.common,
     )
-    return EpsilonRow(
+    row = EpsilonRow(
         eps=eps,
         fgsm_acc=fgsm_acc,
         pgd_acc=pgd_acc,
@@ -888,6 +888,9 @@ def _budget_row(run: _Run, eps: float, index: int) -> EpsilonRow:
         apgd_acc=worst_acc,
         universal_fooling=_universal(run, eps, index),
     )
+    if on_budget is not None:
+        on_budget(row)
+    return row
 
 
 def _checked_inputs(
@@ -973,14 +976,12 @@ def evaluate_robustness(
         common={"batch_size": batch_size, "device": device},
         robust={name: clean_predictions == y for name in ("fgsm", "pgd", "worst")},
     )
-    rows = []
-    for index, eps in enumerate(budgets):
-        if eps == 0.0:
-            rows.append(_clean_row(clean_acc, clean_predictions, y))
-            continue
-        rows.append(_budget_row(run, eps, index))
-        if on_budget is not None:
-            on_budget(rows[-1])
+    rows = [
+        _clean_row(clean_acc, clean_predictions, y)
+        if eps == 0.0
+        else _budget_row(run, eps, index, on_budget)
+        for index, eps in enumerate(budgets)
+    ]
     return RobustnessResult(
         clean_acc=clean_acc,
         n_examples=len(clean),
