@@ -11,7 +11,7 @@ no smaller budget fooled, so the cost depends on how quickly the model falls.
 ``--baseline PATH`` (a checkout of another commit, e.g. ``git worktree add /tmp/base <rev>``)
 runs the same command with that code on the same student and images, side by side: first the
 baseline, then this code, ``--repeat`` times each. Steps whose report exists are not redone.
-Writes ``benchmarks/results/robustness-stage.md``.
+Writes ``benchmarks/results/<--name>.md`` (default ``robustness-stage``).
 
 Usage: ``python -m benchmarks.robustness [--workdir /tmp/medtransfer-robustness]
 [--test-images 624] [--baseline /tmp/base] [--repeat 1] [--prepare-only]``.
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=624)
     parser.add_argument("--baseline", type=Path, help="a checkout of the code to compare with")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--name", default="robustness-stage", help="result file name")
     parser.add_argument(
         "--prepare-only", action="store_true", help="train, time nothing (time on a quiet machine)"
     )
@@ -116,7 +117,7 @@ def main() -> None:
             )
             timings[label].append(seconds)
             print(f"{label} run {run + 1}: {seconds:.0f} s", flush=True)
-    write_result("robustness-stage", _body(args, params, prepared, timings, reports))
+    write_result(args.name, _body(args, params, prepared, timings, reports))
 
 
 def _body(args, params: dict, prepared: dict, timings: dict, reports: dict) -> str:
