@@ -87,17 +87,18 @@ def test_a_file_in_place_of_the_plots_folder_fails_run_in_one_line_and_the_rerun
     assert status == 2
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medtransfer")]
     assert len(ours) == 1, ours
-    assert ours[0].startswith("medtransfer run: error: stage evaluate failed")
+    # train is the first stage to write there (the training history's plot data)
+    assert ours[0].startswith("medtransfer run: error: stage train failed")
     assert str(plots) in ours[0] and "move it away" in ours[0]
     # Retrying would meet the same file: the stage ran once, and the stages before finished.
     counts = _task_run_counts()
-    assert counts["evaluate"] == 1
     assert counts["train"] == 1
+    assert counts.get("evaluate", 0) == 0
     assert STAGE_OPTIONS["retries"] > 0  # so the single attempt was a decision, not a default
 
     plots.unlink()  # the user moves the file away and runs again
     rerun = medtransfer_pipeline(params_file=str(params_file))
-    assert rerun["cached"] == ["synthesize", "ingest", "train"]
+    assert rerun["cached"] == ["synthesize", "ingest"]
     assert (plots / "roc.png").is_file()
     assert Path(rerun["package"]["archive"]).is_file()
 
