@@ -331,6 +331,10 @@ def test_evaluate_robustness_end_to_end_and_restores_the_student(toy):
     # freeze parameters while they run; the student must come back as it was.
     assert all(module.training for module in student.modules())
     assert all(param.grad is None and param.requires_grad for param in student.parameters())
+    # the attacks ran its convolutions in channels_last; its own tensors come back unchanged
+    assert all(param.is_contiguous() for param in student.parameters())
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, toy["model"].state_dict()[name]), name
 
 
 def _result(**overrides: float) -> RobustnessResult:
