@@ -280,6 +280,29 @@ def build_student(
         MedtransferError: unknown teacher or strategy, out-of-range values, bad weights.
     """
     spec = get_teacher(teacher)
+    _check_student_arguments(spec, strategy, num_classes, unfreeze_blocks, dropout)
+    if weights_path is not None and not pretrained and strategy != "scratch":
+        raise MedtransferError("weights_path was given with pretrained=False; drop one of them.")
+    load = pretrained and strategy != "scratch"
+    input_layer, backbone, sha256 = _grayscale_backbone(spec, load, weights_path)
+    student = Student(
+        spec=spec,
+        strategy=strategy,
+        input_layer=input_layer,
+        backbone=backbone,
+        num_classes=num_classes,
+        unfreeze_blocks=unfreeze_blocks,
+        dropout=dropout,
+        weights_sha256=sha256,
+    )
+    _track_batch_statistics(student, TRAINED_BN_MOMENTUM)
+    return student
+
+
+def _check_student_arguments(
+    spec: TeacherSpec, strategy: str, num_classes: int, unfreeze_blocks: int, dropout: float
+) -> None:
+    """Raise :class:`MedtransferError` for an unknown strategy or an out-of-range value."""
     if strategy not in STRATEGIES:
         raise MedtransferError(
             f"Unknown transfer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}."
@@ -297,22 +320,6 @@ def build_student(
         raise MedtransferError(f"A classifier needs at least 2 classes, not {num_classes!r}.")
     if not 0.0 <= dropout < 1.0:
         raise MedtransferError(f"dropout must be in [0, 1), not {dropout!r}.")
-    if weights_path is not None and not pretrained and strategy != "scratch":
-        raise MedtransferError("weights_path was given with pretrained=False; drop one of them.")
-    load = pretrained and strategy != "scratch"
-    input_layer, backbone, sha256 = _grayscale_backbone(spec, load, weights_path)
-    student = Student(
-        spec=spec,
-        strategy=strategy,
-        input_layer=input_layer,
-        backbone=backbone,
-        num_classes=num_classes,
-        unfreeze_blocks=unfreeze_blocks,
-        dropout=dropout,
-        weights_sha256=sha256,
-    )
-    _track_batch_statistics(student, TRAINED_BN_MOMENTUM)
-    return student
 
 
 # TF-ported EfficientNets keep BatchNorm running statistics with momentum 0.01, made for

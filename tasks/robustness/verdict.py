@@ -292,13 +292,8 @@ def gate_verdict(
     checks = _Checks(result)
     if gates.get("min_clean_auc") is not None:
         interval = clean_auc_interval or (clean_auc, clean_auc)
-        checks.at_least(
-            "clean AUC",
-            clean_auc,
-            interval,
-            n_test,
-            float(gates["min_clean_auc"]),  # type: ignore[arg-type]
-        )
+        minimum = float(gates["min_clean_auc"])  # type: ignore[arg-type]
+        checks.at_least("clean AUC", clean_auc, interval, n_test, minimum)
     if gates.get("min_robust_acc") is not None:
         _budget_gate(
             result_metrics, gates, checks, "min_robust_acc", "robust_acc_apgd",
