@@ -42,6 +42,25 @@ def roc_rows(labels: np.ndarray, positive_scores: np.ndarray) -> list[dict[str, 
     ]
 
 
+# The columns of the training history's plot data (DVC overlays them across experiments).
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr")
+
+
+def history_rows(
+    history: Sequence[Mapping[str, float]], strategy: str, fraction: float
+) -> list[dict[str, object]]:
+    """One row per epoch of a fit's ``history`` (``FitResult.history``, resumed epochs
+    included), with its strategy and label fraction: the points of ``train_history.json``."""
+    return [
+        {
+            "strategy": strategy,
+            "fraction": fraction,
+            **{key: row[key] for key in HISTORY_COLUMNS if key in row},
+        }
+        for row in history
+    ]
+
+
 def confusion_rows(
     labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]
 ) -> list[dict[str, str]]:

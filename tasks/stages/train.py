@@ -232,7 +232,8 @@ def run_train(
         report["auto"] = decision.to_dict()
     if dist_env().is_main:
         primary = _primary(results, primary_run_id)
-        plot_data.write_rows(params.reports_dir, plot_data.HISTORY, history_rows(primary))
+        rows = plot_data.history_rows(primary.history, primary.strategy, primary.fraction)
+        plot_data.write_rows(params.reports_dir, plot_data.HISTORY, rows)
         reports.TRAIN.write(params.reports_dir, report)
     return report
 
@@ -578,23 +579,6 @@ def _primary(results: list[TrainedStudent], primary_run_id: str | None) -> Train
     if primary_run_id is None:
         return results[-1]
     return next(r for r in results if r.run_id == primary_run_id)
-
-
-# The columns of the training history's plot data (DVC overlays them across experiments).
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr")
-
-
-def history_rows(outcome: TrainedStudent) -> list[dict[str, object]]:
-    """One row per epoch of ``outcome``'s fit, with its strategy and label fraction: the points
-    of ``reports/plots/train_history.json`` (resumed epochs included, from the checkpoint)."""
-    return [
-        {
-            "strategy": outcome.strategy,
-            "fraction": outcome.fraction,
-            **{key: row[key] for key in HISTORY_COLUMNS if key in row},
-        }
-        for row in outcome.history
-    ]
 
 
 def _train_one(
