@@ -32,10 +32,16 @@ def _stage_loggers_as_found() -> Iterator[None]:
             logger.removeHandler(handler)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_salt(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fixed patient salt, so tests never create data/.patient_salt in the repository."""
-    monkeypatch.setenv("MEDTRANSFER_PATIENT_SALT", "test-salt")
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_salt() -> Iterator[None]:
+    """A fixed patient salt, so tests never create data/.patient_salt in the repository.
+
+    Session-scoped and autouse, so it is set before the session-scoped deploy fixtures
+    ingest (a function-scoped monkeypatch came too late for them and they wrote the file).
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDTRANSFER_PATIENT_SALT", "test-salt")
+        yield
 
 
 @pytest.fixture
