@@ -14,6 +14,7 @@ from tasks.config import Params
 from tasks.data import synthetic
 from tasks.data.ingestion import DecodeMap, IngestResult, ingest_folder, ingest_npz
 from tasks.data.labels import read_label_source
+from tasks.data.source_guard import check_outputs_spare_source
 from tasks.errors import MedtransferError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def run_ingest(
 
     Raises:
         MedtransferError: an empty or missing source, an unreadable labels CSV, fewer than two
-            classes among the ingested images.
+            classes among the ingested images; a ``data.processed_dir`` or ``reports_dir``
+            that would overwrite or delete the source (checked before anything is written).
     """
     result = _ingest_source(params, progress, decode_map)
     reports.INGEST.write(params.reports_dir, result)
@@ -61,9 +63,11 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
         # Generating is a no-op when `medtransfer synthesize` (its own DVC stage and flow
         # task) already wrote this recipe's set; it keeps `medtransfer ingest` usable alone.
         folder, labels_csv = synthetic.generate(recipe)
+        _check_outputs(params, folder)
         labels = read_label_source(folder, labels_csv)
         return ingest_folder(folder, labels, data, params.seed, "synthetic", progress, decode_map)
     source = Path(data.source)
+    _check_outputs(params, source)
     if source.suffix == ".npz":
         return ingest_npz(source, data, params.seed)
     if not source.is_dir():
@@ -73,3 +77,8 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
         )
     labels = read_label_source(source, data.labels_csv)
     return ingest_folder(source, labels, data, params.seed, "dicom_folder", progress, decode_map)
+
+
+def _check_outputs(params: Params, source: Path) -> None:
+    """Refuse, before anything is written, outputs that would overwrite or delete ``source``."""
+    check_outputs_spare_source(source, Path(params.data.processed_dir), Path(params.reports_dir))
