@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
 from tasks.errors import MedtransferError, stage_io_error
+from tasks.project_lock import project_lock
 from tasks.tracking import EXIT_SIGINT, EXIT_SIGTERM, Terminated
 
 
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         params = load_params(args.params, args.set)
-        summary = handler(params, args)
+        summary = _handle(handler, params, args)
     except MedtransferError as err:
         print(f"medtransfer {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -208,6 +209,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(human_summary(args.command, summary, params))
     return 0
+
+
+# Commands that write the project's outputs (dataset, models, reports, registry, Bento) hold
+# the project lock; advise, monitor and the deployment commands only read them or run elsewhere.
+WRITES_OUTPUTS = frozenset(
+    {"synthesize", "ingest", "train", "evaluate", "robustness", "register", "package", "run"}
+)
+
+
+def _handle(
+    handler: Callable[[Params, argparse.Namespace], dict], params: Params, args: argparse.Namespace
+) -> dict:
+    """Run ``handler``, under the project lock when the command writes outputs."""
+    if args.command not in WRITES_OUTPUTS:
+        return handler(params, args)
+    with project_lock(params.data.processed_dir, args.command):
+        return handler(params, args)
 
 
 def configure_logging() -> None:
