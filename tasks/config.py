@@ -276,7 +276,9 @@ class MonitorParams:
 class Params:
     """The whole of ``params.yaml``."""
 
-    seed: int = rule(min=0)
+    # numpy's and torch's generators take seeds in [0, 2**32); a larger one used to pass here
+    # and fail training with a traceback
+    seed: int = rule(min=0, max=2**32 - 1)
     reports_dir: str = rule()
     data: DataParams = rule()
     synthetic: SyntheticParams = rule()
@@ -329,7 +331,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
             "(the one holding params.yaml) or pass --params PATH."
         )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as err:
         raise MedtransferError(
             f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML."
@@ -494,6 +496,22 @@ def _shown(value: Any) -> str:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the
+    last silently, so an edited setting could be overridden by a forgotten copy below it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -124,6 +124,8 @@ def test_the_typed_params_round_trip_through_a_params_file() -> None:
         ("orchestration.task_runner=spark", "orchestration.task_runner must be one of"),
         ("robustness.epsilons_255=[1,x]", "robustness.epsilons_255 must be a number, not .x."),
         ("data.val_fraction=0.9", "must sum to less than 1"),
+        ("seed=12345678901234567890123456", "seed must be at most 4294967295"),
+        ("seed=4294967296", "seed must be at most 4294967295"),
         ("train.label_fractions=[0.5,2]", "train.label_fractions must be at most 1.0"),
     ],
 )
@@ -154,6 +156,18 @@ def test_a_yaml_syntax_error_or_a_non_utf8_file_is_one_line(tmp_path) -> None:
     (tmp_path / "latin1.yaml").write_bytes("seed: 4\n# caf\xe9\n".encode("latin-1"))
     with pytest.raises(MedtransferError, match="not UTF-8"):
         load_params(tmp_path / "latin1.yaml")
+
+
+def test_a_key_written_twice_in_a_params_file_is_refused_naming_it_and_its_line(tmp_path) -> None:
+    shipped = (REPO / "params.yaml").read_text()
+    lines = shipped.count("\n")
+    # a forgotten second `seed:` at the end used to win silently over the first
+    (tmp_path / "twice.yaml").write_text(shipped + "seed: 7\n")
+    with pytest.raises(MedtransferError, match="the key 'seed' appears twice") as raised:
+        load_params(tmp_path / "twice.yaml")
+    assert f"at line {lines + 1}, column 1" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert load_params(REPO / "params.yaml", ["seed=4294967295"]).seed == 2**32 - 1
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path) -> None:
