@@ -193,6 +193,23 @@ def test_a_pickled_model_is_not_unpickled(tmp_path: Path) -> None:
         build_teacher(DEFAULT_TEACHER, weights_path=pickled)
 
 
+@pytest.mark.parametrize("garbage", ["text", "truncated", "pickled_model"])
+def test_a_garbage_weights_file_is_refused_in_one_line(
+    tmp_path: Path, bundled_path: Path, garbage: str
+) -> None:
+    path = tmp_path / "weights.pt"
+    if garbage == "text":
+        path.write_text("these are not weights\n" * 20)
+    elif garbage == "truncated":
+        path.write_bytes(bundled_path.read_bytes()[:4096])
+    else:
+        torch.save(nn.Linear(2, 2), path)
+    with pytest.raises(MedtransferError, match=r"Cannot read .* as PyTorch weights") as raised:
+        build_teacher(DEFAULT_TEACHER, weights_path=path)
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 400, message
+
+
 def test_a_missing_user_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(MedtransferError, match="No weights file"):
         build_teacher(DEFAULT_TEACHER, weights_path=tmp_path / "absent.pt")

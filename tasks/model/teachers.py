@@ -303,6 +303,14 @@ def weights_sha256(teacher: str | TeacherSpec, weights_path: str | Path | None =
     return resolve_weights(teacher, weights_path).sha256
 
 
+def _first_line(err: Exception, limit: int = 120) -> str:
+    """The error's type and the first line of its text, at most ``limit`` characters: torch's
+    unpickling errors run over many lines of advice that do not fit a one-line answer."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_state_dict(weights: WeightsFile) -> dict[str, torch.Tensor]:
     """Read a weights file with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
@@ -322,9 +330,9 @@ def read_state_dict(weights: WeightsFile) -> dict[str, torch.Tensor]:
         loaded = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise MedtransferError(
-            f"Cannot read {weights.path} as PyTorch weights with weights_only=True ({err}). "
-            "Save the network's state_dict (torch.save(model.state_dict(), path)), not the "
-            "pickled model."
+            f"Cannot read {weights.path} as PyTorch weights with weights_only=True "
+            f"({_first_line(err)}). Save the network's state_dict "
+            "(torch.save(model.state_dict(), path)), not the pickled model."
         ) from err
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
