@@ -42,6 +42,10 @@ def project_lock(processed_dir: str | Path, command: str) -> Iterator[Path]:
             pid and start time.
     """
     path = lock_path(processed_dir)
+    if _is_torchrun_worker():
+        # rank 0 of the same launch holds the lock for the whole job; rank 0 alone writes
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -52,6 +56,13 @@ def project_lock(processed_dir: str | Path, command: str) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def _is_torchrun_worker() -> bool:
+    """True in a ``torchrun`` process other than rank 0 (``RANK``/``WORLD_SIZE`` as torchrun
+    sets them), whose launch's rank 0 takes the lock for every rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return world_size > 1 and int(os.environ.get("RANK", "0")) != 0
 
 
 def _take(fd: int, path: Path) -> None:

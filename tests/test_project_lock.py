@@ -54,3 +54,19 @@ def test_the_lock_is_free_again_once_its_holder_is_killed(
     assert cli_main(["ingest", "--params", str(params_file), "-q"]) == 0
     assert Path(params.data.processed_dir, "manifest.csv").is_file()
     assert lock_path(params.data.processed_dir).parent == Path(params.data.processed_dir).parent
+
+
+def test_a_torchrun_worker_beside_rank_0_shares_its_launchs_lock(
+    params: Params, holder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.errors import MedtransferError
+    from tasks.project_lock import project_lock
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(MedtransferError, match="still working"):
+        with project_lock(params.data.processed_dir, "train"):
+            pass
+    monkeypatch.setenv("RANK", "1")  # rank 0 of this launch holds it: rank 1 goes on
+    with project_lock(params.data.processed_dir, "train") as path:
+        assert path == lock_path(params.data.processed_dir)
