@@ -1,22 +1,18 @@
 """Training progress in the Prefect UI: a progress artifact the flow's train task updates.
 
 :class:`PrefectProgressRecorder` is a training-loop recorder
-(:class:`tasks.training.recorders.TrainingRecorder`): each fit creates one progress artifact
+(:class:`tasks.training.types.TrainingRecorder`): each fit creates one progress artifact
 and moves it after every epoch, with that epoch's numbers as its description. It lives in
 ``flows/`` because only the flow knows Prefect; the loop just calls its recorders.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.training.recorders import TrainingRecorder
-
-if TYPE_CHECKING:
-    from tasks.training.loop import FitResult
+from tasks.training.types import FitResult, TrainingRecorder
 
 TRAIN_PROGRESS_KEY = "medtransfer-train-progress"
 

@@ -154,8 +154,8 @@ def rewrite_dvc_code_deps(text: str, root: Path = PROJECT_ROOT) -> str:
             stage, in_deps, written = name.group(1), False, False
         elif re.match(r"^    deps:\s*$", line):
             in_deps = True
-        elif in_deps and not line.startswith("      - "):
-            in_deps = False
+        elif in_deps and not line.startswith(("      - ", "      #")):
+            in_deps = False  # (a comment among the deps does not end them)
         if in_deps and stage and re.match(r"^      - (tasks|serving)/", line):
             if not written:
                 out += [

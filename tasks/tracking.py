@@ -21,14 +21,10 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from tasks.training.recorders import TrainingRecorder
-
-if TYPE_CHECKING:
-    from tasks.training.loop import FitResult
+from typing import Any
 
 from tasks.config import Params
+from tasks.training.types import FitResult, TrainingRecorder
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one parameter value
 # The experiment tag the MLflow UI reads to choose its layout (mlflow/server/js: without it the

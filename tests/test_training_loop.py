@@ -18,8 +18,6 @@ from tasks.model.transforms import ImageDataset, to_tensor_transform, train_tran
 from tasks.training import loop
 from tasks.training.loop import (
     CHECKPOINT_NAME,
-    FitConfig,
-    FitResult,
     _seed_epoch,
     autocast_context,
     class_weights,
@@ -29,9 +27,9 @@ from tasks.training.loop import (
 from tasks.training.recorders import (
     LoggingRecorder,
     ProgressBarRecorder,
-    TrainingRecorder,
     format_duration,
 )
+from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
 SHIPPED = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
 

@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,8 +48,9 @@ from tasks.training.checkpoints import (
     this_process,
     write_run_record,
 )
-from tasks.training.loop import CHECKPOINT_NAME, FitConfig, FitResult, Perturb, dist_env, fit
-from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder, TrainingRecorder
+from tasks.training.loop import CHECKPOINT_NAME, Perturb, dist_env, fit
+from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder
+from tasks.training.types import FitConfig, FitResult, TrainedStudent, TrainingRecorder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,48 +68,6 @@ logger = logging.getLogger(__name__)
 # force: ``--resume=force``: continue that other configuration's latest checkpoint under the
 #     new values (say, more epochs), in a new MLflow run tagged with the one it continues.
 ResumeMode = Literal["matching", "strict", "force"]
-
-
-def fit_config(config: TrainParams, seed: int, checkpoint_dir: Path, resume: bool) -> FitConfig:
-    """The loop's settings from the ``train`` section."""
-    return FitConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        patience=config.patience,
-        class_weighting=config.class_weighting,
-        num_workers=config.num_workers,
-        seed=seed,
-        device=config.device,
-        amp=config.amp,
-        channels_last=config.channels_last,
-        checkpoint_dir=str(checkpoint_dir),
-        resume=resume,
-    )
-
-
-@dataclass
-class TrainedStudent:
-    """One training's outcome."""
-
-    strategy: str
-    fraction: float
-    n_train: int
-    best_epoch: int
-    best_val_auc: float
-    test_auc: float
-    epochs_run: int
-    run_id: str | None
-    resumed_from_epoch: int | None
-    # The fit's per-epoch rows (epoch, train_loss, val_loss, val_auc, ...): the training
-    # history's plot data, left out of the train report.
-    history: list[dict[str, float]] = field(default_factory=list, repr=False)
-
-    def report_row(self) -> dict[str, Any]:
-        """The outcome as the train report lists it (without the history)."""
-        return {key: value for key, value in asdict(self).items() if key != "history"}
 
 
 def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
@@ -624,7 +583,7 @@ def _train_one(
             base_strategy,
             train_idx,
             (train_set, val_set),
-            fit_config(config, session.seed, plan.folder, plan.resume),
+            FitConfig.from_train(config, session.seed, plan.folder, plan.resume),
             recorders=_recorders(session, run, f"train {strategy}@{fraction:g}"),
             perturb=_perturbation(config) if adversarial else None,
         )

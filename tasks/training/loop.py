@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,45 +38,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 from tasks import atomic
 from tasks.evaluation.metrics import roc_auc
-from tasks.training.recorders import TrainingRecorder
+from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
 CHECKPOINT_NAME = "last.pt"
 # (model, images, labels) -> perturbed images; the adversarial-training hook.
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How to train (the loop-related keys of ``train`` in params.yaml; no defaults here,
-    they live in params.yaml and reach the loop through the train stage)."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_epochs: float
-    patience: int
-    class_weighting: str
-    num_workers: int
-    seed: int
-    device: str
-    amp: bool
-    channels_last: bool
-    checkpoint_dir: str
-    resume: bool
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` returns: the selected weights and the history that chose them."""
-
-    best_state: dict[str, torch.Tensor]
-    best_epoch: int
-    best_val_auc: float
-    history: list[dict] = field(default_factory=list)
-    stopped_early: bool = False
-    resumed_from_epoch: int | None = None
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)

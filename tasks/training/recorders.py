@@ -5,7 +5,8 @@ every recorder it is given, on rank 0 only, when the fit starts, after each epoc
 and when the fit ends. A recorder decides what to do with that (a log line, a progress bar, an
 MLflow metric, a Prefect artifact); the loop knows none of them.
 
-Here: the :class:`TrainingRecorder` protocol and the two recorders that need nothing but the
+Here: the two recorders (the :class:`~tasks.training.types.TrainingRecorder` protocol is in
+:mod:`tasks.training.types`) that need nothing but the
 standard library and tqdm. The MLflow recorder lives in :mod:`tasks.tracking`, the Prefect one
 in :mod:`flows.progress` (pure logic imports neither MLflow nor Prefect).
 """
@@ -16,32 +17,12 @@ import logging
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Protocol
 
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from tasks.training.loop import FitResult
+from tasks.training.types import FitResult, TrainingRecorder
 
 LOGGER_NAME = "medtransfer.training"
-
-
-class TrainingRecorder(Protocol):
-    """Receives the training loop's events; every method does nothing unless overridden.
-
-    A class may subclass this protocol to inherit the do-nothing methods it does not need.
-    """
-
-    def fit_started(self, total_epochs: int, start_epoch: int, n_train: int) -> None:
-        """Training begins at ``start_epoch`` (0-based; > 0 after a resume) of ``total_epochs``,
-        on ``n_train`` training images (the whole set, over every rank)."""
-
-    def epoch_ended(self, row: dict[str, float]) -> None:
-        """One epoch is done and checkpointed. ``row``: ``epoch`` (0-based), ``train_loss``,
-        ``images_per_s``, ``val_loss``, ``val_auc``, ``val_accuracy``, ``lr``, ``seconds``."""
-
-    def fit_ended(self, result: FitResult) -> None:
-        """Training is over (every epoch ran, or early stopping); ``result`` is what fit returns."""
 
 
 class LoggingRecorder(TrainingRecorder):
