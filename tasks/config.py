@@ -119,7 +119,7 @@ class TrainParams:
 
     teacher: str
     weights_path: str | None
-    # auto: chosen by the evidence step (tasks/training/evidence.py) before training
+    # auto: chosen by the evidence step (tasks/transfer/selection.py) before training
     strategy: str = rule(choices=(*STRATEGIES, "auto"))
     unfreeze_blocks: int = rule(min=0)
     compare: tuple[str, ...] | None = rule()

@@ -16,15 +16,15 @@ from flows.cli import main
 from tasks.config import Params
 from tasks.model.student import build_student
 from tasks.stages.train import run_train
-from tasks.training.evidence import (
+from tasks.training.features import fit_linear_head, frozen_features
+from tasks.transfer.selection import (
     TapEvidence,
     choose_depth,
-    decide,
+    choose_transfer,
     gaussian_kl,
     knn_scores,
     logme,
 )
-from tasks.training.features import fit_linear_head, frozen_features
 
 # ------------------------------------------------------------------------------ measures --
 
@@ -107,11 +107,11 @@ def test_the_depth_rule_unfreezes_what_comes_after_the_best_tap(aucs, expected) 
 def test_the_teacher_with_the_best_knn_auc_wins_and_confidence_follows_its_interval() -> None:
     strong = _taps("efficientnet-lite0", [0.6, 0.7, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
     weak = _taps("efficientnet-lite1", [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
-    decision = decide({"efficientnet-lite1": weak, "efficientnet-lite0": strong}, 100, 1.0)
+    decision = choose_transfer({"efficientnet-lite1": weak, "efficientnet-lite0": strong}, 100, 1.0)
     assert (decision.teacher, decision.confidence) == ("efficientnet-lite0", "high")
     assert [r.teacher for r in decision.evidence][:1] == ["efficientnet-lite0"]
     close = _taps("efficientnet-lite1", [0.6, 0.7, 0.89, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
-    tight = decide({"efficientnet-lite1": close, "efficientnet-lite0": strong}, 100, 1.0)
+    tight = choose_transfer({"efficientnet-lite1": close, "efficientnet-lite0": strong}, 100, 1.0)
     assert tight.confidence == "low"  # 0.89 lies inside the winner's [0.87, 0.93]
 
 
@@ -203,7 +203,7 @@ def test_the_model_card_says_how_auto_chose() -> None:
 
     strong = _taps("efficientnet-lite0", [0.6, 0.7, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
     weak = _taps("efficientnet-lite1", [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], LITE0_BLOCKS)
-    decision = decide({"efficientnet-lite1": weak, "efficientnet-lite0": strong}, 100, 1.0)
+    decision = choose_transfer({"efficientnet-lite1": weak, "efficientnet-lite0": strong}, 100, 1.0)
     inputs = dict(model_name="m", version="1", run_id="r", spec={}, dataset_version="d")
     card = render_model_card(
         CardInputs(

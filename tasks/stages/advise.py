@@ -8,7 +8,7 @@ and the reasons come back. Nothing is written.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from tasks.config import Params
 
@@ -16,10 +16,10 @@ from tasks.config import Params
 def run_advise(params: Params) -> dict:
     """The evidence and the recommendation; returns ``{"recommendation", "evidence", "lines"}``
     (``lines``: the table and the reasons as text, what the command prints)."""
-    from tasks.training.evidence import advise, evidence_table
+    from tasks.transfer.selection import advise, evidence_table
 
     if params.train.weights_path is None:
-        params = params.with_overrides(["train.teacher=auto"])
+        params = replace(params, train=replace(params.train, teacher="auto"))
     decision = advise(params)
     recommendation = {key: value for key, value in decision.to_dict().items() if key != "evidence"}
     command = (

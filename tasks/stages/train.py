@@ -55,7 +55,7 @@ from tasks.training.types import FitConfig, FitResult, TrainedStudent, TrainingR
 if TYPE_CHECKING:
     from torch import nn
 
-    from tasks.training.evidence import Decision
+    from tasks.transfer.selection import TransferChoice
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class _Session:
     nested: bool  # several trainings: each is a child run of one parent run
     progress: bool  # a terminal progress bar over epochs
     recorders: tuple[TrainingRecorder, ...]  # the caller's, told of every fit
-    decision: Decision | None = None  # the evidence step's choice under auto
+    decision: TransferChoice | None = None  # the evidence step's choice under auto
 
 
 def run_train(
@@ -197,11 +197,11 @@ def run_train(
     return report
 
 
-def _resolve_auto(params: Params) -> tuple[Params, Decision | None]:
+def _resolve_auto(params: Params) -> tuple[Params, TransferChoice | None]:
     """``train.teacher: auto`` and ``train.strategy: auto``: run the evidence step and put its
     choice into the parameters (everything after sees, logs and checkpoints concrete values);
     returns them with the decision, or ``params`` and ``None`` when nothing is auto."""
-    from tasks.training.evidence import advise
+    from tasks.transfer.selection import advise
 
     config = params.train
     if "auto" not in (config.teacher, config.strategy):
@@ -225,14 +225,14 @@ def _resolve_auto(params: Params) -> tuple[Params, Decision | None]:
 
 
 @store_write()
-def _log_decision(decision: Decision | None) -> None:
+def _log_decision(decision: TransferChoice | None) -> None:
     """The evidence step's choice on the active run: tags, the decision with every tap's
     evidence (JSON and a table) and the plot of probe score against depth."""
     import tempfile
 
     import mlflow
 
-    from tasks.training.evidence import plot_evidence
+    from tasks.transfer.selection import plot_evidence
 
     if decision is None:
         return

@@ -1,4 +1,4 @@
-"""The evidence step of ``train.strategy: auto`` / ``train.teacher: auto`` and ``medtransfer advise``.
+"""Teacher-and-depth selection: the evidence step of ``train.strategy: auto`` / ``train.teacher: auto`` and ``medtransfer advise``.
 
 Before any fine-tuning, each candidate teacher's frozen features are measured on the target
 training split at every feature tap (``TeacherSpec.stage_ends``, then the top):
@@ -12,7 +12,7 @@ training split at every feature tap (``TeacherSpec.stage_ends``, then the top):
   of KL(target || ImageNet) between per-channel Gaussians, the ImageNet side read from the
   running statistics of the stage's last BatchNorm (no ImageNet image needed).
 
-:func:`decide` turns them into a teacher, a strategy and an unfreeze depth (the deepest tap
+:func:`choose_transfer` turns them into a teacher, a strategy and an unfreeze depth (the deepest tap
 whose features are still about as good as the best: features that stay good deep into the
 network → freeze more, features that degrade early → unfreeze more) with its reasons and a
 confidence flag. Features are computed once per teacher, without augmentation, in eval mode.
@@ -65,7 +65,7 @@ class TapEvidence:
 
 
 @dataclass
-class Decision:
+class TransferChoice:
     """What the evidence chose, and why."""
 
     teacher: str
@@ -331,7 +331,9 @@ def choose_depth(teacher: str, rows: list[TapEvidence]) -> tuple[str, int, list[
     return "partial", after, reasons
 
 
-def decide(evidence: dict[str, list[TapEvidence]], n_images: int, seconds: float) -> Decision:
+def choose_transfer(
+    evidence: dict[str, list[TapEvidence]], n_images: int, seconds: float
+) -> TransferChoice:
     """Teacher by its best k-NN AUC over taps (LogME breaks near-ties), then its depth.
 
     Confidence is ``high`` when the winner's interval lies above the runner-up's point
@@ -357,7 +359,7 @@ def decide(evidence: dict[str, list[TapEvidence]], n_images: int, seconds: float
             f"{runner.knn_auc:.3f}",
         )
     rows = [row for name in ranked for row in evidence[name]]
-    return Decision(
+    return TransferChoice(
         teacher=winner,
         strategy=strategy,
         unfreeze_blocks=unfreeze,
@@ -375,16 +377,16 @@ def gather_evidence(
     labels: np.ndarray,
     weights_path: str | None,
     seed: int,
-) -> Decision:
+) -> TransferChoice:
     """Measure every candidate on a stratified sample of ``(N, H, W)`` uint8 training images
-    and decide. ``weights_path`` applies to a single candidate only (the caller checks)."""
+    and choose_transfer. ``weights_path`` applies to a single candidate only (the caller checks)."""
     start = time.perf_counter()
     sample = evidence_sample(labels, seed)
     evidence = {
         name: teacher_evidence(name, images[sample], labels[sample], weights_path)
         for name in teachers
     }
-    return decide(evidence, len(sample), time.perf_counter() - start)
+    return choose_transfer(evidence, len(sample), time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------- on the processed data --
@@ -422,7 +424,7 @@ def candidate_teachers(teacher: str, weights_path: str | None) -> list[str]:
     return names
 
 
-def advise(params) -> Decision:
+def advise(params) -> TransferChoice:
     """The evidence step on the processed dataset's training split (``params``: a
     :class:`tasks.config.Params`); nothing is trained or written."""
     from tasks.data.dataset import load_processed
@@ -440,7 +442,7 @@ def advise(params) -> Decision:
     return gather_evidence(teachers, images, labels[sample], config.weights_path, params.seed)
 
 
-def evidence_table(decision: Decision) -> list[str]:
+def evidence_table(decision: TransferChoice) -> list[str]:
     """The ranked table as text lines (``medtransfer advise`` prints it)."""
     lines = [
         f"{'teacher':<20} {'tap':<7} {'block':>5} {'k-NN AUC [95% CI]':>24} {'LogME':>7} "
@@ -455,7 +457,7 @@ def evidence_table(decision: Decision) -> list[str]:
     return lines
 
 
-def plot_evidence(decision: Decision, path) -> None:
+def plot_evidence(decision: TransferChoice, path) -> None:
     """k-NN AUC (with its interval) and LogME against depth, one line per teacher, to ``path``."""
     import matplotlib
 

@@ -1,0 +1,1 @@
+"""Transfer selection: which teacher and how deep to fine-tune, chosen from evidence on the data."""
