@@ -60,7 +60,7 @@ def make_student(root: Path) -> dict:
     from tasks.model.student_io import StudentSpec, save_student
     from tasks.model.teachers import weights_sha256
     from tasks.stages.register import run_register
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking.configure import configure_mlflow
 
     torch.manual_seed(0)
     model = build_student("efficientnet-lite0", "partial", num_classes=2, unfreeze_blocks=3)

@@ -24,7 +24,7 @@ from flows.summary import summary_lines
 from tasks.config import Params, load_params
 from tasks.errors import MedtransferError, stage_io_error
 from tasks.project_lock import project_lock
-from tasks.tracking import EXIT_SIGINT, EXIT_SIGTERM, Terminated
+from tasks.signals import EXIT_SIGINT, EXIT_SIGTERM, Terminated
 
 
 def _synthesize(params: Params, args: argparse.Namespace) -> dict:

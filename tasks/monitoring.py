@@ -147,7 +147,7 @@ def _plot(report: dict, path: Path) -> Path:
 def _log_to_mlflow(params: Params, report: dict, plot: Path) -> None:
     import mlflow
 
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking.configure import configure_mlflow
 
     configure_mlflow(params)
     metrics = {f"psi_{k}": v for k, v in report["psi"].items() if np.isfinite(v)}

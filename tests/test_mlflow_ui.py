@@ -62,7 +62,7 @@ def test_mlflow_ui_shows_experiment_run_dataset_model_metrics_and_champion(
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, logged_model_id
+    from tasks.tracking.configure import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, logged_model_id
 
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     report = run_train(train_params.with_overrides(["train.epochs=1"]))

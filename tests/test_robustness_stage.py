@@ -14,7 +14,7 @@ from tasks.config import GatesParams, Params
 from tasks.robustness.verdict import metric_key
 from tasks.stages.robustness import run_robustness
 from tasks.stages.train import run_train
-from tasks.tracking import logged_model_id
+from tasks.tracking.configure import logged_model_id
 
 
 @pytest.fixture

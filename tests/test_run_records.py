@@ -236,11 +236,11 @@ def test_a_sigterm_during_a_store_write_is_raised_right_after_it_not_inside() ->
     import os
     import signal
 
-    from tasks.tracking import Terminated, sigterm_raises, store_write
+    from tasks.signals import Terminated, sigterm_deferred, sigterm_raises
 
     finished = []
     with pytest.raises(Terminated), sigterm_raises():
-        with store_write():
+        with sigterm_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):  # the handler runs between bytecodes: give it the chance
                 pass

@@ -175,7 +175,7 @@ def _log_to_training_run(
     """
     import mlflow
 
-    from tasks.tracking import configure_mlflow, logged_model_id
+    from tasks.tracking.configure import configure_mlflow, logged_model_id
 
     trained = reports.TRAIN.read_if_present(params.reports_dir)
     run_id = (trained or {}).get("run_id")

@@ -48,7 +48,7 @@ def run_package(params: Params) -> dict:
     """
     from mlflow import MlflowClient
 
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking.configure import configure_mlflow
 
     serving = params.serving
     configure_mlflow(params)

@@ -54,7 +54,7 @@ def run_register(params: Params) -> dict:
     """
     from mlflow import MlflowClient
 
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking.configure import configure_mlflow
 
     config = params.registry
     candidate, saved = gather_candidate(params)

@@ -256,7 +256,7 @@ def _log(params: Params, report: dict, plot: Path) -> None:
     """Metrics, plot, report and verdict onto the MLflow run that trained the student."""
     import mlflow
 
-    from tasks.tracking import configure_mlflow, logged_model_id
+    from tasks.tracking.configure import configure_mlflow, logged_model_id
 
     trained = reports.TRAIN.read_if_present(params.reports_dir) or {}
     if not trained.get("run_id"):

@@ -7,7 +7,7 @@ MLflow metric, a Prefect artifact); the loop knows none of them.
 
 Here: the two recorders (the :class:`~tasks.training.types.TrainingRecorder` protocol is in
 :mod:`tasks.training.types`) that need nothing but the
-standard library and tqdm. The MLflow recorder lives in :mod:`tasks.tracking`, the Prefect one
+standard library and tqdm. The MLflow recorder lives in :mod:`tasks.tracking.recorder`, the Prefect one
 in :mod:`flows.progress` (pure logic imports neither MLflow nor Prefect).
 """
 

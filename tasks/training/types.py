@@ -102,6 +102,56 @@ class TrainedStudent:
     # history's plot data, left out of the train report.
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def from_fit(
+        cls,
+        strategy: str,
+        fraction: float,
+        n_train: int,
+        result: FitResult,
+        test_auc: float,
+        run_id: str | None,
+    ) -> TrainedStudent:
+        """One training's outcome from its fit; ``run_id`` is its MLflow run (``None`` off
+        rank 0)."""
+        return cls(
+            strategy=strategy,
+            fraction=fraction,
+            n_train=n_train,
+            best_epoch=result.best_epoch,
+            best_val_auc=result.best_val_auc,
+            test_auc=test_auc,
+            epochs_run=len(result.history),
+            run_id=run_id,
+            resumed_from_epoch=result.resumed_from_epoch,
+            history=list(result.history),
+        )
+
     def report_row(self) -> dict[str, Any]:
         """The outcome as the train report lists it (without the history)."""
         return {key: value for key, value in asdict(self).items() if key != "history"}
+
+
+def primary_outcome(results: list[TrainedStudent], primary_run_id: str | None) -> TrainedStudent:
+    """The outcome of the student saved to ``train.model_dir`` (the last one off rank 0)."""
+    if primary_run_id is None:
+        return results[-1]
+    return next(r for r in results if r.run_id == primary_run_id)
+
+
+def train_report(
+    results: list[TrainedStudent],
+    primary_run_id: str | None,
+    parent_run_id: str | None,
+    data_version: str,
+) -> dict[str, Any]:
+    """The content of the train report (:data:`tasks.reports.TRAIN`): the primary student's
+    outcome and every run's. ``parent_run_id``: a comparison's parent MLflow run."""
+    primary = primary_outcome(results, primary_run_id)
+    return {
+        "run_id": primary.run_id,
+        "parent_run_id": parent_run_id,
+        "dataset_version": data_version,
+        **{k: v for k, v in primary.report_row().items() if k != "run_id"},
+        "runs": [r.report_row() for r in results],
+    }

@@ -20,17 +20,22 @@ confidence flag. Features are computed once per teacher, without augmentation, i
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from tasks.config import Params
 from tasks.evaluation.metrics import roc_auc
 from tasks.model.student import teacher_feature_extractor
 from tasks.model.teachers import get_teacher
+
+logger = logging.getLogger(__name__)
 
 KNN_K = 10
 BOOTSTRAP_RESAMPLES = 200
@@ -424,9 +429,9 @@ def candidate_teachers(teacher: str, weights_path: str | None) -> list[str]:
     return names
 
 
-def advise(params) -> TransferChoice:
-    """The evidence step on the processed dataset's training split (``params``: a
-    :class:`tasks.config.Params`); nothing is trained or written."""
+def advise(params: Params) -> TransferChoice:
+    """The evidence step on the processed dataset's training split; nothing is trained or
+    written."""
     from tasks.data.dataset import load_processed
     from tasks.model.student import check_image_size
 
@@ -440,6 +445,28 @@ def advise(params) -> TransferChoice:
     sample = evidence_sample(labels, params.seed)
     images = np.asarray(dataset.images[indices[sample]])
     return gather_evidence(teachers, images, labels[sample], config.weights_path, params.seed)
+
+
+def apply_auto(params: Params) -> tuple[Params, TransferChoice | None]:
+    """``train.teacher: auto`` and ``train.strategy: auto``: run the evidence step and put its
+    choice into the parameters (everything after sees, logs and checkpoints concrete values);
+    returns them with the choice, or ``params`` and ``None`` when nothing is auto."""
+    config = params.train
+    if "auto" not in (config.teacher, config.strategy):
+        return params, None
+    choice = advise(params)
+    chosen: dict[str, Any] = {"teacher": choice.teacher}
+    if config.strategy == "auto":
+        chosen |= {"strategy": choice.strategy, "unfreeze_blocks": choice.unfreeze_blocks}
+    logger.info(
+        "auto (%d images, %.0f s, confidence %s): %s; %s",
+        choice.n_images,
+        choice.seconds,
+        choice.confidence,
+        ", ".join(f"train.{key}={value}" for key, value in chosen.items()),
+        "; ".join(choice.reasons),
+    )
+    return replace(params, train=replace(config, **chosen)), choice
 
 
 def evidence_table(decision: TransferChoice) -> list[str]:

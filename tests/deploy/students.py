@@ -47,7 +47,7 @@ def log_student(
     from tasks.model.student import build_student
     from tasks.model.student_io import StudentSpec, save_student
     from tasks.model.teachers import weights_sha256
-    from tasks.tracking import configure_mlflow
+    from tasks.tracking.configure import configure_mlflow
 
     torch.manual_seed(seed)
     model = build_student(TEACHER, "linear_probe", num_classes=2, pretrained=True)

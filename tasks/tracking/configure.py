@@ -1,0 +1,99 @@
+"""MLflow set-up shared by the stages that log: the store and experiment, the dataset as MLflow
+sees it, the logged model's requirements and the model a run logged."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import mlflow
+import mlflow.data
+
+from tasks.config import Params
+
+# The experiment tag the MLflow UI reads to choose its layout (mlflow/server/js: without it the
+# UI infers the kind and opened medtransfer's experiment on the empty GenAI trace overview).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+SYSTEM_METRICS_INTERVAL_S = 5  # CPU, memory, disk and GPU sampled into each training run
+MODEL_NAME = "model"  # the name of the student each training run logs
+MAX_DIGEST = 36  # MLflow's dataset digest column (DVC's "<md5>.dir" is exactly 36)
+
+
+def configure_mlflow(params: Params) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id.
+
+    ``MLFLOW_TRACKING_URI`` in the environment wins over ``mlflow.tracking_uri`` so that a test
+    or a CI job can redirect every stage without editing params.yaml. The experiment is marked
+    as model training (:data:`EXPERIMENT_KIND_TAG`), so the UI opens on its runs.
+    """
+    section = params.mlflow
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or section.tracking_uri)
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    name = section.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before medtransfer set it
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
+    artifacts = os.environ.get("MEDTRANSFER_ARTIFACT_ROOT") or section.artifact_root
+    location = artifacts if "://" in artifacts else Path(artifacts).resolve().as_uri()
+    experiment_id = mlflow.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def dataset_label(location: str, kind: str) -> str:
+    """A short name for a data source, as run names and the UI's dataset column show it:
+    ``synthetic``, a file's stem (``breastmnist``) or a folder's name, with its parent's when
+    the folder's own name is generic (``hospital-a/dicom``)."""
+    if kind == "synthetic":
+        return "synthetic"
+    path = Path(location)
+    if path.stem.lower() in {"dicom", "data", "images", "raw", "input"} and path.parent.name:
+        return f"{path.parent.name}/{path.stem}"
+    return path.stem or location
+
+
+def mlflow_dataset(dataset, version: str):
+    """The processed dataset (:class:`tasks.data.dataset.ProcessedDataset`) as an MLflow
+    dataset: images ``(N, S, S)`` uint8 and labels ``(N,)``, the folder it was read from as its
+    source and its DVC version (:func:`tasks.data.dataset.dataset_version`) as its digest, so
+    runs on the same data show the same digest. No pixel value is stored, only the schema and
+    the shape."""
+    source = dataset.source
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source class twice and says so on every resolve
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        return mlflow.data.from_numpy(
+            dataset.images,
+            targets=dataset.labels,
+            source=Path(dataset.root).resolve().as_uri(),
+            name=dataset_label(source.location, source.kind),
+            digest=version[:MAX_DIGEST] or None,
+        )
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to this environment: what loading its
+    ``pt2`` program needs (torch, numpy)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy")]
+
+
+def logged_model_id(run_id: str, name: str = MODEL_NAME) -> str | None:
+    """The id of the model named ``name`` that run ``run_id`` logged (MLflow 3's LoggedModel),
+    or ``None`` when it logged none."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    for output in run.outputs.model_outputs if run.outputs is not None else []:
+        if client.get_logged_model(output.model_id).name == name:
+            return output.model_id
+    return None
