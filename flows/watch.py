@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,7 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
     overrides = list(overrides or [])
     params = load_params(params_file, overrides)
     source = watch_source(params)
-    # JSON quoting makes the path a YAML string whatever characters it holds.
-    overrides.append(f"data.source={json.dumps(source)}")
-    params = load_params(params_file, overrides)
+    params = replace(params, data=replace(params.data, source=source))
 
     # The pipeline's own cached ingest task: an unchanged folder (same file names, sizes and
     # times) is not decoded again, and the pipeline below reuses this ingestion.
@@ -122,9 +121,19 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
         version,
         source,
     )
-    summary = run_pipeline(params_file=params_file, overrides=overrides)
-    # Record what the pipeline actually trained on: its own ingest may have seen files that
-    # arrived after our check.
+    # The pipeline subflow takes its configuration as Prefect parameters (the file and the
+    # override strings its run page shows): the watched folder goes in as one, JSON-quoted so
+    # that the path is a YAML string whatever characters it holds.
+    source_override = f"data.source={json.dumps(source)}"
+    summary = run_pipeline(params_file=params_file, overrides=[*overrides, source_override])
+    trained_version = _record_retraining(path, summary, source)
+    logger.info("Retrained on dataset version %s; recorded in %s", trained_version, path)
+    return {**result, "dataset_version": trained_version, "retrained": True, "summary": summary}
+
+
+def _record_retraining(path: Path, summary: dict[str, Any], source: str) -> str:
+    """Record in the state file what the pipeline actually trained on (its own ingest may have
+    seen files that arrived after the check); returns that dataset version."""
     trained_version = summary["train"]["dataset_version"]
     write_state(
         path,
@@ -136,8 +145,7 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
             "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },
     )
-    logger.info("Retrained on dataset version %s; recorded in %s", trained_version, path)
-    return {**result, "dataset_version": trained_version, "retrained": True, "summary": summary}
+    return trained_version
 
 
 if __name__ == "__main__":
