@@ -16,6 +16,7 @@ from tasks.config import Params
 def run_advise(params: Params) -> dict:
     """The evidence and the recommendation; returns ``{"recommendation", "evidence", "lines"}``
     (``lines``: the table and the reasons as text, what the command prints)."""
+    # deferred: selection imports torch and the teachers, which `medtransfer --help` need not
     from tasks.transfer.selection import advise, evidence_table
 
     if params.train.weights_path is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -83,8 +84,6 @@ def mlflow_dataset(dataset, version: str):
 def model_requirements() -> list[str]:
     """The logged model's pip requirements, pinned to this environment: what loading its
     ``pt2`` program needs (torch, numpy)."""
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("torch", "numpy")]
 
 

@@ -21,12 +21,11 @@ import shutil
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from tasks.training.loop import CHECKPOINT_NAME
-
-if TYPE_CHECKING:
-    from torch import nn
 
 RUN_RECORD_NAME = "run.json"
 
@@ -115,8 +114,6 @@ def latest_other_checkpoint(root: Path, prefix: str, exclude: Path) -> Path | No
 
 def checkpoint_history(folder: Path) -> list[dict[str, float]]:
     """The per-epoch rows that ``folder``'s checkpoint holds (empty without a checkpoint)."""
-    import torch
-
     path = folder / CHECKPOINT_NAME
     if not path.is_file():
         return []
@@ -126,8 +123,6 @@ def checkpoint_history(folder: Path) -> list[dict[str, float]]:
 def checkpoint_fits(folder: Path, model: nn.Module) -> bool:
     """Whether ``folder``'s checkpointed weights load into ``model`` (same names, same shapes):
     a checkpoint of another teacher or head cannot be continued, whatever ``force`` says."""
-    import torch
-
     saved = torch.load(folder / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["model"]
     wanted = model.state_dict()
     return saved.keys() == wanted.keys() and all(saved[k].shape == wanted[k].shape for k in wanted)

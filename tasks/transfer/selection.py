@@ -28,12 +28,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import nn
 
 from tasks.config import Params
+from tasks.data.dataset import load_processed
+from tasks.errors import MedtransferError
 from tasks.evaluation.metrics import roc_auc
-from tasks.model.student import teacher_feature_extractor
-from tasks.model.teachers import get_teacher
+from tasks.model.student import check_image_size, teacher_feature_extractor
+from tasks.model.teachers import get_teacher, known_teachers, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +127,6 @@ def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, seed: int = 0) -> tupl
 
 def _binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Mann-Whitney AUC of ``scores`` for ``labels == 1`` (ties count half), as roc_auc_score."""
-    from scipy.stats import rankdata
-
     positive = labels == 1
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     ranks = rankdata(scores)
@@ -405,9 +406,6 @@ def candidate_teachers(teacher: str, weights_path: str | None) -> list[str]:
         MedtransferError: ``teacher: auto`` with a ``weights_path`` (a file fits one
             architecture: name it), or no bundled teacher installed.
     """
-    from tasks.errors import MedtransferError
-    from tasks.model.teachers import known_teachers, resolve_weights
-
     if teacher != "auto":
         return [teacher]
     if weights_path is not None:
@@ -432,9 +430,6 @@ def candidate_teachers(teacher: str, weights_path: str | None) -> list[str]:
 def advise(params: Params) -> TransferChoice:
     """The evidence step on the processed dataset's training split; nothing is trained or
     written."""
-    from tasks.data.dataset import load_processed
-    from tasks.model.student import check_image_size
-
     config = params.train
     dataset = load_processed(params.data.processed_dir)
     teachers = candidate_teachers(config.teacher, config.weights_path)
@@ -486,7 +481,7 @@ def evidence_table(decision: TransferChoice) -> list[str]:
 
 def plot_evidence(decision: TransferChoice, path) -> None:
     """k-NN AUC (with its interval) and LogME against depth, one line per teacher, to ``path``."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only for this plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
