@@ -1,1 +1,2 @@
-"""The training loop (fit), its recorders (MLflow, log, progress bar), checkpoints and adversarial training."""
+"""Training: the loop (fit) and its shared types, recorders, checkpoints and resume planning,
+the transfer strategies (fit_student) and adversarial training."""

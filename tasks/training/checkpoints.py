@@ -10,7 +10,7 @@ the configuration itself, key by key. With that a later run can:
 - name the keys that changed when an explicit ``--resume`` finds only another configuration's
   checkpoint.
 
-No MLflow here (the train stage and :mod:`tasks.tracking` do the MLflow part).
+No MLflow here (:mod:`tasks.tracking.resume` does the MLflow part).
 """
 
 from __future__ import annotations
