@@ -329,3 +329,24 @@ def test_the_prefect_recorder_leaves_one_real_progress_artifact_at_100(tmp_path:
         )
     assert [(artifact.type, artifact.data) for artifact in found] == [("progress", 100.0)]
     assert found[0].description.startswith("done: best epoch")
+
+
+def test_fit_config_takes_each_loop_setting_from_the_train_key_of_its_name() -> None:
+    train = SHIPPED.train
+    config = FitConfig.from_train(train, seed=7, checkpoint_dir=Path("runs/x"), resume=True)
+    assert config == FitConfig(
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        warmup_epochs=train.warmup_epochs,
+        patience=train.patience,
+        class_weighting=train.class_weighting,
+        num_workers=train.num_workers,
+        seed=7,
+        device=train.device,
+        amp=train.amp,
+        channels_last=train.channels_last,
+        checkpoint_dir="runs/x",
+        resume=True,
+    )
