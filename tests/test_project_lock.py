@@ -64,9 +64,11 @@ def test_a_torchrun_worker_beside_rank_0_shares_its_launchs_lock(
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(MedtransferError, match="still working"):
-        with project_lock(params.data.processed_dir, "train"):
-            pass
+    with (
+        pytest.raises(MedtransferError, match="still working"),
+        project_lock(params.data.processed_dir, "train"),
+    ):
+        pass
     monkeypatch.setenv("RANK", "1")  # rank 0 of this launch holds it: rank 1 goes on
     with project_lock(params.data.processed_dir, "train") as path:
         assert path == lock_path(params.data.processed_dir)
