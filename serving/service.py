@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -216,8 +217,26 @@ def _map_endpoint_label(metric) -> None:
     metric.labels = by_route
 
 
+def _stop_with_the_arbiter() -> None:
+    """In a BentoML worker on Linux, have the kernel send SIGTERM when the worker's parent (the
+    arbiter of ``bentoml serve``) dies: a SIGKILLed arbiter left its entry worker running. The
+    arbiter itself (no worker index) is left to its own parent."""
+    if not sys.platform.startswith("linux"):
+        return
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is None:
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
 _absolute_bentoml_home()
 _label_requests_by_route()
+_stop_with_the_arbiter()
 ARGS = bentoml.use_arguments(ServingArgs)
 
 

@@ -5,6 +5,7 @@ second server on the same home would clear the first one's Prometheus folder).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -76,6 +77,32 @@ def test_the_readmes_relative_bentoml_home_serves_and_sigterm_stops_the_tree(
     finally:
         stop_server_tree(process)
     assert "FileNotFoundError" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_workers_stop_when_the_arbiter_is_killed(served, tmp_path: Path) -> None:
+    import psutil
+
+    home = tmp_path / "home"
+    shutil.copytree(served.home, home)
+    store = {"MEDTRANSFER_MONITOR_STORE": str(tmp_path / "requests.sqlite")}
+    process, url = _serve(str(home), served.package["bento"], tmp_path, store)
+    log = tmp_path / "server.log"
+    workers: list[psutil.Process] = []
+    try:
+        probe = lambda: _status(f"{url}/readyz", 5) == 200  # noqa: E731
+        wait_until(probe, 240, "ready", process, log)
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert len(workers) == 2  # the entry worker and the model worker
+        process.kill()  # the arbiter alone, as an OOM killer or `kill -9 <pid>` would
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=STOP_SECONDS)
+        assert not alive, [w.pid for w in alive]
+    finally:
+        stop_server_tree(process)
+        for worker in workers:  # orphans, when the test failed
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 @pytest.mark.slow
