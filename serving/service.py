@@ -22,7 +22,7 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
                             named ``files``, one DICOM each
   GET  /info                                                        model, classes, limits
   GET  /healthz /livez      (BentoML)                               200 while the server lives
-  GET  /readyz              (BentoML)                               200 once the model loaded
+  GET  /readyz              (BentoML)                               200 while the model answers
   GET  /metrics             (BentoML, Prometheus)                   abstentions, OOD scores
   GET  /docs /docs.json     (BentoML)                               OpenAPI page and schema
   ========================  ======================================  ==========================
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,31 @@ DICOM_TYPES = ("application/dicom", "application/octet-stream")
 PNG_TYPES = ("image/png",)
 MULTIPART_TYPES = ("multipart/form-data",)
 MODEL_CALL_ATTEMPTS = 3
+# The paths /metrics labels by name (this service's routes, the model worker's and BentoML's);
+# every other path is counted under UNKNOWN_ROUTE, so that scanning URLs cannot grow /metrics.
+KNOWN_ROUTES = frozenset(
+    {
+        "/classify/dicom",
+        "/classify/png",
+        "/classify/batch",
+        "/info",
+        "/docs",
+        "/docs.json",
+        "/",
+        "/healthz",
+        "/livez",
+        "/readyz",
+        "/metrics",
+        "/predict",
+    }
+)
+TEMPLATED_ROUTES = {"/static_content/": "/static_content/{path}"}
+UNKNOWN_ROUTE = "/__unknown__"
+# A multipart file name longer than this is refused (BentoML's temporary file keeps it as a
+# suffix after an 11-character prefix, and file names end at 255 bytes).
+MAX_FILE_NAME_BYTES = 200
+# /readyz asks the model worker's /readyz and gives up (503) after this many seconds.
+READY_TIMEOUT_S = 2.0
 WRONG_METHODS = ["GET", "PUT", "DELETE", "PATCH"]
 ABSTAIN_REASON = (
     "The image is unlike the data the model was trained on (its out-of-distribution score is "
@@ -120,6 +146,97 @@ class ServingArgs(BaseModel):
     monitor_max_records: int = 10000
 
 
+def _absolute_bentoml_home(module_file: str = __file__) -> str | None:
+    """Make a relative ``BENTOML_HOME`` absolute in this process's environment; the value set,
+    or None when there was nothing to do.
+
+    ``bentoml serve`` imports this module in its own process before it starts the workers with
+    a copy of its environment, and each worker changes directory to the Bento's ``src/`` before
+    it opens the model store: with the README's ``BENTOML_HOME=.bentoml`` the model worker
+    looked for ``src/.bentoml`` and crash-looped. Served from the store, this file is
+    ``<home>/bentos/<name>/<version>/src/serving/service.py`` whatever the working directory,
+    so ``<home>`` is the absolute home; served from the project folder (``bentoml serve
+    serving.service:Classifier``) the import runs where the relative path was given.
+    """
+    home = os.environ.get("BENTOML_HOME", "")
+    if not home or os.path.isabs(os.path.expanduser(home)):
+        return None
+    here = Path(module_file).absolute()
+    in_store = len(here.parents) > 5 and here.parents[4].name == "bentos"
+    absolute = str(here.parents[5]) if in_store else os.path.abspath(home)
+    os.environ["BENTOML_HOME"] = absolute
+    return absolute
+
+
+def _route_label(path: str) -> str:
+    """The ``endpoint`` label of a request to ``path``: the route it is, or ``UNKNOWN_ROUTE``."""
+    if path in KNOWN_ROUTES:
+        return path
+    for prefix, template in TEMPLATED_ROUTES.items():
+        if path.startswith(prefix):
+            return template
+    return UNKNOWN_ROUTE
+
+
+def _label_requests_by_route() -> None:
+    """Make BentoML's request metrics label each request by its route, not its raw URL path.
+
+    BentoML 1.4.39's metrics middleware (outside any middleware a service may add) labels
+    requests with ``scope["path"]``: 5,300 unknown paths made ``/metrics`` 23.8 MB and 11.6 s
+    a scrape. Its metrics are created in ``_setup``; this wraps their ``labels`` so that the
+    ``endpoint`` label goes through :func:`_route_label`. A BentoML without that middleware is
+    left as it is.
+    """
+    try:
+        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+    except ImportError:  # another BentoML: nothing to wrap
+        return
+    setup = RunnerTrafficMetricsMiddleware._setup
+    if getattr(setup, "by_route", False):
+        return
+
+    def setup_by_route(self, *args, **kwargs) -> None:
+        setup(self, *args, **kwargs)
+        for name in ("metrics_request_total", "metrics_request_duration"):
+            _map_endpoint_label(getattr(self, name))
+        _map_endpoint_label(self.metrics_request_in_progress)
+
+    setup_by_route.by_route = True  # type: ignore[attr-defined]
+    RunnerTrafficMetricsMiddleware._setup = setup_by_route  # type: ignore[method-assign]
+
+
+def _map_endpoint_label(metric) -> None:
+    """``metric.labels(endpoint=path, ...)`` becomes ``labels(endpoint=_route_label(path), ...)``."""
+    labels = metric.labels
+
+    def by_route(*args, **kwargs):
+        if "endpoint" in kwargs:
+            kwargs["endpoint"] = _route_label(kwargs["endpoint"])
+        return labels(*args, **kwargs)
+
+    metric.labels = by_route
+
+
+def _stop_with_the_arbiter() -> None:
+    """In a BentoML worker on Linux, have the kernel send SIGTERM when the worker's parent (the
+    arbiter of ``bentoml serve``) dies: a SIGKILLed arbiter left its entry worker running. The
+    arbiter itself (no worker index) is left to its own parent."""
+    if not sys.platform.startswith("linux"):
+        return
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is None:
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
+_absolute_bentoml_home()
+_label_requests_by_route()
+_stop_with_the_arbiter()
 ARGS = bentoml.use_arguments(ServingArgs)
 
 
@@ -281,8 +398,23 @@ async def _parse_multipart(scope, body: bytes, max_files: int) -> None:
             raise InputRejected("bad_multipart", hint=" Send only parts named 'files'.")
         if not all(isinstance(p, UploadFile) for p in parts):
             raise InputRejected("bad_multipart", hint=" Send each file as a file part.")
+        _check_file_names([p.filename or "" for p in parts])
     finally:
         await form.close()
+
+
+def _check_file_names(names: list[str]) -> None:
+    """400 ``bad_multipart`` for a part's file name that BentoML cannot turn into a temporary
+    file name (it keeps the client's name as the suffix: longer than the file system allows,
+    it raised ``File name too long`` and answered 500 with the name in the log; a NUL byte is
+    refused by the OS). The name itself is never echoed."""
+    for name in names:
+        base = os.path.basename(name)
+        if len(base.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES or "\x00" in base:
+            raise InputRejected(
+                "bad_multipart",
+                hint=f" Keep each file name under {MAX_FILE_NAME_BYTES} bytes, without NUL.",
+            )
 
 
 def _check_content_type(header: str, accepted: tuple[str, ...]) -> str:
@@ -363,6 +495,10 @@ class Classifier:
         store = os.environ.get("MEDTRANSFER_MONITOR_STORE") or ARGS.monitor_store
         self.monitor = RequestStore(store, ARGS.monitor_max_records)
         self.metrics = _Metrics()
+
+    async def __is_ready__(self) -> bool:
+        """``/readyz``: 200 only while the model worker answers its own ``/readyz``."""
+        return await _model_ready(self.student)
 
     @info_app.get("/info")
     async def info(self) -> JSONResponse:
@@ -550,6 +686,21 @@ def _unavailable() -> JSONResponse:
         status_code=503,
         headers={"Retry-After": "1"},
     )
+
+
+async def _model_ready(student, timeout_s: float = READY_TIMEOUT_S) -> bool:
+    """Whether the model worker says it is ready within ``timeout_s`` seconds.
+
+    BentoML's own probe of a dependency waited on a worker that was not up (a model worker in a
+    crash loop left ``/readyz`` hanging, and the hung probes kept SIGTERM from stopping the
+    server): here any failure or delay is "not ready", and ``/readyz`` answers 503 at once.
+    """
+    import asyncio
+
+    try:
+        return bool(await asyncio.wait_for(student.is_ready(timeout_s), timeout_s))
+    except Exception:  # not reachable, timed out, closed: all mean "not ready"
+        return False
 
 
 def _prepare_png(data: bytes) -> np.ndarray:

@@ -204,3 +204,20 @@ def kill_group_when(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+
+def seconds_to_stop_tree(process: subprocess.Popen, limit: float) -> float:
+    """SIGTERM ``process`` alone and return how many seconds it took until it and every process
+    it had started were gone (``inf`` when some outlived ``limit``: those are then killed)."""
+    import psutil
+
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=limit)
+    took = time.monotonic() - start
+    for leftover in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
+    process.wait(timeout=10)
+    return float("inf") if alive else took

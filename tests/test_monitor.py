@@ -4,6 +4,7 @@ share with its interval, drift flags, the report, the plot and the MLflow run.""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from tasks.model.profile import DataProfile
 from tasks.model.request_store import RequestStore, read_recent
 from tasks.monitoring import MONITOR, population_stability, wilson_interval
 
+CLASSIFIED = {"abstained": False, "refused": False}
+REFUSED = {"abstained": False, "refused": True}
 EDGES = [float(e) for e in np.arange(1, 10) / 10]  # deciles of U(0, 1)
 
 
@@ -106,3 +109,48 @@ def test_the_monitor_deployment_runs_on_its_cron_with_the_params_file(
     }
     assert deployment.work_pool_name == "cpu" and deployment.concurrency_limit == 1
     assert monitor_deployments(params.with_overrides(["monitor.cron=null"]), "p.yaml") == []
+
+
+def test_a_flood_of_refusals_keeps_the_classified_rows_the_drift_check_compares(
+    tmp_path: Path,
+) -> None:
+    store_path = tmp_path / "requests.sqlite"
+    store = RequestStore(store_path, max_records=100)
+    image = np.full((8, 8), 128, dtype=np.uint8)
+    for i in range(150):  # classified: scores 0, 1, ..., 149
+        store.record("/classify/png", float(i), np.array([0.5, 0.5]), image, **CLASSIFIED)
+    for _ in range(1200):  # then a flood of out-of-scope refusals, 8x the bound
+        store.record("/classify/dicom", float("nan"), None, None, **REFUSED)
+    with sqlite3.connect(store_path) as connection:
+        kept = dict(connection.execute("SELECT refused, COUNT(*) FROM requests GROUP BY refused"))
+        scores = [
+            r[0] for r in connection.execute("SELECT ood_score FROM requests WHERE NOT refused")
+        ]
+    # 1350 writes, trimmed at each 100th: the latest 100 of each kind, 50 refusals since.
+    assert kept == {0: 100, 1: 150}
+    assert scores == [float(i) for i in range(50, 150)]
+    rows = read_recent(store_path, 20)
+    assert [r["ood_score"] for r in rows if not r["refused"]] == [float(i) for i in range(130, 150)]
+    assert sum(r["refused"] for r in rows) == 20  # the refusals since those, at most the window
+
+
+def test_read_recent_interleaves_the_refusals_recorded_within_the_classified_window(
+    tmp_path: Path,
+) -> None:
+    store_path = tmp_path / "requests.sqlite"
+    store = RequestStore(store_path, max_records=100)
+    image = np.full((8, 8), 128, dtype=np.uint8)
+    for i in range(10):  # c r c r ...: five classified (scores 0, 2, 4, 6, 8), five refused
+        if i % 2:
+            store.record("/classify/dicom", float("nan"), None, None, **REFUSED)
+        else:
+            store.record("/classify/png", float(i), np.array([0.5, 0.5]), image, **CLASSIFIED)
+    rows = read_recent(store_path, 3)
+    assert [(r["refused"], r["ood_score"]) for r in rows] == [
+        (0, 4.0),
+        (1, None),
+        (0, 6.0),
+        (1, None),
+        (0, 8.0),
+        (1, None),
+    ]

@@ -3,7 +3,9 @@
 One row per classified (or out-of-scope) image: time, route, OOD score, whether the reply
 abstained or was refused out of scope, the class probabilities and three statistics of the
 model's input image (:func:`tasks.model.profile.image_statistics`). No pixel, no header value, no
-file name. The store is a SQLite file bounded to ``max_records`` rows (the oldest go first);
+file name. The store is a SQLite file that keeps the latest ``max_records`` classified rows and,
+apart from them, the latest ``max_records`` refusals (the oldest of each kind go first): a flood
+of out-of-scope requests cannot push out the classified rows the drift check compares.
 ``medtransfer monitor`` reads the latest rows with :func:`read_recent`.
 """
 
@@ -31,6 +33,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     probabilities TEXT,
     mean REAL, std REAL, saturated REAL
 )"""
+INDEX = "CREATE INDEX IF NOT EXISTS requests_kind ON requests (refused, id)"
 # Rows are trimmed to max_records every this many writes (not on each one).
 TRIM_EVERY = 100
 
@@ -87,10 +90,7 @@ class RequestStore:
                 )
                 self._writes += 1
                 if self._writes % TRIM_EVERY == 0:
-                    connection.execute(
-                        "DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?",
-                        (self.max_records,),
-                    )
+                    _trim(connection, self.max_records)
                 connection.commit()
         except (sqlite3.Error, OSError) as err:
             self._failed = True
@@ -106,7 +106,19 @@ class RequestStore:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.execute(SCHEMA)
+            self._connection.execute(INDEX)
         return self._connection
+
+
+def _trim(connection: sqlite3.Connection, max_records: int) -> None:
+    """Keep the latest ``max_records`` rows of each kind (classified, refused), each on its own:
+    trimming both together let 12,000 refusals erase every classified row."""
+    for refused in (0, 1):
+        connection.execute(
+            "DELETE FROM requests WHERE refused = ? AND id <= (SELECT id FROM requests "
+            "WHERE refused = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (refused, refused, max_records),
+        )
 
 
 def _number(value) -> float | None:
@@ -114,13 +126,24 @@ def _number(value) -> float | None:
 
 
 def read_recent(path: str | Path, window: int) -> list[dict]:
-    """The latest ``window`` rows of the store at ``path`` (oldest first), as dicts."""
+    """The latest ``window`` classified rows of the store at ``path`` and the refusals recorded
+    since the oldest of them (at most ``window``; the latest ``window`` refusals when nothing was
+    classified), oldest first, as dicts.
+
+    Refusals are read beside the classified rows, not in place of them: a flood of refusals
+    leaves the drift check its images and shows up as a high refused share.
+    """
     connection = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     try:
         connection.row_factory = sqlite3.Row
-        rows = connection.execute(
-            "SELECT * FROM requests ORDER BY id DESC LIMIT ?", (window,)
+        classified = connection.execute(
+            "SELECT * FROM requests WHERE refused = 0 ORDER BY id DESC LIMIT ?", (window,)
+        ).fetchall()
+        since = classified[-1]["id"] if classified else 0
+        refused = connection.execute(
+            "SELECT * FROM requests WHERE refused != 0 AND id >= ? ORDER BY id DESC LIMIT ?",
+            (since, window),
         ).fetchall()
     finally:
         connection.close()
-    return [dict(row) for row in reversed(rows)]
+    return sorted((dict(row) for row in [*classified, *refused]), key=lambda row: row["id"])
