@@ -11,7 +11,9 @@ ingestion stage can put the file in its quarantine report instead of crashing. A
 ``detail`` is a sentence written here, never a decoder's text or an attribute's value.
 
 Decoding is bounded: an image's rows and columns may not exceed ``max_image_dim``, the frames to
-decode may not exceed :func:`decoded_bytes_limit`, and a Deflated Explicit VR Little Endian data
+decode may not exceed :func:`decoded_bytes_limit` (or the caller's ``max_decoded_bytes``), a
+compressed frame's own header must declare the image the DICOM header does
+(:func:`check_codestream`: decoders allocate what the codestream says), and a Deflated Explicit VR Little Endian data
 set is inflated with a bounded decompressor (:func:`read_dataset`) instead of pydicom's
 unbounded ``zlib.decompress``: a 1 MB deflate bomb is refused (``too_large``) after inflating
 at most its header's worth of pixel data.
@@ -35,6 +37,7 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 import pydicom.config
+import pydicom.encaps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import (
@@ -46,6 +49,7 @@ from pydicom.pixels import (
 )
 
 from tasks.config import MULTIFRAME_MODES
+from tasks.data import codestream
 
 # After pydicom's import, which configures its logger: nothing pydicom says may reach a log,
 # since its messages quote attribute values (UIDs, names, malformed values).
@@ -261,13 +265,19 @@ def decoded_bytes_limit(max_image_dim: int) -> int:
     return max_image_dim * max_image_dim * 2
 
 
-def check_image_size(ds: Dataset, max_image_dim: int | None, frames: int | None = 1) -> int:
+def check_image_size(
+    ds: Dataset,
+    max_image_dim: int | None,
+    frames: int | None = 1,
+    max_decoded_bytes: int | None = None,
+) -> int:
     """The stored pixel bytes ``frames`` frames of ``ds`` decode to (None: every frame), from
     its header: rows x columns x samples x bytes per sample x frames.
 
     Raises:
         DicomRejected: ``too_large`` when rows or columns exceed ``max_image_dim`` or the bytes
-            exceed :func:`decoded_bytes_limit`; ``unreadable`` when a size is not a number.
+            exceed ``max_decoded_bytes`` (None: :func:`decoded_bytes_limit`); ``unreadable``
+            when a size is not a number.
     """
     rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
     samples = _header_int(ds, "SamplesPerPixel", 1)
@@ -276,7 +286,8 @@ def check_image_size(ds: Dataset, max_image_dim: int | None, frames: int | None 
     size = max(rows, 0) * max(columns, 0) * max(samples, 1) * max((bits + 7) // 8, 1) * count
     if max_image_dim is None:
         return size
-    if max(rows, columns) > max_image_dim or size > decoded_bytes_limit(max_image_dim):
+    budget = decoded_bytes_limit(max_image_dim) if max_decoded_bytes is None else max_decoded_bytes
+    if max(rows, columns) > max_image_dim or size > budget:
         raise DicomRejected(TOO_LARGE, "the image is larger than the decoder accepts")
     return size
 
@@ -326,7 +337,10 @@ def patient_key(ds: Dataset) -> str:
 
 
 def decode_dataset(
-    ds: Dataset, multiframe: str = "middle", max_image_dim: int | None = MAX_IMAGE_DIM
+    ds: Dataset,
+    multiframe: str = "middle",
+    max_image_dim: int | None = MAX_IMAGE_DIM,
+    max_decoded_bytes: int | None = None,
 ) -> DecodedImage:
     """Decode the pixel data of ``ds`` into display-space frames.
 
@@ -334,7 +348,8 @@ def decode_dataset(
         ds: a dataset from :func:`read_dataset`.
         multiframe: ``middle`` keeps the middle frame of a multi-frame image, ``all`` keeps all.
         max_image_dim: the largest rows or columns decoded (None: no limit); the frames to
-            decode must also fit :func:`decoded_bytes_limit`, checked on the header first.
+            decode must also fit ``max_decoded_bytes`` (None: :func:`decoded_bytes_limit`),
+            checked on the header and on each compressed frame's own header first.
 
     Returns:
         The decoded image; see :class:`DecodedImage`.
@@ -352,8 +367,10 @@ def decode_dataset(
     n_frames = _number_of_frames(ds)
     frame_indices = list(range(n_frames)) if multiframe == "all" else [n_frames // 2]
     notes = [f"frames:{n_frames}->{len(frame_indices)}"] if n_frames > 1 else []
-    # Decoders allocate what the header declares: check it before any of them runs.
-    check_image_size(ds, max_image_dim, frames=len(frame_indices))
+    # Decoders allocate what the header declares, and a compressed frame's decoder what its
+    # codestream declares: check both before any of them runs.
+    check_image_size(ds, max_image_dim, len(frame_indices), max_decoded_bytes)
+    check_codestream(ds, frame_indices, max_image_dim, max_decoded_bytes)
 
     pixels = _decode_pixels(ds, n_frames, frame_indices)
     frames = [
@@ -369,12 +386,98 @@ def decode_dataset(
 
 
 def decode_file(
-    path: str | Path, multiframe: str = "middle", max_image_dim: int | None = MAX_IMAGE_DIM
+    path: str | Path,
+    multiframe: str = "middle",
+    max_image_dim: int | None = MAX_IMAGE_DIM,
+    max_decoded_bytes: int | None = None,
 ) -> DecodedImage:
-    """:func:`read_dataset` then :func:`decode_dataset`, both bounded by ``max_image_dim``."""
+    """:func:`read_dataset` then :func:`decode_dataset`, both bounded by ``max_image_dim``
+    (and the decoding by ``max_decoded_bytes``)."""
     return decode_dataset(
-        read_dataset(path, max_image_dim), multiframe=multiframe, max_image_dim=max_image_dim
+        read_dataset(path, max_image_dim), multiframe, max_image_dim, max_decoded_bytes
     )
+
+
+# Transfer syntaxes whose frames carry their own size: JPEG (SOFn), JPEG-LS (SOF55), JPEG 2000
+# and HTJ2K (SIZ).
+_SIZED_CODESTREAMS = frozenset(
+    pydicom.uid.JPEGTransferSyntaxes
+    + pydicom.uid.JPEGLSTransferSyntaxes
+    + pydicom.uid.JPEG2000TransferSyntaxes
+)
+
+
+def check_codestream(
+    ds: Dataset,
+    frame_indices: list[int],
+    max_image_dim: int | None,
+    max_decoded_bytes: int | None = None,
+) -> None:
+    """Refuse a compressed frame whose own header declares another image than ``ds``'s header.
+
+    For JPEG, JPEG-LS and JPEG 2000 transfer syntaxes each frame in ``frame_indices`` has its
+    codestream header read (:mod:`tasks.data.codestream`; no pixel is decoded); for RLE the
+    number of segments must be samples x bytes per sample. Other syntaxes pass unchecked.
+
+    Raises:
+        DicomRejected: ``too_large`` when a frame declares more rows or columns than the header
+            or ``max_image_dim``, or more bytes than ``max_decoded_bytes`` (None:
+            :func:`decoded_bytes_limit`); ``decode_failed`` when it declares a smaller or
+            otherwise different image, or its header does not parse.
+    """
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax not in _SIZED_CODESTREAMS and tsyntax != pydicom.uid.RLELossless:
+        return
+    n_frames = _number_of_frames(ds)
+    wanted = set(frame_indices)
+    try:
+        frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n_frames)
+        for index, frame in enumerate(frames):
+            if index in wanted:
+                _check_frame(ds, tsyntax, frame, max_image_dim, max_decoded_bytes)
+            if index >= max(wanted):
+                break
+    except codestream.CodestreamError as err:
+        raise DicomRejected(DECODE_FAILED, "a compressed frame's header does not parse") from err
+    except DicomRejected:
+        raise
+    except Exception as err:  # pydicom's fragment parser on broken encapsulation
+        raise DicomRejected(
+            DECODE_FAILED, f"the compressed frames cannot be read ({type(err).__name__})"
+        ) from err
+
+
+def _check_frame(
+    ds: Dataset,
+    tsyntax: str,
+    frame: bytes,
+    max_image_dim: int | None,
+    max_decoded_bytes: int | None,
+) -> None:
+    """One compressed frame's declared size against ``ds``'s header and the limits."""
+    samples = _header_int(ds, "SamplesPerPixel", 1)
+    if tsyntax == pydicom.uid.RLELossless:
+        bytes_per_sample = max((_header_int(ds, "BitsAllocated", 8) + 7) // 8, 1)
+        if codestream.rle_segments(frame) != samples * bytes_per_sample:
+            raise DicomRejected(DECODE_FAILED, "the RLE segments do not match the header")
+        return
+    declared = codestream.declared_size(frame)
+    if declared is None:
+        raise DicomRejected(DECODE_FAILED, "a compressed frame is not of its transfer syntax")
+    rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    limit = max_image_dim if max_image_dim is not None else max(rows, columns)
+    budget = max_decoded_bytes
+    if budget is None and max_image_dim is not None:
+        budget = decoded_bytes_limit(max_image_dim)
+    if (
+        declared.rows > rows
+        or declared.columns > columns
+        or max(declared.rows, declared.columns) > limit
+        or (budget is not None and declared.decoded_bytes > budget)
+    ):
+        raise DicomRejected(TOO_LARGE, "a compressed frame declares a larger image than its header")
+    if (declared.rows, declared.columns) != (rows, columns):
+        raise DicomRejected(DECODE_FAILED, "a compressed frame's size differs from its header's")
 
 
 def _decode_pixels(ds: Dataset, n_frames: int, frame_indices: list[int]) -> np.ndarray:

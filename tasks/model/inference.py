@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from tasks.data import dicom_io
+from tasks.data import codestream, dicom_io
 from tasks.data.preprocess import resize_display, uint8_to_display
 
 # Reason codes of rejected uploads, with the status and the message a client sees.
@@ -97,6 +97,7 @@ def prepare_dicom(
     max_image_dim: int = dicom_io.MAX_IMAGE_DIM,
     multiframe: str | None = None,
     scope=None,
+    max_decoded_bytes: int | None = None,
 ) -> np.ndarray:
     """One DICOM image → the uint8 ``(image_size, image_size)`` image the model sees.
 
@@ -110,6 +111,8 @@ def prepare_dicom(
             None refuses multi-frame files (one image per request).
         scope: a :class:`tasks.model.profile.Scope`: a file whose header values are outside
             it is refused ``out_of_scope`` (the message names what was expected); None: no check.
+        max_decoded_bytes: the most bytes the decoded image may hold (as its header and its
+            codestream declare; None: :func:`tasks.data.dicom_io.decoded_bytes_limit`).
 
     Raises:
         InputRejected: not DICOM, truncated, no pixel data, unsupported transfer syntax or image
@@ -129,7 +132,7 @@ def prepare_dicom(
         rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
         if max(rows, columns) > max_image_dim:
             raise InputRejected("image_too_large")
-        decoded = dicom_io.decode_dataset(ds, multiframe="middle", max_image_dim=max_image_dim)
+        decoded = dicom_io.decode_dataset(ds, "middle", max_image_dim, max_decoded_bytes)
     except dicom_io.DicomRejected as err:
         raise InputRejected(err.reason) from None  # err.detail may quote the file: not shown
     except InputRejected:
@@ -142,12 +145,19 @@ def prepare_dicom(
 
 
 def prepare_png(
-    data: bytes, image_size: int, max_image_dim: int | None = dicom_io.MAX_IMAGE_DIM
+    data: bytes,
+    image_size: int,
+    max_image_dim: int | None = dicom_io.MAX_IMAGE_DIM,
+    max_decoded_bytes: int | None = None,
 ) -> np.ndarray:
     """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
 
     8-bit images go through :func:`tasks.preprocess.uint8_to_display` (colour ones then to luma,
     as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
+    Before Pillow sees it, the IHDR's size is checked against ``max_image_dim`` (422
+    ``image_too_large``) and its decoded bytes (width x height x samples x bytes per sample)
+    against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_io.decoded_bytes_limit`;
+    413 ``too_large``).
 
     Raises:
         InputRejected: empty, not a PNG, too large, or pixel data that does not decode.
@@ -156,6 +166,7 @@ def prepare_png(
 
     if len(data) == 0:
         raise InputRejected("empty_body")
+    check_png_header(data, max_image_dim, max_decoded_bytes)
     try:
         image = Image.open(io.BytesIO(data), formats=["PNG"])
     except Image.DecompressionBombError:
@@ -173,6 +184,28 @@ def prepare_png(
     except Exception:
         raise InputRejected(dicom_io.DECODE_FAILED) from None
     return resize_display(display, image_size)
+
+
+def check_png_header(
+    data: bytes, max_image_dim: int | None, max_decoded_bytes: int | None = None
+) -> None:
+    """Refuse a PNG whose IHDR declares more than the limits, before any decoder runs.
+
+    Pillow's own bomb check counts pixels only (a 16-bit RGBA pixel is 8 bytes), and it
+    decompresses every row of what the IHDR declares: an 8192 x 8192 RGBA 16-bit PNG of 522 KB
+    cost 3.2 GB.
+    """
+    try:
+        declared = codestream.png_size(data)
+    except codestream.CodestreamError:
+        raise InputRejected("not_png") from None
+    if max_image_dim is None:
+        return
+    if max(declared.rows, declared.columns) > max_image_dim:
+        raise InputRejected("image_too_large")
+    budget = dicom_io.decoded_bytes_limit(max_image_dim)
+    if declared.decoded_bytes > (budget if max_decoded_bytes is None else max_decoded_bytes):
+        raise InputRejected(dicom_io.TOO_LARGE)
 
 
 def _png_to_display(image) -> np.ndarray:
