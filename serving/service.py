@@ -35,8 +35,11 @@ Modality, Photometric Interpretation or Body Part is outside the training data's
 ``multiframe`` rule recorded with the model).
 
 Bad input gets a 4xx with ``{"error": code, "message": ..., "status": ...}`` (codes in
-:data:`tasks.inference.REJECTIONS`), never a 500. The one 5xx is 503 ``model_unavailable``
-(with ``Retry-After``). Replies and log lines carry reason codes and fixed messages only: no
+:data:`tasks.inference.REJECTIONS`), never a 500. The 5xx are 503 ``model_unavailable``
+and 503 ``request_timeout`` (not done within ``serving.request_timeout_s``; its upload is removed),
+both with ``Retry-After``. Uploads are checked against the size their own codestream declares
+before decoding (:mod:`tasks.data.codestream`), and at most ``serving.max_concurrent_decodes``
+decode at once. Replies and log lines carry reason codes and fixed messages only: no
 DICOM attribute, file name or decoder text, so no patient data. Per request the service keeps
 only non-identifying numbers (OOD score, probabilities, three image statistics) in a bounded
 SQLite store (``serving.monitor_store``) for ``medtransfer monitor``.
@@ -47,11 +50,13 @@ Configuration comes from the Bento's arguments (:class:`ServingArgs`), written b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -133,6 +138,9 @@ class ServingArgs(BaseModel):
     max_upload_bytes: int = 64 * 1024 * 1024
     max_batch_files: int = 64
     max_image_dim: int = 8192
+    max_decoded_mib: int = 128
+    max_concurrent_decodes: int = 2
+    request_timeout_s: float = 60.0
     batching: bool = True
     max_batch_size: int = 8
     max_latency_ms: int = 5000
@@ -482,7 +490,8 @@ def _check_multipart(body: bytes, content_type: str, max_files: int) -> None:
 info_app = FastAPI(title="medtransfer", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@bentoml.service(name="medtransfer", workers=1, traffic={"timeout": 120})
+# BentoML's own timeout is the backstop (504); the service answers 503 at request_timeout_s.
+@bentoml.service(name="medtransfer", workers=1, traffic={"timeout": ARGS.request_timeout_s + 30})
 @bentoml.asgi_app(info_app, path="/")
 class Classifier:
     """HTTP entry point: checks and prepares uploads, asks :class:`StudentModel`, replies."""
@@ -513,6 +522,9 @@ class Classifier:
                     "max_upload_bytes": ARGS.max_upload_bytes,
                     "max_batch_files": ARGS.max_batch_files,
                     "max_image_dim": ARGS.max_image_dim,
+                    "max_decoded_mib": ARGS.max_decoded_mib,
+                    "max_concurrent_decodes": ARGS.max_concurrent_decodes,
+                    "request_timeout_s": ARGS.request_timeout_s,
                 },
                 "batching": {
                     "enabled": ARGS.batching,
@@ -560,12 +572,15 @@ class Classifier:
         One bad file rejects the whole request, naming the file's position (from 0).
         """
         try:
-            images = await _in_thread(self._prepare_all, files)
-            outputs = await self._predict(images)
+            with _request_deadline(files):
+                images = await _in_thread(self._prepare_all, files)
+                outputs = await self._predict(images)
         except InputRejected as err:
             return _rejection("/classify/batch", err, self.monitor)
         except ModelUnavailable:
             return _unavailable()
+        except TimeoutError:
+            return _timed_out("/classify/batch")
         results = [
             {"index": i, **self._decision("/classify/batch", o, images[i])}
             for i, o in enumerate(outputs)
@@ -576,18 +591,26 @@ class Classifier:
         """Shared body of the single-image routes: ``prepare`` the upload into one model-ready
         image, predict; the decision as JSON, or a 4xx."""
         try:
-            image = await _in_thread(prepare, file.read_bytes())
-            outputs = await self._predict(image[np.newaxis])
+            with _request_deadline([file]):
+                image = await _in_thread(prepare, file.read_bytes())
+                outputs = await self._predict(image[np.newaxis])
         except InputRejected as err:
             return _rejection(route, err, self.monitor)
         except ModelUnavailable:
             return _unavailable()
+        except TimeoutError:
+            return _timed_out(route)
         return JSONResponse({**self._decision(route, outputs[0], image), **_served_by()})
 
     def _prepare_dicom(self, data: bytes) -> np.ndarray:
         """DICOM bytes → the model's uint8 image, refusing what is outside the training scope."""
         return prepare_dicom(
-            data, ARGS.image_size, ARGS.max_image_dim, ARGS.multiframe, scope=self.scope
+            data,
+            ARGS.image_size,
+            ARGS.max_image_dim,
+            ARGS.multiframe,
+            scope=self.scope,
+            max_decoded_bytes=ARGS.max_decoded_mib * 2**20,
         )
 
     def _prepare_all(self, files: list[Path]) -> np.ndarray:
@@ -704,14 +727,68 @@ async def _model_ready(student, timeout_s: float = READY_TIMEOUT_S) -> bool:
 
 
 def _prepare_png(data: bytes) -> np.ndarray:
-    return prepare_png(data, ARGS.image_size, ARGS.max_image_dim)
+    return prepare_png(
+        data, ARGS.image_size, ARGS.max_image_dim, max_decoded_bytes=ARGS.max_decoded_mib * 2**20
+    )
+
+
+# At most serving.max_concurrent_decodes images decode at once in this worker: each may hold
+# a few times serving.max_decoded_mib, so together they bound the worker's decoding memory.
+_DECODE_SLOTS = threading.BoundedSemaphore(ARGS.max_concurrent_decodes)
 
 
 async def _in_thread(function, *args):
-    """Run CPU-bound decoding off the event loop."""
+    """Run CPU-bound decoding off the event loop, holding a decode slot.
+
+    Waits for a slot no longer than the request's deadline (:func:`_request_deadline`); when
+    the deadline passes, the request stops waiting (``abandon_on_cancel``) while a decode
+    already running finishes in its thread and only then frees its slot, so the bound holds.
+    """
     import anyio
 
-    return await anyio.to_thread.run_sync(function, *args)
+    def bounded():
+        if not _DECODE_SLOTS.acquire(timeout=ARGS.request_timeout_s):
+            raise TimeoutError
+        try:
+            return function(*args)
+        finally:
+            _DECODE_SLOTS.release()
+
+    return await anyio.to_thread.run_sync(bounded, abandon_on_cancel=True)
+
+
+@contextlib.contextmanager
+def _request_deadline(uploads: list[Path]) -> Iterator[None]:
+    """``with _request_deadline(uploads):`` the request's work within serving.request_timeout_s.
+
+    Past it the work is cancelled and :class:`TimeoutError` raised (the caller answers 503),
+    and the uploads' temp files are removed at once: a decode left running in its thread must
+    not keep the upload on disk.
+    """
+    import anyio
+
+    try:
+        with anyio.fail_after(ARGS.request_timeout_s):
+            yield
+    except TimeoutError:
+        for upload in uploads:
+            upload.unlink(missing_ok=True)
+        raise
+
+
+def _timed_out(route: str) -> JSONResponse:
+    """503 ``request_timeout``: the request did not finish within serving.request_timeout_s."""
+    logger.info("rejected %s with 503: request_timeout", route)
+    return JSONResponse(
+        {
+            "error": "request_timeout",
+            "message": "The request did not finish in time (the server is busy or the image "
+            "is slow to decode); retry shortly.",
+            "status": 503,
+        },
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 class _Metrics:

@@ -250,6 +250,9 @@ class ServingParams:
     max_upload_bytes: int = rule(min=1)
     max_batch_files: int = rule(min=1)
     max_image_dim: int = rule(min=1)
+    max_decoded_mib: int = rule(min=1)
+    max_concurrent_decodes: int = rule(min=1)
+    request_timeout_s: float = rule(above=0.0)
     batching: bool = rule()
     # BentoML's minimum; turn batching off with serving.batching=false instead.
     max_batch_size: int = rule(min=2)

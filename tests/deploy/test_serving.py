@@ -246,6 +246,10 @@ def test_health_readiness_and_info(served) -> None:
         "max_upload_bytes": MAX_UPLOAD,
         "max_batch_files": MAX_FILES,
         "max_image_dim": MAX_DIM,
+        # params.yaml's values (the served Bento does not override them)
+        "max_decoded_mib": 128,
+        "max_concurrent_decodes": 2,
+        "request_timeout_s": 60.0,
     }
     assert info["batching"]["enabled"] is True
     assert info["batching"]["max_batch_size"] == SERVED_LIMITS["serving.max_batch_size"]
