@@ -139,7 +139,7 @@ class ServingArgs(BaseModel):
     max_batch_files: int = 64
     max_image_dim: int = 8192
     max_decoded_mib: int = 128
-    max_concurrent_decodes: int = 2
+    max_concurrent_decodes: int = 1
     request_timeout_s: float = 60.0
     batching: bool = True
     max_batch_size: int = 8

@@ -377,8 +377,11 @@ def decode_dataset(
         _to_display(frame, ds, index, notes)
         for frame, index in zip(pixels, frame_indices, strict=True)
     ]
+    del pixels  # the stored values are no longer needed: free them before stacking
+    # One frame needs no stacked copy (an 8000 x 8000 float32 frame is 244 MiB).
+    stacked = frames[0][np.newaxis] if len(frames) == 1 else np.stack(frames)
     return DecodedImage(
-        frames=np.stack(frames).astype(np.float32, copy=False),
+        frames=stacked.astype(np.float32, copy=False),
         notes=list(dict.fromkeys(notes)),  # de-duplicate, keep order
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
         patient_key=patient_key(ds),
@@ -735,9 +738,15 @@ def _rescale_coefficients(ds: Dataset) -> tuple[float, float]:
 
 
 def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``(values - low) / (high - low)`` clipped to [0, 1], as one new float32 array.
+
+    Computed in place on that array: three temporaries of an 8000 x 8000 image were 730 MiB.
+    """
     if high <= low:
         return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+    out = np.subtract(values, low, dtype=np.float32)
+    out /= high - low
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:

@@ -248,7 +248,7 @@ def test_health_readiness_and_info(served) -> None:
         "max_image_dim": MAX_DIM,
         # params.yaml's values (the served Bento does not override them)
         "max_decoded_mib": 128,
-        "max_concurrent_decodes": 2,
+        "max_concurrent_decodes": 1,
         "request_timeout_s": 60.0,
     }
     assert info["batching"]["enabled"] is True
