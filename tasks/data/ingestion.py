@@ -91,6 +91,8 @@ class IngestResult:
     quarantined_by_reason: dict[str, int]
     splits: dict[str, dict[str, int]]
     classes: dict[str, int]
+    # A labels CSV's row counts (LabelSource.csv_counts); empty for other label sources.
+    labels_csv: dict[str, int] = field(default_factory=dict)
 
     def to_report(self) -> dict:
         return {
@@ -102,6 +104,7 @@ class IngestResult:
             "quarantined_by_reason": self.quarantined_by_reason,
             "splits": self.splits,
             "classes": self.classes,
+            **({"labels_csv": self.labels_csv} if self.labels_csv else {}),
         }
 
 
@@ -129,7 +132,7 @@ def ingest_folder(
         )
         ingested_files = len({row["source_file"] for row in rows})
         labels_from = str(labels.csv_path) if labels.csv_path else ds_files.SUBFOLDER_LABELS
-        return _finish(
+        result = _finish(
             staging,
             rows,
             quarantine,
@@ -144,6 +147,8 @@ def ingest_folder(
         # The next run would remove it too; removing it now keeps a long-lived process clean.
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    result.labels_csv = labels.csv_counts({f.relative_to(folder).as_posix() for f in files})
+    return result
 
 
 def _decode_into(

@@ -1,7 +1,15 @@
-"""Where a DICOM file's label comes from: a CSV or the name of its class sub-folder."""
+"""Where a DICOM file's label comes from: a CSV or the name of its class sub-folder.
+
+A labels CSV is taken only when it says one thing per file: two rows giving one file
+different labels, or two labels that differ only in case (``Opacity``/``opacity``, which would
+become two classes), are refused with one line of counts. Rows repeated word for word are
+accepted and counted, and rows naming no file in the folder are counted in the ingest report
+(``labels_csv.rows_without_file``): neither changes what any image is labelled.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -19,12 +27,18 @@ class LabelSource:
         by_sop_uid: label per SOPInstanceUID.
         from_subfolders: when True, a file's label is its first-level sub-folder name.
         csv_path: the CSV the labels came from, if any (excluded from the files to ingest).
+        rows: the CSV's distinct labelled rows as ``(path, SOPInstanceUID)`` keys ("" where
+            the column is absent or empty), to count the rows that name no file.
+        identical_duplicates: CSV rows that repeat an earlier row exactly (ignored).
     """
 
     by_path: dict[str, str] = field(default_factory=dict)
     by_sop_uid: dict[str, str] = field(default_factory=dict)
     from_subfolders: bool = False
     csv_path: Path | None = None
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    identical_duplicates: int = 0
+    _matched_uids: set[str] = field(default_factory=set)
 
     def label_for(self, relative_path: str, sop_instance_uid: str) -> str | None:
         """The label of one file, or None when the source does not label it."""
@@ -34,7 +48,32 @@ class LabelSource:
         label = self.by_path.get(relative_path)
         if label is None and sop_instance_uid:
             label = self.by_sop_uid.get(sop_instance_uid)
+            if label is not None:
+                self._matched_uids.add(sop_instance_uid)
         return label
+
+    def csv_counts(self, listed_files: set[str]) -> dict[str, int]:
+        """The CSV's row counts for the ingest report, once every file was labelled.
+
+        Args:
+            listed_files: every file of the folder, relative POSIX paths.
+
+        Returns:
+            ``{"rows", "identical_duplicates", "rows_without_file"}``; empty without a CSV. A row
+            names no file when its path is not in ``listed_files`` and its SOPInstanceUID
+            labelled no decoded file.
+        """
+        if self.csv_path is None:
+            return {}
+        without_file = sum(
+            (not path or path not in listed_files) and (not uid or uid not in self._matched_uids)
+            for path, uid in self.rows
+        )
+        return {
+            "rows": len(self.rows) + self.identical_duplicates,
+            "identical_duplicates": self.identical_duplicates,
+            "rows_without_file": without_file,
+        }
 
 
 def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSource:
@@ -48,10 +87,51 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             dependency), then in the working directory.
 
     Raises:
-        MedtransferError: the CSV is missing, unreadable, or lacks the needed columns.
+        MedtransferError: the CSV is missing, unreadable, or lacks the needed columns; it
+            gives one file two labels, or spells one label in two cases.
     """
     if labels_csv is None:
         return LabelSource(from_subfolders=True)
+    csv_path = _find_csv(folder, labels_csv)
+    table = _read_table(csv_path)
+    columns = {name.strip(): name for name in table.columns}
+    if "label" not in columns or not ({"path", "SOPInstanceUID"} & set(columns)):
+        raise MedtransferError(
+            f"The labels CSV {csv_path} has columns {list(table.columns)}; it needs a 'label' "
+            "column and a 'path' or 'SOPInstanceUID' column."
+        )
+    labels = table[columns["label"]].str.strip()
+    paths = (
+        table[columns["path"]]
+        .str.strip()
+        .map(lambda p: PurePosixPath(p.replace("\\", "/")).as_posix() if p else "")
+        if "path" in columns
+        else pd.Series([""] * len(table), dtype=str)
+    )
+    uids = (
+        table[columns["SOPInstanceUID"]].str.strip()
+        if "SOPInstanceUID" in columns
+        else pd.Series([""] * len(table), dtype=str)
+    )
+    rows = [
+        (path, uid, label)
+        for path, uid, label in zip(paths, uids, labels, strict=True)
+        if label and (path or uid)
+    ]
+    _refuse_case_variants(csv_path, [label for _, _, label in rows])
+    source = LabelSource(csv_path=csv_path.resolve())
+    distinct = list(dict.fromkeys(rows))  # first occurrence of each exact row, in file order
+    source.identical_duplicates = len(rows) - len(distinct)
+    source.rows = [(path, uid) for path, uid, _ in distinct]
+    source.by_path = _one_label_per_key(csv_path, "path", [(p, lab) for p, _, lab in distinct])
+    source.by_sop_uid = _one_label_per_key(
+        csv_path, "SOPInstanceUID", [(u, lab) for _, u, lab in distinct]
+    )
+    return source
+
+
+def _find_csv(folder: Path, labels_csv: str | Path) -> Path:
+    """The CSV's path: inside ``folder`` when it is there, else as given."""
     csv_path = Path(labels_csv)
     if not csv_path.is_absolute() and (folder / csv_path).is_file():
         csv_path = folder / csv_path
@@ -60,29 +140,56 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             f"The labels CSV {labels_csv} does not exist. Set data.labels_csv to a CSV with "
             "columns path (or SOPInstanceUID) and label, or to null to use class sub-folders."
         )
+    return csv_path
+
+
+def _read_table(csv_path: Path) -> pd.DataFrame:
+    """Every cell of the CSV as text (empty cells as "")."""
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
         raise MedtransferError(
             f"The labels CSV {csv_path} could not be read ({type(err).__name__}: {err}). "
             "It must be a comma-separated UTF-8 file with a header row."
         ) from err
-    columns = {name.strip(): name for name in table.columns}
-    if "label" not in columns or not ({"path", "SOPInstanceUID"} & set(columns)):
+
+
+def _refuse_case_variants(csv_path: Path, labels: list[str]) -> None:
+    """Refuse labels that differ only in case: they would silently become separate classes."""
+    spellings: dict[str, set[str]] = defaultdict(set)
+    for label in labels:
+        spellings[label.casefold()].add(label)
+    clashes = {key: sorted(group) for key, group in spellings.items() if len(group) > 1}
+    if clashes:
+        affected = sum(label.casefold() in clashes for label in labels)
+        first = next(iter(clashes.values()))
         raise MedtransferError(
-            f"The labels CSV {csv_path} has columns {list(table.columns)}; it needs a 'label' "
-            "column and a 'path' or 'SOPInstanceUID' column."
+            f"The labels CSV {csv_path} spells {len(clashes)} label(s) in more than one case "
+            f"({' / '.join(first)}{', ...' if len(clashes) > 1 else ''}; {affected} rows); "
+            "they would become separate classes. Write each class one way and ingest again."
         )
-    labels = table[columns["label"]].str.strip()
-    source = LabelSource(csv_path=csv_path.resolve())
-    if "path" in columns:
-        paths = (
-            table[columns["path"]]
-            .str.strip()
-            .map(lambda p: PurePosixPath(p.replace("\\", "/")).as_posix())
+
+
+def _one_label_per_key(csv_path: Path, column: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """``{key: label}`` from distinct ``(key, label)`` rows (empty keys skipped).
+
+    Raises:
+        MedtransferError: a key with two different labels; the message counts such keys and
+            their rows but names none (a file name can carry a patient's name).
+    """
+    labels: dict[str, str] = {}
+    conflicting: dict[str, int] = defaultdict(int)
+    for key, label in pairs:
+        if not key:
+            continue
+        if key in labels and labels[key] != label:
+            conflicting[key] += 1
+        labels.setdefault(key, label)
+    if conflicting:
+        rows = sum(conflicting.values()) + len(conflicting)
+        raise MedtransferError(
+            f"The labels CSV {csv_path} gives {len(conflicting)} {column} value(s) conflicting "
+            f"labels ({rows} distinct rows); the right one cannot be chosen. Keep one label per file "
+            "and ingest again."
         )
-        source.by_path = {p: lab for p, lab in zip(paths, labels, strict=True) if p and lab}
-    if "SOPInstanceUID" in columns:
-        uids = table[columns["SOPInstanceUID"]].str.strip()
-        source.by_sop_uid = {u: lab for u, lab in zip(uids, labels, strict=True) if u and lab}
-    return source
+    return labels

@@ -53,6 +53,13 @@ def run_ingest(
         f" {reasons}" if reasons else "",
         ", ".join(f"{split} {counts['images']}" for split, counts in result.splits.items()),
     )
+    if result.labels_csv.get("rows_without_file"):
+        logger.warning(
+            "ingest: %d labels CSV rows name no file of the folder (ignored; counted in %s as "
+            "labels_csv.rows_without_file)",
+            result.labels_csv["rows_without_file"],
+            reports.INGEST.file_name,
+        )
     return result
 
 
