@@ -10,20 +10,27 @@ accumulates.
 
 One writer per output at a time: a second writer that starts while one runs removes the
 first's staging folder, and the first then fails loudly (it never swaps in a mixture).
+
+A stage writes several outputs (a dataset and its report, a model and its report): it calls
+:func:`check_can_write` with all of them before it replaces any, so a disk that refuses one
+(read-only, full, a file standing where a folder belongs) leaves every old output in place,
+still agreeing with each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+PROBE_PREFIX = ".medtransfer-probe-"
 STAGING_MARK = ".staging"
 ASIDE_MARK = ".aside-"
 PARTIAL_SUFFIX = ".partial"
@@ -115,6 +122,51 @@ def write_file(path: Path, write: Callable[[Path], None]) -> Path:
             partial.unlink()
         raise
     return path
+
+
+def check_can_write(files: Iterable[Path] = (), folders: Iterable[Path] = ()) -> None:
+    """Refuse, before anything is replaced, outputs the disk would not take.
+
+    Args:
+        files: files a stage will write (through :func:`write_file`): each must not be a
+            folder, and its folder (or the nearest part of it that exists) must take a new file.
+        folders: folders a stage will fill or swap in (through :func:`swap_in_folder`): each
+            must not be a file, and it (or the nearest part of it that exists) must take a new
+            file.
+
+    Raises:
+        OSError: the first refusal, as the disk would give it later, with the path: ``EISDIR``
+            (a folder where a file belongs), ``ENOTDIR`` (a file where a folder belongs), or
+            the probe's own error (``EROFS``, ``EACCES``, ``ENOSPC``...). The command line and
+            the flow turn it into one line naming the stage and what to do
+            (:func:`tasks.errors.stage_io_error`); it is not retried.
+    """
+    checks = [(path, path.parent, True) for path in map(Path, files)]
+    checks += [(path, path, False) for path in map(Path, folders)]
+    for path, folder, is_file in checks:
+        if is_file and path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        try:
+            _probe(existing)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror or str(err), str(existing)) from err
+
+
+def _probe(folder: Path) -> None:
+    """Create, fill, flush and remove a small file in ``folder``: a read-only or full disk
+    refuses one of these steps."""
+    handle, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+    try:
+        os.write(handle, b"\0" * 4096)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+        os.unlink(name)
 
 
 def _exchange(first: Path, second: Path) -> bool:

@@ -20,6 +20,7 @@ from tasks.evaluation import plot_data, plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_configured, gradcam_grid
 from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
 from tasks.model.student_io import StudentSpec, load_student
+from tasks.stages.preflight import check_stage_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def run_evaluate(params: Params) -> dict:
     Raises:
         MedtransferError: the student and the dataset disagree on classes or image size.
     """
+    check_stage_outputs("evaluate", params)
     dataset = load_processed(params.data.processed_dir)
     source = dataset.source  # refuses a dataset that does not record its source
     model, spec = load_student(params.train.model_dir)

@@ -16,6 +16,7 @@ from tasks.data.ingestion import DecodeMap, IngestResult, ingest_folder, ingest_
 from tasks.data.labels import read_label_source
 from tasks.data.source_guard import check_outputs_spare_source
 from tasks.errors import MedtransferError
+from tasks.stages.preflight import check_stage_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +90,4 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
 def _check_outputs(params: Params, source: Path) -> None:
     """Refuse, before anything is written, outputs that would overwrite or delete ``source``."""
     check_outputs_spare_source(source, Path(params.data.processed_dir), Path(params.reports_dir))
+    check_stage_outputs("ingest", params)

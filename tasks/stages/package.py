@@ -28,6 +28,7 @@ from tasks.registry.bento import (
     student_from_version,
 )
 from tasks.registry.profile_fit import fit_profile
+from tasks.stages.preflight import check_stage_outputs
 
 # Under reports_dir: the serving profile the drift monitor compares requests with.
 SERVING_PROFILE_DIR = "serving_profile"
@@ -46,6 +47,7 @@ def run_package(params: Params) -> dict:
         MedtransferError: no such version, a version not registered by medtransfer, or weights
             that do not fit the version's architecture.
     """
+    check_stage_outputs("package", params)
     from mlflow import MlflowClient
 
     from tasks.tracking.configure import configure_mlflow

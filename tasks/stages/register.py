@@ -38,6 +38,7 @@ from tasks.registry.promotion import (
     promotion_decision,
     version_tags,
 )
+from tasks.stages.preflight import check_stage_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def run_register(params: Params) -> dict:
         MedtransferError: a missing or malformed report, a training run that is not in the
             tracking store, or a saved student that is not the model the run logged.
     """
+    check_stage_outputs("register", params)
     from mlflow import MlflowClient
 
     from tasks.tracking.configure import configure_mlflow

@@ -44,6 +44,7 @@ from tasks.robustness.verdict import (
     metric_key,
     plot_robustness_curves,
 )
+from tasks.stages.preflight import check_stage_outputs
 
 logger = logging.getLogger(__name__)
 # (model, what to call it in the log) -> its result at every budget
@@ -81,6 +82,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         (passed, reasons, checked), ``metrics``, the per-budget ``table``, the reference
         probe's, the per-strategy rows and the configuration.
     """
+    check_stage_outputs("robustness", params)
     from tasks.model.student import teacher_feature_extractor
 
     config, seed, gates = params.robustness, params.seed, params.gates.in_pixels()

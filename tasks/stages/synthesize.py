@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tasks.config import Params
 from tasks.data import synthetic
+from tasks.stages.preflight import check_stage_outputs
 
 
 def run_synthesize(params: Params) -> dict:
@@ -18,6 +19,7 @@ def run_synthesize(params: Params) -> dict:
         ``{"dicom_dir", "labels_csv", "files"}``: where the set is and how many DICOM files it
         holds. An identical set already on disk is kept as it is.
     """
+    check_stage_outputs("synthesize", params)
     folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
     files = sum(1 for path in folder.rglob("*.dcm") if path.is_file())
     return {"dicom_dir": str(folder), "labels_csv": str(labels_csv), "files": files}

@@ -33,6 +33,7 @@ from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import evaluate_configured
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.signals import sigterm_raises
+from tasks.stages.preflight import check_stage_outputs
 from tasks.tracking import train_run
 from tasks.tracking.configure import configure_mlflow
 from tasks.tracking.recorder import MlflowRecorder
@@ -87,6 +88,7 @@ def run_train(
         recorders: further listeners to every fit, on rank 0 (the Prefect flow passes its
             progress artifact); MLflow, logging and the progress bar are always there.
     """
+    check_stage_outputs("train", params)
     params, choice = apply_auto(params)
     strategy_list, fractions = _trainings(params.train)
     session, parent_id = _prepare_session(params, resume, progress, recorders, choice)
