@@ -25,6 +25,7 @@ from tasks.config import Params, load_params
 from tasks.errors import MedtransferError, stage_io_error
 from tasks.project_lock import project_lock
 from tasks.signals import EXIT_SIGINT, EXIT_SIGTERM, Terminated
+from tasks.tracking_store import check_tracking_store
 
 
 def _synthesize(params: Params, args: argparse.Namespace) -> dict:
@@ -190,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         params = load_params(args.params, args.set)
+        if args.command in USES_TRACKING:
+            check_tracking_store(
+                os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+            )
         summary = _handle(handler, params, args)
     except MedtransferError as err:
         print(f"medtransfer {args.command}: error: {err}", file=sys.stderr)
@@ -210,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(human_summary(args.command, summary, params))
     return 0
 
+
+# Commands that log to or read from MLflow: their tracking store is checked before any stage
+# runs, so `run` refuses an unreachable server in seconds instead of after ingesting.
+USES_TRACKING = frozenset({"train", "evaluate", "robustness", "register", "package", "run"})
 
 # Commands that write the project's outputs (dataset, models, reports, registry, Bento) hold
 # the project lock; advise, monitor and the deployment commands only read them or run elsewhere.

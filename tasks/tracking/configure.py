@@ -12,6 +12,7 @@ import mlflow
 import mlflow.data
 
 from tasks.config import Params
+from tasks.tracking_store import check_tracking_store
 
 # The experiment tag the MLflow UI reads to choose its layout (mlflow/server/js: without it the
 # UI infers the kind and opened medtransfer's experiment on the empty GenAI trace overview).
@@ -29,7 +30,9 @@ def configure_mlflow(params: Params) -> str:
     as model training (:data:`EXPERIMENT_KIND_TAG`), so the UI opens on its runs.
     """
     section = params.mlflow
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or section.tracking_uri)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or section.tracking_uri
+    check_tracking_store(uri)  # seconds and one line, not minutes of retries or a traceback
+    mlflow.set_tracking_uri(uri)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     name = section.experiment
     experiment = mlflow.get_experiment_by_name(name)
