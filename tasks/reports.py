@@ -91,6 +91,7 @@ class MetricsContent(TypedDict, total=False):
 
 
 class RobustnessContent(TypedDict, total=False):
+    run_id: str | None  # the training run whose student was judged (register checks it)
     verdict: dict[str, Any]
     metrics: dict[str, float]
 

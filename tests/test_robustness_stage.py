@@ -58,6 +58,7 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
     assert metrics[metric_key("robust_acc_pgd", 8 / 255)] <= metrics["clean_acc"]
 
     run_id = json.loads((reports / "train.json").read_text())["run_id"]
+    assert report["run_id"] == run_id  # the run judged, so that register can check it
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.tags["robustness_verdict"] in {"pass", "fail"}
     assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tasks.config import RegistryParams
 from tasks.errors import MedtransferError
-from tasks.registry.promotion import Candidate, Champion, as_float
+from tasks.registry.promotion import WEIGHTS_TAG, Candidate, Champion, as_float
 
 MAX_DESCRIPTION = 5000  # the SQL registry's description column holds 5000 characters
 
@@ -90,6 +90,39 @@ def _logged_model_uri(client, run) -> str:
         if model.name == "model":
             return model.model_uri
     return f"runs:/{run.info.run_id}/model"
+
+
+def weights_digest(model) -> str:
+    """SHA-256 over a model's ``state_dict``: each entry's name, dtype, shape and bytes, in name
+    order. Equal for two models exactly when their weights (and buffers) are equal."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def existing_version(client, name: str, run_id: str, weights: str) -> tuple[str, str] | None:
+    """The version of ``name`` that already holds this student, and why: one whose source is
+    the training run ``run_id``, or one tagged with the same weights digest; None when none
+    does (or the model does not exist yet). The lowest such version wins."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        if version.run_id == run_id:
+            return str(version.version), f"training run {run_id}"
+        if weights and version.tags.get(WEIGHTS_TAG) == weights:
+            return str(version.version), "identical weights"
+    return None
 
 
 def ensure_registered_model(client, name: str) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_TAG_VALUE = 5000  # the SQL registry's tag value column
+WEIGHTS_TAG = "weights_sha256"  # a version's tag: the digest of its student's weights
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Candidate:
     robustness: dict[str, Any] | None
     ingest: dict[str, Any]
     selection: dict[str, Any] | None = None  # the train report's ``auto`` decision, if any
+    weights_sha256: str = ""  # the saved student's weights (tasks.registry.mlflow_registry)
 
     @property
     def test_auc(self) -> float:
@@ -69,6 +71,7 @@ class RegisterResult:
     run_id: str
     model_card: str
     tags: dict[str, str] = field(default_factory=dict)
+    already_registered: bool = False  # the registry held this student: its version, no new one
 
 
 def promotion_decision(candidate: Candidate, champion: Champion | None) -> tuple[bool, list[str]]:
@@ -132,12 +135,14 @@ def version_tags(candidate: Candidate, promoted: bool, reasons: list[str]) -> di
         "robustness_passed": "true" if candidate.robustness_passed else "false",
         "promotion": "promoted" if promoted else "not_promoted",
         # Read back by later stages. test_auc: the next registration's champion gate compares
-        # with the figure this version was registered with (one run may be registered several
-        # times; an MLflow version has no metrics of its own). threshold and student_spec:
+        # with the figure this version was registered with (an MLflow version has no metrics
+        # of its own). threshold and student_spec:
         # the package stage rebuilds and configures the served student from them.
         "test_auc": _text(test.get("auc")),
         "threshold": _text(candidate.metrics.get("threshold")),
         "student_spec": json.dumps(spec, sort_keys=True),
+        # the next registration of the same weights returns this version (one per model)
+        WEIGHTS_TAG: candidate.weights_sha256,
     }
     return {k: v[:MAX_TAG_VALUE] for k, v in tags.items()}
 

@@ -6,6 +6,10 @@ run's logged model as a new version tagged with what it is and how it did, attac
 card, and moves the alias (``registry.alias``, default ``champion``) to it only when it deserves
 it (see :func:`tasks.registry.promotion.promotion_decision`). The outcome is the register report.
 
+One version per model: a training run the registered model already holds, or a student whose
+weights equal an existing version's (its ``weights_sha256`` tag), returns that version and
+makes none; a robustness verdict that judged another training run is refused.
+
 Registration is all or nothing: everything that can be checked is checked before the version
 exists, and a failure after that (the register report's write included) deletes the version
 again (and the registered model, if this call created it) and puts the previous report back, so
@@ -27,8 +31,10 @@ from tasks.registry.mlflow_registry import (
     current_champion,
     description,
     ensure_registered_model,
+    existing_version,
     roll_back,
     run_dataset_source,
+    weights_digest,
 )
 from tasks.registry.model_card import CardInputs, render_model_card
 from tasks.registry.promotion import (
@@ -66,6 +72,9 @@ def run_register(params: Params) -> dict:
     source = run_dataset_source(client, candidate.run_id)
     candidate = dataclasses.replace(candidate, ingest=with_run_source(candidate.ingest, source))
     champion = current_champion(client, config)
+    found = existing_version(client, config.model_name, candidate.run_id, candidate.weights_sha256)
+    if found is not None:
+        return _already_registered(client, config, candidate, champion, found, params.reports_dir)
     promoted, reasons = promotion_decision(candidate, champion)
     tags = version_tags(candidate, promoted, reasons)
 
@@ -147,6 +156,7 @@ def gather_candidate(params: Params) -> tuple[Candidate, Any]:
             f"{reports.ROBUSTNESS.path(params.reports_dir)} has no verdict; re-run the "
             "robustness check."
         )
+    _check_verdict_is_for(robustness, str(train["run_id"]), params.reports_dir)
     saved, spec = load_student(params.train.model_dir)
     candidate = Candidate(
         run_id=str(train["run_id"]),
@@ -156,8 +166,63 @@ def gather_candidate(params: Params) -> tuple[Candidate, Any]:
         robustness=robustness,
         ingest=reports.INGEST.read_if_present(params.reports_dir) or {},
         selection=train.get("auto"),
+        weights_sha256=weights_digest(saved),
     )
     return candidate, saved
+
+
+def _check_verdict_is_for(robustness: dict[str, Any] | None, run_id: str, reports_dir: str) -> None:
+    """Refuse a robustness verdict that judged another training run than ``run_id`` (or names
+    none): tagged on this version, it would vouch for a model it never attacked."""
+    if robustness is None:
+        return  # no verdict: registered as unchecked, never promoted
+    judged = robustness.get("run_id")
+    if judged != run_id:
+        raise MedtransferError(
+            f"{reports.ROBUSTNESS.path(reports_dir)} judged training run "
+            f"{judged or '(none named)'}, not run {run_id} of train.json; re-run "
+            "`medtransfer robustness` for this student, then register."
+        )
+
+
+def _already_registered(
+    client,
+    config: RegistryParams,
+    candidate: Candidate,
+    champion: Champion | None,
+    found: tuple[str, str],
+    reports_dir: str,
+) -> dict:
+    """The register report for a student the registry already holds as version ``found[0]``
+    (same training run or identical weights, ``found[1]``): that version is returned, no new
+    one is made and the alias stays where it is."""
+    version, why = found
+    existing = client.get_model_version(config.model_name, version)
+    champion_version = champion.version if champion else None
+    result = RegisterResult(
+        model_name=config.model_name,
+        version=version,
+        alias=config.alias,
+        alias_moved=False,
+        champion_version=champion_version,
+        previous_champion=champion_version,
+        reasons=[f"already registered as version {version} ({why}): no new version"],
+        dataset_version=candidate.dataset_version,
+        test_auc=candidate.test_auc,
+        robustness_passed=candidate.robustness_passed,
+        run_id=candidate.run_id,
+        model_card=existing.tags.get("model_card", ""),
+        tags=dict(existing.tags),
+        already_registered=True,
+    )
+    reports.REGISTER.write(reports_dir, dataclasses.asdict(result))
+    logger.info(
+        "register: %s version %s already holds this student (%s); no new version",
+        config.model_name,
+        version,
+        why,
+    )
+    return dataclasses.asdict(result)
 
 
 def _register_version(

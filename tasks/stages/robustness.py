@@ -114,6 +114,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     strategies = compare_strategies(model_dir, attack, gates)
     plot = _plot_curves(params, result, reference, spec)
     report = _report(verdict, clean, result, reference, strategies, spec.strategy, config)
+    report["run_id"] = judged_run_id(params)
     plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, _curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
     _log(params, report, plot)
@@ -252,6 +253,13 @@ class _BudgetProgress:
             row.universal_fooling,
             row.noise_acc,
         )
+
+
+def judged_run_id(params: Params) -> str | None:
+    """The MLflow run that trained the student judged here (``train.json``'s ``run_id``), so
+    that ``register`` can refuse this verdict for another run; None without a train report."""
+    trained = reports.TRAIN.read_if_present(params.reports_dir) or {}
+    return str(trained["run_id"]) if trained.get("run_id") else None
 
 
 def _log(params: Params, report: dict, plot: Path) -> None:

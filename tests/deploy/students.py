@@ -140,6 +140,7 @@ def write_reports(
         _write(
             robustness,
             {
+                "run_id": student.run_id,
                 "verdict": {"passed": robustness_passed, "reasons": list(reasons)},
                 "metrics": {
                     "clean_acc": 0.8,
