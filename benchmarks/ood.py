@@ -89,8 +89,9 @@ def noise_dicom(pixels: np.ndarray) -> bytes:
     return dataset_bytes(make_mono_dataset(pixels.astype(np.uint16), bits_stored=12))
 
 
-def families(dataset) -> dict[str, list[tuple[str, bytes]]]:
-    """Input families: ``(kind, bytes)`` per image, kind ``dicom`` or ``png``."""
+def families(dataset, source_folder: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """Input families: ``(kind, bytes)`` per image, kind ``dicom`` or ``png``; held-back DICOM
+    files are read from ``source_folder`` (the dataset records no path)."""
     import skimage.data
     from pydicom import dcmread
     from pydicom.data import get_testdata_file, get_testdata_files
@@ -100,7 +101,7 @@ def families(dataset) -> dict[str, list[tuple[str, bytes]]]:
     test = dataset.manifest.iloc[dataset.indices("test")]
     source = dataset.source
     if source.kind != "npz":
-        folder = Path(source.location)
+        folder = source_folder
         out["held-back"] = [
             ("dicom", (folder / n).read_bytes()) for n in sorted(set(test["source_file"]))
         ]
@@ -186,7 +187,9 @@ def evaluate(params, model, spec, dataset) -> tuple[str, dict]:
     scope = Scope(profiles["knn"].scope) if profiles["knn"].scope else None
     rows, scores = [], {m: {} for m in profiles}
     runs = []
-    for family, items in families(dataset).items():
+    from tasks.registry.profile_fit import source_folder
+
+    for family, items in families(dataset, source_folder(params)).items():
         runs.append((family, items, scope))
         if family in ("CT", "MR") and scope is not None:  # the detector alone, for comparison
             runs.append((f"{family} (no scope gate)", items, None))

@@ -44,6 +44,10 @@ IMAGE_SIZE_STEP = 32
 MAX_IMAGE_SIZE = 1024
 
 
+# data.name: a label, never a path (it names runs and the model card)
+DATA_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def rule(**checks: Any) -> Any:
     """A required dataclass field with value checks: ``choices`` (allowed values), ``min`` and
     ``max`` (inclusive), ``above`` (exclusive lower bound), ``multiple_of`` (an integer step)."""
@@ -59,6 +63,7 @@ class DataParams:
 
     source: str
     labels_csv: str | None
+    name: str | None
     processed_dir: str
     image_size: int = rule(min=IMAGE_SIZE_STEP, max=MAX_IMAGE_SIZE, multiple_of=IMAGE_SIZE_STEP)
     multiframe: str = rule(choices=MULTIFRAME_MODES)
@@ -67,6 +72,11 @@ class DataParams:
     workers: int = rule(min=0)
 
     def check(self) -> None:
+        if self.name is not None and not DATA_NAME.fullmatch(self.name):
+            raise MedtransferError(
+                f"data.name {self.name!r} must be 1 to 64 letters, digits, '.', '_' or '-' "
+                "(a label such as site-a-2024, not a path), or null."
+            )
         if self.val_fraction + self.test_fraction >= 1:
             raise MedtransferError(
                 "data.val_fraction and data.test_fraction must sum to less than 1, not "

@@ -41,7 +41,7 @@ def _dicom_folder(root: Path, patients: int = 12) -> tuple[Path, Path]:
     return folder, labels
 
 
-def test_the_dataset_records_the_folder_it_was_ingested_from(
+def test_the_dataset_records_its_name_and_label_source_but_no_path(
     params: Params, tmp_path: Path
 ) -> None:
     from tasks.data.dataset import read_source
@@ -49,15 +49,13 @@ def test_the_dataset_records_the_folder_it_was_ingested_from(
 
     folder, labels = _dicom_folder(tmp_path)
     run_ingest(
-        params.with_overrides([f"data.source={folder}", f"data.labels_csv={labels}"]),
+        params.with_overrides(
+            [f"data.source={folder}", f"data.labels_csv={labels}", "data.name=site-a"]
+        ),
         progress=False,
     )
     source = read_source(params.data.processed_dir)
-    assert (source.kind, source.location, source.labels) == (
-        "dicom_folder",
-        str(folder),
-        str(labels),
-    )
+    assert (source.kind, source.name, source.labels) == ("dicom_folder", "site-a", "labels CSV")
     assert (source.files_seen, source.ingested, source.quarantined, source.images) == (
         12,
         12,
@@ -67,11 +65,12 @@ def test_the_dataset_records_the_folder_it_was_ingested_from(
     assert source.image_size == 32 and len(source.content_sha256) == 64
 
 
-def test_a_model_trained_on_a_dicom_folder_is_logged_as_that_folder_whatever_data_source_says(
+def test_a_model_trained_on_a_dicom_folder_is_logged_by_its_name_whatever_data_source_says(
     params: Params, tmp_path: Path, fresh_mlflow_store: str
 ) -> None:
     """Ingest a DICOM folder, then train and evaluate with the default ``data.source``
-    (the synthetic shorthand): the runs name the folder."""
+    (the synthetic shorthand): the runs name the dataset as it was ingested (``data.name``,
+    never its path)."""
     from mlflow import MlflowClient
 
     from tasks.stages.evaluate import run_evaluate
@@ -80,7 +79,9 @@ def test_a_model_trained_on_a_dicom_folder_is_logged_as_that_folder_whatever_dat
 
     folder, labels = _dicom_folder(tmp_path)
     run_ingest(
-        params.with_overrides([f"data.source={folder}", f"data.labels_csv={labels}"]),
+        params.with_overrides(
+            [f"data.source={folder}", f"data.labels_csv={labels}", "data.name=site-a"]
+        ),
         progress=False,
     )
     default = params.with_overrides(
@@ -98,13 +99,14 @@ def test_a_model_trained_on_a_dicom_folder_is_logged_as_that_folder_whatever_dat
     run_evaluate(default)
 
     run = MlflowClient(fresh_mlflow_store).get_run(report["run_id"])
-    assert run.data.params["data.source"] == str(folder)
-    assert run.data.params["dataset.source"] == str(folder)
+    assert default.data.name is None  # nor the name
+    assert run.data.params["data.source"] == run.data.params["data.name"] == "site-a"
+    assert run.data.params["dataset.source"] == "site-a"
     assert run.data.params["dataset.source_kind"] == "dicom_folder"
-    assert run.data.params["data.labels_csv"] == str(labels)
-    assert run.data.tags["dataset.source"] == str(folder)
+    assert run.data.params["data.labels_csv"] == "labels CSV"
+    assert run.data.tags["dataset.source"] == "site-a"
     assert run.data.tags["dataset.source_kind"] == "dicom_folder"
-    assert run.data.tags["evaluate.dataset.source"] == str(folder)
+    assert run.data.tags["evaluate.dataset.source"] == "site-a"
     assert run.data.metrics["ingest_files_seen"] == 12
 
 

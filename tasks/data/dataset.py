@@ -50,6 +50,11 @@ MANIFEST_COLUMNS = [
 QUARANTINE_COLUMNS = ["source_file", "reason", "detail"]
 SOURCE_KEY = "source"  # the ingestion record's key in dataset.json
 SUBFOLDER_LABELS = "class sub-folders"
+CSV_LABELS = "labels CSV"
+NPZ_LABELS = "npz arrays"
+# data.* settings that hold source paths: left out of what checkpoints record (run.json) and
+# replaced by the dataset's name in what MLflow logs
+SOURCE_PATH_KEYS = ("source", "labels_csv")
 
 
 @dataclass
@@ -167,16 +172,17 @@ class DatasetSource:
     and logged by train, evaluate and register instead of the ``data.*`` values they were
     started with, which need not be the ones the dataset was built from.
 
-    ``location`` and ``labels`` are the paths as the ingest configuration named them (a
-    relative path stays relative, so no home folder is added). They are the user's own words,
-    already in params.yaml, dvc.yaml and the manifest's ``source_file`` column; nothing read
-    from a DICOM file goes into them. A folder named after a patient would carry that name
-    here as it does there: name input folders by study or site, not by patient.
+    Names are data: hospital exports name folders and files after patients and accession
+    numbers, so no path of the source is recorded here (nor, through this record, in runs,
+    checkpoints or model cards). The source is named by the user's label ``data.name`` and
+    identified by ``content_sha256``; file names stay only in the processed folder's
+    ``manifest.csv`` and ``quarantine.csv`` (relative to the source), to trace an image back.
 
     Attributes:
         kind: ``synthetic``, ``dicom_folder`` or ``npz``.
-        location: the folder or ``.npz`` file read (for ``synthetic``, the generated folder).
-        labels: the labels CSV, ``class sub-folders`` or ``npz arrays``.
+        name: ``data.name`` at ingestion, or ``kind`` when it was null.
+        labels: where labels came from, in words: ``labels CSV``, ``class sub-folders`` or
+            ``npz arrays``.
         content_sha256: SHA-256 of every ingested image's hash, label and split, in order:
             the same content gives the same digest whatever the file names or the salt.
         files_seen, ingested, quarantined, images: ingestion's counts.
@@ -185,7 +191,7 @@ class DatasetSource:
     """
 
     kind: str
-    location: str
+    name: str
     labels: str
     content_sha256: str
     files_seen: int
@@ -205,13 +211,14 @@ class DatasetSource:
         """``dataset.*`` parameters naming the source, plus the ``data.*`` parameters that
         shaped the dataset as they were at ingestion (they replace the current ones)."""
         return {
-            "dataset.source": self.location,
+            "dataset.source": self.name,
             "dataset.source_kind": self.kind,
             "dataset.labels": self.labels,
             "dataset.content_sha256": self.content_sha256,
             **{f"dataset.{key}": str(getattr(self, key)) for key in _COUNT_KEYS},
-            "data.source": self.location,
+            "data.source": self.name,
             "data.labels_csv": self.labels,
+            "data.name": self.name,
             "data.image_size": str(self.image_size),
             "data.multiframe": self.multiframe,
             "data.val_fraction": str(self.val_fraction),
@@ -221,13 +228,19 @@ class DatasetSource:
     def mlflow_tags(self, prefix: str = "") -> dict[str, str]:
         """Searchable tags: ``dataset.source`` and ``dataset.source_kind`` (after ``prefix``)."""
         return {
-            f"{prefix}dataset.source": self.location,
+            f"{prefix}dataset.source": self.name,
             f"{prefix}dataset.source_kind": self.kind,
             f"{prefix}dataset.content_sha256": self.content_sha256,
         }
 
 
 _COUNT_KEYS = ("files_seen", "ingested", "quarantined", "images")
+
+
+def without_source_paths(data_section: Mapping[str, object]) -> dict[str, object]:
+    """The ``data`` parameters without :data:`SOURCE_PATH_KEYS`: what a checkpoint records of
+    its data besides the content hash (a path can carry a patient's name)."""
+    return {k: v for k, v in data_section.items() if k not in SOURCE_PATH_KEYS}
 
 
 def content_digest(rows: Iterable[Mapping[str, object]]) -> str:

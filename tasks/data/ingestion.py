@@ -131,7 +131,7 @@ def ingest_folder(
             staging / "images.raw", folder, files, labels, data, salt, progress, decode_map
         )
         ingested_files = len({row["source_file"] for row in rows})
-        labels_from = str(labels.csv_path) if labels.csv_path else ds_files.SUBFOLDER_LABELS
+        labels_from = ds_files.CSV_LABELS if labels.csv_path else ds_files.SUBFOLDER_LABELS
         result = _finish(
             staging,
             rows,
@@ -141,7 +141,7 @@ def ingest_folder(
             source_kind,
             files_seen=len(files),
             ingested=ingested_files,
-            origin=(str(folder), labels_from),
+            origin=(data.name or source_kind, labels_from),
         )
     except BaseException:
         # The next run would remove it too; removing it now keeps a long-lived process clean.
@@ -252,7 +252,7 @@ def ingest_npz(path: Path, data: DataParams, seed: int) -> IngestResult:
         "npz",
         files_seen=len(rows),
         ingested=len(rows),
-        origin=(str(path), "npz arrays"),
+        origin=(data.name or "npz", ds_files.NPZ_LABELS),
     )
 
 
@@ -531,8 +531,9 @@ def _finish(
 ) -> IngestResult:
     """Check classes, split, write every file of the dataset, swap it into place, count.
 
-    ``origin``: the source's location and where its labels came from, as configured; with the
-    counts and a content digest they become the dataset's source record.
+    ``origin``: the dataset's name (``data.name`` or the source kind, never a path) and where
+    its labels came from, in words; with the counts and a content digest they become the
+    dataset's source record.
     """
     if ingested + len(quarantine) != files_seen:  # the stage's core promise, checked first
         raise AssertionError(f"accounting broken: {ingested} + {len(quarantine)} != {files_seen}")
@@ -559,7 +560,7 @@ def _finish(
     split_counts = _split_counts(rows, classes)
     source = ds_files.DatasetSource(
         kind=source_kind,
-        location=origin[0],
+        name=origin[0],
         labels=origin[1],
         content_sha256=ds_files.content_digest(rows),
         files_seen=files_seen,

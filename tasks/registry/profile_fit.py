@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import Params
+from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tasks.model.profile import (
     STATISTICS,
@@ -65,7 +66,7 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     stats = image_statistics(train_images)
     positive = val_probs[:, -1] if val_probs.shape[1] > 1 else val_probs[:, 0]
     return DataProfile(
-        scope=_scope(dataset),
+        scope=_scope(dataset, source_folder(params)),
         multiframe=dataset.source.multiframe,
         source_kind=dataset.source.kind,
         n_train=len(train_images),
@@ -93,18 +94,29 @@ def _forward(model, images: np.ndarray, temperature: float) -> tuple[np.ndarray,
     return np.concatenate(probs), np.concatenate(features)
 
 
-def _scope(dataset) -> dict[str, list[str]] | None:
-    """Header values of the dataset's source files (every split: validation and test images
-    are the same population as training); None for a source without DICOM headers (a
-    ``.npz``) or when the source folder is not readable here."""
+def source_folder(params: Params) -> Path:
+    """The DICOM folder ``data.source`` names (the synthetic set's folder for its shorthand).
+    The dataset does not record it (names are data: a path can carry a patient's name), so the
+    configuration, which the user wrote, says where it is."""
+    recipe = synthetic.SyntheticConfig.from_params(params)
+    if synthetic.is_synthetic_source(params.data.source, recipe):
+        return synthetic.source_folder(recipe)
+    return Path(params.data.source)
+
+
+def _scope(dataset, folder: Path) -> dict[str, list[str]] | None:
+    """Header values of the dataset's source files in ``folder`` (every split: validation and
+    test images are the same population as training); None for a source without DICOM
+    headers (a ``.npz``) or when the source folder is not readable here."""
     import pydicom
 
-    source = dataset.source
-    if source.kind == "npz":
+    if dataset.source.kind == "npz":
         return None
-    folder = Path(source.location)
     if not folder.is_dir():
-        logger.warning("package: %s is not readable here: no scope gate on metadata", folder)
+        # the path itself is not logged: a source folder can be named after a patient
+        logger.warning(
+            "package: data.source is not a readable folder here: no scope gate on metadata"
+        )
         return None
     seen: dict[str, set[str]] = {}
     for name in sorted(set(dataset.manifest["source_file"])):

@@ -53,22 +53,10 @@ def configure_mlflow(params: Params) -> str:
     return experiment_id
 
 
-def dataset_label(location: str, kind: str) -> str:
-    """A short name for a data source, as run names and the UI's dataset column show it:
-    ``synthetic``, a file's stem (``breastmnist``) or a folder's name, with its parent's when
-    the folder's own name is generic (``hospital-a/dicom``)."""
-    if kind == "synthetic":
-        return "synthetic"
-    path = Path(location)
-    if path.stem.lower() in {"dicom", "data", "images", "raw", "input"} and path.parent.name:
-        return f"{path.parent.name}/{path.stem}"
-    return path.stem or location
-
-
 def mlflow_dataset(dataset, version: str):
     """The processed dataset (:class:`tasks.data.dataset.ProcessedDataset`) as an MLflow
-    dataset: images ``(N, S, S)`` uint8 and labels ``(N,)``, the folder it was read from as its
-    source and its DVC version (:func:`tasks.data.dataset.dataset_version`) as its digest, so
+    dataset: images ``(N, S, S)`` uint8 and labels ``(N,)``, named by ``data.name``, the
+    processed folder as its source and its DVC version (:func:`tasks.data.dataset.dataset_version`) as its digest, so
     runs on the same data show the same digest. No pixel value is stored, only the schema and
     the shape."""
     source = dataset.source
@@ -79,7 +67,7 @@ def mlflow_dataset(dataset, version: str):
             dataset.images,
             targets=dataset.labels,
             source=Path(dataset.root).resolve().as_uri(),
-            name=dataset_label(source.location, source.kind),
+            name=source.name,  # the user's label (data.name), never a path
             digest=version[:MAX_DIGEST] or None,
         )
 

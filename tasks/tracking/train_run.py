@@ -30,7 +30,6 @@ from tasks.evaluation.plots import plot_data_efficiency
 from tasks.signals import sigterm_deferred
 from tasks.tracking.configure import (
     MODEL_NAME,
-    dataset_label,
     mlflow_dataset,
     model_requirements,
 )
@@ -76,10 +75,9 @@ class TrainRunContext:
         return cls(params, dataset, data_version, counts, nested, choice)
 
     def data_label(self) -> str:
-        """What a run name says of its data: the source's short name and the dataset version's
-        first characters, e.g. ``breastmnist 3f2a1c``."""
-        source = self.dataset.source
-        return f"{dataset_label(source.location, source.kind)} {self.data_version[:6]}".strip()
+        """What a run name says of its data: the dataset's name (``data.name``, never a path)
+        and the dataset version's first characters, e.g. ``site-a 3f2a1c``."""
+        return f"{self.dataset.source.name} {self.data_version[:6]}".strip()
 
 
 @sigterm_deferred()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from tasks.code_closure import code_version
 from tasks.config import Params, flatten_params
+from tasks.data.dataset import without_source_paths
 from tasks.errors import MedtransferError
 from tasks.training.checkpoints import (
     RunRecord,
@@ -75,6 +76,7 @@ def checkpoint_configuration(params: Params, data_version: str) -> dict[str, str
     """
     sections = params.to_dict()
     relevant = {k: sections[k] for k in ("seed", "data", "train")}
+    relevant["data"] = without_source_paths(relevant["data"])  # names are data: no paths
     relevant["dataset_version"] = data_version
     relevant["code_version"] = code_version("train")
     return flatten_params(relevant)

