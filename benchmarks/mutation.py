@@ -249,8 +249,9 @@ def locate(tree: Path, mutation: Mutation) -> tuple[list[Path], re.Match[str] | 
     return [path for path, _ in hits], None
 
 
-def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
-    """pytest on ``tests`` inside ``tree`` with the copy first on the import path; its exit code."""
+def run_tests(tree: Path, tests: tuple[str, ...], show_failure: bool = False) -> int:
+    """pytest on ``tests`` inside ``tree`` with the copy first on the import path; its exit
+    code (``show_failure``: print the end of pytest's output when it is not 0)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
@@ -259,6 +260,8 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
         )
     except subprocess.TimeoutExpired:
         return -1
+    if show_failure and done.returncode != 0:
+        print((done.stdout + done.stderr)[-4000:])
     return done.returncode
 
 
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_tree(tree)
         tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         start = time.monotonic()
-        baseline = run_tests(tree, tests)
+        baseline = run_tests(tree, tests, show_failure=True)
         baseline_s = time.monotonic() - start
         if baseline != 0:
             print(f"the guarding tests fail unmutated (pytest rc {baseline}); fix them first")
