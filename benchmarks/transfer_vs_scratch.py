@@ -130,10 +130,17 @@ def table(results: list[dict]) -> str:
             f"| {r['seed']} | {auc(r['partial'])} | {auc(r['scratch'])} | {diff:+.3f} "
             f"[{paired['low']:+.3f}, {paired['high']:+.3f}] | {r['seconds']:.0f} |"
         )
+    interval = (
+        f"95% t-interval [{low:+.3f}, {high:+.3f}]"
+        if len(results) > 1
+        else (
+            "no interval across seeds from one seed: the paired patient-bootstrap interval above "
+            "is the evidence"
+        )
+    )
     lines += [
         "",
-        f"Mean paired difference over {len(results)} seeds: **{mean:+.3f}**, 95% t-interval "
-        f"[{low:+.3f}, {high:+.3f}].",
+        f"Mean paired difference over {len(results)} seed(s): **{mean:+.3f}**, {interval}.",
     ]
     return "\n".join(lines)
 
