@@ -57,6 +57,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.dataset_version
 	$(PY) -m benchmarks.ood
 	$(PY) -m benchmarks.auto_strategy
+	$(PY) -m benchmarks.transfer_vs_scratch
+	$(PY) -m benchmarks.mutation
 
 clean-venv:
 	rm -rf $(VENV)

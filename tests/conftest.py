@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,50 @@ def _stage_loggers_as_found() -> Iterator[None]:
         logger.propagate = True
         for handler in [h for h in logger.handlers if isinstance(h, TqdmLoggingHandler)]:
             logger.removeHandler(handler)
+
+
+# What a test run may leave in the checkout: caches and the screenshots tests/artifacts/ keeps
+# for a person (all ignored by .gitignore). Anything else a run adds or changes fails it.
+RUN_LEFTOVERS = ("__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
+                 ".import_linter_cache", "tests/artifacts/")  # fmt: skip
+
+
+def _checkout_state() -> dict[str, str] | None:
+    """Every path ``git status`` reports (ignored and untracked files included, one by one)
+    mapped to its status, size and modification time; None outside a git checkout (a copied
+    tree, as ``benchmarks/mutation.py`` runs the tests in)."""
+    try:
+        listed = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "-z"],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state = {}
+    for entry in filter(None, listed.split("\0")):
+        status, path = entry[:2], entry[3:]
+        if any(part in path for part in RUN_LEFTOVERS) or path.startswith(".venv"):
+            continue
+        try:  # size and mtime, not a hash: an ignored data/ folder may hold gigabytes
+            stat = (REPO / path).stat()
+            state[path] = f"{status} {stat.st_size} {stat.st_mtime_ns}"
+        except OSError:
+            state[path] = status
+    return state
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_left_as_found() -> Iterator[None]:
+    """Fail the session if its tests added, removed or changed a file in the checkout (e.g.
+    ``data/.patient_salt`` or a Bento written beside the sources). Only changes made during
+    the run count: a checkout that was already dirty is compared with itself."""
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    if before is None or after is None:
+        return
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, f"the tests left the checkout changed: {changed[:20]}"
 
 
 @pytest.fixture(autouse=True, scope="session")

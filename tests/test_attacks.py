@@ -265,7 +265,11 @@ def test_teacher_transfer_never_computes_gradients_through_the_student(toy, mode
     assert all(param.grad is None for param in student.parameters())
     assert all(module.training for module in student.modules())
     assert all(param.grad is None for param in teacher.parameters())
-    assert 0.0 <= outcome.accuracy <= 1.0
+    # the accuracy is the unwrapped student's on the perturbed images, counted plainly
+    with torch.no_grad():
+        inner = copy.deepcopy(toy["model"]).eval()
+        plain = inner(torch.from_numpy(outcome.adversarial)).argmax(1).numpy()
+    assert outcome.accuracy == pytest.approx(np.mean(plain == toy["labels"]))
 
 
 def test_teacher_transfer_hurts_a_student_that_kept_the_teacher_backbone(toy):
@@ -335,6 +339,60 @@ def test_evaluate_robustness_end_to_end_and_restores_the_student(toy):
     assert all(param.is_contiguous() for param in student.parameters())
     for name, value in student.state_dict().items():
         assert torch.equal(value, toy["model"].state_dict()[name]), name
+
+
+class MeanOfAllButCorner(nn.Module):
+    """A student that reads only the mean of every pixel except (0, 0): class 1 when it is
+    above 0.5. Logits ``[-z, z]`` with ``z = 200 * (mean - 0.5)``."""
+
+    def __init__(self, side: int = 8) -> None:
+        super().__init__()
+        self.linear = nn.Linear(side * side, 1)
+        with torch.no_grad():
+            weight = torch.full((side * side,), 200.0 / (side * side - 1))
+            weight[0] = 0.0  # blind to the corner pixel
+            self.linear.weight.copy_(weight[None])
+            self.linear.bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.linear(x.flatten(start_dim=1))
+        return torch.cat([-z, z], dim=1)
+
+
+class CornerPixelTeacher(nn.Module):
+    """A teacher unrelated to the student: its only feature is pixel (0, 0), which the
+    student ignores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, 0, 0] * self.scale
+
+
+def test_evaluate_robustness_crafts_the_teacher_transfer_attack_on_the_teacher_alone():
+    # 16 images at 0.5 +- eps / 4 (class 1 above), corner pixels random. A perturbation crafted
+    # on the corner-pixel teacher moves the corner (which the student ignores) plus the random
+    # start: uniform in +-eps / 2 per pixel, which shifts the mean by sd 0.0011, 7 sd short of
+    # the margin 0.0078. So both teacher-transfer success rates are exactly 0. Crafted on the
+    # student instead, mimicry moves every image across (rate 1) and the untargeted push about
+    # half of them; white-box FGSM at eps fools every image (the margin is eps / 4).
+    eps = 8 / 255
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 8)
+    images = np.where(labels == 1, 0.5 + eps / 4, 0.5 - eps / 4)[:, None, None, None]
+    images = np.broadcast_to(images, (16, 1, 8, 8)).astype(np.float32).copy()
+    images[:, 0, 0, 0] = rng.uniform(0.0, 1.0, 16)
+    result = evaluate_robustness(
+        MeanOfAllButCorner(), CornerPixelTeacher(), images, labels,
+        epsilons=[eps], pgd_steps=10, apgd_steps=5, batch_size=16, seed=0,
+    )  # fmt: skip
+    row = result.row(eps)
+    assert result.clean_acc == 1.0
+    assert (row.teacher_transfer_success, row.teacher_mimicry_success) == (0.0, 0.0)
+    assert row.teacher_transfer_acc == row.teacher_mimicry_acc == 1.0
+    assert row.fgsm_acc == 0.0  # the student is fragile: an attack crafted on it succeeds
 
 
 def _result(**overrides: float) -> RobustnessResult:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,64 @@ def test_model_card_shows_robustness_rates_with_their_intervals() -> None:
     )
     assert "on the 55 evaluated test images: 0.800 [0.68, 0.88]" in card
     assert "| 0.0039 (1.0/255) | 0.000 [0.00, 0.07] |" in card
+
+
+class _BrightnessScorer(torch.nn.Module):
+    """A "student" whose positive-class probability is the image's mean pixel value: a uint8
+    image filled with ``k`` scores ``k / 255`` (logits ``[0, logit(p)]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = x.mean(dim=(1, 2, 3)).clamp(1e-6, 1 - 1e-6)
+        return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
+
+
+def _scored_dataset(splits: dict[str, tuple[list[int], list[int], list[str]]]):
+    """A processed dataset in memory: per split, the fill values (uint8), labels and patients."""
+    import pandas as pd
+
+    from tasks.data.dataset import ProcessedDataset
+
+    fills, labels, names, patients = [], [], [], []
+    for split, (values, split_labels, split_patients) in splits.items():
+        fills += values
+        labels += split_labels
+        names += [split] * len(values)
+        patients += split_patients
+    images = np.stack([np.full((8, 8), v, dtype=np.uint8) for v in fills])
+    manifest = pd.DataFrame({"split": names, "patient_hash": patients})
+    return ProcessedDataset(
+        images=images,
+        labels=np.array(labels, dtype=np.int64),
+        splits=np.array(names),
+        classes=["normal", "opacity"],
+        manifest=manifest,
+        info={},
+        root=Path("."),
+    )
+
+
+def test_the_decision_threshold_is_youdens_on_validation_not_on_test() -> None:
+    from tasks.evaluation.evaluation import evaluate_student
+
+    # Scores 10..60 / 255. Validation separates at 40 (Youden's J = 1 there); test's positives
+    # are only the two brightest, so test's own Youden threshold would be 50 / 255.
+    dataset = _scored_dataset(
+        {
+            "train": ([30, 40], [0, 1], ["t1", "t2"]),
+            "val": (
+                [10, 20, 30, 40, 50, 60],
+                [0, 0, 0, 1, 1, 1],
+                ["v1", "v2", "v3", "v4", "v5", "v6"],
+            ),
+            # test: three patients with two images each (the intervals resample patients)
+            "test": ([10, 20, 30, 40, 50, 60], [0, 0, 0, 0, 1, 1], ["a", "a", "b", "b", "c", "c"]),
+        }
+    )
+    evaluation = evaluate_student(_BrightnessScorer(), dataset, "youden", bootstrap=20)
+    # float32 softmax of logit(40/255) gives 40/255 back to within a few float32 ulps.
+    assert evaluation.threshold == pytest.approx(40 / 255, abs=1e-6)
+    # At that threshold test has 1 false positive (40) of 4 negatives: specificity 0.75.
+    assert evaluation.test.specificity == pytest.approx(0.75)
+    assert evaluation.test.sensitivity == pytest.approx(1.0)
+    assert evaluation.val.specificity == evaluation.val.sensitivity == pytest.approx(1.0)
+    assert evaluation.n_test_patients == 3  # test's patients, not val's six

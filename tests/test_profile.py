@@ -20,6 +20,16 @@ def test_knn_score_is_the_cosine_distance_to_the_kth_nearest_training_feature() 
     assert near.score(np.eye(6)[:1] * 3) == pytest.approx([0.0], abs=1e-12)
 
 
+def test_knn_score_is_pinned_to_the_fifth_neighbour_by_graded_references() -> None:
+    # Eight references whose cosine similarities to the query e1 are 0.95, 0.85, ..., 0.25
+    # (unit vectors at angle arccos(s) from e1), shuffled: the 1st..8th nearest each give a
+    # different score, 1 - s, so only k = 5 gives 1 - 0.55 = 0.45.
+    similarities = np.array([0.55, 0.95, 0.35, 0.75, 0.25, 0.85, 0.45, 0.65])
+    references = np.stack([similarities, np.sqrt(1 - similarities**2)], axis=1) * 3.0
+    detector = OodDetector.fit("knn", references, np.zeros(8), head=None)
+    assert detector.score(np.array([[2.0, 0.0]])) == pytest.approx([0.45], abs=1e-6)
+
+
 def test_mahalanobis_score_is_zero_at_a_class_mean_and_grows_away_from_it() -> None:
     rng = np.random.default_rng(0)
     features = np.concatenate([rng.normal(0, 1, (200, 3)), rng.normal(5, 1, (200, 3))])

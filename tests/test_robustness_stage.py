@@ -60,7 +60,8 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
     run_id = json.loads((reports / "train.json").read_text())["run_id"]
     assert report["run_id"] == run_id  # the run judged, so that register can check it
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
-    assert run.data.tags["robustness_verdict"] in {"pass", "fail"}
+    verdict = "pass" if report["verdict"]["passed"] else "fail"
+    assert run.data.tags["robustness_verdict"] == verdict
     assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics
     # linked to the logged student, so the MLflow model page shows them
     model = MlflowClient().get_logged_model(logged_model_id(run_id))

@@ -16,7 +16,13 @@ import pytest
 import requests
 import yaml
 
-from tests.deploy.students import LoggedStudent, log_student, stage_params, write_reports
+from tests.deploy.students import (
+    SERVED_TEMPERATURE,
+    LoggedStudent,
+    log_student,
+    stage_params,
+    write_reports,
+)
 from tests.processes import free_port, stop_server_tree
 
 BIN = Path(sys.executable).parent
@@ -53,9 +59,12 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def students(mlflow_store: Path) -> dict[str, LoggedStudent]:
-    """Two logged students: ``a`` trained on dataset-a, ``b`` on dataset-b."""
+    """Two logged students: ``a`` trained on dataset-a and saved with temperature
+    :data:`SERVED_TEMPERATURE` (it is the served one), ``b`` on dataset-b with none (T = 1)."""
     return {
-        "a": log_student(mlflow_store, seed=0, dataset_version="dataset-a"),
+        "a": log_student(
+            mlflow_store, seed=0, dataset_version="dataset-a", temperature=SERVED_TEMPERATURE
+        ),
         "b": log_student(mlflow_store, seed=1, dataset_version="dataset-b"),
     }
 

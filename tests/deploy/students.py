@@ -18,12 +18,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("normal", "opacity")
 TEACHER = "efficientnet-lite0"
 IMAGE_SIZE = 64
+# The softmax temperature student ``a`` (the served one) is saved with: not 1, so that serving
+# code that dropped it (softmax(logits) instead of softmax(logits / T)) gives other numbers.
+SERVED_TEMPERATURE = 1.7
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,15 @@ class LoggedStudent:
 
 
 def log_student(
-    root: Path, *, seed: int, dataset_version: str, image_size: int = IMAGE_SIZE
+    root: Path,
+    *,
+    seed: int,
+    dataset_version: str,
+    image_size: int = IMAGE_SIZE,
+    temperature: float = 1.0,
 ) -> LoggedStudent:
-    """Build, save and log a student (MLflow must point at a temporary store already)."""
+    """Build, save (with softmax ``temperature``) and log a student (MLflow must point at a
+    temporary store already)."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -63,6 +74,7 @@ def log_student(
         image_size=image_size,
         classes=CLASSES,
         teacher_weights_sha256=weights_sha256(TEACHER),
+        temperature=temperature,
     )
     model_dir = root / f"student-{seed}"
     save_student(model, spec, model_dir)
@@ -169,3 +181,24 @@ def write_reports(
 
 def _write(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def reference_probabilities(model_dir: Path, images: np.ndarray, temperature: float) -> np.ndarray:
+    """What a calibrated student must answer, computed without the product's inference code:
+    the saved weights loaded into a freshly built network, a plain forward pass of uint8
+    images ``(B, S, S)`` scaled by 1/255, and ``softmax(logits / temperature)`` → ``(B, C)``.
+
+    ``temperature`` is passed in (the value the test saved), not read from the file, so a
+    product that lost or ignored it cannot agree with this by construction.
+    """
+    import torch
+
+    from tasks.model.student import build_student
+
+    payload = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+    model = build_student(TEACHER, "linear_probe", num_classes=2, pretrained=False)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    batch = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)[:, None]
+    with torch.no_grad():
+        return torch.softmax(model(batch).double() / temperature, dim=1).numpy()

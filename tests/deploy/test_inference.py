@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from tasks.data import dicom_io
 from tasks.data.preprocess import resize_display, uint8_to_display
@@ -17,7 +16,7 @@ from tasks.model.inference import (
     prepare_dicom,
     prepare_png,
 )
-from tasks.model.transforms import to_tensor_transform
+from tasks.model.profile import features_and_probabilities
 from tests.deploy.samples import (
     GOOD_DICOM,
     SECRET_ID,
@@ -27,6 +26,7 @@ from tests.deploy.samples import (
     identified_dicom,
     png_bytes,
 )
+from tests.deploy.students import SERVED_TEMPERATURE, reference_probabilities
 
 
 @pytest.mark.parametrize("name", GOOD_DICOM)
@@ -97,19 +97,27 @@ def test_label_rule_uses_the_validation_threshold_for_two_classes() -> None:
     assert three.label == "b" and three.probabilities == {"a": 0.2, "b": 0.5, "c": 0.3}
 
 
-def test_predictor_is_load_student_plus_the_evaluation_transform(students) -> None:
-    from tasks.model.student_io import load_student
-
+def test_predictor_answers_softmax_of_the_saved_logits_over_the_saved_temperature(
+    students,
+) -> None:
+    # Student a is saved with temperature SERVED_TEMPERATURE (1.7); the expected numbers are a
+    # plain forward of its saved weights, softmax(logits / 1.7), none of the serving code.
     student = students["a"]
     predictor = Predictor.from_folder(student.model_dir)
-    model, spec = load_student(student.model_dir)
-    images = np.stack([prepare_dicom(corpus_bytes(n), spec.image_size) for n in GOOD_DICOM[:4]])
-    with torch.no_grad():
-        batch = torch.stack([to_tensor_transform()(image) for image in images])
-        expected = torch.softmax(model(batch), dim=1).numpy()
+    images = np.stack([prepare_dicom(corpus_bytes(n), 64) for n in GOOD_DICOM[:4]])
+    expected = reference_probabilities(student.model_dir, images, SERVED_TEMPERATURE)
+    uncalibrated = reference_probabilities(student.model_dir, images, 1.0)
+    # The temperature matters here: ignoring it would move some probability by > 0.01.
+    assert np.abs(expected - uncalibrated).max() > 0.01
     got = predictor.predict_images(images)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.ptp(got[:, 1]) > 1e-3  # the images really give different answers
+    # The Bento's model worker computes its probabilities with the profile's one-pass helper.
+    probs, features = features_and_probabilities(
+        predictor.model, images, predictor.spec.temperature
+    )
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert features.shape == (4, predictor.model.head.in_features)
     single = predictor.predict_dicom(corpus_bytes(GOOD_DICOM[0]))
     np.testing.assert_allclose(single, expected[0], atol=1e-5)
     with pytest.raises(ValueError, match="expected uint8 images"):

@@ -29,7 +29,7 @@ from tests.deploy.samples import (
     identified_dicom,
     png_bytes,
 )
-from tests.deploy.students import CLASSES, REPO
+from tests.deploy.students import CLASSES, REPO, SERVED_TEMPERATURE, reference_probabilities
 
 MAX_UPLOAD = SERVED_LIMITS["serving.max_upload_bytes"]
 MAX_DIM = SERVED_LIMITS["serving.max_image_dim"]
@@ -108,6 +108,26 @@ def test_served_dicom_predictions_equal_the_in_process_student(served) -> None:
         assert body["model"]["version"] == "1"
         assert body["model"]["dataset_version"] == "dataset-a"
     assert answered >= len(expected) // 2  # in-distribution images are mostly answered
+
+
+def test_served_probabilities_are_the_saved_logits_softened_by_the_saved_temperature(
+    served,
+) -> None:
+    # Expected: a plain torch forward of the Bento's saved weights, softmax(logits / 1.7), with
+    # none of the service's code (the test above compares with the service's own helpers).
+    name, version = served.package["bento_model"].split(":")
+    folder = served.home / "models" / name / version
+    session = requests.Session()
+    checked = 0
+    for upload, data in _uploads().items():
+        image = prepare_dicom(data, 64)[np.newaxis]
+        expected = reference_probabilities(folder, image, SERVED_TEMPERATURE)[0]
+        body = session.post(f"{served.url}/classify/dicom", data=data, headers=DICOM).json()
+        if body["abstained"]:
+            continue
+        np.testing.assert_allclose(_probabilities(body), expected, atol=1e-5, err_msg=upload)
+        checked += 1
+    assert checked >= 2  # the comparison saw answered images
 
 
 def test_concurrent_and_batch_requests_give_the_same_answers(served) -> None:
