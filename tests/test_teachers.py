@@ -19,6 +19,7 @@ from tasks.model.teachers import (
     DEFAULT_TEACHER,
     EFFICIENTNET_LITE0_SHA256,
     PinnedWeights,
+    _registry,
     build_teacher,
     file_sha256,
     get_teacher,
@@ -223,7 +224,7 @@ def test_unknown_teacher_lists_the_known_ones() -> None:
 
 
 def test_register_teacher_adds_by_name_and_refuses_to_shadow(monkeypatch) -> None:
-    monkeypatch.setattr(teachers, "_REGISTRY", dict(teachers._REGISTRY))
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
     copy = dataclasses.replace(get_teacher(DEFAULT_TEACHER), name="my-lite0")
     register_teacher(copy)
     assert "my-lite0" in known_teachers() and len(known_teachers()) == 7
