@@ -14,7 +14,6 @@ deterministic for a given configuration: same seed, same bytes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 from tasks import atomic
 from tasks.config import Params
+from tasks.digest import file_sha256
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -109,7 +109,7 @@ def generate(config: SyntheticConfig) -> tuple[Path, Path]:
         manifest = {
             "config": _config_record(config),
             "files": files,
-            "labels_sha256": _sha256(staging / DICOM_SUBDIR / LABELS_FILE),
+            "labels_sha256": file_sha256(staging / DICOM_SUBDIR / LABELS_FILE),
         }
         # Last: a folder with a manifest is a complete folder.
         (staging / FINGERPRINT_FILE).write_text(json.dumps(manifest, sort_keys=True) + "\n")
@@ -158,16 +158,11 @@ def _manifest_matches(out: Path, config: SyntheticConfig) -> bool:
         return (
             isinstance(manifest, dict)
             and manifest.get("config") == _config_record(config)
-            and manifest.get("labels_sha256") == _sha256(labels_csv)
+            and manifest.get("labels_sha256") == file_sha256(labels_csv)
             and manifest.get("files") == sum(1 for _ in (out / DICOM_SUBDIR).rglob("*.dcm"))
         )
     except (OSError, ValueError):
         return False
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def source_folder(config: SyntheticConfig) -> Path:

@@ -19,6 +19,7 @@ its name in this package's import of the families. A user's own weights file for
 recorded, not checked.
 """
 
+from tasks.digest import file_sha256
 from tasks.model.teachers import densenet, efficientnet_lite, resnet  # each registers its own
 from tasks.model.teachers._builder import build_teacher
 from tasks.model.teachers._contract import (
@@ -42,7 +43,6 @@ from tasks.model.teachers.efficientnet_lite import (
     EFFICIENTNET_LITE2_SHA256,
 )
 from tasks.model.teachers.weights import (
-    file_sha256,
     load_weights,
     read_state_dict,
     resolve_weights,

@@ -15,18 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tasks.digest import file_sha256
 from tasks.errors import MedtransferError
 from tasks.model.teachers._contract import TeacherSpec, WeightsFile
 from tasks.model.teachers._registry import get_teacher
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_weights(
