@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tasks.data.preprocess import uint8_to_model_pixels
 from tasks.errors import MedtransferError
 from tasks.model.predict import probabilities_and_labels, run_model
 
@@ -60,3 +61,9 @@ def test_no_images_give_empty_answers_and_a_bad_batch_size_is_one_line() -> None
     with pytest.raises(MedtransferError, match="batch_size must be at least 1"):
         run_model(_mean_pixel_model(), np.zeros((2, 1, 2, 2), np.float32), batch_size=0)
 
+
+def test_uint8_images_become_one_channel_pixels_in_zero_to_one() -> None:
+    images = np.array([[[0, 255], [51, 128]]], dtype=np.uint8)
+    pixels = uint8_to_model_pixels(images)
+    assert pixels.dtype == np.float32 and pixels.shape == (1, 1, 2, 2)
+    np.testing.assert_array_equal(pixels[0, 0], np.float32([[0, 1], [0.2, 128 / 255]]))
