@@ -219,6 +219,10 @@ def test_a_missing_user_file_is_reported(tmp_path: Path) -> None:
 def test_unknown_teacher_lists_the_known_ones() -> None:
     with pytest.raises(MedtransferError, match=r"Unknown teacher 'resnet34'.*efficientnet-lite0"):
         get_teacher("resnet34")
+    # the function the message points to is where it says
+    with pytest.raises(MedtransferError, match=r"need tasks\.model\.teachers\.register_teacher\)"):
+        get_teacher("resnet34")
+    assert teachers.register_teacher is register_teacher
     with pytest.raises(MedtransferError, match="Unknown teacher"):
         imagenet_classifier("efficientnet-lite3")  # exists upstream, deliberately not registered
 

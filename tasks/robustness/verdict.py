@@ -1,6 +1,6 @@
 """What the robustness check measured, how it is named in MLflow, and whether it passes the gates.
 
-Pure logic: no attack code, no MLflow import. ``tasks.attacks.evaluate_robustness`` fills a
+Pure logic: no attack code, no MLflow import. ``tasks.robustness.attacks.evaluate_robustness`` fills a
 :class:`RobustnessResult`; the stage wrapper logs ``result.to_metrics()`` and the plot, and the
 registry step calls :func:`gate_verdict` on the logged metrics.
 

@@ -137,7 +137,7 @@ class TeacherSpec:
         num_blocks: ``len(Backbone.blocks)``, the most blocks ``partial`` can unfreeze.
         bundled_weights: the weights that ship with medtransfer, or None (user must supply).
         size_multiple: input height and width must be multiples of this ...
-        min_image_size: ... and at least this (see ``tasks.models.check_image_size``).
+        min_image_size: ... and at least this (see ``tasks.model.student.check_image_size``).
         description: one line for listings.
         stage_ends: the feature taps: indices into ``Backbone.blocks`` whose output ends a
             stage (the evidence step probes each, and the top's output after them).

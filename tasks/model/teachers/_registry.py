@@ -35,7 +35,7 @@ def get_teacher(teacher: str | TeacherSpec) -> TeacherSpec:
     except KeyError:
         raise MedtransferError(
             f"Unknown teacher {teacher!r}. Known teachers: {', '.join(known_teachers())}. "
-            "Choose one of them (other architectures need tasks.teachers.register_teacher)."
+            "Choose one of them (other architectures need tasks.model.teachers.register_teacher)."
         ) from None
 
 
