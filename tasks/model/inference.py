@@ -1,10 +1,12 @@
 """Classifying uploaded images: the serving path, shared by the BentoML service and the tests.
 
-An uploaded DICOM file takes exactly the ingestion path: :func:`tasks.data.dicom_io.read_dataset` →
-:func:`tasks.data.dicom_io.decode_dataset` → :func:`tasks.data.preprocess.resize_display` (uint8) →
-:func:`tasks.model.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax. A PNG
-becomes display space through :func:`tasks.data.preprocess.uint8_to_display` and then follows the
-same path. The Bento imports this module; nothing here is copied into ``serving/``.
+An uploaded DICOM file takes exactly the ingestion path:
+:func:`tasks.data.dicom_io.read_dataset` → :func:`tasks.data.dicom_io.decode_dataset` →
+:func:`tasks.data.preprocess.resize_display` (uint8) →
+:func:`tasks.model.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax
+(:func:`tasks.model.predict.probabilities`). A PNG becomes display space through
+:func:`tasks.data.preprocess.uint8_to_display` and then follows the same path. The Bento
+imports this module; nothing here is copied into ``serving/``.
 
 Every way an upload can be unusable is an :class:`InputRejected` with an HTTP status, a short
 reason code and a fixed message. Messages never quote a DICOM attribute value, a file name or
@@ -66,7 +68,8 @@ REJECTIONS: dict[str, tuple[int, str]] = {
     ),
 }
 
-# ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.data.ingestion, tasks.data.dicom_io).
+# ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.data.ingestion,
+# tasks.data.dicom_io).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -153,8 +156,8 @@ def prepare_png(
 ) -> np.ndarray:
     """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
 
-    8-bit images go through :func:`tasks.data.preprocess.uint8_to_display` (colour ones then to luma,
-    as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
+    8-bit images go through :func:`tasks.data.preprocess.uint8_to_display` (colour ones then to
+    luma, as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
     Before Pillow sees it, the IHDR's size is checked against ``max_image_dim`` (422
     ``image_too_large``) and its decoded bytes (width x height x samples x bytes per sample)
     against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_io.decoded_bytes_limit`;

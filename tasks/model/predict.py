@@ -88,7 +88,10 @@ def run_model(
     device = model_device(model) if device is None else torch.device(device)
     model.eval()
     chunks = []
-    with torch.inference_mode():
+    # no_grad, as validation and the attacks always ran (inference only served): tensors made
+    # under inference_mode can never enter autograd, and a model that goes on training between
+    # epochs, or is attacked with gradients next, should not have to care
+    with torch.no_grad():
         for batch in images:
             batch = batch.to(device, non_blocking=True)
             if channels_last:
