@@ -1,5 +1,5 @@
 """Names in prose follow the code: every ``tasks.…`` dotted name and ``tasks/….py`` path that the
-product's source, tests, benchmarks and README mention exists (the flat layout's
+product's source, tests, benchmarks, README, pyproject.toml and Makefile mention exists (the flat layout's
 ``tasks.dicom_io``, ``tasks.teachers`` … once outlived the move into rooms)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_no_source_file_or_readme_names_a_module_that_does_not_exist() -> None:
     files = [p for d in SCANNED for p in sorted((ROOT / d).rglob("*")) if p.suffix in SUFFIXES]
     stale = {
         str(path.relative_to(ROOT)): found
-        for path in [*files, ROOT / "README.md"]
+        for path in [*files, ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "Makefile"]
         if path != Path(__file__).resolve()  # this file names stale ones on purpose
         and (found := stale_references(path.read_text(errors="ignore")))
     }
