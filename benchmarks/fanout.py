@@ -1,7 +1,7 @@
 """Ingestion fan-out: Prefect's task runners against the stage's own process pool.
 
-Decodes the same folder with each ``tasks.ingest`` decode map, alternating, inside one Prefect
-flow run (on Prefect's temporary local server, as ``medtransfer run`` uses):
+Decodes the same folder with each ``tasks.data.ingestion`` decode map, alternating, inside one
+Prefect flow run (on Prefect's temporary local server, as ``medtransfer run`` uses):
 
 - ``pool``: the stage's ``ProcessPoolExecutor`` (``medtransfer ingest``, ``dvc repro``);
   the baseline;

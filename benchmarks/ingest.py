@@ -3,7 +3,7 @@
 Generates N synthetic 512x512 16-bit DICOM files once (cached under ``--cache``), then runs,
 alternating and each in a fresh process so peak RSS is its own:
 
-- ``stage``: ``tasks.ingest.run_ingest`` with the default worker count (one per core);
+- ``stage``: ``tasks.stages.ingest.run_ingest`` with the default worker count (one per core);
 - ``naive``: one process, ``dcmread`` → ``pixel_array`` → modality LUT → VOI LUT → resize,
   collecting every image in a list and stacking at the end.
 

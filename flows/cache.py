@@ -27,6 +27,7 @@ from tasks.code_closure import code_version
 from tasks.config import Params
 from tasks.data import synthetic
 from tasks.data.dataset import INFO_FILE, dataset_version
+from tasks.digest import file_sha256
 from tasks.model.student_io import MODEL_FILE
 
 
@@ -80,7 +81,7 @@ def stage_key(stage: str, params: Params) -> str:
             else (reports.REGISTER,)
         )
         parts += [_section(params, name) for name in ("registry", "gates", "serving")]
-        parts += [_file_digest(report.path(params.reports_dir)) for report in inputs]
+        parts += [file_sha256(report.path(params.reports_dir)) for report in inputs]
         if stage == "package":  # the training data's profile is recorded with the model
             parts.append(dataset_version(processed))
         return f"medtransfer-{stage}-{_digest(*parts)}"
@@ -95,7 +96,7 @@ def stage_key(stage: str, params: Params) -> str:
     else:
         parts += [dataset_version(processed), _section(params, "train"), _section(params, "mlflow")]
     if stage in ("evaluate", "robustness"):
-        parts += [_file_digest(model_file), _section(params, "eval")]
+        parts += [file_sha256(model_file), _section(params, "eval")]
     if stage == "robustness":
         parts += [_section(params, "robustness"), _section(params, "gates")]
     return f"medtransfer-{stage}-{_digest(*parts)}"
@@ -112,11 +113,3 @@ def _section(params: Params, name: str) -> Any:
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

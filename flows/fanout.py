@@ -1,9 +1,9 @@
 """Ingestion fan-out through a Prefect task runner, chosen by ``orchestration.task_runner``.
 
-The flow's ingest stage hands :func:`task_runner_decode_map` to ``tasks.ingest.run_ingest``:
+The flow's ingest stage hands :func:`task_runner_decode_map` to ``tasks.stages.ingest.run_ingest``:
 the files are cut into consecutive chunks and the Prefect task ``decode-files`` is mapped over
 them (``decode_files.map``) on the flow run's task runner, which ``medtransfer run`` sets from
-the configuration (:func:`flow_task_runner`), so every chunk is a task run in the Prefect UI. The decoding itself is ``tasks.ingest.decode_chunk``; only where it runs changes:
+the configuration (:func:`flow_task_runner`), so every chunk is a task run in the Prefect UI. The decoding itself is ``tasks.data.ingestion.decode_chunk``; only where it runs changes:
 
 - ``threads`` (default): Prefect's ``ThreadPoolTaskRunner``. Reading, decompressing, windowing
   and resizing spend most of their time outside the GIL: on 2 cores threads decoded 1.2x

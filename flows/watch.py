@@ -1,7 +1,7 @@
 """Triggered retraining: re-ingest a watched DICOM folder, retrain only when the data changed.
 
 ``watch_and_retrain`` ingests ``orchestration.watch_folder`` (``data.source`` when null) into
-the processed dataset, computes its DVC hash (:func:`tasks.dataset.dataset_version`) and
+the processed dataset, computes its DVC hash (:func:`tasks.data.dataset.dataset_version`) and
 compares it with the version the last successful retraining used. Same hash: it logs that it
 skipped and returns. New hash: it runs the whole :func:`~flows.pipeline.medtransfer_pipeline`
 as a subflow (so every stage the pipeline has, now or later, runs) and records the version.

@@ -3,7 +3,7 @@ and say so when an upload is unlike what it was trained on.
 
 Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.yaml``):
 
-- :class:`StudentModel` holds the student (loaded with :func:`tasks.student_io.load_student`
+- :class:`StudentModel` holds the student (loaded with :func:`tasks.model.student_io.load_student`
   from the Bento's model) and the training data's profile recorded with it
   (:mod:`tasks.model.profile`), and exposes one batchable call, uint8 images ``(B, S, S)`` →
   ``(B, C + 1)``: the class probabilities (through :mod:`tasks.model.inference`, calibration
@@ -35,8 +35,8 @@ Modality, Photometric Interpretation or Body Part is outside the training data's
 ``multiframe`` rule recorded with the model).
 
 Bad input gets a 4xx with ``{"error": code, "message": ..., "status": ...}`` (codes in
-:data:`tasks.inference.REJECTIONS`), never a 500. The 5xx are 503 ``model_unavailable``
-and 503 ``request_timeout`` (not done within ``serving.request_timeout_s``; its upload is removed),
+:data:`tasks.model.inference.REJECTIONS`), never a 500. The 5xx are 503
+``model_unavailable`` and 503 ``request_timeout`` (not done within ``serving.request_timeout_s``; its upload is removed),
 both with ``Retry-After``. Uploads are checked against the size their own codestream declares
 before decoding (:mod:`tasks.data.codestream`), and at most ``serving.max_concurrent_decodes``
 decode at once. Replies and log lines carry reason codes and fixed messages only: no

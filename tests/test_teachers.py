@@ -19,6 +19,7 @@ from tasks.model.teachers import (
     DEFAULT_TEACHER,
     EFFICIENTNET_LITE0_SHA256,
     PinnedWeights,
+    _registry,
     build_teacher,
     file_sha256,
     get_teacher,
@@ -218,12 +219,16 @@ def test_a_missing_user_file_is_reported(tmp_path: Path) -> None:
 def test_unknown_teacher_lists_the_known_ones() -> None:
     with pytest.raises(MedtransferError, match=r"Unknown teacher 'resnet34'.*efficientnet-lite0"):
         get_teacher("resnet34")
+    # the function the message points to is where it says
+    with pytest.raises(MedtransferError, match=r"need tasks\.model\.teachers\.register_teacher\)"):
+        get_teacher("resnet34")
+    assert teachers.register_teacher is register_teacher
     with pytest.raises(MedtransferError, match="Unknown teacher"):
         imagenet_classifier("efficientnet-lite3")  # exists upstream, deliberately not registered
 
 
 def test_register_teacher_adds_by_name_and_refuses_to_shadow(monkeypatch) -> None:
-    monkeypatch.setattr(teachers, "_REGISTRY", dict(teachers._REGISTRY))
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
     copy = dataclasses.replace(get_teacher(DEFAULT_TEACHER), name="my-lite0")
     register_teacher(copy)
     assert "my-lite0" in known_teachers() and len(known_teachers()) == 7

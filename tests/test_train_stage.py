@@ -102,7 +102,8 @@ def _check_intervals_and_calibration(params: Params, metrics: dict, logged: dict
 
     from tasks.data.dataset import load_processed
     from tasks.evaluation.metrics import apply_temperature
-    from tasks.model.inference import Predictor, probabilities
+    from tasks.model.inference import Predictor
+    from tasks.model.predict import probabilities
 
     test = metrics["test"]
     assert test["n_patients"] <= test["n_images"] == sum(map(sum, test["confusion"]))

@@ -36,3 +36,9 @@ def resize_display(frame: np.ndarray, image_size: int) -> np.ndarray:
 def uint8_to_display(image: np.ndarray) -> np.ndarray:
     """A uint8 grayscale image (e.g. a MedMNIST or PNG image) → float32 [0, 1]."""
     return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def uint8_to_model_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 images ``(N, H, W)`` (the processed dataset's) → float32 ``(N, 1, H, W)`` in
+    [0, 1]: the pixel space every model here takes (each normalises for its teacher itself)."""
+    return uint8_to_display(images)[:, None]

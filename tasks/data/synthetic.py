@@ -14,7 +14,6 @@ deterministic for a given configuration: same seed, same bytes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 from tasks import atomic
 from tasks.config import Params
+from tasks.digest import file_sha256
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -109,7 +109,7 @@ def generate(config: SyntheticConfig) -> tuple[Path, Path]:
         manifest = {
             "config": _config_record(config),
             "files": files,
-            "labels_sha256": _sha256(staging / DICOM_SUBDIR / LABELS_FILE),
+            "labels_sha256": file_sha256(staging / DICOM_SUBDIR / LABELS_FILE),
         }
         # Last: a folder with a manifest is a complete folder.
         (staging / FINGERPRINT_FILE).write_text(json.dumps(manifest, sort_keys=True) + "\n")
@@ -158,16 +158,11 @@ def _manifest_matches(out: Path, config: SyntheticConfig) -> bool:
         return (
             isinstance(manifest, dict)
             and manifest.get("config") == _config_record(config)
-            and manifest.get("labels_sha256") == _sha256(labels_csv)
+            and manifest.get("labels_sha256") == file_sha256(labels_csv)
             and manifest.get("files") == sum(1 for _ in (out / DICOM_SUBDIR).rglob("*.dcm"))
         )
     except (OSError, ValueError):
         return False
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def source_folder(config: SyntheticConfig) -> Path:
@@ -248,36 +243,73 @@ def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index
     slope = float(rng.choice([0.5, 1.0, 2.0]))
     intercept = float(rng.choice([0.0, -1024.0]))
     contrast = config.lesion_contrast if patient.label == 1 else None
+    stored = _stored_frames(config.size, rng, contrast, 3 if multiframe else 1, bits, monochrome1)
+    if not multiframe:
+        stored = stored[0]
+    modality = "CR" if rng.random() < 0.5 else "DX"  # drawn after the pixels: same files as ever
+    ds = _header(config, patient, image_index, modality)
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleType = "US"
+    center, width = _window(bits, monochrome1, slope, intercept)
+    ds.WindowCenter = f"{center:.2f}"
+    ds.WindowWidth = f"{width:.2f}"
+    ds.set_pixel_data(
+        stored,
+        photometric_interpretation="MONOCHROME1" if monochrome1 else "MONOCHROME2",
+        bits_stored=bits,
+        generate_instance_uid=False,
+    )
+    if multiframe:
+        ds.NumberOfFrames = stored.shape[0]
+    if rle:
+        ds.compress(RLELossless, generate_instance_uid=False)
+    return ds
 
-    # Frames of one acquisition share the anatomy and the opacity, but not the noise.
-    scene = chest_scene(config.size, rng, contrast)
-    n_frames = 3 if multiframe else 1
+
+def _stored_frames(
+    size: int,
+    rng: np.random.Generator,
+    contrast: float | None,
+    n_frames: int,
+    bits: int,
+    monochrome1: bool,
+) -> np.ndarray:
+    """uint16 stored values ``(n_frames, size, size)`` of one acquisition: frames share the
+    anatomy and the opacity, but not the noise; values use ~90% of the bit depth, and
+    MONOCHROME1 stores the inverted scene."""
+    scene = chest_scene(size, rng, contrast)
     noise = 0.004 * rng.standard_normal((n_frames, *scene.shape)).astype(np.float32)
     display = np.clip(scene[np.newaxis] + noise, 0.0, 1.0)
-
-    # Stored values use ~90% of the bit depth; MONOCHROME1 stores the inverted scene.
     max_stored = 2**bits - 1
     stored_float = display * 0.9 * max_stored + 0.05 * max_stored
     if monochrome1:
         stored_float = max_stored - stored_float
-    stored = np.rint(stored_float).astype(np.uint16)
-    if not multiframe:
-        stored = stored[0]
+    return np.rint(stored_float).astype(np.uint16)
 
-    # The window shows the display range [0.02, 0.98] in modality units.
+
+def _window(bits: int, monochrome1: bool, slope: float, intercept: float) -> tuple[float, float]:
+    """(center, width) of the window that shows the display range [0.02, 0.98], in modality
+    units."""
+    max_stored = 2**bits - 1
     lo = (0.02 * 0.9 + 0.05) * max_stored
     hi = (0.98 * 0.9 + 0.05) * max_stored
     if monochrome1:
         lo, hi = max_stored - hi, max_stored - lo
-    center = (lo + hi) / 2 * slope + intercept
-    width = (hi - lo) * slope
+    return (lo + hi) / 2 * slope + intercept, (hi - lo) * slope
+
+
+def _header(
+    config: SyntheticConfig, patient: SyntheticPatient, image_index: int, modality: str
+) -> Dataset:
+    """The file meta and header of one image: UIDs derived from the seed, the fake patient's
+    identity (what ingestion must strip), a chest PA view."""
 
     def uid(kind: str) -> str:
         return generate_uid(
             entropy_srcs=[str(config.seed), str(patient.index), str(image_index), kind]
         )
 
-    modality = "CR" if rng.random() < 0.5 else "DX"
     sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_IMAGE_STORAGE
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -300,22 +332,7 @@ def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index
     ds.StudyDate = "20260101"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
-    ds.RescaleSlope = f"{slope:g}"
-    ds.RescaleIntercept = f"{intercept:g}"
-    ds.RescaleType = "US"
-    ds.WindowCenter = f"{center:.2f}"
-    ds.WindowWidth = f"{width:.2f}"
     ds.PixelSpacing = [0.7, 0.7]
-    ds.set_pixel_data(
-        stored,
-        photometric_interpretation="MONOCHROME1" if monochrome1 else "MONOCHROME2",
-        bits_stored=bits,
-        generate_instance_uid=False,
-    )
-    if multiframe:
-        ds.NumberOfFrames = stored.shape[0]
-    if rle:
-        ds.compress(RLELossless, generate_instance_uid=False)
     return ds
 
 

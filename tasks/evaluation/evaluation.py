@@ -28,8 +28,8 @@ from tasks.evaluation.metrics import (
     fit_temperature,
     split_metrics,
 )
+from tasks.model.predict import probabilities_and_labels
 from tasks.model.transforms import ImageDataset, to_tensor_transform
-from tasks.training.loop import predict
 
 # Every student's backbone ends in ``top`` (the last convolution before pooling): the deepest
 # layer that still has spatial resolution, which is what Grad-CAM needs.
@@ -151,7 +151,10 @@ def _predict_splits(
         loader = DataLoader(
             ImageDataset(images, split_labels, to_tensor_transform()), batch_size=batch_size
         )
-        probabilities[split], labels[split] = predict(model, loader, torch.device(device))
+        # amp as training's validation runs it (bf16 on a GPU, nothing on the CPU)
+        probabilities[split], labels[split] = probabilities_and_labels(
+            model, loader, torch.device(device), amp=True
+        )
     return probabilities, labels
 
 

@@ -1,10 +1,12 @@
 """Classifying uploaded images: the serving path, shared by the BentoML service and the tests.
 
-An uploaded DICOM file takes exactly the ingestion path: :func:`tasks.dicom_io.read_dataset` →
-:func:`tasks.dicom_io.decode_dataset` → :func:`tasks.preprocess.resize_display` (uint8) →
-:func:`tasks.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax. A PNG
-becomes display space through :func:`tasks.preprocess.uint8_to_display` and then follows the
-same path. The Bento imports this module; nothing here is copied into ``serving/``.
+An uploaded DICOM file takes exactly the ingestion path:
+:func:`tasks.data.dicom_io.read_dataset` → :func:`tasks.data.dicom_io.decode_dataset` →
+:func:`tasks.data.preprocess.resize_display` (uint8) →
+:func:`tasks.model.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax
+(:func:`tasks.model.predict.probabilities`). A PNG becomes display space through
+:func:`tasks.data.preprocess.uint8_to_display` and then follows the same path. The Bento
+imports this module; nothing here is copied into ``serving/``.
 
 Every way an upload can be unusable is an :class:`InputRejected` with an HTTP status, a short
 reason code and a fixed message. Messages never quote a DICOM attribute value, a file name or
@@ -23,6 +25,7 @@ import numpy as np
 
 from tasks.data import codestream, dicom_io
 from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.model.profile import header_values
 
 # Reason codes of rejected uploads, with the status and the message a client sees.
 REJECTIONS: dict[str, tuple[int, str]] = {
@@ -65,7 +68,8 @@ REJECTIONS: dict[str, tuple[int, str]] = {
     ),
 }
 
-# ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.ingest, tasks.dicom_io).
+# ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.data.ingestion,
+# tasks.data.dicom_io).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -152,8 +156,8 @@ def prepare_png(
 ) -> np.ndarray:
     """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
 
-    8-bit images go through :func:`tasks.preprocess.uint8_to_display` (colour ones then to luma,
-    as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
+    8-bit images go through :func:`tasks.data.preprocess.uint8_to_display` (colour ones then to
+    luma, as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
     Before Pillow sees it, the IHDR's size is checked against ``max_image_dim`` (422
     ``image_too_large``) and its decoded bytes (width x height x samples x bytes per sample)
     against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_io.decoded_bytes_limit`;
@@ -227,8 +231,6 @@ def _png_to_display(image) -> np.ndarray:
 def _check_scope(ds, scope) -> None:
     if scope is None:
         return
-    from tasks.model.profile import header_values
-
     expected = scope.violation(header_values(ds))
     if expected is not None:
         raise InputRejected("out_of_scope", hint=expected)
@@ -239,33 +241,6 @@ def _header_int(ds, keyword: str, default: int) -> int:
         return int(ds.get(keyword, default) or default)
     except (TypeError, ValueError):
         raise InputRejected(dicom_io.UNREADABLE) from None
-
-
-def to_model_input(images: np.ndarray | Sequence[np.ndarray]):
-    """uint8 images ``(B, S, S)`` → float32 tensor ``(B, 1, S, S)`` in [0, 1].
-
-    Uses :func:`tasks.transforms.to_tensor_transform`, the transform evaluation uses.
-    """
-    import torch
-
-    from tasks.model.transforms import to_tensor_transform
-
-    transform = to_tensor_transform()
-    return torch.stack([transform(np.asarray(image)) for image in images])
-
-
-def probabilities(
-    model, images: np.ndarray | Sequence[np.ndarray], temperature: float = 1.0
-) -> np.ndarray:
-    """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` (eval mode, CPU):
-    ``softmax(logits / temperature)``, the student's calibration (``StudentSpec.temperature``)."""
-    import torch
-
-    if len(images) == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    with torch.inference_mode():
-        logits = model(to_model_input(images))
-        return torch.softmax(logits.float() / float(temperature), dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -307,7 +282,7 @@ class Predictor:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Predictor:
-        """Load ``folder/model.pt`` with :func:`tasks.student_io.load_student`."""
+        """Load ``folder/model.pt`` with :func:`tasks.model.student_io.load_student`."""
         from tasks.model.student_io import load_student
 
         model, spec = load_student(folder)
@@ -322,6 +297,10 @@ class Predictor:
                 f"expected uint8 images (B, {self.spec.image_size}, {self.spec.image_size}), "
                 f"got shape {images.shape}"
             )
+        # deferred: tasks.model.predict imports torch, which the service's API process (it
+        # imports this module to decode uploads) never needs
+        from tasks.model.predict import probabilities
+
         return probabilities(self.model, images, getattr(self.spec, "temperature", 1.0))
 
     def predict_dicom(self, source: bytes | str | Path) -> np.ndarray:

@@ -205,11 +205,12 @@ def features_and_probabilities(
     """uint8 images ``(B, S, S)`` → (probabilities ``(B, C)``, penultimate features ``(B, D)``)
     in one forward pass; ``temperature`` is the student's calibration (``StudentSpec``).
 
-    The probabilities come from :func:`tasks.model.inference.probabilities` (so whatever it
-    applies, e.g. calibration, applies here); the features are the input of the student's
-    ``head``, caught on the way.
+    The probabilities come from :func:`tasks.model.predict.probabilities`, the one forward
+    pass (so whatever it applies, e.g. calibration, applies here); the features are the input
+    of the student's ``head``, caught on the way.
     """
-    from tasks.model.inference import probabilities
+    # deferred: tasks.model.predict imports torch, which the service's API process never needs
+    from tasks.model.predict import probabilities
 
     caught: list = []
     handle = model.head.register_forward_hook(lambda m, inputs, out: caught.append(inputs[0]))

@@ -263,7 +263,7 @@ def build_student(
     """Build a student for a transfer strategy; all configuration errors surface here.
 
     Args:
-        teacher: teacher name (see ``tasks.teachers.known_teachers()``) or spec.
+        teacher: teacher name (see ``tasks.model.teachers.known_teachers()``) or spec.
         strategy: one of :data:`STRATEGIES`.
         num_classes: size of the new head (at least 2).
         unfreeze_blocks: blocks ``partial`` trains, counted from the last; 0 trains only the

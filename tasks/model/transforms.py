@@ -2,7 +2,7 @@
 
 Images leave the processed dataset as uint8 ``(S, S)`` and reach the model as float32
 ``(1, S, S)`` in [0, 1] pixel space; the model applies its teacher's normalisation itself
-(see ``tasks.models``), so nothing here normalises, and nothing is normalised twice.
+(see ``tasks.model.student``), so nothing here normalises, and nothing is normalised twice.
 """
 
 from __future__ import annotations

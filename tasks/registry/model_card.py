@@ -22,7 +22,7 @@ class CardInputs:
     Attributes:
         model_name, version: the registered model and its new version.
         run_id: the MLflow run that trained the student.
-        spec: the student's :class:`~tasks.student_io.StudentSpec` as a dict.
+        spec: the student's :class:`~tasks.model.student_io.StudentSpec` as a dict.
         dataset_version: the processed dataset's DVC hash.
         ingest: ``reports/ingest.json`` (counts per split), or ``{}`` when absent.
         metrics: ``reports/metrics.json`` (``val``/``test`` splits, ``threshold``).

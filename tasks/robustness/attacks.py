@@ -12,7 +12,7 @@ in the same pixel units (``1/255`` is one grey level of an 8-bit image).
 - Uniform noise at the same budget is the control: a drop there is fragility, not attack.
 
 :func:`evaluate_robustness` runs all of them over a list of budgets and returns a
-:class:`~tasks.robustness_metrics.RobustnessResult`.
+:class:`~tasks.robustness.verdict.RobustnessResult`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
+from tasks.model.predict import run_model
 from tasks.robustness.verdict import EpsilonRow, RobustnessResult, check_distinct_epsilons
 
 Images = np.ndarray | torch.Tensor
@@ -136,13 +137,9 @@ def predict(
     ``torch.no_grad`` on finished, detached tensors, so no gradient can flow through it.
     """
     array = as_pixel_array(images)
-    predictions = np.empty(len(array), dtype=np.int64)
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model):  # the one forward pass (tasks.model.predict), modes restored
         model.to(device)
-        for batch in _batches(len(array), batch_size):
-            logits = model(torch.from_numpy(array[batch]).to(device))
-            predictions[batch] = logits.argmax(dim=1).cpu().numpy()
-    return predictions
+        return run_model(model, array, output="classes", batch_size=batch_size, device=device)
 
 
 def _derive_seed(seed: int, *keys: int) -> int:

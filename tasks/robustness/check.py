@@ -16,6 +16,7 @@ from torch import nn
 
 from tasks.config import RobustnessParams
 from tasks.data.dataset import ProcessedDataset
+from tasks.data.preprocess import uint8_to_model_pixels
 from tasks.model.student_io import STRATEGIES_SUBDIR, load_student
 from tasks.robustness.attacks import evaluate_robustness
 from tasks.robustness.verdict import (
@@ -77,7 +78,7 @@ def attack_subset(
         indices = np.sort(
             np.random.default_rng(seed).choice(indices, size=max_samples, replace=False)
         )
-    images = np.asarray(dataset.images[indices], dtype=np.float32)[:, None] / 255.0
+    images = uint8_to_model_pixels(dataset.images[indices])
     return images, dataset.labels[indices]
 
 
@@ -98,9 +99,7 @@ def fit_linear_probe(teacher: str, dataset: ProcessedDataset, steps: int, seed: 
     with torch.no_grad():
         features = torch.cat(
             [
-                probe.features(
-                    torch.from_numpy(images[i : i + 64, None].astype(np.float32) / 255.0)
-                )
+                probe.features(torch.from_numpy(uint8_to_model_pixels(images[i : i + 64])))
                 for i in range(0, len(images), 64)
             ]
         )

@@ -1,8 +1,9 @@
 """What the robustness check measured, how it is named in MLflow, and whether it passes the gates.
 
-Pure logic: no attack code, no MLflow import. ``tasks.attacks.evaluate_robustness`` fills a
-:class:`RobustnessResult`; the stage wrapper logs ``result.to_metrics()`` and the plot, and the
-registry step calls :func:`gate_verdict` on the logged metrics.
+Pure logic: no attack code, no MLflow import.
+``tasks.robustness.attacks.evaluate_robustness`` fills a :class:`RobustnessResult`; the stage
+wrapper logs ``result.to_metrics()`` and the plot, and the registry step calls
+:func:`gate_verdict` on the logged metrics.
 
 Metric names: ``<measure>_eps_<eps>`` with the budget written by :func:`format_eps` (four
 decimals, pixel units on the [0, 1] scale), e.g. ``robust_acc_pgd_eps_0.0039`` for 1/255.

@@ -25,6 +25,7 @@ from torch import nn
 from tasks import reports
 from tasks.config import Params, flatten_params
 from tasks.data.dataset import DatasetSource, ProcessedDataset
+from tasks.data.preprocess import uint8_to_model_pixels
 from tasks.evaluation.evaluation import Evaluation
 from tasks.evaluation.plots import plot_data_efficiency
 from tasks.signals import sigterm_deferred
@@ -248,7 +249,7 @@ def log_evaluation_and_model(
     and an input example of two validation images, then its evaluation, linked to that model
     and to the dataset so that the model's page shows them."""
     dataset = context.dataset
-    example = dataset.images[dataset.indices("val")[:2]].astype(np.float32)[:, None] / 255.0
+    example = uint8_to_model_pixels(dataset.images[dataset.indices("val")[:2]])
     with torch.no_grad():
         output = torch.softmax(model(torch.from_numpy(example)) / evaluation.temperature, 1).numpy()
     info = mlflow.pytorch.log_model(

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from tasks.data.preprocess import uint8_to_model_pixels
+
 FEATURE_BATCH = 64
 
 
@@ -24,8 +26,8 @@ def frozen_features(model: nn.Module, images: np.ndarray, device: torch.device) 
     model.eval()
     chunks = []
     for first in range(0, len(images), FEATURE_BATCH):
-        x = torch.from_numpy(np.asarray(images[first : first + FEATURE_BATCH], np.float32))
-        chunks.append(model.features((x / 255.0)[:, None].to(device)).float().cpu())
+        x = torch.from_numpy(uint8_to_model_pixels(images[first : first + FEATURE_BATCH]))
+        chunks.append(model.features(x.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0)
 

@@ -1,4 +1,4 @@
-"""The training loop: ``train_one_epoch``, ``predict``, and ``fit`` around them.
+"""The training loop: ``train_one_epoch``, ``validation_metrics``, and ``fit`` around them.
 
 In the manner of torchvision's classification reference: one readable loop, everything else
 configuration. ``fit`` adds what a clinical team needs from it:
@@ -23,7 +23,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from tasks import atomic
 from tasks.evaluation.metrics import roc_auc
+from tasks.model.predict import autocast_context, probabilities_and_labels
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
 CHECKPOINT_NAME = "last.pt"
@@ -87,18 +87,6 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     weights = len(labels) / (n_classes * np.maximum(counts, 1))
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager:
-    """bf16 autocast on GPUs that support it, fp16 on older ones, nothing on the CPU.
-
-    Only the context: the fp16 loss scaler is :func:`grad_scaler`, made once per fit, because
-    its scale factor must carry over from batch to batch.
-    """
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler | None:
@@ -162,28 +150,6 @@ def train_one_epoch(
     return {"train_loss": total_loss / max(seen, 1), "images_per_s": seen / max(seconds, 1e-9)}
 
 
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp: bool = True,
-    channels_last: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities ``(N, C)`` and labels ``(N,)`` over ``loader``, in eval mode."""
-    model.eval()
-    probabilities, labels = [], []
-    for images, batch_labels in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp):
-            logits = model(images)
-        probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels.append(batch_labels.numpy())
-    return np.concatenate(probabilities), np.concatenate(labels)
-
-
 def validation_metrics(
     model: nn.Module,
     loader: DataLoader,
@@ -195,7 +161,7 @@ def validation_metrics(
 
     ``val_auc`` is NaN when the loader holds one class only.
     """
-    probabilities, labels = predict(model, loader, device, amp, channels_last)
+    probabilities, labels = probabilities_and_labels(model, loader, device, amp, channels_last)
     log_probabilities = torch.log(torch.from_numpy(probabilities).clamp_min(1e-8))
     return {
         "val_loss": float(nn.functional.nll_loss(log_probabilities, torch.from_numpy(labels))),

@@ -33,6 +33,7 @@ from torch import nn
 
 from tasks.config import Params
 from tasks.data.dataset import load_processed
+from tasks.data.preprocess import uint8_to_model_pixels
 from tasks.errors import MedtransferError
 from tasks.evaluation.metrics import roc_auc
 from tasks.model.student import check_image_size, teacher_feature_extractor
@@ -251,7 +252,7 @@ def tap_features(
         hooks.append(_BatchNormInputStats(layer) if layer is not None else None)
     chunks: list[list[np.ndarray]] = [[] for _ in segments]
     for first in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[first : first + batch_size]).float()[:, None] / 255.0
+        x = torch.from_numpy(uint8_to_model_pixels(images[first : first + batch_size]))
         for i, tapped in enumerate(backbone.taps(extractor.input_layer(x), ends)):
             chunks[i].append(tapped.numpy())
     distances = [hook.distance() if hook else math.nan for hook in hooks]

