@@ -231,9 +231,7 @@ def _stop_with_the_arbiter() -> None:
     arbiter itself (no worker index) is left to its own parent."""
     if not sys.platform.startswith("linux"):
         return
-    from bentoml._internal.context import server_context
-
-    if server_context.worker_index is None:
+    if bentoml.server_context.worker_index is None:
         return
     import ctypes
     import signal
