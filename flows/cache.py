@@ -7,8 +7,10 @@ parameters decodes and trains nothing (Prefect logs such a task as ``Cached``). 
 - its inputs' content: the raw source (file names, sizes, modification times), the processed
   dataset's DVC hash, the saved student's bytes;
 - the source code of the modules the stage runs (:func:`tasks.code_closure.code_version`:
-  the import closure of ``tasks.stages.<stage>``, the one stage table that dvc.yaml's code deps
-  also follow), so a code change invalidates it.
+  the import closure of ``tasks.stages.<stage>``, which dvc.yaml's code deps also follow), so a
+  code change invalidates it.
+
+Which parameters and inputs are those is the stage's row in :mod:`tasks.stages.table`.
 
 A cached result must never stand for files that are gone: the flow refreshes a stage whose
 outputs (:func:`outputs_present`) are missing instead of reusing its cache entry.
@@ -29,6 +31,7 @@ from tasks.data import synthetic
 from tasks.data.dataset import INFO_FILE, dataset_version
 from tasks.digest import file_sha256
 from tasks.model.student_io import MODEL_FILE
+from tasks.stages import table
 
 
 def source_fingerprint(params: Params) -> str:
@@ -54,61 +57,70 @@ def source_fingerprint(params: Params) -> str:
 
 
 def outputs_present(stage: str, params: Params) -> bool:
-    """Whether the files ``stage`` writes are all on disk."""
-    if stage == "synthesize":
+    """Whether the files ``stage`` writes (its row's ``writes`` in the stage table) are all on
+    disk."""
+    return all(_output_present(name, params) for name in table.stage(stage).writes)
+
+
+def _output_present(artifact: str, params: Params) -> bool:
+    """Whether one artifact or report a stage writes is on disk."""
+    if artifact.startswith(table.REPORT_PREFIX):
+        return _report(artifact).path(params.reports_dir).is_file()
+    if artifact == "synthetic_set":
         return (Path(params.synthetic.output_dir) / synthetic.FINGERPRINT_FILE).is_file()
-    outputs = [reports.BY_STAGE[stage].path(params.reports_dir)]
-    if stage == "ingest":
-        outputs.append(Path(params.data.processed_dir) / INFO_FILE)
-    if stage == "train":
-        outputs.append(_model_file(params))
-    if stage == "package" and outputs[0].is_file():
-        archive = (reports.PACKAGE.read(params.reports_dir) or {}).get("archive", "")
-        outputs.append(Path(archive))
-    return all(path.is_file() for path in outputs)
+    if artifact == "dataset":
+        return (Path(params.data.processed_dir) / INFO_FILE).is_file()
+    if artifact == "model":
+        return _model_file(params).is_file()
+    if artifact == "bentos":  # the archive the package report names
+        written = reports.PACKAGE.read_if_present(params.reports_dir) or {}
+        return Path(written.get("archive", "")).is_file()
+    if artifact == "serving_profile":  # tasks.stages.package.SERVING_PROFILE_DIR
+        return (Path(params.reports_dir) / "serving_profile").is_dir()
+    raise KeyError(f"no output check for artifact {artifact!r}")
 
 
 def stage_key(stage: str, params: Params) -> str:
-    """The cache key of ``stage`` under ``params``, from its inputs as they are now."""
-    processed = Path(params.data.processed_dir)
-    model_file = _model_file(params)
+    """The cache key of ``stage`` under ``params``, from its inputs as they are now: its code
+    version, the seed and reports folder, the parameters its row in the stage table lists (and
+    the MLflow section when it logs there), and the content of each artifact it reads."""
+    row = table.stage(stage)
     parts: list[Any] = [stage, code_version(stage), params.seed, params.reports_dir]
-    if stage in ("register", "package"):
-        # What the registry sees: the run, its evaluation and verdict; then the registered version.
-        inputs = (
-            (reports.TRAIN, reports.METRICS, reports.ROBUSTNESS)
-            if stage == "register"
-            else (reports.REGISTER,)
-        )
-        parts += [_section(params, name) for name in ("registry", "gates", "serving")]
-        parts += [file_sha256(report.path(params.reports_dir)) for report in inputs]
-        if stage == "package":  # the training data's profile is recorded with the model
-            parts.append(dataset_version(processed))
-        return f"medtransfer-{stage}-{_digest(*parts)}"
-    if stage == "synthesize":
-        return f"medtransfer-{stage}-{_digest(*parts, _section(params, 'synthetic'))}"
-    if stage == "ingest":
-        parts += [
-            _section(params, "data"),
-            _section(params, "synthetic"),
-            source_fingerprint(params),
-        ]
-    else:
-        parts += [dataset_version(processed), _section(params, "train"), _section(params, "mlflow")]
-    if stage in ("evaluate", "robustness"):
-        parts += [file_sha256(model_file), _section(params, "eval")]
-    if stage == "robustness":
-        parts += [_section(params, "robustness"), _section(params, "gates")]
+    parts += [_section(params, key) for key in row.params]
+    if row.tracked:  # another tracking store holds other runs: not the same result
+        parts.append(_section(params, "mlflow"))
+    parts += [_input_digest(name, params) for name in row.reads]
     return f"medtransfer-{stage}-{_digest(*parts)}"
+
+
+def _input_digest(artifact: str, params: Params) -> str:
+    """What one artifact or report a stage reads is now, as a short digest."""
+    if artifact.startswith(table.REPORT_PREFIX):
+        return file_sha256(_report(artifact).path(params.reports_dir))
+    if artifact == "source":
+        return source_fingerprint(params)
+    if artifact == "dataset":
+        return dataset_version(Path(params.data.processed_dir))
+    if artifact == "model":
+        return file_sha256(_model_file(params))
+    raise KeyError(f"no digest for artifact {artifact!r}")
+
+
+def _report(artifact: str) -> reports.Report:
+    return reports.BY_STAGE[artifact.removeprefix(table.REPORT_PREFIX)]
 
 
 def _model_file(params: Params) -> Path:
     return Path(params.train.model_dir) / MODEL_FILE
 
 
-def _section(params: Params, name: str) -> Any:
-    """One section of ``params`` as plain values, for hashing."""
-    return dataclasses.asdict(getattr(params, name))
+def _section(params: Params, key: str) -> Any:
+    """One section (``"train"``) or key (``"eval.threshold"``) of ``params`` as plain values,
+    for hashing."""
+    value: Any = params
+    for part in key.split("."):
+        value = getattr(value, part)
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _digest(*parts: Any) -> str:

@@ -15,6 +15,7 @@ status for the signal: 130 and 143.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -25,55 +26,24 @@ from tasks.config import Params, load_params
 from tasks.errors import MedtransferError, stage_io_error
 from tasks.project_lock import project_lock
 from tasks.signals import EXIT_SIGINT, EXIT_SIGTERM, Terminated
+from tasks.stages import table
+from tasks.stages.table import Stage
 from tasks.tracking_store import check_tracking_store
 
 
-def _synthesize(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.synthesize import run_synthesize
+def stage_handler(stage: Stage) -> Callable[[Params, argparse.Namespace], dict]:
+    """The handler of ``stage``'s sub-command: its entry function, called with the options its
+    row declares; a result with ``to_report`` (the ingest result) is returned as that report."""
 
-    return run_synthesize(params)
+    def handler(params: Params, args: argparse.Namespace) -> dict:
+        module, function = stage.entry.split(":")
+        # Imported when the command runs: the stage modules load torch, MLflow and MONAI.
+        entry = getattr(importlib.import_module(module), function)
+        options = {"progress": not args.quiet, "resume": getattr(args, "resume", False)}
+        result = entry(params, **{name: options[name] for name in stage.options})
+        return result.to_report() if hasattr(result, "to_report") else result
 
-
-def _ingest(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.ingest import run_ingest
-
-    return run_ingest(params, progress=not args.quiet).to_report()
-
-
-def _train(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.train import run_train
-
-    return run_train(params, resume=args.resume, progress=not args.quiet)
-
-
-def _advise(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.advise import run_advise
-
-    return run_advise(params)
-
-
-def _evaluate(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.evaluate import run_evaluate
-
-    return run_evaluate(params)
-
-
-def _robustness(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.robustness import run_robustness
-
-    return run_robustness(params, progress=not args.quiet)
-
-
-def _register(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.register import run_register
-
-    return run_register(params)
-
-
-def _package(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.stages.package import run_package
-
-    return run_package(params)
+    return handler
 
 
 def _monitor(params: Params, args: argparse.Namespace) -> dict:
@@ -102,31 +72,8 @@ def _deploy(params: Params, args: argparse.Namespace) -> dict:
     return {"work_pool": args.work_pool, "deployment_ids": ids}
 
 
-STAGES: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
-    "synthesize": (
-        _synthesize,
-        "write the built-in synthetic DICOM set (the default data.source) and its labels",
-    ),
-    "ingest": (
-        _ingest,
-        "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
-    ),
-    "train": (_train, "fine-tune the teacher into a student and log the run to MLflow"),
-    "advise": (
-        _advise,
-        "probe each teacher's frozen features on the training split and recommend a teacher, "
-        "strategy and depth (no training)",
-    ),
-    "evaluate": (_evaluate, "val/test metrics, plots and Grad-CAM of the saved student"),
-    "robustness": (
-        _robustness,
-        "white-box, teacher-transfer and noise attacks; the promotion verdict",
-    ),
-    "register": (
-        _register,
-        "register the trained student in the MLflow registry; move the alias if it earns it",
-    ),
-    "package": (_package, "build and export the Bento of the approved registry version"),
+# The stages' sub-commands come from the stage table; these commands run the flow or schedule it.
+OTHER_COMMANDS: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
     "monitor": (
         _monitor,
         "compare the service's recent requests with the training profile (drift report)",
@@ -137,6 +84,10 @@ STAGES: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
         "serve the scheduled-retrain and watch-folder deployments (orchestration in params.yaml)",
     ),
     "deploy": (_deploy, "register the same deployments with a Prefect work pool"),
+}
+SUBCOMMANDS: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
+    **{stage.name: (stage_handler(stage), stage.help) for stage in table.STAGES},
+    **OTHER_COMMANDS,
 }
 
 
@@ -160,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(prog="medtransfer", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in STAGES.items():
+    for name, (_, help_text) in SUBCOMMANDS.items():
         command = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
-        if name == "train":
+        if name in table.BY_NAME and "resume" in table.BY_NAME[name].options:
             command.add_argument(
                 "--resume",
                 nargs="?",
@@ -187,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtransfer`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handler, _ = STAGES[args.command]
+    handler, _ = SUBCOMMANDS[args.command]
     configure_logging()
     try:
         params = load_params(args.params, args.set)
@@ -221,10 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 USES_TRACKING = frozenset({"train", "evaluate", "robustness", "register", "package", "run"})
 
 # Commands that write the project's outputs (dataset, models, reports, registry, Bento) hold
-# the project lock; advise, monitor and the deployment commands only read them or run elsewhere.
-WRITES_OUTPUTS = frozenset(
-    {"synthesize", "ingest", "train", "evaluate", "robustness", "register", "package", "run"}
-)
+# the project lock: the stages whose row says so, and the whole flow; advise, monitor and the
+# deployment commands only read them or run elsewhere.
+WRITES_OUTPUTS = frozenset({stage.name for stage in table.STAGES if stage.locks} | {"run"})
 
 
 def _handle(

@@ -1,7 +1,7 @@
 """The medtransfer Prefect flow: it reads like the table of contents of the work.
 
-Each stage is the function in ``tasks/`` wrapped as a Prefect task; nothing is re-implemented
-here. Run it with ``medtransfer run`` or ``python -m flows.pipeline``.
+Each stage is the function in ``tasks/`` wrapped as a Prefect task (one per pipeline stage of
+:mod:`tasks.stages.table`, checked by a test); nothing is re-implemented here. Run it with ``medtransfer run`` or ``python -m flows.pipeline``.
 
 Caching: every stage task carries a cache key built from its inputs, parameters and code
 (``flows.cache``), so a re-run with nothing changed decodes and trains nothing; Prefect
@@ -37,6 +37,7 @@ from tasks.stages.package import run_package
 from tasks.stages.register import run_register
 from tasks.stages.robustness import run_robustness
 from tasks.stages.synthesize import run_synthesize
+from tasks.stages.table import PIPELINE
 from tasks.stages.train import run_train
 
 
@@ -66,13 +67,21 @@ STAGE_OPTIONS = {
 }
 
 
-@task(name="synthesize", cache_key_fn=_key("synthesize"), **STAGE_OPTIONS)
+def stage_task(name: str) -> Callable:
+    """Wrap a stage's function as the Prefect task of stage ``name`` of the stage table: named
+    after it, cached under its key (:func:`flows.cache.stage_key`), retried on I/O hiccups."""
+    if name not in {stage.name for stage in PIPELINE}:
+        raise KeyError(f"{name!r} is not a pipeline stage of tasks.stages.table")
+    return task(name=name, cache_key_fn=_key(name), **STAGE_OPTIONS)
+
+
+@stage_task("synthesize")
 def synthesize(params: Params) -> dict:
     """Write the built-in synthetic DICOM set and its labels; returns where they are."""
     return run_synthesize(params)
 
 
-@task(name="ingest", cache_key_fn=_key("ingest"), **STAGE_OPTIONS)
+@stage_task("ingest")
 def ingest(params: Params) -> dict:
     """Decode the configured source into the processed dataset; returns the ingest report.
 
@@ -81,7 +90,7 @@ def ingest(params: Params) -> dict:
     return run_ingest(params, decode_map=task_runner_decode_map(params)).to_report()
 
 
-@task(name="train", cache_key_fn=_key("train"), **STAGE_OPTIONS)
+@stage_task("train")
 def train(params: Params, resume: bool = True) -> dict:
     """Fine-tune the teacher into a student, logged to MLflow; returns the train report.
 
@@ -93,38 +102,38 @@ def train(params: Params, resume: bool = True) -> dict:
     return run_train(params, resume=resume, recorders=[PrefectProgressRecorder()])
 
 
-@task(name="evaluate", cache_key_fn=_key("evaluate"), **STAGE_OPTIONS)
+@stage_task("evaluate")
 def evaluate(params: Params) -> dict:
     """Val/test metrics, plots and Grad-CAM of the saved student; returns the metrics report."""
     return run_evaluate(params)
 
 
-@task(name="robustness", cache_key_fn=_key("robustness"), **STAGE_OPTIONS)
+@stage_task("robustness")
 def robustness(params: Params) -> dict:
     """Attacks on the student and its frozen teacher; returns the report with the verdict."""
     return run_robustness(params)
 
 
-@task(name="register", cache_key_fn=_key("register"), **STAGE_OPTIONS)
+@stage_task("register")
 def register(params: Params) -> dict:
     """A new registry version; the alias moves only if the version earns it."""
     return run_register(params)
 
 
-@task(name="package", cache_key_fn=_key("package"), **STAGE_OPTIONS)
+@stage_task("package")
 def package(params: Params) -> dict:
     """The approved version as a Bento, exported as an archive."""
     return run_package(params)
 
 
-def run_stage(stage_task, stage: str, params: Params, cached: list[str], **kwargs) -> dict:
+def run_stage(prefect_task, stage: str, params: Params, cached: list[str], **kwargs) -> dict:
     """Run one stage task, recomputing it when its outputs are gone; note cache hits.
 
     Raises:
         StageIOError: the stage's I/O failed for good (an OSError left after the retries).
     """
     refresh = not outputs_present(stage, params)
-    state = stage_task.with_options(refresh_cache=refresh)(params, return_state=True, **kwargs)
+    state = prefect_task.with_options(refresh_cache=refresh)(params, return_state=True, **kwargs)
     try:
         result = state.result()  # a failed stage raises here and fails the flow with its message
     except MedtransferError:  # already says what to do, even if it were an OSError too

@@ -16,6 +16,9 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from tasks.stages import table
+from tasks.stages.table import PIPELINE
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "tasks"
 
@@ -96,39 +99,30 @@ def relative_paths(paths: list[Path], root: Path = PROJECT_ROOT) -> list[str]:
     return [path.relative_to(root).as_posix() for path in paths]
 
 
-# The stage table: every pipeline stage, in run order. A stage's code is the import closure of
-# its entry-point module ``tasks.stages.<stage>``; the Prefect cache key (``flows.cache``), the
-# training checkpoint's key and dvc.yaml's code deps (checked by tests/test_layout.py) all
-# read it from here, so none of them lists modules by hand.
-STAGES = ("synthesize", "ingest", "train", "evaluate", "robustness", "register", "package")
-# What a stage runs beyond its own closure: ``package`` builds the Bento from the service, its
-# recipe and its pinned requirements, and the service's own imports go into the Bento too.
-EXTRA_MODULES: dict[str, tuple[str, ...]] = {"package": ("serving.service",)}
-EXTRA_FILES: dict[str, tuple[str, ...]] = {
-    "package": (
-        "serving/__init__.py",
-        "serving/service.py",
-        "serving/bentofile.yaml",
-        "serving/requirements.txt",
-    )
-}
+# The pipeline's stages, from the one stage table (tasks.stages.table): a stage's code is the
+# import closure of its entry-point module ``tasks.stages.<stage>`` plus its declared extras; the
+# Prefect cache key (``flows.cache``), the training checkpoint's key and dvc.yaml's code deps
+# (checked by tests/test_layout.py) all read it from here, so none of them lists modules by hand.
+STAGES = tuple(stage.name for stage in PIPELINE)
 
 
 def stage_code_files(stage: str, root: Path = PROJECT_ROOT) -> list[Path]:
     """The source files whose content ``stage``'s result depends on, sorted, absolute.
 
     Args:
-        stage: one of :data:`STAGES`.
+        stage: a stage of :mod:`tasks.stages.table`.
         root: the project root (a copy of the tree in tests).
 
     Returns:
-        The import closure of ``tasks.stages.<stage>`` plus, for ``package``, the serving
-        files and the service's closure.
+        The import closure of ``tasks.stages.<stage>`` plus the stage's declared extras (for
+        ``package``: the serving files and the service's closure).
+
+    Raises:
+        KeyError: no such stage.
     """
-    if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; the stages are {STAGES}")
-    files = set(import_closure(f"tasks.stages.{stage}", *EXTRA_MODULES.get(stage, ()), root=root))
-    files |= {root / name for name in EXTRA_FILES.get(stage, ())}
+    row = table.stage(stage)
+    files = set(import_closure(row.module, *row.extra_modules, root=root))
+    files |= {root / name for name in row.extra_files}
     return sorted(files)
 
 
