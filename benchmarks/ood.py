@@ -177,7 +177,7 @@ def evaluate(params, model, spec, dataset) -> tuple[str, dict]:
     """Shares per family for the configured method, and AUROCs of all methods."""
     from tasks.model.inference import InputRejected, prepare_dicom, prepare_png
     from tasks.model.profile import Scope, features_and_probabilities
-    from tasks.monitoring import wilson_interval
+    from tasks.monitoring.drift import wilson_interval
     from tasks.registry.profile_fit import fit_profile
 
     profiles = {

@@ -47,7 +47,7 @@ def stage_handler(stage: Stage) -> Callable[[Params, argparse.Namespace], dict]:
 
 
 def _monitor(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.monitoring import run_monitor
+    from tasks.monitoring.stage import run_monitor
 
     return run_monitor(params)
 

@@ -118,7 +118,8 @@ METRICS: Report[MetricsContent] = Report("metrics.json", "evaluate")
 ROBUSTNESS: Report[RobustnessContent] = Report("robustness.json", "robustness")
 REGISTER: Report[RegisterContent] = Report("register.json", "register")
 PACKAGE: Report[PackageContent] = Report("package.json", "package")
-ALL = (INGEST, TRAIN, METRICS, ROBUSTNESS, REGISTER, PACKAGE)
+MONITOR: Report[dict[str, Any]] = Report("monitor.json", "monitor")  # tasks.monitoring.drift
+ALL = (INGEST, TRAIN, METRICS, ROBUSTNESS, REGISTER, PACKAGE, MONITOR)
 BY_STAGE = {report.stage: report for report in ALL}
 
 

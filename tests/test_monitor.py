@@ -14,7 +14,8 @@ from flows.cli import main as cli_main
 from tasks.config import Params
 from tasks.model.profile import DataProfile
 from tasks.model.request_store import RequestStore, read_recent
-from tasks.monitoring import MONITOR, population_stability, wilson_interval
+from tasks.monitoring.drift import population_stability, wilson_interval
+from tasks.reports import MONITOR
 
 CLASSIFIED = {"abstained": False, "refused": False}
 REFUSED = {"abstained": False, "refused": True}

@@ -22,6 +22,7 @@ def test_every_stage_has_one_report_file_and_no_two_share_a_name() -> None:
         "robustness",
         "register",
         "package",
+        "monitor",
     }
 
 

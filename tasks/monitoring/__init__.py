@@ -1,0 +1,1 @@
+"""Drift monitoring: the served requests against the training profile (drift, its figure)."""

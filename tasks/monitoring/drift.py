@@ -1,0 +1,82 @@
+"""Drift: the served requests against the training profile.
+
+Compares, per statistic, the recent distribution of request rows (:mod:`tasks.model.request_store`)
+with the training one recorded in the :class:`~tasks.model.profile.DataProfile`, by the
+population stability index over the training deciles (ten bins of 10% each): three image
+statistics, the OOD score and the positive-class probability. Also the share of requests that
+abstained or were refused out of scope, with its 95% interval. A PSI above ``monitor.psi_max``
+or an abstention share above ``monitor.abstention_max`` is drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from tasks.config import Params
+from tasks.model.profile import DataProfile
+
+# A bin's share is floored here in the PSI: an empty bin would make it infinite.
+PSI_FLOOR = 1e-4
+
+
+def population_stability(values: np.ndarray, edges: list[float]) -> float:
+    """PSI of ``values`` against the reference deciles ``edges`` (nine edges, ten bins of 10%).
+
+    ``sum((a - e) * ln(a / e))`` over the bins, ``a`` the recent share, ``e`` = 0.1.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan")
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    actual = np.maximum(counts / len(values), PSI_FLOOR)
+    expected = np.full(len(actual), 1.0 / len(actual))
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``successes / n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
+    """The monitor report of request ``rows`` against ``profile`` (see the module docstring)."""
+    classified = [r for r in rows if not r["refused"]]
+    psi: dict[str, float] = {}
+    for name, edges in profile.statistics.items():
+        psi[name] = population_stability(np.array([_num(r[name]) for r in classified]), edges)
+    scores = np.array([_num(r["ood_score"]) for r in classified])
+    psi["ood_score"] = population_stability(scores, profile.ood["score_deciles"])
+    positive = [json.loads(r["probabilities"])[-1] for r in classified if r["probabilities"]]
+    psi["probability"] = population_stability(np.array(positive), profile.probability_deciles)
+    n = len(rows)
+    held = sum(1 for r in rows if r["abstained"] or r["refused"])
+    share = held / n if n else float("nan")
+    config = params.monitor
+    drifted = [name for name, value in psi.items() if value > config.psi_max]
+    if n and share > config.abstention_max:
+        drifted.append("abstention_share")
+    return {
+        "n": n,
+        "window": config.window,
+        "psi": psi,
+        "psi_max": config.psi_max,
+        "abstention_share": share,
+        "abstention_interval": list(wilson_interval(held, n)),
+        "abstention_expected": profile.ood["false_rejection"],
+        "abstention_max": config.abstention_max,
+        "drifted": drifted,
+        "drift": bool(drifted),
+    }
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
