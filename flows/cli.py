@@ -46,12 +46,6 @@ def stage_handler(stage: Stage) -> Callable[[Params, argparse.Namespace], dict]:
     return handler
 
 
-def _monitor(params: Params, args: argparse.Namespace) -> dict:
-    from tasks.monitoring.stage import run_monitor
-
-    return run_monitor(params)
-
-
 def _run(params: Params, args: argparse.Namespace) -> dict:
     from flows.pipeline import run_pipeline
 
@@ -74,10 +68,6 @@ def _deploy(params: Params, args: argparse.Namespace) -> dict:
 
 # The stages' sub-commands come from the stage table; these commands run the flow or schedule it.
 OTHER_COMMANDS: dict[str, tuple[Callable[[Params, argparse.Namespace], dict], str]] = {
-    "monitor": (
-        _monitor,
-        "compare the service's recent requests with the training profile (drift report)",
-    ),
     "run": (_run, "run the whole Prefect flow"),
     "serve-deployments": (
         _serve_deployments,

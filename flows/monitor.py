@@ -11,6 +11,6 @@ from prefect import flow
 def monitor_flow(params_file: str = "params.yaml", overrides: Sequence[str] = ()) -> dict:
     """``medtransfer monitor`` with ``params_file`` and ``-S`` ``overrides``: the report."""
     from tasks.config import load_params
-    from tasks.monitoring.stage import run_monitor
+    from tasks.stages.monitor import run_monitor
 
     return run_monitor(load_params(params_file, list(overrides)))

@@ -178,6 +178,16 @@ STAGES: tuple[Stage, ...] = (
             "serving/requirements.txt",
         ),
     ),
+    Stage(
+        "monitor",
+        "compare the service's recent requests with the training profile (drift report)",
+        params=("serving.monitor_store", "monitor"),
+        reads=("serving_profile", "requests"),
+        writes=("report:monitor",),
+        pipeline=False,
+        locks=False,
+        tracked=True,
+    ),
 )
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 PIPELINE: tuple[Stage, ...] = tuple(stage for stage in STAGES if stage.pipeline)
