@@ -175,9 +175,9 @@ def out_ct_mr(by_modality: dict) -> list:
 
 def evaluate(params, model, spec, dataset) -> tuple[str, dict]:
     """Shares per family for the configured method, and AUROCs of all methods."""
+    from tasks.evaluation.metrics import wilson_interval
     from tasks.model.inference import InputRejected, prepare_dicom, prepare_png
     from tasks.model.profile import Scope, features_and_probabilities
-    from tasks.monitoring.drift import wilson_interval
     from tasks.registry.profile_fit import fit_profile
 
     profiles = {

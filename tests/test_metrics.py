@@ -8,12 +8,15 @@ import pytest
 from tasks.errors import MedtransferError
 from tasks.evaluation.metrics import (
     apply_temperature,
+    binary_auc,
     bootstrap_intervals,
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
+    percentile_interval,
     roc_auc,
     split_metrics,
+    stratified_weights,
     weighted_metrics,
     wilson_interval,
 )
@@ -107,6 +110,8 @@ def test_wilson_interval_of_known_values() -> None:
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(32, 32)[0] == pytest.approx(0.8928, abs=1e-4)
+    assert wilson_interval(5, 100) == pytest.approx((0.02154, 0.11175), abs=1e-4)
+    # No trials, no proportion: undefined (null in a report), not a (0, 1) that reads as measured.
     assert all(np.isnan(wilson_interval(0, 0)))
 
 
@@ -124,3 +129,29 @@ def test_temperature_fitted_on_overconfident_scores_recovers_the_temperature() -
     assert expected_calibration_error(labels, raw) > 0.1
     np.testing.assert_allclose(calibrated, truth, atol=0.03)
     np.testing.assert_allclose(apply_temperature(raw, 1.0), raw, atol=1e-6)
+
+
+def test_the_one_binary_auc_counts_pairs_won_and_ties_as_half_with_or_without_weights() -> None:
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    assert binary_auc(labels, scores) == 0.75  # 0.35 loses to 0.4; three of four pairs won
+    assert binary_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.9])) == 0.75  # ties 1/2
+    rows = np.array([[2, 1, 0, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=float)
+    by_row = binary_auc(labels, scores, rows)
+    assert by_row[:2].tolist() == [1.0, 0.5] and np.isnan(by_row[2])  # row 3: no positive
+    probabilities = np.stack([1 - scores, scores], axis=1)
+    assert roc_auc(labels, probabilities) == 0.75
+
+
+def test_stratified_weights_redraw_each_class_keeping_its_size() -> None:
+    strata = np.array([0, 0, 0, 1, 1])
+    weights = stratified_weights(strata, 50, seed=3)
+    assert weights.shape == (50, 5)
+    assert (weights[:, :3].sum(1) == 3).all() and (weights[:, 3:].sum(1) == 2).all()
+    assert (stratified_weights(strata, 50, seed=3) == weights).all()
+
+
+def test_a_percentile_interval_ignores_undefined_draws_and_is_nan_without_any() -> None:
+    draws = np.concatenate([np.arange(1, 1001, dtype=float), [np.nan] * 10])
+    assert percentile_interval(draws) == pytest.approx((25.975, 975.025))
+    assert all(np.isnan(percentile_interval(np.array([np.nan]))))

@@ -14,8 +14,8 @@ from flows.cli import main as cli_main
 from tasks.config import Params
 from tasks.model.profile import DataProfile
 from tasks.model.request_store import RequestStore, read_recent
-from tasks.monitoring.drift import population_stability, wilson_interval
-from tasks.reports import MONITOR
+from tasks.monitoring.drift import compare, population_stability
+from tasks.reports import MONITOR, as_json
 
 CLASSIFIED = {"abstained": False, "refused": False}
 REFUSED = {"abstained": False, "refused": True}
@@ -29,9 +29,15 @@ def test_psi_is_zero_for_the_training_distribution_and_known_for_a_collapsed_one
     assert population_stability(np.full(50, 0.05), EDGES) == pytest.approx(8.28309, abs=1e-4)
 
 
-def test_wilson_interval_of_a_known_proportion() -> None:
-    low, high = wilson_interval(5, 100)
-    assert low == pytest.approx(0.02154, abs=1e-4) and high == pytest.approx(0.11175, abs=1e-4)
+def test_an_empty_window_has_no_abstention_share_and_no_interval(
+    params: Params, tmp_path: Path
+) -> None:
+    _profile(tmp_path)
+    report = compare([], DataProfile.load(tmp_path), params)
+    assert report["n"] == 0 and report["drifted"] == []
+    assert np.isnan(report["abstention_share"])
+    assert all(np.isnan(report["abstention_interval"]))  # one Wilson: (nan, nan) at n = 0
+    assert as_json(report)["abstention_interval"] == [None, None]
 
 
 def _profile(folder: Path) -> None:

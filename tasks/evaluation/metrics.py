@@ -25,8 +25,40 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     if len(np.unique(labels)) < 2:
         return float("nan")
     if probabilities.shape[1] == 2:
-        return float(roc_auc_score(labels, probabilities[:, 1]))
+        return float(binary_auc(labels, probabilities[:, 1]))
     return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+
+
+def binary_auc(
+    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None
+) -> float | np.ndarray:
+    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties counting 1/2; the
+    same number as ``roc_auc_score`` on ``labels == 1``.
+
+    Args:
+        labels: ``(N,)`` 0/1 (1 is positive); scores: ``(N,)`` positive-class scores.
+        weights: ``(B, N)`` image counts per row (a bootstrap's draws), or None for each
+            image once.
+
+    Returns:
+        A float without ``weights``, else ``(B,)``, one AUC per row; NaN where a row has no
+        positive or no negative. O(B * N) after one sort, so it serves the test set's AUC and
+        a thousand bootstrap rows alike.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    rows = np.ones((1, len(labels))) if weights is None else np.asarray(weights, np.float64)
+    positive = labels == 1
+    # Each row's negative weight at each distinct score, then the weight strictly below it.
+    distinct, level = np.unique(scores, return_inverse=True)
+    negative_at = np.zeros((len(distinct), len(rows)))
+    np.add.at(negative_at, level[~positive], rows[:, ~positive].T)
+    below = np.cumsum(negative_at, axis=0) - negative_at
+    beaten = below[level[positive]] + 0.5 * negative_at[level[positive]]  # (P, B)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.einsum("bp,pb->b", rows[:, positive], beaten) / (
+            rows[:, positive].sum(1) * rows[:, ~positive].sum(1)
+        )
+    return float(auc[0]) if weights is None else auc
 
 
 def choose_threshold(labels: np.ndarray, positive_scores: np.ndarray, rule: str) -> float:
@@ -129,7 +161,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     """The 95% Wilson score interval of a proportion ``successes / n``; (nan, nan) when n = 0.
 
     Wilson rather than the normal approximation: it stays inside [0, 1] and keeps its
-    coverage at 0 or n successes, which is where robust accuracies live.
+    coverage at 0 or n successes, which is where robust accuracies live. With no trials there
+    is no proportion (the share beside it is NaN too), so no interval: NaN, written as null in
+    a report, and failing any gate that compares it, rather than a (0, 1) that reads as
+    measured.
     """
     if n <= 0:
         return float("nan"), float("nan")
@@ -153,6 +188,30 @@ def patient_weights(groups: np.ndarray, resamples: int, seed: int) -> np.ndarray
     return counts[:, patient_of_image].astype(np.float64)
 
 
+def stratified_weights(strata: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap weights ``(resamples, N)`` that redraw the images of each stratum (e.g. each
+    class, one value per image in ``strata``) with replacement, keeping every stratum's size."""
+    strata = np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((resamples, len(strata)))
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        counts = rng.multinomial(len(members), np.full(len(members), 1.0 / len(members)), resamples)
+        weights[:, members] = counts
+    return weights
+
+
+def percentile_interval(draws: np.ndarray) -> tuple[float, float]:
+    """The :data:`CONFIDENCE` percentile interval of bootstrap ``draws`` ``(B,)``, over the
+    finite ones (a row that cannot define the metric is NaN); (nan, nan) when none is."""
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if len(draws) == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(draws, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    return float(low), float(high)
+
+
 def weighted_metrics(
     labels: np.ndarray, probabilities: np.ndarray, threshold: float, weights: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -172,28 +231,19 @@ def weighted_metrics(
             pos, neg = labels == 1, labels == 0
             result["sensitivity"] = weights[:, pos] @ (predicted[pos] == 1) / weights[:, pos].sum(1)
             result["specificity"] = weights[:, neg] @ (predicted[neg] == 0) / weights[:, neg].sum(1)
-            result["auc"] = _weighted_binary_auc(labels, probabilities[:, 1], weights)
         else:
             nan = np.full(len(weights), np.nan)
             result["sensitivity"] = result["specificity"] = nan
-            result["auc"] = _weighted_auc_by_repeats(labels, probabilities, weights)
+        result["auc"] = weighted_auc(labels, probabilities, weights)
         result["ece"] = _weighted_ece(labels, probabilities, weights) / total
     return {name: result[name] for name in INTERVAL_METRICS}
 
 
-def _weighted_binary_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUC per weight row: P(score of a positive > score of a negative), ties 1/2."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    w_pos, w_neg = weights[:, labels == 1], weights[:, labels == 0]
-    pairs = w_pos.sum(1) * w_neg.sum(1)
-    return np.einsum("bi,ij,bj->b", w_pos, wins, w_neg) / pairs
-
-
-def _weighted_auc_by_repeats(
-    labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
-    """Macro one-vs-rest AUC per weight row, by repeating images (more than two classes)."""
+def weighted_auc(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`roc_auc` per row of ``weights`` ``(B, N)``: ``(B,)``. Binary in one pass
+    (:func:`binary_auc`); more than two classes by repeating the images each row draws."""
+    if probabilities.shape[1] == 2:
+        return binary_auc(labels, probabilities[:, 1], weights)
     aucs = []
     for row in weights.astype(np.int64):
         index = np.repeat(np.arange(len(labels)), row)
@@ -234,15 +284,7 @@ def bootstrap_intervals(
     """
     weights = patient_weights(groups, resamples, seed)
     values = weighted_metrics(labels, probabilities, threshold, weights)
-    intervals = {}
-    for name, draws in values.items():
-        draws = draws[np.isfinite(draws)]
-        if len(draws) == 0:
-            intervals[name] = (float("nan"), float("nan"))
-            continue
-        low, high = np.percentile(draws, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
-        intervals[name] = (float(low), float(high))
-    return intervals
+    return {name: percentile_interval(draws) for name, draws in values.items()}
 
 
 # --------------------------------------------------------------------------------------------

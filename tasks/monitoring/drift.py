@@ -4,18 +4,19 @@ Compares, per statistic, the recent distribution of request rows (:mod:`tasks.mo
 with the training one recorded in the :class:`~tasks.model.profile.DataProfile`, by the
 population stability index over the training deciles (ten bins of 10% each): three image
 statistics, the OOD score and the positive-class probability. Also the share of requests that
-abstained or were refused out of scope, with its 95% interval. A PSI above ``monitor.psi_max``
+abstained or were refused out of scope, with its 95% Wilson interval (undefined, null in the
+report, for an empty window). A PSI above ``monitor.psi_max``
 or an abstention share above ``monitor.abstention_max`` is drift.
 """
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 
 from tasks.config import Params
+from tasks.evaluation.metrics import wilson_interval
 from tasks.model.profile import DataProfile
 
 # A bin's share is floored here in the PSI: an empty bin would make it infinite.
@@ -35,16 +36,6 @@ def population_stability(values: np.ndarray, edges: list[float]) -> float:
     actual = np.maximum(counts / len(values), PSI_FLOOR)
     expected = np.full(len(actual), 1.0 / len(actual))
     return float(np.sum((actual - expected) * np.log(actual / expected)))
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``successes / n``."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
