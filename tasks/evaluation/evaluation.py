@@ -28,6 +28,7 @@ from tasks.evaluation.metrics import (
     fit_temperature,
     split_metrics,
 )
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.predict import probabilities_and_labels
 from tasks.model.transforms import ImageDataset, to_tensor_transform
 
@@ -172,11 +173,7 @@ def gradcam_grid(
     """
     images, labels = dataset.subset("test")
     probabilities = evaluation.probabilities["test"]
-    predicted = (
-        (probabilities[:, 1] >= evaluation.threshold).astype(int)
-        if probabilities.shape[1] == 2
-        else probabilities.argmax(1)
-    )
+    predicted = SINGLE_LABEL.decide(probabilities, evaluation.threshold)
     correct = np.flatnonzero(predicted == labels)[:per_group]
     wrong = np.flatnonzero(predicted != labels)[:per_group]
     chosen = np.concatenate([correct, wrong]).astype(int)

@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from tasks.errors import MedtransferError
+from tasks.model.label_kind import SINGLE_LABEL
 
 THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 
@@ -86,8 +87,8 @@ def expected_calibration_error(
     labels: np.ndarray, probabilities: np.ndarray, bins: int = 10
 ) -> float:
     """ECE of the top-class confidence over ``bins`` equal-width bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
+    confidence = SINGLE_LABEL.confidence(probabilities)
+    correct = SINGLE_LABEL.top_class(probabilities) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
     for low, high in itertools.pairwise(edges):
@@ -121,10 +122,9 @@ class SplitMetrics:
 
 
 def predict_labels(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """Class predictions: positive-class probability >= threshold for binary, else argmax."""
-    if probabilities.shape[1] == 2:
-        return (probabilities[:, 1] >= threshold).astype(np.int64)
-    return probabilities.argmax(axis=1)
+    """Class predictions: positive-class probability >= threshold for binary, else argmax
+    (the label kind's decision rule, :meth:`SingleLabel.decide`)."""
+    return SINGLE_LABEL.decide(probabilities, threshold)
 
 
 def split_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> SplitMetrics:
@@ -153,7 +153,7 @@ def split_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: floa
 # intervals
 
 # The metrics that carry a bootstrap interval, in report order.
-INTERVAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+INTERVAL_METRICS = SINGLE_LABEL.metrics
 CONFIDENCE = 0.95
 
 
@@ -253,8 +253,8 @@ def weighted_auc(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndar
 
 def _weighted_ece(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``total weight * ECE`` per weight row, with :func:`expected_calibration_error`'s bins."""
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    confidence = SINGLE_LABEL.confidence(probabilities)
+    correct = (SINGLE_LABEL.top_class(probabilities) == labels).astype(np.float64)
     bins = 10
     # bin k holds (k/bins, (k+1)/bins]; confidence 0 cannot occur for a top-class probability
     index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
@@ -329,8 +329,8 @@ def reliability_curve(
 ) -> list[dict[str, float]]:
     """Per non-empty confidence bin: mean confidence, accuracy and image count (the points of a
     reliability diagram, with :func:`expected_calibration_error`'s bins)."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    confidence = SINGLE_LABEL.confidence(probabilities)
+    correct = SINGLE_LABEL.top_class(probabilities) == np.asarray(labels)
     points = []
     for low, high in itertools.pairwise(np.linspace(0.0, 1.0, bins + 1)):
         in_bin = (confidence > low) & (confidence <= high)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tasks.data.preprocess import uint8_to_model_pixels
+from tasks.model.label_kind import SINGLE_LABEL
 
 FEATURE_BATCH = 64
 
@@ -76,8 +77,8 @@ def fit_linear_head(
     al. 2022). Deterministic; returns the final training loss."""
     features = features.to(head.weight.device)
     targets = torch.as_tensor(labels, dtype=torch.long, device=features.device)
-    criterion = nn.CrossEntropyLoss(
-        weight=class_weights.to(features.device) if class_weights is not None else None
+    criterion = SINGLE_LABEL.loss(
+        class_weights.to(features.device) if class_weights is not None else None
     )
     optimizer = torch.optim.LBFGS(
         head.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"

@@ -37,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from tasks import atomic
 from tasks.evaluation.metrics import roc_auc
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.predict import autocast_context, probabilities_and_labels
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
@@ -166,7 +167,7 @@ def validation_metrics(
     return {
         "val_loss": float(nn.functional.nll_loss(log_probabilities, torch.from_numpy(labels))),
         "val_auc": roc_auc(labels, probabilities),
-        "val_accuracy": float((probabilities.argmax(1) == labels).mean()),
+        "val_accuracy": float((SINGLE_LABEL.top_class(probabilities) == labels).mean()),
     }
 
 
@@ -273,7 +274,7 @@ def _build_trainer(
     net = _place_model(model, device, channels_last, env)
     sampler, train_loader, val_loader = _build_loaders(train_set, val_set, config, env, device)
     weights = class_weights(train_labels, n_classes, config.class_weighting)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    criterion = SINGLE_LABEL.loss(weights.to(device) if weights is not None else None)
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config, max(1, len(train_loader)))
     return _Trainer(

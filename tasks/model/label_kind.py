@@ -1,0 +1,66 @@
+"""The kind of label a model predicts: its loss, output activation, decision rule and metrics.
+
+Every label today is one class index per image (:data:`SINGLE_LABEL`): the loss is
+cross-entropy, the output a softmax over the classes, the decision the top class (for two
+classes, the positive probability against a threshold chosen on validation), and the metrics
+ROC AUC, accuracy, sensitivity/specificity and ECE. Code that trains, evaluates or serves asks
+this object instead of writing ``CrossEntropyLoss``, ``softmax`` or ``argmax`` itself, so that a
+second kind (several labels per image: a sigmoid per label, binary cross-entropy, a threshold
+per label) is one more class here rather than an edit in every file.
+
+The decision half works on numpy arrays and imports no torch (:mod:`tasks.evaluation.metrics`
+uses it); the training half (loss, activation) imports torch when called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class SingleLabel:
+    """One class per image: labels ``(N,)`` class indices, outputs ``(N, C)``."""
+
+    name: str = "single-label"
+    # The metrics each split reports with a bootstrap interval, in report order.
+    metrics: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+
+    def loss(self, class_weights: torch.Tensor | None = None, reduction: str = "mean") -> nn.Module:
+        """Cross-entropy on logits ``(N, C)`` against class indices ``(N,)``, each class's
+        terms weighted by ``class_weights`` ``(C,)`` when given."""
+        from torch import nn  # deferred: the decision half serves numpy-only callers
+
+        return nn.CrossEntropyLoss(weight=class_weights, reduction=reduction)
+
+    def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Class probabilities ``(N, C)`` float32: ``softmax(logits / temperature)`` (the
+        student's calibration; 1.0 for the raw output)."""
+        import torch  # deferred: the decision half serves numpy-only callers
+
+        return torch.softmax(logits.float() / float(temperature), dim=1)
+
+    def decide(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+        """Predicted classes ``(N,)`` int64: for two classes, positive probability >=
+        ``threshold``; for more, the top class (``threshold`` unused)."""
+        if probabilities.shape[1] == 2:
+            return (probabilities[:, 1] >= threshold).astype(np.int64)
+        return probabilities.argmax(axis=1)
+
+    def top_class(self, probabilities: np.ndarray) -> np.ndarray:
+        """The most probable class of each row ``(N,)``: what accuracy and calibration score
+        (whatever the threshold)."""
+        return probabilities.argmax(axis=1)
+
+    def confidence(self, probabilities: np.ndarray) -> np.ndarray:
+        """The top class's probability ``(N,)``: the confidence calibration is measured on."""
+        return probabilities.max(axis=1)
+
+
+SINGLE_LABEL = SingleLabel()
