@@ -82,11 +82,11 @@ def _output_present(artifact: str, params: Params) -> bool:
 
 def stage_key(stage: str, params: Params) -> str:
     """The cache key of ``stage`` under ``params``, from its inputs as they are now: its code
-    version, the seed and reports folder, the parameters its row in the stage table lists (and
-    the MLflow section when it logs there), and the content of each artifact it reads."""
+    version, the seed and reports folder, the parameters its row in the stage table lists (less
+    those that only change what it logs; plus the MLflow section when it logs there), and the content of each artifact it reads."""
     row = table.stage(stage)
     parts: list[Any] = [stage, code_version(stage), params.seed, params.reports_dir]
-    parts += [_section(params, key) for key in row.params]
+    parts += [_section(params, key) for key in row.params if key not in row.logged_only]
     if row.tracked:  # another tracking store holds other runs: not the same result
         parts.append(_section(params, "mlflow"))
     parts += [_input_digest(name, params) for name in row.reads]

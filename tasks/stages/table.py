@@ -46,6 +46,9 @@ class Stage:
         help: the sub-command's one-line description.
         params: the ``params.yaml`` keys it reads: sections (``"train"``) or single keys
             (``"eval.threshold"``); dvc.yaml's ``params`` and the cache key's parameters.
+        logged_only: those of ``params`` that change only what the stage logs to MLflow, not
+            its outputs (train's evaluation settings): dvc.yaml lists them, the Prefect cache
+            key leaves them out, so a new threshold re-evaluates without retraining.
         reads: artifacts (:data:`ARTIFACTS`) and reports (``"report:<stage>"``) it reads.
         writes: artifacts it writes; its own report (if it has one) is ``"report:<name>"``.
         options: command-line options its entry function takes: ``"progress"`` (bars unless
@@ -61,6 +64,7 @@ class Stage:
     name: str
     help: str
     params: tuple[str, ...]
+    logged_only: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
@@ -117,6 +121,7 @@ STAGES: tuple[Stage, ...] = (
         "train",
         "fine-tune the teacher into a student and log the run to MLflow",
         params=("seed", "train", "eval.threshold", "eval.calibration", "eval.bootstrap"),
+        logged_only=("eval.threshold", "eval.calibration", "eval.bootstrap"),
         reads=("dataset",),
         writes=("model", "report:train"),
         options=("resume", "progress"),
