@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.config import GatesParams, Params
-from tasks.robustness.verdict import metric_key
+from tasks.robustness.result import metric_key
 from tasks.stages.robustness import run_robustness
 from tasks.stages.train import run_train
 from tasks.tracking.configure import logged_model_id

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +26,17 @@ from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
 from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
+from tasks.model.student import teacher_feature_extractor
 from tasks.model.student_io import StudentSpec, load_student
-from tasks.robustness.check import (
-    attack_at_budgets,
-    attack_subset,
-    compare_strategies,
-    fit_linear_probe,
-)
-from tasks.robustness.universal import natural_crops
-from tasks.robustness.verdict import (
-    PER_EPS_MEASURES,
-    EpsilonRow,
-    ReferenceCurve,
-    RobustnessResult,
-    gate_verdict,
-    metric_key,
-    plot_robustness_curves,
-)
+from tasks.robustness.attacks.universal import natural_crops
+from tasks.robustness.gates import gate_verdict
+from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves
+from tasks.robustness.reference_probe import fit_linear_probe
+from tasks.robustness.result import EpsilonRow, RobustnessResult, metric_key
+from tasks.robustness.strategy_table import AttackModel, compare_strategies
+from tasks.robustness.suite import all_measures, attack_subset, evaluate_robustness
 
 logger = logging.getLogger(__name__)
-# (model, what to call it in the log) -> its result at every budget
-Attack = Callable[..., RobustnessResult]
 
 
 def _plot_curves(
@@ -81,8 +70,6 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         (passed, reasons, checked), ``metrics``, the per-budget ``table``, the reference
         probe's, the per-strategy rows and the configuration.
     """
-    from tasks.model.student import teacher_feature_extractor
-
     config, seed, gates = params.robustness, params.seed, params.gates.in_pixels()
     dataset = load_processed(params.data.processed_dir)
     model_dir = Path(params.train.model_dir)
@@ -131,9 +118,9 @@ def _curve_rows(result: RobustnessResult, reference: RobustnessResult | None) ->
     for model, measured in (("student", result), ("frozen-teacher probe", reference)):
         if measured is None:
             continue
-        intervals = measured.to_intervals()
+        intervals, sizes = measured.to_intervals(), measured.sizes()
         for row in measured.to_table():
-            for measure in PER_EPS_MEASURES:
+            for measure in (m.name for m in all_measures()):
                 key = metric_key(measure, row["eps"])
                 if key in intervals:
                     low, high = intervals[key]
@@ -145,7 +132,7 @@ def _curve_rows(result: RobustnessResult, reference: RobustnessResult | None) ->
                             "value": row[measure],
                             "ci_low": low,
                             "ci_high": high,
-                            "n": measured.denominator(measure),
+                            "n": sizes[key],
                         }
                     )
     return rows
@@ -187,7 +174,9 @@ def _report(
     }
 
 
-def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progress: bool) -> Attack:
+def _attack_on_shared_images(
+    params: Params, dataset, teacher: nn.Module, progress: bool
+) -> AttackModel:
     """One attack function for every model scored in this run: the same seeded images, the
     same teacher, and teacher-transfer perturbations crafted once and shared; each call
     reports its budgets as they finish."""
@@ -200,12 +189,12 @@ def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progre
         budgets = len([eps for eps in params.robustness.epsilons if eps > 0])
         name = label or type(model).__name__
         with _BudgetProgress(name, budgets, len(labels), progress) as report:
-            return attack_at_budgets(
-                params.robustness,
+            return evaluate_robustness(
                 model,
                 teacher,
                 images,
                 labels,
+                params.robustness,
                 seed=params.seed,
                 target_pool=target_pool,
                 crafted=crafted,
@@ -237,18 +226,11 @@ class _BudgetProgress:
             return
         self.bar.update(1)
         logger.info(
-            "robustness: %s at %.2f/255 on %d images: FGSM acc %.3f, PGD acc %.3f, white-box "
-            "(APGD-CE) acc %.3f, teacher-transfer success %.3f, universal fooling %.3f, noise "
-            "acc %.3f",
+            "robustness: %s at %.2f/255 on %d images: %s",
             self.model_name,
             row.eps * 255,
             self.n_images,
-            row.fgsm_acc,
-            row.pgd_acc,
-            row.apgd_acc,
-            row.teacher_transfer_success,
-            row.universal_fooling,
-            row.noise_acc,
+            ", ".join(f"{name} {value:.3f}" for name, value in row.measures().items()),
         )
 
 
