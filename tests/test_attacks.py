@@ -29,6 +29,7 @@ from tasks.robustness.attacks._common import (
     predict,
 )
 from tasks.robustness.attacks.noise import noise_attack
+from tasks.robustness.attacks.square import square_attack
 from tasks.robustness.attacks.teacher_transfer import (
     choose_mimicry_targets,
     teacher_transfer_attack,
@@ -54,7 +55,8 @@ DEFAULTS = load_params(Path(__file__).resolve().parents[1] / "params.yaml").robu
 def settings(epsilons: list[float], **overrides) -> RobustnessParams:
     """The robustness section with these budgets (pixel units) and overrides."""
     budgets = tuple(eps * 255 for eps in epsilons)
-    return dataclasses.replace(DEFAULTS, epsilons_255=budgets, **overrides)
+    cheap_square = {"square_max_samples": 8, "square_queries": 5}  # its own tests go further
+    return dataclasses.replace(DEFAULTS, epsilons_255=budgets, **{**cheap_square, **overrides})
 
 
 # Floats in [0, 1] are exact to ~6e-8; ART works in float32.
@@ -610,3 +612,64 @@ def test_universal_perturbation_from_natural_images_fools_the_student_more_than_
     signs = np.random.default_rng(0).choice([-EPS_8, EPS_8], size=delta.shape).astype(np.float32)
     noise_rate, _ = universal_fooling_rate(toy["model"], images, signs, clean_predictions)
     assert rate > noise_rate + 0.2
+
+
+class MeanBrightness(nn.Module):
+    """Class 1 when an image's mean brightness is above 0.5: images 1/255 above it are
+    correct and fooled by any perturbation that darkens them by more than that on average."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        margin = (x.mean(dim=(1, 2, 3)) - 0.5) * 100
+        return torch.stack([-margin, margin], dim=1)
+
+
+class Constant(nn.Module):
+    """Always class 1, whatever the image: nothing can fool it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(x), 2) + 0 * x.mean()
+
+
+def test_square_attack_fools_a_model_it_must_and_never_one_that_ignores_the_image():
+    images = np.full((8, 1, SIZE, SIZE), 0.5 + 1 / 255, dtype=np.float32)
+    labels = np.ones(8, dtype=np.int64)
+    assert np.all(predict(MeanBrightness(), images) == 1)
+    fooled = square_attack(MeanBrightness(), images, labels, 4 / 255, queries=20, seed=0)
+    assert fooled.accuracy == 0.0  # a no-op attack scores 1.0 here
+    assert np.abs(fooled.adversarial - images).max() <= 4 / 255 + FLOAT_TOL
+    assert square_attack(Constant(), images, labels, 8 / 255, queries=5).accuracy == 1.0
+
+
+def test_square_attack_only_queries_the_student_and_is_seeded(toy):
+    student = GradientRefusingStudent(copy.deepcopy(toy["model"]))
+    images, labels = toy["images"][:8], toy["labels"][:8]
+    first = square_attack(student, images, labels, EPS_8, queries=5, seed=4)
+    assert student.calls > 5 and student.calls_with_grad == 0
+    again = square_attack(student, images, labels, EPS_8, queries=5, seed=4)
+    np.testing.assert_array_equal(first.adversarial, again.adversarial)
+
+
+def test_square_success_is_measured_per_budget_and_gated_on_its_upper_bound(toy):
+    result = evaluate_robustness(
+        MeanBrightness(), toy["teacher"],
+        np.full((10, 1, SIZE, SIZE), 0.5 + 1 / 255, dtype=np.float32), np.ones(10, np.int64),
+        settings([4 / 255], pgd_steps=1, apgd_steps=1, square_max_samples=10, square_queries=20),
+        target_pool=(toy["images"], toy["labels"]),
+    )  # fmt: skip
+    assert result.row(0.0)["square_success"] == 0.0
+    assert result.row(4 / 255)["square_success"] == 1.0  # 10 of 10: Wilson 0.722-1
+    metrics = result.to_metrics()
+    verdict = gate_verdict(metrics, 0.9, {"max_square_success": 0.8, "square_eps": 4 / 255})
+    assert not verdict.passed and "Square" in verdict.reasons[0]
+    lenient = gate_verdict(metrics, 0.9, {"max_square_success": None}, result=result)
+    assert lenient.passed and lenient.checked == []  # off by default (null)
+    off = evaluate_robustness(
+        MeanBrightness(), toy["teacher"], np.full((4, 1, SIZE, SIZE), 0.6, dtype=np.float32),
+        np.ones(4, np.int64), settings([4 / 255], pgd_steps=1, square_max_samples=0),
+        target_pool=(toy["images"], toy["labels"]),
+    )  # fmt: skip
+    assert math.isnan(off.row(4 / 255)["square_success"])

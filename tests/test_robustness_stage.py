@@ -97,6 +97,8 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         teacher_transfer_eps_255=None,
         max_universal_fooling=0.3,
         universal_eps_255=4.0,
+        max_square_success=None,
+        square_eps_255=1.0,
     ).in_pixels()
     assert gates == {
         "min_clean_auc": None,
@@ -106,6 +108,8 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         "teacher_transfer_eps": None,
         "max_universal_fooling": 0.3,
         "universal_eps": 4 / 255,
+        "max_square_success": None,
+        "square_eps": 1 / 255,
     }
 
 
