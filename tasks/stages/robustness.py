@@ -210,6 +210,7 @@ class _BudgetProgress:
     a terminal bar over the budgets (a context manager that closes the bar)."""
 
     def __init__(self, model_name: str, budgets: int, n_images: int, enabled: bool) -> None:
+        # Deferred: tqdm is only needed once attacks start (not to import the stage).
         from tqdm import tqdm
 
         self.model_name, self.n_images = model_name, n_images
@@ -236,6 +237,8 @@ class _BudgetProgress:
 
 def _log(params: Params, report: dict, plot: Path) -> None:
     """Metrics, plot, report and verdict onto the MLflow run that trained the student."""
+    # Deferred: MLflow (and the tracking module over it) is a heavy import that only
+    # logging needs.
     import mlflow
 
     from tasks.tracking.configure import configure_mlflow, logged_model_id
