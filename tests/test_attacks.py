@@ -673,3 +673,22 @@ def test_square_success_is_measured_per_budget_and_gated_on_its_upper_bound(toy)
         target_pool=(toy["images"], toy["labels"]),
     )  # fmt: skip
     assert math.isnan(off.row(4 / 255)["square_success"])
+
+
+def test_registered_attacks_declare_distinct_measures_and_the_gates_params_yaml_holds():
+    from tasks.robustness.gates import known_gates
+    from tasks.robustness.suite import all_measures, registered_attacks
+
+    attacks = registered_attacks()
+    assert {attack.name for attack in attacks} >= {
+        "white_box", "teacher_transfer", "universal", "noise", "square",
+    }  # fmt: skip
+    names = [measure.name for measure in all_measures()]
+    assert len(names) == len(set(names))
+    for attack in attacks:
+        own = {measure.name for measure in attack.measures}
+        for gate in attack.gates:
+            assert set(gate.measures) <= own, gate
+    # every gate an attack declares has its params.yaml line, and no line is left without one
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").gates.in_pixels()
+    assert set(shipped) == set(known_gates())
