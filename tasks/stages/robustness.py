@@ -31,10 +31,11 @@ from tasks.model.student_io import StudentSpec, load_student
 from tasks.robustness.attacks.universal import natural_crops
 from tasks.robustness.gates import gate_verdict
 from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves
+from tasks.robustness.progress import BudgetProgress, curve_rows
 from tasks.robustness.reference_probe import fit_linear_probe
-from tasks.robustness.result import EpsilonRow, RobustnessResult, metric_key
+from tasks.robustness.result import RobustnessResult
 from tasks.robustness.strategy_table import AttackModel, compare_strategies
-from tasks.robustness.suite import all_measures, attack_subset, evaluate_robustness
+from tasks.robustness.suite import attack_subset, evaluate_robustness
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     strategies = compare_strategies(model_dir, attack, gates)
     plot = _plot_curves(params, result, reference, spec)
     report = _report(verdict, clean, result, reference, strategies, spec.strategy, config)
-    plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, _curve_rows(result, reference))
+    plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
     _log(params, report, plot)
     logger.info(
@@ -109,33 +110,6 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         "".join(f"; {reason}" for reason in verdict.reasons),
     )
     return report
-
-
-def _curve_rows(result: RobustnessResult, reference: RobustnessResult | None) -> list[dict]:
-    """The robustness curves as DVC plot data: one row per model, measure and budget, with
-    its 95% interval."""
-    rows = []
-    for model, measured in (("student", result), ("frozen-teacher probe", reference)):
-        if measured is None:
-            continue
-        intervals, sizes = measured.to_intervals(), measured.sizes()
-        for row in measured.to_table():
-            for measure in (m.name for m in all_measures()):
-                key = metric_key(measure, row["eps"])
-                if key in intervals:
-                    low, high = intervals[key]
-                    rows.append(
-                        {
-                            "model": model,
-                            "attack": measure,
-                            "eps_255": row["eps_255"],
-                            "value": row[measure],
-                            "ci_low": low,
-                            "ci_high": high,
-                            "n": sizes[key],
-                        }
-                    )
-    return rows
 
 
 def _report(
@@ -188,7 +162,7 @@ def _attack_on_shared_images(
     def attack(model: nn.Module, label: str = "") -> RobustnessResult:
         budgets = len([eps for eps in params.robustness.epsilons if eps > 0])
         name = label or type(model).__name__
-        with _BudgetProgress(name, budgets, len(labels), progress) as report:
+        with BudgetProgress(name, budgets, len(labels), progress) as report:
             return evaluate_robustness(
                 model,
                 teacher,
@@ -203,36 +177,6 @@ def _attack_on_shared_images(
             )
 
     return attack
-
-
-class _BudgetProgress:
-    """Attack progress for one model: a log line per finished budget and, when ``enabled``,
-    a terminal bar over the budgets (a context manager that closes the bar)."""
-
-    def __init__(self, model_name: str, budgets: int, n_images: int, enabled: bool) -> None:
-        # Deferred: tqdm is only needed once attacks start (not to import the stage).
-        from tqdm import tqdm
-
-        self.model_name, self.n_images = model_name, n_images
-        self.bar = tqdm(total=budgets, desc="attacks", unit="budget", disable=not enabled)
-
-    def __enter__(self) -> _BudgetProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
-
-    def __call__(self, row: EpsilonRow) -> None:
-        if row.eps == 0.0:
-            return
-        self.bar.update(1)
-        logger.info(
-            "robustness: %s at %.2f/255 on %d images: %s",
-            self.model_name,
-            row.eps * 255,
-            self.n_images,
-            ", ".join(f"{name} {value:.3f}" for name, value in row.measures().items()),
-        )
 
 
 def _log(params: Params, report: dict, plot: Path) -> None:
