@@ -96,7 +96,7 @@ def _with_interval(value: float | None, bounds: list | None) -> str:
 
 def budget_table(rows: list[tuple[str, str, dict]]) -> str:
     """Markdown: one line per (model, budget) with every measure and its 95% interval."""
-    from tasks.robustness.verdict import metric_key
+    from tasks.robustness.result import metric_key
 
     lines = [
         "| model | test AUC | budget /255 | clean acc | "

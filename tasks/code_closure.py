@@ -38,12 +38,42 @@ def _imported_modules(path: Path) -> set[str]:
     ``tasks.x`` and, when ``y`` is itself a module, ``tasks.x.y``)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        found |= _plugin_modules(node, path)
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
     return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+
+
+def _plugin_modules(node: ast.AST, path: Path) -> set[str]:
+    """The modules a call ``import_plugins("tasks.x")`` (:func:`tasks.plugins.import_plugins`)
+    loads at run time: every public ``*.py`` beside that package's ``__init__.py``."""
+    if not (
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "import_plugins"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+        return set()
+    package = node.args[0].value
+    folder = _package_folder(package, path)
+    if folder is None:
+        return {package}
+    return {package} | {
+        f"{package}.{file.stem}" for file in folder.glob("*.py") if not file.stem.startswith("_")
+    }
+
+
+def _package_folder(package: str, path: Path) -> Path | None:
+    """The folder of dotted ``package``, found from ``path`` (a file of the same tree)."""
+    for parent in path.parents:
+        candidate = parent.joinpath(*package.split("."))
+        if (candidate / "__init__.py").is_file():
+            return candidate
+    return None
 
 
 def _with_parents(module: str) -> list[str]:

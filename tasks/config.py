@@ -210,6 +210,8 @@ class RobustnessParams:
     batch_size: int = rule(min=1)
     reference_probe: bool = rule()
     reference_probe_steps: int = rule(min=1)
+    square_max_samples: int = rule(min=0)
+    square_queries: int = rule(min=1)
 
     @property
     def epsilons(self) -> tuple[float, ...]:
@@ -229,6 +231,8 @@ class GatesParams:
     teacher_transfer_eps_255: float | None = rule(above=0.0)
     max_universal_fooling: float | None = rule(min=0.0, max=1.0)
     universal_eps_255: float | None = rule(above=0.0)
+    max_square_success: float | None = rule(min=0.0, max=1.0)
+    square_eps_255: float | None = rule(above=0.0)
 
     def in_pixels(self) -> dict[str, float | None]:
         """The gates with ``*_eps_255`` budgets converted to pixel units (``*_eps``)."""

@@ -13,38 +13,52 @@ import dataclasses
 import itertools
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tasks.config import RobustnessParams, load_params
 from tasks.errors import MedtransferError
-from tasks.robustness.attacks import (
+from tasks.robustness.attacks._common import (
     AttackOutcome,
-    apgd_attack,
     as_pixel_array,
     check_step_fraction,
-    choose_mimicry_targets,
-    evaluate_robustness,
-    fgsm_attack,
-    noise_attack,
-    pgd_attack,
     predict,
+)
+from tasks.robustness.attacks.noise import noise_attack
+from tasks.robustness.attacks.square import square_attack
+from tasks.robustness.attacks.teacher_transfer import (
+    choose_mimicry_targets,
     teacher_transfer_attack,
 )
-from tasks.robustness.verdict import (
+from tasks.robustness.attacks.white_box import apgd_attack, fgsm_attack, pgd_attack
+from tasks.robustness.gates import gate_verdict
+from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves
+from tasks.robustness.result import (
     EpsilonRow,
-    ReferenceCurve,
+    Rate,
     RobustnessResult,
     format_eps,
-    gate_verdict,
     metric_key,
-    plot_robustness_curves,
 )
+from tasks.robustness.suite import evaluate_robustness
 
 EPS_8 = 8 / 255
 SIZE = 32
+# The shipped robustness settings; each test replaces what it varies.
+DEFAULTS = load_params(Path(__file__).resolve().parents[1] / "params.yaml").robustness
+
+
+def settings(epsilons: list[float], **overrides) -> RobustnessParams:
+    """The robustness section with these budgets (pixel units) and overrides."""
+    budgets = tuple(eps * 255 for eps in epsilons)
+    cheap_square = {"square_max_samples": 8, "square_queries": 5}  # its own tests go further
+    return dataclasses.replace(DEFAULTS, epsilons_255=budgets, **{**cheap_square, **overrides})
+
+
 # Floats in [0, 1] are exact to ~6e-8; ART works in float32.
 FLOAT_TOL = 1e-6
 
@@ -317,20 +331,21 @@ def test_evaluate_robustness_end_to_end_and_restores_the_student(toy):
     student.train()
     result = evaluate_robustness(
         student, toy["teacher"], toy["images"][:32], toy["labels"][:32],
-        epsilons=[EPS_8, 0.0, 1 / 255], pgd_steps=5, batch_size=16, seed=0,
+        settings([EPS_8, 0.0, 1 / 255], pgd_steps=5, pgd_step_fraction=None, batch_size=16),
+        seed=0,
     )  # fmt: skip
-    assert result.epsilons == (0.0, 1 / 255, EPS_8)
+    assert result.epsilons == pytest.approx((0.0, 1 / 255, EPS_8))
     zero = result.row(0.0)
-    for value in (zero.fgsm_acc, zero.pgd_acc, zero.teacher_transfer_acc, zero.noise_acc):
-        assert value == pytest.approx(result.clean_acc)
-    assert zero.teacher_transfer_success == 0.0 and zero.teacher_mimicry_success == 0.0
-    assert result.row(EPS_8).pgd_acc < result.clean_acc - 0.3
+    for measure in ("robust_acc_fgsm", "robust_acc_pgd", "teacher_transfer_acc", "noise_acc"):
+        assert zero[measure] == pytest.approx(result.clean_acc)
+    assert zero["teacher_transfer_success"] == 0.0 and zero["teacher_mimicry_success"] == 0.0
+    assert result.row(EPS_8)["robust_acc_pgd"] < result.clean_acc - 0.3
     # the reported white-box figure is the worst case: never above FGSM or PGD at its budget,
     # never rising with the budget
-    worst = [row.apgd_acc for row in result.rows]
+    worst = [row["robust_acc_apgd"] for row in result.rows]
     assert worst == sorted(worst, reverse=True) and worst[0] == result.clean_acc
     for row in result.rows:
-        assert row.apgd_acc <= min(row.fgsm_acc, row.pgd_acc)
+        assert row["robust_acc_apgd"] <= min(row["robust_acc_fgsm"], row["robust_acc_pgd"])
     # ART leaves the model in eval mode with gradients in every parameter, and the attacks
     # freeze parameters while they run; the student must come back as it was.
     assert all(module.training for module in student.modules())
@@ -386,27 +401,30 @@ def test_evaluate_robustness_crafts_the_teacher_transfer_attack_on_the_teacher_a
     images[:, 0, 0, 0] = rng.uniform(0.0, 1.0, 16)
     result = evaluate_robustness(
         MeanOfAllButCorner(), CornerPixelTeacher(), images, labels,
-        epsilons=[eps], pgd_steps=10, apgd_steps=5, batch_size=16, seed=0,
+        settings([eps], pgd_steps=10, apgd_steps=5, batch_size=16), seed=0,
     )  # fmt: skip
     row = result.row(eps)
     assert result.clean_acc == 1.0
-    assert (row.teacher_transfer_success, row.teacher_mimicry_success) == (0.0, 0.0)
-    assert row.teacher_transfer_acc == row.teacher_mimicry_acc == 1.0
-    assert row.fgsm_acc == 0.0  # the student is fragile: an attack crafted on it succeeds
+    assert (row["teacher_transfer_success"], row["teacher_mimicry_success"]) == (0.0, 0.0)
+    assert row["teacher_transfer_acc"] == row["teacher_mimicry_acc"] == 1.0
+    assert row["robust_acc_fgsm"] == 0.0  # the student is fragile: an attack crafted on it succeeds
 
 
-def _result(**overrides: float) -> RobustnessResult:
+def _result(n: int = 10, **overrides: float) -> RobustnessResult:
+    """Nine measures at three budgets on ``n`` images, 90% of them clean-correct."""
+
     def row(eps: float) -> EpsilonRow:
         values = dict(
-            fgsm_acc=0.7, pgd_acc=0.6, teacher_transfer_acc=0.8, teacher_transfer_success=0.1,
-            teacher_mimicry_acc=0.75, teacher_mimicry_success=0.2, noise_acc=0.9, apgd_acc=0.6,
-            universal_fooling=0.1,
+            robust_acc_fgsm=0.7, robust_acc_pgd=0.6, teacher_transfer_acc=0.8,
+            teacher_transfer_success=0.1, teacher_mimicry_acc=0.75, teacher_mimicry_success=0.2,
+            noise_acc=0.9, robust_acc_apgd=0.6, universal_fooling=0.1,
         )  # fmt: skip
         values.update(overrides if eps > 0 else {})
-        return EpsilonRow(eps=eps, **values)
+        sizes = {name: round(0.9 * n) if name.endswith("_success") else n for name in values}
+        return EpsilonRow(eps, {name: Rate(v, sizes[name]) for name, v in values.items()})
 
     return RobustnessResult(
-        clean_acc=0.9, n_examples=10, rows=(row(0.0), row(1 / 255), row(4 / 255)),
+        clean_acc=0.9, n_examples=n, rows=(row(0.0), row(1 / 255), row(4 / 255)),
         pgd_steps=10, pgd_step_size=0.25, seed=0,
     )  # fmt: skip
 
@@ -441,7 +459,7 @@ def test_budgets_that_share_a_metric_name_are_refused(toy):
     with pytest.raises(MedtransferError, match="metric names"):
         evaluate_robustness(
             toy["model"], toy["teacher"], toy["images"][:4], toy["labels"][:4],
-            epsilons=[0.00391, 0.00392],
+            settings([0.00391, 0.00392]),
         )  # fmt: skip
 
 
@@ -452,11 +470,13 @@ def test_gate_verdict_passes_a_good_student():
 
 
 def test_gate_verdict_names_each_failed_gate():
-    metrics = _result(apgd_acc=0.2, teacher_mimicry_success=0.7).to_metrics()
+    metrics = _result(robust_acc_apgd=0.2, teacher_mimicry_success=0.7).to_metrics()
     verdict = gate_verdict(metrics, clean_auc=0.6, gates=GATES)
     assert not verdict.passed
     assert len(verdict.reasons) == 3
-    auc, robust, transfer = verdict.reasons
+    auc = verdict.reasons[0]
+    (robust,) = [reason for reason in verdict.reasons if "robust accuracy" in reason]
+    (transfer,) = [reason for reason in verdict.reasons if "teacher-transfer" in reason]
     assert "clean AUC is 0.600" in auc and "0.750" in auc
     assert "APGD-CE) robust accuracy" in robust and "0.200" in robust and "0.0039" in robust
     # The stronger of the two transfer attacks (mimicry here) decides.
@@ -464,7 +484,7 @@ def test_gate_verdict_names_each_failed_gate():
 
 
 def test_gate_verdict_fails_on_one_gate_only_and_on_nan():
-    verdict = gate_verdict(_result(apgd_acc=0.4).to_metrics(), clean_auc=0.9, gates=GATES)
+    verdict = gate_verdict(_result(robust_acc_apgd=0.4).to_metrics(), clean_auc=0.9, gates=GATES)
     assert not verdict.passed and len(verdict.reasons) == 1 and "APGD" in verdict.reasons[0]
     nan_metrics = _result(teacher_transfer_success=math.nan).to_metrics()
     verdict = gate_verdict(nan_metrics, clean_auc=0.9, gates=GATES)
@@ -486,11 +506,11 @@ def test_gate_budget_is_matched_by_its_formatting_and_unmeasured_budgets_are_err
 
 def test_gates_decide_on_the_intervals_unfavourable_bound():
     # 6 of 10 robust: Wilson 95% interval 0.313-0.832, below a 0.5 minimum at its lower bound
-    small = _result(apgd_acc=0.6, teacher_mimicry_success=0.0)
+    small = _result(robust_acc_apgd=0.6, teacher_mimicry_success=0.0)
     verdict = gate_verdict(small.to_metrics(), 0.9, GATES, result=small)
     assert not verdict.passed and len(verdict.reasons) == 1
     assert "0.600 (95% CI 0.313-0.832, n=10)" in verdict.reasons[0]
-    large = dataclasses.replace(small, n_examples=1000)  # 600 of 1000: 0.569-0.630
+    large = _result(n=1000, robust_acc_apgd=0.6, teacher_mimicry_success=0.0)  # 0.569-0.630
     assert gate_verdict(large.to_metrics(), 0.9, GATES, result=large).passed
     # a clean AUC of 0.9 whose interval reaches down to 0.7 does not clear 0.75
     verdict = gate_verdict(
@@ -544,13 +564,15 @@ def test_each_white_box_line_keeps_an_image_fooled_at_a_smaller_budget_fooled(to
     assert fgsm_attack(model, images, labels, whole).accuracy == 1.0
 
     result = evaluate_robustness(
-        model, toy["teacher"], images, labels, [quarter, whole], pgd_steps=3, seed=0,
+        model, toy["teacher"], images, labels,
+        settings([quarter, whole], pgd_steps=3, pgd_step_fraction=None), seed=0,
         target_pool=(toy["images"], toy["labels"]),
     )  # fmt: skip
     assert result.clean_acc == 1.0
     # fooled at a quarter period means fooled within a whole one: every line stays at 0
     for row in (result.row(quarter), result.row(whole)):
-        assert (row.fgsm_acc, row.pgd_acc, row.apgd_acc) == (0.0, 0.0, 0.0), row.eps
+        lines = ("robust_acc_fgsm", "robust_acc_pgd", "robust_acc_apgd")
+        assert tuple(row[line] for line in lines) == (0.0, 0.0, 0.0), row.eps
 
 
 def test_apgd_accuracy_does_not_rise_with_the_budget_beyond_its_interval(toy):
@@ -588,7 +610,9 @@ def test_pgd_training_beats_the_plain_student_under_the_pgd_it_is_measured_with(
 
 def test_plot_writes_a_png_with_a_reference_curve(tmp_path):
     result = _result()
-    reference = ReferenceCurve.from_result(_result(pgd_acc=0.3), "linear probe (frozen teacher)")
+    reference = ReferenceCurve.from_result(
+        _result(robust_acc_pgd=0.3), "linear probe (frozen teacher)"
+    )
     path = plot_robustness_curves(
         result, tmp_path / "plots" / "robustness.png", reference=reference
     )
@@ -627,7 +651,7 @@ def test_crafted_teacher_perturbations_are_shared_between_students(toy):
 
 
 def test_universal_perturbation_from_natural_images_fools_the_student_more_than_noise(toy):
-    from tasks.robustness.universal import (
+    from tasks.robustness.attacks.universal import (
         craft_universal_perturbation,
         natural_crops,
         universal_fooling_rate,
@@ -646,3 +670,83 @@ def test_universal_perturbation_from_natural_images_fools_the_student_more_than_
     signs = np.random.default_rng(0).choice([-EPS_8, EPS_8], size=delta.shape).astype(np.float32)
     noise_rate, _ = universal_fooling_rate(toy["model"], images, signs, clean_predictions)
     assert rate > noise_rate + 0.2
+
+
+class MeanBrightness(nn.Module):
+    """Class 1 when an image's mean brightness is above 0.5: images 1/255 above it are
+    correct and fooled by any perturbation that darkens them by more than that on average."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        margin = (x.mean(dim=(1, 2, 3)) - 0.5) * 100
+        return torch.stack([-margin, margin], dim=1)
+
+
+class Constant(nn.Module):
+    """Always class 1, whatever the image: nothing can fool it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(x), 2) + 0 * x.mean()
+
+
+def test_square_attack_fools_a_model_it_must_and_never_one_that_ignores_the_image():
+    images = np.full((8, 1, SIZE, SIZE), 0.5 + 1 / 255, dtype=np.float32)
+    labels = np.ones(8, dtype=np.int64)
+    assert np.all(predict(MeanBrightness(), images) == 1)
+    fooled = square_attack(MeanBrightness(), images, labels, 4 / 255, queries=20, seed=0)
+    assert fooled.accuracy == 0.0  # a no-op attack scores 1.0 here
+    assert np.abs(fooled.adversarial - images).max() <= 4 / 255 + FLOAT_TOL
+    assert square_attack(Constant(), images, labels, 8 / 255, queries=5).accuracy == 1.0
+
+
+def test_square_attack_only_queries_the_student_and_is_seeded(toy):
+    student = GradientRefusingStudent(copy.deepcopy(toy["model"]))
+    images, labels = toy["images"][:8], toy["labels"][:8]
+    first = square_attack(student, images, labels, EPS_8, queries=5, seed=4)
+    assert student.calls > 5 and student.calls_with_grad == 0
+    again = square_attack(student, images, labels, EPS_8, queries=5, seed=4)
+    np.testing.assert_array_equal(first.adversarial, again.adversarial)
+
+
+def test_square_success_is_measured_per_budget_and_gated_on_its_upper_bound(toy):
+    result = evaluate_robustness(
+        MeanBrightness(), toy["teacher"],
+        np.full((10, 1, SIZE, SIZE), 0.5 + 1 / 255, dtype=np.float32), np.ones(10, np.int64),
+        settings([4 / 255], pgd_steps=1, apgd_steps=1, square_max_samples=10, square_queries=20),
+        target_pool=(toy["images"], toy["labels"]),
+    )  # fmt: skip
+    assert result.row(0.0)["square_success"] == 0.0
+    assert result.row(4 / 255)["square_success"] == 1.0  # 10 of 10: Wilson 0.722-1
+    metrics = result.to_metrics()
+    verdict = gate_verdict(metrics, 0.9, {"max_square_success": 0.8, "square_eps": 4 / 255})
+    assert not verdict.passed and "Square" in verdict.reasons[0]
+    lenient = gate_verdict(metrics, 0.9, {"max_square_success": None}, result=result)
+    assert lenient.passed and lenient.checked == []  # off by default (null)
+    off = evaluate_robustness(
+        MeanBrightness(), toy["teacher"], np.full((4, 1, SIZE, SIZE), 0.6, dtype=np.float32),
+        np.ones(4, np.int64), settings([4 / 255], pgd_steps=1, square_max_samples=0),
+        target_pool=(toy["images"], toy["labels"]),
+    )  # fmt: skip
+    assert math.isnan(off.row(4 / 255)["square_success"])
+
+
+def test_registered_attacks_declare_distinct_measures_and_the_gates_params_yaml_holds():
+    from tasks.robustness.gates import known_gates
+    from tasks.robustness.suite import all_measures, registered_attacks
+
+    attacks = registered_attacks()
+    assert {attack.name for attack in attacks} >= {
+        "white_box", "teacher_transfer", "universal", "noise", "square",
+    }  # fmt: skip
+    names = [measure.name for measure in all_measures()]
+    assert len(names) == len(set(names))
+    for attack in attacks:
+        own = {measure.name for measure in attack.measures}
+        for gate in attack.gates:
+            assert set(gate.measures) <= own, gate
+    # every gate an attack declares has its params.yaml line, and no line is left without one
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").gates.in_pixels()
+    assert set(shipped) == set(known_gates())

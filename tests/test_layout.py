@@ -72,3 +72,22 @@ def test_rewriting_dvc_yaml_restores_a_dropped_code_dep_and_keeps_everything_els
     broken = shipped.replace("      - tasks/training/adversarial.py\n", "", 1)
     assert broken != shipped
     assert rewrite_dvc_code_deps(broken) == shipped
+
+
+def test_a_new_attack_file_joins_the_robustness_stage_code_but_not_the_train_stage(
+    tmp_path: Path,
+) -> None:
+    """Attacks are loaded by discovery (tasks.plugins.import_plugins), not imported by name:
+    the closure must still see a new family file, or its edits would hit a stale cache."""
+    copy = tmp_path / "project"
+    for folder in ("tasks", "serving"):
+        shutil.copytree(REPO / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # the closure is cached per tree: the untouched tree's version is the repository's
+    before = {stage: code_version(stage, REPO) for stage in ("robustness", "train")}
+    (copy / "tasks" / "robustness" / "attacks" / "extra.py").write_text("ATTACK = None\n")
+    (copy / "tasks" / "robustness" / "attacks" / "_helper.py").write_text("X = 1\n")
+    files = relative_paths(stage_code_files("robustness", copy), copy)
+    assert "tasks/robustness/attacks/extra.py" in files
+    assert "tasks/robustness/attacks/_helper.py" not in files  # machinery: only if imported
+    assert code_version("robustness", copy) != before["robustness"]
+    assert code_version("train", copy) == before["train"]  # train loads no attack family

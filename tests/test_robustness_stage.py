@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.config import GatesParams, Params
-from tasks.robustness.verdict import metric_key
+from tasks.robustness.result import metric_key
 from tasks.stages.robustness import run_robustness
 from tasks.stages.train import run_train
 from tasks.tracking.configure import logged_model_id
@@ -99,6 +99,8 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         teacher_transfer_eps_255=None,
         max_universal_fooling=0.3,
         universal_eps_255=4.0,
+        max_square_success=None,
+        square_eps_255=1.0,
     ).in_pixels()
     assert gates == {
         "min_clean_auc": None,
@@ -108,6 +110,8 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
         "teacher_transfer_eps": None,
         "max_universal_fooling": 0.3,
         "universal_eps": 4 / 255,
+        "max_square_success": None,
+        "square_eps": 1 / 255,
     }
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,28 +26,19 @@ from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
 from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
+from tasks.model.student import teacher_feature_extractor
 from tasks.model.student_io import StudentSpec, load_student
-from tasks.robustness.check import (
-    attack_at_budgets,
-    attack_subset,
-    compare_strategies,
-    fit_linear_probe,
-)
-from tasks.robustness.universal import natural_crops
-from tasks.robustness.verdict import (
-    PER_EPS_MEASURES,
-    EpsilonRow,
-    ReferenceCurve,
-    RobustnessResult,
-    gate_verdict,
-    metric_key,
-    plot_robustness_curves,
-)
+from tasks.robustness.attacks.universal import natural_crops
+from tasks.robustness.gates import gate_verdict
+from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves
+from tasks.robustness.progress import BudgetProgress, curve_rows
+from tasks.robustness.reference_probe import fit_linear_probe
+from tasks.robustness.result import RobustnessResult
+from tasks.robustness.strategy_table import AttackModel, compare_strategies
+from tasks.robustness.suite import attack_subset, evaluate_robustness
 from tasks.stages.preflight import check_stage_outputs
 
 logger = logging.getLogger(__name__)
-# (model, what to call it in the log) -> its result at every budget
-Attack = Callable[..., RobustnessResult]
 
 
 def _plot_curves(
@@ -83,8 +73,6 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         probe's, the per-strategy rows and the configuration.
     """
     check_stage_outputs("robustness", params)
-    from tasks.model.student import teacher_feature_extractor
-
     config, seed, gates = params.robustness, params.seed, params.gates.in_pixels()
     dataset = load_processed(params.data.processed_dir)
     model_dir = Path(params.train.model_dir)
@@ -115,7 +103,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     plot = _plot_curves(params, result, reference, spec)
     report = _report(verdict, clean, result, reference, strategies, spec.strategy, config)
     report["run_id"] = judged_run_id(params)
-    plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, _curve_rows(result, reference))
+    plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
     _log(params, report, plot)
     logger.info(
@@ -125,33 +113,6 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         "".join(f"; {reason}" for reason in verdict.reasons),
     )
     return report
-
-
-def _curve_rows(result: RobustnessResult, reference: RobustnessResult | None) -> list[dict]:
-    """The robustness curves as DVC plot data: one row per model, measure and budget, with
-    its 95% interval."""
-    rows = []
-    for model, measured in (("student", result), ("frozen-teacher probe", reference)):
-        if measured is None:
-            continue
-        intervals = measured.to_intervals()
-        for row in measured.to_table():
-            for measure in PER_EPS_MEASURES:
-                key = metric_key(measure, row["eps"])
-                if key in intervals:
-                    low, high = intervals[key]
-                    rows.append(
-                        {
-                            "model": model,
-                            "attack": measure,
-                            "eps_255": row["eps_255"],
-                            "value": row[measure],
-                            "ci_low": low,
-                            "ci_high": high,
-                            "n": measured.denominator(measure),
-                        }
-                    )
-    return rows
 
 
 def _report(
@@ -190,7 +151,9 @@ def _report(
     }
 
 
-def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progress: bool) -> Attack:
+def _attack_on_shared_images(
+    params: Params, dataset, teacher: nn.Module, progress: bool
+) -> AttackModel:
     """One attack function for every model scored in this run: the same seeded images, the
     same teacher, and teacher-transfer perturbations crafted once and shared; each call
     reports its budgets as they finish."""
@@ -202,13 +165,13 @@ def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progre
     def attack(model: nn.Module, label: str = "") -> RobustnessResult:
         budgets = len([eps for eps in params.robustness.epsilons if eps > 0])
         name = label or type(model).__name__
-        with _BudgetProgress(name, budgets, len(labels), progress) as report:
-            return attack_at_budgets(
-                params.robustness,
+        with BudgetProgress(name, budgets, len(labels), progress) as report:
+            return evaluate_robustness(
                 model,
                 teacher,
                 images,
                 labels,
+                params.robustness,
                 seed=params.seed,
                 target_pool=target_pool,
                 crafted=crafted,
@@ -217,42 +180,6 @@ def _attack_on_shared_images(params: Params, dataset, teacher: nn.Module, progre
             )
 
     return attack
-
-
-class _BudgetProgress:
-    """Attack progress for one model: a log line per finished budget and, when ``enabled``,
-    a terminal bar over the budgets (a context manager that closes the bar)."""
-
-    def __init__(self, model_name: str, budgets: int, n_images: int, enabled: bool) -> None:
-        from tqdm import tqdm
-
-        self.model_name, self.n_images = model_name, n_images
-        self.bar = tqdm(total=budgets, desc="attacks", unit="budget", disable=not enabled)
-
-    def __enter__(self) -> _BudgetProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
-
-    def __call__(self, row: EpsilonRow) -> None:
-        if row.eps == 0.0:
-            return
-        self.bar.update(1)
-        logger.info(
-            "robustness: %s at %.2f/255 on %d images: FGSM acc %.3f, PGD acc %.3f, white-box "
-            "(APGD-CE) acc %.3f, teacher-transfer success %.3f, universal fooling %.3f, noise "
-            "acc %.3f",
-            self.model_name,
-            row.eps * 255,
-            self.n_images,
-            row.fgsm_acc,
-            row.pgd_acc,
-            row.apgd_acc,
-            row.teacher_transfer_success,
-            row.universal_fooling,
-            row.noise_acc,
-        )
 
 
 def judged_run_id(params: Params) -> str | None:
@@ -264,6 +191,8 @@ def judged_run_id(params: Params) -> str | None:
 
 def _log(params: Params, report: dict, plot: Path) -> None:
     """Metrics, plot, report and verdict onto the MLflow run that trained the student."""
+    # Deferred: MLflow (and the tracking module over it) is a heavy import that only
+    # logging needs.
     import mlflow
 
     from tasks.tracking.configure import configure_mlflow, logged_model_id

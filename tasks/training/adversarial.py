@@ -2,7 +2,7 @@
 
 Each training batch is replaced by its worst case within an L-inf ball of ``eps`` in pixel
 space, found by a few signed-gradient steps from a random start: the same PGD
-(:func:`tasks.robustness.attacks.pgd_perturb`) that the robustness check measures with. The student then learns on
+(:func:`tasks.robustness.attacks.white_box.pgd_perturb`) that the robustness check measures with. The student then learns on
 perturbed images, trading some clean accuracy for robustness; the robustness report shows
 that trade-off when the plain and the PGD-trained student are compared
 (``train.compare=[partial,partial+pgd]``).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.robustness.attacks import pgd_perturb
+from tasks.robustness.attacks.white_box import pgd_perturb
 from tasks.training.loop import Perturb
 
 ADVERSARIAL_SUFFIX = "+pgd"

@@ -5,6 +5,7 @@ An outsider who knows only which public teacher a student was built on can mount
 medical image, no query to the student (Hirano et al., BMC Med. Imaging 2021; Minagi et al.,
 J. Imaging 2022). The natural images are scikit-image's bundled sample photographs (cameraman,
 coffee, coins, textures, ...), cut into seeded random crops; no file of the dataset is read.
+Registered as ``universal_fooling``: the share of images whose predicted class it changes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.robustness.attacks import _project, check_eps, predict, preserved_state
+from tasks.robustness.attacks._base import AttackContext, Gate, Measure
+from tasks.robustness.attacks._common import check_eps, predict, preserved_state, project
+from tasks.robustness.result import NOT_MEASURED, Rate
 
 # scikit-image's sample images that ship inside the package (no download) and are not medical.
 NATURAL_IMAGES = (
@@ -25,6 +28,7 @@ NATURAL_IMAGES = (
 def natural_crops(n: int, size: int, seed: int) -> np.ndarray:
     """``n`` seeded random square crops of the sample photographs, greyscale, resized to
     ``size``: float32 ``(n, 1, size, size)`` in [0, 1]."""
+    # Deferred: scikit-image is a heavy import that only this function needs.
     from skimage import data
     from skimage.color import rgb2gray
     from skimage.transform import resize
@@ -107,6 +111,48 @@ def universal_fooling_rate(
             ``images``.
     """
     eps = float(np.abs(perturbation).max()) if perturbation.size else 0.0
-    perturbed = _project(images + perturbation, images, eps)
+    perturbed = project(images + perturbation, images, eps)
     changed = predict(model, perturbed, batch_size=batch_size, device=device) != clean_predictions
     return (float(changed.mean()) if len(changed) else float("nan")), int(changed.sum())
+
+
+class Universal:
+    """One perturbation per budget crafted on the teacher from ``context.natural_images`` (once
+    for every model attacked with the same ``context.crafted``); NaN when there are none."""
+
+    name = "universal"
+    measures = (
+        Measure(
+            "universal_fooling",
+            "universal-perturbation (natural images, teacher) fooling rate",
+            "change",
+        ),
+    )
+    gates = (
+        Gate("max_universal_fooling", "universal_eps", ("universal_fooling",), default_eps=2 / 255),
+    )
+
+    def run(self, context: AttackContext, eps: float) -> dict[str, Rate]:
+        natural = context.natural_images
+        if natural is None:
+            return {"universal_fooling": NOT_MEASURED}
+        steps = context.settings.universal_steps
+        key = ("universal", eps, steps, context.seed, len(natural))
+        crafted = context.crafted if context.crafted is not None else {}
+        if key not in crafted:
+            crafted[key] = craft_universal_perturbation(
+                context.teacher_features,
+                natural,
+                eps,
+                steps=steps,
+                seed=context.seed_for(self.name, eps),
+                **context.common,
+            )
+        _, changed = universal_fooling_rate(
+            context.student, context.clean, crafted[key], context.clean_predictions,
+            **context.common,
+        )  # fmt: skip
+        return {"universal_fooling": Rate.of(changed, len(context.clean))}
+
+
+ATTACK = Universal()

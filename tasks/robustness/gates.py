@@ -1,0 +1,225 @@
+"""Whether a student may be promoted: the robustness gates, decided on 95% intervals.
+
+The gates are ``min_clean_auc`` and the ones the registered attacks declare
+(:class:`~tasks.robustness.attacks._base.Gate`), each at its own budget; thresholds come from
+the ``gates`` section of ``params.yaml`` (null turns a gate off). Pure logic on the logged
+metrics: the registry reads the verdict from the robustness report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tasks.errors import MedtransferError
+from tasks.robustness.attacks._base import Gate
+from tasks.robustness.result import (
+    EPS_SEPARATOR,
+    Interval,
+    RobustnessResult,
+    format_eps,
+    metric_key,
+)
+from tasks.robustness.suite import all_gates, all_measures
+
+CLEAN_AUC_GATE = "min_clean_auc"
+
+
+def known_gates(gates: tuple[Gate, ...] | None = None) -> tuple[str, ...]:
+    """Every gate key: ``min_clean_auc``, then each attack gate's threshold and budget."""
+    declared = all_gates() if gates is None else gates
+    return (CLEAN_AUC_GATE, *(key for gate in declared for key in (gate.threshold, gate.budget)))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a student may be promoted.
+
+    Attributes:
+        passed: every configured gate held.
+        reasons: one sentence per failed gate (empty when ``passed``); the registry tags the
+            model version with them.
+        checked: one sentence per gate that was evaluated, passed or not.
+    """
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+
+def measured_epsilons(metrics: Mapping[str, float], measure: str) -> list[str]:
+    """The formatted budgets for which ``metrics`` holds ``measure``."""
+    prefix = measure + EPS_SEPARATOR
+    return sorted(key[len(prefix) :] for key in metrics if key.startswith(prefix))
+
+
+def _lookup(metrics: Mapping[str, float], measure: str, eps: float, gate_name: str) -> float:
+    key = metric_key(measure, eps)
+    if key not in metrics:
+        measured = measured_epsilons(metrics, measure)
+        raise MedtransferError(
+            f"Gate {gate_name}={eps!r} asks for {key}, but the robustness check measured "
+            f"{measure} only at budgets {measured or 'none'}. Add the budget to the robustness "
+            "epsilons in params.yaml or change the gate."
+        )
+    return float(metrics[key])
+
+
+def _gate_eps(gates: Mapping[str, object], name: str, needed_by: str) -> float:
+    value = gates.get(name)
+    if value is None:
+        raise MedtransferError(
+            f"Gate {needed_by} is set but {name} (the budget it applies to) is not."
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MedtransferError(
+            f"Gate {name} must be a number (a budget in pixel units), not {value!r}."
+        )
+    return float(value)
+
+
+def _check_known_gates(gates: Mapping[str, object], known: tuple[str, ...]) -> None:
+    """Refuse an unknown gate name: a typo must not silently disable a gate."""
+    unknown = sorted(set(gates) - set(known))
+    if unknown:
+        raise MedtransferError(f"Unknown robustness gates {unknown}; known gates: {list(known)}.")
+
+
+def gate_verdict(
+    result_metrics: Mapping[str, float],
+    clean_auc: float,
+    gates: Mapping[str, object],
+    *,
+    result: RobustnessResult | None = None,
+    clean_auc_interval: Interval | None = None,
+    n_test: int | None = None,
+) -> Verdict:
+    """Decide promotion from the measured metrics, on their 95% intervals' unfavourable bounds.
+
+    Args:
+        result_metrics: metrics as produced by :meth:`RobustnessResult.to_metrics` (or read
+            back from MLflow).
+        clean_auc: the student's clean ROC AUC on the test split.
+        gates: thresholds (pixel-unit budgets, :meth:`tasks.config.GatesParams.in_pixels`); a
+            missing or null threshold turns its gate off. ``min_clean_auc``: the AUC
+            interval's lower bound must be at least this; every attack gate: its measures at
+            its budget, the worst of them deciding (``min_*`` on the lower bound, ``max_*`` on
+            the upper bound), e.g. ``max_teacher_transfer_success`` at ``teacher_transfer_eps``
+            on the stronger of the untargeted and mimicry attacks.
+        result: the measurements behind ``result_metrics``: their Wilson intervals and sizes.
+            Without it (or for a metric it lacks) the estimate is its own interval.
+        clean_auc_interval: the AUC's bootstrap interval; n_test: the test images behind it.
+
+    Returns:
+        A :class:`Verdict`; every sentence states n, the estimate and the interval. A failed
+        gate, or a NaN metric, is a normal outcome with a reason.
+
+    Raises:
+        MedtransferError: an unknown gate name (a typo must not silently disable a gate), a
+            threshold without its budget, or a budget that was not measured.
+    """
+    _check_known_gates(gates, known_gates())
+    checks = _Checks(result)
+    if gates.get(CLEAN_AUC_GATE) is not None:
+        interval = clean_auc_interval or (clean_auc, clean_auc)
+        minimum = float(gates[CLEAN_AUC_GATE])  # type: ignore[arg-type]
+        checks.at_least("clean AUC", clean_auc, interval, n_test, minimum)
+    labels = {measure.name: measure.label for measure in all_measures()}
+    for gate in all_gates():
+        if gates.get(gate.threshold) is not None:
+            _attack_gate(result_metrics, gates, checks, gate, labels)
+    return Verdict(passed=not checks.reasons, reasons=checks.reasons, checked=checks.checked)
+
+
+def _attack_gate(
+    result_metrics: Mapping[str, float],
+    gates: Mapping[str, object],
+    checks: _Checks,
+    gate: Gate,
+    labels: Mapping[str, str],
+) -> None:
+    """One attack gate at its budget: the worst of its measures (by the bound that decides)
+    against the threshold; the first measure must have been measured, the others may not."""
+    eps = _gate_eps(gates, gate.budget, gate.threshold)
+    first, *others = gate.measures
+    values = {first: _lookup(result_metrics, first, eps, gate.budget)}
+    for measure in others:
+        if metric_key(measure, eps) in result_metrics:
+            values[measure] = float(result_metrics[metric_key(measure, eps)])
+    if any(math.isnan(value) for value in values.values()):
+        checks.check(
+            False,
+            f"{labels[first]} at eps {format_eps(eps)} is undefined (NaN): there was nothing to "
+            "measure it on (for a success rate: the student classified no evaluation example "
+            "correctly)",
+        )
+        return
+    minimum = gate.threshold.startswith("min_")
+
+    def decisive_bound(measure: str) -> float:
+        low, high = checks.interval(metric_key(measure, eps), values[measure])
+        return low if minimum else high
+
+    worst = (min if minimum else max)(values, key=decisive_bound)
+    key = metric_key(worst, eps)
+    decide = checks.at_least if minimum else checks.at_most
+    decide(
+        f"{labels[worst]} at eps {_budget(eps)}",
+        values[worst],
+        checks.interval(key, values[worst]),
+        checks.n(key),
+        float(gates[gate.threshold]),  # type: ignore[arg-type]
+    )
+
+
+def _budget(eps: float) -> str:
+    return f"{format_eps(eps)} ({eps * 255:.2g}/255)"
+
+
+class _Checks:
+    """Collects gate sentences: ``PASS:``/``FAIL:`` lines and the failures' reasons."""
+
+    def __init__(self, result: RobustnessResult | None) -> None:
+        self.intervals = result.to_intervals() if result is not None else {}
+        self.sizes = result.sizes() if result is not None else {}
+        self.reasons: list[str] = []
+        self.checked: list[str] = []
+
+    def interval(self, key: str, value: float) -> Interval:
+        return self.intervals.get(key, (value, value))
+
+    def n(self, key: str) -> int | None:
+        return self.sizes.get(key)
+
+    def check(self, ok: bool, sentence: str) -> None:
+        self.checked.append(("PASS: " if ok else "FAIL: ") + sentence)
+        if not ok:
+            self.reasons.append(sentence)
+
+    def at_least(
+        self, what: str, value: float, interval: Interval, n: int | None, bound: float
+    ) -> None:
+        # NaN compares false both ways, so the test is written as "bound satisfied".
+        ok = interval[0] >= bound
+        self.check(
+            ok,
+            f"{what} is {_estimate(value, interval, n)}: its lower bound "
+            f"{'>=' if ok else 'is below the required'} {bound:.3f}",
+        )
+
+    def at_most(
+        self, what: str, value: float, interval: Interval, n: int | None, bound: float
+    ) -> None:
+        ok = interval[1] <= bound
+        self.check(
+            ok,
+            f"{what} is {_estimate(value, interval, n)}: its upper bound "
+            f"{'<=' if ok else 'is above the allowed'} {bound:.3f}",
+        )
+
+
+def _estimate(value: float, interval: Interval, n: int | None) -> str:
+    """``0.600 (95% CI 0.313-0.832, n=10)``."""
+    size = f", n={n}" if n is not None else ""
+    return f"{value:.3f} (95% CI {interval[0]:.3f}-{interval[1]:.3f}{size})"
