@@ -36,7 +36,7 @@ from tqdm import tqdm
 from tasks import atomic
 from tasks.config import DataParams
 from tasks.data import dataset as ds_files
-from tasks.data import dicom_io
+from tasks.data import dicom_io, dicom_rejections
 from tasks.data.labels import LabelSource
 from tasks.data.preprocess import resize_display, uint8_to_display
 from tasks.data.splits import patient_level_split
@@ -45,13 +45,13 @@ from tasks.errors import MedtransferError
 NO_LABEL = "no_label"
 DUPLICATE_SOP_UID = "duplicate_sop_instance_uid"
 QUARANTINE_REASONS = (
-    dicom_io.NOT_DICOM,
-    dicom_io.UNREADABLE,
-    dicom_io.NO_PIXEL_DATA,
-    dicom_io.UNSUPPORTED_TRANSFER_SYNTAX,
-    dicom_io.UNSUPPORTED_IMAGE,
-    dicom_io.DECODE_FAILED,
-    dicom_io.TOO_LARGE,
+    dicom_rejections.NOT_DICOM,
+    dicom_rejections.UNREADABLE,
+    dicom_rejections.NO_PIXEL_DATA,
+    dicom_rejections.UNSUPPORTED_TRANSFER_SYNTAX,
+    dicom_rejections.UNSUPPORTED_IMAGE,
+    dicom_rejections.DECODE_FAILED,
+    dicom_rejections.TOO_LARGE,
     NO_LABEL,
     DUPLICATE_SOP_UID,
 )
@@ -393,11 +393,11 @@ def decode_to_outcome(
         with _pydicom_warnings_silenced():
             decoded = dicom_io.decode_file(path, multiframe=multiframe)
         outcome.images = [resize_display(frame, image_size) for frame in decoded.frames]
-    except dicom_io.DicomRejected as err:
+    except dicom_rejections.DicomRejected as err:
         outcome.reason, outcome.detail = err.reason, err.detail
         return outcome
     except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
-        outcome.reason = dicom_io.DECODE_FAILED
+        outcome.reason = dicom_rejections.DECODE_FAILED
         # The error's type only: a decoder's text can quote attribute values (patient data).
         outcome.detail = f"unexpected {type(err).__name__}"
         return outcome
