@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from tasks.data import dicom_display, dicom_io, dicom_rejections
-from tasks.data.ingestion import decode_to_outcome
+from tasks.data.file_decoding import decode_to_outcome
 from tests.conftest import make_mono_dataset, write_dataset
 
 

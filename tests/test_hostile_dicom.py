@@ -32,7 +32,7 @@ BOMB_BUDGET_MIB = 48
 MEASURE_BOMB = """
 import io, json, resource, sys
 from pathlib import Path
-from tasks.data import ingestion
+from tasks.data import file_decoding
 from tasks.model.inference import InputRejected, prepare_dicom
 
 bomb = Path(sys.argv[1])
@@ -43,7 +43,7 @@ try:
     served = "accepted"
 except InputRejected as err:
     served = f"{err.status} {err.reason}"
-outcome = ingestion.decode_to_outcome(bomb, bomb.parent, 64, "middle", "salt")
+outcome = file_decoding.decode_to_outcome(bomb, bomb.parent, 64, "middle", "salt")
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"served": served, "ingested": outcome.reason, "grew_kib": after - before}))
 """

@@ -13,7 +13,7 @@ from tasks import reports
 from tasks.config import Params
 from tasks.data import dicom_rejections, synthetic
 from tasks.data.dataset import load_processed
-from tasks.data.ingestion import DUPLICATE_SOP_UID, NO_LABEL
+from tasks.data.quarantine import DUPLICATE_SOP_UID, NO_LABEL
 from tasks.errors import MedtransferError
 from tasks.stages.ingest import run_ingest
 from tests.conftest import make_mono_dataset, write_dataset
