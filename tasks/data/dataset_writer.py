@@ -37,7 +37,8 @@ class SourceYield:
         quarantine: one row per left-out file (``source_file``, ``reason``, ``detail``).
         files_seen: the input files (for a ``.npz``, its images).
         ingested: the input files that gave at least one image.
-        kind: the source kind (``folder``, ``synthetic``, ``npz``); a ``.npz`` keeps its split.
+        kind: the source kind (``dicom_folder``, ``synthetic``, ``npz``); a ``.npz`` keeps its
+            split.
         name: the dataset's name (``data.name`` or the source kind, never a path).
         labels_from: where its labels came from, in words (``tasks.data.dataset.CSV_LABELS``…).
     """
