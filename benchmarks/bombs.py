@@ -62,14 +62,14 @@ MEASURE = """
 import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 from pathlib import Path
-from tasks.data import dicom_io
+from tasks.data import dicom_guards
 from tasks.model import inference
 
 path, route, variant, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 data = Path(path).read_bytes()
 if variant == "old":
     # The guards out of the way: no codestream check, no decoded-byte budget.
-    dicom_io.check_codestream = lambda *args, **kwargs: None
+    dicom_guards.check_codestream = lambda *args, **kwargs: None
     budget = 2**62
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

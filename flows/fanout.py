@@ -3,7 +3,7 @@
 The flow's ingest stage hands :func:`task_runner_decode_map` to ``tasks.stages.ingest.run_ingest``:
 the files are cut into consecutive chunks and the Prefect task ``decode-files`` is mapped over
 them (``decode_files.map``) on the flow run's task runner, which ``medtransfer run`` sets from
-the configuration (:func:`flow_task_runner`), so every chunk is a task run in the Prefect UI. The decoding itself is ``tasks.data.ingestion.decode_chunk``; only where it runs changes:
+the configuration (:func:`flow_task_runner`), so every chunk is a task run in the Prefect UI. The decoding itself is ``tasks.data.file_decoding.decode_chunk``; only where it runs changes:
 
 - ``threads`` (default): Prefect's ``ThreadPoolTaskRunner``. Reading, decompressing, windowing
   and resizing spend most of their time outside the GIL: on 2 cores threads decoded 1.2x
@@ -33,7 +33,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.config import DataParams, Params
-from tasks.data.ingestion import (
+from tasks.data.file_decoding import (
     DecodeMap,
     FileOutcome,
     decode_chunk,
@@ -153,7 +153,7 @@ def flow_task_runner(params: Params) -> TaskRunner:
 
 
 def task_runner_decode_map(params: Params) -> DecodeMap:
-    """A :data:`~tasks.data.ingestion.DecodeMap` that maps ``decode-files`` over the chunks with
+    """A :data:`~tasks.data.file_decoding.DecodeMap` that maps ``decode-files`` over the chunks with
     ``.map`` on the task runner of the flow run it is called in (:func:`flow_task_runner`, set
     with ``flow.with_options(task_runner=...)`` by ``medtransfer run``, the watch flow and the
     deployments). A flow started otherwise (its decorator's thread pool) decodes on its own

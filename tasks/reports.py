@@ -5,7 +5,7 @@ name: they write and read through the :class:`Report` constants below, so the Pr
 (``flows.cache``), ``dvc.yaml`` and the stages agree on where each one lives. Writes are atomic
 (a temporary file renamed into place), so a crash never leaves half a report behind.
 
-The ingest report's content is :class:`tasks.data.ingestion.IngestResult`; each other report's
+The ingest report's content is :class:`tasks.data.dataset_writer.IngestResult`; each other report's
 is described below by a ``TypedDict`` (the keys other stages and the summary read). Dataclasses
 are written through :func:`as_json`.
 """
@@ -111,7 +111,7 @@ class PackageContent(TypedDict, total=False):
     bento_model: str
 
 
-# The ingest report is IngestResult.to_report() (tasks.data.ingestion): read as plain JSON.
+# The ingest report is IngestResult.to_report() (tasks.data.dataset_writer): read as plain JSON.
 INGEST: Report[dict[str, Any]] = Report("ingest.json", "ingest")
 TRAIN: Report[TrainContent] = Report("train.json", "train")
 METRICS: Report[MetricsContent] = Report("metrics.json", "evaluate")

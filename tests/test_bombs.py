@@ -17,7 +17,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
 from tasks.config import Params
-from tasks.data import dicom_io
+from tasks.data import dicom_io, dicom_read, dicom_rejections
 from tasks.data.dataset import QUARANTINE_FILE
 from tasks.model.inference import InputRejected, prepare_dicom, prepare_png
 from tasks.stages.ingest import run_ingest
@@ -55,10 +55,10 @@ print(json.dumps({"served": served, "grew_kib": after - before, "peak_kib": afte
 def test_each_codestream_bomb_is_refused_too_large_before_decoding() -> None:
     for build in DICOM_BOMBS.values():
         data = build()
-        ds = dicom_io.read_dataset(io.BytesIO(data))
-        with pytest.raises(dicom_io.DicomRejected) as refused:
+        ds = dicom_read.read_dataset(io.BytesIO(data))
+        with pytest.raises(dicom_rejections.DicomRejected) as refused:
             dicom_io.decode_dataset(ds)
-        assert refused.value.reason == dicom_io.TOO_LARGE
+        assert refused.value.reason == dicom_rejections.TOO_LARGE
         assert refused.value.detail == "a compressed frame declares a larger image than its header"
         with pytest.raises(InputRejected) as rejected:
             prepare_dicom(data, 64)
@@ -104,9 +104,9 @@ def test_a_frame_smaller_than_its_header_or_with_wrong_rle_segments_is_decode_fa
         (_rewritten("MR_small_jpeg_ls_lossless.dcm", shrink), "size differs"),
         (_rewritten("MR_small_RLE.dcm", one_segment), "RLE segments"),
     ):
-        with pytest.raises(dicom_io.DicomRejected, match=detail) as refused:
+        with pytest.raises(dicom_rejections.DicomRejected, match=detail) as refused:
             dicom_io.decode_dataset(ds)
-        assert refused.value.reason == dicom_io.DECODE_FAILED
+        assert refused.value.reason == dicom_rejections.DECODE_FAILED
 
 
 def test_the_real_files_the_bombs_come_from_still_decode() -> None:
@@ -135,7 +135,7 @@ def test_ingestion_quarantines_each_bomb_too_large_and_keeps_the_count(
     assert (result.files_seen, result.ingested, result.quarantined) == (7, 4, 3)
     assert result.ingested + result.quarantined == result.files_seen
     assert sorted(Path(f).name for f in quarantine["source_file"]) == sorted(DICOM_BOMBS)
-    assert set(quarantine["reason"]) == {dicom_io.TOO_LARGE}
+    assert set(quarantine["reason"]) == {dicom_rejections.TOO_LARGE}
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
-from tasks.data import dicom_io
-from tasks.data.ingestion import decode_to_outcome
+from tasks.data import dicom_display, dicom_io, dicom_rejections
+from tasks.data.file_decoding import decode_to_outcome
 from tests.conftest import make_mono_dataset, write_dataset
 
 
@@ -36,7 +36,7 @@ def test_rescale_then_window_gives_known_values() -> None:
 
 def test_window_function_matches_the_dicom_standard() -> None:
     values = np.array([-10.0, 39.5, 40.0, 89.0, 200.0], dtype=np.float32)
-    out = dicom_io.window_linear(values, center=40.0, width=100.0)
+    out = dicom_display.window_linear(values, center=40.0, width=100.0)
     # ((x - (c - 0.5)) / (w - 1) + 0.5) clipped to [0, 1]
     expected = np.clip((values - 39.5) / 99.0 + 0.5, 0, 1)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
@@ -65,7 +65,7 @@ def test_multiframe_middle_and_all() -> None:
     middle = dicom_io.decode_dataset(ds, multiframe="middle")
     assert middle.frames.shape == (1, 4, 4)
     np.testing.assert_allclose(
-        middle.frames[0, 1, 1], dicom_io.window_linear(np.float32(1000), 2048, 4096)
+        middle.frames[0, 1, 1], dicom_display.window_linear(np.float32(1000), 2048, 4096)
     )
     every = dicom_io.decode_dataset(ds, multiframe="all")
     assert every.frames.shape == (3, 4, 4)
@@ -102,18 +102,18 @@ def test_rgb_becomes_luminance() -> None:
 def test_missing_pixel_data_is_rejected() -> None:
     ds = make_mono_dataset(np.zeros((2, 2), dtype=np.uint16))
     del ds.PixelData
-    with pytest.raises(dicom_io.DicomRejected) as err:
+    with pytest.raises(dicom_rejections.DicomRejected) as err:
         dicom_io.decode_dataset(ds)
-    assert err.value.reason == dicom_io.NO_PIXEL_DATA
+    assert err.value.reason == dicom_rejections.NO_PIXEL_DATA
 
 
 def test_unsupported_transfer_syntax_is_rejected() -> None:
     ds = make_mono_dataset(np.zeros((8, 8), dtype=np.uint8), bits_stored=8)
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder exists
     ds.PixelData = encapsulate([b"\x00" * 64])
-    with pytest.raises(dicom_io.DicomRejected) as err:
+    with pytest.raises(dicom_rejections.DicomRejected) as err:
         dicom_io.decode_dataset(ds)
-    assert err.value.reason == dicom_io.UNSUPPORTED_TRANSFER_SYNTAX
+    assert err.value.reason == dicom_rejections.UNSUPPORTED_TRANSFER_SYNTAX
 
 
 def _valid_file_bytes() -> bytes:
@@ -141,10 +141,10 @@ def test_truncated_files_are_quarantined_never_crash(tmp_path: Path, cut: int) -
     outcome = decode_to_outcome(path, tmp_path, 16, "middle", "salt")
     # Cutting into the 1152-byte pixel data always loses pixels; cutting earlier loses the header.
     assert outcome.reason in {
-        dicom_io.NOT_DICOM,
-        dicom_io.UNREADABLE,
-        dicom_io.NO_PIXEL_DATA,
-        dicom_io.DECODE_FAILED,
+        dicom_rejections.NOT_DICOM,
+        dicom_rejections.UNREADABLE,
+        dicom_rejections.NO_PIXEL_DATA,
+        dicom_rejections.DECODE_FAILED,
     }
     assert outcome.images == []
 
@@ -170,12 +170,14 @@ def test_byte_flips_never_crash(tmp_path: Path, flips: list[tuple[int, int]]) ->
     # pixel values leaves a valid, slightly different image).
     if outcome.reason:
         assert outcome.reason in {
-            dicom_io.NOT_DICOM,
-            dicom_io.UNREADABLE,
-            dicom_io.NO_PIXEL_DATA,
-            dicom_io.DECODE_FAILED,
-            dicom_io.UNSUPPORTED_TRANSFER_SYNTAX,
-            dicom_io.UNSUPPORTED_IMAGE,
+            dicom_rejections.NOT_DICOM,
+            dicom_rejections.UNREADABLE,
+            dicom_rejections.NO_PIXEL_DATA,
+            dicom_rejections.DECODE_FAILED,
+            dicom_rejections.UNSUPPORTED_TRANSFER_SYNTAX,
+            dicom_rejections.UNSUPPORTED_IMAGE,
+            # A flipped Rows or Columns byte can declare an image over the size limit.
+            dicom_rejections.TOO_LARGE,
         }
         assert outcome.detail
     else:
@@ -202,8 +204,8 @@ def test_an_rle_stream_that_makes_the_rust_decoder_panic_is_rejected_not_raised(
 
     corrupt = bytearray(Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes())
     corrupt[2736] = 208  # one byte of the first RLE segment, found by fuzzing
-    with pytest.raises(dicom_io.DicomRejected) as rejected:
+    with pytest.raises(dicom_rejections.DicomRejected) as rejected:
         dicom_io.decode_file(BytesIO(bytes(corrupt)))
-    assert rejected.value.reason == dicom_io.DECODE_FAILED
-    with pytest.raises(InputRejected, match=dicom_io.DECODE_FAILED):
+    assert rejected.value.reason == dicom_rejections.DECODE_FAILED
+    with pytest.raises(InputRejected, match=dicom_rejections.DECODE_FAILED):
         prepare_dicom(bytes(corrupt), 64)

@@ -15,7 +15,7 @@ import pytest
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.data import dicom_io
+from tasks.data import dicom_display, dicom_io, dicom_read, dicom_rejections
 from tests.conftest import make_mono_dataset
 
 
@@ -49,7 +49,7 @@ def _headerless_bytes(implicit_vr: bool, little_endian: bool) -> bytes:
 def test_a_headerless_file_gets_the_transfer_syntax_it_was_read_with_without_deprecated_attributes(
     implicit_vr: bool, little_endian: bool, expected: str
 ) -> None:
-    ds = dicom_io.read_dataset(BytesIO(_headerless_bytes(implicit_vr, little_endian)))
+    ds = dicom_read.read_dataset(BytesIO(_headerless_bytes(implicit_vr, little_endian)))
     assert ds.file_meta.TransferSyntaxUID == expected
 
 
@@ -60,7 +60,7 @@ def test_a_headerless_file_gets_the_transfer_syntax_it_was_read_with_without_dep
 def test_a_headerless_file_decodes_without_deprecated_pixel_access(
     implicit_vr: bool, little_endian: bool
 ) -> None:
-    ds = dicom_io.read_dataset(BytesIO(_headerless_bytes(implicit_vr, little_endian)))
+    ds = dicom_read.read_dataset(BytesIO(_headerless_bytes(implicit_vr, little_endian)))
     decoded = dicom_io.decode_dataset(ds)
     # stored 0..500 with no window: the image's own range, (x - 0) / 500
     expected = np.arange(6, dtype=np.float32).reshape(2, 3) / 5.0
@@ -253,7 +253,7 @@ def test_an_undefined_voi_lut_function_or_shape_falls_back_and_is_noted_without_
         PresentationLUTShape="SWIRL",
     )
     decoded = dicom_io.decode_dataset(ds)
-    expected = dicom_io.window_linear(RAMP.astype(np.float32), CENTER, WIDTH)
+    expected = dicom_display.window_linear(RAMP.astype(np.float32), CENTER, WIDTH)
     np.testing.assert_allclose(decoded.frames[0], expected, atol=1e-6)
     assert decoded.notes == ["voi_lut_function_unknown", "window", "presentation_lut_shape_unknown"]
     assert not any("CUBIC" in note or "SWIRL" in note for note in decoded.notes)
@@ -262,9 +262,17 @@ def test_an_undefined_voi_lut_function_or_shape_falls_back_and_is_noted_without_
 @pytest.mark.parametrize(
     ("attribute", "value", "reason"),
     [
-        ("NumberOfFrames", "SECRET", dicom_io.UNREADABLE),
-        ("PhotometricInterpretation", "HSV", dicom_io.UNSUPPORTED_IMAGE),  # pydicom decodes it
-        ("PhotometricInterpretation", "SECRET", dicom_io.DECODE_FAILED),  # pydicom refuses it
+        ("NumberOfFrames", "SECRET", dicom_rejections.UNREADABLE),
+        (
+            "PhotometricInterpretation",
+            "HSV",
+            dicom_rejections.UNSUPPORTED_IMAGE,
+        ),  # pydicom decodes it
+        (
+            "PhotometricInterpretation",
+            "SECRET",
+            dicom_rejections.DECODE_FAILED,
+        ),  # pydicom refuses it
     ],
 )
 def test_a_rejection_never_quotes_the_attribute_value(
@@ -273,7 +281,7 @@ def test_a_rejection_never_quotes_the_attribute_value(
     ds = make_mono_dataset(RAMP)
     # A raw element: pydicom would refuse a non-number NumberOfFrames through setattr.
     ds[attribute] = pydicom.DataElement(tag_for_keyword(attribute), "CS", value)
-    with pytest.raises(dicom_io.DicomRejected) as err:
+    with pytest.raises(dicom_rejections.DicomRejected) as err:
         dicom_io.decode_dataset(ds)
     assert err.value.reason == reason
     assert value.lower() not in str(err.value).lower()

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows import pipeline
 from flows.fanout import flow_task_runner, task_runner_decode_map
 from tasks.config import Params
-from tasks.data.ingestion import decode_in_process_pool, split_in_chunks
+from tasks.data.file_decoding import decode_in_process_pool, split_in_chunks
 from tasks.data.synthetic import SyntheticConfig, generate
 from tasks.errors import MedtransferError
 from tasks.stages.ingest import run_ingest

@@ -17,7 +17,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from tasks.config import Params
-from tasks.data import dicom_io
+from tasks.data import dicom_io, dicom_read, dicom_rejections
 from tasks.data.dataset import QUARANTINE_FILE
 from tasks.model.inference import InputRejected, prepare_dicom
 from tasks.stages.ingest import run_ingest
@@ -32,7 +32,7 @@ BOMB_BUDGET_MIB = 48
 MEASURE_BOMB = """
 import io, json, resource, sys
 from pathlib import Path
-from tasks.data import ingestion
+from tasks.data import file_decoding
 from tasks.model.inference import InputRejected, prepare_dicom
 
 bomb = Path(sys.argv[1])
@@ -43,7 +43,7 @@ try:
     served = "accepted"
 except InputRejected as err:
     served = f"{err.status} {err.reason}"
-outcome = ingestion.decode_to_outcome(bomb, bomb.parent, 64, "middle", "salt")
+outcome = file_decoding.decode_to_outcome(bomb, bomb.parent, 64, "middle", "salt")
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"served": served, "ingested": outcome.reason, "grew_kib": after - before}))
 """
@@ -65,7 +65,7 @@ def test_a_one_megabyte_deflate_bomb_is_refused_within_a_small_memory_budget(
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["served"] == "413 too_large"
-    assert measured["ingested"] == dicom_io.TOO_LARGE
+    assert measured["ingested"] == dicom_rejections.TOO_LARGE
     assert measured["grew_kib"] < BOMB_BUDGET_MIB * 1024, measured  # peak RSS of the process
 
 
@@ -74,7 +74,7 @@ def test_a_deflated_image_decodes_exactly_like_its_uncompressed_twin() -> None:
     ds = make_mono_dataset(pixels, WindowCenter=1500, WindowWidth=2000)
     plain = prepare_dicom(dataset_bytes(ds), 32)
     deflated = deflated_dicom(ds)
-    assert dicom_io.read_dataset(io.BytesIO(deflated)).file_meta.TransferSyntaxUID != (
+    assert dicom_read.read_dataset(io.BytesIO(deflated)).file_meta.TransferSyntaxUID != (
         ds.file_meta.TransferSyntaxUID.name
     )
     np.testing.assert_array_equal(prepare_dicom(deflated, 32), plain)
@@ -82,18 +82,18 @@ def test_a_deflated_image_decodes_exactly_like_its_uncompressed_twin() -> None:
 
 def test_an_image_over_the_dimension_limit_is_refused_before_decoding() -> None:
     ds = make_mono_dataset(np.zeros((300, 8), dtype=np.uint16))
-    with pytest.raises(dicom_io.DicomRejected) as refused:
+    with pytest.raises(dicom_rejections.DicomRejected) as refused:
         dicom_io.decode_dataset(ds, max_image_dim=256)
-    assert refused.value.reason == dicom_io.TOO_LARGE
+    assert refused.value.reason == dicom_rejections.TOO_LARGE
     with pytest.raises(InputRejected) as rejected:
         prepare_dicom(deflated_dicom(ds), 32, max_image_dim=256)
-    assert (rejected.value.status, rejected.value.reason) == (413, dicom_io.TOO_LARGE)
+    assert (rejected.value.status, rejected.value.reason) == (413, dicom_rejections.TOO_LARGE)
     # Within the dimensions, but colour: 220 x 220 x 3 bytes > 256 x 256 x 2 bytes.
     rgb = make_mono_dataset(np.zeros((4, 4), dtype=np.uint16))
     rgb.Rows, rgb.Columns, rgb.SamplesPerPixel, rgb.BitsAllocated = 220, 220, 3, 8
-    with pytest.raises(dicom_io.DicomRejected) as refused:
+    with pytest.raises(dicom_rejections.DicomRejected) as refused:
         dicom_io.decode_dataset(rgb, max_image_dim=256)
-    assert refused.value.reason == dicom_io.TOO_LARGE
+    assert refused.value.reason == dicom_rejections.TOO_LARGE
 
 
 MARKER = "ZQXMARK"  # in text values

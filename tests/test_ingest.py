@@ -11,9 +11,9 @@ import pytest
 from flows.cli import main as cli_main
 from tasks import reports
 from tasks.config import Params
-from tasks.data import dicom_io, synthetic
+from tasks.data import dicom_rejections, synthetic
 from tasks.data.dataset import load_processed
-from tasks.data.ingestion import DUPLICATE_SOP_UID, NO_LABEL
+from tasks.data.quarantine import DUPLICATE_SOP_UID, NO_LABEL
 from tasks.errors import MedtransferError
 from tasks.stages.ingest import run_ingest
 from tests.conftest import make_mono_dataset, write_dataset
@@ -126,10 +126,10 @@ def test_bad_files_are_quarantined_with_reasons(params: Params, tmp_path: Path) 
         progress=False,
     )
     quarantine = pd.read_csv(result.processed_dir / "quarantine.csv").set_index("source_file")
-    assert quarantine.loc["notes.txt", "reason"] == dicom_io.NOT_DICOM
-    assert quarantine.loc["truncated.dcm", "reason"] == dicom_io.DECODE_FAILED
-    assert quarantine.loc["no_pixels.dcm", "reason"] == dicom_io.NO_PIXEL_DATA
-    assert quarantine.loc["video.dcm", "reason"] == dicom_io.UNSUPPORTED_TRANSFER_SYNTAX
+    assert quarantine.loc["notes.txt", "reason"] == dicom_rejections.NOT_DICOM
+    assert quarantine.loc["truncated.dcm", "reason"] == dicom_rejections.DECODE_FAILED
+    assert quarantine.loc["no_pixels.dcm", "reason"] == dicom_rejections.NO_PIXEL_DATA
+    assert quarantine.loc["video.dcm", "reason"] == dicom_rejections.UNSUPPORTED_TRANSFER_SYNTAX
     assert quarantine.loc["sub/unlabelled.dcm", "reason"] == NO_LABEL
     assert quarantine.loc["dup_b.dcm", "reason"] == DUPLICATE_SOP_UID
     assert "dup_a.dcm" not in quarantine.index

@@ -17,7 +17,7 @@ import pytest
 
 from tasks.config import Params
 from tasks.data.dicom_io import decode_file
-from tasks.data.ingestion import NO_LABEL, QUARANTINE_REASONS
+from tasks.data.quarantine import NO_LABEL, QUARANTINE_REASONS
 from tasks.stages.ingest import run_ingest
 
 

@@ -3,7 +3,7 @@
 Decoders allocate what the codestream says, not what the DICOM header (Rows, Columns) says: a
 215 KB JPEG-Lossless frame whose SOF declares 65000 x 65000 grew a worker to 16 GB. So before
 any decoder runs, the caller reads the declared size here and compares it with the header and
-its limits (:func:`tasks.data.dicom_io.check_codestream`, :func:`tasks.model.inference.prepare_png`).
+its limits (:func:`tasks.data.dicom_guards.check_codestream`, :func:`tasks.model.inference.prepare_png`).
 
 Parsers, each over ``bytes`` in memory, reading only marker segments and box headers (never
 entropy-coded data), and returning a :class:`DeclaredSize` or raising :class:`CodestreamError`:

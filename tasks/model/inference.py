@@ -1,7 +1,7 @@
 """Classifying uploaded images: the serving path, shared by the BentoML service and the tests.
 
 An uploaded DICOM file takes exactly the ingestion path:
-:func:`tasks.data.dicom_io.read_dataset` → :func:`tasks.data.dicom_io.decode_dataset` →
+:func:`tasks.data.dicom_read.read_dataset` → :func:`tasks.data.dicom_io.decode_dataset` →
 :func:`tasks.data.preprocess.resize_display` (uint8) →
 :func:`tasks.model.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax
 (:func:`tasks.model.predict.probabilities`). A PNG becomes display space through
@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from tasks.data import codestream, dicom_io
+from tasks.data import codestream, dicom_guards, dicom_io, dicom_read, dicom_rejections
 from tasks.data.preprocess import resize_display, uint8_to_display
 from tasks.model.profile import header_values
 
@@ -36,28 +36,28 @@ REJECTIONS: dict[str, tuple[int, str]] = {
     "payload_too_large": (413, "The request body is larger than the server accepts."),
     "too_many_files": (413, "The batch holds more files than the server accepts."),
     "unsupported_media_type": (415, "Wrong Content-Type for this endpoint."),
-    dicom_io.NOT_DICOM: (422, "The upload is not a DICOM file."),
-    dicom_io.UNREADABLE: (422, "The DICOM header is truncated or corrupt."),
-    dicom_io.NO_PIXEL_DATA: (
+    dicom_rejections.NOT_DICOM: (422, "The upload is not a DICOM file."),
+    dicom_rejections.UNREADABLE: (422, "The DICOM header is truncated or corrupt."),
+    dicom_rejections.NO_PIXEL_DATA: (
         422,
         "The DICOM file has no pixel data (it is not an image, or it was cut off before its pixels).",
     ),
-    dicom_io.UNSUPPORTED_TRANSFER_SYNTAX: (
+    dicom_rejections.UNSUPPORTED_TRANSFER_SYNTAX: (
         422,
         "The DICOM file's transfer syntax (compression) is not supported.",
     ),
-    dicom_io.UNSUPPORTED_IMAGE: (
+    dicom_rejections.UNSUPPORTED_IMAGE: (
         422,
         "The image type (photometric interpretation) is not supported.",
     ),
-    dicom_io.DECODE_FAILED: (422, "The pixel data does not decode (truncated or corrupt)."),
+    dicom_rejections.DECODE_FAILED: (422, "The pixel data does not decode (truncated or corrupt)."),
     "multi_frame": (
         422,
         "The DICOM file is a multi-frame volume; this endpoint classifies one image. "
         "Send single frames.",
     ),
     "image_too_large": (422, "The image's rows or columns exceed the server's limit."),
-    dicom_io.TOO_LARGE: (
+    dicom_rejections.TOO_LARGE: (
         413,
         "The image decodes to more than its header declares or than the server accepts.",
     ),
@@ -98,7 +98,7 @@ class InputRejected(Exception):
 def prepare_dicom(
     source: bytes | str | Path | BinaryIO,
     image_size: int,
-    max_image_dim: int = dicom_io.MAX_IMAGE_DIM,
+    max_image_dim: int = dicom_guards.MAX_IMAGE_DIM,
     multiframe: str | None = None,
     scope=None,
     max_decoded_bytes: int | None = None,
@@ -116,7 +116,7 @@ def prepare_dicom(
         scope: a :class:`tasks.model.profile.Scope`: a file whose header values are outside
             it is refused ``out_of_scope`` (the message names what was expected); None: no check.
         max_decoded_bytes: the most bytes the decoded image may hold (as its header and its
-            codestream declare; None: :func:`tasks.data.dicom_io.decoded_bytes_limit`).
+            codestream declare; None: :func:`tasks.data.dicom_guards.decoded_bytes_limit`).
 
     Raises:
         InputRejected: not DICOM, truncated, no pixel data, unsupported transfer syntax or image
@@ -127,9 +127,9 @@ def prepare_dicom(
             raise InputRejected("empty_body")
         source = io.BytesIO(bytes(source))
     try:
-        ds = dicom_io.read_dataset(source, max_image_dim)
+        ds = dicom_read.read_dataset(source, max_image_dim)
         if not any(keyword in ds for keyword in dicom_io.PIXEL_KEYWORDS):
-            raise InputRejected(dicom_io.NO_PIXEL_DATA)  # not an image: before its scope
+            raise InputRejected(dicom_rejections.NO_PIXEL_DATA)  # not an image: before its scope
         _check_scope(ds, scope)
         if _header_int(ds, "NumberOfFrames", 1) > 1 and multiframe != "middle":
             raise InputRejected("multi_frame")
@@ -137,12 +137,12 @@ def prepare_dicom(
         if max(rows, columns) > max_image_dim:
             raise InputRejected("image_too_large")
         decoded = dicom_io.decode_dataset(ds, "middle", max_image_dim, max_decoded_bytes)
-    except dicom_io.DicomRejected as err:
+    except dicom_rejections.DicomRejected as err:
         raise InputRejected(err.reason) from None  # err.detail may quote the file: not shown
     except InputRejected:
         raise
     except Exception:  # a decoder failing on hostile bytes is still the upload's fault
-        raise InputRejected(dicom_io.DECODE_FAILED) from None
+        raise InputRejected(dicom_rejections.DECODE_FAILED) from None
     if decoded.frames.shape[0] != 1:  # e.g. a 3-D array without NumberOfFrames
         raise InputRejected("multi_frame")
     return resize_display(decoded.frames[0], image_size)
@@ -151,7 +151,7 @@ def prepare_dicom(
 def prepare_png(
     data: bytes,
     image_size: int,
-    max_image_dim: int | None = dicom_io.MAX_IMAGE_DIM,
+    max_image_dim: int | None = dicom_guards.MAX_IMAGE_DIM,
     max_decoded_bytes: int | None = None,
 ) -> np.ndarray:
     """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
@@ -160,7 +160,7 @@ def prepare_png(
     luma, as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
     Before Pillow sees it, the IHDR's size is checked against ``max_image_dim`` (422
     ``image_too_large``) and its decoded bytes (width x height x samples x bytes per sample)
-    against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_io.decoded_bytes_limit`;
+    against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_guards.decoded_bytes_limit`;
     413 ``too_large``).
 
     Raises:
@@ -186,7 +186,7 @@ def prepare_png(
     except InputRejected:
         raise
     except Exception:
-        raise InputRejected(dicom_io.DECODE_FAILED) from None
+        raise InputRejected(dicom_rejections.DECODE_FAILED) from None
     return resize_display(display, image_size)
 
 
@@ -207,9 +207,9 @@ def check_png_header(
         return
     if max(declared.rows, declared.columns) > max_image_dim:
         raise InputRejected("image_too_large")
-    budget = dicom_io.decoded_bytes_limit(max_image_dim)
+    budget = dicom_guards.decoded_bytes_limit(max_image_dim)
     if declared.decoded_bytes > (budget if max_decoded_bytes is None else max_decoded_bytes):
-        raise InputRejected(dicom_io.TOO_LARGE)
+        raise InputRejected(dicom_rejections.TOO_LARGE)
 
 
 def _png_to_display(image) -> np.ndarray:
@@ -224,7 +224,7 @@ def _png_to_display(image) -> np.ndarray:
             return uint8_to_display(array[..., :3]) @ _LUMA
         array = array[..., 0]  # LA: the grey channel
     if array.dtype != np.uint8 or array.ndim != 2:
-        raise InputRejected(dicom_io.UNSUPPORTED_IMAGE)
+        raise InputRejected(dicom_rejections.UNSUPPORTED_IMAGE)
     return uint8_to_display(array)
 
 
@@ -240,7 +240,7 @@ def _header_int(ds, keyword: str, default: int) -> int:
     try:
         return int(ds.get(keyword, default) or default)
     except (TypeError, ValueError):
-        raise InputRejected(dicom_io.UNREADABLE) from None
+        raise InputRejected(dicom_rejections.UNREADABLE) from None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from pathlib import Path
 from tasks import reports
 from tasks.config import Params
 from tasks.data import synthetic
-from tasks.data.ingestion import DecodeMap, IngestResult, ingest_folder, ingest_npz
+from tasks.data.dataset_writer import IngestResult
+from tasks.data.file_decoding import DecodeMap
+from tasks.data.ingestion import ingest_folder, ingest_npz
 from tasks.data.labels import read_label_source
 from tasks.data.source_guard import check_outputs_spare_source
 from tasks.errors import MedtransferError
@@ -29,7 +31,7 @@ def run_ingest(
     Args:
         params: the configuration (``data``, ``synthetic``, ``seed``, ``reports_dir``).
         progress: show a progress bar on the terminal.
-        decode_map: decodes a folder's files (see :data:`~tasks.data.ingestion.DecodeMap`);
+        decode_map: decodes a folder's files (see :data:`~tasks.data.file_decoding.DecodeMap`);
             None uses a local process pool. The Prefect flow passes one that fans out through
             its task runner.
 

@@ -1,0 +1,247 @@
+"""Writing the processed dataset from what a source yielded, and counting it for the report.
+
+A source (a DICOM folder, a ``.npz``) yields a :class:`SourceYield`: the manifest rows of the kept
+images (their bytes already appended to ``images.raw`` in a staging folder), the quarantine rows of
+the rest, the file counts and where it came from. :func:`write_dataset` checks the counts, splits
+by patient, writes every file of the dataset (:mod:`tasks.data.dataset`) into the staging folder
+and swaps it into place whole (:mod:`tasks.atomic`); it returns the :class:`IngestResult`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks import atomic
+from tasks.config import DataParams
+from tasks.data import dataset as ds_files
+from tasks.data.quarantine import QUARANTINE_REASONS
+from tasks.data.splits import patient_level_split
+from tasks.errors import MedtransferError
+
+
+@dataclass
+class SourceYield:
+    """What one source yielded, for :func:`write_dataset`.
+
+    Attributes:
+        rows: one manifest row per kept image, in the order its bytes are in ``images.raw``
+            (``image_sha256``, ``source_file``, ``frame``, ``label``, ``patient_hash``,
+            ``sop_uid_hash``, ``notes``; ``split`` when the source keeps its own split).
+        quarantine: one row per left-out file (``source_file``, ``reason``, ``detail``).
+        files_seen: the input files (for a ``.npz``, its images).
+        ingested: the input files that gave at least one image.
+        kind: the source kind (``dicom_folder``, ``synthetic``, ``npz``); a ``.npz`` keeps its
+            split.
+        name: the dataset's name (``data.name`` or the source kind, never a path).
+        labels_from: where its labels came from, in words (``tasks.data.dataset.CSV_LABELS``…).
+    """
+
+    rows: list[dict]
+    quarantine: list[dict]
+    files_seen: int
+    ingested: int
+    kind: str
+    name: str
+    labels_from: str
+
+
+@dataclass
+class IngestResult:
+    """Counts of one ingestion run (the content of the ingest report, :data:`tasks.reports.INGEST`)."""
+
+    processed_dir: Path
+    source_kind: str
+    files_seen: int
+    ingested: int
+    quarantined: int
+    images: int
+    quarantined_by_reason: dict[str, int]
+    splits: dict[str, dict[str, int]]
+    classes: dict[str, int]
+    # A labels CSV's row counts (LabelSource.csv_counts); empty for other label sources.
+    labels_csv: dict[str, int] = field(default_factory=dict)
+
+    def to_report(self) -> dict:
+        return {
+            "source_kind": self.source_kind,
+            "files_seen": self.files_seen,
+            "ingested": self.ingested,
+            "quarantined": self.quarantined,
+            "images": self.images,
+            "quarantined_by_reason": self.quarantined_by_reason,
+            "splits": self.splits,
+            "classes": self.classes,
+            **({"labels_csv": self.labels_csv} if self.labels_csv else {}),
+        }
+
+
+def staging_dir(processed_dir: str) -> Path:
+    """A fresh staging folder beside ``processed_dir`` to write the next dataset into.
+
+    First undoes what an interrupted run left (:func:`tasks.atomic.recover_folder`): a
+    dataset set aside mid-swap goes back in place, old staging folders are removed, so they
+    never accumulate.
+    """
+    processed = Path(processed_dir)
+    atomic.recover_folder(processed)
+    return atomic.new_staging_folder(processed)
+
+
+def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: int) -> IngestResult:
+    """Check classes, split, write every file of the dataset into ``staging`` (which holds
+    ``images.raw``), swap it into ``data.processed_dir``, count.
+
+    Raises:
+        AssertionError: ``ingested + quarantined != files_seen`` (the stage's core promise).
+        MedtransferError: fewer than two classes (``staging`` is removed first).
+    """
+    files_seen, quarantine, rows = source.files_seen, source.quarantine, source.rows
+    if source.ingested + len(quarantine) != files_seen:  # the core promise, checked first
+        raise AssertionError(
+            f"accounting broken: {source.ingested} + {len(quarantine)} != {files_seen}"
+        )
+    reasons = Counter(item["reason"] for item in quarantine)
+    classes = _classes(rows, reasons, files_seen, staging)
+    class_index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
+    if source.kind != "npz":  # a MedMNIST archive keeps its official split
+        _assign_splits(rows, labels, data, seed)
+    for index, row in enumerate(rows):
+        row["index"], row["label_index"] = index, class_index[row["label"]]
+    split_counts = _split_counts(rows, classes)
+    _write_files(staging, source, labels, data, _info(source, classes, split_counts, data))
+    # Swapped in whole: a kill at any point leaves the previous dataset or this one.
+    atomic.swap_in_folder(staging, Path(data.processed_dir))
+    return IngestResult(
+        processed_dir=Path(data.processed_dir),
+        source_kind=source.kind,
+        files_seen=files_seen,
+        ingested=source.ingested,
+        quarantined=len(quarantine),
+        images=len(rows),
+        quarantined_by_reason={reason: reasons.get(reason, 0) for reason in QUARANTINE_REASONS},
+        splits=split_counts,
+        classes={name: int((labels == i).sum()) for name, i in class_index.items()},
+    )
+
+
+def _assign_splits(rows: list[dict], labels: np.ndarray, data: DataParams, seed: int) -> None:
+    """Set each row's ``split`` by patient (:func:`tasks.data.splits.patient_level_split`)."""
+    splits = patient_level_split(
+        [row["patient_hash"] for row in rows],
+        labels,
+        data.val_fraction,
+        data.test_fraction,
+        seed,
+    )
+    for row, split in zip(rows, splits, strict=True):
+        row["split"] = split
+
+
+def _write_files(
+    staging: Path, source: SourceYield, labels: np.ndarray, data: DataParams, info: dict
+) -> None:
+    """The dataset's files in ``staging``: images, labels ``(N,)``, manifest, quarantine, info."""
+    _write_images(staging, len(source.rows), data.image_size)
+    np.save(staging / ds_files.LABELS_FILE, labels)
+    _write_csv(staging / ds_files.MANIFEST_FILE, ds_files.MANIFEST_COLUMNS, source.rows)
+    _write_csv(staging / ds_files.QUARANTINE_FILE, ds_files.QUARANTINE_COLUMNS, source.quarantine)
+    (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _info(
+    source: SourceYield,
+    classes: list[str],
+    split_counts: dict[str, dict[str, int]],
+    data: DataParams,
+) -> dict:
+    """``dataset.json``: classes, image size, counts per split and the source record (its name,
+    where its labels came from, the counts and a content digest of the rows)."""
+    record = ds_files.DatasetSource(
+        kind=source.kind,
+        name=source.name,
+        labels=source.labels_from,
+        content_sha256=ds_files.content_digest(source.rows),
+        files_seen=source.files_seen,
+        ingested=source.ingested,
+        quarantined=len(source.quarantine),
+        images=len(source.rows),
+        image_size=data.image_size,
+        multiframe=data.multiframe,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+    )
+    return {
+        "classes": classes,
+        "image_size": data.image_size,
+        "source_kind": source.kind,
+        "multiframe": data.multiframe,
+        "images": len(source.rows),
+        "splits": split_counts,
+        ds_files.SOURCE_KEY: record.to_info(),
+    }
+
+
+def _classes(rows: list[dict], reasons: Counter, files_seen: int, staging: Path) -> list[str]:
+    """The sorted class names of the kept images.
+
+    Raises:
+        MedtransferError: fewer than two classes (the staging folder is removed first).
+    """
+    classes = sorted({row["label"] for row in rows})
+    if len(classes) < 2:
+        shutil.rmtree(staging)
+        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none"
+        raise MedtransferError(
+            f"Only {len(classes)} class ({classes}) among {len(rows)} ingested images of "
+            f"{files_seen} files (quarantined: {summary}). A classifier needs at least two "
+            "labels; check the labels CSV or the class sub-folders."
+        )
+    return classes
+
+
+def _write_images(staging: Path, count: int, size: int) -> None:
+    """``images.raw`` (``count`` images of ``size`` x ``size`` bytes, in order) becomes
+    ``images.npy``, copied in blocks so memory stays flat whatever the number of images."""
+    images = np.lib.format.open_memmap(
+        staging / ds_files.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(count, size, size)
+    )
+    block = 1024
+    with open(staging / "images.raw", "rb") as raw:
+        for start in range(0, count, block):
+            n = min(block, count - start)
+            images[start : start + n] = np.frombuffer(
+                raw.read(n * size * size), dtype=np.uint8
+            ).reshape(n, size, size)
+    images.flush()
+    del images
+    (staging / "images.raw").unlink()
+
+
+def _split_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
+    """Per split: images, patients and images of each class."""
+    return {
+        split: {
+            "images": sum(row["split"] == split for row in rows),
+            "patients": len({row["patient_hash"] for row in rows if row["split"] == split}),
+            **{
+                f"class_{name}": sum(row["split"] == split and row["label"] == name for row in rows)
+                for name in classes
+            },
+        }
+        for split in ds_files.SPLITS
+    }
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

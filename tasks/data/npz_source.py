@@ -1,0 +1,175 @@
+"""A MedMNIST-format ``.npz``: checked without writing anything, then read into dataset rows.
+
+MedMNIST keeps an official train/val/test split and publishes no patient identities (its split is
+already patient-level), so each image is its own "patient" and keeps its split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from tasks.data import dataset as ds_files
+from tasks.data.patient_hash import salted_hash
+from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.errors import MedtransferError
+
+
+def check_npz(path: Path) -> dict[str, np.ndarray]:
+    """Check a MedMNIST-format archive without writing anything; returns each split's labels.
+
+    The image arrays are checked from their ``.npy`` headers alone (shape and dtype), so a large
+    archive is not decompressed twice; the label arrays are small and read in full.
+
+    Returns:
+        ``{split: int64 labels of shape (N,)}`` for ``train``, ``val`` and ``test``.
+
+    Raises:
+        MedtransferError: one line naming the archive, the array and what is wrong: a missing
+            or unreadable array, an object (pickled) array, images that are not uint8
+            ``(N, H, W)`` or ``(N, H, W, 3)``, an empty split, labels of another length than
+            the images, several labels per image, or labels that are not whole numbers.
+    """
+    if not path.is_file():
+        raise MedtransferError(f"The .npz file {path} does not exist.")
+    headers = _npz_headers(path)
+    needed = [f"{split}_{kind}" for split in ds_files.SPLITS for kind in ("images", "labels")]
+    missing = [key for key in needed if key not in headers]
+    if missing:
+        raise MedtransferError(f"{path} lacks {missing}; a MedMNIST-format archive holds {needed}.")
+    for key in needed:
+        if headers[key][1].hasobject:
+            raise MedtransferError(
+                f"{path}: {key} is an array of Python objects; medtransfer reads plain numeric "
+                "arrays and never unpickles (save the images as uint8 and labels as integers)."
+            )
+    labels: dict[str, np.ndarray] = {}
+    with np.load(path) as archive:
+        for split in ds_files.SPLITS:
+            shape, dtype = headers[f"{split}_images"]
+            _check_npz_images(path, f"{split}_images", shape, dtype)
+            labels[split] = _npz_labels(
+                path, split, _read_npz_array(archive, path, f"{split}_labels"), shape[0]
+            )
+    return labels
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{array name: (shape, dtype)}`` of every ``.npy`` member, read from the headers only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {}
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(handle)
+                headers[member.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise MedtransferError(
+            f"{path} is not a readable .npz archive ({type(err).__name__}: {err})."
+        ) from err
+    return headers
+
+
+def _check_npz_images(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Images must be uint8 ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB, with N > 0."""
+    rgb = len(shape) == 4 and shape[3] == 3
+    if len(shape) != 3 and not rgb:
+        raise MedtransferError(
+            f"{path}: {key} has shape {shape}; medtransfer takes 2-D images, (N, H, W) grayscale "
+            "or (N, H, W, 3) RGB, not volumes (MedMNIST 3D) or other channel counts."
+        )
+    if dtype != np.uint8:
+        raise MedtransferError(
+            f"{path}: {key} holds {dtype} values; MedMNIST-format images are uint8 (0-255)."
+        )
+    if 0 in shape:
+        raise MedtransferError(
+            f"{path}: {key} is empty (shape {shape}); every split needs at least one image."
+        )
+
+
+def _read_npz_array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    try:
+        return archive[key]
+    except Exception as err:  # a damaged member: zlib, CRC or truncation errors
+        raise MedtransferError(
+            f"{path}: {key} cannot be read ({type(err).__name__}: {err})."
+        ) from err
+
+
+def _npz_labels(path: Path, split: str, labels: np.ndarray, n_images: int) -> np.ndarray:
+    """One split's labels as int64 ``(N,)``, checked against its ``n_images`` images."""
+    key = f"{split}_labels"
+    if labels.ndim == 0 or len(labels) != n_images:
+        count = "a single value" if labels.ndim == 0 else f"{len(labels)} labels"
+        raise MedtransferError(
+            f"{path}: {key} holds {count} but {split}_images holds {n_images} images; "
+            "each image needs exactly one label."
+        )
+    labels = labels.reshape(n_images, -1)
+    if labels.shape[1] != 1:
+        raise MedtransferError(
+            f"{path} has {labels.shape[1]} labels per image in {key} (multi-label); medtransfer "
+            "trains single-label classifiers. Use a single-label MedMNIST set."
+        )
+    labels = labels[:, 0]
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    # Whole numbers stored as floats (1.0) are integers in all but dtype; 0.5 or NaN is not a class.
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if not bad.any():
+            return labels.astype(np.int64)
+        first = int(np.flatnonzero(bad)[0])
+        raise MedtransferError(
+            f"{path}: {key}[{first}] is {float(labels[first])}; labels must be whole class numbers."
+        )
+    raise MedtransferError(
+        f"{path}: {key} holds {labels.dtype} values; labels must be integer class numbers."
+    )
+
+
+def read_npz_rows(
+    path: Path, split_labels: dict[str, np.ndarray], image_size: int, salt: str, raw: BinaryIO
+) -> list[dict]:
+    """Append every image of the checked archive ``path`` to ``raw``, split by split, as uint8
+    ``image_size`` x ``image_size`` grayscale; returns their manifest rows (with ``split``).
+
+    ``split_labels`` is :func:`check_npz`'s result. RGB images become ITU-R BT.601 luma.
+    """
+    rows: list[dict] = []
+    with np.load(path) as archive:
+        for split in ds_files.SPLITS:
+            images, labels = archive[f"{split}_images"], split_labels[split]
+            for i in tqdm(range(len(images)), desc=f"ingest {split}", unit="img", leave=False):
+                display = uint8_to_display(images[i])
+                if display.ndim == 3:  # RGB MedMNIST sets
+                    display = display @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+                image = resize_display(display, image_size)
+                raw.write(image.tobytes())
+                rows.append(
+                    {
+                        "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
+                        "source_file": f"{path.name}:{split}_images[{i}]",
+                        "frame": 0,
+                        "label": str(labels[i]),
+                        "patient_hash": salted_hash(salt, f"npz:{split}:{i}"),
+                        "sop_uid_hash": "",
+                        "notes": "npz",
+                        "split": split,
+                    }
+                )
+    return rows
