@@ -99,9 +99,9 @@ MUTATIONS = (
     Mutation(
         "transfer-crafted-on-student",
         "the teacher-transfer attack of evaluate_robustness is crafted on the student",
-        "teacher_transfer_attack( run.student, run.teacher_features, run.clean,",
-        "run.teacher_features",
-        "run.student",
+        "teacher_transfer_attack( context.student, context.teacher_features, context.clean,",
+        "context.teacher_features",
+        "context.student",
         (
             "tests/test_attacks.py::"
             "test_evaluate_robustness_crafts_the_teacher_transfer_attack_on_the_teacher_alone",
