@@ -33,8 +33,8 @@ def module_path(module: str, root: Path = PROJECT_ROOT) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path) -> set[str]:
-    """Dotted names of the ``tasks`` modules ``path`` imports (``from tasks.x import y`` names
+def _imported_modules(path: Path, package: str = PACKAGE) -> set[str]:
+    """Dotted names of the ``package`` modules ``path`` imports (``from tasks.x import y`` names
     ``tasks.x`` and, when ``y`` is itself a module, ``tasks.x.y``)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -44,7 +44,7 @@ def _imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+    return {name for name in found if name == package or name.startswith(package + ".")}
 
 
 def _plugin_modules(node: ast.AST, path: Path) -> set[str]:
@@ -109,19 +109,42 @@ def import_closure(*modules: str, root: Path = PROJECT_ROOT) -> list[Path]:
 
     Returns:
         The files, packages' ``__init__.py`` included; a module outside ``tasks`` contributes
-        only the ``tasks`` modules it imports (``serving.service`` -> what the Bento needs).
+        only the ``tasks`` modules it and the modules of its own package that it imports import
+        (``serving.service`` -> what the Bento needs).
     """
     found: set[Path] = set()
     for module in modules:
         if module.startswith(PACKAGE + ".") or module == PACKAGE:
             found |= set(_closure((module,), root))
         else:
-            path = module_path(module, root)
-            if path is None:
-                raise FileNotFoundError(f"no source file for module {module!r} under {root}")
-            for imported in _imported_modules(path):
+            for imported in _imports_from_outside(module, root):
                 found |= set(_closure((imported,), root))
     return sorted(found)
+
+
+def _imports_from_outside(module: str, root: Path) -> set[str]:
+    """The ``tasks`` modules that ``module`` (outside ``tasks``, e.g. ``serving.service``)
+    imports, itself or through the modules of its own top-level package it imports
+    (``serving.uploads``), at any depth.
+
+    Raises:
+        FileNotFoundError: ``module`` has no source file under ``root``.
+    """
+    if module_path(module, root) is None:
+        raise FileNotFoundError(f"no source file for module {module!r} under {root}")
+    own = module.split(".")[0]
+    found: set[str] = set()
+    seen: set[str] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        path = module_path(name, root)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        found |= _imported_modules(path)
+        pending += _imported_modules(path, own)
+    return found
 
 
 def relative_paths(paths: list[Path], root: Path = PROJECT_ROOT) -> list[str]:

@@ -20,11 +20,36 @@ from tasks.code_closure import (
 REPO = Path(__file__).resolve().parent.parent
 
 
+SERVING_FILES = {path.relative_to(REPO).as_posix() for path in (REPO / "serving").glob("*.py")}
+
+
 def test_the_bentofile_includes_exactly_the_service_and_its_import_closure() -> None:
     bentofile = yaml.safe_load((REPO / "serving" / "bentofile.yaml").read_text())
-    expected = {"serving/__init__.py", "serving/service.py"}
-    expected |= set(relative_paths(import_closure("serving.service")))
+    expected = SERVING_FILES | set(relative_paths(import_closure("serving.service")))
     assert set(bentofile["include"]) == expected
+
+
+def test_a_serving_module_s_closure_includes_what_its_sibling_modules_import(
+    tmp_path: Path,
+) -> None:
+    """serving.service imports serving.uploads, which imports tasks code: the Bento needs it."""
+    for name, source in {
+        "tasks/__init__.py": "",
+        "tasks/errors.py": "",
+        "tasks/atomic.py": "",
+        "serving/__init__.py": "",
+        "serving/entry.py": "from serving.checks import check\n",
+        "serving/checks.py": "from tasks.errors import MedtransferError\n",
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(source)
+    found = relative_paths(import_closure("serving.entry", root=tmp_path), root=tmp_path)
+    assert found == ["tasks/__init__.py", "tasks/errors.py"]
+
+
+def test_the_package_stage_depends_on_every_serving_module() -> None:
+    code = set(relative_paths(stage_code_files("package")))
+    assert code >= SERVING_FILES, sorted(SERVING_FILES - code)
 
 
 def test_the_service_needs_neither_attacks_nor_training_nor_ingestion() -> None:

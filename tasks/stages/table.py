@@ -178,7 +178,10 @@ STAGES: tuple[Stage, ...] = (
         extra_modules=("serving.service",),
         extra_files=(
             "serving/__init__.py",
+            "serving/limits.py",
+            "serving/operations.py",
             "serving/service.py",
+            "serving/uploads.py",
             "serving/bentofile.yaml",
             "serving/requirements.txt",
         ),

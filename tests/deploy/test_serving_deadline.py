@@ -41,8 +41,8 @@ def decode(seconds):
 async def request(seconds, upload):
     start = time.monotonic()
     try:
-        with service._request_deadline([upload]):
-            await service._in_thread(decode, seconds)
+        with service.request_deadline([upload], service.ARGS.request_timeout_s):
+            await service.DECODES.run(decode, seconds)
         answer = "done"
     except TimeoutError:
         answer = "timeout"
@@ -66,7 +66,7 @@ async def main():
             group.start_soon(one)
     out["two_quick"] = results
     out["most_at_once"] = most
-    reply = service._timed_out("/classify/dicom")
+    reply = service.timed_out("/classify/dicom")
     out["reply"] = [reply.status_code, json.loads(reply.body), reply.headers.get("retry-after")]
     print(json.dumps(out))
 
