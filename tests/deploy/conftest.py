@@ -193,6 +193,8 @@ def served(
     student = students["a"]
     overrides = [f"{k}={v}" for k, v in SERVED_LIMITS.items()]
     overrides.append(f"data.processed_dir={training_data.processed}")
+    # The scope gate reads the source files' headers from the folder data.source names.
+    overrides.append(f"data.source={training_data.source}")
     overrides.append(f"serving.monitor_store={root / 'monitor' / 'requests.sqlite'}")
     params = stage_params(root, student, ["registry.model_name=served-student", *overrides])
     write_reports(params, student, threshold=0.5)
