@@ -105,10 +105,12 @@ def log_student(
 
 
 def stage_params(root: Path, student: LoggedStudent, overrides: Sequence[str] = ()) -> dict:
-    """params.yaml with the registry and serving stages' paths inside ``root``."""
+    """params.yaml with the registry and serving stages' paths inside ``root``; the processed
+    dataset's folder too, beside which the command line takes the project lock."""
     return load_params(
         REPO / "params.yaml",
         [
+            f"data.processed_dir={root / 'processed'}",
             f"reports_dir={root / 'reports'}",
             f"train.model_dir={student.model_dir}",
             f"data.image_size={student.image_size}",
