@@ -92,6 +92,11 @@ def _isolated_salt() -> Iterator[None]:
 @pytest.fixture
 def params(tmp_path: Path) -> dict:
     """The repository's params.yaml with every path inside ``tmp_path`` and a small data set."""
+    return params_in(tmp_path)
+
+
+def params_in(root: Path) -> Params:
+    """The repository's params.yaml with every path inside ``root`` and a small data set."""
     return load_params(
         REPO / "params.yaml",
         [
@@ -99,9 +104,9 @@ def params(tmp_path: Path) -> dict:
             # the synthetic set's folder and its CSV inside the project
             "data.source=synthetic",
             "data.labels_csv=null",
-            f"data.processed_dir={tmp_path / 'processed'}",
-            f"reports_dir={tmp_path / 'reports'}",
-            f"synthetic.output_dir={tmp_path / 'synthetic'}",
+            f"data.processed_dir={root / 'processed'}",
+            f"reports_dir={root / 'reports'}",
+            f"synthetic.output_dir={root / 'synthetic'}",
             "synthetic.n_patients=16",
             "synthetic.size=64",
             "data.image_size=32",
@@ -194,13 +199,31 @@ def fresh_mlflow_store(
     return uri
 
 
+# The small training set of ``train_params``: its data settings and the folders it fills.
+SMALL_TRAINING_SET = ["synthetic.n_patients=24", "data.image_size=64"]
+SMALL_TRAINING_FOLDERS = ("synthetic", "processed", "reports")
+
+
+@pytest.fixture(scope="session")
+def small_training_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic set generated and ingested once per session (about 40 tests train
+    on it); ``train_params`` copies its folders instead of generating and ingesting again."""
+    from tasks.stages.ingest import run_ingest
+
+    root = tmp_path_factory.mktemp("small-training-set")
+    run_ingest(params_in(root).with_overrides(SMALL_TRAINING_SET), progress=False)
+    return root
+
+
 @pytest.fixture
-def train_params(params: Params, tmp_path: Path, fresh_mlflow_store: str) -> dict:
-    """Small synthetic data at 64 px, a temporary MLflow store and model folders."""
+def train_params(
+    params: Params, tmp_path: Path, fresh_mlflow_store: str, small_training_set: Path
+) -> dict:
+    """Small synthetic data at 64 px (ingested: a copy of the session's), a temporary MLflow
+    store and model folders."""
     small = params.with_overrides(
         [
-            "synthetic.n_patients=24",
-            "data.image_size=64",
+            *SMALL_TRAINING_SET,
             "train.epochs=2",
             "train.batch_size=16",
             "train.strategy=linear_probe",
@@ -211,7 +234,6 @@ def train_params(params: Params, tmp_path: Path, fresh_mlflow_store: str) -> dic
             f"serving.export_dir={tmp_path / 'bentos'}",
         ],
     )
-    from tasks.stages.ingest import run_ingest
-
-    run_ingest(small, progress=False)
+    for folder in SMALL_TRAINING_FOLDERS:
+        shutil.copytree(small_training_set / folder, tmp_path / folder)
     return small
