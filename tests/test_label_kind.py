@@ -47,3 +47,20 @@ def test_the_decision_thresholds_two_classes_and_takes_the_top_of_more() -> None
 def test_the_reported_metrics_are_the_label_kind_s() -> None:
     assert SINGLE_LABEL.metrics == INTERVAL_METRICS
     assert INTERVAL_METRICS == ("auc", "accuracy", "sensitivity", "specificity", "ece")
+
+
+def test_with_no_threshold_two_classes_take_the_top_class() -> None:
+    # the serving decision when no threshold was chosen (tasks.model.inference.decide)
+    binary = np.array([[0.7, 0.3], [0.4, 0.6], [0.45, 0.55]])
+    assert SINGLE_LABEL.decide(binary, None).tolist() == [0, 1, 1]
+    assert SINGLE_LABEL.decide(binary, 0.6).tolist() == [0, 1, 0]
+
+
+def test_logits_give_the_same_top_class_as_their_probabilities() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 4.0, 3.9], [0.0, 0.0, 1e-3]])
+    from_logits = SINGLE_LABEL.top_class(logits.numpy())
+    assert from_logits.tolist() == [0, 1, 2]
+    assert (
+        from_logits.tolist()
+        == SINGLE_LABEL.top_class(SINGLE_LABEL.probabilities(logits).numpy()).tolist()
+    )

@@ -25,6 +25,7 @@ import numpy as np
 
 from tasks.data import codestream, dicom_guards, dicom_io, dicom_read, dicom_rejections
 from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.profile import header_values
 
 # Reason codes of rejected uploads, with the status and the message a client sees.
@@ -256,13 +257,11 @@ def decide(probs: np.ndarray, classes: Sequence[str], threshold: float | None) -
 
     Two classes: the second (positive) class when its probability reaches ``threshold``
     (the one chosen on validation by the evaluation stage), else the first. More classes, or
-    no threshold: the most probable class.
+    no threshold: the most probable class (the label kind's rule,
+    :meth:`tasks.model.label_kind.SingleLabel.decide`).
     """
     probs = np.asarray(probs, dtype=np.float64)
-    if len(classes) == 2 and threshold is not None:
-        index = 1 if probs[1] >= threshold else 0
-    else:
-        index = int(np.argmax(probs))
+    index = int(SINGLE_LABEL.decide(probs[None], threshold)[0])
     return Decision(
         probabilities={name: float(p) for name, p in zip(classes, probs, strict=True)},
         label=str(classes[index]),

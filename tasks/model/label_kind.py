@@ -46,16 +46,18 @@ class SingleLabel:
 
         return torch.softmax(logits.float() / float(temperature), dim=1)
 
-    def decide(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    def decide(self, probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
         """Predicted classes ``(N,)`` int64: for two classes, positive probability >=
-        ``threshold``; for more, the top class (``threshold`` unused)."""
-        if probabilities.shape[1] == 2:
+        ``threshold``; for more, or with no threshold (None: none was chosen), the top class
+        (``threshold`` unused)."""
+        if probabilities.shape[1] == 2 and threshold is not None:
             return (probabilities[:, 1] >= threshold).astype(np.int64)
         return probabilities.argmax(axis=1)
 
     def top_class(self, probabilities: np.ndarray) -> np.ndarray:
-        """The most probable class of each row ``(N,)``: what accuracy and calibration score
-        (whatever the threshold)."""
+        """The most probable class of each row ``(N,)`` int64: what accuracy and calibration
+        score (whatever the threshold). Logits ``(N, C)`` give the same classes (the softmax
+        keeps each row's order), as do any per-class scores (a kNN's votes)."""
         return probabilities.argmax(axis=1)
 
     def confidence(self, probabilities: np.ndarray) -> np.ndarray:

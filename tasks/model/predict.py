@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.transforms import to_tensor_transform
 
 Output = Literal["logits", "probabilities", "classes"]
@@ -76,7 +77,8 @@ def run_model(
     Args:
         images: ``(N, C, H, W)`` pixels in [0, 1], or an iterable of such batches.
         output: ``logits`` float32 ``(N, C)``; ``probabilities`` ``softmax(logits /
-            temperature)`` float32 ``(N, C)``; ``classes`` their argmax, int64 ``(N,)``.
+            temperature)`` float32 ``(N, C)``; ``classes`` their top class, int64 ``(N,)`` (all
+            three through the label kind, :data:`tasks.model.label_kind.SINGLE_LABEL`).
         temperature: the calibration (``StudentSpec.temperature``); 1 is the plain softmax.
         batch_size: images per forward pass when ``images`` is one array (None: all at once).
         device: where the images go (None: the model's device); the model is not moved.
@@ -103,9 +105,9 @@ def run_model(
         return np.zeros((0,), np.int64) if output == "classes" else np.zeros((0, 0), np.float32)
     logits = torch.cat(chunks)
     if output == "classes":
-        return logits.argmax(dim=1).numpy()
+        return SINGLE_LABEL.top_class(logits.numpy())
     if output == "probabilities":
-        logits = torch.softmax(logits / float(temperature), dim=1)
+        logits = SINGLE_LABEL.probabilities(logits, temperature)
     return logits.numpy()
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.models import infer_signature
 from torch import nn
 
@@ -28,6 +27,7 @@ from tasks.data.dataset import DatasetSource, ProcessedDataset
 from tasks.data.preprocess import uint8_to_model_pixels
 from tasks.evaluation.evaluation import Evaluation
 from tasks.evaluation.plots import plot_data_efficiency
+from tasks.model.predict import run_model
 from tasks.signals import sigterm_deferred
 from tasks.tracking.configure import (
     MODEL_NAME,
@@ -250,8 +250,8 @@ def log_evaluation_and_model(
     and to the dataset so that the model's page shows them."""
     dataset = context.dataset
     example = uint8_to_model_pixels(dataset.images[dataset.indices("val")[:2]])
-    with torch.no_grad():
-        output = torch.softmax(model(torch.from_numpy(example)) / evaluation.temperature, 1).numpy()
+    # the one forward pass, calibrated as served (the model is already in eval mode on the CPU)
+    output = run_model(model, example, temperature=evaluation.temperature)
     info = mlflow.pytorch.log_model(
         model,
         name=MODEL_NAME,

@@ -40,6 +40,7 @@ from tasks.evaluation.metrics import (
     stratified_weights,
     weighted_auc,
 )
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.student import check_image_size, teacher_feature_extractor
 from tasks.model.teachers import get_teacher, known_teachers, resolve_weights
 
@@ -269,7 +270,7 @@ def teacher_evidence(
                 knn_auc=roc_auc(labels, votes),
                 knn_auc_low=low,
                 knn_auc_high=high,
-                knn_accuracy=float((votes.argmax(1) == labels).mean()),
+                knn_accuracy=float((SINGLE_LABEL.top_class(votes) == labels).mean()),
                 logme=logme(tapped, labels),
                 domain_distance=distance,
             )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.predict import run_model
 
 Images = np.ndarray | torch.Tensor
@@ -171,7 +172,9 @@ def predict(
 ) -> np.ndarray:
     """Predicted class indices ``(N,)`` of ``model`` on ``images`` (:func:`model_outputs`)."""
     logits = model_outputs(model, images, batch_size=batch_size, device=device)
-    return logits.argmax(axis=1).astype(np.int64) if len(logits) else np.empty(0, np.int64)
+    if not len(logits):
+        return np.empty(0, np.int64)
+    return SINGLE_LABEL.top_class(logits).astype(np.int64)
 
 
 def derive_seed(seed: int, name: str, eps: float) -> int:

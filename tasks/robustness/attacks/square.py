@@ -13,8 +13,10 @@ iterations (one query per image each); 0 samples turns it off. Gate:
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.robustness.attacks._base import AttackContext, Gate, Measure
 from tasks.robustness.attacks._common import (
     AttackOutcome,
@@ -37,8 +39,7 @@ def _served(model: nn.Module, batch_size: int, device: Device):
 
     def probabilities(images: np.ndarray) -> np.ndarray:
         logits = model_outputs(model, images, batch_size=batch_size, device=device)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
+        return SINGLE_LABEL.probabilities(torch.from_numpy(logits)).numpy()
 
     return probabilities
 

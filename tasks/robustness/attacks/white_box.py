@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
+from tasks.model.label_kind import SINGLE_LABEL
 from tasks.robustness.attacks._base import AttackContext, Gate, Measure
 from tasks.robustness.attacks._common import (
     AttackOutcome,
@@ -61,7 +62,7 @@ def _art_classifier(model: nn.Module, images: np.ndarray, device: Device):
             model=model,
             # Summed, not averaged: a batch mean shrinks every gradient by 1/B, and confident
             # examples' gradients then underflow to exact zeros in float32, masking the attack.
-            loss=nn.CrossEntropyLoss(reduction="sum"),
+            loss=SINGLE_LABEL.loss(reduction="sum"),
             input_shape=tuple(images.shape[1:]),
             nb_classes=nb_classes,
             clip_values=(0.0, 1.0),
@@ -131,7 +132,7 @@ def pgd_perturb(
     for _ in range(steps):
         delta.requires_grad_(True)
         logits = model((images + delta).clamp(0.0, 1.0))
-        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        loss = SINGLE_LABEL.loss(reduction="sum")(logits.float(), labels)
         (gradient,) = torch.autograd.grad(loss, delta)
         delta = (delta.detach() + step_size * gradient.sign()).clamp(-eps, eps)
     return (images + delta).clamp(0.0, 1.0).detach()
