@@ -8,7 +8,8 @@ The student of ``train.strategy`` on the full training set is saved to ``train.m
 
 Where the work lives: the strategies and the fit in :mod:`tasks.training.strategies`, resume
 planning in :mod:`tasks.training.resume` (its MLflow half in :mod:`tasks.tracking.resume`), the
-MLflow runs in :mod:`tasks.tracking.train_run`, the ``auto`` choice in
+MLflow runs in :mod:`tasks.tracking.train_run`, the session planned before any work in
+:mod:`tasks.tracking.train_session`, the ``auto`` choice in
 :mod:`tasks.transfer.selection`. Run records are honest (see
 :mod:`tasks.training.checkpoints`): a training that raises ends its run ``FAILED``, one stopped
 by Ctrl-C or SIGTERM ``KILLED``; a run left ``RUNNING`` by a killed process is closed
@@ -18,37 +19,27 @@ MLflow run itself, so its metrics cover every epoch.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tasks import reports
-from tasks.config import Params, TrainParams
-from tasks.data.dataset import dataset_version, load_processed
+from tasks.config import Params
 from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import evaluate_configured
 from tasks.model.student_io import STRATEGIES_SUBDIR, StudentSpec, save_student
 from tasks.signals import sigterm_raises
 from tasks.stages.preflight import check_stage_outputs
 from tasks.tracking import train_run
-from tasks.tracking.configure import configure_mlflow
 from tasks.tracking.recorder import MlflowRecorder
-from tasks.tracking.resume import parent_to_continue, plan_run
 from tasks.tracking.runs import ended_honestly
+from tasks.tracking.train_session import TrainSession, prepare_session, trainings
 from tasks.training import strategies
 from tasks.training.loop import dist_env
 from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder
-from tasks.training.resume import (
-    ResumeMode,
-    ResumePlan,
-    continue_other_checkpoint,
-    plan_checkpoint,
-    resume_mode,
-)
+from tasks.training.resume import ResumeMode, continue_other_checkpoint
 from tasks.training.types import (
     FitConfig,
     TrainedStudent,
@@ -56,17 +47,7 @@ from tasks.training.types import (
     primary_outcome,
     train_report,
 )
-from tasks.transfer.selection import TransferChoice, apply_auto
-
-
-@dataclass(frozen=True)
-class _Session:
-    """What every (strategy, fraction) training of one :func:`run_train` call shares."""
-
-    run: train_run.TrainRunContext  # the configuration, dataset and what every run logs alike
-    plans: Mapping[tuple[str, float], ResumePlan]  # by (strategy, fraction)
-    progress: bool  # a terminal progress bar over epochs
-    recorders: tuple[TrainingRecorder, ...]  # the caller's, told of every fit
+from tasks.transfer.selection import apply_auto
 
 
 def run_train(
@@ -90,8 +71,8 @@ def run_train(
     """
     check_stage_outputs("train", params)
     params, choice = apply_auto(params)
-    strategy_list, fractions = _trainings(params.train)
-    session, parent_id = _prepare_session(params, resume, progress, recorders, choice)
+    strategy_list, fractions = trainings(params.train)
+    session, parent_id = prepare_session(params, resume, progress, recorders, choice)
     run = session.run
     with sigterm_raises():
         parent = train_run.start_parent_run(run, strategy_list, parent_id) if run.nested else None
@@ -115,54 +96,8 @@ def run_train(
     return report
 
 
-def _trainings(config: TrainParams) -> tuple[list[str], list[float]]:
-    """The strategies and label fractions one ``run_train`` trains (every pair of them)."""
-    return list(config.compare or (config.strategy,)), list(config.label_fractions or (1.0,))
-
-
-def _prepare_session(
-    params: Params,
-    resume: bool | ResumeMode,
-    progress: bool,
-    recorders: Sequence[TrainingRecorder],
-    choice: TransferChoice | None,
-) -> tuple[_Session, str | None]:
-    """Check everything and plan every training's checkpoint and MLflow run before any work.
-
-    Returns:
-        The session the trainings share, and the id of a comparison's parent run to continue
-        (``None``: start a new one).
-
-    Raises:
-        MedtransferError: a configuration error, a dataset without its source record, or a
-            refused ``--resume``.
-    """
-    dataset = load_processed(params.data.processed_dir)
-    dataset.source  # noqa: B018 (refuses a dataset that does not record its source)
-    strategies.validate(params.train, dataset)
-    data_version = dataset_version(params.data.processed_dir)
-    strategy_list, fractions = _trainings(params.train)
-    mode = resume_mode(resume)
-    # Every training's checkpoint is planned first: a refused --resume stops before any work.
-    plans = {
-        (strategy, fraction): plan_checkpoint(params, strategy, fraction, data_version, mode)
-        for fraction in fractions
-        for strategy in strategy_list
-    }
-    parent_id, env = None, dist_env()
-    if env.is_main:
-        # Students of an earlier comparison must not be mistaken for this run's.
-        shutil.rmtree(Path(params.train.model_dir) / STRATEGIES_SUBDIR, ignore_errors=True)
-        experiment_id = configure_mlflow(params)
-        plans = {key: plan_run(plan, experiment_id) for key, plan in plans.items()}
-        parent_id = parent_to_continue(plans, experiment_id)
-    nested = len(strategy_list) * len(fractions) > 1 and env.is_main
-    run = train_run.TrainRunContext.of(params, dataset, data_version, nested, choice)
-    return _Session(run, plans, progress, tuple(recorders)), parent_id
-
-
 def _train_all(
-    session: _Session, strategy_list: list[str], fractions: list[float]
+    session: TrainSession, strategy_list: list[str], fractions: list[float]
 ) -> tuple[list[TrainedStudent], str | None]:
     """Train every (strategy, fraction) and save the students of the largest fraction.
 
@@ -192,7 +127,7 @@ def _train_all(
 
 
 def _train_one(
-    session: _Session, strategy: str, fraction: float
+    session: TrainSession, strategy: str, fraction: float
 ) -> tuple[TrainedStudent, nn.Module, StudentSpec]:
     """Train one student (strategy, fraction) inside its own MLflow run (on rank 0).
 
@@ -239,7 +174,7 @@ def _train_one(
     return outcome, model, spec
 
 
-def _recorders(session: _Session, run, bar_label: str) -> list[TrainingRecorder]:
+def _recorders(session: TrainSession, run, bar_label: str) -> list[TrainingRecorder]:
     """Who hears one fit's events: MLflow (when ``run`` is this rank's run), the log, the
     progress bar, then the caller's recorders."""
     recorders: list[TrainingRecorder] = [MlflowRecorder(run.info.run_id)] if run else []
