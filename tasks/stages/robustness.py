@@ -18,7 +18,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from tasks import reports
@@ -37,6 +36,7 @@ from tasks.robustness.result import RobustnessResult
 from tasks.robustness.strategy_table import AttackModel, compare_strategies
 from tasks.robustness.suite import attack_subset, evaluate_robustness
 from tasks.stages.preflight import check_stage_outputs
+from tasks.tracking.robustness_run import log_robustness
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     report["run_id"] = judged_run_id(params)
     plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
-    _log(params, report, plot)
+    log_robustness(params, report, plot)
     logger.info(
         "robustness verdict: %s on %d images%s",
         "PASS" if verdict.passed else "FAIL",
@@ -187,42 +187,3 @@ def judged_run_id(params: Params) -> str | None:
     that ``register`` can refuse this verdict for another run; None without a train report."""
     trained = reports.TRAIN.read_if_present(params.reports_dir) or {}
     return str(trained["run_id"]) if trained.get("run_id") else None
-
-
-def _log(params: Params, report: dict, plot: Path) -> None:
-    """Metrics, plot, report and verdict onto the MLflow run that trained the student."""
-    # Deferred: MLflow (and the tracking module over it) is a heavy import that only
-    # logging needs.
-    import mlflow
-
-    from tasks.tracking.configure import configure_mlflow, logged_model_id
-
-    trained = reports.TRAIN.read_if_present(params.reports_dir) or {}
-    if not trained.get("run_id"):
-        return
-    configure_mlflow(params)
-    finite = {k: v for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
-    for key, (low, high) in report["intervals"].items():
-        if np.isfinite(low) and np.isfinite(high):
-            finite[f"{key}_ci_low"], finite[f"{key}_ci_high"] = low, high
-    with mlflow.start_run(run_id=trained["run_id"]):
-        model_id = logged_model_id(trained["run_id"])  # the model page shows what is linked
-        mlflow.log_metrics(finite, model_id=model_id)
-        if report["reference_probe"]:
-            mlflow.log_metrics(
-                {
-                    f"probe_{k}": v
-                    for k, v in report["reference_probe"]["metrics"].items()
-                    if v is not None and np.isfinite(v)
-                },
-                model_id=model_id,
-            )
-        mlflow.log_artifact(str(plot), artifact_path="robustness")
-        mlflow.log_dict(report, "robustness/robustness.json")
-        mlflow.set_tag("robustness_verdict", "pass" if report["verdict"]["passed"] else "fail")
-    if report["strategies"] and trained.get("parent_run_id"):
-        with mlflow.start_run(run_id=trained["parent_run_id"]):
-            rows = report["strategies"]
-            mlflow.log_table(
-                {key: [row[key] for row in rows] for key in rows[0]}, "robustness_by_strategy.json"
-            )
