@@ -3,7 +3,7 @@
 ``load_params`` reads the YAML file, applies ``-S key=value`` overrides (spelled as for
 ``dvc exp run -S``: a dotted key, ``=``, a YAML value, so ``train.compare=[full,scratch]`` is a
 list) and parses the result into frozen dataclasses, one per section. Every section is checked
-the same way: an unknown key, a missing key or a value of the wrong type or range is one
+the same way (:mod:`tasks.config_checks`): an unknown key, a missing key or a value of the wrong type or range is one
 :class:`~tasks.errors.MedtransferError` line naming the key and what is allowed.
 
 Defaults live in one place, the shipped ``params.yaml``: the dataclasses have none, so every
@@ -16,15 +16,14 @@ import copy
 import dataclasses
 import os
 import re
-import types
-import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tasks.config_checks import build_checked, rule
 from tasks.errors import MedtransferError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -46,12 +45,6 @@ MAX_IMAGE_SIZE = 1024
 
 # data.name: a label, never a path (it names runs and the model card)
 DATA_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def rule(**checks: Any) -> Any:
-    """A required dataclass field with value checks: ``choices`` (allowed values), ``min`` and
-    ``max`` (inclusive), ``above`` (exclusive lower bound), ``multiple_of`` (an integer step)."""
-    return field(metadata=checks)
 
 
 # ---------------------------------------------------------------------------------- sections
@@ -362,7 +355,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Check a raw parameter mapping and build :class:`Params` from it."""
-    return _build(Params, raw, "")
+    return build_checked(Params, raw, "")
 
 
 def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str]) -> dict:
@@ -408,111 +401,6 @@ def set_dotted(params: dict, dotted_key: str, value: Any) -> None:
             f"Unknown parameter {dotted_key!r}; keys {where} are {sorted(node)}."
         )
     node[leaf] = value
-
-
-# ---------------------------------------------------------------------------------- checking
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """An instance of the dataclass ``cls`` from the mapping ``raw`` found at ``where``."""
-    name = where or "params.yaml"
-    if not isinstance(raw, Mapping):
-        raise MedtransferError(
-            f"{name} must be a mapping of keys, not {_shown(raw)}; see the shipped params.yaml."
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise MedtransferError(
-            f"Unknown key {_join(where, unknown[0])!r}; the keys of {name} are {sorted(fields)}."
-        )
-    missing = [key for key in fields if key not in raw]
-    if missing:
-        raise MedtransferError(
-            f"{name} lacks {_join(where, missing[0])!r}; add it (the shipped params.yaml has "
-            "every key, with comments)."
-        )
-    hints = typing.get_type_hints(cls)
-    values = {
-        key: _value(hints[key], raw[key], _join(where, key), fields[key].metadata) for key in fields
-    }
-    instance = cls(**values)
-    if hasattr(instance, "check"):
-        instance.check()
-    return instance
-
-
-def _value(hint: Any, value: Any, key: str, checks: Mapping[str, Any]) -> Any:
-    """``value`` checked against the type ``hint`` and ``checks``; returns the typed value."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise MedtransferError(f"{key} must be set ({_expected(hint)}), not null.")
-    inner = next(t for t in allowed if t is not type(None))
-    if typing.get_origin(inner) is tuple:
-        element = typing.get_args(inner)[0]
-        items = value if isinstance(value, list | tuple) else [value]
-        return tuple(_scalar(element, item, key, checks) for item in items)
-    return _scalar(inner, value, key, checks)
-
-
-def _scalar(kind: type, value: Any, key: str, checks: Mapping[str, Any]) -> Any:
-    """One ``int``, ``float``, ``bool`` or ``str`` value, checked against ``checks``."""
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        # `-S eval.threshold=0.5` reads as a YAML number; a text field takes its spelling.
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = str(value)
-        ok = isinstance(value, str)
-    if not ok:
-        raise MedtransferError(f"{key} must be {_expected(kind)}, not {_shown(value)}.")
-    _check_range(value, key, checks)
-    return value
-
-
-def _check_range(value: Any, key: str, checks: Mapping[str, Any]) -> None:
-    if "choices" in checks and value not in checks["choices"]:
-        raise MedtransferError(f"{key} must be one of {list(checks['choices'])}, not {value!r}.")
-    if "min" in checks and value < checks["min"]:
-        raise MedtransferError(f"{key} must be at least {checks['min']}, not {value!r}.")
-    if "max" in checks and value > checks["max"]:
-        raise MedtransferError(f"{key} must be at most {checks['max']}, not {value!r}.")
-    if "above" in checks and value <= checks["above"]:
-        raise MedtransferError(f"{key} must be greater than {checks['above']}, not {value!r}.")
-    step = checks.get("multiple_of")
-    if step and value % step:
-        below, above = value - value % step, value - value % step + step
-        nearest = " or ".join(str(v) for v in (below, above) if v >= checks.get("min", step))
-        raise MedtransferError(
-            f"{key} must be a multiple of {step}, not {value!r} (nearest: {nearest})."
-        )
-
-
-def _expected(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_expected(t) for t in typing.get_args(hint) if t is not type(None))
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {_expected(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else text
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
