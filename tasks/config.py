@@ -3,8 +3,9 @@
 ``load_params`` reads the YAML file, applies ``-S key=value`` overrides (spelled as for
 ``dvc exp run -S``: a dotted key, ``=``, a YAML value, so ``train.compare=[full,scratch]`` is a
 list) and parses the result into frozen dataclasses, one per section. Every section is checked
-the same way (:mod:`tasks.config_checks`): an unknown key, a missing key or a value of the wrong type or range is one
-:class:`~tasks.errors.MedtransferError` line naming the key and what is allowed.
+the same way (:mod:`tasks.config_checks`): an unknown key, a missing key or a value of the
+wrong type or range is one :class:`~tasks.errors.MedtransferError` line naming the key and
+what is allowed.
 
 Defaults live in one place, the shipped ``params.yaml``: the dataclasses have none, so every
 key must be present (a test checks that the file and the dataclasses agree).
