@@ -64,3 +64,29 @@ def test_logits_give_the_same_top_class_as_their_probabilities() -> None:
         from_logits.tolist()
         == SINGLE_LABEL.top_class(SINGLE_LABEL.probabilities(logits).numpy()).tolist()
     )
+
+
+def test_rescaling_probabilities_matches_the_softmax_of_scaled_logits() -> None:
+    probabilities = np.array([[0.25, 0.75], [0.5, 0.5]])
+    cooled = SINGLE_LABEL.rescale(probabilities, 2.0)
+    # T = 2: odds 3 become sqrt(3); an even row stays even
+    assert cooled[0, 1] == pytest.approx(math.sqrt(3) / (1 + math.sqrt(3)))
+    assert cooled[1].tolist() == [0.5, 0.5]
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    torch_cooled = SINGLE_LABEL.probabilities(logits, temperature=2.0).numpy()
+    np.testing.assert_allclose(cooled[:1], torch_cooled, rtol=1e-6)
+    assert SINGLE_LABEL.rescale(probabilities, 1.0).dtype == np.float32
+
+
+def test_the_numpy_log_loss_is_the_negative_log_likelihood_at_a_temperature() -> None:
+    log_p = np.log(np.array([[0.25, 0.75], [0.5, 0.5]]))
+    labels = np.array([1, 0])
+    plain = SINGLE_LABEL.log_loss(log_p, labels, 1.0)
+    assert plain == pytest.approx(-(math.log(0.75) + math.log(0.5)) / 2)
+    cooled = SINGLE_LABEL.log_loss(log_p, labels, 2.0)
+    assert cooled == pytest.approx(
+        -(math.log(math.sqrt(3) / (1 + math.sqrt(3))) + math.log(0.5)) / 2
+    )
+    # the same loss the training half uses, on the same values
+    torch_loss = float(SINGLE_LABEL.loss()(torch.from_numpy(log_p), torch.from_numpy(labels)))
+    assert plain == pytest.approx(torch_loss)

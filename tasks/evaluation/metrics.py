@@ -292,18 +292,13 @@ def bootstrap_intervals(
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature-scaled probabilities ``softmax(log(p) / T)``, ``(N, C)`` float32.
+    """Temperature-scaled probabilities ``softmax(log(p) / T)``, ``(N, C)`` float32 (the label
+    kind's :meth:`~tasks.model.label_kind.SingleLabel.rescale`).
 
     ``log p`` equals the logits up to a per-row constant, which softmax ignores, so this is
     ``softmax(logits / T)`` without needing the logits.
     """
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if temperature == 1.0:
-        return probabilities.astype(np.float32)
-    logits = np.log(np.clip(probabilities, 1e-30, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+    return SINGLE_LABEL.rescale(probabilities, temperature)
 
 
 def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -315,10 +310,7 @@ def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
     log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-30, 1.0))
 
     def nll(log_t: float) -> float:
-        z = log_p / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        log_softmax = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-log_softmax[np.arange(len(labels)), labels].mean())
+        return SINGLE_LABEL.log_loss(log_p, labels, np.exp(log_t))
 
     best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(best.x))

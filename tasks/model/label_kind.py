@@ -8,8 +8,9 @@ this object instead of writing ``CrossEntropyLoss``, ``softmax`` or ``argmax`` i
 second kind (several labels per image: a sigmoid per label, binary cross-entropy, a threshold
 per label) is one more class here rather than an edit in every file.
 
-The decision half works on numpy arrays and imports no torch (:mod:`tasks.evaluation.metrics`
-uses it); the training half (loss, activation) imports torch when called.
+The decision half (the decision, top class, confidence, and calibration's temperature
+rescaling and log loss) works on numpy arrays and imports no torch (:mod:`tasks.evaluation.metrics`
+and the serving API use it); the training half (loss, activation) imports torch when called.
 """
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ class SingleLabel:
         import torch  # deferred: the decision half serves numpy-only callers
 
         return torch.softmax(logits.float() / float(temperature), dim=1)
+
+    def rescale(self, probabilities: np.ndarray, temperature: float) -> np.ndarray:
+        """Temperature-scaled probabilities ``softmax(log(p) / T)``, ``(N, C)`` float32, on
+        numpy: :meth:`probabilities` at ``temperature`` from probabilities instead of logits
+        (``log p`` equals the logits up to a per-row constant, which the softmax ignores)."""
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if temperature == 1.0:
+            return probabilities.astype(np.float32)
+        logits = np.log(np.clip(probabilities, 1e-30, 1.0)) / temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        scaled = np.exp(logits)
+        return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def log_loss(
+        self, log_probabilities: np.ndarray, labels: np.ndarray, temperature: float
+    ) -> float:
+        """The mean negative log-likelihood of ``labels`` ``(N,)`` under :meth:`rescale` at
+        ``temperature``, from ``log p`` ``(N, C)`` float64 (the loss on numpy: what a fitted
+        temperature minimises)."""
+        z = log_probabilities / temperature
+        z -= z.max(axis=1, keepdims=True)
+        log_softmax = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-log_softmax[np.arange(len(labels)), labels].mean())
 
     def decide(self, probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
         """Predicted classes ``(N,)`` int64: for two classes, positive probability >=
