@@ -9,8 +9,9 @@ second kind (several labels per image: a sigmoid per label, binary cross-entropy
 per label) is one more class here rather than an edit in every file.
 
 The decision half (the decision, top class, confidence, and calibration's temperature
-rescaling and log loss) works on numpy arrays and imports no torch (:mod:`tasks.evaluation.metrics`
-and the serving API use it); the training half (loss, activation) imports torch when called.
+rescaling and log loss) works on numpy arrays and imports no torch
+(:mod:`tasks.evaluation.metrics` and the serving API use it); the training half (loss,
+activation) imports torch when called.
 """
 
 from __future__ import annotations
