@@ -177,12 +177,6 @@ def test_a_failure_after_creating_the_version_leaves_no_trace(
     assert not client.search_registered_models(filter_string="name='never-student'")
 
 
-def lock_outside_the_checkout(root: Path) -> list[str]:
-    """The override that puts a command's project lock (beside ``data.processed_dir``) under
-    ``root``: with params.yaml's default it lands in the checkout's data/ folder."""
-    return [f"data.processed_dir={root / 'data' / 'processed'}"]
-
-
 def test_a_student_that_is_not_the_runs_model_is_refused(tmp_path: Path, students) -> None:
     # train.json names run a, but train.model_dir holds student b: registering would tag
     # weights that were never logged.
@@ -194,11 +188,7 @@ def test_a_student_that_is_not_the_runs_model_is_refused(tmp_path: Path, student
 
 
 def test_cli_reports_missing_inputs_in_one_line(tmp_path: Path, students, capsys) -> None:
-    params = stage_params(
-        tmp_path,
-        students["a"],
-        ["registry.model_name=cli-student", *lock_outside_the_checkout(tmp_path)],
-    )
+    params = stage_params(tmp_path, students["a"], ["registry.model_name=cli-student"])
     params_file = tmp_path / "params.yaml"
     import yaml
 
@@ -252,9 +242,7 @@ def test_a_verdict_for_another_run_is_refused_in_one_line(tmp_path: Path, studen
     import yaml
 
     a, b = students["a"], students["b"]
-    params = stage_params(
-        tmp_path, a, ["registry.model_name=verdict-student", *lock_outside_the_checkout(tmp_path)]
-    )
+    params = stage_params(tmp_path, a, ["registry.model_name=verdict-student"])
     write_reports(params, a)
     robustness = Path(params.reports_dir) / "robustness.json"
     judged_b = {**json.loads(robustness.read_text()), "run_id": b.run_id}
