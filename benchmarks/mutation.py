@@ -163,9 +163,9 @@ MUTATIONS = (
     Mutation(
         "label-rule-wrong-class",
         "the served label compares the negative class with the threshold",
-        "index = 1 if probs[1] >= threshold else 0",
-        "probs[1]",
-        "probs[0]",
+        "return (probabilities[:, 1] >= threshold).astype(np.int64)",
+        "probabilities[:, 1]",
+        "probabilities[:, 0]",
         (
             "tests/deploy/test_inference.py::"
             "test_label_rule_uses_the_validation_threshold_for_two_classes",
