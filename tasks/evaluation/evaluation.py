@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,13 +27,10 @@ from tasks.evaluation.metrics import (
     fit_temperature,
     split_metrics,
 )
+from tasks.model.explain import GRADCAM_LAYER, gradcam_maps  # noqa: F401 - re-exported
 from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.predict import probabilities_and_labels
 from tasks.model.transforms import ImageDataset, to_tensor_transform
-
-# Every student's backbone ends in ``top`` (the last convolution before pooling): the deepest
-# layer that still has spatial resolution, which is what Grad-CAM needs.
-GRADCAM_LAYER = "backbone.top"
 
 
 @dataclass
@@ -188,31 +184,3 @@ def gradcam_grid(
     return plots.plot_image_grid(
         [images[i] / 255.0 for i in chosen], list(maps[:, 0]), captions, path
     )
-
-
-def gradcam_maps(
-    model: nn.Module, layer: str, batch: torch.Tensor, classes: np.ndarray
-) -> np.ndarray:
-    """Grad-CAM of each image for its own class: ``(B, 1, H, W)`` float maps in [0, 1].
-
-    Args:
-        model: a classifier returning logits ``(B, C)``.
-        layer: the dotted name of the convolution whose activations are weighted.
-        batch: images ``(B, 1, H, W)`` as the model takes them.
-        classes: ``(B,)`` the class each image's map explains (e.g. its prediction).
-
-    MONAI's ``GradCAM`` backpropagates ``logits[:, class_idx].sum()``: given one index per
-    image it mixes every listed class into every map. So it is called once per class, on the
-    images that class explains, and each map depends on its own image and class only.
-    """
-    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
-    cam = GradCAM(nn_module=model, target_layers=layer)
-    maps = np.zeros((len(batch), 1, *batch.shape[2:]), dtype=np.float32)
-    model.eval()
-    with torch.enable_grad():
-        for cls in np.unique(classes):
-            rows = np.flatnonzero(classes == cls)
-            # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
-            images = batch[torch.as_tensor(rows)].clone().requires_grad_(True)
-            maps[rows] = cam(images, class_idx=int(cls)).detach().numpy()
-    return maps
