@@ -41,7 +41,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 @pytest.fixture(scope="module")
 def pacs_server(served, orthanc: Orthanc, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """The served Bento (the session's package and BentoML home) served again with
-    ``MEDTRANSFER_PACS`` pointing at Orthanc: its URL and log file."""
+    ``MEDTRANSFER_PACS`` pointing at Orthanc: its URL and its folder (``server.log``, the
+    monitor store ``requests.sqlite``)."""
     root = tmp_path_factory.mktemp("served-pacs")
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
     env["MEDTRANSFER_PACS"] = orthanc.address
@@ -50,7 +51,7 @@ def pacs_server(served, orthanc: Orthanc, tmp_path_factory) -> Iterator[tuple[st
     process, url = start_server(served.package["bento"], served.home, log, env)
     try:
         wait_ready(process, url, log)
-        yield url, log
+        yield url, root
     finally:
         stop_server_tree(process)
 
@@ -148,7 +149,7 @@ def multipart_parts(reply: requests.Response) -> list[Dataset]:
 def test_a_classified_dicom_s_sr_and_grad_cam_capture_are_stored_in_orthanc_in_its_study(
     pacs_server, orthanc: Orthanc
 ) -> None:
-    url, log = pacs_server
+    url, root = pacs_server
     data, source = identified_ct()
     reply = requests.post(f"{url}/classify/dicom", data=data, headers=DICOM_OUT | {"Accept": ""})
     assert reply.status_code == 200, reply.text
@@ -161,9 +162,13 @@ def test_a_classified_dicom_s_sr_and_grad_cam_capture_are_stored_in_orthanc_in_i
     )
     check_sr(stored[ComprehensiveSRStorage], source, body)
     check_sc(stored[SecondaryCaptureImageStorage], source)
-    # The patient's name and ID went to the PACS only: not to the reply, the log or the store.
-    for where in (reply.text, log.read_text(errors="replace")):
-        assert SECRET_NAME.split("^")[1] not in where and SECRET_ID not in where
+    # The patient's name and ID went to the PACS only: not to the reply, the log or the
+    # monitor store.
+    log = (root / "server.log").read_bytes()
+    monitor = b"".join(path.read_bytes() for path in root.glob("requests.sqlite*"))  # WAL too
+    assert monitor, "the monitor store recorded nothing"
+    for where in (reply.content, log, monitor):
+        assert SECRET_NAME.split("^")[1].encode() not in where and SECRET_ID.encode() not in where
 
 
 def test_accept_application_dicom_returns_the_sr_and_capture_multipart_as_stored(
@@ -231,7 +236,7 @@ def test_with_the_pacs_down_the_classification_still_answers_and_the_log_says_wh
     pacs_server, orthanc: Orthanc
 ) -> None:
     """Runs last in this file: it stops Orthanc."""
-    url, log = pacs_server
+    url, root = pacs_server
     orthanc.stop()
     data, _ = identified_ct()
     reply = requests.post(f"{url}/classify/dicom", data=data, headers=DICOM_OUT | {"Accept": ""})
@@ -239,6 +244,6 @@ def test_with_the_pacs_down_the_classification_still_answers_and_the_log_says_wh
     body = reply.json()
     assert body["label"] is not None and body["pacs"]["error"] == "pacs_unreachable"
     assert "classification is in this reply" in body["pacs"]["message"]
-    text = log.read_text(errors="replace")
+    text = (root / "server.log").read_text(errors="replace")
     assert "PACS store for /classify/dicom failed: pacs_unreachable" in text
     assert SECRET_NAME.split("^")[1] not in text and SECRET_ID not in text
