@@ -104,6 +104,10 @@ def expected_content(reply: dict, source_uid: str) -> list[tuple[int, str, str]]
     ]
     for name, probability in reply["probabilities"].items():
         rows += [(0, "Class", name), (1, "Calibrated probability", repr(probability))]
+    found = reply.get("prediction_set")  # when the service serves prediction sets
+    if found:
+        rows += [(0, "Prediction set", ""), (1, "Nominal coverage", repr(found["coverage"]))]
+        rows += [(1, "Member", label) for label in found["labels"]]
     return rows
 
 
@@ -219,6 +223,34 @@ def test_a_dicom_without_study_uids_is_classified_and_says_why_no_dicom_output_w
     assert as_json.json()["pacs"]["error"] == "dicom_output_unavailable"
     as_dicom = requests.post(f"{url}/classify/dicom", data=data, headers=DICOM_OUT)
     assert (as_dicom.status_code, as_dicom.json()["error"]) == (422, "dicom_output_unavailable")
+
+
+def test_the_sr_holds_the_prediction_set_and_an_abstention_with_its_reason() -> None:
+    from serving.dicom_report import structured_report
+
+    _, source = identified_ct()
+    model = {"name": "m", "version": "7", "dataset_version": "d1", "bento_model": "m:1"}
+    ood = {"score": 0.25, "threshold": 0.5}
+    reply = {"label": "opacity", "probabilities": {"normal": 0.375, "opacity": 0.625}}
+    reply |= {"abstained": False, "ood": ood, "threshold": 0.5, "model": model}
+    reply["prediction_set"] = {"coverage": 0.95, "labels": ["normal", "opacity"]}
+    sr = structured_report(source, reply)
+    assert content(sr) == expected_content(reply, source.SOPInstanceUID)
+    assert content(sr)[-4:] == [
+        (0, "Prediction set", ""),
+        (1, "Nominal coverage", "0.95"),
+        (1, "Member", "normal"),
+        (1, "Member", "opacity"),
+    ]
+    abstained = {"label": None, "probabilities": None, "abstained": True, "reason": "unlike"}
+    abstained |= {"ood": {"score": 0.75, "threshold": 0.5}, "threshold": 0.5, "model": model}
+    rows = content(structured_report(source, abstained))
+    assert rows[5:] == [
+        (0, "Abstained", "Yes"),
+        (1, "Out-of-distribution score", "0.75"),
+        (1, "Out-of-distribution threshold", "0.5"),
+        (1, "Abstention reason", "unlike"),
+    ]
 
 
 def test_a_pacs_refusing_the_called_ae_title_is_a_pacs_refused_error(orthanc: Orthanc) -> None:
