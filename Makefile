@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.robustness
 	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.dicom_output
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.dataset_version
 	$(PY) -m benchmarks.ood
