@@ -240,15 +240,26 @@ def weighted_metrics(
 
 
 def weighted_auc(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """:func:`roc_auc` per row of ``weights`` ``(B, N)``: ``(B,)``. Binary in one pass
-    (:func:`binary_auc`); more than two classes by repeating the images each row draws."""
+    """:func:`roc_auc` per row of ``weights`` ``(B, N)``: ``(B,)``, in one pass per class.
+
+    Binary: :func:`binary_auc` of the positive class. More classes: the mean of each class's
+    one-vs-rest :func:`binary_auc` (what ``roc_auc_score(..., multi_class="ovr",
+    average="macro")`` computes), over the classes a row can score: a patient resample of a
+    small test split may draw no image of some class, which leaves that class out of the row's
+    mean rather than making the row fail (NaN only when no class can be scored).
+    """
     if probabilities.shape[1] == 2:
         return binary_auc(labels, probabilities[:, 1], weights)
-    aucs = []
-    for row in weights.astype(np.int64):
-        index = np.repeat(np.arange(len(labels)), row)
-        aucs.append(roc_auc(labels[index], probabilities[index]))
-    return np.asarray(aucs)
+    labels = np.asarray(labels)
+    per_class = np.stack(
+        [
+            binary_auc((labels == c).astype(np.int64), probabilities[:, c], weights)
+            for c in range(probabilities.shape[1])
+        ]
+    )
+    scored = np.isfinite(per_class)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(scored, per_class, 0.0).sum(axis=0) / scored.sum(axis=0)
 
 
 def _weighted_ece(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
