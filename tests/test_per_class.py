@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tasks.evaluation.metrics import patient_weights, weighted_auc
+from tasks.evaluation.metrics import patient_weights, roc_auc, weighted_auc
 from tasks.evaluation.per_class import class_measures, flat_metrics, per_class_report
 from tasks.registry.model_card import CardInputs, render_model_card
 
@@ -104,3 +104,14 @@ def test_mlflow_metrics_are_named_by_class_index_and_the_card_by_class_name():
     assert "| decision | the most probable class (no threshold) |" in card
     assert "| b | 2 | 0.750 [" in card
     assert "| c | 0 | 0 | 2 |" in card  # the confusion row of class c, by count
+
+
+def test_a_validation_split_missing_a_class_gets_the_macro_auc_of_the_classes_it_holds():
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 2], 10)  # class 1 absent, as in a small split of a rare class
+    probs = rng.dirichlet([1, 1, 1], 20)
+    expected = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in (0, 2)])
+    assert roc_auc(labels, probs) == pytest.approx(expected)
+    full = rng.integers(0, 3, 30)
+    probs = rng.dirichlet([1, 1, 1], 30)
+    assert roc_auc(full, probs) == roc_auc_score(full, probs, multi_class="ovr", average="macro")

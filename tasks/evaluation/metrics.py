@@ -9,7 +9,7 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_curve
 
 from tasks.errors import MedtransferError
 from tasks.model.label_kind import SINGLE_LABEL
@@ -20,14 +20,17 @@ THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """ROC AUC: binary on the positive-class probability, else one-vs-rest macro average.
 
-    Returns NaN when only one class is present (AUC is undefined), instead of raising.
+    Returns NaN when only one class is present (AUC is undefined), instead of raising. With
+    more than two classes, a class absent from ``labels`` (a small validation split missing a
+    rare class) is left out of the macro mean (:func:`weighted_auc`), where scikit-learn's
+    ``roc_auc_score`` raises; with every class present the two agree.
     """
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return float("nan")
     if probabilities.shape[1] == 2:
         return float(binary_auc(labels, probabilities[:, 1]))
-    return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+    return float(weighted_auc(labels, probabilities, np.ones((1, len(labels))))[0])
 
 
 def binary_auc(
