@@ -47,21 +47,36 @@ def run_evaluate(params: Params) -> dict:
     plot_data.write_evaluation_plots(params.reports_dir, evaluation, dataset.classes)
     reports.METRICS.write(params.reports_dir, report)
     _log_to_training_run(params, evaluation, figures, report, source)
+    _log_summary(evaluation)
+    return report
+
+
+def _log_summary(evaluation: Evaluation) -> None:
+    """One log line of the test figures: sensitivity and specificity at the threshold for two
+    classes; the balanced accuracy (top class) for more."""
     test, ci = evaluation.test, evaluation.intervals
+    nan = (float("nan"), float("nan"))
+    if evaluation.per_class:
+        bounds = evaluation.per_class.get("balanced_accuracy_ci95") or {}
+        decision = (
+            f"balanced accuracy {evaluation.per_class['balanced_accuracy']:.3f} (95% CI "
+            f"{bounds.get('low', nan[0]):.3f}-{bounds.get('high', nan[1]):.3f}), top class"
+        )
+    else:
+        decision = (
+            f"sensitivity {test.sensitivity:.3f}, specificity {test.specificity:.3f} at "
+            f"threshold {evaluation.threshold:.3f} ({evaluation.threshold_rule})"
+        )
     logger.info(
-        "evaluate: test AUC %.3f (95%% CI %.3f-%.3f, %d images of %d patients), sensitivity "
-        "%.3f, specificity %.3f at threshold %.3f (%s), temperature %.2f",
+        "evaluate: test AUC %.3f (95%% CI %.3f-%.3f, %d images of %d patients), %s, "
+        "temperature %.2f",
         test.auc,
-        *ci.get("auc", (float("nan"), float("nan"))),
+        *ci.get("auc", nan),
         len(evaluation.labels["test"]),
         evaluation.n_test_patients,
-        test.sensitivity,
-        test.specificity,
-        evaluation.threshold,
-        evaluation.threshold_rule,
+        decision,
         evaluation.temperature,
     )
-    return report
 
 
 def evaluation_report(evaluation: Evaluation, resamples: int, seed: int) -> dict:
