@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.robustness
 	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.many_classes
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.dataset_version
 	$(PY) -m benchmarks.ood

@@ -1,8 +1,8 @@
 """Three classes end to end: a 3-class set is ingested, trained, evaluated per class, attacked,
 registered and served, and every stage speaks of all three classes.
 
-One small MedMNIST-layout ``.npz`` (three classes of synthetic chest scenes: normal, an opacity
-on the left, an opacity on the right) goes through the real stages in this process, then
+One small MedMNIST-layout ``.npz`` (:func:`tasks.data.synthetic.write_three_class_npz`: normal,
+an opacity on the left, an opacity on the right) goes through the real stages in this process, then
 ``bentoml serve`` of the packaged Bento on loopback answers for every class.
 """
 
@@ -21,6 +21,7 @@ import requests
 from mlflow import MlflowClient
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
+from tasks.data.synthetic import write_three_class_npz
 from tests.conftest import params_in
 from tests.deploy.conftest import start_server, wait_ready
 from tests.deploy.samples import png_bytes
@@ -29,29 +30,6 @@ from tests.processes import stop_server_tree
 CLASSES = ["0", "1", "2"]  # a MedMNIST archive's classes are its label values
 SIZE = 32
 SPLIT_SIZES = {"train": 45, "val": 21, "test": 21}
-
-
-def three_class_npz(path: Path) -> Path:
-    """A MedMNIST-layout archive of 32 px chest scenes: class 0 without an opacity, 1 with a
-    strong one in the left lung, 2 with one in the right lung (a mirrored class-1 scene)."""
-    from tasks.data.synthetic import chest_scene
-
-    rng = np.random.default_rng(7)
-    arrays = {}
-    for split, n in SPLIT_SIZES.items():
-        labels = np.arange(n) % 3
-        images = []
-        for label in labels:
-            scene = chest_scene(SIZE, rng, None if label == 0 else 0.8)
-            # chest_scene puts the opacity on a random side: mirror it to the class's side
-            left_heavier = scene[:, : SIZE // 2].sum() > scene[:, SIZE // 2 :].sum()
-            if label and left_heavier != (label == 1):
-                scene = scene[:, ::-1]
-            images.append(np.rint(scene * 255).astype(np.uint8))
-        arrays[f"{split}_images"] = np.stack(images)
-        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
 
 
 @dataclass(frozen=True)
@@ -85,7 +63,7 @@ def three_class_run(
     uri = f"sqlite:///{root / 'mlflow.db'}"
     params = params_in(root).with_overrides(
         [
-            f"data.source={three_class_npz(root / 'three.npz')}",
+            f"data.source={write_three_class_npz(root / 'three.npz', SPLIT_SIZES, SIZE, 7)}",
             f"data.image_size={SIZE}",
             "train.epochs=2",
             "train.batch_size=16",
