@@ -132,19 +132,6 @@ def evaluate_student(
         if bootstrap > 0
         else {}
     )
-    table = (
-        per_class.per_class_report(
-            labels["test"],
-            probabilities["test"],
-            SINGLE_LABEL.decide(probabilities["test"], threshold),
-            dataset.classes,
-            patients,
-            bootstrap,
-            seed,
-        )
-        if not binary
-        else {}
-    )
     return Evaluation(
         threshold_rule=threshold_rule,
         threshold=threshold,
@@ -156,7 +143,28 @@ def evaluate_student(
         raw_probabilities=raw,
         intervals=intervals,
         n_test_patients=len(np.unique(patients)),
-        per_class=table,
+        per_class={} if binary else _per_class(probabilities, labels, dataset, bootstrap, seed),
+    )
+
+
+def _per_class(
+    probabilities: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    dataset: ProcessedDataset,
+    bootstrap: int,
+    seed: int,
+) -> dict:
+    """The test split's per-class table (more than two classes: the decision is the top
+    class), its intervals from the same patient resamples as the macro figures."""
+    patients = dataset.manifest["patient_hash"].to_numpy()[dataset.indices("test")]
+    return per_class.per_class_report(
+        labels["test"],
+        probabilities["test"],
+        SINGLE_LABEL.decide(probabilities["test"], None),
+        dataset.classes,
+        patients,
+        bootstrap,
+        seed,
     )
 
 
