@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.dicom_output
+	$(PY) -m benchmarks.many_classes
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.dataset_version
 	$(PY) -m benchmarks.ood

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tasks.config import EvalParams
 from tasks.data.dataset import ProcessedDataset
 from tasks.errors import MedtransferError
-from tasks.evaluation import plots
+from tasks.evaluation import per_class, plots
 from tasks.evaluation.metrics import (
     SplitMetrics,
     apply_temperature,
@@ -41,6 +41,8 @@ class Evaluation:
     ``eval.calibration`` is ``none``), the threshold is chosen on them; ``raw_probabilities``
     are the plain softmax, kept for the before/after calibration figures. ``intervals`` are
     the test metrics' 95% patient-level bootstrap intervals over ``n_test_patients``.
+    ``per_class`` is the test split's per-class table (:func:`per_class.per_class_report`)
+    when there are more than two classes, else empty (two classes report the positive one).
     """
 
     threshold_rule: str
@@ -53,6 +55,7 @@ class Evaluation:
     raw_probabilities: dict[str, np.ndarray] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     n_test_patients: int = 0
+    per_class: dict = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow: ``val_auc``, ``test_sensitivity``, ``threshold``,
@@ -64,6 +67,8 @@ class Evaluation:
         flat["temperature"] = self.temperature
         for split, raw in self.raw_probabilities.items():
             flat[f"{split}_ece_uncalibrated"] = expected_calibration_error(self.labels[split], raw)
+        if self.per_class:
+            flat.update(per_class.flat_metrics(self.per_class, "test"))
         return flat
 
 
@@ -100,6 +105,9 @@ def evaluate_student(
         calibration: ``temperature`` fits one temperature on val (:func:`fit_temperature`)
             and applies it to both splits; ``none`` keeps the softmax.
         bootstrap: resamples of test patients (0: no intervals); seed: their seed.
+
+    More than two classes: the decision is the top class (no threshold), and the test split
+    also gets its per-class table with the same patients' resamples.
     """
     raw, labels = _predict_splits(model, dataset, batch_size, device)
     temperature = (
@@ -131,6 +139,28 @@ def evaluate_student(
         raw_probabilities=raw,
         intervals=intervals,
         n_test_patients=len(np.unique(patients)),
+        per_class={} if binary else _per_class(probabilities, labels, dataset, bootstrap, seed),
+    )
+
+
+def _per_class(
+    probabilities: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    dataset: ProcessedDataset,
+    bootstrap: int,
+    seed: int,
+) -> dict:
+    """The test split's per-class table (more than two classes: the decision is the top
+    class), its intervals from the same patient resamples as the macro figures."""
+    patients = dataset.manifest["patient_hash"].to_numpy()[dataset.indices("test")]
+    return per_class.per_class_report(
+        labels["test"],
+        probabilities["test"],
+        SINGLE_LABEL.decide(probabilities["test"], None),
+        dataset.classes,
+        patients,
+        bootstrap,
+        seed,
     )
 
 
