@@ -11,7 +11,11 @@ in a fresh process, measuring that process's peak RSS (``ru_maxrss``) and the an
   The old path is not run on the three codestream bombs (65000² would take 4 to 16 GB and
   minutes on a shared machine): their row gives the issue's own figures, marked as such.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bombs.py`` (about a minute; needs pydicom-data).
+The largest images the limits admit (8192² 16-bit grey PNG, RLE and JPEG 2000 DICOM) are
+decoded too, with the peak a served tree would reach while decoding one, against the issue's
+2 GiB budget.
+
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bombs.py`` (a few minutes; needs pydicom-data).
 Writes ``benchmarks/results/bombs.md``.
 """
 
@@ -29,6 +33,8 @@ from tasks.config import load_params
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 128
 
+# What the old-path column says for an image both paths admit (the same decoding; not run twice).
+ADMITTED = "admitted by both, the same decoding"
 # (case, builder in tests/bombs.py and its arguments, route, issue's figure for the old path
 # when it is not run here)
 CASES = [
@@ -56,6 +62,23 @@ CASES = [
     ("PNG 8192² RGBA 16-bit", "png_of_zeros", [8192, 16, 6], "png", None),
     ("PNG 8192² RGB 8-bit", "png_of_zeros", [8192, 8, 2], "png", None),
     ("DICOM 8000² 8-bit grey, uncompressed", "large_dicom", [8000], "dicom", None),
+    # The largest images the limits admit: 8192 = max_image_dim, 128 MiB decoded =
+    # max_decoded_mib (an uncompressed 8192² 16-bit DICOM, 128 MiB, is over max_upload_bytes).
+    ("PNG 8192² 16-bit grey (largest admitted)", "png_of_zeros", [8192, 16, 0], "png", ADMITTED),
+    (
+        "DICOM 8192² 16-bit RLE Lossless (largest admitted)",
+        "largest_dicom",
+        [8192, "rle"],
+        "dicom",
+        ADMITTED,
+    ),
+    (
+        "DICOM 8192² 16-bit JPEG 2000 Lossless (largest admitted)",
+        "largest_dicom",
+        [8192, "j2k"],
+        "dicom",
+        ADMITTED,
+    ),
 ]
 
 MEASURE = """
@@ -93,15 +116,42 @@ this branch's other memory change: before it, the 8000² DICOM peaked at 977 MiB
 same machine, commit ad97248); rescaling in place and not stacking a single frame brought it
 to 733 MiB for both columns. Under the guards each bomb is refused from its header in
 milliseconds with the process at its imports' size; the legal 8192² PNGs are over the 128 MiB
-decoded budget (512 and 192 MiB declared) and refused as well. The largest image the budget
-admits (8192² 16-bit grey, 128 MiB) decodes through the same float32 steps as the 8000² case
-(256 MiB per float32 copy against 244 MiB, plus 67 MiB more of stored values); with serving.max_concurrent_decodes 1 one worker
-decodes one such image at a time. These are one decoding process's figures, not a served
-tree's (entry worker, model worker and server process). Served: the three codestream bombs
+decoded budget (512 and 192 MiB declared) and refused as well. The largest images the budget
+admits (8192² 16-bit grey, 128 MiB; the last three rows) decode through the same float32
+steps as the 8000² case (256 MiB per float32 copy against 244 MiB, plus the 128 MiB of stored
+values and, for the compressed ones, the codestream); with serving.max_concurrent_decodes 1 one
+worker decodes one such image at a time. The table's figures are one decoding process's, not a
+served tree's (entry worker, model worker and server process). Served: the three codestream bombs
 and the PNG IHDR bomb sent to a real `bentoml serve` (tests/deploy/test_serving_bombs.py) were
 each answered within seconds (413 too_large; the PNG 422 image_too_large, over that Bento's
 max_image_dim 1024), /readyz stayed 200 and the whole tree held 869 MiB RSS afterwards
 (2026-12-06, n = 1)."""
+
+
+# The issue's budget for a served tree (server, entry worker, model worker), and that tree's RSS
+# at rest after the served bombs (tests/deploy/test_serving_bombs.py, 2026-12-06, n = 1).
+TREE_BUDGET_MIB = 2048
+SERVED_TREE_AT_REST_MIB = 869
+
+
+def largest_admitted_lines(rows: list) -> list[str]:
+    """One line per largest-admitted case: its answer, its decoding process's peak and what a
+    served tree would hold while the entry worker decodes it (the tree at rest plus this
+    decode's growth over its process's imports), against :data:`TREE_BUDGET_MIB`."""
+    lines = []
+    for case, _size_kb, new, _old, issue_figure in rows:
+        if issue_figure != ADMITTED:
+            continue
+        growth = new["peak_mib"] - new["base_mib"]
+        tree = SERVED_TREE_AT_REST_MIB + growth
+        verdict = "under" if tree < TREE_BUDGET_MIB else "OVER"
+        lines.append(
+            f"- {case}: answer {new['answer']}; peak {new['peak_mib']:.0f} MiB in one decoding "
+            f"process ({growth:.0f} MiB over its imports); a served tree would hold about "
+            f"{SERVED_TREE_AT_REST_MIB} + {growth:.0f} = {tree:.0f} MiB while decoding it: "
+            f"{verdict} the {TREE_BUDGET_MIB} MiB (2 GiB) budget."
+        )
+    return lines
 
 
 def build(builder: str, arguments: list, folder: Path) -> Path:
@@ -175,6 +225,13 @@ def main() -> None:
             "2-core machine).",
             "",
             *table,
+            "",
+            "The largest images the limits admit (8192² = serving.max_image_dim, 16-bit grey: "
+            "128 MiB decoded = serving.max_decoded_mib; one decode at a time per worker, "
+            "serving.max_concurrent_decodes 1). The served-tree figure is derived, not measured "
+            "on a server: the tree's RSS at rest plus this decode's growth.",
+            "",
+            *largest_admitted_lines(rows),
             "",
             NOTES,
         ]

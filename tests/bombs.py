@@ -135,3 +135,24 @@ def large_dicom(side: int = 8000) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def largest_dicom(side: int = 8192, syntax: str = "rle") -> bytes:
+    """A legal ``side`` x ``side`` 16-bit grey DICOM compressed with RLE Lossless (``rle``) or
+    JPEG 2000 Lossless (``j2k``): at 8192 it is the largest image the service admits (8192 =
+    serving.max_image_dim, 128 MiB decoded = serving.max_decoded_mib), in a few MB of upload
+    (uncompressed it would be over serving.max_upload_bytes)."""
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from tests.conftest import make_mono_dataset
+
+    pixels = np.zeros((side, side), dtype=np.uint16)
+    inner = slice(side // 8, side - side // 8)
+    ramp = (np.arange(side, dtype=np.uint32) * 7 % 60000).astype(np.uint16)
+    pixels[inner, inner] = ramp[inner, None]  # each row one value: small once compressed
+    pixels[:, :: max(side // 16, 1)] = 65000  # and a few bright columns
+    ds = make_mono_dataset(pixels, bits_stored=16)
+    ds.compress({"rle": RLELossless, "j2k": JPEG2000Lossless}[syntax], encoding_plugin="pylibjpeg")
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

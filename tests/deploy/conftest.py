@@ -144,7 +144,8 @@ class Served:
 
 def run_checked(command: list[str], env: dict[str, str], cwd: Path) -> str:
     """Run a command; on failure show its output in the assertion."""
-    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    # 900 s: packaging took over 300 s on a shared 2-core machine under load (idle: about 30 s).
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout
 

@@ -1,7 +1,9 @@
 """Serving operations: the README's relative ``BENTOML_HOME`` serves, ``/readyz`` follows the
 model worker, SIGTERM stops the whole process tree, and a client's file name neither fails a
-request nor reaches the log. Each server here runs on a copy of the session's BentoML home (a
-second server on the same home would clear the first one's Prometheus folder)."""
+request nor reaches the log; over HTTP, a request past serving.request_timeout_s is 503 with
+Retry-After and its upload removed. Each server here runs on a copy of the session's BentoML
+home (a second server on the same home would clear the first one's Prometheus folder); the
+deadline and arbiter-kill tests share one (the kill test, last, ends it)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import yaml
 
 from tests.deploy.conftest import BIN
-from tests.deploy.samples import corpus_bytes
+from tests.deploy.samples import corpus_bytes, png_bytes
 from tests.deploy.students import REPO
 from tests.processes import free_port, seconds_to_stop_tree, stop_server_tree, wait_until
 
@@ -27,6 +33,7 @@ DICOM = {"Content-Type": "application/dicom"}
 # in a model worker's crash loop, on a busy 2-core machine).
 STOP_SECONDS = 15
 NAME_MARKER = "ZQXFILENAME"
+GRADIENT = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # a 256² grey PNG's pixels
 
 
 def _serve(
@@ -79,19 +86,91 @@ def test_the_readmes_relative_bentoml_home_serves_and_sigterm_stops_the_tree(
     assert "FileNotFoundError" not in log.read_text()
 
 
-@pytest.mark.slow
-def test_the_workers_stop_when_the_arbiter_is_killed(served, tmp_path: Path) -> None:
-    import psutil
+@dataclass
+class ShortDeadline:
+    """A second server of the session's Bento, its request_timeout_s set to 1 ms, with its own
+    BentoML home and temporary folder (where BentoML keeps each request's upload)."""
 
-    home = tmp_path / "home"
+    process: subprocess.Popen
+    url: str
+    log: Path
+    temp: Path
+
+
+# The short deadline's server: no request can finish within it (reading and decoding the upload
+# alone takes longer), and its readiness probe does not depend on it.
+SHORT_DEADLINE_S = 0.001
+
+
+@pytest.fixture(scope="module")
+def short_deadline(served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShortDeadline]:
+    """The session's Bento served again with ``request_timeout_s`` of :data:`SHORT_DEADLINE_S`
+    (set in a copy of its home's ``bento.yaml``, where the package stage writes serving.*).
+    Shared by the deadline test and, last, the arbiter-kill test, which kills it: one server
+    start for both."""
+    root = tmp_path_factory.mktemp("short-deadline")
+    home = root / "home"
     shutil.copytree(served.home, home)
-    store = {"MEDTRANSFER_MONITOR_STORE": str(tmp_path / "requests.sqlite")}
-    process, url = _serve(str(home), served.package["bento"], tmp_path, store)
-    log = tmp_path / "server.log"
-    workers: list[psutil.Process] = []
+    (bento_yaml,) = home.glob("bentos/*/*/bento.yaml")
+    bento = yaml.safe_load(bento_yaml.read_text())
+    bento["args"]["request_timeout_s"] = SHORT_DEADLINE_S
+    bento_yaml.write_text(yaml.safe_dump(bento, sort_keys=False))
+    temp = root / "tmp"
+    temp.mkdir()
+    env = {"MEDTRANSFER_MONITOR_STORE": str(root / "requests.sqlite"), "TMPDIR": str(temp)}
+    process, url = _serve(str(home), served.package["bento"], root, env)
+    log = root / "server.log"
     try:
         probe = lambda: _status(f"{url}/readyz", 5) == 200  # noqa: E731
         wait_until(probe, 240, "ready", process, log)
+        yield ShortDeadline(process, url, log, temp)
+    finally:
+        stop_server_tree(process)
+
+
+def _uploads_left(temp: Path) -> list[Path]:
+    """Files in BentoML's per-request temporary folders (an upload not yet removed)."""
+    return [path for path in temp.glob("bentoml-request-*/**/*") if path.is_file()]
+
+
+def test_a_request_past_its_deadline_gets_503_to_retry_and_its_upload_is_removed(
+    short_deadline: ShortDeadline,
+) -> None:
+    assert _uploads_left(short_deadline.temp) == []  # nothing sent yet
+    for route, body, headers in [
+        ("/classify/dicom", corpus_bytes("CT_small.dcm"), DICOM),
+        ("/classify/png", png_bytes(GRADIENT), {"Content-Type": "image/png"}),
+    ]:
+        reply = requests.post(
+            f"{short_deadline.url}{route}", data=body, headers=headers, timeout=60
+        )
+        assert reply.status_code == 503, (route, reply.text)
+        assert reply.headers["Retry-After"] == "5"
+        assert (reply.json()["error"], reply.json()["status"]) == ("request_timeout", 503)
+        assert _uploads_left(short_deadline.temp) == [], route
+    files = [("files", ("a.dcm", corpus_bytes("CT_small.dcm"), "application/dicom"))] * 2
+    reply = requests.post(f"{short_deadline.url}/classify/batch", files=files, timeout=60)
+    assert (reply.status_code, reply.json()["error"]) == (503, "request_timeout"), reply.text
+    assert _uploads_left(short_deadline.temp) == []
+    # Within the deadline nothing else is refused: the server answers its probes.
+    assert _status(f"{short_deadline.url}/readyz", 10) == 200
+
+
+@pytest.mark.slow
+def test_the_workers_stop_when_the_arbiter_is_killed(short_deadline: ShortDeadline) -> None:
+    """Kills ``short_deadline``'s server: its last user in this module."""
+    import psutil
+
+    process = short_deadline.process
+    workers: list[psutil.Process] = []
+    try:
+        wait_until(
+            lambda: _status(f"{short_deadline.url}/readyz", 5) == 200,
+            240,
+            "ready",
+            process,
+            short_deadline.log,
+        )
         workers = psutil.Process(process.pid).children(recursive=True)
         assert len(workers) == 2  # the entry worker and the model worker
         process.kill()  # the arbiter alone, as an OOM killer or `kill -9 <pid>` would
