@@ -129,6 +129,10 @@ class ServingArgs(BaseModel):
     ood_gate: bool = True
     monitor_store: str = ""
     monitor_max_records: int = 10000
+    # Whether the registry version carries the alias (passed its gates), and that in words:
+    # /info and every reply repeat it. None: a Bento built before it was recorded.
+    approved: bool | None = None
+    approval: str = ""
 
 
 prepare_process()
@@ -423,6 +427,8 @@ def _model_block() -> dict:
         "version": ARGS.model_version,
         "dataset_version": ARGS.dataset_version,
         "bento_model": ARGS.model_tag,
+        "approved": ARGS.approved,
+        "approval": ARGS.approval,
     }
 
 
