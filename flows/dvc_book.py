@@ -22,6 +22,7 @@ and says so, and ``dvc status`` truthfully shows those stages as changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -34,25 +35,23 @@ class DvcBook:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _target(self, stage: str) -> str:
-        # Absolute, so the target does not depend on the process's working directory.
-        return f"{self.root / 'dvc.yaml'}:{stage}"
-
     def up_to_date(self, stage: str) -> bool:
         """Whether ``dvc status <stage>`` finds nothing changed: its ``dvc.lock`` entry matches
         its dependencies, parameters and outputs on disk (a stage never recorded is not)."""
         from dvc.repo import Repo
 
-        with Repo(str(self.root)) as repo:
-            return not repo.status(targets=[self._target(stage)])
+        # DVC resolves a stage's paths against the working directory, as its command line
+        # does from the project root (a no-op for `medtransfer run` started there).
+        with contextlib.chdir(self.root), Repo(str(self.root)) as repo:
+            return not repo.status(targets=[f"dvc.yaml:{stage}"])
 
     def record(self, stage: str) -> None:
         """Record ``stage``'s dependencies, parameters and outputs as they are now in
         ``dvc.lock`` (``dvc commit --force <stage>``; cached outputs go to DVC's cache)."""
         from dvc.repo import Repo
 
-        with Repo(str(self.root)) as repo:
-            repo.commit(self._target(stage), force=True)
+        with contextlib.chdir(self.root), Repo(str(self.root)) as repo:
+            repo.commit(f"dvc.yaml:{stage}", force=True)
         logger.info("%s: recorded in dvc.lock", stage)
 
 

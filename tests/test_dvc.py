@@ -279,3 +279,34 @@ def test_dvc_versions_the_input_folder_a_new_dicom_file_reruns_ingest(
     report = json.loads((repo / "reports/ingest.json").read_text())
     assert report["files_seen"] > seen
     assert report["quarantined"] == 0  # every new file found its label in the CSV
+
+
+def test_the_flow_s_dvc_book_records_a_stage_as_dvc_commit_does_and_only_for_params_yaml(
+    tmp_path: Path,
+) -> None:
+    """flows/dvc_book.py on a one-stage DVC project: a stage never run is not up to date; its
+    output made and recorded, `dvc status` is clean; overrides or another parameter file
+    keep no book."""
+    from flows.dvc_book import project_book
+
+    repo = tmp_path / "tiny"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("size: 3\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: echo 3 > out.txt\n    params: [size]\n"
+        "    outs: [{out.txt: {cache: false}}]\n"
+    )
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    assert project_book(repo / "params.yaml", ["size=4"]) is None
+    assert project_book(repo / "other.yaml", []) is None
+    assert project_book(tmp_path / "params.yaml", []) is None  # not a DVC project
+    book = project_book(repo / "params.yaml", [])
+    assert book is not None and not book.up_to_date("make")
+
+    (repo / "out.txt").write_text("3\n")  # what the flow's stage wrote
+    book.record("make")
+    assert book.up_to_date("make")
+    assert _run(["dvc", "status"], repo).strip() == "Data and pipelines are up to date."
+    (repo / "params.yaml").write_text("size: 4\n")
+    assert not book.up_to_date("make")
