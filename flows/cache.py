@@ -30,8 +30,10 @@ from tasks.config import Params
 from tasks.data import synthetic
 from tasks.data.dataset import INFO_FILE, dataset_version
 from tasks.digest import file_sha256
+from tasks.figures import figures_dir
 from tasks.model.student_io import MODEL_FILE
 from tasks.stages import table
+from tasks.stages.synthesize import describe_set
 
 
 def source_fingerprint(params: Params) -> str:
@@ -72,12 +74,24 @@ def _output_present(artifact: str, params: Params) -> bool:
         return (Path(params.data.processed_dir) / INFO_FILE).is_file()
     if artifact == "model":
         return _model_file(params).is_file()
-    if artifact == "bentos":  # the archive the package report names
-        written = reports.PACKAGE.read_if_present(params.reports_dir) or {}
-        return Path(written.get("archive", "")).is_file()
+    if artifact == "bentos":  # the archive the package report names, unless none approved
+        written = reports.PACKAGE.read_if_present(params.reports_dir)
+        if written is not None and written.get("built") is False:
+            return True
+        return Path((written or {}).get("archive") or "").is_file()
     if artifact == "serving_profile":  # tasks.stages.package.SERVING_PROFILE_DIR
         return (Path(params.reports_dir) / "serving_profile").is_dir()
+    if artifact.endswith("_figures"):  # tasks.figures: a folder of one file per figure
+        return figures_dir(params.reports_dir, artifact.removesuffix("_figures")).is_dir()
     raise KeyError(f"no output check for artifact {artifact!r}")
+
+
+def recorded_result(stage: str, params: Params) -> dict:
+    """What ``stage`` returned when it last ran, from what it left on disk: its report, or for
+    ``synthesize`` (no report) where the set is and its file count."""
+    if stage == "synthesize":
+        return describe_set(params)
+    return _report(table.REPORT_PREFIX + stage).read(params.reports_dir)
 
 
 def stage_key(stage: str, params: Params) -> str:

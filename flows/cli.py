@@ -7,7 +7,7 @@ overrides, spelled as for ``dvc exp run -S``. Progress goes to stderr (log lines
 ``--quiet``); stdout gets a short human summary, or the full JSON with ``--json``. A
 :class:`~tasks.errors.MedtransferError`, or an ``OSError`` (the disk or share as it is: a
 file where a folder belongs, a full disk), is printed as one line naming the stage, the path and
-what to do, and exits with status 2; nothing else is caught, so a bug still shows its traceback. Ctrl-C and SIGTERM (which the train stage
+what to do, and exits with status 2 (``monitor`` exits 1 when it found drift); nothing else is caught, so a bug still shows its traceback. Ctrl-C and SIGTERM (which the train stage
 turns into an exception, to record its run as ``KILLED``) end with one line and the shell's
 status for the signal: 130 and 143.
 """
@@ -154,7 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(human_summary(args.command, summary, params))
-    return 0
+    # monitor's status says whether it found drift (1), as diff's says whether files differ.
+    return EXIT_DRIFT if args.command == "monitor" and summary.get("drift") else 0
+
+
+EXIT_DRIFT = 1
 
 
 # Commands that log to or read from MLflow: their tracking store is checked before any stage
@@ -191,6 +195,10 @@ def human_summary(command: str, result: dict, params: Params) -> str:
     the stage's own part otherwise."""
     if command == "advise":
         return "\n".join(result["lines"])
+    if command == "monitor":
+        from tasks.monitoring.drift import summary_lines as monitor_lines
+
+        return "\n".join(monitor_lines(result))
     summary = result if command == "run" else {command: result}
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
     lines = summary_lines(summary, uri) or [json.dumps(result, default=str)[:500]]

@@ -9,6 +9,8 @@ settings once at import; ``flows/__init__.py`` therefore applies them, which cov
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
+from pathlib import Path
 
 PROCESS_DEFAULTS = {
     # Our machines, and many hospital networks, reach no analytics endpoint: Prefect's and
@@ -31,7 +33,28 @@ PROCESS_DEFAULTS = {
 }
 
 
-def apply_process_defaults() -> None:
-    """Set every variable of :data:`PROCESS_DEFAULTS` that this process's environment lacks."""
+# Prefect keeps its state (the temporary server's database of flow runs, cached results) in
+# PREFECT_HOME, ~/.prefect by default: every checkout on the machine then shared one history,
+# and runs of another checkout appeared beside this one's. Run from a checkout (this package
+# sits beside dvc.yaml), it is the project's own `.prefect/` unless the user chose a home or
+# a server (PREFECT_HOME, PREFECT_API_URL).
+PROJECT_PREFECT_HOME = ".prefect"
+
+
+def project_root() -> Path | None:
+    """The checkout this package runs from (the folder of ``dvc.yaml`` and
+    ``pyproject.toml``), or None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "dvc.yaml").is_file() and (root / "pyproject.toml").is_file() else None
+
+
+def apply_process_defaults(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set every variable of :data:`PROCESS_DEFAULTS` that ``environ`` (this process's
+    environment) lacks, and ``PREFECT_HOME`` to the checkout's ``.prefect/`` when neither it
+    nor ``PREFECT_API_URL`` is set."""
+    environ = os.environ if environ is None else environ
     for name, value in PROCESS_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+        environ.setdefault(name, value)
+    root = project_root()
+    if root is not None and not {"PREFECT_HOME", "PREFECT_API_URL"} & set(environ):
+        environ["PREFECT_HOME"] = str(root / PROJECT_PREFECT_HOME)

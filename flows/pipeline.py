@@ -24,7 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import publish
-from flows.cache import outputs_present, stage_key
+from flows.cache import outputs_present, recorded_result, stage_key
+from flows.dvc_book import DvcBook, project_book
 from flows.fanout import flow_task_runner, task_runner_decode_map
 from flows.progress import PrefectProgressRecorder
 from flows.summary import summary_lines
@@ -126,13 +127,38 @@ def package(params: Params) -> dict:
     return run_package(params)
 
 
-def run_stage(prefect_task, stage: str, params: Params, cached: list[str], **kwargs) -> dict:
+def run_stage(
+    prefect_task,
+    stage: str,
+    params: Params,
+    cached: list[str],
+    book: DvcBook | None = None,
+    **kwargs,
+) -> dict:
     """Run one stage task, recomputing it when its outputs are gone; note cache hits.
+
+    With ``book`` (the flow runs the configuration dvc.yaml describes, :mod:`flows.dvc_book`),
+    a stage DVC reports unchanged is a cache hit read from its report, and a stage that ran is
+    recorded in ``dvc.lock``.
 
     Raises:
         StageIOError: the stage's I/O failed for good (an OSError left after the retries).
     """
     refresh = not outputs_present(stage, params)
+    if book is not None and not refresh and book.up_to_date(stage):
+        cached.append(stage)
+        get_run_logger().info("%s: cache hit (dvc.lock matches its inputs and outputs)", stage)
+        return recorded_result(stage, params)
+    result = _run_task(prefect_task, stage, params, cached, refresh, **kwargs)
+    if book is not None:
+        book.record(stage)
+    return result
+
+
+def _run_task(
+    prefect_task, stage: str, params: Params, cached: list[str], refresh: bool, **kwargs
+) -> dict:
+    """Run the Prefect task of ``stage``; a failure raises, a cache hit is noted."""
     state = prefect_task.with_options(refresh_cache=refresh)(params, return_state=True, **kwargs)
     try:
         result = state.result()  # a failed stage raises here and fails the flow with its message
@@ -159,21 +185,18 @@ def medtransfer_pipeline(
         cache hits.
     """
     params = load_params(params_file, overrides or [])
+    book = project_book(params_file, overrides or [])
     cached: list[str] = []
     summary: dict = {}
     if uses_synthetic_set(params):
-        summary["synthesize"] = run_stage(synthesize, "synthesize", params, cached)
-    summary["ingest"] = run_stage(ingest, "ingest", params, cached)
-    summary["train"] = run_stage(train, "train", params, cached)
-    summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached)
-    summary["robustness"] = run_stage(robustness, "robustness", params, cached)
-    summary["register"] = run_stage(register, "register", params, cached)
-    if summary["register"]["champion_version"] is not None:
-        summary["package"] = run_stage(package, "package", params, cached)
-    else:
-        get_run_logger().warning(
-            "No registry version carries the alias yet: nothing approved to package."
-        )
+        summary["synthesize"] = run_stage(synthesize, "synthesize", params, cached, book)
+    summary["ingest"] = run_stage(ingest, "ingest", params, cached, book)
+    summary["train"] = run_stage(train, "train", params, cached, book)
+    summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached, book)
+    summary["robustness"] = run_stage(robustness, "robustness", params, cached, book)
+    summary["register"] = run_stage(register, "register", params, cached, book)
+    # With no approved version, package records "nothing approved" and builds nothing.
+    summary["package"] = run_stage(package, "package", params, cached, book)
     summary["cached"] = cached
     publish(summary, effective_tracking_uri(params))
     create_markdown_artifact(

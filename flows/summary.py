@@ -118,7 +118,21 @@ def _register(report: dict) -> list[str]:
 
 
 def _package(report: dict) -> list[str]:
-    return [f"Bento: {report['bento']}, archive {report['archive']}"]
+    if report.get("built") is False:
+        lines = [f"Bento: none built, {report.get('reason')}"]
+        stopped_by = report.get("stopped_by") or []
+        if stopped_by:
+            lines.append(f"  stopped by: {stopped_by[0]}")
+        what = (
+            f"to build version {report['latest_version']} anyway (no approval implied)"
+            if report.get("latest_version")
+            else "to register a version first"
+        )
+        return [*lines, f"next: {what}: {report.get('next')}"]
+    lines = [f"Bento: {report['bento']}, archive {report['archive']}"]
+    if report.get("approved") is False:
+        lines.append(f"  {report.get('approval')}")
+    return lines
 
 
 SECTIONS = {

@@ -147,6 +147,10 @@ class ServingArgs(BaseModel):
     monitor_max_records: int = 10000
     # serving.pacs as packaged (enabled, host, port, called_ae, calling_ae, timeout_s).
     pacs: dict | None = None
+    # Whether the registry version carries the alias (passed its gates), and that in words:
+    # /info and every reply repeat it. None: a Bento built before it was recorded.
+    approved: bool | None = None
+    approval: str = ""
 
 
 prepare_process()
@@ -484,8 +488,14 @@ def _prepare_png(data: bytes) -> np.ndarray:
 
 
 def _model_block() -> dict:
-    values = (ARGS.model_name, ARGS.model_version, ARGS.dataset_version, ARGS.model_tag)
-    return dict(zip(("name", "version", "dataset_version", "bento_model"), values, strict=True))
+    return {
+        "name": ARGS.model_name,
+        "version": ARGS.model_version,
+        "dataset_version": ARGS.dataset_version,
+        "bento_model": ARGS.model_tag,
+        "approved": ARGS.approved,
+        "approval": ARGS.approval,
+    }
 
 
 def _served_by() -> dict:

@@ -310,6 +310,7 @@ class MonitorParams:
     """``monitor``: drift of the served requests against the training profile."""
 
     window: int = rule(min=10)
+    min_requests: int = rule(min=1)
     psi_max: float = rule(above=0.0)
     abstention_max: float = rule(min=0.0, max=1.0)
     cron: str | None = rule()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
+# Prefect's state for this test session: a home of its own, neither the user's ~/.prefect nor
+# the checkout's .prefect/ (which flows/environment.py picks for runs from a checkout).
+_PREFECT_HOME = tempfile.mkdtemp(prefix="medtransfer-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

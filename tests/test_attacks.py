@@ -36,7 +36,7 @@ from tasks.robustness.attacks.teacher_transfer import (
 )
 from tasks.robustness.attacks.white_box import apgd_attack, fgsm_attack, pgd_attack
 from tasks.robustness.gates import gate_verdict
-from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves
+from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves, robustness_figure
 from tasks.robustness.result import (
     EpsilonRow,
     Rate,
@@ -618,6 +618,26 @@ def test_plot_writes_a_png_with_a_reference_curve(tmp_path):
     )
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_the_robustness_plot_has_a_95pc_band_per_curve_and_a_legend_beside_the_axes():
+    from tasks.evaluation.metrics import wilson_interval
+
+    figure = robustness_figure(_result(n=10))
+    (axes,) = figure.axes
+    labels = [line.get_label() for line in axes.lines]
+    bands = axes.collections
+    assert len(bands) == len([label for label in labels if not label.startswith("clean")])
+    # the first curve (uniform noise, 0.9 of 10 images) at 1/255: the Wilson interval of 9/10
+    assert labels[0] == "uniform noise accuracy"
+    low, high = wilson_interval(9, 10)
+    band = bands[0].get_paths()[0].vertices
+    at_one = band[np.isclose(band[:, 0], 1.0)][:, 1]
+    assert sorted(at_one)[0] == pytest.approx(low) and sorted(at_one)[-1] == pytest.approx(high)
+    figure.canvas.draw()  # the legend sits wholly right of the axes: it hides no curve
+    legend = axes.get_legend().get_window_extent()
+    assert legend.x0 >= axes.get_window_extent().x1
+    assert len(axes.get_legend().get_texts()) == len(labels)
 
 
 def test_crafted_teacher_perturbations_are_shared_between_students(toy):

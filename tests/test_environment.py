@@ -86,3 +86,17 @@ def test_tiny_prefect_flow_runs(prefect_harness) -> None:
         return [f.result() for f in double.map(range(n))]
 
     assert tiny(4) == [0, 2, 4, 6]
+
+
+def test_runs_from_a_checkout_keep_prefect_state_in_the_project_unless_the_user_chose() -> None:
+    from flows.environment import apply_process_defaults
+
+    plain: dict[str, str] = {}
+    apply_process_defaults(plain)
+    assert plain["PREFECT_HOME"] == str(Path(__file__).resolve().parent.parent / ".prefect")
+    own = {"PREFECT_HOME": "/srv/prefect"}
+    apply_process_defaults(own)
+    assert own["PREFECT_HOME"] == "/srv/prefect"
+    server = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+    apply_process_defaults(server)  # a long-running server keeps its own state
+    assert "PREFECT_HOME" not in server

@@ -61,6 +61,23 @@ def test_calibration_error_of_known_cases() -> None:
     assert expected_calibration_error(labels, overconfident) == pytest.approx(0.5)
 
 
+def test_calibration_error_and_reliability_curve_of_a_known_mix_with_a_bin_edge() -> None:
+    """Bins are (low, high]: confidence 0.5 sits in (0.4, 0.5]. By hand: bins (0.4, 0.5] {1
+    right at 0.5}, (0.5, 0.6] {wrong at 0.55, right at 0.6}, (0.7, 0.8] {right at 0.75},
+    (0.9, 1] {wrong at 0.95}: ECE = (0.5 + 2 x 0.075 + 0.25 + 0.95) / 5 = 0.37."""
+    from tasks.evaluation.metrics import _weighted_ece, reliability_curve
+
+    labels = np.array([0, 0, 1, 0, 0])
+    probabilities = np.array([[0.5, 0.5], [0.45, 0.55], [0.25, 0.75], [0.05, 0.95], [0.6, 0.4]])
+    points = reliability_curve(labels, probabilities)
+    assert [p["n"] for p in points] == [1, 2, 1, 1]
+    assert [p["confidence"] for p in points] == pytest.approx([0.5, 0.575, 0.75, 0.95])
+    assert [p["accuracy"] for p in points] == pytest.approx([1.0, 0.5, 1.0, 0.0])
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.37)
+    # the bootstrap's vectorised ECE uses the same bins: total weight x ECE
+    assert _weighted_ece(labels, probabilities, np.ones((1, 5)))[0] == pytest.approx(1.85)
+
+
 def test_auc_is_nan_with_one_class() -> None:
     assert np.isnan(roc_auc(np.array([1, 1]), np.array([[0.2, 0.8], [0.4, 0.6]])))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
 from flows.cli import main as cli_main
 from tasks.config import Params
@@ -87,7 +88,7 @@ def test_monitor_flags_drifted_statistics_and_abstentions(
             "monitor.window=200",
         ]
     )
-    assert code == 0
+    assert code == 1  # drift found
     report = MONITOR.read(params.reports_dir)
     assert report["n"] == 200
     assert report["psi"]["mean"] > report["psi_max"] and "mean" in report["drifted"]
@@ -97,6 +98,51 @@ def test_monitor_flags_drifted_statistics_and_abstentions(
     assert low < report["abstention_share"] < high
     assert (Path(params.reports_dir) / "plots" / "monitor.png").is_file()
     assert json.loads(json.dumps(report))["drift"] is True
+    client = MlflowClient(fresh_mlflow_store)  # its own experiment, not among the trainings
+    monitored = client.get_experiment_by_name("medtransfer-monitor")
+    assert [run.info.run_name for run in client.search_runs([monitored.experiment_id])] == [
+        "monitor"
+    ]
+    assert client.get_experiment_by_name("medtransfer") is None
+
+
+def test_monitor_flags_no_drift_on_too_few_requests_and_says_how_many_it_needs(
+    params: Params, tmp_path: Path, fresh_mlflow_store: str, capsys
+) -> None:
+    folder = Path(params.reports_dir) / "serving_profile"
+    folder.mkdir(parents=True)
+    _profile(folder)
+    store_path = tmp_path / "requests.sqlite"
+    store = RequestStore(store_path, max_records=1000)
+    for _ in range(5):  # bright images: the mean's PSI alone would call it drift
+        image = np.full((8, 8), 230, dtype=np.uint8)
+        store.record(
+            "/classify/png", 0.5, np.array([0.5, 0.5]), image, abstained=False, refused=False
+        )
+    code = cli_main(
+        [
+            "monitor",
+            "-S",
+            f"serving.monitor_store={store_path}",
+            "-S",
+            f"reports_dir={params.reports_dir}",
+            "-S",
+            "monitor.min_requests=30",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "monitor: 5 recent requests compared with the training profile"
+    assert printed[1] == (
+        "  abstained or refused: 0.000 (95% CI 0.000-0.434, n=5); expected 0.050, drift above 0.150"
+    )
+    assert printed[-1] == (
+        "drift: not judged, 5 of the 30 requests needed (monitor.min_requests); "
+        "run it again after more requests"
+    )
+    report = MONITOR.read(params.reports_dir)
+    assert report["psi"]["mean"] > report["psi_max"]  # measured, but not flagged on n=5
+    assert report["drifted"] == [] and report["drift"] is False
 
 
 def test_the_monitor_deployment_runs_on_its_cron_with_the_params_file(

@@ -12,6 +12,7 @@ from flows import cli, pipeline, summary
 from flows.cache import outputs_present
 from tasks import reports
 from tasks.config import Params
+from tasks.figures import write_figures
 from tasks.stages import table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,6 +82,8 @@ def test_a_stage_s_outputs_count_as_present_only_when_all_its_written_files_exis
 ) -> None:
     assert not outputs_present("evaluate", params)
     reports.METRICS.write(params.reports_dir, {"threshold": 0.5})
+    assert not outputs_present("evaluate", params)  # its figures (the DVC metrics) are missing
+    write_figures(params.reports_dir, "evaluate", {"test_auc": {"estimate": 0.5}})
     assert outputs_present("evaluate", params)
     assert not outputs_present("train", params)  # neither model nor report
 

@@ -74,9 +74,10 @@ def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     assert "history" not in report and all("history" not in row for row in report["runs"])
     assert run.data.metrics["best_epoch"] == report["best_epoch"]
     assert run.data.metrics["best_val_auc"] == pytest.approx(report["best_val_auc"])
-    model = mlflow.pytorch.load_model(f"runs:/{report['run_id']}/model")
+    # the logged model says what it is (MLflow's default name was "model")
+    model = mlflow.pytorch.load_model(f"runs:/{report['run_id']}/student_classifier")
     assert model is not None
-    logged = mlflow.models.get_model_info(f"runs:/{report['run_id']}/model")
+    logged = mlflow.models.get_model_info(f"runs:/{report['run_id']}/student_classifier")
     assert logged.signature is not None and logged.saved_input_example_info is not None
 
     metrics = run_evaluate(train_params)

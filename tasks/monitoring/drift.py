@@ -5,8 +5,9 @@ with the training one recorded in the :class:`~tasks.model.profile.DataProfile`,
 population stability index over the training deciles (ten bins of 10% each): three image
 statistics, the OOD score and the positive-class probability. Also the share of requests that
 abstained or were refused out of scope, with its 95% Wilson interval (undefined, null in the
-report, for an empty window). A PSI above ``monitor.psi_max``
-or an abstention share above ``monitor.abstention_max`` is drift.
+report, for an empty window). With at least ``monitor.min_requests`` requests in the window, a
+PSI above ``monitor.psi_max`` or an abstention share whose interval lies wholly above
+``monitor.abstention_max`` is drift; with fewer, nothing is flagged and the report says so.
 """
 
 from __future__ import annotations
@@ -52,16 +53,21 @@ def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
     held = sum(1 for r in rows if r["abstained"] or r["refused"])
     share = held / n if n else float("nan")
     config = params.monitor
-    drifted = [name for name, value in psi.items() if value > config.psi_max]
-    if n and share > config.abstention_max:
+    interval = wilson_interval(held, n)
+    enough = n >= config.min_requests
+    drifted = [name for name, value in psi.items() if value > config.psi_max] if enough else []
+    # Decided on the interval, as the gates are: drift only when even its lower bound is above.
+    if enough and interval[0] > config.abstention_max:
         drifted.append("abstention_share")
     return {
         "n": n,
         "window": config.window,
+        "min_requests": config.min_requests,
+        "enough_requests": enough,
         "psi": psi,
         "psi_max": config.psi_max,
         "abstention_share": share,
-        "abstention_interval": list(wilson_interval(held, n)),
+        "abstention_interval": list(interval),
         "abstention_expected": profile.ood["false_rejection"],
         "abstention_max": config.abstention_max,
         "drifted": drifted,
@@ -71,3 +77,34 @@ def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
 
 def _num(value) -> float:
     return float("nan") if value is None else float(value)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """What ``medtransfer monitor`` prints: requests compared, the abstention share with its
+    interval, each drifted statistic, and the verdict (or how many more requests it needs)."""
+    n, needed = report["n"], report["min_requests"]
+    low, high = report["abstention_interval"]
+    share = report["abstention_share"]
+    lines = [f"monitor: {n} recent requests compared with the training profile"]
+    if n:
+        lines.append(
+            f"  abstained or refused: {share:.3f} (95% CI {low:.3f}-{high:.3f}, n={n}); "
+            f"expected {report['abstention_expected']:.3f}, drift above "
+            f"{report['abstention_max']:.3f}"
+        )
+    psi = ", ".join(f"{name} {value:.2f}" for name, value in report["psi"].items())
+    lines.append(f"  PSI (drift above {report['psi_max']:.2f}): {psi}")
+    if not report["enough_requests"]:
+        return [
+            *lines,
+            f"drift: not judged, {n} of the {needed} requests needed "
+            "(monitor.min_requests); run it again after more requests",
+        ]
+    if report["drift"]:
+        return [
+            *lines,
+            f"drift: FOUND in {', '.join(report['drifted'])}",
+            "next: compare recent inputs with the training data; retrain on data that covers "
+            "them (`medtransfer run` on the new source) before trusting the service's answers",
+        ]
+    return [*lines, "drift: none found"]

@@ -159,6 +159,21 @@ def import_model(
     return tag
 
 
+def approval(version, alias: str) -> tuple[bool, str]:
+    """Whether registry ``version`` is approved (it carries ``alias``, which only a version
+    that passed its gates gets) and a sentence saying so, which the Bento repeats in ``/info``,
+    every reply and its labels."""
+    if alias in (getattr(version, "aliases", None) or []):
+        return True, f"approved: version {version.version} carries the alias '{alias}'"
+    tags = version.tags or {}
+    passed = {"true": "passed", "false": "failed"}.get(tags.get("robustness_passed", ""), "?")
+    return False, (
+        f"NOT APPROVED: version {version.version} does not carry the alias '{alias}' "
+        f"(robustness gates {passed}, promotion {tags.get('promotion', '?')}); built on "
+        "request with registry.version, for trials only, not for patient care"
+    )
+
+
 def build_bento(serving: ServingParams, args: dict[str, Any], version):
     """Build the Bento from ``serving/bentofile.yaml`` with ``args`` (the service's arguments)."""
     import bentoml
@@ -170,6 +185,7 @@ def build_bento(serving: ServingParams, args: dict[str, Any], version):
             "registered_model": version.name,
             "registry_version": str(version.version),
             "batching": "on" if serving.batching else "off",
+            "approved": "true" if args.get("approved") else "false",
         },
         build_ctx=str(PROJECT_ROOT),
         args=args,

@@ -29,8 +29,9 @@ def check_run(client, candidate: Candidate, saved) -> str:
     """The run exists, is live, logged a model, and that model is the saved student.
 
     Returns:
-        The URI of the run's logged model named ``model`` (MLflow 3 keeps it as a LoggedModel,
-        ``models:/<model id>``; ``runs:/<run>/model`` for older stores).
+        The URI of the run's logged student (``student_classifier``, or ``model`` in runs
+        logged before; MLflow 3 keeps it as a LoggedModel, ``models:/<model id>``;
+        ``runs:/<run>/model`` for older stores).
     """
     import mlflow
     import torch
@@ -50,7 +51,7 @@ def check_run(client, candidate: Candidate, saved) -> str:
         logged = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except Exception as err:  # MLflow raises several types for a missing or broken model
         raise MedtransferError(
-            f"MLflow run {candidate.run_id} has no loadable model named 'model' "
+            f"MLflow run {candidate.run_id} has no loadable logged student "
             f"({type(err).__name__}). Re-run `medtransfer train`."
         ) from err
     logged_state, saved_state = logged.state_dict(), saved.state_dict()
@@ -84,12 +85,14 @@ def run_dataset_source(client, run_id: str) -> dict[str, str]:
 
 
 def _logged_model_uri(client, run) -> str:
+    from tasks.tracking.configure import LEGACY_MODEL_NAME, MODEL_NAME
+
     outputs = run.outputs.model_outputs if run.outputs is not None else []
     for output in outputs:
         model = client.get_logged_model(output.model_id)
-        if model.name == "model":
+        if model.name in (MODEL_NAME, LEGACY_MODEL_NAME):
             return model.model_uri
-    return f"runs:/{run.info.run_id}/model"
+    return f"runs:/{run.info.run_id}/{LEGACY_MODEL_NAME}"
 
 
 def weights_digest(model) -> str:

@@ -41,11 +41,17 @@ class Verdict:
         reasons: one sentence per failed gate (empty when ``passed``); the registry tags the
             model version with them.
         checked: one sentence per gate that was evaluated, passed or not.
+        gates: the same gates as numbers, one mapping each: ``name`` (``clean_auc``, or the
+            gate's threshold key without ``min_``/``max_``), ``estimate``, ``ci_low``,
+            ``ci_up``, ``n``, the decisive ``bound`` (lower for a minimum, upper for a
+            maximum), its ``limit`` and ``passed`` (what ``dvc metrics show`` shows,
+            :mod:`tasks.figures`).
     """
 
     passed: bool
     reasons: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    gates: list[dict] = field(default_factory=list)
 
 
 def measured_epsilons(metrics: Mapping[str, float], measure: str) -> list[str]:
@@ -124,12 +130,17 @@ def gate_verdict(
     if gates.get(CLEAN_AUC_GATE) is not None:
         interval = clean_auc_interval or (clean_auc, clean_auc)
         minimum = float(gates[CLEAN_AUC_GATE])  # type: ignore[arg-type]
-        checks.at_least("clean AUC", clean_auc, interval, n_test, minimum)
+        checks.at_least("clean AUC", clean_auc, interval, n_test, minimum, name="clean_auc")
     labels = {measure.name: measure.label for measure in all_measures()}
     for gate in all_gates():
         if gates.get(gate.threshold) is not None:
             _attack_gate(result_metrics, gates, checks, gate, labels)
-    return Verdict(passed=not checks.reasons, reasons=checks.reasons, checked=checks.checked)
+    return Verdict(
+        passed=not checks.reasons,
+        reasons=checks.reasons,
+        checked=checks.checked,
+        gates=checks.gates,
+    )
 
 
 def _attack_gate(
@@ -170,6 +181,7 @@ def _attack_gate(
         checks.interval(key, values[worst]),
         checks.n(key),
         float(gates[gate.threshold]),  # type: ignore[arg-type]
+        name=gate.threshold.removeprefix("min_").removeprefix("max_"),
     )
 
 
@@ -185,6 +197,8 @@ class _Checks:
         self.sizes = result.sizes() if result is not None else {}
         self.reasons: list[str] = []
         self.checked: list[str] = []
+        self.gates: list[dict] = []
+        self._minimum: dict[str, bool] = {}
 
     def interval(self, key: str, value: float) -> Interval:
         return self.intervals.get(key, (value, value))
@@ -197,11 +211,39 @@ class _Checks:
         if not ok:
             self.reasons.append(sentence)
 
+    def record(
+        self, name: str, value: float, interval: Interval, n: int | None, limit: float, ok: bool
+    ) -> None:
+        """The gate as numbers (:attr:`Verdict.gates`); its decisive bound is the interval's
+        lower end for a minimum, the upper for a maximum (``_minimum``)."""
+        decisive = interval[0] if self._minimum[name] else interval[1]
+        self.gates.append(
+            {
+                "name": name,
+                "estimate": value,
+                "ci_low": interval[0],
+                "ci_up": interval[1],
+                "n": n,
+                "bound": decisive,
+                "limit": limit,
+                "passed": ok,
+            }
+        )
+
     def at_least(
-        self, what: str, value: float, interval: Interval, n: int | None, bound: float
+        self,
+        what: str,
+        value: float,
+        interval: Interval,
+        n: int | None,
+        bound: float,
+        name: str = "",
     ) -> None:
         # NaN compares false both ways, so the test is written as "bound satisfied".
         ok = interval[0] >= bound
+        if name:
+            self._minimum[name] = True
+            self.record(name, value, interval, n, bound, ok)
         self.check(
             ok,
             f"{what} is {_estimate(value, interval, n)}: its lower bound "
@@ -209,9 +251,18 @@ class _Checks:
         )
 
     def at_most(
-        self, what: str, value: float, interval: Interval, n: int | None, bound: float
+        self,
+        what: str,
+        value: float,
+        interval: Interval,
+        n: int | None,
+        bound: float,
+        name: str = "",
     ) -> None:
         ok = interval[1] <= bound
+        if name:
+            self._minimum[name] = False
+            self.record(name, value, interval, n, bound, ok)
         self.check(
             ok,
             f"{what} is {_estimate(value, interval, n)}: its upper bound "

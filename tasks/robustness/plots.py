@@ -48,20 +48,43 @@ def plot_robustness_curves(
     Returns:
         ``path`` as a :class:`Path`.
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = robustness_figure(result, reference=reference, title=title)
+    fig.savefig(path, format="png")
+    return path
+
+
+def robustness_figure(
+    result: RobustnessResult, *, reference: ReferenceCurve | None = None, title: str = ""
+):
+    """The figure :func:`plot_robustness_curves` saves (a matplotlib ``Figure``): a line and
+    a 95% interval band per accuracy measure, the reference, the clean accuracy, and the
+    legend beside the axes."""
     # Deferred: matplotlib is a heavy import. A bare Figure renders through Agg without
     # touching pyplot's global backend or figure list, so this is safe in worker processes
     # and never leaks figures.
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = [row.eps * 255.0 for row in result.rows]
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    fig = Figure(figsize=(9.0, 4.2), dpi=120)
     ax = fig.add_subplot()
     accuracies = [m for m in all_measures() if m.kind == "accuracy"]
     for measure, style in zip(accuracies, itertools.cycle(_STYLES), strict=False):
         if measure.name in result.rows[0].rates:
-            ax.plot(x, [row[measure.name] for row in result.rows], style, label=measure.label)
+            (line,) = ax.plot(
+                x, [row[measure.name] for row in result.rows], style, label=measure.label
+            )
+            # The 95% Wilson interval of each point, as a band in the curve's colour.
+            bounds = [row.rates[measure.name].interval for row in result.rows]
+            ax.fill_between(
+                x,
+                [low for low, _ in bounds],
+                [high for _, high in bounds],
+                color=line.get_color(),
+                alpha=0.15,
+                linewidth=0,
+            )
     if reference is not None:
         ref_eps = sorted(reference.accuracy_by_eps)
         ax.plot(
@@ -76,9 +99,9 @@ def plot_robustness_curves(
     ax.set_xlabel("L-inf budget (x 1/255 of the pixel range)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{title} (n={result.n_examples})")
+    ax.set_title(f"{title} (n={result.n_examples}, bands: 95% intervals)", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    # Beside the axes, not on them: a legend inside hid a curve (the noise line at the top).
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return fig

@@ -19,6 +19,7 @@ from tasks.errors import MedtransferError
 from tasks.evaluation import per_class, plot_data, plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_configured, gradcam_grid
 from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
+from tasks.figures import evaluation_figures, write_figures
 from tasks.model.student_io import StudentSpec, load_student
 from tasks.stages.preflight import check_stage_outputs
 
@@ -46,6 +47,7 @@ def run_evaluate(params: Params) -> dict:
     report = evaluation_report(evaluation, params.eval.bootstrap, params.seed)
     plot_data.write_evaluation_plots(params.reports_dir, evaluation, dataset.classes)
     reports.METRICS.write(params.reports_dir, report)
+    write_figures(params.reports_dir, "evaluate", evaluation_figures(report))
     _log_to_training_run(params, evaluation, figures, report, source)
     _log_summary(evaluation)
     return report
@@ -224,6 +226,7 @@ def _log_to_training_run(
     configure_mlflow(params)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(source.mlflow_tags(prefix="evaluate."))
+        mlflow.set_tag("test_auc", _auc_tag(evaluation))  # a column of the runs list
         mlflow.log_metrics(  # linked to the logged student: its model page shows them
             {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
             model_id=logged_model_id(run_id),
@@ -235,3 +238,10 @@ def _log_to_training_run(
             mlflow.log_table(
                 per_class.table_columns(evaluation.per_class), "evaluation/per_class_test.json"
             )
+
+
+def _auc_tag(evaluation: Evaluation) -> str:
+    """``0.871 [0.702, 0.968] n=18``: the test AUC, its interval and the test patients, as the
+    runs list shows it (tags can be columns there; the metric is ``eval_test_auc``)."""
+    low, high = evaluation.intervals.get("auc", (float("nan"), float("nan")))
+    return f"{evaluation.test.auc:.3f} [{low:.3f}, {high:.3f}] n={evaluation.n_test_patients}"

@@ -4,7 +4,7 @@ Reads the latest ``monitor.window`` rows of the service's request store
 (``serving.monitor_store``, :mod:`tasks.model.request_store`) and the profile packaging recorded
 (``<reports_dir>/serving_profile/profile.json``), compares them (:mod:`tasks.monitoring.drift`),
 writes ``<reports_dir>/monitor.json`` and ``plots/monitor.png`` and logs both to MLflow (run
-``monitor`` in the experiment).
+``monitor`` in the experiment ``<mlflow.experiment>-monitor``, apart from the training runs).
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def run_monitor(params: Params) -> dict:
 def _log_to_mlflow(params: Params, report: dict, plot: Path) -> None:
     import mlflow  # deferred: MLflow takes seconds to import, and only this step logs
 
-    from tasks.tracking.configure import configure_mlflow  # deferred with MLflow, which it imports
+    # deferred with MLflow, which it imports
+    from tasks.tracking.configure import MONITOR_SUFFIX, configure_mlflow
 
-    configure_mlflow(params)
+    configure_mlflow(params, suffix=MONITOR_SUFFIX)
     metrics = {f"psi_{k}": v for k, v in report["psi"].items() if np.isfinite(v)}
     metrics["abstention_share"] = report["abstention_share"] if report["n"] else 0.0
     metrics["requests"] = report["n"]

@@ -19,6 +19,7 @@ from tasks import reports
 from tasks.config import Params, ServingParams
 from tasks.registry.bento import (
     PackageResult,
+    approval,
     bentoml_home,
     build_bento,
     export_bento,
@@ -41,7 +42,10 @@ def run_package(params: Params) -> dict:
 
     Returns:
         The content of the package report (:data:`tasks.reports.PACKAGE`): the version, the
-        BentoML model and Bento tags, the archive's path.
+        BentoML model and Bento tags, the archive's path; or, when no version carries the
+        alias and none was chosen, ``built: false`` with why and the command that builds the
+        latest version anyway (:func:`nothing_approved`): a gate saying no is an outcome, not
+        an error, so ``dvc repro`` ends green.
 
     Raises:
         MedtransferError: no such version, a version not registered by medtransfer, or weights
@@ -54,17 +58,30 @@ def run_package(params: Params) -> dict:
 
     serving = params.serving
     configure_mlflow(params)
-    version = resolve_version(MlflowClient(), params.registry)
+    client = MlflowClient()
+    if params.registry.version is None and not has_alias(client, params.registry):
+        return nothing_approved(params)
+    version = resolve_version(client, params.registry)
     model, spec = student_from_version(version)
     home = bentoml_home(serving)
     threshold = parse_threshold(version.tags.get("threshold"))
     dataset_version = version.tags.get("dataset_version", "")
+    approved, approval_text = approval(version, params.registry.alias)
+    if not approved:
+        logger.warning("package: %s", approval_text)
+    logger.info("package: fitting the serving profile (scope, OOD detector) on the training data")
     profile = fit_profile(model, spec, params)
-    model_tag = _import_student(model, spec, version, threshold, dataset_version, profile)
+    logger.info("package: saving the student into BentoML's model store")
+    model_tag = _import_student(model, spec, version, threshold, dataset_version, profile, approved)
     args = _service_arguments(serving, version, spec, model_tag, threshold, dataset_version)
     args.update(
-        multiframe=profile.multiframe, scope=profile.scope, ood_threshold=profile.ood["threshold"]
+        multiframe=profile.multiframe,
+        scope=profile.scope,
+        ood_threshold=profile.ood["threshold"],
+        approved=approved,
+        approval=approval_text,
     )
+    logger.info("package: building and exporting the Bento")
     bento = build_bento(serving, args, version)
     archive = export_bento(bento, serving)
     result = PackageResult(
@@ -78,7 +95,12 @@ def run_package(params: Params) -> dict:
         threshold=threshold,
         batching=serving.batching,
     )
-    report = dataclasses.asdict(result)
+    report = {
+        "built": True,
+        **dataclasses.asdict(result),
+        "approved": approved,
+        "approval": approval_text,
+    }
     report["profile"] = _profile_summary(profile)
     reports.PACKAGE.write(params.reports_dir, report)
     # The drift monitor's reference: the profile without the detector's arrays.
@@ -90,6 +112,49 @@ def run_package(params: Params) -> dict:
         version.version,
         archive,
     )
+    return report
+
+
+def has_alias(client, registry) -> bool:
+    """Whether a version of ``registry.model_name`` carries ``registry.alias``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version_by_alias(registry.model_name, registry.alias)
+    except MlflowException:  # no such alias, or no such registered model
+        return False
+    return True
+
+
+def nothing_approved(params: Params) -> dict:
+    """Write and return the package report of a run with no approved version: nothing built,
+    which version the registry holds, the gates that stopped it and the command that builds it
+    anyway. The Bento folder and the serving profile are left as they are (created empty when
+    missing: they are the stage's DVC outputs)."""
+    registry = params.registry
+    registered = reports.REGISTER.read_if_present(params.reports_dir) or {}
+    version = registered.get("version")
+    stopped_by = list(registered.get("reasons") or [])
+    report = {
+        "built": False,
+        "bento": None,
+        "archive": None,
+        "model_name": registry.model_name,
+        "model_version": None,
+        "reason": f"nothing approved: no version of {registry.model_name!r} carries the alias "
+        f"{registry.alias!r}",
+        "latest_version": version,
+        "stopped_by": stopped_by,
+        "next": (
+            f"medtransfer package -S registry.version={version}"
+            if version
+            else "medtransfer register"
+        ),
+    }
+    Path(params.serving.export_dir).mkdir(parents=True, exist_ok=True)
+    _profile_dir(params)
+    reports.PACKAGE.write(params.reports_dir, report)
+    logger.info("package: %s; nothing built", report["reason"])
     return report
 
 
@@ -112,7 +177,7 @@ def _profile_dir(params: Params):
 
 
 def _import_student(
-    model, spec, version, threshold: float | None, dataset_version: str, profile
+    model, spec, version, threshold: float | None, dataset_version: str, profile, approved: bool
 ) -> str:
     """Save the student and its data profile into BentoML's model store with its provenance;
     returns the tag."""
@@ -125,6 +190,7 @@ def _import_student(
             "dataset_version": dataset_version[:63],
             "teacher": spec.teacher,
             "strategy": spec.strategy,
+            "approved": "true" if approved else "false",
         },
         metadata={
             "registered_model": version.name,

@@ -14,6 +14,7 @@ from tasks import reports
 from tasks.atomic import check_can_write
 from tasks.config import Params
 from tasks.evaluation import plot_data
+from tasks.figures import figures_dir
 
 # Plot images under <reports_dir>/plots that each stage draws (besides its plot data).
 _EVALUATE_PLOTS = ("roc.png", "confusion_test.png", "reliability_test.png", "gradcam_test.png")
@@ -36,8 +37,10 @@ def stage_outputs(stage: str, params: Params) -> tuple[list[Path], list[Path]]:
     elif stage == "evaluate":
         names = (plot_data.ROC, plot_data.CONFUSION, plot_data.RELIABILITY, *_EVALUATE_PLOTS)
         files += [plot(name) for name in names]
+        folders.append(figures_dir(reports_dir, stage))
     elif stage == "robustness":
         files += [plot(plot_data.ROBUSTNESS), plot("robustness.png")]
+        folders.append(figures_dir(reports_dir, stage))
     elif stage == "package":
         folders.append(Path(params.serving.export_dir))
     elif stage == "synthesize":

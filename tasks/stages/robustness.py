@@ -25,6 +25,7 @@ from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
 from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
+from tasks.figures import verdict_figures, write_figures
 from tasks.model.student import teacher_feature_extractor
 from tasks.model.student_io import StudentSpec, load_student
 from tasks.robustness.attacks.universal import natural_crops
@@ -105,6 +106,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     report["run_id"] = judged_run_id(params)
     plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)
+    write_figures(params.reports_dir, "robustness", verdict_figures(report["verdict"]))
     log_robustness(params, report, plot)
     logger.info(
         "robustness verdict: %s on %d images%s",
@@ -130,6 +132,7 @@ def _report(
             "passed": verdict.passed,
             "reasons": list(verdict.reasons),
             "checked": list(verdict.checked),
+            "gates": list(verdict.gates),
         },
         "clean_test_auc": clean.test.auc,
         "clean_test_auc_ci95": list(clean.intervals.get("auc", (None, None))),

@@ -20,6 +20,14 @@ def run_synthesize(params: Params) -> dict:
         holds. An identical set already on disk is kept as it is.
     """
     check_stage_outputs("synthesize", params)
-    folder, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(params))
+    synthetic.generate(synthetic.SyntheticConfig.from_params(params))
+    return describe_set(params)
+
+
+def describe_set(params: Params) -> dict:
+    """``{"dicom_dir", "labels_csv", "files"}`` of the synthetic set on disk (what
+    :func:`run_synthesize` returns; the flow reads it so when DVC says the set is current)."""
+    folder = synthetic.source_folder(synthetic.SyntheticConfig.from_params(params))
     files = sum(1 for path in folder.rglob("*.dcm") if path.is_file())
+    labels_csv = folder / synthetic.LABELS_FILE
     return {"dicom_dir": str(folder), "labels_csv": str(labels_csv), "files": files}

@@ -33,6 +33,9 @@ ARTIFACTS: dict[str, str] = {
     "bentos": "bentos",  # the exported Bento archives
     "serving_profile": "reports/serving_profile",  # the training data's profile, for serving
     "requests": "${serving.monitor_store}",  # the service's per-request records
+    # the figures that decide, one small file each: dvc.yaml's metrics (tasks.figures)
+    "evaluate_figures": "reports/figures/evaluate",
+    "robustness_figures": "reports/figures/robustness",
 }
 REPORT_PREFIX = "report:"
 
@@ -141,7 +144,7 @@ STAGES: tuple[Stage, ...] = (
         "val/test metrics, plots and Grad-CAM of the saved student",
         params=("seed", "eval"),
         reads=("dataset", "model"),
-        writes=("report:evaluate",),
+        writes=("report:evaluate", "evaluate_figures"),
         tracked=True,
     ),
     Stage(
@@ -156,7 +159,7 @@ STAGES: tuple[Stage, ...] = (
             "eval.bootstrap",
         ),
         reads=("dataset", "model"),
-        writes=("report:robustness",),
+        writes=("report:robustness", "robustness_figures"),
         options=("progress",),
         tracked=True,
     ),
@@ -193,7 +196,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "monitor",
-        "compare the service's recent requests with the training profile (drift report)",
+        "compare the service's recent requests with the training profile (drift report; "
+        "exit status 1 when drift is found)",
         params=("serving.monitor_store", "monitor"),
         reads=("serving_profile", "requests"),
         writes=("report:monitor",),

@@ -18,12 +18,21 @@ from tasks.tracking_store import check_tracking_store
 # UI infers the kind and opened medtransfer's experiment on the empty GenAI trace overview).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 SYSTEM_METRICS_INTERVAL_S = 5  # CPU, memory, disk and GPU sampled into each training run
-MODEL_NAME = "model"  # the name of the student each training run logs
+# The name of the student each training run logs (its page in the run's Models list); runs
+# logged before it had a name of its own call it "model" (LEGACY_MODEL_NAME).
+MODEL_NAME = "student_classifier"
+LEGACY_MODEL_NAME = "model"
 MAX_DIGEST = 36  # MLflow's dataset digest column (DVC's "<md5>.dir" is exactly 36)
 
 
-def configure_mlflow(params: Params) -> str:
-    """Point MLflow at the configured store and experiment; returns the experiment id.
+# The drift monitor's runs go to their own experiment, ``<mlflow.experiment>-monitor``, not
+# among the training runs.
+MONITOR_SUFFIX = "-monitor"
+
+
+def configure_mlflow(params: Params, suffix: str = "") -> str:
+    """Point MLflow at the configured store and experiment (``mlflow.experiment`` plus
+    ``suffix``, e.g. :data:`MONITOR_SUFFIX`); returns the experiment id.
 
     ``MLFLOW_TRACKING_URI`` in the environment wins over ``mlflow.tracking_uri`` so that a test
     or a CI job can redirect every stage without editing params.yaml. The experiment is marked
@@ -34,7 +43,7 @@ def configure_mlflow(params: Params) -> str:
     check_tracking_store(uri)  # seconds and one line, not minutes of retries or a traceback
     mlflow.set_tracking_uri(uri)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    name = section.experiment
+    name = section.experiment + suffix
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         experiment_id = experiment.experiment_id

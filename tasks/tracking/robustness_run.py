@@ -10,6 +10,31 @@ import numpy as np
 
 from tasks import reports
 from tasks.config import Params
+from tasks.robustness.result import EPS_SEPARATOR
+
+# Per-budget figures are one MLflow metric per attack with the budget as its step, so MLflow
+# charts each attack as a curve. Steps are integers: the budget in tenths of 1/255 (0.5/255 is
+# step 5, 8/255 step 80). The intervals are in the robustness plot and report, not metrics.
+CURVE_PREFIX = "robustness/"
+STEPS_PER_255 = 10
+
+
+def curve_points(metrics: dict, prefix: str = "") -> list[tuple[str, float, int]]:
+    """``(metric name, value, step)`` to log for the robustness report's ``metrics``
+    (``<measure>_eps_<budget>``): ``robustness/<prefix><measure>`` at step budget x 2550;
+    a metric without a budget (``clean_acc``) is logged at step 0 under its own name.
+    Undefined (None, NaN) values are left out."""
+    points = []
+    for key, value in sorted(metrics.items()):
+        if value is None or not np.isfinite(value):
+            continue
+        measure, separator, eps = key.rpartition(EPS_SEPARATOR)
+        if not separator:
+            points.append((f"{prefix}{key}", float(value), 0))
+            continue
+        step = round(float(eps) * 255 * STEPS_PER_255)
+        points.append((f"{CURVE_PREFIX}{prefix}{measure}", float(value), step))
+    return points
 
 
 def log_robustness(params: Params, report: dict, plot: Path) -> None:
@@ -24,22 +49,11 @@ def log_robustness(params: Params, report: dict, plot: Path) -> None:
     if not trained.get("run_id"):
         return
     configure_mlflow(params)
-    finite = {k: v for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
-    for key, (low, high) in report["intervals"].items():
-        if np.isfinite(low) and np.isfinite(high):
-            finite[f"{key}_ci_low"], finite[f"{key}_ci_high"] = low, high
+    probe = (report.get("reference_probe") or {}).get("metrics") or {}
     with mlflow.start_run(run_id=trained["run_id"]):
         model_id = logged_model_id(trained["run_id"])  # the model page shows what is linked
-        mlflow.log_metrics(finite, model_id=model_id)
-        if report["reference_probe"]:
-            mlflow.log_metrics(
-                {
-                    f"probe_{k}": v
-                    for k, v in report["reference_probe"]["metrics"].items()
-                    if v is not None and np.isfinite(v)
-                },
-                model_id=model_id,
-            )
+        for name, value, step in [*curve_points(report["metrics"]), *curve_points(probe, "probe_")]:
+            mlflow.log_metric(name, value, step=step, model_id=model_id)
         mlflow.log_artifact(str(plot), artifact_path="robustness")
         mlflow.log_dict(report, "robustness/robustness.json")
         mlflow.set_tag("robustness_verdict", "pass" if report["verdict"]["passed"] else "fail")

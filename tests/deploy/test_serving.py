@@ -364,7 +364,17 @@ def test_a_reply_holds_only_the_documented_fields(served) -> None:
     answered = {"label", "probabilities", "abstained", "ood", "threshold", "model"}
     assert set(body) == (answered | {"reason"} if body["abstained"] else answered)
     assert set(body["ood"]) == {"score", "threshold", "out_of_distribution"}
-    assert set(reply.json()["model"]) == {"name", "version", "dataset_version", "bento_model"}
+    model = reply.json()["model"]
+    assert set(model) == {
+        "name",
+        "version",
+        "dataset_version",
+        "bento_model",
+        "approved",
+        "approval",
+    }
+    # the champion was packaged: every reply says it is the approved version
+    assert model["approved"] is True and model["approval"].startswith("approved: version ")
 
 
 PACKAGE_TWICE = """
