@@ -16,7 +16,8 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
   ========================  ======================================  ==========================
   route                     body                                    reply
   ========================  ======================================  ==========================
-  POST /classify/dicom      one DICOM file, ``application/dicom``   label, probabilities, ood
+  POST /classify/dicom      one DICOM file, ``application/dicom``   label, probabilities,
+                                                                  prediction_set, ood
   POST /classify/png        one PNG, ``image/png``                  same
   POST /classify/batch      ``multipart/form-data``, parts          ``results``: one per file
                             named ``files``, one DICOM each
@@ -27,7 +28,9 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
   GET  /docs /docs.json     (BentoML)                               OpenAPI page and schema
   ========================  ======================================  ==========================
 
-Every reply carries the OOD score (``ood``). At or above the threshold set at packaging on the
+Every reply carries the OOD score (``ood``) and the conformal prediction set
+(``prediction_set``: ``{"coverage": 0.95, "labels": [...]}``, the classes that hold the true
+one with at least that probability, :mod:`tasks.evaluation.conformal`; null when abstained). At or above the threshold set at packaging on the
 validation split (``serving.ood_false_rejection``) the reply is 200 with ``"label": null``,
 ``"abstained": true``, ``"probabilities": null`` and the reason: never a diagnosis. A DICOM whose
 Modality, Photometric Interpretation or Body Part is outside the training data's is refused with
@@ -80,6 +83,7 @@ from tasks.model.inference import (  # noqa: E402 - after the warning filter abo
     InputRejected,
     Predictor,
     decide,
+    prediction_set,
     prepare_dicom,
     prepare_png,
 )
@@ -127,6 +131,10 @@ class ServingArgs(BaseModel):
     scope: dict[str, list[str]] | None = None
     ood_threshold: float | None = None
     ood_gate: bool = True
+    # The conformal prediction sets (serving.coverage, and the quantile calibrated on the
+    # validation split at packaging); None: replies carry no set.
+    coverage: float | None = None
+    conformal_threshold: float | None = None
     monitor_store: str = ""
     monitor_max_records: int = 10000
 
@@ -235,6 +243,10 @@ class Classifier:
                 "multiframe": ARGS.multiframe,
                 "scope": ARGS.scope,
                 "ood": {"gate": ARGS.ood_gate, "threshold": ARGS.ood_threshold},
+                "prediction_sets": {
+                    "coverage": ARGS.coverage,
+                    "threshold": ARGS.conformal_threshold,
+                },
             }
         )
 
@@ -342,6 +354,9 @@ class Classifier:
             return {
                 "label": None,
                 "probabilities": None,
+                # no set either: an abstention is never an answer (and the set's guarantee
+                # holds for images like the training data)
+                "prediction_set": None,
                 "abstained": True,
                 "reason": ABSTAIN_REASON,
                 "ood": ood,
@@ -350,6 +365,9 @@ class Classifier:
         return {
             "label": decision.label,
             "probabilities": decision.probabilities,
+            "prediction_set": prediction_set(
+                probs, ARGS.classes, ARGS.coverage, ARGS.conformal_threshold, image
+            ),
             "abstained": False,
             "ood": ood,
         }

@@ -27,6 +27,7 @@ from tasks.registry.bento import (
     resolve_version,
     student_from_version,
 )
+from tasks.registry.conformal_fit import fit_conformal, mlflow_metrics
 from tasks.registry.profile_fit import fit_profile
 from tasks.stages.preflight import check_stage_outputs
 
@@ -41,7 +42,8 @@ def run_package(params: Params) -> dict:
 
     Returns:
         The content of the package report (:data:`tasks.reports.PACKAGE`): the version, the
-        BentoML model and Bento tags, the archive's path.
+        BentoML model and Bento tags, the archive's path, the profile and the served
+        prediction sets' rule with their test coverage (``conformal``).
 
     Raises:
         MedtransferError: no such version, a version not registered by medtransfer, or weights
@@ -60,10 +62,15 @@ def run_package(params: Params) -> dict:
     threshold = parse_threshold(version.tags.get("threshold"))
     dataset_version = version.tags.get("dataset_version", "")
     profile = fit_profile(model, spec, params)
+    sets_rule, conformal = fit_conformal(model, spec, params, profile.detector)
     model_tag = _import_student(model, spec, version, threshold, dataset_version, profile)
     args = _service_arguments(serving, version, spec, model_tag, threshold, dataset_version)
     args.update(
-        multiframe=profile.multiframe, scope=profile.scope, ood_threshold=profile.ood["threshold"]
+        multiframe=profile.multiframe,
+        scope=profile.scope,
+        ood_threshold=profile.ood["threshold"],
+        coverage=sets_rule.coverage,
+        conformal_threshold=sets_rule.threshold,
     )
     bento = build_bento(serving, args, version)
     archive = export_bento(bento, serving)
@@ -80,7 +87,9 @@ def run_package(params: Params) -> dict:
     )
     report = dataclasses.asdict(result)
     report["profile"] = _profile_summary(profile)
+    report["conformal"] = conformal
     reports.PACKAGE.write(params.reports_dir, report)
+    _log_conformal(version, conformal)
     # The drift monitor's reference: the profile without the detector's arrays.
     profile.save(_profile_dir(params))
     logger.info(
@@ -91,6 +100,18 @@ def run_package(params: Params) -> dict:
         archive,
     )
     return report
+
+
+def _log_conformal(version, conformal: dict) -> None:
+    """The served sets' test coverage on the registry version's training run, beside the
+    evaluate stage's own (``package_conformal_*``: what the Bento serves)."""
+    if not version.run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in mlflow_metrics(conformal).items():
+        client.log_metric(version.run_id, key, value)
 
 
 def _profile_summary(profile) -> dict[str, Any]:

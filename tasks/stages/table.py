@@ -112,7 +112,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest",
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
-        params=("seed", "data", "synthetic"),
+        params=("seed", "data", "synthetic", "eval.groups"),
         reads=("source",),
         writes=("dataset", "report:ingest"),
         options=("progress",),
@@ -139,7 +139,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "val/test metrics, plots and Grad-CAM of the saved student",
-        params=("seed", "eval"),
+        params=("seed", "eval", "serving.coverage"),
         reads=("dataset", "model"),
         writes=("report:evaluate",),
         tracked=True,
@@ -154,6 +154,8 @@ STAGES: tuple[Stage, ...] = (
             "eval.threshold",
             "eval.calibration",
             "eval.bootstrap",
+            "eval.groups",
+            "eval.min_group_size",
         ),
         reads=("dataset", "model"),
         writes=("report:robustness",),
