@@ -132,3 +132,54 @@ def test_a_named_site_and_listed_sex_are_recorded_and_a_file_without_them_is_unk
     assert sorted(manifest["group_sex"]) == ["M"] * 4 + ["unknown"] * 4
     assert sorted(manifest["group_manufacturer"]) == ["Acme"] * 4 + ["unknown"] * 4
     assert "group_age_band" not in manifest.columns
+
+
+def test_the_model_card_shows_the_sets_coverage_and_each_groups_figures() -> None:
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    conformal = {
+        "method": "aps",
+        "coverage": 0.95,
+        "threshold": 0.912,
+        "n_calibration": 40,
+        "test": {
+            "n": 55,
+            "covered": 53,
+            "coverage": 53 / 55,
+            "ci95": {"low": 0.877, "high": 0.990},
+            "mean_set_size": 1.31,
+        },
+    }
+    figures = {"auc": 0.8, "auc_ci_low": 0.6, "auc_ci_high": 0.95, "coverage": 0.9}
+    figures |= {"coverage_ci_low": 0.7, "coverage_ci_high": 0.97, "ece": 0.1}
+    rows = [
+        {"attribute": "manufacturer", "group": "Acme", "n_patients": 12, "n_images": 30}
+        | figures
+        | {"sensitivity": 0.75, "sensitivity_ci_low": 0.5, "sensitivity_ci_high": 1.0},
+        {"attribute": "manufacturer", "group": "other", "n_patients": 3, "n_images": 7}
+        | {"pooled_groups": 2, "auc": None, "coverage": None},
+    ]
+    card = render_model_card(
+        CardInputs(
+            model_name="m",
+            version="1",
+            run_id="r",
+            spec={"classes": ["a", "b"]},
+            dataset_version="d",
+            ingest={},
+            metrics={"conformal": conformal},
+            robustness=None,
+            promoted=False,
+            alias="champion",
+            groups=rows,
+        )
+    )
+    assert "held the true class for 53 of 55 images: coverage 0.964 [0.877, 0.990]" in card
+    assert "mean set size 1.31 classes" in card and "calibrated on 40 validation" in card
+    assert (
+        "| manufacturer | Acme | 12 | 30 | 0.800 [0.60, 0.95] | 0.750 [0.50, 1.00] | n/a "
+        "| 0.100 | 0.900 [0.70, 0.97] |" in card
+    )
+    assert (
+        "| manufacturer | other (2 groups pooled) | 3 | 7 | n/a | n/a | n/a | n/a | n/a |" in card
+    )

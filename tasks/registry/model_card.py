@@ -173,13 +173,17 @@ def _groups_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         ]
         names = ["auc", "sensitivity", "specificity", "ece"] + (["coverage"] if with_sets else [])
         cells += [
-            _num(row.get(n)) + _pair([row.get(f"{n}_ci_low"), row.get(f"{n}_ci_high")])
-            if row.get(n) is not None
-            else "n/a"
+            _num(row.get(n)) + _group_interval(row, n) if row.get(n) is not None else "n/a"
             for n in names
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _group_interval(row: Mapping[str, Any], name: str) -> str:
+    """`` [low, high]`` of a group row's figure ``name``, or nothing when it has none."""
+    bounds = [row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")]
+    return "" if all(b is None for b in bounds) else _pair(bounds)
 
 
 def weights_origin(teacher: str) -> str:

@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from tasks.code_closure import import_closure, relative_paths
-from tasks.model.inference import Predictor, prepare_dicom, prepare_png
+from tasks.model.inference import Predictor, prediction_set, prepare_dicom, prepare_png
 from tasks.model.profile import DataProfile, features_and_probabilities
 from tests.deploy.conftest import SERVED_LIMITS
 from tests.deploy.samples import (
@@ -103,6 +103,14 @@ def test_served_dicom_predictions_equal_the_in_process_student(served) -> None:
         if not body["abstained"]:
             answered += 1
             assert body["label"] == (CLASSES[1] if got[1] >= 0.5 else CLASSES[0])
+            # the set packaging calibrated, drawn from the image as evaluate draws it
+            sets = served.package["conformal"]
+            image = prepare_dicom(data, 64)
+            assert body["prediction_set"] == prediction_set(
+                expected[name][:-1], CLASSES, 0.95, sets["threshold"], image
+            )
+        else:
+            assert body["prediction_set"] is None
         assert body["threshold"] == 0.5
         assert body["model"]["name"] == "served-student"
         assert body["model"]["version"] == "1"
@@ -361,7 +369,8 @@ def test_a_reply_holds_only_the_documented_fields(served) -> None:
     data = corpus_bytes("CT_small.dcm")
     reply = requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM)
     body = reply.json()
-    answered = {"label", "probabilities", "abstained", "ood", "threshold", "model"}
+    answered = {"label", "probabilities", "prediction_set", "abstained", "ood", "threshold"}
+    answered.add("model")
     assert set(body) == (answered | {"reason"} if body["abstained"] else answered)
     assert set(body["ood"]) == {"score", "threshold", "out_of_distribution"}
     assert set(reply.json()["model"]) == {"name", "version", "dataset_version", "bento_model"}
