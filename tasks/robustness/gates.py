@@ -150,8 +150,8 @@ def _worst_group_gate(checks: _Checks, worst: Mapping | None, minimum: float) ->
     if worst is None:
         checks.check(
             True,
-            "worst-group AUC: no group of eval.groups has enough test patients of both classes "
-            "(eval.min_group_size) to be judged",
+            "the worst group's AUC is not judged: no group of eval.groups (nor their pool) has "
+            "eval.min_group_size test patients with both classes",
         )
         return
     interval = (float(worst["auc_ci_low"]), float(worst["auc_ci_high"]))  # type: ignore[arg-type]

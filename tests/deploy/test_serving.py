@@ -118,6 +118,30 @@ def test_served_dicom_predictions_equal_the_in_process_student(served) -> None:
     assert answered >= len(expected) // 2  # in-distribution images are mostly answered
 
 
+def test_the_packaged_set_rule_is_calibrated_on_validation_and_measured_on_test(served) -> None:
+    from tasks.data.dataset import load_processed
+    from tasks.evaluation.conformal import calibrate, measure, split_uniforms
+
+    predictor, _ = in_process(served)
+    dataset = load_processed(served.training.processed)
+    draws = split_uniforms(dataset)
+    probs = {}
+    for split in ("val", "test"):
+        images, _ = dataset.subset(split)
+        probs[split], _ = features_and_probabilities(
+            predictor.model, images, predictor.spec.temperature
+        )
+    rule = calibrate(probs["val"], dataset.subset("val")[1], 0.95, draws["val"])
+    block = served.package["conformal"]
+    assert block["threshold"] == pytest.approx(rule.threshold, abs=1e-6)
+    assert block["n_calibration"] == len(dataset.indices("val"))
+    tested = measure(rule.sets(probs["test"], draws["test"]), dataset.subset("test")[1])
+    assert block["test"]["covered"] == tested.covered and block["test"]["n"] == tested.n
+    # abstention beside the set, not in it: the accepted images' coverage is its own figure
+    assert block["test_abstention"]["n"] == tested.n
+    assert block["test_accepted"]["n"] == tested.n - block["test_abstention"]["abstained"]
+
+
 def test_served_probabilities_are_the_saved_logits_softened_by_the_saved_temperature(
     served,
 ) -> None:
