@@ -103,7 +103,7 @@ def scanner_rows(fraction: float, params, dataset, evaluation) -> list[str]:
     from tasks.evaluation import group_metrics
     from tasks.robustness.gates import gate_verdict
 
-    groups = group_metrics.test_group_rows(dataset, evaluation, params.eval, params.seed)
+    groups = group_metrics.split_group_rows(dataset, evaluation, params.eval, params.seed)
     scanners = [r for r in groups if r["attribute"] == "manufacturer"]
     worst = group_metrics.worst_group(groups)
     gates = {
@@ -145,11 +145,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     parser.add_argument("--scanner-patients", type=int, default=240)
+    parser.add_argument("--scanners-only", action="store_true", help="skip the coverage part")
+    parser.add_argument("--result", default="conformal-groups", help="results file name")
     args = parser.parse_args()
     started = time.perf_counter()
     coverage, scanners, worst_default = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         sources = [("synthetic default", "synthetic"), (Path(args.npz).name, args.npz)]
+        sources = [] if args.scanners_only else sources
         for i, (name, source) in enumerate(sources):
             params, dataset, evaluation = trained(Path(scratch) / f"c{i}", source, args.epochs, [])
             coverage += coverage_rows(name, dataset, evaluation)
@@ -165,7 +168,7 @@ def main() -> None:
             scanners += scanner_rows(fraction, params, dataset, evaluation)
     body = report(args, coverage, worst_default, scanners, time.perf_counter() - started)
     print(body)
-    print(write_result("conformal-groups", body))
+    print(write_result(args.result, body))
 
 
 def report(

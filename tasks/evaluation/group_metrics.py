@@ -98,7 +98,7 @@ def group_rows(
     return rows
 
 
-def test_group_rows(
+def split_group_rows(
     dataset: ProcessedDataset,
     evaluation: Evaluation,
     config: EvalParams,

@@ -47,7 +47,7 @@ def run_evaluate(params: Params) -> dict:
     figures = _plots(params, model, spec, dataset, evaluation)
     report = evaluation_report(evaluation, params.eval.bootstrap, params.seed)
     sets, report["conformal"] = conformal_sets(dataset, evaluation, params.serving.coverage)
-    rows = group_metrics.test_group_rows(dataset, evaluation, params.eval, params.seed, sets)
+    rows = group_metrics.split_group_rows(dataset, evaluation, params.eval, params.seed, sets)
     report["groups"] = group_metrics.worst_summary(rows)
     plot_data.write_evaluation_plots(params.reports_dir, evaluation, dataset.classes)
     plot_data.write_rows(params.reports_dir, plot_data.GROUPS, rows)

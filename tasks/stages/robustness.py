@@ -86,7 +86,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     )
     result = attack(student, "student")
     clean = evaluate_configured(student, dataset, params.eval, seed)
-    groups = group_metrics.test_group_rows(dataset, clean, params.eval, seed)
+    groups = group_metrics.split_group_rows(dataset, clean, params.eval, seed)
     verdict = gate_verdict(
         result.to_metrics(),
         clean.test.auc,
