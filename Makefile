@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench browser clean-venv
+.PHONY: venv demo test lint bench browser orthanc clean-venv
 
 venv: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/medtransfer run
 
-test: $(STAMP) browser
+test: $(STAMP) browser orthanc
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
@@ -45,6 +45,19 @@ browser:
 			--no-install-recommends chromium fonts-liberation; \
 	fi
 
+# Debian's Orthanc, the real PACS the DICOM output test stores into and reads back from
+# (tests/deploy/test_dicom_output.py starts its own on loopback ports with a temporary
+# configuration; the package's system service is not used). Installs only when missing.
+ORTHANC ?= /usr/sbin/Orthanc
+orthanc:
+	@if [ -x $(ORTHANC) ]; then \
+		echo "orthanc: $(ORTHANC) is installed"; \
+	else \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y \
+			--no-install-recommends orthanc; \
+	fi
+
 # Benchmarks are measured, not asserted: each prints a table and records it in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.ingest
@@ -53,6 +66,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.robustness
 	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.dicom_output
+	$(PY) -m benchmarks.many_classes
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.dataset_version
 	$(PY) -m benchmarks.ood

@@ -61,17 +61,41 @@ def _evaluate(report: dict) -> list[str]:
         )
         return f"{_number(test.get(name))}{interval}"
 
-    lines = [
-        f"test AUC {value('auc')}, sensitivity {value('sensitivity')}, "
-        f"specificity {value('specificity')} at threshold "
-        f"{_number(report.get('threshold'))} ({report.get('threshold_rule')})"
-    ]
+    if "per_class" in test:  # more than two classes: the macro figures, then each class
+        lines = [
+            f"test AUC (one vs rest, macro) {value('auc')}, balanced accuracy "
+            f"{value('balanced_accuracy')} (top class)",
+            *(_class_line(row) for row in test["per_class"]),
+        ]
+    else:
+        lines = [
+            f"test AUC {value('auc')}, sensitivity {value('sensitivity')}, "
+            f"specificity {value('specificity')} at threshold "
+            f"{_number(report.get('threshold'))} ({report.get('threshold_rule')})"
+        ]
     if ci:
         lines.append(
             f"  95% intervals: bootstrap over {test.get('n_patients')} test patients "
             f"({test.get('n_images')} images)"
         )
     return lines
+
+
+def _class_line(row: dict) -> str:
+    """One class of the per-class table: its AUC, sensitivity and precision with intervals."""
+
+    def number(value: Any) -> str:
+        return "n/a" if value is None else _number(value)  # None: the class was never chosen
+
+    def value(name: str) -> str:
+        bounds = row.get(f"{name}_ci95") or {}
+        interval = f" [{number(bounds.get('low'))}, {number(bounds.get('high'))}]" if bounds else ""
+        return f"{number(row.get(name))}{interval}"
+
+    return (
+        f"  {row.get('class')} (n={row.get('n')}): AUC {value('auc')}, sensitivity "
+        f"{value('sensitivity')}, precision {value('precision')}"
+    )
 
 
 def _robustness(report: dict) -> list[str]:

@@ -16,8 +16,8 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
   ========================  ======================================  ==========================
   route                     body                                    reply
   ========================  ======================================  ==========================
-  POST /classify/dicom      one DICOM file, ``application/dicom``   label, probabilities,
-                                                                  prediction_set, ood
+  POST /classify/dicom      one DICOM file, ``application/dicom``   label, probabilities, ood;
+                            (``Accept: application/dicom``)         SR + Grad-CAM SC, DICOM
   POST /classify/png        one PNG, ``image/png``                  same
   POST /classify/batch      ``multipart/form-data``, parts          ``results``: one per file
                             named ``files``, one DICOM each
@@ -28,14 +28,13 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
   GET  /docs /docs.json     (BentoML)                               OpenAPI page and schema
   ========================  ======================================  ==========================
 
-Every reply carries the OOD score (``ood``) and the conformal prediction set
-(``prediction_set``: ``{"coverage": 0.95, "labels": [...]}``, the classes that hold the true
-one with at least that probability, :mod:`tasks.evaluation.conformal`; null when abstained). At or above the threshold set at packaging on the
+Every reply carries the OOD score (``ood``) and the conformal ``prediction_set``
+(:mod:`tasks.evaluation.conformal`). At or above the OOD threshold set at packaging on the
 validation split (``serving.ood_false_rejection``) the reply is 200 with ``"label": null``,
-``"abstained": true``, ``"probabilities": null`` and the reason: never a diagnosis. A DICOM whose
-Modality, Photometric Interpretation or Body Part is outside the training data's is refused with
-422 ``out_of_scope``. A multi-frame DICOM is read the way the model's ingestion read it (the
-``multiframe`` rule recorded with the model).
+``"abstained": true``, ``"probabilities": null``, ``"prediction_set": null`` and the reason:
+never a diagnosis. A DICOM whose Modality, Photometric Interpretation or Body Part is outside
+the training data's is refused with 422 ``out_of_scope``. A multi-frame DICOM is read the way
+the model's ingestion read it (the ``multiframe`` rule recorded with the model).
 
 Bad input gets a 4xx with ``{"error": code, "message": ..., "status": ...}`` (codes in
 :data:`tasks.model.inference.REJECTIONS`), never a 500. The 5xx are 503
@@ -51,9 +50,11 @@ Configuration comes from the Bento's arguments (:class:`ServingArgs`), written b
 ``medtransfer package`` from params.yaml, the registry version and the recorded profile.
 
 Beside this module, by concern: :mod:`serving.uploads` (the checks before a body is read),
-:mod:`serving.limits` (the request deadline and the decode slots) and :mod:`serving.operations`
+:mod:`serving.limits` (the request deadline and the decode slots), :mod:`serving.replies` (the
+4xx and 503 answers), :mod:`serving.operations`
 (BentoML's processes: ``BENTOML_HOME``, ``/metrics`` labels and metrics, the parent-death
-signal, ``/readyz``).
+signal, ``/readyz``); :mod:`serving.dicom_output` (the SR and Grad-CAM SC of a classified
+DICOM, multipart/related; sent to ``serving.pacs`` by :mod:`serving.pacs`).
 """
 
 from __future__ import annotations
@@ -69,15 +70,25 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 # tasks.data.dicom_io silences pydicom's logger and warnings after importing pydicom (whose
 # import resets its logger); this filter also covers anything imported before it.
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
+from serving.dicom_output import (  # noqa: E402
+    PACS_ENVIRONMENT,
+    accepts_dicom,
+    dicom_outputs,
+    dicom_response,
+    pacs_target,
+)
+from serving.dicom_report import DicomOutputError  # noqa: E402
 from serving.limits import DecodeSlots, request_deadline, timed_out  # noqa: E402
 from serving.operations import Metrics, model_ready, prepare_process  # noqa: E402
+from serving.pacs import PacsError, PacsTarget, send  # noqa: E402
+from serving.replies import ModelUnavailable, answer, rejection, unavailable  # noqa: E402
 from serving.uploads import UploadLimits  # noqa: E402 - imports pydicom: after the filter
 from tasks.model.inference import (  # noqa: E402 - after the warning filter above
     InputRejected,
@@ -87,16 +98,15 @@ from tasks.model.inference import (  # noqa: E402 - after the warning filter abo
     prepare_dicom,
     prepare_png,
 )
-from tasks.model.profile import (  # noqa: E402
-    DataProfile,
-    Scope,
-    features_and_probabilities,
-)
+from tasks.model.profile import DataProfile, Scope, features_and_probabilities  # noqa: E402
 from tasks.model.request_store import RequestStore  # noqa: E402
 
 logger = logging.getLogger("medtransfer.serving")
 
 MODEL_CALL_ATTEMPTS = 3
+# The limits /info shows (ServingArgs fields).
+LIMITS = ("max_upload_bytes", "max_batch_files", "max_image_dim", "max_decoded_mib")
+LIMITS += ("max_concurrent_decodes", "request_timeout_s")
 WRONG_METHODS = ["GET", "PUT", "DELETE", "PATCH"]
 ABSTAIN_REASON = (
     "The image is unlike the data the model was trained on (its out-of-distribution score is "
@@ -131,18 +141,20 @@ class ServingArgs(BaseModel):
     scope: dict[str, list[str]] | None = None
     ood_threshold: float | None = None
     ood_gate: bool = True
-    # The conformal prediction sets (serving.coverage, and the quantile calibrated on the
-    # validation split at packaging); None: replies carry no set.
-    coverage: float | None = None
-    conformal_threshold: float | None = None
+    coverage: float | None = None  # serving.coverage; None (and no quantile): no sets
+    conformal_threshold: float | None = None  # the set rule's quantile, set at packaging
     monitor_store: str = ""
     monitor_max_records: int = 10000
+    # serving.pacs as packaged (enabled, host, port, called_ae, calling_ae, timeout_s).
+    pacs: dict | None = None
 
 
 prepare_process()
 ARGS = bentoml.use_arguments(ServingArgs)
 # At most serving.max_concurrent_decodes images decode at once in this worker (serving.limits).
 DECODES = DecodeSlots(ARGS.max_concurrent_decodes, ARGS.request_timeout_s)
+# Where each classified DICOM's SR and SC are C-STOREd (None: nowhere); see serving.dicom_output.
+PACS: PacsTarget | None = pacs_target(ARGS.pacs, os.environ.get(PACS_ENVIRONMENT))
 
 
 @bentoml.service(
@@ -171,6 +183,9 @@ class StudentModel:
         # serving.ood_gate false: no score, no abstention (the benchmark's "gate off").
         gate = ARGS.ood_gate and profile is not None
         self.detector = profile.detector if gate else None
+        from tasks.model.explain import Explainer
+
+        self.explainer = Explainer(self.predictor.model)
 
     def __is_ready__(self) -> bool:
         """``/readyz`` answers 200 only once the student is loaded."""
@@ -184,11 +199,28 @@ class StudentModel:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 images ``(B, S, S)`` → float32 ``(B, C + 1)``: class probabilities, then the
         OOD score (NaN for a model packaged without a profile)."""
-        assert self.predictor is not None
+        return self._outputs(np.asarray(images, dtype=np.uint8))
+
+    @bentoml.api(
+        batchable=ARGS.batching,
+        max_batch_size=max(ARGS.max_batch_size, 2),
+        max_latency_ms=ARGS.max_latency_ms,
+    )
+    def explain(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images ``(B, S, S)`` → float32 ``(B, C + 1 + S * S)``: :meth:`predict`'s
+        output, then each image's Grad-CAM map ``(S, S)`` in [0, 1] of its decided class
+        (:func:`tasks.model.inference.decide`'s rule), flattened."""
         images = np.asarray(images, dtype=np.uint8)
-        probs, features = features_and_probabilities(
-            self.predictor.model, images, self.predictor.spec.temperature
-        )
+        outputs = self._outputs(images)
+        return self.explainer.with_maps(images, outputs, ARGS.threshold)
+
+    def _outputs(self, images: np.ndarray) -> np.ndarray:
+        assert self.predictor is not None
+        # The Grad-CAM hooks see every forward pass of the model: one pass at a time.
+        with self.explainer.lock:
+            probs, features = features_and_probabilities(
+                self.predictor.model, images, self.predictor.spec.temperature
+            )
         scores = np.full(len(images), np.nan)
         if self.detector is not None and features.shape[1]:
             scores = self.detector.score(features)
@@ -226,14 +258,7 @@ class Classifier:
                 "classes": ARGS.classes,
                 "image_size": ARGS.image_size,
                 "threshold": ARGS.threshold,
-                "limits": {
-                    "max_upload_bytes": ARGS.max_upload_bytes,
-                    "max_batch_files": ARGS.max_batch_files,
-                    "max_image_dim": ARGS.max_image_dim,
-                    "max_decoded_mib": ARGS.max_decoded_mib,
-                    "max_concurrent_decodes": ARGS.max_concurrent_decodes,
-                    "request_timeout_s": ARGS.request_timeout_s,
-                },
+                "limits": {key: getattr(ARGS, key) for key in LIMITS},
                 "batching": {
                     "enabled": ARGS.batching,
                     "max_batch_size": ARGS.max_batch_size,
@@ -243,10 +268,7 @@ class Classifier:
                 "multiframe": ARGS.multiframe,
                 "scope": ARGS.scope,
                 "ood": {"gate": ARGS.ood_gate, "threshold": ARGS.ood_threshold},
-                "prediction_sets": {
-                    "coverage": ARGS.coverage,
-                    "threshold": ARGS.conformal_threshold,
-                },
+                "sets": {"coverage": ARGS.coverage, "threshold": ARGS.conformal_threshold},
             }
         )
 
@@ -265,32 +287,52 @@ class Classifier:
 
     @bentoml.api(route="/classify/dicom")
     async def classify_dicom(
-        self, file: Annotated[Path, ContentType("application/dicom")], /
+        self, file: Annotated[Path, ContentType("application/dicom")], /, ctx: bentoml.Context
     ) -> dict:
-        """Classify one DICOM file sent as the request body (``application/dicom``)."""
-        return await self._classify_one("/classify/dicom", file, self._prepare_dicom)
+        """Classify one DICOM file sent as the request body (``application/dicom``).
+
+        With ``Accept: application/dicom`` (or ``multipart/related; type="application/dicom"``)
+        the reply is the classification as DICOM: a Comprehensive SR and the Grad-CAM
+        Secondary Capture in the source's study, ``multipart/related``. With a PACS configured
+        (``serving.pacs``) both are C-STOREd to it too and the reply says how that went.
+        """
+        wants_dicom = accepts_dicom(ctx.request.headers.get("accept", ""))
+        dicom = wants_dicom if wants_dicom or PACS is not None else None
+        reply = await self._classify_one("/classify/dicom", file, self._prepare_dicom, dicom)
+        return answer(ctx, reply)
 
     @bentoml.api(route="/classify/png")
-    async def classify_png(self, file: Annotated[Path, ContentType("image/png")], /) -> dict:
+    async def classify_png(
+        self, file: Annotated[Path, ContentType("image/png")], /, ctx: bentoml.Context
+    ) -> dict:
         """Classify one PNG image sent as the request body (``image/png``)."""
-        return await self._classify_one("/classify/png", file, _prepare_png)
+        if accepts_dicom(ctx.request.headers.get("accept", "")):
+            refusal = InputRejected("dicom_output_needs_dicom")
+            return answer(ctx, rejection("/classify/png", refusal, None))
+        return answer(ctx, await self._classify_one("/classify/png", file, _prepare_png))
 
     @bentoml.api(route="/classify/batch")
     async def classify_batch(
-        self, files: list[Annotated[Path, ContentType("application/*")]]
+        self, files: list[Annotated[Path, ContentType("application/*")]], ctx: bentoml.Context
     ) -> dict:
         """Classify several DICOM files, ``multipart/form-data`` file parts named ``files``.
 
         One bad file rejects the whole request, naming the file's position (from 0).
         """
+        if accepts_dicom(ctx.request.headers.get("accept", "")):
+            refusal = InputRejected("dicom_output_per_file")
+            return answer(ctx, rejection("/classify/batch", refusal, None))
+        return answer(ctx, await self._classify_batch(files))
+
+    async def _classify_batch(self, files: list[Path]) -> Response:
         try:
             with request_deadline(files, ARGS.request_timeout_s):
                 images = await DECODES.run(self._prepare_all, files)
                 outputs = await self._predict(images)
         except InputRejected as err:
-            return _rejection("/classify/batch", err, self.monitor)
+            return rejection("/classify/batch", err, self.monitor)
         except ModelUnavailable:
-            return _unavailable()
+            return unavailable()
         except TimeoutError:
             return timed_out("/classify/batch")
         results = [
@@ -299,20 +341,48 @@ class Classifier:
         ]
         return JSONResponse({"results": results, **_served_by()})
 
-    async def _classify_one(self, route: str, file: Path, prepare: Callable) -> JSONResponse:
+    async def _classify_one(
+        self, route: str, file: Path, prepare: Callable, dicom: bool | None = None
+    ) -> Response:
         """Shared body of the single-image routes: ``prepare`` the upload into one model-ready
-        image, predict; the decision as JSON, or a 4xx."""
+        image, predict; the decision as JSON, or a 4xx. ``dicom`` (not None): explain too and
+        make the DICOM output (:meth:`_dicom_output`; True: as the reply)."""
         try:
             with request_deadline([file], ARGS.request_timeout_s):
-                image = await DECODES.run(prepare, file.read_bytes())
-                outputs = await self._predict(image[np.newaxis])
+                data = file.read_bytes()
+                image = await DECODES.run(prepare, data)
+                method = "predict" if dicom is None else "explain"
+                output = (await self._call_model(image[np.newaxis], method))[0]
         except InputRejected as err:
-            return _rejection(route, err, self.monitor)
+            return rejection(route, err, self.monitor)
         except ModelUnavailable:
-            return _unavailable()
+            return unavailable()
         except TimeoutError:
             return timed_out(route)
-        return JSONResponse({**self._decision(route, outputs[0], image), **_served_by()})
+        width = len(ARGS.classes) + 1
+        reply = {**self._decision(route, output[:width], image), **_served_by()}
+        if dicom is None:
+            return JSONResponse(reply)
+        cam = output[width:].reshape(image.shape)
+        return await self._dicom_output(route, data, reply, image, cam, dicom)
+
+    async def _dicom_output(self, route, data, reply, image, cam, wants_dicom) -> Response:
+        """Build the SR and SC (:func:`serving.dicom_output.dicom_outputs`), send them to the
+        PACS if there is one; reply with them (``wants_dicom``) or as JSON with a ``pacs``
+        block. A PACS failure never fails the classification."""
+        import anyio
+
+        try:
+            outputs = await anyio.to_thread.run_sync(
+                dicom_outputs, data, reply, image, cam, ARGS.max_image_dim
+            )
+        except DicomOutputError:
+            if wants_dicom:
+                return rejection(route, InputRejected("dicom_output_unavailable"), None)
+            return JSONResponse({**reply, "pacs": PacsError("dicom_output_unavailable").to_dict()})
+        if PACS is not None:
+            reply["pacs"] = await send(outputs, PACS, route)
+        return dicom_response(outputs, reply.get("pacs")) if wants_dicom else JSONResponse(reply)
 
     def _prepare_dicom(self, data: bytes) -> np.ndarray:
         """DICOM bytes → the model's uint8 image, refusing what is outside the training scope."""
@@ -354,20 +424,17 @@ class Classifier:
             return {
                 "label": None,
                 "probabilities": None,
-                # no set either: an abstention is never an answer (and the set's guarantee
-                # holds for images like the training data)
-                "prediction_set": None,
+                "prediction_set": None,  # an abstention is never an answer
                 "abstained": True,
                 "reason": ABSTAIN_REASON,
                 "ood": ood,
             }
         decision = decide(probs, ARGS.classes, ARGS.threshold)
+        chosen = prediction_set(probs, ARGS.classes, ARGS.coverage, ARGS.conformal_threshold, image)
         return {
             "label": decision.label,
             "probabilities": decision.probabilities,
-            "prediction_set": prediction_set(
-                probs, ARGS.classes, ARGS.coverage, ARGS.conformal_threshold, image
-            ),
+            "prediction_set": chosen,
             "abstained": False,
             "ood": ood,
         }
@@ -385,8 +452,9 @@ class Classifier:
             parts.append(await self._call_model(images[start : start + step]))
         return np.concatenate(parts)
 
-    async def _call_model(self, images: np.ndarray) -> np.ndarray:
-        """One call of the model service, retried when only the connection failed.
+    async def _call_model(self, images: np.ndarray, method: str = "predict") -> np.ndarray:
+        """One call of the model service's ``method`` (``predict`` or ``explain``), retried
+        when only the connection failed.
 
         A call that failed only because its connection was lost (the model worker restarted,
         or BentoML's client replaced its connection pool under it: see ``StudentModel``) is
@@ -396,7 +464,7 @@ class Classifier:
 
         for attempt in range(MODEL_CALL_ATTEMPTS):
             try:
-                return await self.student.to_async.predict(images)
+                return await getattr(self.student.to_async, method)(images)
             except (aiohttp.ClientConnectionError, RuntimeError) as err:
                 connection_lost = not isinstance(err, RuntimeError) or "closed" in str(err)
                 if not connection_lost or attempt == MODEL_CALL_ATTEMPTS - 1:
@@ -413,22 +481,6 @@ Classifier.add_asgi_middleware(
 )
 
 
-class ModelUnavailable(Exception):
-    """The model service did not answer (overloaded, restarting): the client may retry."""
-
-
-def _unavailable() -> JSONResponse:
-    return JSONResponse(
-        {
-            "error": "model_unavailable",
-            "message": "The model is overloaded or restarting; retry shortly.",
-            "status": 503,
-        },
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
-
-
 def _prepare_png(data: bytes) -> np.ndarray:
     return prepare_png(
         data, ARGS.image_size, ARGS.max_image_dim, max_decoded_bytes=ARGS.max_decoded_mib * 2**20
@@ -436,21 +488,9 @@ def _prepare_png(data: bytes) -> np.ndarray:
 
 
 def _model_block() -> dict:
-    return {
-        "name": ARGS.model_name,
-        "version": ARGS.model_version,
-        "dataset_version": ARGS.dataset_version,
-        "bento_model": ARGS.model_tag,
-    }
+    values = (ARGS.model_name, ARGS.model_version, ARGS.dataset_version, ARGS.model_tag)
+    return dict(zip(("name", "version", "dataset_version", "bento_model"), values, strict=True))
 
 
 def _served_by() -> dict:
     return {"threshold": ARGS.threshold, "model": _model_block()}
-
-
-def _rejection(route: str, err: InputRejected, monitor: RequestStore) -> JSONResponse:
-    # Reason code and route only: nothing from the upload is logged.
-    logger.info("rejected %s with %d: %s", route, err.status, err.reason)
-    if err.reason == "out_of_scope":
-        monitor.record(route, float("nan"), None, None, abstained=False, refused=True)
-    return JSONResponse(err.to_dict(), status_code=err.status)

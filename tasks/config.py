@@ -46,6 +46,10 @@ IMAGE_SIZE_STEP = 32
 MAX_IMAGE_SIZE = 1024
 
 
+# A DICOM AE title (PS3.5 AE): up to 16 characters of the default repertoire, no backslash,
+# not only spaces.
+AE_TITLE = re.compile(r"(?=.*[^ ])[\x20-\x5b\x5d-\x7e]{1,16}")
+
 # data.name: a label, never a path (it names runs and the model card)
 DATA_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -262,6 +266,33 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class PacsParams:
+    """``serving.pacs``: where the service C-STOREs each classified DICOM's SR and Grad-CAM
+    capture (``serving/pacs.py``); off unless ``enabled``."""
+
+    enabled: bool = rule()
+    host: str = rule()
+    port: int = rule(min=1, max=65535)
+    # DICOM AE titles: 1-16 characters, no backslash (checked below).
+    called_ae: str = rule()
+    calling_ae: str = rule()
+    timeout_s: float = rule(above=0.0)
+
+    def __post_init__(self) -> None:
+        for key in ("called_ae", "calling_ae"):
+            value = getattr(self, key)
+            if not AE_TITLE.fullmatch(value):
+                raise MedtransferError(
+                    f"serving.pacs.{key} must be a DICOM AE title: 1 to 16 characters, no "
+                    "backslash or control character, not all spaces."
+                )
+        if self.enabled and not self.host.strip():
+            raise MedtransferError(
+                "serving.pacs.host must name the PACS when serving.pacs.enabled is true."
+            )
+
+
+@dataclass(frozen=True)
 class ServingParams:
     """``serving``: the Bento's name, store and the service's limits and batching."""
 
@@ -285,6 +316,7 @@ class ServingParams:
     monitor_store: str = rule()
     monitor_max_records: int = rule(min=1)
     coverage: float = rule(above=0.0, max=0.999)
+    pacs: PacsParams = rule()
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,11 @@ def test_the_typed_params_round_trip_through_a_params_file() -> None:
         ("seed=12345678901234567890123456", "seed must be at most 4294967295"),
         ("seed=4294967296", "seed must be at most 4294967295"),
         ("train.label_fractions=[0.5,2]", "train.label_fractions must be at most 1.0"),
+        ("serving.pacs.called_ae=ABCDEFGHIJKLMNOPQ", "serving.pacs.called_ae must be a DICOM AE"),
+        ("serving.pacs.calling_ae='A\\B'", "serving.pacs.calling_ae must be a DICOM AE"),
+        ("serving.pacs.calling_ae='  '", "serving.pacs.calling_ae must be a DICOM AE"),
+        ("serving.pacs.enabled=true", "serving.pacs.host must name the PACS"),
+        ("serving.pacs.port=70000", "serving.pacs.port must be at most 65535"),
     ],
 )
 def test_every_bad_value_is_one_clear_line_naming_the_key(override: str, message: str) -> None:

@@ -33,6 +33,9 @@ def test_gradcam_maps_of_a_mixed_batch_equal_each_images_own_map(student) -> Non
             cam(images[i : i + 1].clone().requires_grad_(True), class_idx=int(c)).detach().numpy()
             for i, c in enumerate(classes)
         ]
+    # MONAI's default post-processing flips each map (largest activation 0): ours is 1 - it,
+    # but for a flat map (no positive evidence anywhere; image 2 here), which is 0 in both.
+    alone = [a if a.max() == a.min() else 1.0 - a for a in alone]
     assert maps.shape == (4, 1, 64, 64)
     # The map is a weighted sum over the layer's 1,280 channels, normalised to [0, 1]. A batch
     # and a single image take different float32 reduction orders (and thread splits), so the
@@ -42,6 +45,19 @@ def test_gradcam_maps_of_a_mixed_batch_equal_each_images_own_map(student) -> Non
     # and the class matters: the other class's map of the same image differs
     other = gradcam_maps(student, GRADCAM_LAYER, images[:1], np.array([1]))
     assert np.abs(other[0] - maps[0]).max() > 0.05
+
+
+def test_gradcam_maps_are_hottest_where_the_classs_weighted_activation_is_largest(student) -> None:
+    image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    maps = gradcam_maps(student, GRADCAM_LAYER, image, np.array([1]))
+    with torch.enable_grad():  # MONAI's raw map: relu of the weighted activations, 2 x 2 here
+        raw = GradCAM(nn_module=student, target_layers=GRADCAM_LAYER).compute_map(
+            image.clone().requires_grad_(True), class_idx=1
+        )
+    upsampled = torch.nn.functional.interpolate(raw, size=(64, 64), mode="bilinear")[0, 0]
+    assert maps.max() == 1.0 and maps.min() == 0.0
+    assert maps[0, 0].argmax() == upsampled.argmax()
+    assert maps[0, 0].argmin() == upsampled.argmin()
 
 
 METRICS_REPORT = {

@@ -237,6 +237,36 @@ def chest_scene(size: int, rng: np.random.Generator, lesion_contrast: float | No
     return np.clip(scene, 0.0, 1.0).astype(np.float32)
 
 
+# The classes of :func:`write_three_class_npz`, by label value.
+THREE_CLASS_NAMES = ("normal", "opacity-left", "opacity-right")
+
+
+def write_three_class_npz(
+    path: Path, split_sizes: dict[str, int], size: int, seed: int, contrast: float = 0.8
+) -> Path:
+    """A MedMNIST-layout ``.npz`` of three classes of chest scenes (the many-classes check):
+    label 0 without an opacity, 1 with one in the left half of the image, 2 in the right half
+    (a scene whose opacity fell on the other side is mirrored). Classes cycle 0, 1, 2 within
+    each split; ``{split}_images`` uint8 ``(n, size, size)``, ``{split}_labels`` ``(n, 1)``.
+    Same arguments, same bytes."""
+    rng = np.random.default_rng([seed, 3])
+    arrays = {}
+    for split, n in split_sizes.items():
+        labels = np.arange(n) % 3
+        images = []
+        for label in labels:
+            scene = chest_scene(size, rng, None if label == 0 else contrast)
+            left_heavier = scene[:, : size // 2].sum() > scene[:, size // 2 :].sum()
+            if label and left_heavier != (label == 1):
+                scene = scene[:, ::-1]
+            images.append(np.rint(scene * 255).astype(np.uint8))
+        arrays[f"{split}_images"] = np.stack(images)
+        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
 def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index: int) -> Dataset:
     """Build one DICOM dataset (header plus pixel data) for a patient's ``image_index``-th image."""
     rng = np.random.default_rng([config.seed, patient.index, image_index])

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 from torch import nn
 from torch.utils.data import DataLoader
 
 from tasks.config import EvalParams
 from tasks.data.dataset import ProcessedDataset
 from tasks.errors import MedtransferError
-from tasks.evaluation import plots
+from tasks.evaluation import per_class, plots
 from tasks.evaluation.metrics import (
     SplitMetrics,
     apply_temperature,
@@ -28,13 +27,10 @@ from tasks.evaluation.metrics import (
     fit_temperature,
     split_metrics,
 )
+from tasks.model.explain import GRADCAM_LAYER, gradcam_maps  # noqa: F401 - re-exported
 from tasks.model.label_kind import SINGLE_LABEL
 from tasks.model.predict import probabilities_and_labels
 from tasks.model.transforms import ImageDataset, to_tensor_transform
-
-# Every student's backbone ends in ``top`` (the last convolution before pooling): the deepest
-# layer that still has spatial resolution, which is what Grad-CAM needs.
-GRADCAM_LAYER = "backbone.top"
 
 
 @dataclass
@@ -45,6 +41,8 @@ class Evaluation:
     ``eval.calibration`` is ``none``), the threshold is chosen on them; ``raw_probabilities``
     are the plain softmax, kept for the before/after calibration figures. ``intervals`` are
     the test metrics' 95% patient-level bootstrap intervals over ``n_test_patients``.
+    ``per_class`` is the test split's per-class table (:func:`per_class.per_class_report`)
+    when there are more than two classes, else empty (two classes report the positive one).
     """
 
     threshold_rule: str
@@ -57,6 +55,7 @@ class Evaluation:
     raw_probabilities: dict[str, np.ndarray] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     n_test_patients: int = 0
+    per_class: dict = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow: ``val_auc``, ``test_sensitivity``, ``threshold``,
@@ -68,6 +67,8 @@ class Evaluation:
         flat["temperature"] = self.temperature
         for split, raw in self.raw_probabilities.items():
             flat[f"{split}_ece_uncalibrated"] = expected_calibration_error(self.labels[split], raw)
+        if self.per_class:
+            flat.update(per_class.flat_metrics(self.per_class, "test"))
         return flat
 
 
@@ -104,6 +105,9 @@ def evaluate_student(
         calibration: ``temperature`` fits one temperature on val (:func:`fit_temperature`)
             and applies it to both splits; ``none`` keeps the softmax.
         bootstrap: resamples of test patients (0: no intervals); seed: their seed.
+
+    More than two classes: the decision is the top class (no threshold), and the test split
+    also gets its per-class table with the same patients' resamples.
     """
     raw, labels = _predict_splits(model, dataset, batch_size, device)
     temperature = (
@@ -135,6 +139,28 @@ def evaluate_student(
         raw_probabilities=raw,
         intervals=intervals,
         n_test_patients=len(np.unique(patients)),
+        per_class={} if binary else _per_class(probabilities, labels, dataset, bootstrap, seed),
+    )
+
+
+def _per_class(
+    probabilities: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    dataset: ProcessedDataset,
+    bootstrap: int,
+    seed: int,
+) -> dict:
+    """The test split's per-class table (more than two classes: the decision is the top
+    class), its intervals from the same patient resamples as the macro figures."""
+    patients = dataset.manifest["patient_hash"].to_numpy()[dataset.indices("test")]
+    return per_class.per_class_report(
+        labels["test"],
+        probabilities["test"],
+        SINGLE_LABEL.decide(probabilities["test"], None),
+        dataset.classes,
+        patients,
+        bootstrap,
+        seed,
     )
 
 
@@ -188,31 +214,3 @@ def gradcam_grid(
     return plots.plot_image_grid(
         [images[i] / 255.0 for i in chosen], list(maps[:, 0]), captions, path
     )
-
-
-def gradcam_maps(
-    model: nn.Module, layer: str, batch: torch.Tensor, classes: np.ndarray
-) -> np.ndarray:
-    """Grad-CAM of each image for its own class: ``(B, 1, H, W)`` float maps in [0, 1].
-
-    Args:
-        model: a classifier returning logits ``(B, C)``.
-        layer: the dotted name of the convolution whose activations are weighted.
-        batch: images ``(B, 1, H, W)`` as the model takes them.
-        classes: ``(B,)`` the class each image's map explains (e.g. its prediction).
-
-    MONAI's ``GradCAM`` backpropagates ``logits[:, class_idx].sum()``: given one index per
-    image it mixes every listed class into every map. So it is called once per class, on the
-    images that class explains, and each map depends on its own image and class only.
-    """
-    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
-    cam = GradCAM(nn_module=model, target_layers=layer)
-    maps = np.zeros((len(batch), 1, *batch.shape[2:]), dtype=np.float32)
-    model.eval()
-    with torch.enable_grad():
-        for cls in np.unique(classes):
-            rows = np.flatnonzero(classes == cls)
-            # The input needs a gradient so that frozen layers (linear probe) still backpropagate.
-            images = batch[torch.as_tensor(rows)].clone().requires_grad_(True)
-            maps[rows] = cam(images, class_idx=int(cls)).detach().numpy()
-    return maps

@@ -9,7 +9,7 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_curve
 
 from tasks.errors import MedtransferError
 from tasks.model.label_kind import SINGLE_LABEL
@@ -20,14 +20,17 @@ THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """ROC AUC: binary on the positive-class probability, else one-vs-rest macro average.
 
-    Returns NaN when only one class is present (AUC is undefined), instead of raising.
+    Returns NaN when only one class is present (AUC is undefined), instead of raising. With
+    more than two classes, a class absent from ``labels`` (a small validation split missing a
+    rare class) is left out of the macro mean (:func:`weighted_auc`), where scikit-learn's
+    ``roc_auc_score`` raises; with every class present the two agree.
     """
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return float("nan")
     if probabilities.shape[1] == 2:
         return float(binary_auc(labels, probabilities[:, 1]))
-    return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+    return float(weighted_auc(labels, probabilities, np.ones((1, len(labels))))[0])
 
 
 def binary_auc(
@@ -240,15 +243,26 @@ def weighted_metrics(
 
 
 def weighted_auc(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """:func:`roc_auc` per row of ``weights`` ``(B, N)``: ``(B,)``. Binary in one pass
-    (:func:`binary_auc`); more than two classes by repeating the images each row draws."""
+    """:func:`roc_auc` per row of ``weights`` ``(B, N)``: ``(B,)``, in one pass per class.
+
+    Binary: :func:`binary_auc` of the positive class. More classes: the mean of each class's
+    one-vs-rest :func:`binary_auc` (what ``roc_auc_score(..., multi_class="ovr",
+    average="macro")`` computes), over the classes a row can score: a patient resample of a
+    small test split may draw no image of some class, which leaves that class out of the row's
+    mean rather than making the row fail (NaN only when no class can be scored).
+    """
     if probabilities.shape[1] == 2:
         return binary_auc(labels, probabilities[:, 1], weights)
-    aucs = []
-    for row in weights.astype(np.int64):
-        index = np.repeat(np.arange(len(labels)), row)
-        aucs.append(roc_auc(labels[index], probabilities[index]))
-    return np.asarray(aucs)
+    labels = np.asarray(labels)
+    per_class = np.stack(
+        [
+            binary_auc((labels == c).astype(np.int64), probabilities[:, c], weights)
+            for c in range(probabilities.shape[1])
+        ]
+    )
+    scored = np.isfinite(per_class)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(scored, per_class, 0.0).sum(axis=0) / scored.sum(axis=0)
 
 
 def _weighted_ece(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -74,13 +74,21 @@ def confusion_rows(
 
 
 def write_evaluation_plots(reports_dir: str | Path, evaluation, classes: Sequence[str]) -> None:
-    """ROC, confusion and reliability (before and after calibration) of the test split."""
+    """ROC (two classes: the positive one; more: each class against the rest, rows with its
+    ``class``), confusion and reliability (before and after calibration) of the test split."""
     from tasks.evaluation.metrics import predict_labels, reliability_curve
 
     labels = evaluation.labels["test"]
     probabilities = evaluation.probabilities["test"]
     if probabilities.shape[1] == 2:
         write_rows(reports_dir, ROC, roc_rows(labels, probabilities[:, 1]))
+    else:  # each class against the rest, one curve per class
+        rows = [
+            {"class": name, **point}
+            for c, name in enumerate(classes)
+            for point in roc_rows((labels == c).astype(np.int64), probabilities[:, c])
+        ]
+        write_rows(reports_dir, ROC, rows)
     predicted = predict_labels(probabilities, evaluation.threshold)
     write_rows(reports_dir, CONFUSION, confusion_rows(labels, predicted, classes))
     reliability = [

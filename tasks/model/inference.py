@@ -68,6 +68,21 @@ REJECTIONS: dict[str, tuple[int, str]] = {
         422,
         "The image's DICOM metadata is outside the data the model was trained on.",
     ),
+    "dicom_output_needs_dicom": (
+        406,
+        "DICOM output (Accept: application/dicom) needs a DICOM input: send the DICOM file to "
+        "/classify/dicom, or accept application/json here.",
+    ),
+    "dicom_output_per_file": (
+        406,
+        "DICOM output is made per file: send each DICOM file to /classify/dicom with Accept: "
+        "application/dicom.",
+    ),
+    "dicom_output_unavailable": (
+        422,
+        "The DICOM file lacks a UID (study, series, SOP instance or class) that its DICOM "
+        "output must reference; ask for application/json.",
+    ),
 }
 
 # ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.data.ingestion,

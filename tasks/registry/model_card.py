@@ -68,7 +68,7 @@ def render_model_card(inputs: CardInputs) -> str:
         f"| transfer strategy | {strategy} |",
         f"| input | one grayscale image, {spec.get('image_size')} x {spec.get('image_size')} px after the training preprocessing |",
         f"| classes | {', '.join(spec.get('classes', ()))} |",
-        f"| decision threshold | {_num(threshold)} on the positive-class probability ({rule} on validation) |",
+        _decision_row(inputs.metrics, threshold, rule),
         f"| alias `{inputs.alias}` | {'moved to this version' if inputs.promoted else 'not moved'} |",
         "",
         "## Data",
@@ -91,6 +91,7 @@ def render_model_card(inputs: CardInputs) -> str:
         "",
     ]
     lines += _metrics_table(inputs.metrics)
+    lines += _per_class_table(inputs.metrics)
     lines += _metrics_notes(inputs.metrics)
     lines += _sets_section(inputs.metrics.get("conformal"))
     lines += _groups_section(inputs.groups)
@@ -184,6 +185,50 @@ def _group_interval(row: Mapping[str, Any], name: str) -> str:
     """`` [low, high]`` of a group row's figure ``name``, or nothing when it has none."""
     bounds = [row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")]
     return "" if all(b is None for b in bounds) else _pair(bounds)
+
+
+def _decision_row(metrics: Mapping[str, Any], threshold: Any, rule: str) -> str:
+    """The decision rule: a threshold on the positive class, or (more classes) the top class."""
+    if "per_class" in (metrics.get("test") or {}):
+        return "| decision | the most probable class (no threshold) |"
+    return (
+        f"| decision threshold | {_num(threshold)} on the positive-class probability "
+        f"({rule} on validation) |"
+    )
+
+
+def _per_class_table(metrics: Mapping[str, Any]) -> list[str]:
+    """More than two classes: each class's test AUC (one vs rest), sensitivity and precision
+    with 95% intervals, and the balanced accuracy; nothing for two classes."""
+    test = metrics.get("test") or {}
+    rows = test.get("per_class")
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Per class (test): balanced accuracy {_num(test.get('balanced_accuracy'))}"
+        f"{_interval((test.get('ci95') or {}).get('balanced_accuracy'))}.",
+        "",
+        "| class | test images | AUC (one vs rest) | sensitivity | precision |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
+    for row in rows:
+        cells = (
+            _num(row.get(k)) + _interval(row.get(f"{k}_ci95"))
+            for k in ("auc", "sensitivity", "precision")
+        )
+        lines.append(f"| {row.get('class')} | {row.get('n')} | " + " | ".join(cells) + " |")
+    confusion = test.get("confusion") or []
+    if confusion:
+        names = [str(row.get("class")) for row in rows]
+        lines += ["", "Confusion (test; rows: true class, columns: predicted):", ""]
+        lines += ["| true, predicted as | " + " | ".join(names) + " |"]
+        lines += ["|" + " --- |" * (len(names) + 1)]
+        lines += [
+            f"| {name} | " + " | ".join(str(n) for n in counts) + " |"
+            for name, counts in zip(names, confusion, strict=False)
+        ]
+    return lines
 
 
 def weights_origin(teacher: str) -> str:

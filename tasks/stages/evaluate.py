@@ -16,7 +16,7 @@ from tasks import reports
 from tasks.config import Params
 from tasks.data.dataset import DatasetSource, ProcessedDataset, load_processed
 from tasks.errors import MedtransferError
-from tasks.evaluation import conformal, group_metrics, plot_data, plots
+from tasks.evaluation import conformal, group_metrics, per_class, plot_data, plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_configured, gradcam_grid
 from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
 from tasks.model.student_io import StudentSpec, load_student
@@ -54,21 +54,36 @@ def run_evaluate(params: Params) -> dict:
     reports.METRICS.write(params.reports_dir, report)
     extra = {**group_metrics.mlflow_metrics(rows), **_conformal_metrics(report["conformal"])}
     _log_to_training_run(params, evaluation, figures, report, source, extra)
+    _log_summary(evaluation)
+    return report
+
+
+def _log_summary(evaluation: Evaluation) -> None:
+    """One log line of the test figures: sensitivity and specificity at the threshold for two
+    classes; the balanced accuracy (top class) for more."""
     test, ci = evaluation.test, evaluation.intervals
+    nan = (float("nan"), float("nan"))
+    if evaluation.per_class:
+        bounds = evaluation.per_class.get("balanced_accuracy_ci95") or {}
+        decision = (
+            f"balanced accuracy {evaluation.per_class['balanced_accuracy']:.3f} (95% CI "
+            f"{bounds.get('low', nan[0]):.3f}-{bounds.get('high', nan[1]):.3f}), top class"
+        )
+    else:
+        decision = (
+            f"sensitivity {test.sensitivity:.3f}, specificity {test.specificity:.3f} at "
+            f"threshold {evaluation.threshold:.3f} ({evaluation.threshold_rule})"
+        )
     logger.info(
-        "evaluate: test AUC %.3f (95%% CI %.3f-%.3f, %d images of %d patients), sensitivity "
-        "%.3f, specificity %.3f at threshold %.3f (%s), temperature %.2f",
+        "evaluate: test AUC %.3f (95%% CI %.3f-%.3f, %d images of %d patients), %s, "
+        "temperature %.2f",
         test.auc,
-        *ci.get("auc", (float("nan"), float("nan"))),
+        *ci.get("auc", nan),
         len(evaluation.labels["test"]),
         evaluation.n_test_patients,
-        test.sensitivity,
-        test.specificity,
-        evaluation.threshold,
-        evaluation.threshold_rule,
+        decision,
         evaluation.temperature,
     )
-    return report
 
 
 def conformal_sets(
@@ -103,7 +118,8 @@ def _conformal_metrics(block: dict) -> dict[str, float]:
 def evaluation_report(evaluation: Evaluation, resamples: int, seed: int) -> dict:
     """The metrics report: threshold, calibration (temperature, ECE before and after), and per
     split the metrics; the test split also its size and each metric's 95% interval
-    (``ci95.auc.low``/``high``, bootstrap over patients)."""
+    (``ci95.auc.low``/``high``, bootstrap over patients); with more than two classes the test
+    split also its ``per_class`` table and ``balanced_accuracy`` (with ``ci95``)."""
     raw = evaluation.raw_probabilities
     test = _split_report(evaluation.test)
     test["n_images"] = len(evaluation.labels["test"])
@@ -111,6 +127,11 @@ def evaluation_report(evaluation: Evaluation, resamples: int, seed: int) -> dict
     test["ci95"] = {
         name: {"low": low, "high": high} for name, (low, high) in evaluation.intervals.items()
     }
+    if evaluation.per_class:  # more than two classes: each class's figures and their mean
+        test["per_class"] = evaluation.per_class["classes"]
+        test["balanced_accuracy"] = evaluation.per_class["balanced_accuracy"]
+        if "balanced_accuracy_ci95" in evaluation.per_class:
+            test["ci95"]["balanced_accuracy"] = evaluation.per_class["balanced_accuracy_ci95"]
     return {
         "threshold_rule": evaluation.threshold_rule,
         "threshold": evaluation.threshold,
@@ -153,19 +174,20 @@ def _check_matches(spec: StudentSpec, dataset: ProcessedDataset) -> None:
 def _plots(
     params: Params, model, spec: StudentSpec, dataset: ProcessedDataset, evaluation: Evaluation
 ) -> list[Path]:
-    """ROC (val and test), the test confusion matrix and the Grad-CAM grid; their paths."""
-    roc = {s: (evaluation.labels[s], evaluation.probabilities[s][:, 1]) for s in ("val", "test")}
+    """ROC (val and test; with more than two classes each class against the rest on test),
+    the test confusion matrix, the reliability diagram and the Grad-CAM grid; their paths."""
+    binary = len(dataset.classes) == 2
     return [
         plots.plot_roc(
-            roc,
+            _roc_curves(evaluation, dataset.classes),
             reports.plot_path(params.reports_dir, "roc.png"),
-            title=f"ROC: {spec.teacher} {spec.strategy}",
+            title=f"ROC{'' if binary else ' (test, one vs rest)'}: {spec.teacher} {spec.strategy}",
         ),
         plots.plot_confusion(
             evaluation.test.confusion,
             dataset.classes,
             reports.plot_path(params.reports_dir, "confusion_test.png"),
-            f"test, threshold {evaluation.threshold:.3f}",
+            f"test, threshold {evaluation.threshold:.3f}" if binary else "test, top class",
         ),
         plots.plot_reliability(
             {
@@ -189,6 +211,22 @@ def _plots(
             params.eval.gradcam_examples,
         ),
     ]
+
+
+def _roc_curves(
+    evaluation: Evaluation, classes: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (0/1 labels, scores)}``: the positive class on val and test for two classes,
+    else each class against the rest on test (a binary ROC per class)."""
+    if len(classes) == 2:
+        return {
+            s: (evaluation.labels[s], evaluation.probabilities[s][:, 1]) for s in ("val", "test")
+        }
+    labels, probabilities = evaluation.labels["test"], evaluation.probabilities["test"]
+    return {
+        f"{name} (AUC {row['auc']:.3f})": ((labels == c).astype(np.int64), probabilities[:, c])
+        for c, (name, row) in enumerate(zip(classes, evaluation.per_class["classes"], strict=True))
+    }
 
 
 def _split_report(metrics: SplitMetrics) -> dict:
@@ -238,3 +276,7 @@ def _log_to_training_run(
         mlflow.log_dict(report, "evaluation/metrics.json")
         groups = reports.plot_path(params.reports_dir, plot_data.GROUPS)
         mlflow.log_artifact(str(groups), artifact_path="evaluation")
+        if evaluation.per_class:  # the run page's table view of each class's figures
+            mlflow.log_table(
+                per_class.table_columns(evaluation.per_class), "evaluation/per_class_test.json"
+            )

@@ -194,4 +194,5 @@ def _service_arguments(
         # Absolute: `bentoml serve` runs the service inside the Bento's own folder.
         "monitor_store": str(Path(serving.monitor_store).resolve()),
         "monitor_max_records": serving.monitor_max_records,
+        "pacs": dataclasses.asdict(serving.pacs),
     }

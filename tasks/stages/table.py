@@ -180,8 +180,13 @@ STAGES: tuple[Stage, ...] = (
         extra_modules=("serving.service",),
         extra_files=(
             "serving/__init__.py",
+            "serving/dicom_capture.py",
+            "serving/dicom_output.py",
+            "serving/dicom_report.py",
             "serving/limits.py",
             "serving/operations.py",
+            "serving/pacs.py",
+            "serving/replies.py",
             "serving/service.py",
             "serving/uploads.py",
             "serving/bentofile.yaml",
