@@ -28,12 +28,13 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
   GET  /docs /docs.json     (BentoML)                               OpenAPI page and schema
   ========================  ======================================  ==========================
 
-Every reply carries the OOD score (``ood``). At or above the threshold set at packaging on the
+Every reply carries the OOD score (``ood``) and the conformal ``prediction_set``
+(:mod:`tasks.evaluation.conformal`). At or above the OOD threshold set at packaging on the
 validation split (``serving.ood_false_rejection``) the reply is 200 with ``"label": null``,
-``"abstained": true``, ``"probabilities": null`` and the reason: never a diagnosis. A DICOM whose
-Modality, Photometric Interpretation or Body Part is outside the training data's is refused with
-422 ``out_of_scope``. A multi-frame DICOM is read the way the model's ingestion read it (the
-``multiframe`` rule recorded with the model).
+``"abstained": true``, ``"probabilities": null``, ``"prediction_set": null`` and the reason:
+never a diagnosis. A DICOM whose Modality, Photometric Interpretation or Body Part is outside
+the training data's is refused with 422 ``out_of_scope``. A multi-frame DICOM is read the way
+the model's ingestion read it (the ``multiframe`` rule recorded with the model).
 
 Bad input gets a 4xx with ``{"error": code, "message": ..., "status": ...}`` (codes in
 :data:`tasks.model.inference.REJECTIONS`), never a 500. The 5xx are 503
@@ -93,14 +94,11 @@ from tasks.model.inference import (  # noqa: E402 - after the warning filter abo
     InputRejected,
     Predictor,
     decide,
+    prediction_set,
     prepare_dicom,
     prepare_png,
 )
-from tasks.model.profile import (  # noqa: E402
-    DataProfile,
-    Scope,
-    features_and_probabilities,
-)
+from tasks.model.profile import DataProfile, Scope, features_and_probabilities  # noqa: E402
 from tasks.model.request_store import RequestStore  # noqa: E402
 
 logger = logging.getLogger("medtransfer.serving")
@@ -143,6 +141,8 @@ class ServingArgs(BaseModel):
     scope: dict[str, list[str]] | None = None
     ood_threshold: float | None = None
     ood_gate: bool = True
+    coverage: float | None = None  # serving.coverage; None (and no quantile): no sets
+    conformal_threshold: float | None = None  # the set rule's quantile, set at packaging
     monitor_store: str = ""
     monitor_max_records: int = 10000
     # serving.pacs as packaged (enabled, host, port, called_ae, calling_ae, timeout_s).
@@ -272,6 +272,7 @@ class Classifier:
                 "multiframe": ARGS.multiframe,
                 "scope": ARGS.scope,
                 "ood": {"gate": ARGS.ood_gate, "threshold": ARGS.ood_threshold},
+                "sets": {"coverage": ARGS.coverage, "threshold": ARGS.conformal_threshold},
             }
         )
 
@@ -427,14 +428,17 @@ class Classifier:
             return {
                 "label": None,
                 "probabilities": None,
+                "prediction_set": None,  # an abstention is never an answer
                 "abstained": True,
                 "reason": ABSTAIN_REASON,
                 "ood": ood,
             }
         decision = decide(probs, ARGS.classes, ARGS.threshold)
+        chosen = prediction_set(probs, ARGS.classes, ARGS.coverage, ARGS.conformal_threshold, image)
         return {
             "label": decision.label,
             "probabilities": decision.probabilities,
+            "prediction_set": chosen,
             "abstained": False,
             "ood": ood,
         }

@@ -34,6 +34,8 @@ THRESHOLD_RULES = ("youden", "spec@0.9", "0.5")
 CALIBRATIONS = ("temperature", "none")
 TASK_RUNNERS = ("threads", "processes", "dask")
 MULTIFRAME_MODES = ("middle", "all")
+# The grouping attributes evaluation can break figures down by (tasks/data/groups.py)
+GROUP_ATTRIBUTES = ("manufacturer", "model", "view", "body_part", "site", "sex", "age_band")
 # Out-of-distribution scores on the student's features (tasks/model/profile.py).
 OOD_METHODS = ("knn", "mahalanobis", "energy")
 # Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
@@ -62,6 +64,8 @@ class DataParams:
     source: str
     labels_csv: str | None
     name: str | None
+    # the site's label (a grouping attribute of every image), same form as name
+    site: str | None
     processed_dir: str
     image_size: int = rule(min=IMAGE_SIZE_STEP, max=MAX_IMAGE_SIZE, multiple_of=IMAGE_SIZE_STEP)
     multiframe: str = rule(choices=MULTIFRAME_MODES)
@@ -74,6 +78,11 @@ class DataParams:
             raise MedtransferError(
                 f"data.name {self.name!r} must be 1 to 64 letters, digits, '.', '_' or '-' "
                 "(a label such as site-a-2024, not a path), or null."
+            )
+        if self.site is not None and not DATA_NAME.fullmatch(self.site):
+            raise MedtransferError(
+                f"data.site {self.site!r} must be 1 to 64 letters, digits, '.', '_' or '-' "
+                "(a label such as hospital-north, not a path), or null."
             )
         if self.val_fraction + self.test_fraction >= 1:
             raise MedtransferError(
@@ -101,6 +110,7 @@ class SyntheticParams:
     rle_fraction: float = rule(min=0.0, max=1.0)
     monochrome1_fraction: float = rule(min=0.0, max=1.0)
     multiframe_fraction: float = rule(min=0.0, max=1.0)
+    second_scanner_contrast: float = rule(min=0.0, max=1.0)
 
     def check(self) -> None:
         if self.images_per_patient_min > self.images_per_patient_max:
@@ -170,6 +180,8 @@ class EvalParams:
     gradcam_examples: int = rule(min=0)
     calibration: str = rule(choices=CALIBRATIONS)
     bootstrap: int = rule(min=100)
+    groups: tuple[str, ...] = rule(choices=GROUP_ATTRIBUTES)
+    min_group_size: int = rule(min=1)
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,7 @@ class GatesParams:
 
     # Above 1 blocks every model (a way to hold promotion).
     min_clean_auc: float | None = rule(min=0.0)
+    min_worst_group_auc: float | None = rule(min=0.0)
     min_robust_acc: float | None = rule(min=0.0)
     robust_acc_eps_255: float | None = rule(above=0.0)
     max_teacher_transfer_success: float | None = rule(min=0.0, max=1.0)
@@ -302,6 +315,7 @@ class ServingParams:
     ood_gate: bool = rule()
     monitor_store: str = rule()
     monitor_max_records: int = rule(min=1)
+    coverage: float = rule(above=0.0, max=0.999)
     pacs: PacsParams = rule()
 
 

@@ -49,8 +49,11 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
         assert low <= metrics[metric_key(measure, 8 / 255)] <= high, measure
     assert report["n_examples"] == 12
     assert len(report["clean_test_auc_ci95"]) == 2
-    # every verdict line states the estimate, its interval and n
-    assert all("95% CI" in line for line in report["verdict"]["checked"])
+    # every verdict line states the estimate, its interval and n, or that nothing was measured
+    # (the worst-group gate on a test split with no group of eval.min_group_size patients)
+    checked = report["verdict"]["checked"]
+    assert all("95% CI" in line or "not judged" in line for line in checked)
+    assert any("95% CI" in line for line in checked)
     curves = json.loads((reports / "plots" / "robustness_curves.json").read_text())
     assert {row["model"] for row in curves} == {"student", "frozen-teacher probe"}
     assert report["reference_probe"] is not None
@@ -93,6 +96,7 @@ def test_a_failing_gate_is_a_verdict_not_a_crash(robust_params: Params) -> None:
 def test_gate_budgets_are_converted_from_255_units() -> None:
     gates = GatesParams(
         min_clean_auc=None,
+        min_worst_group_auc=0.5,
         min_robust_acc=0.5,
         robust_acc_eps_255=2.0,
         max_teacher_transfer_success=None,
@@ -104,6 +108,7 @@ def test_gate_budgets_are_converted_from_255_units() -> None:
     ).in_pixels()
     assert gates == {
         "min_clean_auc": None,
+        "min_worst_group_auc": 0.5,
         "min_robust_acc": 0.5,
         "robust_acc_eps": 2 / 255,
         "max_teacher_transfer_success": None,

@@ -6,14 +6,24 @@ Layout of ``data.processed_dir`` (a DVC output of the ``ingest`` stage):
   ``data.image_size``;
 - ``labels.npy``: int64 ``(N,)`` class indices into ``dataset.json``'s ``classes``;
 - ``manifest.csv``: one row per image: ``index, image_sha256, source_file, frame, label,
-  label_index, split, patient_hash, sop_uid_hash, notes``;
+  label_index, split, patient_hash, sop_uid_hash, notes``, then the grouping attributes
+  ingestion recorded (``group_manufacturer``, ``group_model``, ``group_view``,
+  ``group_body_part``; ``group_site`` when ``data.site`` is named; ``group_sex`` and
+  ``group_age_band`` only when ``eval.groups`` lists them: :mod:`tasks.data.groups`);
 - ``quarantine.csv``: one row per rejected file: ``source_file, reason, detail``;
 - ``dataset.json``: ``classes``, ``image_size``, ``source_kind``, counts per split and class,
   and ``source``: what was ingested (:class:`DatasetSource`), the record every later stage
   logs, whatever ``-S data.source=...`` says when it runs.
 
 No file here holds a patient-identifying DICOM attribute: patients appear only as salted
-hashes.
+hashes, and the grouping attributes are the device's names, the view, the body part, the
+user's site label (and, when asked for, sex and a 20-year age band).
+
+Versions: the grouping columns are part of ``manifest.csv``, so the first re-ingestion of an
+unchanged source after they were introduced gives a new DVC hash (``dataset_version``) once;
+``content_sha256`` (images, labels, splits) stays the same, and so does every later
+re-ingestion's hash. Naming ``data.site`` or listing sex or age band in ``eval.groups`` adds a
+column, and so a new version, by design: the dataset then holds more.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ MANIFEST_COLUMNS = [
     "notes",
 ]
 QUARANTINE_COLUMNS = ["source_file", "reason", "detail"]
+GROUP_PREFIX = "group_"  # the grouping attributes' columns (tasks.data.groups.column)
 SOURCE_KEY = "source"  # the ingestion record's key in dataset.json
 SUBFOLDER_LABELS = "class sub-folders"
 CSV_LABELS = "labels CSV"
@@ -89,6 +100,16 @@ class ProcessedDataset:
         """``(images, labels)`` of one split, loaded into memory."""
         idx = self.indices(split)
         return np.asarray(self.images[idx]), self.labels[idx]
+
+    def group_values(self, attribute: str, split: str) -> np.ndarray:
+        """The grouping attribute ``attribute`` (``manufacturer``, ``view``, ...) of one
+        split's images ``(n,)`` str; all ``unknown`` where the dataset did not record it (one
+        ingested before the attribute, or without it in ``eval.groups``)."""
+        idx = self.indices(split)
+        name = GROUP_PREFIX + attribute
+        if name not in self.manifest.columns:
+            return np.full(len(idx), "unknown", dtype=object)
+        return self.manifest[name].astype(str).to_numpy()[idx]
 
     @property
     def image_size(self) -> int:
@@ -241,6 +262,13 @@ def without_source_paths(data_section: Mapping[str, object]) -> dict[str, object
     """The ``data`` parameters without :data:`SOURCE_PATH_KEYS`: what a checkpoint records of
     its data besides the content hash (a path can carry a patient's name)."""
     return {k: v for k, v in data_section.items() if k not in SOURCE_PATH_KEYS}
+
+
+def manifest_columns(rows: list[Mapping[str, object]]) -> list[str]:
+    """:data:`MANIFEST_COLUMNS` and the ``group_*`` columns the rows carry, in first-seen
+    order (every row carries the same ones)."""
+    extra = [key for key in (rows[0] if rows else {}) if str(key).startswith(GROUP_PREFIX)]
+    return [*MANIFEST_COLUMNS, *extra]
 
 
 def content_digest(rows: Iterable[Mapping[str, object]]) -> str:

@@ -151,7 +151,9 @@ def _write_files(
     """The dataset's files in ``staging``: images, labels ``(N,)``, manifest, quarantine, info."""
     _write_images(staging, len(source.rows), data.image_size)
     np.save(staging / ds_files.LABELS_FILE, labels)
-    _write_csv(staging / ds_files.MANIFEST_FILE, ds_files.MANIFEST_COLUMNS, source.rows)
+    _write_csv(
+        staging / ds_files.MANIFEST_FILE, ds_files.manifest_columns(source.rows), source.rows
+    )
     _write_csv(staging / ds_files.QUARANTINE_FILE, ds_files.QUARANTINE_COLUMNS, source.quarantine)
     (staging / ds_files.INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 

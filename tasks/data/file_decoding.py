@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataParams
-from tasks.data import dicom_io, dicom_rejections
+from tasks.data import dicom_io, dicom_read, dicom_rejections, groups
 from tasks.data.patient_hash import salted_hash
 from tasks.data.preprocess import resize_display
 
@@ -37,6 +37,9 @@ class FileOutcome:
     sop_uid_hash: str = ""
     patient_hash: str = ""
     notes: str = ""
+    # every header grouping attribute (tasks.data.groups.header_groups); ingestion keeps
+    # the ones it records
+    groups: dict[str, str] = field(default_factory=dict)
 
 
 # Decodes ``files`` (under ``folder``) with the ``data`` settings and the patient salt, and
@@ -57,7 +60,10 @@ def decode_to_outcome(
     outcome = FileOutcome(source_file=path.relative_to(folder).as_posix())
     try:
         with _pydicom_warnings_silenced():
-            decoded = dicom_io.decode_file(path, multiframe=multiframe)
+            # dicom_io.decode_file's two steps, keeping the header for the grouping attributes
+            ds = dicom_read.read_dataset(path)
+            decoded = dicom_io.decode_dataset(ds, multiframe=multiframe)
+            outcome.groups = groups.header_groups(ds)
         outcome.images = [resize_display(frame, image_size) for frame in decoded.frames]
     except dicom_rejections.DicomRejected as err:
         outcome.reason, outcome.detail = err.reason, err.detail

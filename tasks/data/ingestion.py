@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tasks.config import DataParams
 from tasks.data import dataset as ds_files
+from tasks.data import groups
 from tasks.data.dataset_writer import IngestResult, SourceYield, staging_dir, write_dataset
 from tasks.data.file_decoding import DecodeMap, FileOutcome, decode_in_process_pool, list_files
 from tasks.data.labels import LabelSource
@@ -41,9 +42,11 @@ def ingest_folder(
     source_kind: str,
     progress: bool = True,
     decode_map: DecodeMap | None = None,
+    group_names: tuple[str, ...] | None = None,
 ) -> IngestResult:
     """Decode every file under ``folder`` (with ``decode_map``, default a process pool) and
-    write the processed dataset."""
+    write the processed dataset, with the grouping attributes ``group_names``
+    (:func:`tasks.data.groups.recorded`; None: the header ones and ``data.site``'s)."""
     files = list_files(folder, exclude=labels.csv_path)
     if not files:
         raise MedtransferError(
@@ -58,6 +61,7 @@ def ingest_folder(
                 tqdm(outcomes, total=len(files), desc="ingest", unit="file", disable=not progress),
                 labels,
                 raw,
+                _group_columns(group_names, data.site),
             )
         source = SourceYield(
             rows=rows,
@@ -77,11 +81,23 @@ def ingest_folder(
     return result
 
 
+def _group_columns(names: tuple[str, ...] | None, site: str | None) -> Callable[[dict], dict]:
+    """Header values (:func:`tasks.data.groups.header_groups`) → an image's ``group_*``
+    manifest columns: ``names`` (None: :func:`tasks.data.groups.recorded` without the
+    sensitive ones), ``site`` for the site."""
+    chosen = groups.recorded((), site) if names is None else names
+    return lambda values: groups.keep(values, chosen, site)
+
+
 def _label_and_keep(
-    outcomes: Iterable[FileOutcome], labels: LabelSource, raw: BinaryIO
+    outcomes: Iterable[FileOutcome],
+    labels: LabelSource,
+    raw: BinaryIO,
+    group_columns: Callable[[dict], dict],
 ) -> tuple[list[dict], list[dict]]:
     """Resolve each decoded file's label and append its images' bytes to ``raw``; returns the
-    manifest rows of the kept images and the quarantine rows of the rest, in file order.
+    manifest rows of the kept images (with ``group_columns`` of the file's header values) and
+    the quarantine rows of the rest, in file order.
 
     A file without a label is quarantined (``no_label``), and so is a file whose SOP Instance
     UID an earlier kept file had (``duplicate_sop_instance_uid``: the first one is kept).
@@ -113,6 +129,7 @@ def _label_and_keep(
                     "patient_hash": outcome.patient_hash,
                     "sop_uid_hash": outcome.sop_uid_hash,
                     "notes": outcome.notes,
+                    **group_columns(outcome.groups),
                 }
             )
     return rows, quarantine
@@ -134,19 +151,25 @@ def _resolve_label(
     return label
 
 
-def ingest_npz(path: Path, data: DataParams, seed: int) -> IngestResult:
+def ingest_npz(
+    path: Path, data: DataParams, seed: int, group_names: tuple[str, ...] | None = None
+) -> IngestResult:
     """Ingest a MedMNIST-format ``.npz`` keeping its official train/val/test split.
 
     Each image is its own "patient" (MedMNIST does not publish patient identities; its split
     is already patient-level). ``files_seen`` counts images here. Every array is checked
     (:func:`tasks.data.npz_source.check_npz`) before the staging folder exists, so a malformed
-    archive is one error line and leaves nothing behind.
+    archive is one error line and leaves nothing behind. Without headers, every grouping
+    attribute but ``data.site`` is ``unknown``.
     """
     split_labels = check_npz(path)
     salt = patient_salt()
     staging = staging_dir(data.processed_dir)
     with open(staging / "images.raw", "wb") as raw:
         rows = read_npz_rows(path, split_labels, data.image_size, salt, raw)
+    to_columns = _group_columns(group_names, data.site)
+    for row in rows:  # no headers: every attribute but the named site is unknown
+        row.update(to_columns({}))
     source = SourceYield(
         rows=rows,
         quarantine=[],

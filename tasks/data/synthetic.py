@@ -40,7 +40,10 @@ DICOM_SUBDIR = "dicom"
 LABELS_FILE = "labels.csv"
 FINGERPRINT_FILE = "generator.json"
 # Bumped when the files' layout changes, so a set written by an older layout is regenerated.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: Manufacturer and ManufacturerModelName (two scanners)
+# Patients alternate between these scanners (index even: A, odd: B); the second's opacity has
+# synthetic.second_scanner_contrast of the lesion contrast.
+SCANNERS = (("SynthScan-A", "A100"), ("SynthScan-B", "B200"))
 SHORTHAND = "synthetic"
 
 
@@ -58,6 +61,7 @@ class SyntheticConfig:
     rle_fraction: float
     monochrome1_fraction: float
     multiframe_fraction: float
+    second_scanner_contrast: float
     seed: int
     # Not a parameter: every synthetic set mixes these Bits Stored values on purpose.
     bits_stored_choices: tuple[int, ...] = (12, 14, 16)
@@ -272,7 +276,7 @@ def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index
     bits = int(rng.choice(config.bits_stored_choices))
     slope = float(rng.choice([0.5, 1.0, 2.0]))
     intercept = float(rng.choice([0.0, -1024.0]))
-    contrast = config.lesion_contrast if patient.label == 1 else None
+    contrast = scanner_contrast(config, patient) if patient.label == 1 else None
     stored = _stored_frames(config.size, rng, contrast, 3 if multiframe else 1, bits, monochrome1)
     if not multiframe:
         stored = stored[0]
@@ -295,6 +299,14 @@ def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index
     if rle:
         ds.compress(RLELossless, generate_instance_uid=False)
     return ds
+
+
+def scanner_contrast(config: SyntheticConfig, patient: SyntheticPatient) -> float:
+    """The opacity's contrast on ``patient``'s scanner (:data:`SCANNERS`): ``lesion_contrast``,
+    times ``second_scanner_contrast`` on the second. Drawn from no random stream, so a set at
+    the default 1.0 has the same pixels as before the scanners existed."""
+    factor = config.second_scanner_contrast if patient.index % 2 else 1.0
+    return config.lesion_contrast * factor
 
 
 def _stored_frames(
@@ -361,6 +373,7 @@ def _header(
     ds.AccessionNumber = f"A{patient.index:05d}{image_index}"
     ds.StudyDate = "20260101"
     ds.BodyPartExamined = "CHEST"
+    ds.Manufacturer, ds.ManufacturerModelName = SCANNERS[patient.index % 2]
     ds.ViewPosition = "PA"
     ds.PixelSpacing = [0.7, 0.7]
     return ds

@@ -21,6 +21,8 @@ CONFUSION = "confusion_test.json"
 RELIABILITY = "reliability_test.json"
 ROBUSTNESS = "robustness_curves.json"
 HISTORY = "train_history.json"
+# The test figures per group (tasks.evaluation.group_metrics.group_rows); the model card's table
+GROUPS = "groups_test.json"
 
 
 def write_rows(reports_dir: str | Path, name: str, rows: Iterable[Mapping[str, object]]) -> Path:

@@ -15,6 +15,7 @@ a decoder's own text, so no patient-identifying value can reach a reply or a log
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 
 from tasks.data import codestream, dicom_guards, dicom_io, dicom_read, dicom_rejections
 from tasks.data.preprocess import resize_display, uint8_to_display
-from tasks.model.label_kind import SINGLE_LABEL
+from tasks.model.label_kind import SINGLE_LABEL, image_uniforms
 from tasks.model.profile import header_values
 
 # Reason codes of rejected uploads, with the status and the message a client sees.
@@ -281,6 +282,30 @@ def decide(probs: np.ndarray, classes: Sequence[str], threshold: float | None) -
         probabilities={name: float(p) for name, p in zip(classes, probs, strict=True)},
         label=str(classes[index]),
     )
+
+
+def prediction_set(
+    probs: np.ndarray,
+    classes: Sequence[str],
+    coverage: float | None,
+    threshold: float | None,
+    image: np.ndarray,
+) -> dict | None:
+    """One image's conformal prediction set from its probabilities ``(C,)``:
+    ``{"coverage": 0.95, "labels": [...]}`` (labels in class order), the classes whose
+    conformal score is within ``threshold``, the quantile calibrated at packaging
+    (:mod:`tasks.evaluation.conformal`); None for a model packaged without one. ``image``
+    is the model-ready uint8 image: its SHA-256 gives the score's draw, as the dataset's
+    ``image_sha256`` does at calibration."""
+    if threshold is None or coverage is None:
+        return None
+    u = image_uniforms([hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()])
+    probs = np.asarray(probs, dtype=np.float64)[None]
+    row = SINGLE_LABEL.prediction_sets(probs, threshold, u)[0]
+    return {
+        "coverage": float(coverage),
+        "labels": [str(name) for name, inside in zip(classes, row, strict=True) if inside],
+    }
 
 
 class Predictor:

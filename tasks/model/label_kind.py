@@ -8,8 +8,8 @@ this object instead of writing ``CrossEntropyLoss``, ``softmax`` or ``argmax`` i
 second kind (several labels per image: a sigmoid per label, binary cross-entropy, a threshold
 per label) is one more class here rather than an edit in every file.
 
-The decision half (the decision, top class, confidence, and calibration's temperature
-rescaling and log loss) works on numpy arrays and imports no torch
+The decision half (the decision, top class, confidence, calibration's temperature
+rescaling and log loss, and the conformal prediction sets' scores and sets) works on numpy arrays and imports no torch
 (:mod:`tasks.evaluation.metrics` and the serving API use it); the training half (loss,
 activation) imports torch when called.
 """
@@ -88,6 +88,50 @@ class SingleLabel:
     def confidence(self, probabilities: np.ndarray) -> np.ndarray:
         """The top class's probability ``(N,)``: the confidence calibration is measured on."""
         return probabilities.max(axis=1)
+
+    def conformal_scores(
+        self, probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Randomised APS nonconformity scores ``(N,)`` float64 (Romano et al., NeurIPS 2020):
+        the probability of the classes more probable than the true one (``labels`` ``(N,)``)
+        plus ``u`` ``(N,)`` in [0, 1) times the true class's own: 0.6 + 0.5 * 0.3 = 0.75 for
+        ``p = (0.6, 0.3, 0.1)``, label 1 and ``u`` 0.5. ``u`` None is 1 (the conservative,
+        non-randomised score). The draw is what makes coverage exact rather than conservative:
+        without it a binary model's sets jump from one class to both."""
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        true = probabilities[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)]
+        above = (probabilities * (probabilities > true[:, None])).sum(axis=1)
+        return above + (1.0 if u is None else np.asarray(u, dtype=np.float64)) * true
+
+    def prediction_sets(
+        self, probabilities: np.ndarray, threshold: float, u: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Split-conformal sets ``(N, C)`` bool: class ``k`` is in row ``i``'s set when
+        :meth:`conformal_scores` of ``(i, k)`` with the same ``u[i]`` is at most ``threshold``
+        (the calibrated quantile, :func:`tasks.evaluation.conformal.calibrate`), and the top
+        class always is.
+
+        The top class is added where no class passes (a ``threshold`` below its score): a set
+        can only grow, so coverage stays at least the nominal level, and a reply never names
+        an empty set. ``u`` comes from each image's own bytes (:func:`image_uniforms`), so
+        one image gets one set, every time it is sent.
+        """
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        draw = np.ones(len(probabilities)) if u is None else np.asarray(u, dtype=np.float64)
+        # above[i, k]: the mass of row i's classes more probable than class k, (N, C)
+        more = probabilities[:, None, :] > probabilities[:, :, None]
+        above = (probabilities[:, None, :] * more).sum(axis=2)
+        sets = above + draw[:, None] * probabilities <= threshold
+        sets[np.arange(len(probabilities)), probabilities.argmax(axis=1)] = True
+        return sets
+
+
+def image_uniforms(sha256_hex: list[str] | np.ndarray) -> np.ndarray:
+    """One draw in [0, 1) per image ``(N,)`` from its SHA-256 (hex; the manifest's
+    ``image_sha256`` of the model-ready uint8 image): the randomised APS score's ``u``.
+    Independent of the label, as the score needs, and the same every time for one image, so
+    evaluation, packaging and the service give an image one set."""
+    return np.array([int(str(h)[:13], 16) / 16.0**13 for h in sha256_hex], dtype=np.float64)
 
 
 SINGLE_LABEL = SingleLabel()

@@ -71,8 +71,26 @@ def gather_candidate(params: Params) -> tuple[Candidate, Any]:
         ingest=reports.INGEST.read_if_present(params.reports_dir) or {},
         selection=train.get("auto"),
         weights_sha256=weights_digest(saved),
+        groups=_group_rows(params.reports_dir),
     )
     return candidate, saved
+
+
+def _group_rows(reports_dir: str) -> list[dict[str, Any]]:
+    """The evaluate stage's test figures per group (its plot data), or none when absent."""
+    import json
+
+    from tasks.evaluation.plot_data import GROUPS
+
+    path = reports.plot_path(reports_dir, GROUPS)
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise MedtransferError(
+            f"{path} is not valid JSON rows; re-run `medtransfer evaluate`."
+        ) from err
 
 
 def check_verdict_is_for(robustness: dict[str, Any] | None, run_id: str, reports_dir: str) -> None:

@@ -31,6 +31,8 @@ class CardInputs:
         alias: the alias name.
         reasons: why the alias moved or did not.
         selection: the evidence step's decision when teacher or strategy was ``auto``.
+        groups: the test figures per group (``reports/plots/groups_test.json``, rows of
+            :func:`tasks.evaluation.group_metrics.group_rows`), or empty.
     """
 
     model_name: str
@@ -45,6 +47,7 @@ class CardInputs:
     alias: str
     reasons: Sequence[str] = field(default_factory=list)
     selection: Mapping[str, Any] | None = None
+    groups: Sequence[Mapping[str, Any]] = ()
 
 
 def render_model_card(inputs: CardInputs) -> str:
@@ -90,6 +93,8 @@ def render_model_card(inputs: CardInputs) -> str:
     lines += _metrics_table(inputs.metrics)
     lines += _per_class_table(inputs.metrics)
     lines += _metrics_notes(inputs.metrics)
+    lines += _sets_section(inputs.metrics.get("conformal"))
+    lines += _groups_section(inputs.groups)
     lines += _selection_section(inputs.selection)
     lines += ["", "## Robustness", ""]
     lines += _robustness_section(inputs.robustness)
@@ -115,6 +120,71 @@ def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
         )
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _sets_section(block: Mapping[str, Any] | None) -> list[str]:
+    """The conformal prediction sets: the rule and the test split's coverage."""
+    if not block:
+        return []
+    test = block.get("test") or {}
+    return [
+        "",
+        "## Prediction sets",
+        "",
+        f"Every served reply carries a set of classes meant to hold the true class with "
+        f"probability at least {_num(block.get('coverage'), 2)} (split conformal, "
+        f"{str(block.get('method', '')).upper()} scores, calibrated on "
+        f"{block.get('n_calibration')} validation images; threshold "
+        f"{_num(block.get('threshold'))}). On the test split the sets held the true class for "
+        f"{test.get('covered')} of {test.get('n')} images: coverage {_num(test.get('coverage'))}"
+        f"{_interval(test.get('ci95'))} (95% Wilson), mean set size "
+        f"{_num(test.get('mean_set_size'), 2)} classes. Abstention is reported beside it, not "
+        "in it: an abstained (out-of-distribution) reply has no set, and the guarantee holds "
+        "only for images like the training data.",
+    ]
+
+
+def _groups_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The test figures per group, with their 95% patient-bootstrap intervals."""
+    if not rows:
+        return []
+    with_sets = any("coverage" in row for row in rows)
+    header = "| attribute | group | patients | images | AUC | sensitivity | specificity | ECE |"
+    lines = [
+        "",
+        "## Figures by group",
+        "",
+        "Test figures per group at the validation threshold; brackets are 95% intervals by "
+        "bootstrap over the group's patients (set coverage: Wilson). Groups of fewer "
+        "patients than eval.min_group_size are pooled as `other`; a pool still that small "
+        "has no figures (n/a).",
+        "",
+        header + (" set coverage |" if with_sets else ""),
+        "|" + " --- |" * (header.count("|") - 1 + with_sets),
+    ]
+    for row in rows:
+        group = str(row.get("group"))
+        if row.get("pooled_groups"):
+            group += f" ({row['pooled_groups']} groups pooled)"
+        cells = [
+            str(row.get("attribute")),
+            group,
+            str(row.get("n_patients")),
+            str(row.get("n_images")),
+        ]
+        names = ["auc", "sensitivity", "specificity", "ece"] + (["coverage"] if with_sets else [])
+        cells += [
+            _num(row.get(n)) + _group_interval(row, n) if row.get(n) is not None else "n/a"
+            for n in names
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _group_interval(row: Mapping[str, Any], name: str) -> str:
+    """`` [low, high]`` of a group row's figure ``name``, or nothing when it has none."""
+    bounds = [row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")]
+    return "" if all(b is None for b in bounds) else _pair(bounds)
 
 
 def _decision_row(metrics: Mapping[str, Any], threshold: Any, rule: str) -> str:

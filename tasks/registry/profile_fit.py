@@ -56,8 +56,8 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     val_images, _ = dataset.subset("val")
     if len(val_images) == 0:  # a tiny set: the threshold comes from the training split
         val_images = train_images
-    _, train_features = _forward(model, train_images, spec.temperature)
-    val_probs, val_features = _forward(model, val_images, spec.temperature)
+    _, train_features = forward(model, train_images, spec.temperature)
+    val_probs, val_features = forward(model, val_images, spec.temperature)
     serving = params.serving
     head = (model.head.weight.detach().numpy(), model.head.bias.detach().numpy())
     detector = OodDetector.fit(serving.ood_method, train_features, train_labels, head)
@@ -84,7 +84,7 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     )
 
 
-def _forward(model, images: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+def forward(model, images: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated probabilities and features of uint8 ``(N, S, S)`` images, in batches."""
     probs, features = [], []
     for start in range(0, len(images), BATCH):

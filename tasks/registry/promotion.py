@@ -28,6 +28,7 @@ class Candidate:
     ingest: dict[str, Any]
     selection: dict[str, Any] | None = None  # the train report's ``auto`` decision, if any
     weights_sha256: str = ""  # the saved student's weights (tasks.registry.mlflow_registry)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # test figures per group
 
     @property
     def test_auc(self) -> float:

@@ -138,6 +138,7 @@ def _attach_model_card(
             alias=config.alias,
             reasons=reasons,
             selection=candidate.selection,
+            groups=candidate.groups,
         )
     )
     card_path = f"model_card/{config.model_name}-v{version}.md"

@@ -24,12 +24,18 @@ from tasks.robustness.result import (
 from tasks.robustness.suite import all_gates, all_measures
 
 CLEAN_AUC_GATE = "min_clean_auc"
+WORST_GROUP_GATE = "min_worst_group_auc"
 
 
 def known_gates(gates: tuple[Gate, ...] | None = None) -> tuple[str, ...]:
-    """Every gate key: ``min_clean_auc``, then each attack gate's threshold and budget."""
+    """Every gate key: ``min_clean_auc``, ``min_worst_group_auc``, then each attack gate's
+    threshold and budget."""
     declared = all_gates() if gates is None else gates
-    return (CLEAN_AUC_GATE, *(key for gate in declared for key in (gate.threshold, gate.budget)))
+    return (
+        CLEAN_AUC_GATE,
+        WORST_GROUP_GATE,
+        *(key for gate in declared for key in (gate.threshold, gate.budget)),
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ def gate_verdict(
     result: RobustnessResult | None = None,
     clean_auc_interval: Interval | None = None,
     n_test: int | None = None,
+    worst_group: Mapping[str, object] | None = None,
 ) -> Verdict:
     """Decide promotion from the measured metrics, on their 95% intervals' unfavourable bounds.
 
@@ -116,6 +123,10 @@ def gate_verdict(
         result: the measurements behind ``result_metrics``: their Wilson intervals and sizes.
             Without it (or for a metric it lacks) the estimate is its own interval.
         clean_auc_interval: the AUC's bootstrap interval; n_test: the test images behind it.
+        worst_group: the group ``min_worst_group_auc`` judges
+            (:func:`tasks.evaluation.group_metrics.worst_group`: ``attribute``, ``group``,
+            ``n_patients``, ``auc``, ``auc_ci_low``, ``auc_ci_high``), or None when no group
+            could be judged (the gate then passes and says so).
 
     Returns:
         A :class:`Verdict`; every sentence states n, the estimate and the interval. A failed
@@ -131,6 +142,8 @@ def gate_verdict(
         interval = clean_auc_interval or (clean_auc, clean_auc)
         minimum = float(gates[CLEAN_AUC_GATE])  # type: ignore[arg-type]
         checks.at_least("clean AUC", clean_auc, interval, n_test, minimum, name="clean_auc")
+    if gates.get(WORST_GROUP_GATE) is not None:
+        _worst_group_gate(checks, worst_group, float(gates[WORST_GROUP_GATE]))  # type: ignore[arg-type]
     labels = {measure.name: measure.label for measure in all_measures()}
     for gate in all_gates():
         if gates.get(gate.threshold) is not None:
@@ -140,6 +153,26 @@ def gate_verdict(
         reasons=checks.reasons,
         checked=checks.checked,
         gates=checks.gates,
+    )
+
+
+def _worst_group_gate(checks: _Checks, worst: Mapping | None, minimum: float) -> None:
+    """``min_worst_group_auc`` on the weakest group's AUC lower bound (n in patients)."""
+    if worst is None:
+        checks.check(
+            True,
+            "the worst group's AUC is not judged: no group of eval.groups (nor their pool) has "
+            "eval.min_group_size test patients with both classes",
+        )
+        return
+    interval = (float(worst["auc_ci_low"]), float(worst["auc_ci_high"]))  # type: ignore[arg-type]
+    checks.at_least(
+        f"the worst group's AUC ({worst['attribute']} = {worst['group']}, in patients)",
+        float(worst["auc"]),  # type: ignore[arg-type]
+        interval,
+        int(worst["n_patients"]),  # type: ignore[call-overload]
+        minimum,
+        name="worst_group_auc",
     )
 
 

@@ -16,7 +16,7 @@ from tasks import reports
 from tasks.config import Params
 from tasks.data.dataset import DatasetSource, ProcessedDataset, load_processed
 from tasks.errors import MedtransferError
-from tasks.evaluation import per_class, plot_data, plots
+from tasks.evaluation import conformal, group_metrics, per_class, plot_data, plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_configured, gradcam_grid
 from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
 from tasks.figures import evaluation_figures, write_figures
@@ -31,7 +31,9 @@ def run_evaluate(params: Params) -> dict:
 
     Returns:
         The content of the metrics report (:data:`tasks.reports.METRICS`): threshold rule and
-        value, and per split AUC, accuracy, sensitivity, specificity, ECE and confusion.
+        value, per split AUC, accuracy, sensitivity, specificity, ECE and confusion, the
+        conformal sets' test coverage (``conformal``) and the worst group's AUC (``groups``;
+        the per-group table is the plot data ``plots/groups_test.json``).
 
     Raises:
         MedtransferError: the student and the dataset disagree on classes or image size.
@@ -45,10 +47,15 @@ def run_evaluate(params: Params) -> dict:
     _check_temperature(spec, evaluation)
     figures = _plots(params, model, spec, dataset, evaluation)
     report = evaluation_report(evaluation, params.eval.bootstrap, params.seed)
+    sets, report["conformal"] = conformal_sets(dataset, evaluation, params.serving.coverage)
+    rows = group_metrics.split_group_rows(dataset, evaluation, params.eval, params.seed, sets)
+    report["groups"] = group_metrics.worst_summary(rows)
     plot_data.write_evaluation_plots(params.reports_dir, evaluation, dataset.classes)
+    plot_data.write_rows(params.reports_dir, plot_data.GROUPS, rows)
     reports.METRICS.write(params.reports_dir, report)
     write_figures(params.reports_dir, "evaluate", evaluation_figures(report))
-    _log_to_training_run(params, evaluation, figures, report, source)
+    extra = {**group_metrics.mlflow_metrics(rows), **_conformal_metrics(report["conformal"])}
+    _log_to_training_run(params, evaluation, figures, report, source, extra)
     _log_summary(evaluation)
     return report
 
@@ -79,6 +86,35 @@ def _log_summary(evaluation: Evaluation) -> None:
         decision,
         evaluation.temperature,
     )
+
+
+def conformal_sets(
+    dataset: ProcessedDataset, evaluation: Evaluation, coverage: float
+) -> tuple[np.ndarray, dict]:
+    """The test split's prediction sets ``(N, C)`` bool at ``coverage``, calibrated on the
+    validation split as packaging does (:mod:`tasks.evaluation.conformal`), and the report
+    block: the rule and the test coverage with its Wilson interval and mean set size."""
+    draws = conformal.split_uniforms(dataset)
+    rule = conformal.calibrate(
+        evaluation.probabilities["val"], evaluation.labels["val"], coverage, draws["val"]
+    )
+    sets = rule.sets(evaluation.probabilities["test"], draws["test"])
+    return sets, conformal.conformal_report(
+        rule, conformal.measure(sets, evaluation.labels["test"])
+    )
+
+
+def _conformal_metrics(block: dict) -> dict[str, float]:
+    """The conformal report block as flat MLflow metrics."""
+    test = block["test"]
+    return {
+        "conformal_coverage_nominal": block["coverage"],
+        "conformal_threshold": block["threshold"],
+        "conformal_test_coverage": test["coverage"],
+        "conformal_test_coverage_ci_low": test["ci95"]["low"],
+        "conformal_test_coverage_ci_high": test["ci95"]["high"],
+        "conformal_test_mean_set_size": test["mean_set_size"],
+    }
 
 
 def evaluation_report(evaluation: Evaluation, resamples: int, seed: int) -> dict:
@@ -207,13 +243,19 @@ def _split_report(metrics: SplitMetrics) -> dict:
 
 
 def _log_to_training_run(
-    params: Params, evaluation: Evaluation, figures: list[Path], report: dict, source: DatasetSource
+    params: Params,
+    evaluation: Evaluation,
+    figures: list[Path],
+    report: dict,
+    source: DatasetSource,
+    extra: dict[str, float],
 ) -> None:
     """Add the evaluation to the MLflow run that trained the student (named by the train
     report); a student trained outside this pipeline has none, and the reports stand alone.
 
     The run is tagged ``evaluate.dataset.*`` with the evaluated dataset's own source record:
     what the figures were measured on, whatever ``data.source`` said when evaluate ran.
+    ``extra``: the per-group and conformal figures, logged beside the evaluation's own.
     """
     import mlflow
 
@@ -227,13 +269,16 @@ def _log_to_training_run(
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(source.mlflow_tags(prefix="evaluate."))
         mlflow.set_tag("test_auc", _auc_tag(evaluation))  # a column of the runs list
+        figures_now = {**evaluation.metrics(), **extra}
         mlflow.log_metrics(  # linked to the logged student: its model page shows them
-            {f"eval_{k}": v for k, v in evaluation.metrics().items() if np.isfinite(v)},
+            {f"eval_{k}": v for k, v in figures_now.items() if np.isfinite(v)},
             model_id=logged_model_id(run_id),
         )
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
         mlflow.log_dict(report, "evaluation/metrics.json")
+        groups = reports.plot_path(params.reports_dir, plot_data.GROUPS)
+        mlflow.log_artifact(str(groups), artifact_path="evaluation")
         if evaluation.per_class:  # the run page's table view of each class's figures
             mlflow.log_table(
                 per_class.table_columns(evaluation.per_class), "evaluation/per_class_test.json"

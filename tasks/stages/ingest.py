@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tasks import reports
 from tasks.config import Params
-from tasks.data import synthetic
+from tasks.data import groups, synthetic
 from tasks.data.dataset_writer import IngestResult
 from tasks.data.file_decoding import DecodeMap
 from tasks.data.ingestion import ingest_folder, ingest_npz
@@ -68,6 +68,7 @@ def run_ingest(
 
 def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None) -> IngestResult:
     data = params.data
+    names = groups.recorded(params.eval.groups, data.site)
     recipe = synthetic.SyntheticConfig.from_params(params)
     if synthetic.is_synthetic_source(data.source, recipe):
         # Generating is a no-op when `medtransfer synthesize` (its own DVC stage and flow
@@ -75,18 +76,22 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
         folder, labels_csv = synthetic.generate(recipe)
         _check_outputs(params, folder)
         labels = read_label_source(folder, labels_csv)
-        return ingest_folder(folder, labels, data, params.seed, "synthetic", progress, decode_map)
+        return ingest_folder(
+            folder, labels, data, params.seed, "synthetic", progress, decode_map, names
+        )
     source = Path(data.source)
     _check_outputs(params, source)
     if source.suffix == ".npz":
-        return ingest_npz(source, data, params.seed)
+        return ingest_npz(source, data, params.seed, names)
     if not source.is_dir():
         raise MedtransferError(
             f"data.source {data.source!r} is neither 'synthetic', a folder, nor a .npz file. "
             "Point it at a folder of DICOM files or a MedMNIST-format .npz."
         )
     labels = read_label_source(source, data.labels_csv)
-    return ingest_folder(source, labels, data, params.seed, "dicom_folder", progress, decode_map)
+    return ingest_folder(
+        source, labels, data, params.seed, "dicom_folder", progress, decode_map, names
+    )
 
 
 def _check_outputs(params: Params, source: Path) -> None:

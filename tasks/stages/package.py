@@ -28,6 +28,7 @@ from tasks.registry.bento import (
     resolve_version,
     student_from_version,
 )
+from tasks.registry.conformal_fit import fit_conformal, mlflow_metrics
 from tasks.registry.profile_fit import fit_profile
 from tasks.stages.preflight import check_stage_outputs
 
@@ -45,7 +46,8 @@ def run_package(params: Params) -> dict:
         BentoML model and Bento tags, the archive's path; or, when no version carries the
         alias and none was chosen, ``built: false`` with why and the command that builds the
         latest version anyway (:func:`nothing_approved`): a gate saying no is an outcome, not
-        an error, so ``dvc repro`` ends green.
+        an error, so ``dvc repro`` ends green. Also the
+        served prediction sets' rule with their test coverage (``conformal``).
 
     Raises:
         MedtransferError: no such version, a version not registered by medtransfer, or weights
@@ -71,6 +73,7 @@ def run_package(params: Params) -> dict:
         logger.warning("package: %s", approval_text)
     logger.info("package: fitting the serving profile (scope, OOD detector) on the training data")
     profile = fit_profile(model, spec, params)
+    sets_rule, conformal = fit_conformal(model, spec, params, profile.detector)
     logger.info("package: saving the student into BentoML's model store")
     model_tag = _import_student(model, spec, version, threshold, dataset_version, profile, approved)
     args = _service_arguments(serving, version, spec, model_tag, threshold, dataset_version)
@@ -80,6 +83,8 @@ def run_package(params: Params) -> dict:
         ood_threshold=profile.ood["threshold"],
         approved=approved,
         approval=approval_text,
+        coverage=sets_rule.coverage,
+        conformal_threshold=sets_rule.threshold,
     )
     logger.info("package: building and exporting the Bento")
     bento = build_bento(serving, args, version)
@@ -102,7 +107,9 @@ def run_package(params: Params) -> dict:
         "approval": approval_text,
     }
     report["profile"] = _profile_summary(profile)
+    report["conformal"] = conformal
     reports.PACKAGE.write(params.reports_dir, report)
+    _log_conformal(version, conformal)
     # The drift monitor's reference: the profile without the detector's arrays.
     profile.save(_profile_dir(params))
     logger.info(
@@ -156,6 +163,18 @@ def nothing_approved(params: Params) -> dict:
     reports.PACKAGE.write(params.reports_dir, report)
     logger.info("package: %s; nothing built", report["reason"])
     return report
+
+
+def _log_conformal(version, conformal: dict) -> None:
+    """The served sets' test coverage on the registry version's training run, beside the
+    evaluate stage's own (``package_conformal_*``: what the Bento serves)."""
+    if not version.run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in mlflow_metrics(conformal).items():
+        client.log_metric(version.run_id, key, value)
 
 
 def _profile_summary(profile) -> dict[str, Any]:

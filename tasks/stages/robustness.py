@@ -23,7 +23,7 @@ from torch import nn
 from tasks import reports
 from tasks.config import Params, RobustnessParams
 from tasks.data.dataset import load_processed
-from tasks.evaluation import plot_data
+from tasks.evaluation import group_metrics, plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
 from tasks.figures import verdict_figures, write_figures
 from tasks.model.student import teacher_feature_extractor
@@ -87,6 +87,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     )
     result = attack(student, "student")
     clean = evaluate_configured(student, dataset, params.eval, seed)
+    groups = group_metrics.split_group_rows(dataset, clean, params.eval, seed)
     verdict = gate_verdict(
         result.to_metrics(),
         clean.test.auc,
@@ -94,6 +95,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
         result=result,
         clean_auc_interval=clean.intervals.get("auc"),
         n_test=len(clean.labels["test"]),
+        worst_group=group_metrics.worst_group(groups),
     )
     reference = None
     if config.reference_probe:
@@ -103,6 +105,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     strategies = compare_strategies(model_dir, attack, gates)
     plot = _plot_curves(params, result, reference, spec)
     report = _report(verdict, clean, result, reference, strategies, spec.strategy, config)
+    report["worst_group"] = group_metrics.worst_summary(groups)
     report["run_id"] = judged_run_id(params)
     plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, curve_rows(result, reference))
     reports.ROBUSTNESS.write(params.reports_dir, report)

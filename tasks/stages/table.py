@@ -115,7 +115,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest",
         "decode a DICOM folder, .npz or the synthetic set into the processed dataset",
-        params=("seed", "data", "synthetic"),
+        params=("seed", "data", "synthetic", "eval.groups"),
         reads=("source",),
         writes=("dataset", "report:ingest"),
         options=("progress",),
@@ -142,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "val/test metrics, plots and Grad-CAM of the saved student",
-        params=("seed", "eval"),
+        params=("seed", "eval", "serving.coverage"),
         reads=("dataset", "model"),
         writes=("report:evaluate", "evaluate_figures"),
         tracked=True,
@@ -157,6 +157,8 @@ STAGES: tuple[Stage, ...] = (
             "eval.threshold",
             "eval.calibration",
             "eval.bootstrap",
+            "eval.groups",
+            "eval.min_group_size",
         ),
         reads=("dataset", "model"),
         writes=("report:robustness", "robustness_figures"),

@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from tasks.code_closure import import_closure, relative_paths
-from tasks.model.inference import Predictor, prepare_dicom, prepare_png
+from tasks.model.inference import Predictor, prediction_set, prepare_dicom, prepare_png
 from tasks.model.profile import DataProfile, features_and_probabilities
 from tests.deploy.conftest import SERVED_LIMITS
 from tests.deploy.samples import (
@@ -103,11 +103,43 @@ def test_served_dicom_predictions_equal_the_in_process_student(served) -> None:
         if not body["abstained"]:
             answered += 1
             assert body["label"] == (CLASSES[1] if got[1] >= 0.5 else CLASSES[0])
+            # the set packaging calibrated, drawn from the image as evaluate draws it
+            sets = served.package["conformal"]
+            image = prepare_dicom(data, 64)
+            assert body["prediction_set"] == prediction_set(
+                expected[name][:-1], CLASSES, 0.95, sets["threshold"], image
+            )
+        else:
+            assert body["prediction_set"] is None
         assert body["threshold"] == 0.5
         assert body["model"]["name"] == "served-student"
         assert body["model"]["version"] == "1"
         assert body["model"]["dataset_version"] == "dataset-a"
     assert answered >= len(expected) // 2  # in-distribution images are mostly answered
+
+
+def test_the_packaged_set_rule_is_calibrated_on_validation_and_measured_on_test(served) -> None:
+    from tasks.data.dataset import load_processed
+    from tasks.evaluation.conformal import calibrate, measure, split_uniforms
+
+    predictor, _ = in_process(served)
+    dataset = load_processed(served.training.processed)
+    draws = split_uniforms(dataset)
+    probs = {}
+    for split in ("val", "test"):
+        images, _ = dataset.subset(split)
+        probs[split], _ = features_and_probabilities(
+            predictor.model, images, predictor.spec.temperature
+        )
+    rule = calibrate(probs["val"], dataset.subset("val")[1], 0.95, draws["val"])
+    block = served.package["conformal"]
+    assert block["threshold"] == pytest.approx(rule.threshold, abs=1e-6)
+    assert block["n_calibration"] == len(dataset.indices("val"))
+    tested = measure(rule.sets(probs["test"], draws["test"]), dataset.subset("test")[1])
+    assert block["test"]["covered"] == tested.covered and block["test"]["n"] == tested.n
+    # abstention beside the set, not in it: the accepted images' coverage is its own figure
+    assert block["test_abstention"]["n"] == tested.n
+    assert block["test_accepted"]["n"] == tested.n - block["test_abstention"]["abstained"]
 
 
 def test_served_probabilities_are_the_saved_logits_softened_by_the_saved_temperature(
@@ -361,7 +393,8 @@ def test_a_reply_holds_only_the_documented_fields(served) -> None:
     data = corpus_bytes("CT_small.dcm")
     reply = requests.post(f"{served.url}/classify/dicom", data=data, headers=DICOM)
     body = reply.json()
-    answered = {"label", "probabilities", "abstained", "ood", "threshold", "model"}
+    answered = {"label", "probabilities", "prediction_set", "abstained", "ood", "threshold"}
+    answered.add("model")
     assert set(body) == (answered | {"reason"} if body["abstained"] else answered)
     assert set(body["ood"]) == {"score", "threshold", "out_of_distribution"}
     model = reply.json()["model"]
