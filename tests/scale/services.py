@@ -25,6 +25,7 @@ from pathlib import Path
 from tests.processes import free_port, http_ok, start_process, stop_process, wait_until
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 PG_SUPERUSER = "medtransfer"  # the test cluster's only role (trust on loopback: a test server)
 
 
@@ -156,13 +157,21 @@ class DaskCluster:
     workers: list[subprocess.Popen]
     log_dir: Path
 
+    def replace_dead_workers(self) -> None:
+        """Start a new worker for each one that died (stopped with the others at the end)."""
+        for index, worker in enumerate(list(self.workers)):
+            if worker.poll() is not None:
+                self.workers[index] = start_worker(
+                    self.address, self.log_dir / f"worker-{index}.log", _worker_env(), REPO
+                )
+        wait_until(lambda: _worker_count(self.address) >= len(self.workers), 120, "dask workers")
+
 
 @contextlib.contextmanager
 def dask_cluster(root: Path, n_workers: int = 2) -> Iterator[DaskCluster]:
     """``dask scheduler`` and ``n_workers`` ``dask worker`` processes (one thread each: decoding
     holds the GIL) on loopback, started from the repository root so that they import ``tasks``."""
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env, repo = _worker_env(), REPO
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = start_process(
@@ -181,6 +190,11 @@ def dask_cluster(root: Path, n_workers: int = 2) -> Iterator[DaskCluster]:
         for worker in workers:
             stop_process(worker)
         stop_process(scheduler)
+
+
+def _worker_env() -> dict[str, str]:
+    """This environment with the repository on PYTHONPATH: workers unpickle ``tasks`` code."""
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def start_worker(address: str, log: Path, env: dict, cwd: Path) -> subprocess.Popen:
