@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.scale_data import generate
 from tasks.config import Params
+from tasks.data.file_decoding import split_in_chunks
 from tests.scale.services import DaskCluster
 from tests.test_fanout import (
     _assert_same_dataset,
@@ -54,7 +55,9 @@ def test_a_cluster_of_separate_worker_processes_gives_the_default_dataset(
     )
     assert report == expected and report["ingested"] == N_FILES
     _assert_same_dataset(tmp_path / "plain/processed", tmp_path / "dask/processed")
-    assert all(run.state.is_completed() for run in _decode_task_runs(flow_run_id))
+    chunks = split_in_chunks(list(range(report["files_seen"])), 2)
+    runs = _decode_task_runs(flow_run_id, expected=len(chunks))
+    assert len(runs) == len(chunks) and all(run.state.is_completed() for run in runs)
 
 
 def _kill_a_busy_worker(cluster: DaskCluster, done: threading.Event) -> int | None:
