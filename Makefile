@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench browser orthanc clean-venv
+.PHONY: venv demo test lint bench browser orthanc postgres clean-venv
 
 venv: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/medtransfer run
 
-test: $(STAMP) browser orthanc
+test: $(STAMP) browser orthanc postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
@@ -56,6 +56,23 @@ orthanc:
 		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y \
 			--no-install-recommends orthanc; \
+	fi
+
+# PostgreSQL for the scale tests (tests/scale/: the MLflow tracking server's and the Prefect
+# server's database). The tests start and stop their own server (initdb in a temporary folder);
+# this only makes sure the binaries are there (on PATH or Debian's /usr/lib/postgresql/*/bin)
+# and, under root, that the `postgres` user exists: PostgreSQL refuses to run as root, so the
+# tests run it as that user.
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "postgres: initdb is installed"; \
+	else \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y \
+			--no-install-recommends postgresql; \
+	fi
+	@if [ "$$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then \
+		useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres; \
 	fi
 
 # Benchmarks are measured, not asserted: each prints a table and records it in benchmarks/results/.

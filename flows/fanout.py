@@ -2,7 +2,7 @@
 
 The flow's ingest stage hands :func:`task_runner_decode_map` to ``tasks.stages.ingest.run_ingest``:
 the files are cut into consecutive chunks and the Prefect task ``decode-files`` is mapped over
-them (``decode_files.map``) on the flow run's task runner, which ``medtransfer run`` sets from
+them (``decode_files.submit``, a bounded window of chunks at a time) on the flow run's task runner, which ``medtransfer run`` sets from
 the configuration (:func:`flow_task_runner`), so every chunk is a task run in the Prefect UI. The decoding itself is ``tasks.data.file_decoding.decode_chunk``; only where it runs changes:
 
 - ``threads`` (default): Prefect's ``ThreadPoolTaskRunner``. Reading, decompressing, windowing
@@ -22,13 +22,16 @@ out: the files are decoded in the flow's own process, as ``medtransfer ingest`` 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
-from prefect import get_client, get_run_logger, task, unmapped
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -41,6 +44,10 @@ from tasks.data.file_decoding import (
     split_in_chunks,
 )
 from tasks.errors import MedtransferError
+
+# Chunks submitted ahead per worker: enough that none waits for the next, few enough that
+# memory does not grow with the file count (:func:`in_window`).
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
 
 @task(name="decode-files", cache_policy=NO_CACHE, persist_result=False)
@@ -177,18 +184,34 @@ def task_runner_decode_map(params: Params) -> DecodeMap:
         # silence their own, and need the flow's API address instead.
         shared = warnings_silenced() if fanout.runner == "threads" else api_shared_with_workers()
         chunks = split_in_chunks(files, data.worker_count)
-        with shared:
-            futures = decode_files.map(
-                folder=unmapped(str(folder)),
-                paths=[[str(path) for path in chunk] for chunk in chunks],
-                image_size=unmapped(data.image_size),
-                multiframe=unmapped(data.multiframe),
-                salt=unmapped(salt),
+
+        def submit(chunk: list[Path]) -> PrefectFuture:
+            return decode_files.submit(
+                str(folder), [str(path) for path in chunk], data.image_size, data.multiframe, salt
             )
-            for future in futures:
-                yield from future.result()
+
+        with shared:
+            yield from in_window(submit, chunks, CHUNKS_IN_FLIGHT_PER_WORKER * data.worker_count)
 
     return decode_map
+
+
+def in_window(
+    submit: Callable[[list[Path]], PrefectFuture], chunks: list[list[Path]], window: int
+) -> Iterator[FileOutcome]:
+    """Each chunk's outcomes, in order, with at most ``window`` chunks submitted and not yet
+    consumed: memory stays bounded by the window, whatever the file count (mapping every
+    chunk at once kept every decoded chunk until the end: 100,000 files, 100,000 images)."""
+    pending: deque[PrefectFuture] = deque()
+    upcoming = iter(chunks)
+    for chunk in islice(upcoming, window):
+        pending.append(submit(chunk))
+    while pending:
+        outcomes = pending.popleft().result()  # the future is dropped: its result goes with it
+        following = next(upcoming, None)
+        if following is not None:
+            pending.append(submit(following))
+        yield from outcomes
 
 
 def _warn_if_other_runner(fanout: FanoutConfig) -> None:

@@ -26,7 +26,8 @@ def check_tracking_store(uri: str) -> None:
         uri: the tracking URI as MLflow will get it: ``http(s)://host[:port]`` (a server must
             accept a connection within :data:`CONNECT_TIMEOUT_S`), ``sqlite:///path`` (an
             existing file must be a SQLite database that takes a write; a missing one is
-            created by MLflow), anything else (a file store, databricks...) is left to MLflow.
+            created by MLflow), ``postgresql[+driver]://`` (the driver must be installed: the
+            ``postgres`` extra), anything else (a file store, databricks...) is left to MLflow.
 
     Raises:
         MedtransferError: one line naming the server or the file, what is wrong and what to do.
@@ -34,8 +35,33 @@ def check_tracking_store(uri: str) -> None:
     scheme = urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
         _check_server(uri)
+    elif scheme.startswith("postgresql"):
+        check_postgres_driver(uri, _SETTING)
     elif scheme == "sqlite":
         _check_sqlite(Path(uri.split("://", 1)[1][1:]) if "://" in uri else Path(uri))
+
+
+# SQLAlchemy's PostgreSQL drivers by URL suffix: the module each needs (no suffix: psycopg2).
+POSTGRES_DRIVERS = {"": "psycopg2", "psycopg": "psycopg", "psycopg2": "psycopg2",
+                    "asyncpg": "asyncpg"}  # fmt: skip
+
+
+def check_postgres_driver(uri: str, setting: str) -> None:
+    """Refuse a ``postgresql[+driver]://`` URI whose driver is not installed, in one line
+    naming the ``medtransfer[postgres]`` extra (and ``setting``, where the URI came from)."""
+    import importlib.util
+
+    driver = urlsplit(uri).scheme.lower().partition("+")[2]
+    module = POSTGRES_DRIVERS.get(driver, driver)
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None
+        found = False
+    if not found:
+        raise MedtransferError(
+            f"The PostgreSQL store in {setting} needs the {module} driver, which is not "
+            "installed: pip install 'medtransfer[postgres]' (and use postgresql+psycopg://...)."
+        )
 
 
 def _check_server(uri: str) -> None:

@@ -7,6 +7,7 @@ task stream shows that its workers did the decoding.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -62,12 +63,21 @@ def _flow_ingest(params: Params, out: Path, overrides: list[str]) -> tuple[dict,
     return state.result(), str(state.state_details.flow_run_id)
 
 
-def _decode_task_runs(flow_run_id: str) -> list:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return [run for run in runs if run.name.startswith("decode-files")]
+def _decode_task_runs(flow_run_id: str, expected: int | None = None) -> list:
+    """The flow run's ``decode-files`` task runs as the server has them; with ``expected``,
+    waits (up to 30 s) until that many are there and completed: task runs reach the server as
+    events, a moment after the flow has their results."""
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        decode = [run for run in runs if run.name.startswith("decode-files")]
+        done = all(run.state.is_completed() for run in decode) and len(decode) == expected
+        if expected is None or done or time.monotonic() > deadline:
+            return decode
+        time.sleep(0.5)
 
 
 def _assert_same_dataset(left: Path, right: Path) -> None:
@@ -91,9 +101,9 @@ def test_prefect_task_runners_give_the_process_pools_dataset(
     assert report["quarantined_by_reason"]["not_dicom"] == 1
     assert report["ingested"] + report["quarantined"] == report["files_seen"]
     _assert_same_dataset(tmp_path / "plain/processed", tmp_path / runner / "processed")
-    decode_runs = _decode_task_runs(flow_run_id)
     workers = folder_params.data.worker_count
     chunks = split_in_chunks(list(range(report["files_seen"])), workers)
+    decode_runs = _decode_task_runs(flow_run_id, expected=len(chunks))
     assert len(decode_runs) == len(chunks) > 1
     assert all(run.state.is_completed() for run in decode_runs)
 
@@ -123,7 +133,7 @@ def test_dask_cluster_decodes_the_chunks_and_the_salt_stays_out_of_prefect(
 
     assert report == expected
     _assert_same_dataset(tmp_path / "plain/processed", tmp_path / "dask/processed")
-    decode_runs = _decode_task_runs(flow_run_id)
+    decode_runs = _decode_task_runs(flow_run_id, expected=len(stream.data))
     # Every decode-files task run was a task on the cluster, run by one of its workers.
     assert len(stream.data) == len(decode_runs) > 1
     assert {entry["worker"] for entry in stream.data} <= worker_addresses
@@ -188,3 +198,31 @@ def test_worker_processes_report_to_the_flows_temporary_server(
     assert done.returncode == 0, output
     assert "files_seen" in done.stdout
     assert output.count("Starting temporary server") == 1, output
+
+
+class _Done:
+    """A finished future of one chunk (what ``in_window`` needs: ``result()``)."""
+
+    def __init__(self, chunk: list, in_flight: list) -> None:
+        self.chunk, self.in_flight = chunk, in_flight
+
+    def result(self) -> list:
+        self.in_flight.remove(self)
+        return self.chunk
+
+
+def test_decoding_keeps_a_bounded_window_of_chunks_in_flight_and_the_file_order() -> None:
+    from flows.fanout import in_window
+
+    in_flight: list[_Done] = []
+    most = []
+
+    def submit(chunk: list) -> _Done:
+        in_flight.append(_Done(chunk, in_flight))
+        most.append(len(in_flight))
+        return in_flight[-1]
+
+    chunks = [[f"f{i}", f"g{i}"] for i in range(50)]
+    outcomes = list(in_window(submit, chunks, window=3))
+    assert outcomes == [name for chunk in chunks for name in chunk]
+    assert max(most) == 3 and len(most) == 50  # each chunk submitted once, 3 at most ahead

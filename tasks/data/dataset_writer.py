@@ -82,6 +82,9 @@ class IngestResult:
         }
 
 
+COPY_BLOCK_BYTES = 4 * 2**20  # images.raw to images.npy, 4 MiB at a time
+
+
 def staging_dir(processed_dir: str) -> Path:
     """A fresh staging folder beside ``processed_dir`` to write the next dataset into.
 
@@ -211,19 +214,14 @@ def _classes(rows: list[dict], reasons: Counter, files_seen: int, staging: Path)
 
 def _write_images(staging: Path, count: int, size: int) -> None:
     """``images.raw`` (``count`` images of ``size`` x ``size`` bytes, in order) becomes
-    ``images.npy``, copied in blocks so memory stays flat whatever the number of images."""
-    images = np.lib.format.open_memmap(
-        staging / ds_files.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(count, size, size)
-    )
-    block = 1024
-    with open(staging / "images.raw", "rb") as raw:
-        for start in range(0, count, block):
-            n = min(block, count - start)
-            images[start : start + n] = np.frombuffer(
-                raw.read(n * size * size), dtype=np.uint8
-            ).reshape(n, size, size)
-    images.flush()
-    del images
+    ``images.npy``: the .npy header, then the bytes copied in blocks. Plain writes, not a
+    memory map: a written map's pages count in the process's resident memory until unmapped
+    (100,000 images of 64 x 64: +400 MiB at the end of ingestion), file writes' do not."""
+    header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (count, size, size)}
+    with open(staging / ds_files.IMAGES_FILE, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        with open(staging / "images.raw", "rb") as raw:
+            shutil.copyfileobj(raw, out, COPY_BLOCK_BYTES)
     (staging / "images.raw").unlink()
 
 

@@ -53,13 +53,24 @@ def configure_mlflow(params: Params, suffix: str = "") -> str:
             )
         mlflow.set_experiment(experiment_id=experiment_id)
         return experiment_id
-    artifacts = os.environ.get("MEDTRANSFER_ARTIFACT_ROOT") or section.artifact_root
-    location = artifacts if "://" in artifacts else Path(artifacts).resolve().as_uri()
     experiment_id = mlflow.create_experiment(
-        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    )
+        name, artifact_location=artifact_location(uri, section.artifact_root),
+        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+    )  # fmt: skip
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def artifact_location(tracking_uri: str, artifact_root: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``MEDTRANSFER_ARTIFACT_ROOT`` if set; on a
+    tracking server (http/https) None, the server's own store (``mlflow server
+    --artifacts-destination``, reached through it as ``mlflow-artifacts:/``), so that every
+    client writes where the server reads; else ``artifact_root`` as a file URI."""
+    artifacts = os.environ.get("MEDTRANSFER_ARTIFACT_ROOT")
+    if not artifacts and tracking_uri.lower().startswith(("http://", "https://")):
+        return None
+    artifacts = artifacts or artifact_root
+    return artifacts if "://" in artifacts else Path(artifacts).resolve().as_uri()
 
 
 def mlflow_dataset(dataset, version: str):
