@@ -33,6 +33,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.config import DataParams, Params
+from tasks.data.channels import keeps_colour
 from tasks.data.file_decoding import (
     DecodeMap,
     FileOutcome,
@@ -45,10 +46,12 @@ from tasks.errors import MedtransferError
 
 @task(name="decode-files", cache_policy=NO_CACHE, persist_result=False)
 def decode_files(
-    folder: str, paths: list[str], image_size: int, multiframe: str, salt: str
+    folder: str, paths: list[str], image_size: int, multiframe: str, salt: str, colour: bool
 ) -> list[FileOutcome]:
     """Decode one chunk of files (paths under ``folder``); one outcome per file, in order."""
-    return decode_chunk(Path(folder), [Path(p) for p in paths], image_size, multiframe, salt)
+    return decode_chunk(
+        Path(folder), [Path(p) for p in paths], image_size, multiframe, salt, colour
+    )
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ def task_runner_decode_map(params: Params) -> DecodeMap:
                 image_size=unmapped(data.image_size),
                 multiframe=unmapped(data.multiframe),
                 salt=unmapped(salt),
+                colour=unmapped(keeps_colour(data)),
             )
             for future in futures:
                 yield from future.result()
