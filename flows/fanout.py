@@ -36,6 +36,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.config import DataParams, Params
+from tasks.data.channels import keeps_colour
 from tasks.data.file_decoding import (
     DecodeMap,
     FileOutcome,
@@ -52,10 +53,12 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
 @task(name="decode-files", cache_policy=NO_CACHE, persist_result=False)
 def decode_files(
-    folder: str, paths: list[str], image_size: int, multiframe: str, salt: str
+    folder: str, paths: list[str], image_size: int, multiframe: str, salt: str, colour: bool
 ) -> list[FileOutcome]:
     """Decode one chunk of files (paths under ``folder``); one outcome per file, in order."""
-    return decode_chunk(Path(folder), [Path(p) for p in paths], image_size, multiframe, salt)
+    return decode_chunk(
+        Path(folder), [Path(p) for p in paths], image_size, multiframe, salt, colour
+    )
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ def task_runner_decode_map(params: Params) -> DecodeMap:
 
         def submit(chunk: list[Path]) -> PrefectFuture:
             return decode_files.submit(
-                str(folder), [str(path) for path in chunk], data.image_size, data.multiframe, salt
+                str(folder), [str(path) for path in chunk], data.image_size, data.multiframe, salt,
+                keeps_colour(data),
             )
 
         with shared:

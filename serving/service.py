@@ -125,6 +125,8 @@ class ServingArgs(BaseModel):
     dataset_version: str = ""
     classes: list[str]
     image_size: int
+    # The model's input channels: 1 gray, 3 colour (the upload rule in tasks.model.inference).
+    channels: int = 1
     threshold: float | None = None
     max_upload_bytes: int = 64 * 1024 * 1024
     max_batch_files: int = 64
@@ -201,7 +203,8 @@ class StudentModel:
         max_latency_ms=ARGS.max_latency_ms,
     )
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images ``(B, S, S)`` → float32 ``(B, C + 1)``: class probabilities, then the
+        """uint8 images ``(B, S, S)`` (``(B, 3, S, S)`` colour) → float32 ``(B, C + 1)``:
+        class probabilities, then the
         OOD score (NaN for a model packaged without a profile)."""
         return self._outputs(np.asarray(images, dtype=np.uint8))
 
@@ -261,6 +264,7 @@ class Classifier:
                 "model": _model_block(),
                 "classes": ARGS.classes,
                 "image_size": ARGS.image_size,
+                "channels": ARGS.channels,
                 "threshold": ARGS.threshold,
                 "limits": {key: getattr(ARGS, key) for key in LIMITS},
                 "batching": {
@@ -397,6 +401,7 @@ class Classifier:
             ARGS.multiframe,
             scope=self.scope,
             max_decoded_bytes=ARGS.max_decoded_mib * 2**20,
+            channels=ARGS.channels,
         )
 
     def _prepare_all(self, files: list[Path]) -> np.ndarray:
@@ -487,7 +492,11 @@ Classifier.add_asgi_middleware(
 
 def _prepare_png(data: bytes) -> np.ndarray:
     return prepare_png(
-        data, ARGS.image_size, ARGS.max_image_dim, max_decoded_bytes=ARGS.max_decoded_mib * 2**20
+        data,
+        ARGS.image_size,
+        ARGS.max_image_dim,
+        max_decoded_bytes=ARGS.max_decoded_mib * 2**20,
+        channels=ARGS.channels,
     )
 
 

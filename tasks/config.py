@@ -36,6 +36,9 @@ TASK_RUNNERS = ("threads", "processes", "dask")
 MULTIFRAME_MODES = ("middle", "all")
 # The grouping attributes evaluation can break figures down by (tasks/data/groups.py)
 GROUP_ATTRIBUTES = ("manufacturer", "model", "view", "body_part", "site", "sex", "age_band")
+# data.channels: auto keeps colour when the source is colour; gray makes every image luma (the
+# behaviour before colour existed); rgb demands a colour source (tasks/data/channels.py).
+CHANNEL_MODES = ("auto", "gray", "rgb")
 # Out-of-distribution scores on the student's features (tasks/model/profile.py).
 OOD_METHODS = ("knn", "mahalanobis", "energy")
 # Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
@@ -69,6 +72,7 @@ class DataParams:
     processed_dir: str
     image_size: int = rule(min=IMAGE_SIZE_STEP, max=MAX_IMAGE_SIZE, multiple_of=IMAGE_SIZE_STEP)
     multiframe: str = rule(choices=MULTIFRAME_MODES)
+    channels: str = rule(choices=CHANNEL_MODES)
     val_fraction: float = rule(min=0.0, max=0.9)
     test_fraction: float = rule(min=0.0, max=0.9)
     workers: int = rule(min=0)
@@ -129,6 +133,9 @@ class AugmentParams:
     translate: float = rule(min=0.0, max=0.5)
     contrast_gamma: float = rule(min=0.0, max=0.9)
     noise_std: float = rule(min=0.0, max=1.0)
+    # colour images only (gray sets never get it): brightness and saturation scale drawn
+    # from [1 - x, 1 + x] per image, and a per-channel gain from [1 - x/2, 1 + x/2]
+    colour_jitter: float = rule(min=0.0, max=0.9)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Layout of ``data.processed_dir`` (a DVC output of the ``ingest`` stage):
 
 - ``images.npy``: uint8 ``(N, S, S)``, display-space grayscale (0 black, 255 white), S =
-  ``data.image_size``;
+  ``data.image_size``; or, for a colour dataset (``data.channels``, see
+  :mod:`tasks.data.channels`), ``(N, 3, S, S)``, channel-first R, G, B: the layout the model
+  takes;
 - ``labels.npy``: int64 ``(N,)`` class indices into ``dataset.json``'s ``classes``;
 - ``manifest.csv``: one row per image: ``index, image_sha256, source_file, frame, label,
   label_index, split, patient_hash, sop_uid_hash, notes``, then the grouping attributes
@@ -12,6 +14,8 @@ Layout of ``data.processed_dir`` (a DVC output of the ``ingest`` stage):
   ``group_age_band`` only when ``eval.groups`` lists them: :mod:`tasks.data.groups`);
 - ``quarantine.csv``: one row per rejected file: ``source_file, reason, detail``;
 - ``dataset.json``: ``classes``, ``image_size``, ``source_kind``, counts per split and class,
+  ``channels: 3`` for a colour dataset (absent for gray, whose files are byte-identical to
+  those written before colour existed),
   and ``source``: what was ingested (:class:`DatasetSource`), the record every later stage
   logs, whatever ``-S data.source=...`` says when it runs.
 
@@ -73,7 +77,8 @@ class ProcessedDataset:
     """A loaded processed dataset.
 
     Attributes:
-        images: uint8 ``(N, S, S)``, memory-mapped (read-only) so large sets stay on disk.
+        images: uint8 ``(N, S, S)`` gray or ``(N, 3, S, S)`` colour, memory-mapped
+            (read-only) so large sets stay on disk.
         labels: int64 ``(N,)``.
         splits: ``(N,)`` array of ``"train"``, ``"val"`` or ``"test"``.
         classes: class names; ``labels`` index into it.
@@ -114,6 +119,11 @@ class ProcessedDataset:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        """1 for a gray dataset, 3 for a colour one (from the images' shape)."""
+        return 1 if self.images.ndim == 3 else int(self.images.shape[1])
 
     @property
     def source(self) -> DatasetSource:

@@ -10,6 +10,7 @@ and swaps it into place whole (:mod:`tasks.atomic`); it returns the :class:`Inge
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -21,6 +22,8 @@ import numpy as np
 from tasks import atomic
 from tasks.config import DataParams
 from tasks.data import dataset as ds_files
+from tasks.data.channels import CHANNELS_KEY, GRAY, dataset_channels
+from tasks.data.preprocess import gray_to_colour
 from tasks.data.quarantine import QUARANTINE_REASONS
 from tasks.data.splits import patient_level_split
 from tasks.errors import MedtransferError
@@ -33,7 +36,8 @@ class SourceYield:
     Attributes:
         rows: one manifest row per kept image, in the order its bytes are in ``images.raw``
             (``image_sha256``, ``source_file``, ``frame``, ``label``, ``patient_hash``,
-            ``sop_uid_hash``, ``notes``; ``split`` when the source keeps its own split).
+            ``sop_uid_hash``, ``notes``; ``split`` when the source keeps its own split;
+            :data:`CHANNELS_KEY`, the image's channels as stored in ``images.raw``, 1 if absent).
         quarantine: one row per left-out file (``source_file``, ``reason``, ``detail``).
         files_seen: the input files (for a ``.npz``, its images).
         ingested: the input files that gave at least one image.
@@ -65,6 +69,9 @@ class IngestResult:
     quarantined_by_reason: dict[str, int]
     splits: dict[str, dict[str, int]]
     classes: dict[str, int]
+    # 1 (gray) or 3 (colour), and the gray images a colour dataset holds as three equal channels
+    channels: int = GRAY
+    gray_made_colour: int = 0
     # A labels CSV's row counts (LabelSource.csv_counts); empty for other label sources.
     labels_csv: dict[str, int] = field(default_factory=dict)
 
@@ -78,6 +85,7 @@ class IngestResult:
             "quarantined_by_reason": self.quarantined_by_reason,
             "splits": self.splits,
             "classes": self.classes,
+            "channels": {"channels": self.channels, "gray_made_colour": self.gray_made_colour},
             **({"labels_csv": self.labels_csv} if self.labels_csv else {}),
         }
 
@@ -112,6 +120,14 @@ def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: in
         )
     reasons = Counter(item["reason"] for item in quarantine)
     classes = _classes(rows, reasons, files_seen, staging)
+    colour = sum(row.get(CHANNELS_KEY, GRAY) != GRAY for row in rows)
+    try:
+        channels = dataset_channels(data.channels, colour, len(rows))
+    except MedtransferError:
+        shutil.rmtree(staging)
+        raise
+    # Before the digest: a gray image stored as colour is hashed as stored.
+    _write_images(staging, rows, data.image_size, channels)
     class_index = {name: i for i, name in enumerate(classes)}
     labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
     if source.kind != "npz":  # a MedMNIST archive keeps its official split
@@ -119,7 +135,10 @@ def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: in
     for index, row in enumerate(rows):
         row["index"], row["label_index"] = index, class_index[row["label"]]
     split_counts = _split_counts(rows, classes)
-    _write_files(staging, source, labels, data, _info(source, classes, split_counts, data))
+    info = _info(source, classes, split_counts, data)
+    if channels != GRAY:  # absent for gray: its dataset.json stays as it always was
+        info["channels"] = channels
+    _write_files(staging, source, labels, info)
     # Swapped in whole: a kill at any point leaves the previous dataset or this one.
     atomic.swap_in_folder(staging, Path(data.processed_dir))
     return IngestResult(
@@ -132,6 +151,8 @@ def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: in
         quarantined_by_reason={reason: reasons.get(reason, 0) for reason in QUARANTINE_REASONS},
         splits=split_counts,
         classes={name: int((labels == i).sum()) for name, i in class_index.items()},
+        channels=channels,
+        gray_made_colour=len(rows) - colour if channels != GRAY else 0,
     )
 
 
@@ -148,11 +169,9 @@ def _assign_splits(rows: list[dict], labels: np.ndarray, data: DataParams, seed:
         row["split"] = split
 
 
-def _write_files(
-    staging: Path, source: SourceYield, labels: np.ndarray, data: DataParams, info: dict
-) -> None:
-    """The dataset's files in ``staging``: images, labels ``(N,)``, manifest, quarantine, info."""
-    _write_images(staging, len(source.rows), data.image_size)
+def _write_files(staging: Path, source: SourceYield, labels: np.ndarray, info: dict) -> None:
+    """The dataset's files in ``staging`` besides the images: labels ``(N,)``, manifest,
+    quarantine, info."""
     np.save(staging / ds_files.LABELS_FILE, labels)
     _write_csv(
         staging / ds_files.MANIFEST_FILE, ds_files.manifest_columns(source.rows), source.rows
@@ -212,16 +231,32 @@ def _classes(rows: list[dict], reasons: Counter, files_seen: int, staging: Path)
     return classes
 
 
-def _write_images(staging: Path, count: int, size: int) -> None:
-    """``images.raw`` (``count`` images of ``size`` x ``size`` bytes, in order) becomes
-    ``images.npy``: the .npy header, then the bytes copied in blocks. Plain writes, not a
-    memory map: a written map's pages count in the process's resident memory until unmapped
-    (100,000 images of 64 x 64: +400 MiB at the end of ingestion), file writes' do not."""
-    header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (count, size, size)}
+def _write_images(staging: Path, rows: list[dict], size: int, channels: int) -> None:
+    """``images.raw`` (each row's image in order, ``size`` x ``size`` bytes per channel it was
+    stored with) becomes ``images.npy``: ``(N, size, size)`` gray or ``(N, 3, size, size)``
+    colour, the .npy header then the bytes copied in blocks. Plain writes, not a memory map:
+    a written map's pages count in the process's resident memory until unmapped (100,000
+    images of 64 x 64: +400 MiB at the end of ingestion), file writes' do not.
+
+    In a colour dataset a gray image becomes three equal channels and its row's
+    ``image_sha256`` is recomputed over what is stored."""
+    count, plane = len(rows), size * size
+    shape = (count, size, size) if channels == GRAY else (count, channels, size, size)
+    header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": shape}
     with open(staging / ds_files.IMAGES_FILE, "wb") as out:
         np.lib.format.write_array_header_1_0(out, header)
         with open(staging / "images.raw", "rb") as raw:
-            shutil.copyfileobj(raw, out, COPY_BLOCK_BYTES)
+            if all(row.get(CHANNELS_KEY, GRAY) == channels for row in rows):
+                shutil.copyfileobj(raw, out, COPY_BLOCK_BYTES)  # the common case
+                return
+            for row in rows:
+                stored = row.get(CHANNELS_KEY, GRAY)
+                image = raw.read(stored * plane)
+                if stored != channels:
+                    converted = gray_to_colour(np.frombuffer(image, np.uint8).reshape(size, size))
+                    image = np.ascontiguousarray(converted, dtype=np.uint8).tobytes()
+                    row["image_sha256"] = hashlib.sha256(image).hexdigest()
+                out.write(image)
     (staging / "images.raw").unlink()
 
 

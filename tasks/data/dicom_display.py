@@ -3,7 +3,8 @@
 The DICOM grayscale pipeline (PS3.4 N.2): stored values → modality LUT (Rescale
 Slope/Intercept or a Modality LUT) → VOI LUT or window (VOI LUT Function LINEAR, LINEAR_EXACT or
 SIGMOID) → inversion for MONOCHROME1 or Presentation LUT Shape INVERSE (once). Colour images
-(RGB, YBR, PALETTE COLOR) become luminance. :func:`to_display` runs it on one frame and records
+(RGB, YBR converted to RGB by pydicom, PALETTE COLOR through pydicom's ``apply_color_lut``)
+become luminance, or stay RGB ``(rows, columns, 3)`` when ``colour`` is asked for. :func:`to_display` runs it on one frame and records
 each step it applied in a list of notes.
 """
 
@@ -22,16 +23,26 @@ from tasks.data.dicom_rejections import UNSUPPORTED_IMAGE, DicomRejected
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
-def to_display(frame: np.ndarray, ds: Dataset, index: int, notes: list[str]) -> np.ndarray:
-    """One stored frame → float32 [0, 1] grayscale, recording each step in ``notes``."""
+def to_display(
+    frame: np.ndarray, ds: Dataset, index: int, notes: list[str], colour: bool = False
+) -> np.ndarray:
+    """One stored frame → float32 [0, 1] grayscale ``(rows, columns)``, recording each step in
+    ``notes``; with ``colour`` a colour frame stays RGB ``(rows, columns, 3)`` instead."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
-        notes.append("palette_to_gray")
         rgb = apply_color_lut(frame, ds)
-        return _luminance(rgb) / max(float(rgb.max()), 1.0)
+        scale = max(float(rgb.max()), 1.0)
+        if colour:
+            notes.append("palette_to_rgb")
+            return (rgb.astype(np.float32) / np.float32(scale)).astype(np.float32)
+        notes.append("palette_to_gray")
+        return _luminance(rgb) / scale
     if frame.ndim == 3:  # RGB (pydicom converts YBR to RGB by default)
-        notes.append("rgb_to_gray")
         bits = int(ds.get("BitsStored", 8) or 8)
+        if colour:
+            notes.append("rgb" if photometric == "RGB" else "ybr_to_rgb")
+            return frame.astype(np.float32) / np.float32(2**bits - 1)
+        notes.append("rgb_to_gray")
         return _luminance(frame) / float(2**bits - 1)
     if not photometric.startswith("MONOCHROME"):
         # The value itself stays out of the message: it may be any bytes from a broken file.

@@ -1,4 +1,4 @@
-"""Decoding one DICOM file into display-space grayscale frames.
+"""Decoding one DICOM file into display-space grayscale (or, asked for, RGB) frames.
 
 :func:`decode_file` reads a file (:func:`tasks.data.dicom_read.read_dataset`) and
 :func:`decode_dataset` decodes it: the size guards run first (:mod:`tasks.data.dicom_guards`),
@@ -43,7 +43,8 @@ class DecodedImage:
     """Display-space frames of one DICOM file plus the identifiers ingestion needs.
 
     Attributes:
-        frames: float32 array ``(n_frames, rows, columns)`` with values in [0, 1].
+        frames: float32 array ``(n_frames, rows, columns)`` with values in [0, 1], or
+            ``(n_frames, rows, columns, 3)`` RGB for a colour image decoded with ``colour``.
         notes: what the decoder applied, e.g. ``["rescale", "window", "monochrome1_inverted"]``.
         sop_instance_uid: the file's SOPInstanceUID ("" when absent).
         patient_key: PatientID (or a fallback identity) used only to derive a salted hash.
@@ -60,8 +61,10 @@ def decode_dataset(
     multiframe: str = "middle",
     max_image_dim: int | None = MAX_IMAGE_DIM,
     max_decoded_bytes: int | None = None,
+    colour: bool = False,
 ) -> DecodedImage:
-    """Decode the pixel data of ``ds`` into display-space frames.
+    """Decode the pixel data of ``ds`` into display-space frames (colour ones kept RGB when
+    ``colour``, else made luma).
 
     Args:
         ds: a dataset from :func:`tasks.data.dicom_read.read_dataset`.
@@ -94,7 +97,7 @@ def decode_dataset(
 
     pixels = _decode_pixels(ds, n_frames, frame_indices)
     frames = [
-        to_display(frame, ds, index, notes)
+        to_display(frame, ds, index, notes, colour)
         for frame, index in zip(pixels, frame_indices, strict=True)
     ]
     del pixels  # the stored values are no longer needed: free them before stacking
@@ -113,11 +116,12 @@ def decode_file(
     multiframe: str = "middle",
     max_image_dim: int | None = MAX_IMAGE_DIM,
     max_decoded_bytes: int | None = None,
+    colour: bool = False,
 ) -> DecodedImage:
     """:func:`read_dataset` then :func:`decode_dataset`, both bounded by ``max_image_dim``
     (and the decoding by ``max_decoded_bytes``)."""
     return decode_dataset(
-        read_dataset(path, max_image_dim), multiframe, max_image_dim, max_decoded_bytes
+        read_dataset(path, max_image_dim), multiframe, max_image_dim, max_decoded_bytes, colour
     )
 
 

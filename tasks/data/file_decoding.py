@@ -21,8 +21,9 @@ import numpy as np
 
 from tasks.config import DataParams
 from tasks.data import dicom_io, dicom_read, dicom_rejections, groups
+from tasks.data.channels import keeps_colour
 from tasks.data.patient_hash import salted_hash
-from tasks.data.preprocess import resize_display
+from tasks.data.preprocess import resize_any
 
 
 @dataclass
@@ -54,17 +55,18 @@ def list_files(folder: Path, exclude: Path | None = None) -> list[Path]:
 
 
 def decode_to_outcome(
-    path: Path, folder: Path, image_size: int, multiframe: str, salt: str
+    path: Path, folder: Path, image_size: int, multiframe: str, salt: str, colour: bool = False
 ) -> FileOutcome:
-    """Decode one file into resized uint8 images, or a quarantine reason. Never raises."""
+    """Decode one file into resized uint8 images (``(S, S)``, or ``(3, S, S)`` for a colour
+    file when ``colour``), or a quarantine reason. Never raises."""
     outcome = FileOutcome(source_file=path.relative_to(folder).as_posix())
     try:
         with _pydicom_warnings_silenced():
             # dicom_io.decode_file's two steps, keeping the header for the grouping attributes
             ds = dicom_read.read_dataset(path)
-            decoded = dicom_io.decode_dataset(ds, multiframe=multiframe)
+            decoded = dicom_io.decode_dataset(ds, multiframe=multiframe, colour=colour)
             outcome.groups = groups.header_groups(ds)
-        outcome.images = [resize_display(frame, image_size) for frame in decoded.frames]
+        outcome.images = [resize_any(frame, image_size) for frame in decoded.frames]
     except dicom_rejections.DicomRejected as err:
         outcome.reason, outcome.detail = err.reason, err.detail
         return outcome
@@ -100,10 +102,15 @@ def _pydicom_warnings_silenced() -> Iterator[None]:
 
 
 def decode_chunk(
-    folder: Path, paths: list[Path], image_size: int, multiframe: str, salt: str
+    folder: Path,
+    paths: list[Path],
+    image_size: int,
+    multiframe: str,
+    salt: str,
+    colour: bool = False,
 ) -> list[FileOutcome]:
     """:func:`decode_to_outcome` for each of ``paths``, in order: one unit of fanned-out work."""
-    return [decode_to_outcome(path, folder, image_size, multiframe, salt) for path in paths]
+    return [decode_to_outcome(path, folder, image_size, multiframe, salt, colour) for path in paths]
 
 
 def chunk_size(n_files: int, workers: int, max_chunk: int = 32) -> int:
@@ -131,7 +138,7 @@ def decode_in_process_pool(
     progress bar starts its monitor thread.
     """
     workers = data.worker_count
-    args = (folder, data.image_size, data.multiframe, salt)
+    args = (folder, data.image_size, data.multiframe, salt, keeps_colour(data))
     if workers == 1 or len(files) < 8:
         return (decode_to_outcome(path, *args) for path in files)
     # Fork is fastest, but forking a process that runs other threads (Prefect's, for one) can

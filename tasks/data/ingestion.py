@@ -25,6 +25,7 @@ from tqdm import tqdm
 from tasks.config import DataParams
 from tasks.data import dataset as ds_files
 from tasks.data import groups
+from tasks.data.channels import CHANNELS_KEY
 from tasks.data.dataset_writer import IngestResult, SourceYield, staging_dir, write_dataset
 from tasks.data.file_decoding import DecodeMap, FileOutcome, decode_in_process_pool, list_files
 from tasks.data.labels import LabelSource
@@ -122,6 +123,7 @@ def _label_and_keep(
             raw.write(image.tobytes())
             rows.append(
                 {
+                    CHANNELS_KEY: 1 if image.ndim == 2 else image.shape[0],
                     "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
                     "source_file": outcome.source_file,
                     "frame": frame,
@@ -166,7 +168,7 @@ def ingest_npz(
     salt = patient_salt()
     staging = staging_dir(data.processed_dir)
     with open(staging / "images.raw", "wb") as raw:
-        rows = read_npz_rows(path, split_labels, data.image_size, salt, raw)
+        rows = read_npz_rows(path, split_labels, data, salt, raw)
     to_columns = _group_columns(group_names, data.site)
     for row in rows:  # no headers: every attribute but the named site is unknown
         row.update(to_columns({}))

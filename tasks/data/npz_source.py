@@ -14,9 +14,11 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from tasks.config import DataParams
 from tasks.data import dataset as ds_files
+from tasks.data.channels import CHANNELS_KEY, keeps_colour
 from tasks.data.patient_hash import salted_hash
-from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.data.preprocess import luma, resize_any, uint8_to_display
 from tasks.errors import MedtransferError
 
 
@@ -143,25 +145,29 @@ def _npz_labels(path: Path, split: str, labels: np.ndarray, n_images: int) -> np
 
 
 def read_npz_rows(
-    path: Path, split_labels: dict[str, np.ndarray], image_size: int, salt: str, raw: BinaryIO
+    path: Path, split_labels: dict[str, np.ndarray], data: DataParams, salt: str, raw: BinaryIO
 ) -> list[dict]:
     """Append every image of the checked archive ``path`` to ``raw``, split by split, as uint8
-    ``image_size`` x ``image_size`` grayscale; returns their manifest rows (with ``split``).
+    ``(S, S)`` grayscale, or ``(3, S, S)`` for an RGB archive unless ``data.channels`` is
+    ``gray`` (S = ``data.image_size``); returns their manifest rows (with ``split``).
 
-    ``split_labels`` is :func:`check_npz`'s result. RGB images become ITU-R BT.601 luma.
+    ``split_labels`` is :func:`check_npz`'s result. Under ``gray`` RGB images become ITU-R
+    BT.601 luma.
     """
     rows: list[dict] = []
+    colour = keeps_colour(data)
     with np.load(path) as archive:
         for split in ds_files.SPLITS:
             images, labels = archive[f"{split}_images"], split_labels[split]
             for i in tqdm(range(len(images)), desc=f"ingest {split}", unit="img", leave=False):
                 display = uint8_to_display(images[i])
-                if display.ndim == 3:  # RGB MedMNIST sets
-                    display = display @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-                image = resize_display(display, image_size)
+                if display.ndim == 3 and not colour:  # RGB MedMNIST sets, made gray
+                    display = luma(display)
+                image = resize_any(display, data.image_size)
                 raw.write(image.tobytes())
                 rows.append(
                     {
+                        CHANNELS_KEY: 1 if image.ndim == 2 else image.shape[0],
                         "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
                         "source_file": f"{path.name}:{split}_images[{i}]",
                         "frame": 0,

@@ -176,7 +176,8 @@ def _predict_splits(
                 f"The {split} split is empty; lower the split fractions' rounding by adding data."
             )
         loader = DataLoader(
-            ImageDataset(images, split_labels, to_tensor_transform()), batch_size=batch_size
+            ImageDataset(images, split_labels, to_tensor_transform(dataset.channels)),
+            batch_size=batch_size,
         )
         # amp as training's validation runs it (bf16 on a GPU, nothing on the CPU)
         probabilities[split], labels[split] = probabilities_and_labels(
@@ -203,7 +204,8 @@ def gradcam_grid(
     correct = np.flatnonzero(predicted == labels)[:per_group]
     wrong = np.flatnonzero(predicted != labels)[:per_group]
     chosen = np.concatenate([correct, wrong]).astype(int)
-    chosen_set = ImageDataset(images[chosen], labels[chosen], to_tensor_transform())
+    transform = to_tensor_transform(dataset.channels)
+    chosen_set = ImageDataset(images[chosen], labels[chosen], transform)
     batch = torch.stack([chosen_set[k][0] for k in range(len(chosen))])
     maps = gradcam_maps(model, layer, batch, predicted[chosen])
     classes = dataset.classes
@@ -212,5 +214,13 @@ def gradcam_grid(
         for i in chosen
     ]
     return plots.plot_image_grid(
-        [images[i] / 255.0 for i in chosen], list(maps[:, 0]), captions, path
+        [_displayable(images[i]) for i in chosen], list(maps[:, 0]), captions, path
     )
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+    """A stored uint8 image → float [0, 1] for a plot: ``(S, S)`` gray or ``(S, S, 3)`` RGB
+    (a colour image's overlay is drawn over its colours)."""
+    image = np.asarray(image) / 255.0
+    return image if image.ndim == 2 else np.moveaxis(image, 0, -1)
+

@@ -109,7 +109,8 @@ def plot_image_grid(
     path: str | Path,
     columns: int = 4,
 ) -> Path:
-    """Grayscale images with optional heat-map overlays (Grad-CAM) and a caption each."""
+    """Images (float [0, 1], ``(H, W)`` gray or ``(H, W, 3)`` RGB) with optional heat-map
+    overlays (Grad-CAM) and a caption each."""
     rows = max(1, int(np.ceil(len(images) / columns)))
     fig, axes = plt.subplots(
         rows, columns, figsize=(2.4 * columns, 2.6 * rows), dpi=100, squeeze=False

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from tasks.data import codestream, dicom_guards, dicom_io, dicom_read, dicom_rejections
-from tasks.data.preprocess import resize_display, uint8_to_display
+from tasks.data.preprocess import luma, resize_colour, resize_display, uint8_to_display
 from tasks.model.label_kind import SINGLE_LABEL, image_uniforms
 from tasks.model.profile import header_values
 
@@ -82,12 +82,16 @@ REJECTIONS: dict[str, tuple[int, str]] = {
         422,
         "The DICOM file lacks a UID (study, series, SOP instance or class) that its DICOM "
         "output must reference; ask for application/json.",
+    "channel_mismatch": (
+        422,
+        "The model classifies colour images (3 channels) and this image is gray; send the "
+        "colour image (a gray one is never made colour by guessing).",
     ),
 }
 
-# ITU-R BT.601 luma: the weights ingestion uses for RGB images (tasks.data.ingestion,
-# tasks.data.dicom_io).
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Channels of uploads (the documented rule, README "Serving"): a gray model (1 channel) takes a
+# colour upload as ITU-R BT.601 luma, as ingestion with data.channels gray does; a colour model
+# (3 channels) takes colour uploads as they are and refuses a gray one (422 channel_mismatch).
 
 
 class InputRejected(Exception):
@@ -119,8 +123,10 @@ def prepare_dicom(
     multiframe: str | None = None,
     scope=None,
     max_decoded_bytes: int | None = None,
+    channels: int = 1,
 ) -> np.ndarray:
-    """One DICOM image → the uint8 ``(image_size, image_size)`` image the model sees.
+    """One DICOM image → the uint8 ``(image_size, image_size)`` image a gray model sees, or
+    ``(3, image_size, image_size)`` for a colour one (``channels`` 3).
 
     Args:
         source: the file's bytes, a path, or a seekable binary stream.
@@ -134,10 +140,13 @@ def prepare_dicom(
             it is refused ``out_of_scope`` (the message names what was expected); None: no check.
         max_decoded_bytes: the most bytes the decoded image may hold (as its header and its
             codestream declare; None: :func:`tasks.data.dicom_guards.decoded_bytes_limit`).
+        channels: the model's input channels: 1 makes a colour image luma, 3 keeps colour
+            and refuses a gray image (``channel_mismatch``).
 
     Raises:
         InputRejected: not DICOM, truncated, no pixel data, unsupported transfer syntax or image
-            type, multi-frame (unless ``middle``), too large, or pixel data that does not decode.
+            type, multi-frame (unless ``middle``), too large, pixel data that does not decode,
+            or a gray image for a colour model.
     """
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
@@ -153,7 +162,9 @@ def prepare_dicom(
         rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
         if max(rows, columns) > max_image_dim:
             raise InputRejected("image_too_large")
-        decoded = dicom_io.decode_dataset(ds, "middle", max_image_dim, max_decoded_bytes)
+        decoded = dicom_io.decode_dataset(
+            ds, "middle", max_image_dim, max_decoded_bytes, colour=channels == 3
+        )
     except dicom_rejections.DicomRejected as err:
         raise InputRejected(err.reason) from None  # err.detail may quote the file: not shown
     except InputRejected:
@@ -162,7 +173,17 @@ def prepare_dicom(
         raise InputRejected(dicom_rejections.DECODE_FAILED) from None
     if decoded.frames.shape[0] != 1:  # e.g. a 3-D array without NumberOfFrames
         raise InputRejected("multi_frame")
-    return resize_display(decoded.frames[0], image_size)
+    return _for_model(decoded.frames[0], image_size, channels)
+
+
+def _for_model(display: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """A display-space frame (``(H, W)`` or ``(H, W, 3)``) → the model's uint8 image, by the
+    channel rule above."""
+    if channels == 3:
+        if display.ndim != 3:
+            raise InputRejected("channel_mismatch")
+        return resize_colour(display, image_size)
+    return resize_display(luma(display) if display.ndim == 3 else display, image_size)
 
 
 def prepare_png(
@@ -170,11 +191,14 @@ def prepare_png(
     image_size: int,
     max_image_dim: int | None = dicom_guards.MAX_IMAGE_DIM,
     max_decoded_bytes: int | None = None,
+    channels: int = 1,
 ) -> np.ndarray:
-    """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image.
+    """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image
+    (``(S, S)``, or ``(3, S, S)`` for a colour model, ``channels`` 3).
 
-    8-bit images go through :func:`tasks.data.preprocess.uint8_to_display` (colour ones then to
-    luma, as ingestion does for RGB MedMNIST images); 16-bit grey images are scaled by 1/65535.
+    8-bit images go through :func:`tasks.data.preprocess.uint8_to_display`; 16-bit grey images
+    are scaled by 1/65535. Colour ones become luma for a gray model, as ingestion with
+    ``data.channels`` gray does; a gray one is refused by a colour model (``channel_mismatch``).
     Before Pillow sees it, the IHDR's size is checked against ``max_image_dim`` (422
     ``image_too_large``) and its decoded bytes (width x height x samples x bytes per sample)
     against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_guards.decoded_bytes_limit`;
@@ -204,7 +228,7 @@ def prepare_png(
         raise
     except Exception:
         raise InputRejected(dicom_rejections.DECODE_FAILED) from None
-    return resize_display(display, image_size)
+    return _for_model(display, image_size, channels)
 
 
 def check_png_header(
@@ -230,15 +254,15 @@ def check_png_header(
 
 
 def _png_to_display(image) -> np.ndarray:
-    """A loaded Pillow image → float32 [0, 1] grayscale."""
+    """A loaded Pillow image → float32 [0, 1] grayscale ``(H, W)`` or RGB ``(H, W, 3)``."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
     if image.mode in ("P", "PA", "1"):
         image = image.convert("RGB") if image.mode != "1" else image.convert("L")
     array = np.asarray(image)
     if array.ndim == 3:
-        if array.shape[2] in (3, 4):  # RGB, RGBA: drop alpha, then luma
-            return uint8_to_display(array[..., :3]) @ _LUMA
+        if array.shape[2] in (3, 4):  # RGB, RGBA: drop alpha
+            return uint8_to_display(array[..., :3])
         array = array[..., 0]  # LA: the grey channel
     if array.dtype != np.uint8 or array.ndim != 2:
         raise InputRejected(dicom_rejections.UNSUPPORTED_IMAGE)
@@ -328,12 +352,15 @@ class Predictor:
         return cls(model, spec)
 
     def predict_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 ``(B, S, S)`` images at the student's size → calibrated probabilities ``(B, C)``
-        (the temperature saved with the student)."""
+        """uint8 ``(B, S, S)`` images (``(B, 3, S, S)`` for a colour student) at the student's
+        size → calibrated probabilities ``(B, C)`` (the temperature saved with the student)."""
         images = np.asarray(images)
-        if images.ndim != 3 or images.shape[1:] != (self.spec.image_size,) * 2:
+        channels = getattr(self.spec, "channels", 1)
+        side = (self.spec.image_size,) * 2
+        expected = side if channels == 1 else (channels, *side)
+        if images.shape[1:] != expected:
             raise ValueError(
-                f"expected uint8 images (B, {self.spec.image_size}, {self.spec.image_size}), "
+                f"expected uint8 images (B, {', '.join(map(str, expected))}), "
                 f"got shape {images.shape}"
             )
         # deferred: tasks.model.predict imports torch, which the service's API process (it
@@ -344,5 +371,7 @@ class Predictor:
 
     def predict_dicom(self, source: bytes | str | Path) -> np.ndarray:
         """One DICOM file → probabilities ``(C,)``; raises :class:`InputRejected`."""
-        image = prepare_dicom(source, self.spec.image_size)
+        image = prepare_dicom(
+            source, self.spec.image_size, channels=getattr(self.spec, "channels", 1)
+        )
         return self.predict_images(image[np.newaxis])[0]

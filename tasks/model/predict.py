@@ -132,18 +132,20 @@ def probabilities_and_labels(
 
 
 def to_model_input(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 images ``(B, S, S)`` → float32 tensor ``(B, 1, S, S)`` in [0, 1].
+    """uint8 images ``(B, S, S)`` or ``(B, 3, S, S)`` → float32 tensor ``(B, C, S, S)`` in
+    [0, 1].
 
     Uses :func:`tasks.model.transforms.to_tensor_transform`, the transform evaluation uses.
     """
-    transform = to_tensor_transform()
+    transform = to_tensor_transform(1 if np.asarray(images[0]).ndim == 2 else 3)
     return torch.stack([transform(np.asarray(image)) for image in images])
 
 
 def probabilities(
     model: nn.Module, images: np.ndarray | Sequence[np.ndarray], temperature: float = 1.0
 ) -> np.ndarray:
-    """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` in one forward
+    """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` (or ``(B, 3, S,
+    S)``) in one forward
     pass: ``softmax(logits / temperature)``, the student's calibration
     (``StudentSpec.temperature``). The serving path (:mod:`tasks.model.inference`, the
     profile's features) calls this."""

@@ -1,6 +1,7 @@
-"""The student: an ImageNet teacher adapted to grayscale medical images, and its transfer strategy.
+"""The student: an ImageNet teacher adapted to medical images, and its transfer strategy.
 
-A :class:`Student` takes ``(B, 1, H, W)`` float images in pixel space [0, 1] and returns class
+A :class:`Student` takes ``(B, C, H, W)`` float images in pixel space [0, 1] (C = 1 gray, or 3
+colour: then the teacher's three-channel stem is used as it was trained) and returns class
 logits ``(B, num_classes)``. It normalises its input itself (exactly once, the teacher's way),
 so every caller (training, evaluation, attacks, the BentoML service) feeds plain [0, 1] pixels.
 
@@ -130,6 +131,19 @@ class GrayscaleInput(nn.Module):
         return self.normalise(x)
 
 
+class ColourInput(nn.Module):
+    """``(B, 3, H, W)`` RGB pixels in [0, 1] → the teacher's normalised input, each channel
+    with its own coefficients: the teacher's stem takes it exactly as it was trained."""
+
+    def __init__(self, normalisation: Normalisation) -> None:
+        super().__init__()
+        self.channels = len(normalisation.scale)
+        self.normalise = Normalise(normalisation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalise(x)
+
+
 def fold_stem_to_grayscale(backbone: Backbone) -> None:
     """Replace the first conv of ``backbone.stem`` by a 1-channel conv with summed weights.
 
@@ -156,6 +170,23 @@ def fold_stem_to_grayscale(backbone: Backbone) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = backbone.stem.get_submodule(parent_name) if parent_name else backbone.stem
     setattr(parent, child, gray)
+
+
+def _input_and_backbone(
+    spec: TeacherSpec, pretrained: bool, weights_path: str | Path | None, channels: int
+) -> tuple[nn.Module, Backbone, str | None]:
+    """The teacher's backbone fed by an input layer for ``channels`` (1: gray, folded as
+    below; 3: colour, the stem untouched), plus the loaded weights' hash."""
+    if channels == 1:
+        return _grayscale_backbone(spec, pretrained, weights_path)
+    if channels != len(spec.normalisation.scale):
+        raise MedtransferError(
+            f"Teacher {spec.name!r} takes 1 (gray) or {len(spec.normalisation.scale)} "
+            f"(colour) channels, not {channels}."
+        )
+    built = build_teacher(spec, pretrained=pretrained, weights_path=weights_path)
+    sha256 = built.weights.sha256 if built.weights else None
+    return ColourInput(spec.normalisation), built.backbone, sha256
 
 
 def _grayscale_backbone(
@@ -189,14 +220,15 @@ def _freeze(module: nn.Module) -> None:
 class Student(nn.Module):
     """Teacher backbone + dropout + new linear head, with a transfer strategy's freezing.
 
-    Input: ``(B, 1, H, W)`` float in [0, 1] (H, W as :func:`check_image_size` allows).
+    Input: ``(B, C, H, W)`` float in [0, 1], C = ``channels`` (1 gray, 3 colour; H, W as
+    :func:`check_image_size` allows).
     Output: logits ``(B, num_classes)``; :meth:`features` gives the pooled backbone features
     ``(B, feature_dim)``. Frozen parts stay in eval mode whatever ``train()`` is called with,
     so their BatchNorm statistics and stochastic depth never change. Build with
     :func:`build_student`.
 
     Attributes worth logging: ``teacher``, ``strategy``, ``unfreeze_blocks``, ``num_classes``,
-    ``weights_sha256`` (None when not pretrained).
+    ``channels``, ``weights_sha256`` (None when not pretrained).
     """
 
     def __init__(
@@ -204,14 +236,16 @@ class Student(nn.Module):
         *,
         spec: TeacherSpec,
         strategy: str,
-        input_layer: GrayscaleInput,
+        input_layer: nn.Module,
         backbone: Backbone,
         num_classes: int,
         unfreeze_blocks: int,
         dropout: float,
         weights_sha256: str | None,
+        channels: int = 1,
     ) -> None:
         super().__init__()
+        self.channels = channels
         # Plain values only (no spec with its callables): the model must pickle for MLflow.
         self.teacher = spec.name
         self.strategy = strategy
@@ -243,8 +277,8 @@ class Student(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` in [0, 1] → pooled penultimate features ``(B, feature_dim)``."""
-        _check_input(x, self.teacher, 1, *self._input_rule)
+        """``(B, C, H, W)`` in [0, 1] → pooled penultimate features ``(B, feature_dim)``."""
+        _check_input(x, self.teacher, self.channels, *self._input_rule)
         return self.backbone(self.input_layer(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,6 +293,7 @@ def build_student(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     dropout: float = 0.2,
+    channels: int = 1,
 ) -> Student:
     """Build a student for a transfer strategy; all configuration errors surface here.
 
@@ -272,6 +307,8 @@ def build_student(
             still apply). ``scratch`` never loads weights.
         weights_path: a user-supplied weights file instead of the bundled one.
         dropout: dropout rate before the head, in [0, 1).
+        channels: input channels: 1 (gray: the stem summed over colour) or 3 (colour: the
+            stem as trained).
 
     Returns:
         A :class:`Student` in train mode.
@@ -284,7 +321,7 @@ def build_student(
     if weights_path is not None and not pretrained and strategy != "scratch":
         raise MedtransferError("weights_path was given with pretrained=False; drop one of them.")
     load = pretrained and strategy != "scratch"
-    input_layer, backbone, sha256 = _grayscale_backbone(spec, load, weights_path)
+    input_layer, backbone, sha256 = _input_and_backbone(spec, load, weights_path, channels)
     student = Student(
         spec=spec,
         strategy=strategy,
@@ -294,6 +331,7 @@ def build_student(
         unfreeze_blocks=unfreeze_blocks,
         dropout=dropout,
         weights_sha256=sha256,
+        channels=channels,
     )
     _track_batch_statistics(student, TRAINED_BN_MOMENTUM)
     return student
@@ -397,11 +435,14 @@ class _FrozenTeacher(nn.Module):
 
 
 class TeacherFeatures(_FrozenTeacher):
-    """Pristine pretrained teacher: ``(B, 1, H, W)`` in [0, 1] → pooled features ``(B, D)``."""
+    """Pristine pretrained teacher: ``(B, C, H, W)`` in [0, 1] → pooled features ``(B, D)``."""
 
-    def __init__(self, spec: TeacherSpec, input_layer: GrayscaleInput, backbone: Backbone) -> None:
+    def __init__(
+        self, spec: TeacherSpec, input_layer: nn.Module, backbone: Backbone, channels: int = 1
+    ) -> None:
         super().__init__()
         self.teacher = spec.name
+        self.channels = channels
         self._input_rule = (spec.size_multiple, spec.min_image_size)
         self.input_layer = input_layer
         self.backbone = backbone
@@ -409,7 +450,7 @@ class TeacherFeatures(_FrozenTeacher):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.teacher, 1, *self._input_rule)
+        _check_input(x, self.teacher, self.channels, *self._input_rule)
         return self.backbone(self.input_layer(x))
 
 
@@ -432,17 +473,17 @@ class ImageNetClassifier(_FrozenTeacher):
 
 
 def teacher_feature_extractor(
-    teacher: str | TeacherSpec, weights_path: str | Path | None = None
+    teacher: str | TeacherSpec, weights_path: str | Path | None = None, channels: int = 1
 ) -> TeacherFeatures:
     """A freshly loaded, frozen copy of the pretrained teacher's feature extractor.
 
-    Same input as a student (grayscale [0, 1]), output the teacher's pooled penultimate
+    Same input as a student of ``channels`` ([0, 1]), output the teacher's pooled penultimate
     features. It is built from the weights file, never from a student, so an attack crafted on
     it knows nothing the student learned.
     """
     spec = get_teacher(teacher)
-    input_layer, backbone, _ = _grayscale_backbone(spec, True, weights_path)
-    return TeacherFeatures(spec, input_layer, backbone)
+    input_layer, backbone, _ = _input_and_backbone(spec, True, weights_path, channels)
+    return TeacherFeatures(spec, input_layer, backbone, channels)
 
 
 def imagenet_classifier(

@@ -38,6 +38,9 @@ class StudentSpec:
     # leaves the product is softmax(logits / temperature). 1.0: uncalibrated, and what a
     # student saved before calibration existed reads as.
     temperature: float = 1.0
+    # Input channels: 1 gray, 3 colour (tasks.data.channels); 1 is what a student saved before
+    # colour existed reads as.
+    channels: int = 1
 
 
 def build_from_spec(spec: StudentSpec) -> nn.Module:
@@ -51,6 +54,7 @@ def build_from_spec(spec: StudentSpec) -> nn.Module:
         unfreeze_blocks=spec.unfreeze_blocks,
         pretrained=False,
         dropout=spec.dropout,
+        channels=spec.channels,
     )
 
 

@@ -66,7 +66,7 @@ def render_model_card(inputs: CardInputs) -> str:
         f"| MLflow run | `{inputs.run_id}` |",
         f"| teacher | {spec.get('teacher')} (weights SHA-256 `{spec.get('teacher_weights_sha256')}`) |",
         f"| transfer strategy | {strategy} |",
-        f"| input | one grayscale image, {spec.get('image_size')} x {spec.get('image_size')} px after the training preprocessing |",
+        f"| input | one {'colour (RGB)' if spec.get('channels', 1) == 3 else 'grayscale'} image, {spec.get('image_size')} x {spec.get('image_size')} px after the training preprocessing |",
         f"| classes | {', '.join(spec.get('classes', ()))} |",
         _decision_row(inputs.metrics, threshold, rule),
         f"| alias `{inputs.alias}` | {'moved to this version' if inputs.promoted else 'not moved'} |",

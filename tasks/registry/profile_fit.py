@@ -46,11 +46,11 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
             f"No processed dataset in {params.data.processed_dir}: packaging records the "
             "training data's profile with the model; run `medtransfer ingest` first."
         ) from err
-    if dataset.image_size != spec.image_size:
+    if (dataset.image_size, dataset.channels) != (spec.image_size, spec.channels):
         raise MedtransferError(
             f"The processed dataset in {params.data.processed_dir} has {dataset.image_size} px "
-            f"images and the model takes {spec.image_size} px: package with the dataset the "
-            "model was trained on."
+            f"images of {dataset.channels} channel(s) and the model takes {spec.image_size} px "
+            f"of {spec.channels}: package with the dataset the model was trained on."
         )
     train_images, train_labels = dataset.subset("train")
     val_images, _ = dataset.subset("val")

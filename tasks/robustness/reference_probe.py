@@ -25,11 +25,17 @@ def fit_linear_probe(teacher: str, dataset: ProcessedDataset, steps: int, seed: 
     takes minutes.
 
     Returns:
-        The probe (pixel space ``(B, 1, S, S)`` in [0, 1] in, logits out), in eval mode.
+        The probe (pixel space ``(B, C, S, S)`` in [0, 1] in, C the dataset's channels,
+        logits out), in eval mode.
     """
     torch.manual_seed(seed)
     probe = build_student(
-        teacher, "linear_probe", num_classes=len(dataset.classes), pretrained=True, dropout=0.0
+        teacher,
+        "linear_probe",
+        num_classes=len(dataset.classes),
+        pretrained=True,
+        dropout=0.0,
+        channels=dataset.channels,
     )
     probe.eval()
     images, labels = dataset.subset("train")

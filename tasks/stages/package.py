@@ -243,6 +243,7 @@ def _service_arguments(
         "dataset_version": dataset_version,
         "classes": list(spec.classes),
         "image_size": spec.image_size,
+        "channels": spec.channels,
         "threshold": threshold,
         "max_upload_bytes": serving.max_upload_bytes,
         "max_batch_files": serving.max_batch_files,

@@ -78,7 +78,7 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     dataset = load_processed(params.data.processed_dir)
     model_dir = Path(params.train.model_dir)
     student, spec = load_student(model_dir)
-    teacher = teacher_feature_extractor(spec.teacher)
+    teacher = teacher_feature_extractor(spec.teacher, channels=spec.channels)
     attack = _attack_on_shared_images(params, dataset, teacher, progress)
     logger.info(
         "robustness: attacking the %s student at %d budgets",
@@ -165,7 +165,9 @@ def _attack_on_shared_images(
     reports its budgets as they finish."""
     images, labels = attack_subset(dataset, params.robustness.max_samples, params.seed)
     target_pool = attack_subset(dataset, None, params.seed)  # mimicry: other-class test images
-    natural = natural_crops(params.robustness.universal_images, dataset.image_size, params.seed)
+    natural = natural_crops(
+        params.robustness.universal_images, dataset.image_size, params.seed, dataset.channels
+    )
     crafted: dict = {}
 
     def attack(model: nn.Module, label: str = "") -> RobustnessResult:

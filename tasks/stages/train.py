@@ -141,7 +141,7 @@ def _train_one(
     train_idx = strategies.label_subset(
         dataset.labels, dataset.indices("train"), fraction, params.seed
     )
-    model = strategies.build_model(params.train, strategy, len(dataset.classes))
+    model = strategies.build_model(params.train, strategy, len(dataset.classes), dataset.channels)
     if plan.seed_from is not None:
         continue_other_checkpoint(plan, model)
     # The scratch control has no pretrained weights; every other student names its teacher file.

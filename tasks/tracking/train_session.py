@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import Params, TrainParams
+from tasks.data.channels import check_training_channels
 from tasks.data.dataset import dataset_version, load_processed
 from tasks.model.student_io import STRATEGIES_SUBDIR
 from tasks.tracking import train_run
@@ -60,6 +61,7 @@ def prepare_session(
     """
     dataset = load_processed(params.data.processed_dir)
     dataset.source  # noqa: B018 (refuses a dataset that does not record its source)
+    check_training_channels(params.data.channels, dataset.channels)
     strategies.validate(params.train, dataset)
     data_version = dataset_version(params.data.processed_dir)
     strategy_list, fractions = trainings(params.train)

@@ -50,6 +50,7 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
         num_classes=len(dataset.classes),
         unfreeze_blocks=config.unfreeze_blocks,
         pretrained=False,
+        channels=dataset.channels,
     )
     if any(split_variant(s)[0] != "scratch" for s in (config.strategy, *(config.compare or ()))):
         resolve_weights(config.teacher, config.weights_path)
@@ -83,9 +84,11 @@ def is_adversarial(strategy: str, config: TrainParams) -> bool:
     return split_variant(strategy)[1] or config.adversarial == "pgd"
 
 
-def build_model(config: TrainParams, strategy: str, num_classes: int) -> nn.Module:
-    """The student network for ``strategy`` (``+pgd`` ignored), teacher weights loaded unless
-    it is the scratch control."""
+def build_model(
+    config: TrainParams, strategy: str, num_classes: int, channels: int = 1
+) -> nn.Module:
+    """The student network for ``strategy`` (``+pgd`` ignored) on ``channels`` input
+    channels, teacher weights loaded unless it is the scratch control."""
     base_strategy = split_variant(strategy)[0]
     return build_student(
         config.teacher,
@@ -95,6 +98,7 @@ def build_model(config: TrainParams, strategy: str, num_classes: int) -> nn.Modu
         pretrained=base_strategy != "scratch",
         weights_path=config.weights_path,
         dropout=config.dropout,
+        channels=channels,
     )
 
 
@@ -133,7 +137,11 @@ def fit_student(
     perturb = _perturbation(train_params) if is_adversarial(strategy, train_params) else None
     train_idx = np.sort(train_idx)
     labels = dataset.labels[train_idx]
-    cached = base_strategy == "linear_probe" and not _augments(train_params) and perturb is None
+    cached = (
+        base_strategy == "linear_probe"
+        and not _augments(train_params, dataset.channels)
+        and perturb is None
+    )
     if cached or base_strategy == "lp_ft":
         device = resolve_device(fit_config.device, dist_env())
         train = (dataset.images[train_idx], labels)
@@ -179,9 +187,13 @@ def _fit_head_only(
     return result
 
 
-def _augments(config: TrainParams) -> bool:
-    """Whether any ``train.augment`` transform is on."""
-    return any(bool(value) for value in asdict(config.augment).values())
+def _augments(config: TrainParams, channels: int) -> bool:
+    """Whether any ``train.augment`` transform is on for images of ``channels`` (the colour
+    jitter never is for gray)."""
+    values = asdict(config.augment)
+    if channels == 1:
+        values.pop("colour_jitter")
+    return any(bool(value) for value in values.values())
 
 
 def _datasets(
@@ -191,10 +203,10 @@ def _datasets(
     train_set = ImageDataset(
         dataset.images[train_idx],
         dataset.labels[train_idx],
-        train_transform(config.augment, dataset.image_size),
+        train_transform(config.augment, dataset.image_size, dataset.channels),
     )
     val_images, val_labels = dataset.subset("val")
-    return train_set, ImageDataset(val_images, val_labels, to_tensor_transform())
+    return train_set, ImageDataset(val_images, val_labels, to_tensor_transform(dataset.channels))
 
 
 def _perturbation(config: TrainParams) -> Perturb:
@@ -220,4 +232,5 @@ def student_spec(
         classes=tuple(dataset.classes),
         teacher_weights_sha256=teacher_sha256,
         temperature=temperature,
+        channels=dataset.channels,
     )

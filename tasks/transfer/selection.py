@@ -32,7 +32,7 @@ from torch import nn
 
 from tasks.config import Params
 from tasks.data.dataset import load_processed
-from tasks.data.preprocess import uint8_to_model_pixels
+from tasks.data.preprocess import image_channels, uint8_to_model_pixels
 from tasks.errors import MedtransferError
 from tasks.evaluation.metrics import (
     percentile_interval,
@@ -219,14 +219,15 @@ def tap_features(
 
     Args:
         teacher: a registered teacher name.
-        images: ``(N, H, W)`` uint8 grayscale images.
+        images: ``(N, H, W)`` uint8 grayscale or ``(N, 3, H, W)`` colour images (a colour set
+            is probed through the teacher's own three-channel stem).
         weights_path: the teacher's weights file, or None for the bundled one.
 
     Returns:
         ``([(N, C_i) per tap], [distance per tap])``, taps as :meth:`Backbone.taps` orders them.
     """
     spec = get_teacher(teacher)
-    extractor = teacher_feature_extractor(teacher, weights_path)
+    extractor = teacher_feature_extractor(teacher, weights_path, image_channels(images))
     backbone = extractor.backbone
     ends = spec.stage_ends
     segments, start = [], 0

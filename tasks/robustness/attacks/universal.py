@@ -25,9 +25,10 @@ NATURAL_IMAGES = (
 )  # fmt: skip
 
 
-def natural_crops(n: int, size: int, seed: int) -> np.ndarray:
-    """``n`` seeded random square crops of the sample photographs, greyscale, resized to
-    ``size``: float32 ``(n, 1, size, size)`` in [0, 1]."""
+def natural_crops(n: int, size: int, seed: int, channels: int = 1) -> np.ndarray:
+    """``n`` seeded random square crops of the sample photographs, greyscale (``channels``
+    1) or RGB (3; a gray photograph as three equal channels), resized to ``size``: float32
+    ``(n, channels, size, size)`` in [0, 1]. The same crops whatever ``channels``."""
     # Deferred: scikit-image is a heavy import that only this function needs.
     from skimage import data
     from skimage.color import rgb2gray
@@ -37,15 +38,20 @@ def natural_crops(n: int, size: int, seed: int) -> np.ndarray:
     photos = []
     for name in NATURAL_IMAGES:
         image = getattr(data, name)()
-        photos.append(rgb2gray(image[..., :3]) if image.ndim == 3 else image / 255.0)
-    crops = np.empty((n, 1, size, size), dtype=np.float32)
+        if channels == 1:
+            photos.append(rgb2gray(image[..., :3]) if image.ndim == 3 else image / 255.0)
+        else:
+            rgb = image[..., :3] / 255.0 if image.ndim == 3 else np.stack([image / 255.0] * 3, -1)
+            photos.append(rgb)
+    crops = np.empty((n, channels, size, size), dtype=np.float32)
     for k in range(n):
         photo = photos[rng.integers(len(photos))]
-        side = int(rng.integers(min(photo.shape) // 3, min(photo.shape) + 1))
+        side = int(rng.integers(min(photo.shape[:2]) // 3, min(photo.shape[:2]) + 1))
         top = int(rng.integers(photo.shape[0] - side + 1))
         left = int(rng.integers(photo.shape[1] - side + 1))
         crop = photo[top : top + side, left : left + side]
-        crops[k, 0] = resize(crop, (size, size), anti_aliasing=True)
+        resized = resize(crop, (size, size), anti_aliasing=True)
+        crops[k] = resized[None] if channels == 1 else np.moveaxis(resized, -1, 0)
     return np.clip(crops, 0.0, 1.0)
 
 
