@@ -82,6 +82,7 @@ REJECTIONS: dict[str, tuple[int, str]] = {
         422,
         "The DICOM file lacks a UID (study, series, SOP instance or class) that its DICOM "
         "output must reference; ask for application/json.",
+    ),
     "channel_mismatch": (
         422,
         "The model classifies colour images (3 channels) and this image is gray; send the "
