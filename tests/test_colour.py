@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data.dataset import dataset_version, load_processed
+from tasks.data.dataset import load_processed
 from tasks.data.dicom_io import decode_file
 from tasks.errors import MedtransferError
 from tasks.model.inference import InputRejected, prepare_dicom, prepare_png
@@ -21,10 +21,12 @@ from tests.colour_samples import colour_dicom, hue_set, write_hue_npz
 from tests.conftest import SMALL_TRAINING_SET
 
 # Computed on main (6eff593) before colour existed, with the session salt "test-salt": the
-# small training set's DVC hash and images.npy, and a seeded gray student's logits on its first
-# four images. Colour must leave every one of them as it was.
-GRAY_DATASET_VERSION = "e6531793ccbce6612570fff02760ddd8.dir"
+# small training set's images.npy, labels.npy and dataset.json, and a seeded gray student's
+# logits on its first four images. Colour must leave every one of them as it was. (The DVC
+# hash of the folder moved once, with manifest.csv's grouping columns: figures by group.)
 GRAY_IMAGES_SHA256 = "0b61d091e28c452d065cc4ff26191a89b400ed1fd63d45009de4c0271a25c2e4"
+GRAY_FILES_SHA256_PREFIX = {"dataset.json": "c6c9b83300d6a73d", "labels.npy": "793882ba528a8363"}
+PROCESSED_FILES = {"dataset.json", "images.npy", "labels.npy", "manifest.csv", "quarantine.csv"}
 GRAY_LOGITS = [
     [0.0789821445941925, -2.430041790008545],
     [-0.5661589503288269, -1.8729902505874634],
@@ -37,7 +39,9 @@ def test_a_gray_dataset_and_a_gray_students_logits_are_unchanged(
     small_training_set: Path,
 ) -> None:
     processed = small_training_set / "processed"
-    assert dataset_version(processed) == GRAY_DATASET_VERSION
+    assert {path.name for path in processed.iterdir()} == PROCESSED_FILES  # no staging leftover
+    for name, prefix in GRAY_FILES_SHA256_PREFIX.items():
+        assert hashlib.sha256((processed / name).read_bytes()).hexdigest()[:16] == prefix, name
     images = (processed / "images.npy").read_bytes()
     assert hashlib.sha256(images).hexdigest() == GRAY_IMAGES_SHA256
     dataset = load_processed(processed)

@@ -240,7 +240,7 @@ def _write_images(staging: Path, rows: list[dict], size: int, channels: int) -> 
 
     In a colour dataset a gray image becomes three equal channels and its row's
     ``image_sha256`` is recomputed over what is stored."""
-    count, plane = len(rows), size * size
+    count = len(rows)
     shape = (count, size, size) if channels == GRAY else (count, channels, size, size)
     header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": shape}
     with open(staging / ds_files.IMAGES_FILE, "wb") as out:
@@ -248,16 +248,23 @@ def _write_images(staging: Path, rows: list[dict], size: int, channels: int) -> 
         with open(staging / "images.raw", "rb") as raw:
             if all(row.get(CHANNELS_KEY, GRAY) == channels for row in rows):
                 shutil.copyfileobj(raw, out, COPY_BLOCK_BYTES)  # the common case
-                return
-            for row in rows:
-                stored = row.get(CHANNELS_KEY, GRAY)
-                image = raw.read(stored * plane)
-                if stored != channels:
-                    converted = gray_to_colour(np.frombuffer(image, np.uint8).reshape(size, size))
-                    image = np.ascontiguousarray(converted, dtype=np.uint8).tobytes()
-                    row["image_sha256"] = hashlib.sha256(image).hexdigest()
-                out.write(image)
+            else:
+                _write_converted(raw, out, rows, size, channels)
     (staging / "images.raw").unlink()
+
+
+def _write_converted(raw, out, rows: list[dict], size: int, channels: int) -> None:
+    """Copy each row's image from ``raw`` to ``out``, a gray one in a colour dataset made three
+    equal channels (its row's ``image_sha256`` recomputed over what is stored)."""
+    plane = size * size
+    for row in rows:
+        stored = row.get(CHANNELS_KEY, GRAY)
+        image = raw.read(stored * plane)
+        if stored != channels:
+            converted = gray_to_colour(np.frombuffer(image, np.uint8).reshape(size, size))
+            image = np.ascontiguousarray(converted, dtype=np.uint8).tobytes()
+            row["image_sha256"] = hashlib.sha256(image).hexdigest()
+        out.write(image)
 
 
 def _split_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
