@@ -229,19 +229,49 @@ def train_params(
 ) -> dict:
     """Small synthetic data at 64 px (ingested: a copy of the session's), a temporary MLflow
     store and model folders."""
-    small = params.with_overrides(
-        [
-            *SMALL_TRAINING_SET,
-            "train.epochs=2",
-            "train.batch_size=16",
-            "train.strategy=linear_probe",
-            f"train.model_dir={tmp_path / 'models/student'}",
-            f"train.checkpoint_dir={tmp_path / 'models/checkpoints'}",
-            "eval.gradcam_examples=2",
-            f"serving.bentoml_home={tmp_path / 'bentoml'}",
-            f"serving.export_dir={tmp_path / 'bentos'}",
-        ],
-    )
+    small = params.with_overrides(small_training_overrides(tmp_path))
     for folder in SMALL_TRAINING_FOLDERS:
         shutil.copytree(small_training_set / folder, tmp_path / folder)
     return small
+
+
+def small_training_overrides(root: Path) -> list[str]:
+    """``train_params``' settings over ``params_in(root)``: the small set, two linear-probe
+    epochs, model, Bento and export folders inside ``root``."""
+    return [
+        *SMALL_TRAINING_SET,
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.strategy=linear_probe",
+        f"train.model_dir={root / 'models/student'}",
+        f"train.checkpoint_dir={root / 'models/checkpoints'}",
+        "eval.gradcam_examples=2",
+        f"serving.bentoml_home={root / 'bentoml'}",
+        f"serving.export_dir={root / 'bentos'}",
+    ]
+
+
+def copy_trained_project(source: Path, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copy a project trained once in ``source`` (its data, reports, models, ``mlflow.db`` and
+    ``mlartifacts``) into ``target`` and point this test's MLflow at the copy, so that a test can
+    run later stages on it without training again and without touching the original or another
+    test's copy. The store's artifact locations name ``source``; they are rewritten to ``target``
+    in every text column of the copied SQLite file (MLflow keeps no other absolute path)."""
+    import sqlite3
+
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    database = target / "mlflow.db"
+    with sqlite3.connect(database) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master "
+                                                        "WHERE type = 'table'")]  # fmt: skip
+        for table in tables:
+            for column in connection.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                    connection.execute(
+                        f'UPDATE "{table}" SET "{column[1]}" = '
+                        f'replace("{column[1]}", ?, ?) WHERE instr("{column[1]}", ?) > 0',
+                        (str(source), str(target), str(source)),
+                    )
+    connection.close()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(target / "mlartifacts"))

@@ -5,35 +5,71 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tasks.config import GatesParams, Params
+from tasks.data.dataset import load_processed
+from tasks.model.student_io import STRATEGIES_SUBDIR, load_student
 from tasks.robustness.result import metric_key
 from tasks.stages.robustness import run_robustness
 from tasks.stages.train import run_train
 from tasks.tracking.configure import logged_model_id
+from tests.conftest import (
+    SMALL_TRAINING_FOLDERS,
+    copy_trained_project,
+    params_in,
+    small_training_overrides,
+)
+
+# The robustness tests' settings: a one-epoch student, small attacks.
+ROBUST_TRAINING = ["train.epochs=1"]
+ROBUST_ATTACKS = [
+    "robustness.max_samples=12",
+    "robustness.epsilons_255=[1,8]",
+    "robustness.pgd_steps=2",
+    "robustness.apgd_steps=3",
+    "robustness.universal_images=4",
+    "robustness.universal_steps=2",
+    "robustness.reference_probe_steps=30",
+    "gates.universal_eps_255=1",
+]
+
+
+def _robust_params_in(root: Path) -> Params:
+    return params_in(root).with_overrides(
+        [*small_training_overrides(root), *ROBUST_TRAINING, *ROBUST_ATTACKS]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_once(
+    tmp_path_factory: pytest.TempPathFactory, small_training_set: Path, empty_mlflow_db: Path
+) -> Path:
+    """The small set's student trained once for this module, with its own MLflow store, in a
+    folder that tests copy (``robust_params``) and never change."""
+    root = tmp_path_factory.mktemp("robust-trained")
+    for folder in SMALL_TRAINING_FOLDERS:
+        shutil.copytree(small_training_set / folder, root / folder)
+    shutil.copy(empty_mlflow_db, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        run_train(_robust_params_in(root), progress=False)
+    return root
 
 
 @pytest.fixture
-def robust_params(train_params: Params) -> dict:
-    params = train_params.with_overrides(
-        [
-            "train.epochs=1",
-            "robustness.max_samples=12",
-            "robustness.epsilons_255=[1,8]",
-            "robustness.pgd_steps=2",
-            "robustness.apgd_steps=3",
-            "robustness.universal_images=4",
-            "robustness.universal_steps=2",
-            "robustness.reference_probe_steps=30",
-            "gates.universal_eps_255=1",
-        ],
-    )
-    run_train(params)
-    return params
+def robust_params(trained_once: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+    """A copy of the module's trained project (data, reports, student, MLflow store) in this
+    test's folder, with this test's MLflow pointed at the copy."""
+    copy_trained_project(trained_once, tmp_path, monkeypatch)
+    return _robust_params_in(tmp_path)
 
 
 def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCaptureFixture) -> None:
@@ -48,7 +84,11 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
         low, high = report["intervals"][metric_key(measure, 8 / 255)]
         assert low <= metrics[metric_key(measure, 8 / 255)] <= high, measure
     assert report["n_examples"] == 12
-    assert len(report["clean_test_auc_ci95"]) == 2
+    images, labels = _attacked_images(robust_params, 12)
+    student, _ = load_student(Path(robust_params.train.model_dir))
+    assert metrics["clean_acc"] == _accuracy(student, images, labels)
+    low, high = report["clean_test_auc_ci95"]
+    assert low <= report["clean_test_auc"] <= high
     # every verdict line states the estimate, its interval and n, or that nothing was measured
     # (the worst-group gate on a test split with no group of eval.min_group_size patients)
     checked = report["verdict"]["checked"]
@@ -65,13 +105,17 @@ def test_report_verdict_and_mlflow(robust_params: Params, caplog: pytest.LogCapt
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
     verdict = "pass" if report["verdict"]["passed"] else "fail"
     assert run.data.tags["robustness_verdict"] == verdict
-    assert metric_key("robust_acc_pgd", 1 / 255) in run.data.metrics
+    # One curve per attack: the budget (tenths of 1/255) is the step, so MLflow draws a curve.
+    history = MlflowClient().get_metric_history(run_id, "robustness/robust_acc_pgd")
+    curve = {point.step: point.value for point in history}
+    assert curve[10] == metrics[metric_key("robust_acc_pgd", 1 / 255)]
+    assert curve[80] == metrics[metric_key("robust_acc_pgd", 8 / 255)]
+    assert set(curve) <= {0, 10, 80}  # the budgets attacked (0: unperturbed), nothing else
+    assert not any(key.endswith("_ci_low") for key in run.data.metrics)  # bands: the plot's
     # linked to the logged student, so the MLflow model page shows them
     model = MlflowClient().get_logged_model(logged_model_id(run_id))
-    linked = {m.key: m.value for m in model.metrics or []}
-    key = metric_key("robust_acc_pgd", 1 / 255)
-    assert linked[key] == metrics[key]
-    assert metric_key("robust_acc_apgd", 1 / 255) + "_ci_low" in run.data.metrics
+    linked = {(m.key, m.step): m.value for m in model.metrics or []}
+    assert linked[("robustness/robust_acc_pgd", 80)] == metrics[metric_key("robust_acc_pgd", 8 / 255)]
 
     # Attack progress: one line per model and budget (the student, then the reference probe).
     budget_lines = [r.getMessage() for r in caplog.records if "/255 on 12 images" in r.getMessage()]
@@ -141,6 +185,27 @@ def test_pgd_training_variant_appears_in_the_strategy_table(train_params: Params
     robustness = run_robustness(params)
     rows = {row["strategy"]: row for row in robustness["strategies"]}
     assert set(rows) == {"linear_probe", "linear_probe+pgd"}
-    for row in rows.values():
-        assert 0.0 <= row["clean_acc"] <= 1.0 and 0.0 <= row["robust_acc_pgd"] <= 1.0
-        assert row["robust_acc_apgd"] <= row["robust_acc_pgd"] and row["n_examples"] == 8
+    images, labels = _attacked_images(params, 8)
+    for name, row in rows.items():
+        # Each row's clean accuracy is its own saved student's, on the 8 attacked images.
+        student, _ = load_student(Path(params.train.model_dir) / STRATEGIES_SUBDIR / name)
+        assert row["clean_acc"] == _accuracy(student, images, labels), name
+        assert row["n_examples"] == 8
+        assert row["robust_acc_apgd"] <= row["robust_acc_pgd"] <= row["clean_acc"]
+
+
+def _attacked_images(params: Params, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The ``n`` test images the robustness stage attacks (a seeded draw from the test split,
+    sorted), as float pixels in [0, 1], and their labels: written out here, not taken from the
+    stage."""
+    dataset = load_processed(params.data.processed_dir)
+    test = dataset.indices("test")
+    chosen = np.sort(np.random.default_rng(params.seed).choice(test, size=n, replace=False))
+    pixels = dataset.images[chosen].astype(np.float32)[:, None] / 255.0
+    return torch.from_numpy(pixels), dataset.labels[chosen]
+
+
+def _accuracy(student: torch.nn.Module, images: torch.Tensor, labels: np.ndarray) -> float:
+    with torch.no_grad():
+        predicted = student.eval()(images).argmax(dim=1).numpy()
+    return float(np.mean(predicted == labels))
