@@ -134,19 +134,19 @@ def _resolve_label(
     return label
 
 
-def ingest_npz(path: Path, data: DataParams, seed: int) -> IngestResult:
+def ingest_npz(path: Path, data: DataParams, seed: int, progress: bool = True) -> IngestResult:
     """Ingest a MedMNIST-format ``.npz`` keeping its official train/val/test split.
 
     Each image is its own "patient" (MedMNIST does not publish patient identities; its split
     is already patient-level). ``files_seen`` counts images here. Every array is checked
     (:func:`tasks.data.npz_source.check_npz`) before the staging folder exists, so a malformed
-    archive is one error line and leaves nothing behind.
+    archive is one error line and leaves nothing behind. ``progress``: a bar per split.
     """
     split_labels = check_npz(path)
     salt = patient_salt()
     staging = staging_dir(data.processed_dir)
     with open(staging / "images.raw", "wb") as raw:
-        rows = read_npz_rows(path, split_labels, data.image_size, salt, raw)
+        rows = read_npz_rows(path, split_labels, data.image_size, salt, raw, progress)
     source = SourceYield(
         rows=rows,
         quarantine=[],

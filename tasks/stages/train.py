@@ -47,7 +47,7 @@ from tasks.training.types import (
     primary_outcome,
     train_report,
 )
-from tasks.transfer.selection import apply_auto
+from tasks.transfer.auto import apply_auto, decision_table
 
 
 def run_train(
@@ -70,7 +70,7 @@ def run_train(
             progress artifact); MLflow, logging and the progress bar are always there.
     """
     check_stage_outputs("train", params)
-    params, choice = apply_auto(params)
+    params, choice = apply_auto(params, progress)
     strategy_list, fractions = trainings(params.train)
     session, parent_id = prepare_session(params, resume, progress, recorders, choice)
     run = session.run
@@ -88,6 +88,7 @@ def run_train(
     report = train_report(results, primary_run_id, parent_run_id, run.data_version)
     if choice is not None:
         report["auto"] = choice.to_dict()
+        report["auto"]["decision_table"] = decision_table(choice) if choice.pilots else []
     if dist_env().is_main:
         primary = primary_outcome(results, primary_run_id)
         rows = plot_data.history_rows(primary.history, primary.strategy, primary.fraction)
