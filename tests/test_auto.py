@@ -54,8 +54,8 @@ def test_the_best_validation_auc_whose_exposure_passes_wins_over_a_better_expose
     partial = _pilot("partial/3", 0.95, 0.66)  # the better AUC, but its upper bound fails
     full = _pilot("full", 0.93, 0.36)
     lp_ft = _pilot("lp_ft", 0.90, 0.40)
-    ordered = [full, lp_ft, partial]  # as the halving sorts them: passing first, then AUC
-    decision = decide(ordered, ordered, _Probe(), 10.0, False)
+    final = [partial, lp_ft, full]
+    decision = decide(final, final, _Probe(), 10.0, False)
     assert decision.chosen is full
     assert decision.runner_up is lp_ft
     assert decision.exposure_passed

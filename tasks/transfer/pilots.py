@@ -300,11 +300,12 @@ def successive_halving(
 def decide(
     final_round: list[Pilot], pilots: list[Pilot], probe: ExposureProbe, seconds: float, spent: bool
 ) -> PilotDecision:
-    """The rule's last step over the last round's pilots (sorted by :func:`_score`)."""
+    """The rule's last step over the last round's pilots: the best validation AUC among those
+    whose exposure passes, else the least exposed; the runner-up is the next by :func:`_score`."""
     passing = [p for p in final_round if p.passes]
     reasons = []
     if passing:
-        chosen = passing[0]
+        chosen = max(passing, key=lambda p: p.val_auc)
         if probe.enabled:
             reasons.append(
                 f"{chosen.candidate.label}: best validation AUC {chosen.val_auc:.3f} "
@@ -323,7 +324,7 @@ def decide(
             "expect the promotion gate to refuse it"
         )
         logger.warning("auto: %s", reasons[-1])
-    others = [p for p in final_round if p is not chosen]
+    others = sorted((p for p in final_round if p is not chosen), key=_score, reverse=True)
     runner = others[0] if others else None
     confident = runner is None or chosen.val_auc_low > runner.val_auc
     for pilot in final_round:
