@@ -204,3 +204,28 @@ def test_advise_says_where_the_knn_auc_peaks_and_why_a_lower_scoring_teacher_won
         "efficientnet-lite0: k-NN AUC peaks at stage5 (block 11/16, 0.966); the deepest tap "
         "within 0.01 of it is stage6 (block 15/16, 0.960); at the top 0.900"
     )
+
+
+def test_the_model_card_carries_the_decision_table_and_the_runner_up() -> None:
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    decision = choose_transfer({"efficientnet-lite0": _taps("efficientnet-lite0", [0.8] * 8)}, 9, 1)
+    pilots = [_pilot("full", 0.93, 0.36), _pilot("partial/3", 0.95, 0.66)]
+    decision.pilots, decision.runner_up = decide(pilots, pilots, _Probe(), 1, False).to_dict(), "x"
+    selection = {**decision.to_dict(), "decision_table": decision_table(decision)}
+    inputs = dict(model_name="m", version="1", run_id="r", spec={}, dataset_version="d")
+    card = render_model_card(
+        CardInputs(
+            **inputs,
+            ingest={},
+            metrics={},
+            robustness=None,
+            promoted=False,
+            alias="champion",
+            selection=selection,
+        )
+    )
+    assert (
+        "pilot fine-tunes judged on validation accuracy and inherited exposure; runner-up x" in card
+    )
+    assert "\n".join(decision_table(decision)) in card

@@ -146,10 +146,17 @@ def val_auc_interval(
 
 
 class ExposureProbe:
-    """The gates' teacher-transfer attacks on a fixed validation subset; perturbations are
-    crafted once per teacher and reused for every student of that teacher."""
+    """The gates' teacher-transfer attacks on a fixed seeded subset of ``split`` (at most
+    ``limit`` images; the pilots use validation); perturbations are crafted once per teacher
+    and reused for every student of that teacher."""
 
-    def __init__(self, params: Params, dataset: ProcessedDataset) -> None:
+    def __init__(
+        self,
+        params: Params,
+        dataset: ProcessedDataset,
+        split: str = "val",
+        limit: int = MAX_EXPOSURE_IMAGES,
+    ) -> None:
         gates = params.gates.in_pixels()
         self.threshold = gates["max_teacher_transfer_success"]
         self.eps = gates["teacher_transfer_eps"]
@@ -159,10 +166,10 @@ class ExposureProbe:
         self.step_size = None if self.eps is None else fraction * self.eps
         self.batch_size = settings.batch_size
         self.seed = params.seed
-        indices = dataset.indices("val")
-        if len(indices) > MAX_EXPOSURE_IMAGES:
+        indices = dataset.indices(split)
+        if len(indices) > limit:
             rng = np.random.default_rng(params.seed)
-            indices = np.sort(rng.choice(indices, MAX_EXPOSURE_IMAGES, replace=False))
+            indices = np.sort(rng.choice(indices, limit, replace=False))
         self.images = uint8_to_model_pixels(dataset.images[indices])
         self.labels = dataset.labels[indices]
         self._teachers: dict[str, tuple[torch.nn.Module, dict]] = {}
