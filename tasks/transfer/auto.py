@@ -26,6 +26,7 @@ from pathlib import Path
 from tasks.config import Params
 from tasks.data.dataset import load_processed
 from tasks.errors import MedtransferError
+from tasks.training.strategies import check_device
 from tasks.transfer.candidates import native_resolution, rank_candidates, smaller_size
 from tasks.transfer.pilots import PilotDecision, successive_halving
 from tasks.transfer.selection import TransferChoice, advise
@@ -50,12 +51,14 @@ def apply_auto(params: Params, progress: bool = True) -> tuple[Params, TransferC
     and the choice, or ``params`` and ``None`` when nothing is auto.
 
     Raises:
-        MedtransferError: ``auto`` with ``train.compare``.
+        MedtransferError: ``strategy: auto`` with ``train.compare``; a CUDA device the host
+            lacks.
     """
     config = params.train
     if "auto" not in (config.teacher, config.strategy):
         return params, None
     check_compare(params)
+    check_device(config.device)  # before the pilots train on it
     choice = advise(params, progress)
     dataset = load_processed(params.data.processed_dir)
     evidence: dict[str, list] = {}
