@@ -229,3 +229,39 @@ def test_the_model_card_carries_the_decision_table_and_the_runner_up() -> None:
         "pilot fine-tunes judged on validation accuracy and inherited exposure; runner-up x" in card
     )
     assert "\n".join(decision_table(decision)) in card
+
+
+@pytest.mark.parametrize(
+    ("budget_minutes", "epochs", "spent"),
+    [
+        # round 1: 3 pilots x 2 epochs x 10 s = 60 s; round 2 would take 2 x 4 x 10 = 80 s more
+        (2, [2, 2, 2], True),
+        # 140 s fit in 3 minutes; a third round (1 x 8 x 10 s) would not: the last two decide
+        (3, [4, 4, 2], True),
+        # enough budget: halving stops at one survivor (the final training trains it in full)
+        (10, [4, 4, 2], False),
+    ],
+)
+def test_successive_halving_keeps_the_better_half_while_the_budget_allows(
+    params: Params, monkeypatch: pytest.MonkeyPatch, budget_minutes, epochs, spent
+) -> None:
+    from tasks.transfer import pilots as module
+
+    now = [0.0]
+    aucs = {"full": 0.9, "lp_ft": 0.8, "partial": 0.7}
+
+    def fake_round(params, dataset, pilots, epochs, probe, progress) -> None:
+        for pilot in pilots:
+            pilot.val_auc, pilot.epochs, pilot.passes = aucs[pilot.candidate.strategy], epochs, True
+        now[0] += 10.0 * len(pilots) * epochs  # 10 s per pilot epoch
+
+    monkeypatch.setattr(module, "_run_round", fake_round)
+    monkeypatch.setattr(module, "ExposureProbe", lambda params, dataset: _Probe())
+    settings = params.with_overrides(
+        [f"train.auto_budget_minutes={budget_minutes}", "train.epochs=8"]
+    )
+    candidates = [Candidate("efficientnet-lite0", s, 0, "t") for s in ("partial", "full", "lp_ft")]
+    decision = module.successive_halving(settings, None, candidates, False, lambda: now[0])
+    assert [p.epochs for p in decision.pilots] == [epochs[2], epochs[0], epochs[1]]
+    assert decision.budget_spent is spent
+    assert decision.chosen.candidate.strategy == "full"

@@ -290,17 +290,18 @@ def successive_halving(
     pilots = [Pilot(c) for c in candidates]
     survivors, epochs, spent = pilots, min(PILOT_EPOCHS, params.train.epochs), False
     while True:
+        began = clock()
         _run_round(params, dataset, survivors, epochs, probe, progress)
         survivors = sorted(survivors, key=_score, reverse=True)
-        elapsed = clock() - start
-        # a next round costs about twice this one (half the pilots, twice the epochs each)
-        spent = elapsed + (elapsed / max(len(pilots), 1)) * 2 > budget
+        # the next round: half the pilots, twice the epochs, at this round's cost per epoch
+        keep, next_epochs = math.ceil(len(survivors) / 2), min(epochs * 2, params.train.epochs)
+        per_epoch = (clock() - began) / (len(survivors) * epochs)
+        spent = clock() - start + keep * next_epochs * per_epoch > budget
         if len(survivors) <= 1 or epochs >= params.train.epochs or spent:
             break
-        survivors = survivors[: math.ceil(len(survivors) / 2)]
+        survivors, epochs = survivors[:keep], next_epochs
         if len(survivors) == 1:
             break
-        epochs = min(epochs * 2, params.train.epochs)
     return decide(survivors, pilots, probe, clock() - start, spent)
 
 
