@@ -9,8 +9,8 @@ The student of ``train.strategy`` on the full training set is saved to ``train.m
 Where the work lives: the strategies and the fit in :mod:`tasks.training.strategies`, resume
 planning in :mod:`tasks.training.resume` (its MLflow half in :mod:`tasks.tracking.resume`), the
 MLflow runs in :mod:`tasks.tracking.train_run`, the session planned before any work in
-:mod:`tasks.tracking.train_session`, the ``auto`` choice in
-:mod:`tasks.transfer.selection`. Run records are honest (see
+:mod:`tasks.tracking.train_session`, the ``auto`` choice (evidence, candidates, pilot
+fine-tunes judged on validation AUC and inherited exposure) in :mod:`tasks.transfer.auto`. Run records are honest (see
 :mod:`tasks.training.checkpoints`): a training that raises ends its run ``FAILED``, one stopped
 by Ctrl-C or SIGTERM ``KILLED``; a run left ``RUNNING`` by a killed process is closed
 ``KILLED`` the next time the same configuration trains; and resuming continues the interrupted
