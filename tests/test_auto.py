@@ -54,7 +54,7 @@ def test_the_best_validation_auc_whose_exposure_passes_wins_over_a_better_expose
     partial = _pilot("partial/3", 0.95, 0.66)  # the better AUC, but its upper bound fails
     full = _pilot("full", 0.93, 0.36)
     lp_ft = _pilot("lp_ft", 0.90, 0.40)
-    final = [partial, lp_ft, full]
+    final = [partial, full, lp_ft]  # the evidence's order
     decision = decide(final, final, _Probe(), 10.0, False)
     assert decision.chosen is full
     assert decision.runner_up is lp_ft
@@ -75,6 +75,20 @@ def test_when_no_finalist_passes_the_least_exposed_is_chosen_with_a_warning(
     assert not decision.exposure_passed
     assert "no finalist's inherited exposure passes the gate" in decision.reasons[0]
     assert "expect the promotion gate to refuse it" in caplog.text
+
+
+def test_within_the_best_pilots_interval_the_evidences_order_decides() -> None:
+    evidence_first = _pilot("partial/1", 0.757, 0.52)  # the evidence's depth, ranked first
+    best = _pilot("lp_ft", 0.762, 0.38)  # interval [0.712, 0.812] holds 0.757
+    decision = decide([best, evidence_first], [evidence_first, best], _Probe(), 1.0, False)
+    assert decision.chosen is evidence_first
+    assert decision.reasons[1] == (
+        "the pilots cannot separate lite0 partial/1 (0.757) from lite0 lp_ft (0.762 [0.712, "
+        "0.812]): the evidence's ranking decides"
+    )
+    resolved = _pilot("lp_ft", 0.90, 0.38)  # interval [0.85, 0.95]: 0.757 lies below it
+    decision = decide([resolved, evidence_first], [evidence_first, resolved], _Probe(), 1, False)
+    assert decision.chosen is resolved
 
 
 def test_confidence_is_high_only_when_the_winner_lies_clear_of_the_runner_up() -> None:
@@ -99,7 +113,7 @@ def test_the_decision_table_and_the_summary_lines_state_the_choice() -> None:
     assert lines[1] == (
         "auto chose efficientnet-lite0 full (confidence low; runner-up lite0 partial/3)"
     )
-    assert lines[2].startswith("  because lite0 full: best validation AUC 0.930 [0.880, 0.980]")
+    assert lines[2].startswith("  because lite0 full: validation AUC 0.930 [0.880, 0.980]")
 
 
 # -------------------------------------------------------------------------- the candidates --

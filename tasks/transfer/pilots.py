@@ -13,8 +13,9 @@ training split and judged on the validation split, by successive halving within
 2. the better half (candidates whose exposure passes the gate on its interval's upper bound
    first, then by validation AUC) trains again for twice the epochs, and so on, until one is
    left, the budget is spent, or every candidate has reached ``train.epochs``;
-3. the last round's best passing candidate by validation AUC is chosen; when none passes,
-   the least exposed one, with a warning.
+3. the last round's best passing candidate by validation AUC is chosen, except that one the
+   evidence ranked earlier wins when its AUC lies inside the best one's interval; when none
+   passes, the least exposed one, with a warning.
 
 Pilots write nothing to the project: their checkpoints go to a temporary folder.
 """
@@ -308,21 +309,37 @@ def successive_halving(
 def decide(
     final_round: list[Pilot], pilots: list[Pilot], probe: ExposureProbe, seconds: float, spent: bool
 ) -> PilotDecision:
-    """The rule's last step over the last round's pilots: the best validation AUC among those
-    whose exposure passes, else the least exposed; the runner-up is the next by :func:`_score`."""
+    """The rule's last step over the last round's pilots: among those whose exposure passes,
+    the best validation AUC, where a candidate ranked earlier by the evidence (``pilots``'
+    order) wins when its AUC lies inside the best one's interval; when none passes, the least
+    exposed; the runner-up is the next by :func:`_score`."""
     passing = [p for p in final_round if p.passes]
-    reasons = []
+    reasons: list[str] = []
+    tie: list[str] = []
     if passing:
-        chosen = max(passing, key=lambda p: p.val_auc)
+        best = max(passing, key=lambda p: p.val_auc)
+        # pilots confirm the evidence: they overturn its ranking only where they resolve a
+        # difference; within the best pilot's interval the evidence's order decides
+        low = best.val_auc_low if math.isfinite(best.val_auc_low) else best.val_auc
+        tied = [p for p in passing if p.val_auc >= low]
+        chosen = min(tied, key=pilots.index)
+        if chosen is not best:
+            tie.append(
+                f"the pilots cannot separate {chosen.candidate.label} ({chosen.val_auc:.3f}) "
+                f"from {best.candidate.label} ({best.val_auc:.3f} [{best.val_auc_low:.3f}, "
+                f"{best.val_auc_high:.3f}]): the evidence's ranking decides"
+            )
         if probe.enabled:
             reasons.append(
-                f"{chosen.candidate.label}: best validation AUC {chosen.val_auc:.3f} "
-                f"[{chosen.val_auc_low:.3f}, {chosen.val_auc_high:.3f}] among the finalists "
-                f"whose inherited exposure passes the gate (upper bound "
+                f"{chosen.candidate.label}: validation AUC {chosen.val_auc:.3f} "
+                f"[{chosen.val_auc_low:.3f}, {chosen.val_auc_high:.3f}], the best (or tied with "
+                f"it) among the "
+                f"finalists whose inherited exposure passes the gate (upper bound "
                 f"{chosen.exposure_high:.2f} <= {probe.threshold:.2f}, n={chosen.exposure_n})"
             )
         else:
             reasons.append(f"{chosen.candidate.label}: best validation AUC (exposure gate off)")
+        reasons += tie
     else:
         chosen = min(final_round, key=lambda p: p.exposure_high)
         reasons.append(
