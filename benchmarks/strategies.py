@@ -56,7 +56,15 @@ def run_steps(workdir: Path, strategies: list[str]) -> dict[str, float]:
         seconds["ingest"] = medtransfer(workdir, "ingest")
     if not (reports / "train.json").is_file():
         seconds["train"] = medtransfer(
-            workdir, "train", "-S", f"train.compare=[{','.join(strategies)}]"
+            workdir,
+            "train",
+            "-S",
+            f"train.compare=[{','.join(strategies)}]",
+            # the measured setting: a fixed teacher (auto, the default, is refused with compare)
+            "-S",
+            "train.teacher=efficientnet-lite0",
+            "-S",
+            f"train.strategy={strategies[0]}",
         )
     for strategy in strategies:
         if not (reports / strategy / "metrics.json").is_file():

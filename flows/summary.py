@@ -44,9 +44,23 @@ def _ingest(report: dict) -> list[str]:
 def _train(report: dict) -> list[str]:
     return [
         f"dataset version: {report.get('dataset_version', '?')}",
+        *_auto_decision(report.get("auto")),
         # Epochs counted from 1, as the training log shows them (reports keep 0-based).
         f"student: {report.get('strategy')}, best epoch {_plus_one(report.get('best_epoch'))} "
         f"of {report.get('epochs_run')}, validation AUC {_number(report.get('best_val_auc'))}",
+    ]
+
+
+def _auto_decision(auto: dict | None) -> list[str]:
+    """What ``auto`` chose, its confidence and runner-up, and its first reason (nothing when
+    the teacher and strategy were set by hand)."""
+    if not auto:
+        return []
+    depth = f" {auto.get('unfreeze_blocks')} blocks" if auto.get("strategy") == "partial" else ""
+    return [
+        f"auto chose {auto.get('teacher')} {auto.get('strategy')}{depth} (confidence "
+        f"{auto.get('confidence')}; runner-up {auto.get('runner_up') or 'none'})",
+        *(f"  because {reason}" for reason in (auto.get("reasons") or [])[:1]),
     ]
 
 

@@ -148,6 +148,8 @@ class TrainParams:
     strategy: str = rule(choices=(*STRATEGIES, "auto"))
     unfreeze_blocks: int = rule(min=0)
     compare: tuple[str, ...] | None = rule()
+    # auto: the pilots' time budget (tasks/transfer/pilots.py)
+    auto_budget_minutes: float = rule(above=0.0)
     label_fractions: tuple[float, ...] | None = rule(above=0.0, max=1.0)
     epochs: int = rule(min=1)
     batch_size: int = rule(min=1)

@@ -141,22 +141,38 @@ def test_the_lp_stage_fits_separable_features_exactly() -> None:
 
 
 @pytest.mark.slow
-def test_strategy_auto_trains_what_the_evidence_chose_and_records_why(
+def test_strategy_auto_trains_what_the_pilots_chose_and_records_why(
     train_params: Params,
 ) -> None:
-    params = train_params.with_overrides(["train.strategy=auto", "train.epochs=1"])
+    # ~50 training images: few, so the candidates are the evidence's depth and linear_probe
+    params = train_params.with_overrides(
+        ["train.strategy=auto", "train.epochs=1", "robustness.pgd_steps=1"]
+    )
     report = run_train(params, progress=False)
     auto = report["auto"]
     assert auto["teacher"] == "efficientnet-lite0"  # a fixed teacher: only the strategy is chosen
-    assert report["strategy"] == auto["strategy"]
+    assert report["strategy"] == auto["strategy"] == auto["pilots"]["chosen"]["strategy"]
     assert {row["tap"] for row in auto["evidence"]} >= {"stage1", "stage7", "top"}
+    pilots = auto["pilots"]["pilots"]
+    assert [p["strategy"] for p in pilots][1:] == ["linear_probe"]
+    assert all(p["epochs"] == 1 and 0 <= p["val_auc_low"] <= p["val_auc_high"] for p in pilots)
+    assert all(p["exposure_n"] > 0 and p["exposure_low"] <= p["exposure_high"] for p in pilots)
+    assert auto["data_facts"]["n_train"] == report["n_train"]
+    assert len(auto["decision_table"]) == 2 + len(pilots)
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(report["run_id"])
     assert run.data.params["train.strategy"] == auto["strategy"]
     assert run.data.params["train.unfreeze_blocks"] == str(auto["unfreeze_blocks"])
-    # One candidate teacher: no runner-up to be unsure against, so the choice is "high".
-    assert auto["confidence"] == run.data.tags["medtransfer.auto.confidence"] == "high"
+    assert auto["confidence"] == run.data.tags["medtransfer.auto.confidence"]
+    assert auto["runner_up"] == run.data.tags["medtransfer.auto.runner_up"]
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "auto")}
-    assert artifacts == {"auto/decision.json", "auto/evidence.json", "auto/evidence.png"}
+    assert artifacts == {
+        "auto/decision.json",
+        "auto/evidence.json",
+        "auto/evidence.png",
+        "auto/pilots.json",
+        "auto/decision_table.md",
+        "auto/accuracy_vs_exposure.png",
+    }
 
 
 @pytest.mark.slow

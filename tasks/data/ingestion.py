@@ -154,7 +154,11 @@ def _resolve_label(
 
 
 def ingest_npz(
-    path: Path, data: DataParams, seed: int, group_names: tuple[str, ...] | None = None
+    path: Path,
+    data: DataParams,
+    seed: int,
+    group_names: tuple[str, ...] | None = None,
+    progress: bool = True,
 ) -> IngestResult:
     """Ingest a MedMNIST-format ``.npz`` keeping its official train/val/test split.
 
@@ -162,13 +166,13 @@ def ingest_npz(
     is already patient-level). ``files_seen`` counts images here. Every array is checked
     (:func:`tasks.data.npz_source.check_npz`) before the staging folder exists, so a malformed
     archive is one error line and leaves nothing behind. Without headers, every grouping
-    attribute but ``data.site`` is ``unknown``.
+    attribute but ``data.site`` is ``unknown``. ``progress``: a bar per split.
     """
     split_labels = check_npz(path)
     salt = patient_salt()
     staging = staging_dir(data.processed_dir)
     with open(staging / "images.raw", "wb") as raw:
-        rows = read_npz_rows(path, split_labels, data, salt, raw)
+        rows = read_npz_rows(path, split_labels, data, salt, raw, progress)
     to_columns = _group_columns(group_names, data.site)
     for row in rows:  # no headers: every attribute but the named site is unknown
         row.update(to_columns({}))

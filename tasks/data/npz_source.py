@@ -61,6 +61,13 @@ def check_npz(path: Path) -> dict[str, np.ndarray]:
     return labels
 
 
+def npz_image_side(path: Path) -> int | None:
+    """The stored side of a MedMNIST-format ``.npz``'s images (``min(H, W)`` of
+    ``train_images``), read from the array header alone; None when there is no such array."""
+    shape = _npz_headers(path).get("train_images", ((),))[0]
+    return int(min(shape[1:3])) if len(shape) >= 3 else None
+
+
 def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{array name: (shape, dtype)}`` of every ``.npy`` member, read from the headers only."""
     try:
@@ -145,7 +152,12 @@ def _npz_labels(path: Path, split: str, labels: np.ndarray, n_images: int) -> np
 
 
 def read_npz_rows(
-    path: Path, split_labels: dict[str, np.ndarray], data: DataParams, salt: str, raw: BinaryIO
+    path: Path,
+    split_labels: dict[str, np.ndarray],
+    data: DataParams,
+    salt: str,
+    raw: BinaryIO,
+    progress: bool = True,
 ) -> list[dict]:
     """Append every image of the checked archive ``path`` to ``raw``, split by split, as uint8
     ``(S, S)`` grayscale, or ``(3, S, S)`` for an RGB archive unless ``data.channels`` is
@@ -153,13 +165,21 @@ def read_npz_rows(
 
     ``split_labels`` is :func:`check_npz`'s result. Under ``gray`` RGB images become ITU-R
     BT.601 luma.
+    ``progress``: a bar per split on stderr (``--quiet`` turns it off).
     """
     rows: list[dict] = []
     colour = keeps_colour(data)
     with np.load(path) as archive:
         for split in ds_files.SPLITS:
             images, labels = archive[f"{split}_images"], split_labels[split]
-            for i in tqdm(range(len(images)), desc=f"ingest {split}", unit="img", leave=False):
+            steps = tqdm(
+                range(len(images)),
+                desc=f"ingest {split}",
+                unit="img",
+                leave=False,
+                disable=not progress,
+            )
+            for i in steps:
                 display = uint8_to_display(images[i])
                 if display.ndim == 3 and not colour:  # RGB MedMNIST sets, made gray
                     display = luma(display)

@@ -309,9 +309,16 @@ def _selection_section(selection: Mapping[str, Any] | None) -> list[str]:
         "",
         f"`auto` chose {selection.get('teacher')}, {selection.get('strategy')} (unfreeze "
         f"{selection.get('unfreeze_blocks')} blocks), confidence {selection.get('confidence')}, "
-        f"from frozen-feature evidence on {selection.get('n_images')} training images:",
+        f"from frozen-feature evidence on {selection.get('n_images')} training images"
+        + (
+            " and pilot fine-tunes judged on validation accuracy and inherited exposure"
+            if selection.get("pilots")
+            else ""
+        )
+        + f"; runner-up {selection.get('runner_up') or 'none'}:",
         "",
         *(f"- {reason}" for reason in selection.get("reasons", ())),
+        *(["", *selection["decision_table"]] if selection.get("decision_table") else []),
         "",
         "| teacher | best tap | k-NN AUC [95% CI] | LogME there |",
         "| --- | --- | ---: | ---: |",

@@ -13,15 +13,16 @@ from dataclasses import asdict, replace
 from tasks.config import Params
 
 
-def run_advise(params: Params) -> dict:
+def run_advise(params: Params, progress: bool = True) -> dict:
     """The evidence and the recommendation; returns ``{"recommendation", "evidence", "lines"}``
-    (``lines``: the table and the reasons as text, what the command prints)."""
+    (``lines``: the table and the reasons as text, what the command prints). ``progress``: a
+    bar over the teachers (a log line per teacher comes either way)."""
     # deferred: selection imports torch and the teachers, which `medtransfer --help` need not
     from tasks.transfer.selection import advise, evidence_table
 
     if params.train.weights_path is None:
         params = replace(params, train=replace(params.train, teacher="auto"))
-    decision = advise(params)
+    decision = advise(params, progress)
     recommendation = {key: value for key, value in decision.to_dict().items() if key != "evidence"}
     command = (
         f"medtransfer train -S train.teacher={decision.teacher} "
@@ -34,7 +35,8 @@ def run_advise(params: Params) -> dict:
         f"{decision.unfreeze_blocks} (confidence {decision.confidence}; {decision.n_images} "
         f"training images, {decision.seconds:.0f} s)",
         *(f"  - {reason}" for reason in decision.reasons),
-        f"train it: {command}   (or -S train.strategy=auto -S train.teacher=auto)",
+        f"train it: {command}   (or with the default train.strategy=auto, whose pilot "
+        "fine-tunes also weigh full and lp_ft and the inherited exposure)",
     ]
     return {
         "recommendation": recommendation,

@@ -82,7 +82,7 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
     source = Path(data.source)
     _check_outputs(params, source)
     if source.suffix == ".npz":
-        return ingest_npz(source, data, params.seed, names)
+        return ingest_npz(source, data, params.seed, names, progress)
     if not source.is_dir():
         raise MedtransferError(
             f"data.source {data.source!r} is neither 'synthetic', a folder, nor a .npz file. "

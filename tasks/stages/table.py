@@ -136,6 +136,7 @@ STAGES: tuple[Stage, ...] = (
         "strategy and depth (no training)",
         params=("seed", "train"),
         reads=("dataset",),
+        options=("progress",),
         pipeline=False,
         locks=False,
     ),

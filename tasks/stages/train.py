@@ -9,8 +9,8 @@ The student of ``train.strategy`` on the full training set is saved to ``train.m
 Where the work lives: the strategies and the fit in :mod:`tasks.training.strategies`, resume
 planning in :mod:`tasks.training.resume` (its MLflow half in :mod:`tasks.tracking.resume`), the
 MLflow runs in :mod:`tasks.tracking.train_run`, the session planned before any work in
-:mod:`tasks.tracking.train_session`, the ``auto`` choice in
-:mod:`tasks.transfer.selection`. Run records are honest (see
+:mod:`tasks.tracking.train_session`, the ``auto`` choice (evidence, candidates, pilot
+fine-tunes judged on validation AUC and inherited exposure) in :mod:`tasks.transfer.auto`. Run records are honest (see
 :mod:`tasks.training.checkpoints`): a training that raises ends its run ``FAILED``, one stopped
 by Ctrl-C or SIGTERM ``KILLED``; a run left ``RUNNING`` by a killed process is closed
 ``KILLED`` the next time the same configuration trains; and resuming continues the interrupted
@@ -47,7 +47,7 @@ from tasks.training.types import (
     primary_outcome,
     train_report,
 )
-from tasks.transfer.selection import apply_auto
+from tasks.transfer.auto import apply_auto, decision_table
 
 
 def run_train(
@@ -70,7 +70,7 @@ def run_train(
             progress artifact); MLflow, logging and the progress bar are always there.
     """
     check_stage_outputs("train", params)
-    params, choice = apply_auto(params)
+    params, choice = apply_auto(params, progress)
     strategy_list, fractions = trainings(params.train)
     session, parent_id = prepare_session(params, resume, progress, recorders, choice)
     run = session.run
@@ -88,6 +88,7 @@ def run_train(
     report = train_report(results, primary_run_id, parent_run_id, run.data_version)
     if choice is not None:
         report["auto"] = choice.to_dict()
+        report["auto"]["decision_table"] = decision_table(choice) if choice.pilots else []
     if dist_env().is_main:
         primary = primary_outcome(results, primary_run_id)
         rows = plot_data.history_rows(primary.history, primary.strategy, primary.fraction)

@@ -42,6 +42,7 @@ from tasks.training.checkpoints import checkpoint_history
 from tasks.training.resume import ResumePlan
 from tasks.training.strategies import is_adversarial
 from tasks.training.types import TrainedStudent
+from tasks.transfer.auto import decision_rows, decision_table, plot_decision
 from tasks.transfer.selection import TransferChoice, plot_evidence
 
 logger = logging.getLogger(__name__)
@@ -230,15 +231,24 @@ def log_transfer_choice(choice: TransferChoice | None) -> None:
             "medtransfer.auto.strategy": choice.strategy,
             "medtransfer.auto.unfreeze_blocks": str(choice.unfreeze_blocks),
             "medtransfer.auto.confidence": choice.confidence,
+            "medtransfer.auto.runner_up": choice.runner_up or "none",
         }
     )
     mlflow.log_dict({k: v for k, v in content.items() if k != "evidence"}, "auto/decision.json")
     rows = content["evidence"]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "auto/evidence.json")
+    decision = decision_rows(choice)
+    if decision:  # the pilots' table and the plot of accuracy against inherited exposure
+        flat = [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in decision]
+        mlflow.log_table({key: [row[key] for row in flat] for key in flat[0]}, "auto/pilots.json")
+        mlflow.log_text("\n".join(decision_table(choice)) + "\n", "auto/decision_table.md")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "evidence.png"
         plot_evidence(choice, path)
         mlflow.log_artifact(str(path), "auto")
+        path = Path(folder) / "accuracy_vs_exposure.png"
+        if plot_decision(choice, path):
+            mlflow.log_artifact(str(path), "auto")
 
 
 @sigterm_deferred()

@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tasks.config import Params
 from tasks.data.dataset import load_processed
@@ -90,6 +90,12 @@ class TransferChoice:
     n_images: int
     seconds: float
     evidence: list[TapEvidence] = field(default_factory=list)
+    # Set by the pilots (tasks.transfer.auto): what the evidence alone recommended, the
+    # pilots' decision table, the runner-up, and the facts of the data the rule read.
+    evidence_choice: dict | None = None
+    pilots: dict | None = None
+    runner_up: str | None = None
+    data_facts: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: the decision and every tap's evidence as rows."""
@@ -308,9 +314,16 @@ def choose_depth(teacher: str, rows: list[TapEvidence]) -> tuple[str, int, list[
     top = rows[-1]
     after = spec.num_blocks - 1 - tap.block
     share = after / spec.num_blocks
+    peak = max(rows, key=lambda r: r.knn_auc)
+    held = (
+        ""
+        if tap is peak
+        else f"; the deepest tap within {DEPTH_TOLERANCE} of it is {tap.tap} (block "
+        f"{tap.block + 1}/{spec.num_blocks}, {tap.knn_auc:.3f})"
+    )
     reasons = [
-        f"{teacher}: k-NN AUC peaks at {tap.tap} (block {tap.block + 1}/{spec.num_blocks}, "
-        f"{tap.knn_auc:.3f}); at the top {top.knn_auc:.3f}"
+        f"{teacher}: k-NN AUC peaks at {peak.tap} (block {peak.block + 1}/{spec.num_blocks}, "
+        f"{peak.knn_auc:.3f}){held}; at the top {top.knn_auc:.3f}"
     ]
     if tap.tap == "top" and top.knn_auc >= LINEAR_PROBE_AUC:
         reasons.append(f"frozen features separate the classes (>= {LINEAR_PROBE_AUC}): head only")
@@ -349,11 +362,17 @@ def choose_transfer(
     if len(ranked) > 1:
         runner = max(evidence[ranked[1]], key=lambda r: r.knn_auc)
         confident = best.knn_auc_low > runner.knn_auc
+        tie = (
+            f": within {DEPTH_TOLERANCE} of each other, a tie that LogME breaks "
+            f"({best.logme:.3f} vs {runner.logme:.3f} at their best taps)"
+            if runner.knn_auc > best.knn_auc
+            else ""
+        )
         reasons.insert(
             0,
             f"teacher {winner}: best k-NN AUC {best.knn_auc:.3f} "
             f"[{best.knn_auc_low:.3f}, {best.knn_auc_high:.3f}] vs {ranked[1]} "
-            f"{runner.knn_auc:.3f}",
+            f"{runner.knn_auc:.3f}{tie}",
         )
     rows = [row for name in ranked for row in evidence[name]]
     return TransferChoice(
@@ -374,15 +393,23 @@ def gather_evidence(
     labels: np.ndarray,
     weights_path: str | None,
     seed: int,
+    progress: bool = True,
 ) -> TransferChoice:
     """Measure every candidate on a stratified sample of ``(N, H, W)`` uint8 training images
-    and choose_transfer. ``weights_path`` applies to a single candidate only (the caller checks)."""
+    and choose_transfer. ``weights_path`` applies to a single candidate only (the caller checks).
+    ``progress``: a bar over the teachers on stderr (a log line per teacher comes either way)."""
     start = time.perf_counter()
     sample = evidence_sample(labels, seed)
-    evidence = {
-        name: teacher_evidence(name, images[sample], labels[sample], weights_path)
-        for name in teachers
-    }
+    evidence = {}
+    for name in tqdm(teachers, desc="evidence", unit="teacher", disable=not progress):
+        began = time.perf_counter()
+        evidence[name] = teacher_evidence(name, images[sample], labels[sample], weights_path)
+        best = max(evidence[name], key=lambda r: r.knn_auc)
+        logger.info(
+            "evidence %s: best k-NN AUC %.3f [%.3f, %.3f] at %s on %d images, %.0f s",
+            name, best.knn_auc, best.knn_auc_low, best.knn_auc_high, best.tap, len(sample),
+            time.perf_counter() - began,
+        )  # fmt: skip
     return choose_transfer(evidence, len(sample), time.perf_counter() - start)
 
 
@@ -418,9 +445,9 @@ def candidate_teachers(teacher: str, weights_path: str | None) -> list[str]:
     return names
 
 
-def advise(params: Params) -> TransferChoice:
+def advise(params: Params, progress: bool = True) -> TransferChoice:
     """The evidence step on the processed dataset's training split; nothing is trained or
-    written."""
+    written. ``progress``: a bar over the teachers."""
     config = params.train
     dataset = load_processed(params.data.processed_dir)
     teachers = candidate_teachers(config.teacher, config.weights_path)
@@ -430,29 +457,9 @@ def advise(params: Params) -> TransferChoice:
     labels = dataset.labels[indices]
     sample = evidence_sample(labels, params.seed)
     images = np.asarray(dataset.images[indices[sample]])
-    return gather_evidence(teachers, images, labels[sample], config.weights_path, params.seed)
-
-
-def apply_auto(params: Params) -> tuple[Params, TransferChoice | None]:
-    """``train.teacher: auto`` and ``train.strategy: auto``: run the evidence step and put its
-    choice into the parameters (everything after sees, logs and checkpoints concrete values);
-    returns them with the choice, or ``params`` and ``None`` when nothing is auto."""
-    config = params.train
-    if "auto" not in (config.teacher, config.strategy):
-        return params, None
-    choice = advise(params)
-    chosen: dict[str, Any] = {"teacher": choice.teacher}
-    if config.strategy == "auto":
-        chosen |= {"strategy": choice.strategy, "unfreeze_blocks": choice.unfreeze_blocks}
-    logger.info(
-        "auto (%d images, %.0f s, confidence %s): %s; %s",
-        choice.n_images,
-        choice.seconds,
-        choice.confidence,
-        ", ".join(f"train.{key}={value}" for key, value in chosen.items()),
-        "; ".join(choice.reasons),
+    return gather_evidence(
+        teachers, images, labels[sample], config.weights_path, params.seed, progress
     )
-    return replace(params, train=replace(config, **chosen)), choice
 
 
 def evidence_table(decision: TransferChoice) -> list[str]:
