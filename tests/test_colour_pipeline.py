@@ -68,7 +68,7 @@ def colour_params(params: Params, tmp_path: Path, fresh_mlflow_store: str) -> Pa
 
 
 def test_a_colour_npz_and_a_colour_dicom_folder_run_every_stage_and_are_served_as_colour(
-    colour_params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    colour_params: Params, tmp_path: Path
 ) -> None:
     import bentoml
 
@@ -77,7 +77,8 @@ def test_a_colour_npz_and_a_colour_dicom_folder_run_every_stage_and_are_served_a
     from tasks.stages.package import run_package
     from tests.test_colour import _png
 
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    # BentoML's store: serving.bentoml_home in tmp_path, unless an earlier test of this
+    # process already bound BentoML to another (BENTOML_HOME set by its package stage)
     npz = write_hue_npz(tmp_path / "hue.npz", (16, 8, 8), 32, seed=1)
     folder = write_hue_dicom_folder(tmp_path / "dicom", 24, 32, seed=2)
     for source, kind in ((npz, "npz"), (folder, "dicom_folder")):

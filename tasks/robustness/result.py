@@ -74,6 +74,8 @@ class Rate:
         # (the registry, the model card) does not otherwise need.
         from tasks.evaluation.metrics import wilson_interval
 
+        if self.n == 0 or math.isnan(self.value):  # not measured (e.g. no clean-correct image)
+            return (math.nan, math.nan)
         return wilson_interval(round(self.value * self.n), self.n)
 
 

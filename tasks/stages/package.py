@@ -58,14 +58,30 @@ def run_package(params: Params) -> dict:
 
     from tasks.tracking.configure import configure_mlflow
 
-    serving = params.serving
     configure_mlflow(params)
     client = MlflowClient()
     if params.registry.version is None and not has_alias(client, params.registry):
         return nothing_approved(params)
     version = resolve_version(client, params.registry)
+    report = _build_and_export(params, version)
+    _log_conformal(version, report["conformal"])
+    logger.info(
+        "package: Bento %s of %s version %s, archive %s",
+        report["bento"],
+        version.name,
+        version.version,
+        report["archive"],
+    )
+    return report
+
+
+def _build_and_export(params: Params, version) -> dict:
+    """Fit the serving profile and the prediction sets' rule for the registry ``version``,
+    import the student into BentoML's store, build and export the Bento; write and return the
+    package report (see :func:`run_package`) and the drift monitor's reference profile."""
+    serving = params.serving
     model, spec = student_from_version(version)
-    home = bentoml_home(serving)
+    home = bentoml_home(serving)  # sets BENTOML_HOME: before any BentoML call
     threshold = parse_threshold(version.tags.get("threshold"))
     dataset_version = version.tags.get("dataset_version", "")
     approved, approval_text = approval(version, params.registry.alias)
@@ -100,25 +116,11 @@ def run_package(params: Params) -> dict:
         threshold=threshold,
         batching=serving.batching,
     )
-    report = {
-        "built": True,
-        **dataclasses.asdict(result),
-        "approved": approved,
-        "approval": approval_text,
-    }
-    report["profile"] = _profile_summary(profile)
-    report["conformal"] = conformal
+    report = {"built": True, **dataclasses.asdict(result), "approved": approved}
+    report.update(approval=approval_text, profile=_profile_summary(profile), conformal=conformal)
     reports.PACKAGE.write(params.reports_dir, report)
-    _log_conformal(version, conformal)
     # The drift monitor's reference: the profile without the detector's arrays.
     profile.save(_profile_dir(params))
-    logger.info(
-        "package: Bento %s of %s version %s, archive %s",
-        bento.tag,
-        version.name,
-        version.version,
-        archive,
-    )
     return report
 
 

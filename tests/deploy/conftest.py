@@ -104,6 +104,9 @@ def training_data(tmp_path_factory: pytest.TempPathFactory) -> TrainingData:
             "synthetic.multiframe_fraction=0.3",
             f"data.processed_dir={root / 'processed'}",
             "data.image_size=64",
+            # the served students are gray; the corpus' colour files are made luma, as a
+            # gray model's service takes colour uploads (channels auto would make all colour)
+            "data.channels=gray",
             "data.workers=1",
             f"reports_dir={root / 'reports'}",
         ],

@@ -83,6 +83,7 @@ def three_class_run(
             "gates.min_clean_auc=0.0",
             "gates.max_teacher_transfer_success=null",
             "gates.max_universal_fooling=null",
+            "gates.min_worst_group_auc=null",
             "registry.model_name=three-classes",
             f"serving.bentoml_home={root / 'bentoml'}",
             f"serving.export_dir={root / 'bentos'}",
