@@ -94,7 +94,9 @@ def three_class_run(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
-        patch.setenv("BENTOML_HOME", str(root / "bentoml"))
+        # BentoML binds its store once per process: serving.bentoml_home here, or the store an
+        # earlier in-process package stage bound (its BENTOML_HOME stays set); the reply says
+        # which, and the server serves from it.
         run_ingest(params, progress=False)
         train = run_train(params, progress=False)
         metrics = run_evaluate(params)
@@ -102,7 +104,8 @@ def three_class_run(
         register = run_register(params)
         package = run_package(params)
         env = {k: v for k, v in os.environ.items()}
-    process, url = start_server(package["bento"], root / "bentoml", root / "server.log", env)
+    home = Path(package["bentoml_home"])
+    process, url = start_server(package["bento"], home, root / "server.log", env)
     try:
         wait_ready(process, url, root / "server.log")
         yield ThreeClassRun(root, train, metrics, robustness, register, url, uri)
