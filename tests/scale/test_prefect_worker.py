@@ -43,7 +43,10 @@ def test_a_process_worker_runs_the_deployments_on_a_postgresql_backed_prefect_se
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    params = train_params.with_overrides(TINY)
+    # The square attack's 32 images x 20 queries took most of a run's two minutes of attacks.
+    params = train_params.with_overrides(
+        [*TINY, "robustness.square_max_samples=2", "robustness.square_queries=2"]
+    )
     params_file = tmp_path / "flow.yaml"
     params_file.write_text(yaml.safe_dump(params.to_dict()))
     env = prefect_postgres_server.client_env(tmp_path / "prefect-home")
