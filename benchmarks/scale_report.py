@@ -54,10 +54,9 @@ to the source costs several times a status. `--no-run-cache` saved about 15% (21
 25 s at 10,000 files, two runs each). No `dvc config` setting removes the per-file walk; not
 fixed here: what would fix it changes what `ingest` depends on. A `.dvc` file cannot stand
 in for the folder (`dvc repro`: "DVC file 'data/source.dvc' cannot be a dependency", tried);
-the ways left, on paper and not measured: the source delivered as archives (one tar per
-batch of images, so DVC hashes a few large files: treeverse/dvc#7681's advice), or, on object
-storage, `dvc import-url` of the bucket prefix, whose changes DVC detects from the storage's
-ETags rather than by reading every file.
+the way left, on paper and not measured: images delivered as archives (one per batch, so that
+DVC hashes a few large files: treeverse/dvc#7681's advice), which ingest would have to learn to
+read (a folder or an `.npz` today).
 
 Growth: status 2 s (10,000 files), 11 s (30,000), 23 to 89 s (100,000): the 100,000-file
 statuses ran while the load peaked near 20 (other benchmarks beside them), the status after one
