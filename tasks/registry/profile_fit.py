@@ -107,10 +107,10 @@ def source_folder(params: Params) -> Path:
 def _scope(dataset, folder: Path) -> dict[str, list[str]] | None:
     """Header values of the dataset's source files in ``folder`` (every split: validation and
     test images are the same population as training); None for a source without DICOM
-    headers (a ``.npz``) or when the source folder is not readable here."""
+    headers (a ``.npz``, an image folder) or when the source folder is not readable here."""
     import pydicom
 
-    if dataset.source.kind == "npz":
+    if dataset.source.kind in ("npz", "image_folder"):  # no DICOM headers to scope by
         return None
     if not folder.is_dir():
         # the path itself is not logged: a source folder can be named after a patient
