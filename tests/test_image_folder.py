@@ -162,9 +162,7 @@ def test_a_csv_naming_only_files_that_do_not_exist_is_one_line(
     assert not Path(params.data.processed_dir).exists()
 
 
-def test_one_file_given_two_patients_is_refused_with_counts(
-    params: Params, tmp_path: Path
-) -> None:
+def test_one_file_given_two_patients_is_refused_with_counts(params: Params, tmp_path: Path) -> None:
     folder = write_hue_image_folder(tmp_path / "images", 8, 32, 10)
     with open(folder / "labels.csv", "a") as csv:
         csv.write("0001.png,positive,someone-else\n")

@@ -18,13 +18,13 @@ from tasks.config import Params
 from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tasks.model.profile import (
-    STATISTICS,
     DataProfile,
     OodDetector,
     deciles,
     features_and_probabilities,
     header_values,
     image_statistics,
+    statistic_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
         source_kind=dataset.source.kind,
         n_train=len(train_images),
         n_val=len(val_images),
-        statistics={name: deciles(stats[:, i]) for i, name in enumerate(STATISTICS)},
+        statistics={
+            name: deciles(stats[:, i]) for i, name in enumerate(statistic_names(spec.channels))
+        },
         ood={
             "method": serving.ood_method,
             "threshold": detector.threshold,
