@@ -168,3 +168,10 @@ def test_one_file_given_two_patients_is_refused_with_counts(params: Params, tmp_
         csv.write("0001.png,positive,someone-else\n")
     with pytest.raises(MedtransferError, match=r"1 path value\(s\) conflicting patients"):
         _ingest(params, folder)
+
+
+def test_auto_reads_an_image_folders_native_resolution_from_its_headers(tmp_path: Path) -> None:
+    from tasks.transfer.candidates import native_resolution
+
+    folder = write_hue_image_folder(tmp_path / "images", 6, 48, 12, jpeg_every=2)
+    assert native_resolution(folder) == 48

@@ -60,6 +60,21 @@ def file_format(path: Path) -> str | None:
     return None if head[128:132] == b"DICM" else image_format(head)
 
 
+def stored_side(path: Path) -> int | None:
+    """``min(height, width)`` of a PNG / JPEG / TIFF file as its header declares it (no pixel
+    is decoded); None for another file or one whose header does not parse."""
+    from PIL import Image
+
+    kind = file_format(path)
+    if kind is None:
+        return None
+    try:
+        with Image.open(path, formats=[FORMATS[kind]]) as image:
+            return min(image.size)
+    except Exception:  # a corrupt header says nothing of the size
+        return None
+
+
 def decode_image_file(
     path: Path,
     max_image_dim: int = MAX_IMAGE_DIM,
