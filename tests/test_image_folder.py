@@ -51,6 +51,7 @@ def test_a_png_and_jpeg_folder_with_patients_is_ingested_in_colour_and_split_by_
     report = json.loads((Path(params.reports_dir) / "ingest.json").read_text())
     assert report["split_by"] == "patient" and report["source_kind"] == "image_folder"
     dataset = load_processed(params.data.processed_dir)
+    assert (dataset.source.kind, dataset.source.name) == ("image_folder", "image_folder")
     manifest = dataset.manifest
     assert manifest.groupby("patient_hash")["split"].nunique().max() == 1  # no patient in two
     assert manifest["patient_hash"].nunique() == 12

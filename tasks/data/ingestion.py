@@ -88,13 +88,14 @@ def ingest_folder(
                 salt,
             )
         csv_counts = labels.check_rows_name_files({f.relative_to(folder).as_posix() for f in files})
+        kind = _folder_kind(source_kind, rows)
         source = SourceYield(
             rows=rows,
             quarantine=quarantine,
             files_seen=len(files),
             ingested=len({row["source_file"] for row in rows}),
-            kind=_folder_kind(source_kind, rows),
-            name=data.name or source_kind,
+            kind=kind,
+            name=data.name or kind,
             labels_from=ds_files.CSV_LABELS if labels.csv_path else ds_files.SUBFOLDER_LABELS,
         )
         result = write_dataset(staging, source, data, seed)
