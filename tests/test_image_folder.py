@@ -99,11 +99,14 @@ def test_every_bad_image_file_is_quarantined_with_its_reason(
     frames = [Image.fromarray(np.zeros((8, 8), np.uint8)) for _ in range(2)]
     frames[0].save(folder / "pages.tif", save_all=True, append_images=frames[1:])
     (folder / "unlisted.png").write_bytes(good)
-    names = ["cut.png", "huge.png", "wide.png", "notes.txt", "pages.tif"]
+    with open(folder / "sparse.png", "wb") as sparse:  # 300 MiB, never read: too large a file
+        sparse.write(good[:64])
+        sparse.truncate(300 * 2**20)
+    names = ["cut.png", "huge.png", "wide.png", "notes.txt", "pages.tif", "sparse.png"]
     with open(folder / "labels.csv", "a") as csv:
         csv.writelines(f"{name},positive,p-extra\n" for name in names)
     result = _ingest(params, folder)
-    assert (result.files_seen, result.ingested, result.quarantined) == (14, 8, 6)
+    assert (result.files_seen, result.ingested, result.quarantined) == (15, 8, 7)
     quarantine = pd.read_csv(Path(params.data.processed_dir) / "quarantine.csv", dtype=str)
     reasons = dict(zip(quarantine["source_file"], quarantine["reason"], strict=True))
     assert reasons == {
@@ -111,6 +114,7 @@ def test_every_bad_image_file_is_quarantined_with_its_reason(
         "huge.png": "too_large",
         "notes.txt": "not_dicom",
         "pages.tif": "unsupported_image",
+        "sparse.png": "too_large",
         "unlisted.png": "no_label",
         "wide.png": "too_large",
     }

@@ -35,6 +35,8 @@ from tasks.data.preprocess import luma, uint8_to_display
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 # Pillow's format names, by what the file starts with (never by its name's suffix).
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
+# Room for metadata in a file whose pixels fill the decoding budget (1 MiB).
+FILE_SLACK_BYTES = 2**20
 
 
 def image_format(head: bytes) -> str | None:
@@ -87,19 +89,23 @@ def decode_image_file(
     Raises:
         DicomRejected: ``unreadable`` (the file cannot be read or its header does not parse),
             ``too_large`` (rows or columns above ``max_image_dim``, or more decoded bytes than
-            ``max_decoded_bytes``, None: :func:`decoded_bytes_limit`), ``unsupported_image``
+            ``max_decoded_bytes``, None: :func:`decoded_bytes_limit`; a file over twice that), ``unsupported_image``
             (a multi-page TIFF, a pixel format with no display rule), ``decode_failed``.
     """
     from PIL import Image
 
+    budget = decoded_bytes_limit(max_image_dim) if max_decoded_bytes is None else max_decoded_bytes
     try:
+        # Compressed image data is not larger than its pixels (deflate and JPEG add little):
+        # a file twice the budget is refused before it is read into memory.
+        if path.stat().st_size > 2 * budget + FILE_SLACK_BYTES:
+            raise DicomRejected(TOO_LARGE, "the file is larger than the decoder accepts")
         data = path.read_bytes()
     except OSError as err:
         raise DicomRejected(UNREADABLE, f"the file cannot be read ({type(err).__name__})") from err
     kind = image_format(data[:8])
     if kind is None:
         raise DicomRejected(UNREADABLE, "the file is not a PNG, JPEG or TIFF image")
-    budget = decoded_bytes_limit(max_image_dim) if max_decoded_bytes is None else max_decoded_bytes
     if kind != "tiff":  # read before Pillow sees the file: it allocates what these declare
         _check_declared(_declared(data, kind), max_image_dim, budget)
     try:
