@@ -251,7 +251,7 @@ class DatasetSource:
     ``manifest.csv`` and ``quarantine.csv`` (relative to the source), to trace an image back.
 
     Attributes:
-        kind: ``synthetic``, ``dicom_folder`` or ``npz``.
+        kind: ``synthetic``, ``dicom_folder``, ``image_folder`` (PNG / JPEG / TIFF) or ``npz``.
         name: ``data.name`` at ingestion, or ``kind`` when it was null.
         labels: where labels came from, in words: ``labels CSV``, ``class sub-folders`` or
             ``npz arrays``.
