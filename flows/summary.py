@@ -45,8 +45,8 @@ def _train(report: dict) -> list[str]:
     return [
         f"dataset version: {report.get('dataset_version', '?')}",
         *_auto_decision(report.get("auto")),
-        # Epochs counted from 1, as the training log shows them (reports keep 0-based).
-        f"student: {report.get('strategy')}, best epoch {_plus_one(report.get('best_epoch'))} "
+        # Epochs count from 1 everywhere: the training log, the report, MLflow's best_epoch.
+        f"student: {report.get('strategy')}, best epoch {report.get('best_epoch')} "
         f"of {report.get('epochs_run')}, validation AUC {_number(report.get('best_val_auc'))}",
     ]
 
@@ -165,10 +165,6 @@ def _mlflow_line(run_id: str, tracking_uri: str | None) -> str:
         f"MLflow run {run_id}: open the UI with `mlflow ui --backend-store-uri {store}`, then "
         "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the training view)"
     )
-
-
-def _plus_one(value: Any) -> Any:
-    return value + 1 if isinstance(value, int) else value
 
 
 def _number(value: Any) -> str:

@@ -50,11 +50,11 @@ class LoggingRecorder(TrainingRecorder):
     def epoch_ended(self, row: dict[str, float]) -> None:
         """Log one line for the epoch in ``row``."""
         self._epoch_seconds.append(row["seconds"])
-        epochs_left = self._total_epochs - int(row["epoch"]) - 1
+        epochs_left = self._total_epochs - int(row["epoch"])
         seconds_left = epochs_left * sum(self._epoch_seconds) / len(self._epoch_seconds)
         self.logger.info(
             "epoch %d/%d: train loss %.4f, val AUC %.3f, %.0f images/s, about %s left",
-            int(row["epoch"]) + 1,
+            int(row["epoch"]),
             self._total_epochs,
             row["train_loss"],
             row["val_auc"],
@@ -64,13 +64,13 @@ class LoggingRecorder(TrainingRecorder):
 
     def fit_ended(self, result: FitResult) -> None:
         """Log the selected epoch, its validation score and the time the fit took."""
-        if result.best_epoch < 0:
+        if result.best_epoch < 1:
             self.logger.info("training finished: no epoch ran")
             return
         best_auc = result.history[_row_index(result, result.best_epoch)]["val_auc"]
         self.logger.info(
             "training finished: best epoch %d/%d, best val AUC %.3f, %d epochs in %s%s",
-            result.best_epoch + 1,
+            result.best_epoch,
             self._total_epochs,
             best_auc,
             len(result.history),
@@ -142,7 +142,7 @@ def format_duration(seconds: float) -> str:
 
 
 def _row_index(result: FitResult, epoch: int) -> int:
-    """Position of ``epoch`` in ``result.history`` (the history starts at epoch 0)."""
+    """Position of ``epoch`` in ``result.history`` (epochs count from 1)."""
     return next(i for i, row in enumerate(result.history) if row["epoch"] == epoch)
 
 
