@@ -13,10 +13,13 @@ in :mod:`flows.progress` (pure logic imports neither MLflow nor Prefect).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -125,6 +128,25 @@ class TqdmLoggingHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # logging must never take the training down with it
             self.handleError(record)
+
+
+@contextlib.contextmanager
+def quiet_bars() -> Iterator[None]:
+    """No library progress bar while inside (``--quiet``; ours follow the callers' ``progress``
+    flags): MLflow's artifact bars (``Downloading artifacts``, read on each download), and in
+    processes started inside, every tqdm bar (tqdm reads ``TQDM_DISABLE`` when imported, so
+    not in this process, where it is already imported). Restored on exit."""
+    switches = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TQDM_DISABLE": "1"}
+    before = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def format_duration(seconds: float) -> str:
