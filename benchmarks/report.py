@@ -6,6 +6,7 @@ import datetime as dt
 import importlib.metadata
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -13,7 +14,8 @@ PACKAGES = ("torch", "monai", "pydicom", "numpy", "pillow", "prefect", "mlflow",
 
 
 def machine_header() -> str:
-    """A markdown paragraph naming date, CPU, core count, Python and package versions."""
+    """A markdown paragraph naming date, commit, CPU, core count, Python and package versions
+    (the commit so that a figure can be told stale once the code it measured has moved)."""
     versions = []
     for name in PACKAGES:
         try:
@@ -38,9 +40,23 @@ def machine_header() -> str:
         pass
     return (
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
+        f"- commit: {_commit()}\n"
         f"- machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}\n"
         f"- python {platform.python_version()}; {', '.join(versions)}"
     )
+
+
+def _commit() -> str:
+    """The checkout's short commit, ``+changes`` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def write_result(name: str, body: str) -> Path:

@@ -15,11 +15,12 @@ status for the signal: 130 and 143.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from flows.summary import summary_lines
 from tasks.config import Params, load_params
@@ -47,9 +48,22 @@ def stage_handler(stage: Stage) -> Callable[[Params, argparse.Namespace], dict]:
 
 
 def _run(params: Params, args: argparse.Namespace) -> dict:
-    from flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline  # imports Prefect, which sets up its logging
 
-    return run_pipeline(params_file=args.params, overrides=list(args.set))
+    with bars_above_prefect_lines():
+        return run_pipeline(args.params, list(args.set), progress=not args.quiet)
+
+
+@contextlib.contextmanager
+def bars_above_prefect_lines() -> Iterator[None]:
+    """Prefect's console lines (its handler on the root logger: task-run states, the flow's
+    log) written through ``tqdm.write`` while inside, as the stages' own lines are, so that
+    they print above an open progress bar instead of through it; Prefect's handler is back
+    on exit."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
 
 
 def _serve_deployments(params: Params, args: argparse.Namespace) -> dict:
@@ -99,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", help="print the full result as JSON, not the summary"
     )
-    parser = argparse.ArgumentParser(prog="medtransfer", description=__doc__.split("\n\n")[0])
+    # the module docstring's first paragraph, without its reStructuredText literal markers
+    description = __doc__.split("\n\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="medtransfer", description=description)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         command = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -175,10 +191,13 @@ def _handle(
     handler: Callable[[Params, argparse.Namespace], dict], params: Params, args: argparse.Namespace
 ) -> dict:
     """Run ``handler``, under the project lock when the command writes outputs."""
-    if args.command not in WRITES_OUTPUTS:
-        return handler(params, args)
-    with project_lock(params.data.processed_dir, args.command):
-        return handler(params, args)
+    from tasks.training.recorders import quiet_bars
+
+    with quiet_bars() if args.quiet else contextlib.nullcontext():
+        if args.command not in WRITES_OUTPUTS:
+            return handler(params, args)
+        with project_lock(params.data.processed_dir, args.command):
+            return handler(params, args)
 
 
 def configure_logging() -> None:

@@ -17,6 +17,7 @@ naming the stage, the path and what to do, which ``medtransfer run`` prints with
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -40,6 +41,7 @@ from tasks.stages.robustness import run_robustness
 from tasks.stages.synthesize import run_synthesize
 from tasks.stages.table import PIPELINE
 from tasks.stages.train import run_train
+from tasks.training.recorders import quiet_bars
 
 
 def _key(stage: str) -> Callable:
@@ -83,24 +85,27 @@ def synthesize(params: Params) -> dict:
 
 
 @stage_task("ingest")
-def ingest(params: Params) -> dict:
+def ingest(params: Params, progress: bool = True) -> dict:
     """Decode the configured source into the processed dataset; returns the ingest report.
 
     The files are decoded by ``decode-files`` tasks on ``orchestration.task_runner``.
+    ``progress``: a bar over the files on stderr (not part of the cache key).
     """
-    return run_ingest(params, decode_map=task_runner_decode_map(params)).to_report()
+    return run_ingest(params, progress, decode_map=task_runner_decode_map(params)).to_report()
 
 
 @stage_task("train")
-def train(params: Params, resume: bool = True) -> dict:
+def train(params: Params, resume: bool = True, progress: bool = True) -> dict:
     """Fine-tune the teacher into a student, logged to MLflow; returns the train report.
 
     The epochs' progress shows as a progress artifact (:mod:`flows.progress`).
 
     ``resume``: continue from this configuration's last epoch checkpoint when there is one
-    (after a crash), otherwise start fresh.
+    (after a crash), otherwise start fresh. ``progress``: a bar over the epochs on stderr.
     """
-    return run_train(params, resume=resume, recorders=[PrefectProgressRecorder()])
+    return run_train(
+        params, progress=progress, resume=resume, recorders=[PrefectProgressRecorder()]
+    )
 
 
 @stage_task("evaluate")
@@ -110,9 +115,10 @@ def evaluate(params: Params) -> dict:
 
 
 @stage_task("robustness")
-def robustness(params: Params) -> dict:
-    """Attacks on the student and its frozen teacher; returns the report with the verdict."""
-    return run_robustness(params)
+def robustness(params: Params, progress: bool = True) -> dict:
+    """Attacks on the student and its frozen teacher; returns the report with the verdict.
+    ``progress``: a bar per attacked model over its budgets on stderr."""
+    return run_robustness(params, progress)
 
 
 @stage_task("register")
@@ -176,9 +182,10 @@ def _run_task(
 
 @flow(name="medtransfer", log_prints=True)
 def medtransfer_pipeline(
-    params_file: str = "params.yaml", overrides: list[str] | None = None
+    params_file: str = "params.yaml", overrides: list[str] | None = None, progress: bool = True
 ) -> dict:
-    """Run every stage on the configuration in ``params_file`` with ``overrides`` applied.
+    """Run every stage on the configuration in ``params_file`` with ``overrides`` applied;
+    ``progress=False`` (``medtransfer run --quiet``): no progress bar, ours or a library's.
 
     Returns:
         A summary dictionary with one entry per stage, plus ``cached``: the stages that were
@@ -188,15 +195,18 @@ def medtransfer_pipeline(
     book = project_book(params_file, overrides or [])
     cached: list[str] = []
     summary: dict = {}
-    if uses_synthetic_set(params):
-        summary["synthesize"] = run_stage(synthesize, "synthesize", params, cached, book)
-    summary["ingest"] = run_stage(ingest, "ingest", params, cached, book)
-    summary["train"] = run_stage(train, "train", params, cached, book)
-    summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached, book)
-    summary["robustness"] = run_stage(robustness, "robustness", params, cached, book)
-    summary["register"] = run_stage(register, "register", params, cached, book)
-    # With no approved version, package records "nothing approved" and builds nothing.
-    summary["package"] = run_stage(package, "package", params, cached, book)
+    with contextlib.nullcontext() if progress else quiet_bars():
+        if uses_synthetic_set(params):
+            summary["synthesize"] = run_stage(synthesize, "synthesize", params, cached, book)
+        summary["ingest"] = run_stage(ingest, "ingest", params, cached, book, progress=progress)
+        summary["train"] = run_stage(train, "train", params, cached, book, progress=progress)
+        summary["evaluate"] = run_stage(evaluate, "evaluate", params, cached, book)
+        summary["robustness"] = run_stage(
+            robustness, "robustness", params, cached, book, progress=progress
+        )
+        summary["register"] = run_stage(register, "register", params, cached, book)
+        # With no approved version, package records "nothing approved" and builds nothing.
+        summary["package"] = run_stage(package, "package", params, cached, book)
     summary["cached"] = cached
     publish(summary, effective_tracking_uri(params))
     create_markdown_artifact(
@@ -212,13 +222,15 @@ def effective_tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
 
 
-def run_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def run_pipeline(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, progress: bool = True
+) -> dict:
     """Run :func:`medtransfer_pipeline` on the task runner ``orchestration.task_runner`` names
     (``data.workers`` wide), where its ingest maps the decoding; returns the flow's summary."""
     params = load_params(params_file, overrides or [])
     runner = flow_task_runner(params)
     return medtransfer_pipeline.with_options(task_runner=runner)(
-        params_file=params_file, overrides=overrides
+        params_file=params_file, overrides=overrides, progress=progress
     )
 
 

@@ -44,7 +44,7 @@ class PrefectProgressRecorder(TrainingRecorder):
         """Move the artifact to the epochs done, describing the epoch just finished."""
         if self._artifact_id is None:
             return
-        done = int(row["epoch"]) + 1
+        done = int(row["epoch"])  # 1-based: the epochs done
         update_progress_artifact(
             self._artifact_id,
             progress=_percent(done, self._total_epochs),
@@ -60,7 +60,7 @@ class PrefectProgressRecorder(TrainingRecorder):
         update_progress_artifact(
             self._artifact_id,
             progress=100.0,
-            description=f"done: best epoch {result.best_epoch + 1}/{self._total_epochs}, "
+            description=f"done: best epoch {result.best_epoch}/{self._total_epochs}, "
             f"{len(result.history)} epochs run{stopped}",
         )
         self._artifact_id = None

@@ -6,6 +6,8 @@ prints its own part, and the flow shows the same lines as a Prefect markdown art
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -43,10 +45,10 @@ def _ingest(report: dict) -> list[str]:
 
 def _train(report: dict) -> list[str]:
     return [
-        f"dataset version: {report.get('dataset_version', '?')}",
+        f"dataset version: {shown_version(report.get('dataset_version', '?'))}",
         *_auto_decision(report.get("auto")),
-        # Epochs counted from 1, as the training log shows them (reports keep 0-based).
-        f"student: {report.get('strategy')}, best epoch {_plus_one(report.get('best_epoch'))} "
+        # Epochs count from 1 everywhere: the training log, the report, MLflow's best_epoch.
+        f"student: {report.get('strategy')}, best epoch {report.get('best_epoch')} "
         f"of {report.get('epochs_run')}, validation AUC {_number(report.get('best_val_auc'))}",
     ]
 
@@ -162,13 +164,28 @@ SECTIONS = {
 def _mlflow_line(run_id: str, tracking_uri: str | None) -> str:
     store = tracking_uri or "sqlite:///mlflow.db"
     return (
-        f"MLflow run {run_id}: open the UI with `mlflow ui --backend-store-uri {store}`, then "
-        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the training view)"
+        f"MLflow run {run_id}: open the UI with `{mlflow_command()} ui --backend-store-uri "
+        f"{store}`, then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning "
+        "(the training view)"
     )
 
 
-def _plus_one(value: Any) -> Any:
-    return value + 1 if isinstance(value, int) else value
+def shown_version(version: str) -> str:
+    """A dataset version as a person reads it: DVC's hash of the folder without the ``.dir``
+    that DVC appends to a directory's hash (reports, tags and dvc.lock keep the full form)."""
+    return version.removesuffix(".dir")
+
+
+def mlflow_command() -> str:
+    """The ``mlflow`` script of the environment medtransfer runs in (``.venv/bin/mlflow`` from
+    the checkout): a bare ``mlflow`` is not on PATH outside the activated venv."""
+    script = Path(sys.executable).parent / "mlflow"
+    if not script.is_file():
+        return "mlflow"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _number(value: Any) -> str:

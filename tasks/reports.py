@@ -76,7 +76,7 @@ class TrainContent(TypedDict, total=False):
     run_id: str | None
     dataset_version: str
     strategy: str
-    best_epoch: int
+    best_epoch: int  # 1-based, as the logs, MLflow's best_epoch and the run summary count
     best_val_auc: float
     epochs_run: int
     resumed_from_epoch: int | None

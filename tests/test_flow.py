@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -29,13 +31,17 @@ TINY = [
 
 
 def test_flow_runs_every_stage_then_hits_the_cache(
-    prefect_harness, train_params: Params, tmp_path: Path
+    prefect_harness, train_params: Params, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     params_file = tmp_path / "flow.yaml"
     params_file.write_text(yaml.safe_dump(train_params.with_overrides(TINY).to_dict()))
     reports = Path(train_params.reports_dir)
 
-    first = medtransfer_pipeline(params_file=str(params_file))
+    # `medtransfer run --quiet`: no progress bar at all, neither ours (ingest, train, attacks)
+    # nor a library's (MLflow's artifact downloads)
+    first = medtransfer_pipeline(params_file=str(params_file), progress=False)
+    bars = re.findall(r".*\[\d\d:\d\d(?:<|, ).*", capfd.readouterr().err)
+    assert bars == []
     assert first["cached"] == []
     assert first["ingest"] == json.loads((reports / "ingest.json").read_text())
     assert (

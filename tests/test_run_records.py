@@ -80,7 +80,7 @@ def test_a_training_that_raises_ends_its_run_failed_or_killed_with_no_model(
         run_train(train_params, progress=False, recorders=[_Raises(error)])
     [run] = _runs()
     assert run.info.status == status
-    assert _steps(run.info.run_id) == [0]  # the epoch before the fault is on record
+    assert _steps(run.info.run_id) == [1]  # the epoch before the fault is on record
     assert _models_of(run.info.run_id) == []
     assert signal.getsignal(signal.SIGTERM) is sigterm_before  # the stage put it back
 
@@ -151,7 +151,7 @@ def test_after_sigkill_resume_closes_the_stale_run_and_continues_it_over_every_e
     assert run.info.status == "FINISHED"
     assert run.data.tags["medtransfer.continued"] == "true"
     for metric in ("train_loss", "val_auc", "lr"):
-        assert _steps(killed_id, metric) == list(range(epochs)), metric
+        assert _steps(killed_id, metric) == list(range(1, epochs + 1)), metric
     assert len(_models_of(killed_id)) == 1
 
 
@@ -175,8 +175,8 @@ def test_resume_with_a_changed_parameter_names_it_unless_forced(
     assert forced.info.status == "FINISHED"
     assert forced.data.tags["medtransfer.continues_run"] == first.info.run_id
     assert forced.data.params["train.epochs"] == "2"
-    assert _steps(forced.info.run_id) == [0, 1]  # epoch 0 from the checkpoint, then epoch 1
-    assert _steps(first.info.run_id) == [0]  # the continued run's record is untouched
+    assert _steps(forced.info.run_id) == [1, 2]  # epoch 1 from the checkpoint, then epoch 2
+    assert _steps(first.info.run_id) == [1]  # the continued run's record is untouched
 
 
 def test_the_flow_resume_starts_afresh_without_a_word_when_parameters_changed(
@@ -185,7 +185,7 @@ def test_the_flow_resume_starts_afresh_without_a_word_when_parameters_changed(
     run_train(train_params.with_overrides(["train.epochs=1"]), progress=False)
     report = run_train(train_params, resume=True, progress=False)
     assert report["resumed_from_epoch"] is None
-    assert _steps(report["run_id"]) == [0, 1]
+    assert _steps(report["run_id"]) == [1, 2]
     assert "medtransfer.continues_run" not in _client().get_run(report["run_id"]).data.tags
 
 
@@ -221,7 +221,7 @@ def test_a_stopped_comparison_ends_killed_and_resume_continues_its_parent_and_ch
     assert report["parent_run_id"] == stopped["parent"]
     scratch = next(r for r in report["runs"] if r["strategy"] == "scratch")
     assert scratch["run_id"] == stopped["scratch"]
-    assert _steps(stopped["scratch"]) == [0, 1]
+    assert _steps(stopped["scratch"]) == [1, 2]
     runs = {r.info.run_id: r for r in _runs()}
     assert runs[stopped["parent"]].info.status == "FINISHED"
     assert runs[stopped["scratch"]].data.tags["mlflow.parentRunId"] == stopped["parent"]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from flows.summary import summary_lines
 from tasks.config import Params
 from tasks.errors import MedtransferError
 from tasks.stages.evaluate import run_evaluate
@@ -43,7 +44,7 @@ class _EpochsSeen:
 def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     seen = _EpochsSeen()
     report = run_train(train_params, progress=False, recorders=[seen])
-    assert seen.epochs == [0, 1]
+    assert seen.epochs == [1, 2]  # epochs count from 1 in every output
     reports = Path(train_params.reports_dir)
     assert json.loads((reports / "train.json").read_text())["run_id"] == report["run_id"]
 
@@ -64,16 +65,21 @@ def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     )
     for name in per_epoch:
         history = _client().get_metric_history(report["run_id"], name)
-        assert [m.step for m in history] == [0, 1], name
+        assert [m.step for m in history] == [1, 2], name
     # the history's plot data (what `dvc plots diff` overlays) is the run's per-epoch metrics
     plotted = json.loads((reports / "plots" / "train_history.json").read_text())
-    assert [row["epoch"] for row in plotted] == [0, 1]
+    assert [row["epoch"] for row in plotted] == [1, 2]
     assert {row["strategy"] for row in plotted} == {"linear_probe"}
     for name in ("train_loss", "val_loss", "val_auc"):
         logged = [m.value for m in _client().get_metric_history(report["run_id"], name)]
         assert [row[name] for row in plotted] == pytest.approx(logged), name
     assert "history" not in report and all("history" not in row for row in report["runs"])
-    assert run.data.metrics["best_epoch"] == report["best_epoch"]
+    # the best epoch is the same number everywhere: the epoch (1-based) of the history's
+    # first highest validation AUC, in the report, MLflow, the plot data and the summary
+    aucs = [row["val_auc"] for row in plotted]
+    best = aucs.index(max(aucs)) + 1
+    assert report["best_epoch"] == best and run.data.metrics["best_epoch"] == best
+    assert f"best epoch {best} of 2," in "\n".join(summary_lines({"train": report}))
     assert run.data.metrics["best_val_auc"] == pytest.approx(report["best_val_auc"])
     # the logged model says what it is (MLflow's default name was "model")
     model = mlflow.pytorch.load_model(f"runs:/{report['run_id']}/student_classifier")

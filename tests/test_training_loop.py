@@ -129,7 +129,7 @@ def _fit(
 def test_loop_learns_and_checkpoints(tmp_path: Path) -> None:
     _, result = _fit(tmp_path, epochs=6)
     assert result.best_val_auc > 0.9
-    assert [row["epoch"] for row in result.history] == list(range(6))
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5, 6]  # as logs count
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert (tmp_path / "ckpt" / CHECKPOINT_NAME).is_file()
 
@@ -146,14 +146,14 @@ def test_resume_after_a_crash_continues_to_the_same_weights(tmp_path: Path) -> N
 
     # Crash after the second epoch's checkpoint, then resume with a freshly built model.
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "crashy", epochs=4, recorders=(_CrashAfter(epoch=1),))
+        _fit(tmp_path / "crashy", epochs=4, recorders=(_CrashAfter(epoch=2),))
     events = _Events()
     resumed_model, resumed = _fit(
         tmp_path / "crashy", epochs=4, resume=True, model=_toy_model(), recorders=(events,)
     )
     assert events.seen[0] == ("started", 4, 2, 96)
-    assert resumed.resumed_from_epoch == 1
-    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
+    assert resumed.resumed_from_epoch == 2
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
     for key, value in straight_model.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=1e-6)
 
@@ -163,7 +163,7 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
     _, result = _fit(tmp_path, epochs=10, lr=0.0, patience=2)
     assert result.stopped_early
     assert len(result.history) == 3
-    assert result.best_epoch == 0
+    assert result.best_epoch == 1  # the first epoch, counted from 1
 
 
 @pytest.mark.parametrize("mode", ["balanced", "none"])
@@ -220,8 +220,8 @@ def test_recorders_hear_the_start_every_epoch_and_the_end_in_order(tmp_path: Pat
     _, result = _fit(tmp_path, epochs=2, recorders=(events,))
     assert events.seen == [
         ("started", 2, 0, 96),
-        ("epoch", 0),
         ("epoch", 1),
+        ("epoch", 2),
         ("ended", result.best_epoch),
     ]
 
@@ -237,9 +237,9 @@ def test_the_logging_recorder_writes_one_line_per_epoch_and_a_summary(
         assert line.startswith(f"epoch {number}/2: train loss {row['train_loss']:.4f}, ")
         assert f"val AUC {row['val_auc']:.3f}" in line and "images/s, about " in line
     assert lines[2].endswith("about 0s left")  # nothing left after the last epoch
-    best_auc = result.history[result.best_epoch]["val_auc"]
+    best_auc = result.history[result.best_epoch - 1]["val_auc"]
     assert lines[3].startswith(
-        f"training finished: best epoch {result.best_epoch + 1}/2, best val AUC {best_auc:.3f}, "
+        f"training finished: best epoch {result.best_epoch}/2, best val AUC {best_auc:.3f}, "
         "2 epochs in "
     )
     assert len(lines) == 4

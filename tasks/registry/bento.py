@@ -127,6 +127,20 @@ def import_model(
 
     The tag's version is ``v<registry version>-<first 12 hex of the SHA-256 of the saved
     files>``, so packaging the same weights with the same profile again reuses the stored model.
+
+    Why ``bentoml.models.create`` and not a framework importer (checked with bentoml 1.4.39):
+    ``bentoml.pytorch.save_model`` (deprecated since 1.4: importing it warns) stores the whole
+    module with ``torch.save(model, pickle_module=cloudpickle)`` and its ``load_model`` reads it
+    with a plain ``torch.load``, so the server would unpickle code; the student here is a
+    state_dict and spec that the service reads with ``weights_only=True``, through the same
+    ``tasks.model.student_io`` as training and evaluation. ``bentoml.mlflow.import_model``
+    copies the logged MLflow model (a torch.export program) and loads it with
+    ``mlflow.pyfunc.load_model``: MLflow in the service's image, and a pyfunc ``predict`` of
+    the logged forward pass alone, where the service also needs the student's penultimate
+    features for its OOD score (``features_and_probabilities``); nor has it a place for the
+    files fitted at package time (``profile.json``, ``ood.npz``: the scope and OOD gates) but
+    cloudpickled ``custom_objects``. ``bentoml.models.create`` is the store API both call
+    underneath: the same tag, labels and metadata, with the files we choose.
     """
     import shutil
 

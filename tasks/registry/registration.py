@@ -95,7 +95,7 @@ def register_version(
     previous_tag = client.get_run(candidate.run_id).data.tags.get(RUN_VERSION_TAG)
     written = False
     try:
-        registered = mlflow.register_model(model_uri, config.model_name, tags=tags)
+        registered = _register_quietly(mlflow, model_uri, config.model_name, tags)
         version = str(registered.version)
         card_uri = _attach_model_card(client, config, version, candidate, promoted, reasons)
         client.set_tag(candidate.run_id, RUN_VERSION_TAG, f"{config.model_name}/{version}")
@@ -112,6 +112,22 @@ def register_version(
             _restore_report(reports_dir, previous_report)
         raise
     return result
+
+
+def _register_quietly(mlflow, model_uri: str, name: str, tags: dict[str, str]):
+    """``mlflow.register_model`` without its lines on stderr: "Registered model '<name>'
+    already exists. Creating a new version of this model..." appeared on every fresh clone
+    (ensure_registered_model creates the model first, with its description), then "Created
+    version 'N'". The stage's own log line says which version it registered and why."""
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM  # what MLflow's eprint writes to
+    was_enabled = stream.enabled
+    stream.enabled = False
+    try:
+        return mlflow.register_model(model_uri, name, tags=tags)
+    finally:
+        stream.enabled = was_enabled
 
 
 def _attach_model_card(

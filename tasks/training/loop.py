@@ -218,7 +218,7 @@ def fit(
         model, param_groups, train_set, val_set, train_labels, n_classes, config, env, device
     )
     result = FitResult(
-        best_state=_cpu_state(model), best_epoch=-1, best_val_auc=-math.inf, device=str(device)
+        best_state=_cpu_state(model), best_epoch=0, best_val_auc=-math.inf, device=str(device)
     )
     checkpoint_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
     start_epoch = _resume(checkpoint_path, trainer, result) if config.resume else 0
@@ -341,7 +341,7 @@ def _resume(checkpoint_path: Path, trainer: _Trainer, result: FitResult) -> int:
     if not checkpoint_path.is_file():
         return 0
     start_epoch = _load_checkpoint(checkpoint_path, trainer, result)
-    result.resumed_from_epoch = start_epoch - 1
+    result.resumed_from_epoch = start_epoch  # the last finished epoch's number (1-based)
     return start_epoch
 
 
@@ -352,7 +352,9 @@ def _run_epoch(
     _seed_epoch(config.seed, epoch, train_set)
     trainer.sampler.set_epoch(epoch)
     epoch_start = time.perf_counter()
-    row: dict[str, float] = {"epoch": epoch}
+    # Epochs are counted from 1 in every output (logs, reports, MLflow's steps and
+    # best_epoch, plots): the loop's 0-based index becomes a number here, once.
+    row: dict[str, float] = {"epoch": epoch + 1}
     row.update(
         train_one_epoch(
             trainer.net,
@@ -425,7 +427,7 @@ def _save_checkpoint(path: Path, epoch: int, trainer: _Trainer, result: FitResul
     """Write ``last.pt`` atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "epoch": epoch,
+        "epoch": epoch + 1,  # the number of the epoch just finished (1-based)
         "model": _cpu_state(trainer.model),
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
@@ -450,4 +452,4 @@ def _load_checkpoint(path: Path, trainer: _Trainer, result: FitResult) -> int:
     result.best_epoch = state["best_epoch"]
     result.best_val_auc = state["best_val_auc"]
     result.history = list(state["history"])
-    return int(state["epoch"]) + 1
+    return int(state["epoch"])  # epochs done: the 0-based index of the next one

@@ -13,10 +13,13 @@ in :mod:`flows.progress` (pure logic imports neither MLflow nor Prefect).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -50,11 +53,11 @@ class LoggingRecorder(TrainingRecorder):
     def epoch_ended(self, row: dict[str, float]) -> None:
         """Log one line for the epoch in ``row``."""
         self._epoch_seconds.append(row["seconds"])
-        epochs_left = self._total_epochs - int(row["epoch"]) - 1
+        epochs_left = self._total_epochs - int(row["epoch"])
         seconds_left = epochs_left * sum(self._epoch_seconds) / len(self._epoch_seconds)
         self.logger.info(
             "epoch %d/%d: train loss %.4f, val AUC %.3f, %.0f images/s, about %s left",
-            int(row["epoch"]) + 1,
+            int(row["epoch"]),
             self._total_epochs,
             row["train_loss"],
             row["val_auc"],
@@ -64,13 +67,13 @@ class LoggingRecorder(TrainingRecorder):
 
     def fit_ended(self, result: FitResult) -> None:
         """Log the selected epoch, its validation score and the time the fit took."""
-        if result.best_epoch < 0:
+        if result.best_epoch < 1:
             self.logger.info("training finished: no epoch ran")
             return
         best_auc = result.history[_row_index(result, result.best_epoch)]["val_auc"]
         self.logger.info(
             "training finished: best epoch %d/%d, best val AUC %.3f, %d epochs in %s%s",
-            result.best_epoch + 1,
+            result.best_epoch,
             self._total_epochs,
             best_auc,
             len(result.history),
@@ -127,6 +130,25 @@ class TqdmLoggingHandler(logging.Handler):
             self.handleError(record)
 
 
+@contextlib.contextmanager
+def quiet_bars() -> Iterator[None]:
+    """No library progress bar while inside (``--quiet``; ours follow the callers' ``progress``
+    flags): MLflow's artifact bars (``Downloading artifacts``, read on each download), and in
+    processes started inside, every tqdm bar (tqdm reads ``TQDM_DISABLE`` when imported, so
+    not in this process, where it is already imported). Restored on exit."""
+    switches = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TQDM_DISABLE": "1"}
+    before = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def format_duration(seconds: float) -> str:
     """``75.2`` -> ``"1m 15s"``; ``3725`` -> ``"1h 02m"``; ``8.4`` -> ``"8s"``; NaN -> ``"?"``."""
     if not math.isfinite(seconds):
@@ -142,7 +164,7 @@ def format_duration(seconds: float) -> str:
 
 
 def _row_index(result: FitResult, epoch: int) -> int:
-    """Position of ``epoch`` in ``result.history`` (the history starts at epoch 0)."""
+    """Position of ``epoch`` in ``result.history`` (epochs count from 1)."""
     return next(i for i, row in enumerate(result.history) if row["epoch"] == epoch)
 
 

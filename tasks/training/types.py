@@ -59,11 +59,11 @@ class FitResult:
     """What ``fit`` returns: the selected weights and the history that chose them."""
 
     best_state: dict[str, torch.Tensor]
-    best_epoch: int
+    best_epoch: int  # the selected epoch's number, 1-based (0: no epoch ran)
     best_val_auc: float
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
-    resumed_from_epoch: int | None = None
+    resumed_from_epoch: int | None = None  # the last epoch done before a resume (1-based)
     device: str = "cpu"
 
 
@@ -78,7 +78,8 @@ class TrainingRecorder(Protocol):
         on ``n_train`` training images (the whole set, over every rank)."""
 
     def epoch_ended(self, row: dict[str, float]) -> None:
-        """One epoch is done and checkpointed. ``row``: ``epoch`` (0-based), ``train_loss``,
+        """One epoch is done and checkpointed. ``row``: ``epoch`` (1-based, as every output
+        counts: logs, reports, MLflow's step and ``best_epoch``), ``train_loss``,
         ``images_per_s``, ``val_loss``, ``val_auc``, ``val_accuracy``, ``lr``, ``seconds``."""
 
     def fit_ended(self, result: FitResult) -> None:
