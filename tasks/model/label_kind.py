@@ -204,3 +204,22 @@ def positive_weights(labels: np.ndarray) -> np.ndarray:
 
 
 MULTI_LABEL = MultiLabel()
+
+# Every kind by the name a processed dataset (dataset.json ``label_kind``) and a saved student
+# (StudentSpec.label_kind) record; absent means single-label, what everything before read as.
+KINDS: dict[str, SingleLabel | MultiLabel] = {k.name: k for k in (SINGLE_LABEL, MULTI_LABEL)}
+
+
+def kind_named(name: str | None) -> SingleLabel | MultiLabel:
+    """The label kind called ``name`` (None: single-label); a ValueError for another name."""
+    if name is None:
+        return SINGLE_LABEL
+    if name not in KINDS:
+        raise ValueError(f"unknown label kind {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]
+
+
+def kind_of_labels(labels: np.ndarray) -> SingleLabel | MultiLabel:
+    """The kind a label array is of: ``(N, K)`` findings are multi-label, ``(N,)`` class
+    indices single-label (what training, which gets the arrays, dispatches on)."""
+    return MULTI_LABEL if np.ndim(labels) == 2 else SINGLE_LABEL

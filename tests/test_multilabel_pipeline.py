@@ -1,0 +1,185 @@
+"""A multi-label ``.npz`` (labels ``(N, K)`` 0/1, ChestMNIST's layout) through every stage: each
+finding kept as a column, trained with one sigmoid each, evaluated, attacked, registered and
+packaged per finding, and answered per finding by the packaged student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tasks.config import Params
+from tasks.data.synthetic import FINDING_NAMES, write_multi_finding_npz
+from tasks.errors import MedtransferError
+from tests.test_colour_pipeline import TINY
+
+SPLITS = {"train": 36, "val": 18, "test": 18}
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> dict:
+    """The synthetic three-finding set through ingest, train, evaluate, robustness, register
+    and package once per module (tiny settings: the path is under test, not the model)."""
+    import shutil
+
+    from tasks.stages.evaluate import run_evaluate
+    from tasks.stages.ingest import run_ingest
+    from tasks.stages.package import run_package
+    from tasks.stages.register import run_register
+    from tasks.stages.robustness import run_robustness
+    from tasks.stages.train import run_train
+    from tests.conftest import params_in
+
+    root = tmp_path_factory.mktemp("multilabel")
+    shutil.copy(empty_mlflow_db, root / "mlflow.db")
+    npz = write_multi_finding_npz(root / "findings.npz", SPLITS, 32, seed=3)
+    params = params_in(root).with_overrides(
+        [
+            *TINY,
+            f"data.source={npz}",
+            "gates.min_worst_group_auc=null",
+            "registry.model_name=multi-finding",
+            f"train.model_dir={root / 'models/student'}",
+            f"train.checkpoint_dir={root / 'models/checkpoints'}",
+            f"serving.bentoml_home={root / 'bentoml'}",
+            f"serving.export_dir={root / 'bentos'}",
+        ]
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        done = {
+            "params": params,
+            "npz": npz,
+            "ingest": run_ingest(params, progress=False).to_report(),
+            "train": run_train(params, progress=False),
+            "metrics": run_evaluate(params),
+            "robustness": run_robustness(params, progress=False),
+            "register": run_register(params),
+        }
+        done["package"] = run_package(params)
+        run_id = done["train"]["run_id"]
+        client = MlflowClient()
+        done["mlflow_metrics"] = client.get_run(run_id).data.metrics
+        done["artifacts"] = [a.path for a in client.list_artifacts(run_id, "evaluation")]
+        version = client.get_model_version("multi-finding", done["register"]["version"])
+        done["card"] = version.description
+        done["version_tags"] = version.tags
+    return done
+
+
+def test_an_npz_with_k_label_columns_is_ingested_as_k_findings(multilabel_run: dict) -> None:
+    from tasks.data.dataset import load_processed
+
+    dataset = load_processed(multilabel_run["params"].data.processed_dir)
+    with np.load(multilabel_run["npz"]) as archive:
+        expected = np.concatenate([archive[f"{s}_labels"] for s in ("train", "val", "test")])
+    assert dataset.multilabel and dataset.classes == list(FINDING_NAMES)
+    np.testing.assert_array_equal(dataset.labels, expected.astype(np.float32))
+    assert multilabel_run["ingest"]["label_kind"] == "multi-label"
+    assert multilabel_run["ingest"]["classes"] == dict(
+        zip(FINDING_NAMES, expected.sum(axis=0).tolist(), strict=True)
+    )
+
+
+def test_each_finding_is_evaluated_with_intervals_and_the_macro_auc_is_their_mean(
+    multilabel_run: dict,
+) -> None:
+    test = multilabel_run["metrics"]["test"]
+    rows = test["findings"]
+    assert [row["finding"] for row in rows] == list(FINDING_NAMES)
+    for row in rows:
+        for measure in ("auc", "sensitivity", "specificity"):
+            bounds = row[f"{measure}_ci95"]
+            assert bounds["low"] <= row[measure] <= bounds["high"]
+    assert test["auc"] == pytest.approx(np.mean([row["auc"] for row in rows]))
+    assert test["ci95"]["auc"] == test["macro_auc_ci95"]
+    assert len(multilabel_run["metrics"]["thresholds"]) == len(FINDING_NAMES)
+
+
+def test_robustness_reports_flips_per_finding_and_any_finding_flipped(multilabel_run: dict) -> None:
+    report = multilabel_run["robustness"]
+    metrics = report["metrics"]
+    for attack in ("white_box", "teacher_transfer", "universal", "noise"):
+        for eps in ("0.0039",):  # TINY's one budget, 1/255
+            anything = metrics[f"any_flip_{attack}_eps_{eps}"]
+            each = [metrics[f"flip_{attack}.{name}_eps_{eps}"] for name in FINDING_NAMES]
+            # an image with one finding flipped counts once in "any": between max and sum
+            assert max(each) - 1e-9 <= anything <= sum(each) + 1e-9
+    assert report["verdict"]["passed"] is True  # the TINY gates: clean AUC and attacks off
+
+
+def test_the_registry_compares_on_the_macro_auc_lower_bound_and_the_card_has_each_finding(
+    multilabel_run: dict,
+) -> None:
+    low = multilabel_run["metrics"]["test"]["ci95"]["auc"]["low"]
+    register = multilabel_run["register"]
+    assert register["test_auc"] == pytest.approx(low)
+    assert float(register["tags"]["test_auc"]) == pytest.approx(low)
+    card = multilabel_run["card"]
+    for name in FINDING_NAMES:
+        assert f"| {name} |" in card
+    assert "macro AUC" in card
+
+
+def test_mlflow_holds_each_findings_figures_and_the_per_finding_table(multilabel_run: dict) -> None:
+    metrics = multilabel_run["mlflow_metrics"]
+    report = multilabel_run["metrics"]["test"]
+    for row in report["findings"]:
+        assert metrics[f"eval_test_auc.{row['finding']}"] == pytest.approx(row["auc"])
+        assert metrics[f"eval_test_auc_ci_low.{row['finding']}"] == pytest.approx(
+            row["auc_ci95"]["low"]
+        )
+    assert metrics["eval_test_auc"] == pytest.approx(report["macro_auc"])
+    assert "evaluation/per_finding_test.json" in multilabel_run["artifacts"]
+
+
+def test_the_packaged_student_answers_every_finding_with_its_own_threshold(
+    multilabel_run: dict,
+) -> None:
+    import bentoml
+
+    from tasks.model.findings import findings_decision
+    from tasks.model.inference import Predictor
+
+    package = multilabel_run["package"]
+    stored = bentoml.models.get(package["bento_model"])
+    predictor = Predictor.from_folder(stored.path)
+    with np.load(multilabel_run["npz"]) as archive:
+        images = archive["test_images"][:4]
+    probabilities = predictor.predict_images(images)
+    # independent sigmoids: (B, K), rows need not sum to 1
+    assert probabilities.shape == (4, len(FINDING_NAMES))
+    # what the package stage gives the service: the version's thresholds, the evaluate stage's
+    thresholds = json.loads(multilabel_run["version_tags"]["thresholds"])
+    assert thresholds == list(multilabel_run["metrics"]["thresholds"].values())
+    reply = findings_decision(probabilities[0], FINDING_NAMES, thresholds)
+    present = [
+        n for n, p, t in zip(FINDING_NAMES, probabilities[0], thresholds, strict=True) if p >= t
+    ]
+    assert reply["label"] == ("|".join(present) or "No Finding")
+    assert [row["present"] for row in reply["findings"]] == [
+        bool(p >= t) for p, t in zip(probabilities[0], thresholds, strict=True)
+    ]
+
+
+def test_serving_other_findings_than_were_trained_is_refused_in_one_line() -> None:
+    from tasks.model.findings import check_findings
+
+    with pytest.raises(MedtransferError, match="trained on 3 findings but is served with 2"):
+        check_findings(FINDING_NAMES, FINDING_NAMES[:2], [0.5, 0.5])
+
+
+def test_an_npz_finding_cell_other_than_0_or_1_is_one_line(tmp_path: Path, params: Params) -> None:
+    from tasks.data.npz_source import check_npz
+
+    images = np.zeros((2, 8, 8), np.uint8)
+    labels = np.array([[0, 1], [2, 0]], np.uint8)
+    arrays = {f"{s}_images": images for s in ("train", "val", "test")}
+    arrays.update({f"{s}_labels": labels for s in ("train", "val", "test")})
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(MedtransferError, match=r"train_labels\[1, 0\] is 2.0; .* 0 \(absent\)"):
+        check_npz(tmp_path / "bad.npz")
