@@ -183,3 +183,32 @@ def test_an_npz_finding_cell_other_than_0_or_1_is_one_line(tmp_path: Path, param
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(MedtransferError, match=r"train_labels\[1, 0\] is 2.0; .* 0 \(absent\)"):
         check_npz(tmp_path / "bad.npz")
+
+
+def test_the_evidence_step_and_adversarial_training_refuse_a_multi_label_set_in_one_line(
+    multilabel_run: dict,
+) -> None:
+    from dataclasses import replace
+
+    from tasks.data.dataset import load_processed
+    from tasks.training.strategies import validate
+    from tasks.transfer.auto import check_single_label
+
+    params = multilabel_run["params"]
+    dataset = load_processed(params.data.processed_dir)
+    with pytest.raises(MedtransferError, match="not yet supported for multi-label"):
+        check_single_label(dataset)
+    adversarial = replace(params.train, strategy="linear_probe+pgd")
+    with pytest.raises(MedtransferError, match=r"Adversarial training .* multi-label"):
+        validate(adversarial, dataset)
+
+
+def test_flip_rates_count_each_finding_and_an_image_with_several_flips_once() -> None:
+    from tasks.robustness.findings_robustness import flip_rates
+
+    clean = np.array([[1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0]])
+    attacked = np.array([[0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0]])
+    per_finding, anything = flip_rates(clean, attacked)
+    # image 0 flips findings 0 and 1, image 2 finding 2; images 1 and 3 keep every decision
+    assert [(r.value, r.n) for r in per_finding] == [(0.25, 4), (0.25, 4), (0.25, 4)]
+    assert (anything.value, anything.n) == (0.5, 4)

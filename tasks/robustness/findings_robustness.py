@@ -99,12 +99,17 @@ def measure_findings(
                 attack, student, teacher_features, images, labels, eps, settings, natural, seed
             )
             logits = run_model(student, attacked, output="logits", batch_size=settings.batch_size)
-            flips = decide(logits) != clean
-            rates[attack][eps] = (
-                [Rate.of(int(flips[:, k].sum()), len(flips)) for k in range(flips.shape[1])],
-                Rate.of(int(flips.any(axis=1).sum()), len(flips)),
-            )
+            rates[attack][eps] = flip_rates(clean, decide(logits))
     return FindingFlips(list(findings), len(images), rates)
+
+
+def flip_rates(clean: np.ndarray, attacked: np.ndarray) -> tuple[list[Rate], Rate]:
+    """Decisions ``(N, K)`` 0/1 before and after an attack → each finding's flip rate (the
+    images whose decision on it changed) and the rate of images with any finding flipped,
+    each over all N images."""
+    flips = np.asarray(attacked) != np.asarray(clean)
+    per_finding = [Rate.of(int(flips[:, k].sum()), len(flips)) for k in range(flips.shape[1])]
+    return per_finding, Rate.of(int(flips.any(axis=1).sum()), len(flips))
 
 
 def _perturb(

@@ -42,6 +42,13 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
             )
     check_image_size(config.teacher, dataset.image_size)
     check_device(config.device)
+    if dataset.multilabel and any(
+        is_adversarial(s, config) for s in (config.strategy, *(config.compare or ()))
+    ):
+        raise MedtransferError(
+            "Adversarial training (+pgd, train.adversarial) is not yet supported for multi-label "
+            "datasets; train without it."
+        )
     # Building the network checks the teacher name and unfreeze_blocks; resolving its weights
     # file that it exists (and its hash, when bundled), unless only the scratch control trains.
     build_student(
