@@ -212,3 +212,26 @@ def test_flip_rates_count_each_finding_and_an_image_with_several_flips_once() ->
     # image 0 flips findings 0 and 1, image 2 finding 2; images 1 and 3 keep every decision
     assert [(r.value, r.n) for r in per_finding] == [(0.25, 4), (0.25, 4), (0.25, 4)]
     assert (anything.value, anything.n) == (0.5, 4)
+
+
+def test_a_multi_label_candidate_is_compared_on_its_macro_auc_lower_bound() -> None:
+    from tasks.registry.promotion import Candidate, Champion, promotion_decision
+
+    candidate = Candidate(
+        run_id="r",
+        dataset_version="d1",
+        spec={},
+        metrics={
+            "label_kind": "multi-label",
+            "test": {"auc": 0.80, "ci95": {"auc": {"low": 0.70, "high": 0.90}}},
+        },
+        robustness={"verdict": {"passed": True}},
+        ingest={},
+    )
+    assert candidate.test_auc == 0.70
+    # a point estimate of 0.80 would beat 0.75; its lower bound 0.70 does not
+    promoted, reasons = promotion_decision(candidate, Champion("1", "d1", 0.75))
+    assert not promoted
+    assert reasons == [
+        "test macro AUC lower bound 0.7000 does not beat version 1's 0.7500 on the same dataset"
+    ]
