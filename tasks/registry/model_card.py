@@ -95,25 +95,30 @@ def render_model_card(inputs: CardInputs) -> str:
         "## Metrics",
         "",
     ]
-    if multilabel:
-        lines += finding_card.findings_section(inputs.metrics)
-    else:
-        lines += _metrics_table(inputs.metrics)
-    lines += _per_class_table(inputs.metrics)
+    lines += _metrics_section(inputs.metrics, multilabel)
     lines += _metrics_notes(inputs.metrics)
     lines += _sets_section(inputs.metrics.get("conformal"))
     lines += _groups_section(inputs.groups)
     lines += _selection_section(inputs.selection)
     lines += ["", "## Robustness", ""]
-    if multilabel and inputs.robustness is not None:
-        lines += finding_card.robustness_section(inputs.robustness)
-    else:
-        lines += _robustness_section(inputs.robustness)
+    lines += (
+        finding_card.robustness_section(inputs.robustness)
+        if multilabel and inputs.robustness is not None
+        else _robustness_section(inputs.robustness)
+    )
     lines += ["", "## Promotion", ""]
     lines += [f"- {reason}" for reason in inputs.reasons] or ["- (no reason recorded)"]
     lines += ["", "## Limits", ""]
     lines += [f"- {limit}" for limit in _limits(inputs)]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_section(metrics: Mapping[str, Any], multilabel: bool) -> list[str]:
+    """The metrics: per finding for a multi-label student; else per split, and per class
+    for more than two classes."""
+    if multilabel:
+        return finding_card.findings_section(metrics)
+    return _metrics_table(metrics) + _per_class_table(metrics)
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
