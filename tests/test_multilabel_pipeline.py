@@ -46,6 +46,8 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Pa
             f"train.checkpoint_dir={root / 'models/checkpoints'}",
             f"serving.bentoml_home={root / 'bentoml'}",
             f"serving.export_dir={root / 'bentos'}",
+            f"serving.monitor_store={root / 'monitor.sqlite'}",
+            "serving.ood_gate=false",  # a tiny model's reply always carries its findings
         ]
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -235,3 +237,47 @@ def test_a_multi_label_candidate_is_compared_on_its_macro_auc_lower_bound() -> N
     assert reasons == [
         "test macro AUC lower bound 0.7000 does not beat version 1's 0.7500 on the same dataset"
     ]
+
+
+def test_the_served_bento_answers_every_findings_probability_and_decision(
+    multilabel_run: dict, tmp_path: Path
+) -> None:
+    import os
+
+    import requests
+
+    from tests.deploy.conftest import start_server, wait_ready
+    from tests.deploy.samples import png_bytes
+    from tests.processes import stop_server_tree
+
+    package = multilabel_run["package"]
+    with np.load(multilabel_run["npz"]) as archive:
+        images, labels = archive["test_images"], archive["test_labels"]
+    image = images[int(np.flatnonzero(labels.sum(axis=1) >= 2)[0])]  # two findings or more
+    log = tmp_path / "server.log"
+    process, url = start_server(
+        package["bento"], Path(package["bentoml_home"]), log, dict(os.environ)
+    )
+    try:
+        wait_ready(process, url, log)
+        reply = requests.post(
+            f"{url}/classify/png",
+            data=png_bytes(image),
+            headers={"Content-Type": "image/png"},
+            timeout=60,
+        )
+        info = requests.get(f"{url}/info", timeout=10).json()
+    finally:
+        stop_server_tree(process)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    thresholds = list(multilabel_run["metrics"]["thresholds"].values())
+    assert [row["finding"] for row in body["findings"]] == list(FINDING_NAMES)
+    assert [row["threshold"] for row in body["findings"]] == pytest.approx(thresholds)
+    for row in body["findings"]:
+        assert row["present"] == (row["probability"] >= row["threshold"])
+        assert body["probabilities"][row["finding"]] == row["probability"]
+    present = [row["finding"] for row in body["findings"] if row["present"]]
+    assert body["label"] == ("|".join(present) or "No Finding")
+    assert body["prediction_set"] is None
+    assert (info["label_kind"], info["classes"]) == ("multi-label", list(FINDING_NAMES))
