@@ -281,3 +281,15 @@ def test_the_served_bento_answers_every_findings_probability_and_decision(
     assert body["label"] == ("|".join(present) or "No Finding")
     assert body["prediction_set"] is None
     assert (info["label_kind"], info["classes"]) == ("multi-label", list(FINDING_NAMES))
+
+
+def test_the_evaluate_stage_writes_every_plot_dvc_yaml_declares(multilabel_run: dict) -> None:
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    declared = [next(iter(entry)) for entry in stages["stages"]["evaluate"]["plots"]]
+    reports_dir = Path(multilabel_run["params"].reports_dir)
+    missing = [p for p in declared if not (reports_dir / Path(p).relative_to("reports")).is_file()]
+    assert declared and not missing
+    roc = json.loads((reports_dir / "plots" / "roc_test.json").read_text())
+    assert {row["class"] for row in roc} == set(FINDING_NAMES)

@@ -20,9 +20,10 @@ from torch import nn
 from tasks import reports
 from tasks.config import Params
 from tasks.data.dataset import DatasetSource, ProcessedDataset
-from tasks.evaluation import plots
+from tasks.evaluation import plot_data, plots
 from tasks.evaluation.evaluation import GRADCAM_LAYER, evaluate_configured, gradcam_maps
 from tasks.evaluation.finding_evaluation import FindingEvaluation, report_block, table_columns
+from tasks.evaluation.metrics import reliability_curve
 from tasks.figures import write_figures
 from tasks.model.student_io import StudentSpec
 from tasks.model.transforms import to_tensor_transform
@@ -62,7 +63,9 @@ def run_evaluate_findings(
             reports.plot_path(params.reports_dir, "gradcam_test.png"),
             params.eval.gradcam_examples,
         ),
+        *pooled_plots(params.reports_dir, evaluation),
     ]
+    write_plot_data(params.reports_dir, evaluation)
     reports.METRICS.write(params.reports_dir, report)
     write_figures(params.reports_dir, "evaluate", finding_figures(report))
     _log_to_training_run(params, evaluation, figures, report, dataset.source)
@@ -80,6 +83,69 @@ def run_evaluate_findings(
         macro["n_patients"],
     )
     return report
+
+
+def _cells(evaluation: FindingEvaluation, probabilities: np.ndarray) -> tuple:
+    """Every known test image-finding cell: 0/1 labels ``(M,)`` and two-column probabilities
+    ``(M, 2)`` (absent, present), the binary layout the single-label plots take."""
+    labels = evaluation.labels["test"]
+    known = np.isfinite(labels)
+    p = probabilities[known]
+    return labels[known].astype(np.int64), np.stack([1 - p, p], axis=1)
+
+
+def write_plot_data(reports_dir: str, evaluation: FindingEvaluation) -> None:
+    """The evaluate stage's plot data (dvc.yaml's plots) for findings: ROC rows per finding
+    (``class`` the finding), confusion rows per image-finding cell (``<finding>: present`` or
+    ``absent``, at its threshold), reliability over the pooled cells (before and after each
+    finding's temperature), and no group rows (not measured)."""
+    labels, probabilities = evaluation.labels["test"], evaluation.probabilities["test"]
+    roc, confusion = [], []
+    for k, name in enumerate(evaluation.findings):
+        known = np.isfinite(labels[:, k])
+        y, p = labels[known, k].astype(np.int64), probabilities[known, k]
+        roc += [{"class": name, **point} for point in plot_data.roc_rows(y, p)]
+        words = np.array([f"{name}: absent", f"{name}: present"])
+        decided = (p >= evaluation.thresholds[k]).astype(np.int64)
+        confusion += plot_data.confusion_rows(y, decided, list(words))
+    reliability = [
+        {**point, "calibration": name}
+        for name, source in (
+            ("uncalibrated", evaluation.raw_probabilities["test"]),
+            ("calibrated", probabilities),
+        )
+        for point in reliability_curve(*_cells(evaluation, source))
+    ]
+    plot_data.write_rows(reports_dir, plot_data.ROC, roc)
+    plot_data.write_rows(reports_dir, plot_data.CONFUSION, confusion)
+    plot_data.write_rows(reports_dir, plot_data.RELIABILITY, reliability)
+    plot_data.write_rows(reports_dir, plot_data.GROUPS, [])
+
+
+def pooled_plots(reports_dir: str, evaluation: FindingEvaluation) -> list[Path]:
+    """The confusion (absent/present over every test image-finding cell, each at its
+    finding's threshold) and the reliability diagram of the pooled cells, before and after
+    each finding's temperature."""
+    labels, calibrated = _cells(evaluation, evaluation.probabilities["test"])
+    decided = (evaluation.probabilities["test"] >= evaluation.thresholds)[
+        np.isfinite(evaluation.labels["test"])
+    ].astype(np.int64)
+    matrix = [[int(((labels == a) & (decided == p)).sum()) for p in (0, 1)] for a in (0, 1)]
+    return [
+        plots.plot_confusion(
+            matrix,
+            ["absent", "present"],
+            reports.plot_path(reports_dir, "confusion_test.png"),
+            "test, every image-finding cell at its finding's threshold",
+        ),
+        plots.plot_reliability(
+            {
+                "before (T=1)": _cells(evaluation, evaluation.raw_probabilities["test"]),
+                "after (T per finding)": (labels, calibrated),
+            },
+            reports.plot_path(reports_dir, "reliability_test.png"),
+        ),
+    ]
 
 
 def finding_figures(report: dict) -> dict[str, dict]:
