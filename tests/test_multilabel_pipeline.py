@@ -283,11 +283,15 @@ def test_the_served_bento_answers_every_findings_probability_and_decision(
     assert (info["label_kind"], info["classes"]) == ("multi-label", list(FINDING_NAMES))
 
 
-def test_the_evaluate_stage_writes_every_plot_dvc_yaml_declares(multilabel_run: dict) -> None:
+def test_evaluate_and_robustness_write_every_plot_dvc_yaml_declares(multilabel_run: dict) -> None:
     import yaml
 
     stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
-    declared = [next(iter(entry)) for entry in stages["stages"]["evaluate"]["plots"]]
+    declared = [
+        next(iter(entry))
+        for stage in ("evaluate", "robustness")
+        for entry in stages["stages"][stage]["plots"]
+    ]
     reports_dir = Path(multilabel_run["params"].reports_dir)
     missing = [p for p in declared if not (reports_dir / Path(p).relative_to("reports")).is_file()]
     assert declared and not missing

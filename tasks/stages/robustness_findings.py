@@ -24,6 +24,7 @@ from tasks import reports
 from tasks.config import Params
 from tasks.data.dataset import ProcessedDataset
 from tasks.errors import MedtransferError
+from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import evaluate_configured
 from tasks.figures import verdict_figures, write_figures
 from tasks.model.label_kind import MULTI_LABEL
@@ -95,6 +96,7 @@ def run_robustness_findings(
 
     report["run_id"] = judged_run_id(params)
     plot = plot_any_flip(flips, reports.plot_path(params.reports_dir, "robustness.png"))
+    plot_data.write_rows(params.reports_dir, plot_data.ROBUSTNESS, curve_rows(flips))
     reports.ROBUSTNESS.write(params.reports_dir, report)
     write_figures(params.reports_dir, "robustness", verdict_figures(report["verdict"]))
     log_robustness(params, report, plot)
@@ -168,6 +170,23 @@ def _mapped_gate(flips: FindingFlips, threshold: str, limit: float, gates: dict)
         "passed": bool(ok),
         "sentence": sentence,
     }
+
+
+def curve_rows(flips: FindingFlips) -> list[dict]:
+    """The DVC plot data (``robustness_curves.json``): one row per attack, finding (or
+    ``any``) and budget, ``attack`` naming both (``white_box any``), with its interval."""
+    return [
+        {
+            "model": "student",
+            "attack": f"{row['attack']} {row['finding']}",
+            "eps_255": row["eps_255"],
+            "value": row["flip_rate"],
+            "ci_low": row["ci_low"],
+            "ci_high": row["ci_high"],
+            "n": row["n"],
+        }
+        for row in flips.to_table()
+    ]
 
 
 def plot_any_flip(flips: FindingFlips, path: Path) -> Path:
