@@ -77,7 +77,12 @@ def _evaluate(report: dict) -> list[str]:
         )
         return f"{_number(test.get(name))}{interval}"
 
-    if "per_class" in test:  # more than two classes: the macro figures, then each class
+    if "findings" in test:  # multi-label: macro and micro AUC, then each finding
+        lines = [
+            f"test macro AUC {value('auc')}, micro AUC {_number(test.get('micro_auc'))}",
+            *(_finding_line(row) for row in test["findings"]),
+        ]
+    elif "per_class" in test:  # more than two classes: the macro figures, then each class
         lines = [
             f"test AUC (one vs rest, macro) {value('auc')}, balanced accuracy "
             f"{value('balanced_accuracy')} (top class)",
@@ -95,6 +100,24 @@ def _evaluate(report: dict) -> list[str]:
             f"({test.get('n_images')} images)"
         )
     return lines
+
+
+def _finding_line(row: dict) -> str:
+    """One finding of a multi-label report: AUC, sensitivity and specificity at its
+    threshold, with intervals."""
+
+    def value(name: str) -> str:
+        bounds = row.get(f"{name}_ci95") or {}
+        interval = (
+            f" [{_number(bounds.get('low'))}, {_number(bounds.get('high'))}]" if bounds else ""
+        )
+        return f"{_number(row.get(name))}{interval}"
+
+    return (
+        f"  {row.get('finding')} ({row.get('n_positive')} of {row.get('n_known')}): AUC "
+        f"{value('auc')}, sensitivity {value('sensitivity')}, specificity "
+        f"{value('specificity')} at {_number(row.get('threshold'))}"
+    )
 
 
 def _class_line(row: dict) -> str:

@@ -71,12 +71,12 @@ import numpy as np
 from bentoml.validators import ContentType
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict
 
 # tasks.data.dicom_io silences pydicom's logger and warnings after importing pydicom (whose
 # import resets its logger); this filter also covers anything imported before it.
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
+from serving.args import ServingArgs  # noqa: E402
 from serving.dicom_output import (  # noqa: E402
     PACS_ENVIRONMENT,
     accepts_dicom,
@@ -90,6 +90,7 @@ from serving.operations import Metrics, model_ready, prepare_process  # noqa: E4
 from serving.pacs import PacsError, PacsTarget, send  # noqa: E402
 from serving.replies import ModelUnavailable, answer, rejection, unavailable  # noqa: E402
 from serving.uploads import UploadLimits  # noqa: E402 - imports pydicom: after the filter
+from tasks.model.findings import check_findings, findings_decision  # noqa: E402
 from tasks.model.inference import (  # noqa: E402 - after the warning filter above
     InputRejected,
     Predictor,
@@ -112,47 +113,6 @@ ABSTAIN_REASON = (
     "The image is unlike the data the model was trained on (its out-of-distribution score is "
     "at or above the threshold); no diagnosis is given."
 )
-
-
-class ServingArgs(BaseModel):
-    """The Bento's arguments (``bentoml build --arg``; set by ``medtransfer package``)."""
-
-    model_config = ConfigDict(protected_namespaces=(), extra="forbid")
-
-    model_tag: str
-    model_name: str = "medtransfer-student"
-    model_version: str = ""
-    dataset_version: str = ""
-    classes: list[str]
-    image_size: int
-    # The model's input channels: 1 gray, 3 colour (the upload rule in tasks.model.inference).
-    channels: int = 1
-    threshold: float | None = None
-    max_upload_bytes: int = 64 * 1024 * 1024
-    max_batch_files: int = 64
-    max_image_dim: int = 8192
-    max_decoded_mib: int = 128
-    max_concurrent_decodes: int = 1
-    request_timeout_s: float = 60.0
-    batching: bool = True
-    max_batch_size: int = 8
-    max_latency_ms: int = 5000
-    model_threads: int = 1
-    # The training data's rule for multi-frame files (data.multiframe), and its header values.
-    multiframe: str | None = None
-    scope: dict[str, list[str]] | None = None
-    ood_threshold: float | None = None
-    ood_gate: bool = True
-    coverage: float | None = None  # serving.coverage; None (and no quantile): no sets
-    conformal_threshold: float | None = None  # the set rule's quantile, set at packaging
-    monitor_store: str = ""
-    monitor_max_records: int = 10000
-    # serving.pacs as packaged (enabled, host, port, called_ae, calling_ae, timeout_s).
-    pacs: dict | None = None
-    # Whether the registry version carries the alias (passed its gates), and that in words:
-    # /info and every reply repeat it. None: a Bento built before it was recorded.
-    approved: bool | None = None
-    approval: str = ""
 
 
 prepare_process()
@@ -185,6 +145,8 @@ class StudentModel:
         # BentoML starts answering for this worker only after __init__ returns, and the entry
         # service's /readyz asks this one's: ready means the student is in memory.
         self.predictor: Predictor | None = Predictor.from_folder(self.bento_model.path)
+        if self.predictor.spec.label_kind != "single-label":  # K served must be K trained
+            check_findings(self.predictor.spec.classes, ARGS.classes, ARGS.thresholds)
         profile = DataProfile.load(self.bento_model.path)
         # serving.ood_gate false: no score, no abstention (the benchmark's "gate off").
         gate = ARGS.ood_gate and profile is not None
@@ -225,8 +187,9 @@ class StudentModel:
         assert self.predictor is not None
         # The Grad-CAM hooks see every forward pass of the model: one pass at a time.
         with self.explainer.lock:
+            spec = self.predictor.spec
             probs, features = features_and_probabilities(
-                self.predictor.model, images, self.predictor.spec.temperature
+                self.predictor.model, images, spec.temperature, spec.kind
             )
         scores = np.full(len(images), np.nan)
         if self.detector is not None and features.shape[1]:
@@ -266,6 +229,8 @@ class Classifier:
                 "image_size": ARGS.image_size,
                 "channels": ARGS.channels,
                 "threshold": ARGS.threshold,
+                "label_kind": ARGS.label_kind,
+                "thresholds": ARGS.thresholds,
                 "limits": {key: getattr(ARGS, key) for key in LIMITS},
                 "batching": {
                     "enabled": ARGS.batching,
@@ -438,6 +403,9 @@ class Classifier:
                 "reason": ABSTAIN_REASON,
                 "ood": ood,
             }
+        if ARGS.label_kind == "multi-label":  # each finding decided on its own; no sets
+            found = findings_decision(probs, ARGS.classes, ARGS.thresholds or [])
+            return {**found, "prediction_set": None, "abstained": False, "ood": ood}
         decision = decide(probs, ARGS.classes, ARGS.threshold)
         chosen = prediction_set(probs, ARGS.classes, ARGS.coverage, ARGS.conformal_threshold, image)
         return {

@@ -6,7 +6,10 @@ Layout of ``data.processed_dir`` (a DVC output of the ``ingest`` stage):
   ``data.image_size``; or, for a colour dataset (``data.channels``, see
   :mod:`tasks.data.channels`), ``(N, 3, S, S)``, channel-first R, G, B: the layout the model
   takes;
-- ``labels.npy``: int64 ``(N,)`` class indices into ``dataset.json``'s ``classes``;
+- ``labels.npy``: int64 ``(N,)`` class indices into ``dataset.json``'s ``classes``; for a
+  multi-label dataset (``dataset.json``'s ``label_kind: multi-label``, absent otherwise)
+  float32 ``(N, K)``, 1 where the finding ``classes[k]`` is present, 0 where absent, NaN
+  where unknown;
 - ``manifest.csv``: one row per image: ``index, image_sha256, source_file, frame, label,
   label_index, split, patient_hash, sop_uid_hash, notes``, then the grouping attributes
   ingestion recorded (``group_manufacturer``, ``group_model``, ``group_view``,
@@ -64,6 +67,10 @@ MANIFEST_COLUMNS = [
 QUARANTINE_COLUMNS = ["source_file", "reason", "detail"]
 GROUP_PREFIX = "group_"  # the grouping attributes' columns (tasks.data.groups.column)
 SOURCE_KEY = "source"  # the ingestion record's key in dataset.json
+# dataset.json's label kind (absent: single-label, as every dataset before multi-label reads)
+LABEL_KIND_KEY = "label_kind"
+SINGLE_LABEL_NAME = "single-label"
+MULTI_LABEL_NAME = "multi-label"
 SUBFOLDER_LABELS = "class sub-folders"
 CSV_LABELS = "labels CSV"
 NPZ_LABELS = "npz arrays"
@@ -79,9 +86,10 @@ class ProcessedDataset:
     Attributes:
         images: uint8 ``(N, S, S)`` gray or ``(N, 3, S, S)`` colour, memory-mapped
             (read-only) so large sets stay on disk.
-        labels: int64 ``(N,)``.
+        labels: int64 ``(N,)``; float32 ``(N, K)`` 0/1 (NaN unknown) for multi-label.
         splits: ``(N,)`` array of ``"train"``, ``"val"`` or ``"test"``.
-        classes: class names; ``labels`` index into it.
+        classes: class names; ``labels`` index into it (multi-label: the finding names, one
+            per column of ``labels``).
         manifest: the manifest table, row ``i`` describing ``images[i]``.
         info: the contents of ``dataset.json``.
         root: the folder it was read from.
@@ -130,6 +138,16 @@ class ProcessedDataset:
     def channels(self) -> int:
         """1 for a gray dataset, 3 for a colour one (from the images' shape)."""
         return 1 if self.images.ndim == 3 else int(self.images.shape[1])
+
+    @property
+    def label_kind(self) -> str:
+        """``single-label`` or ``multi-label`` (:mod:`tasks.model.label_kind`'s names)."""
+        return str(self.info.get(LABEL_KIND_KEY, SINGLE_LABEL_NAME))
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether each image has several findings (labels ``(N, K)``)."""
+        return self.label_kind == MULTI_LABEL_NAME
 
     @property
     def source(self) -> DatasetSource:
@@ -199,9 +217,10 @@ def load_processed(processed_dir: str | Path) -> ProcessedDataset:
             f"The processed dataset at {root} is inconsistent ({len(images)} images, "
             f"{len(labels)} labels, {len(manifest)} manifest rows). Re-run `medtransfer ingest`."
         )
+    multilabel = info.get(LABEL_KIND_KEY) == MULTI_LABEL_NAME
     return ProcessedDataset(
         images=images,
-        labels=labels.astype(np.int64),
+        labels=labels.astype(np.float32 if multilabel else np.int64),
         splits=manifest["split"].to_numpy(dtype=str),
         classes=list(info["classes"]),
         manifest=manifest,

@@ -50,6 +50,8 @@ class SourceYield:
             ``.npz`` keeps its split.
         name: the dataset's name (``data.name`` or the source kind, never a path).
         labels_from: where its labels came from, in words (``tasks.data.dataset.CSV_LABELS``…).
+        findings: the K finding names of a multi-label source, whose rows each carry
+            ``findings``, their 0/1 vector ``(K,)``; None for one class per image.
     """
 
     rows: list[dict]
@@ -59,6 +61,7 @@ class SourceYield:
     kind: str
     name: str
     labels_from: str
+    findings: list[str] | None = None
 
 
 @dataclass
@@ -80,6 +83,8 @@ class IngestResult:
     # A labels CSV's row counts (LabelSource.csv_counts); empty for other label sources.
     labels_csv: dict[str, int] = field(default_factory=dict)
     split_by: str = SPLIT_BY_PATIENT
+    # single-label, or multi-label (then ``classes`` counts each finding's positive images)
+    label_kind: str = ds_files.SINGLE_LABEL_NAME
 
     def to_report(self) -> dict:
         return {
@@ -94,9 +99,11 @@ class IngestResult:
             "classes": self.classes,
             "channels": {"channels": self.channels, "gray_made_colour": self.gray_made_colour},
             **({"labels_csv": self.labels_csv} if self.labels_csv else {}),
+            **({"label_kind": self.label_kind} if self.label_kind != SINGLE else {}),
         }
 
 
+SINGLE = ds_files.SINGLE_LABEL_NAME
 COPY_BLOCK_BYTES = 4 * 2**20  # images.raw to images.npy, 4 MiB at a time
 
 
@@ -126,7 +133,7 @@ def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: in
             f"accounting broken: {source.ingested} + {len(quarantine)} != {files_seen}"
         )
     reasons = Counter(item["reason"] for item in quarantine)
-    classes = _classes(rows, reasons, files_seen, staging)
+    classes, labels = _label_array(source, reasons, staging)
     colour = sum(row.get(CHANNELS_KEY, GRAY) != GRAY for row in rows)
     try:
         channels = dataset_channels(data.channels, colour, len(rows))
@@ -135,13 +142,12 @@ def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: in
         raise
     # Before the digest: a gray image stored as colour is hashed as stored.
     _write_images(staging, rows, data.image_size, channels)
-    class_index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
     if source.kind != "npz":  # a MedMNIST archive keeps its official split
         _assign_splits(rows, labels, data, seed)
     for index, row in enumerate(rows):
-        row["index"], row["label_index"] = index, class_index[row["label"]]
-    split_counts = _split_counts(rows, classes)
+        # multi-label: no one class; label_index is -1 and labels.npy holds the findings
+        row["index"], row["label_index"] = index, -1 if source.findings else labels[index]
+    split_counts = _split_counts(rows, classes, source.findings is not None)
     info = _info(source, classes, split_counts, data)
     if channels != GRAY:  # absent for gray: its dataset.json stays as it always was
         info["channels"] = channels
@@ -157,10 +163,44 @@ def write_dataset(staging: Path, source: SourceYield, data: DataParams, seed: in
         images=len(rows),
         quarantined_by_reason={reason: reasons.get(reason, 0) for reason in QUARANTINE_REASONS},
         splits=split_counts,
-        classes={name: int((labels == i).sum()) for name, i in class_index.items()},
+        classes=_class_counts(classes, labels),
         channels=channels,
         gray_made_colour=len(rows) - colour if channels != GRAY else 0,
+        label_kind=ds_files.MULTI_LABEL_NAME if source.findings else SINGLE,
     )
+
+
+def _label_array(
+    source: SourceYield, reasons: Counter, staging: Path
+) -> tuple[list[str], np.ndarray]:
+    """The class names and ``labels.npy``: int64 class indices ``(N,)``, or for a multi-label
+    source its finding names and float32 ``(N, K)`` 0/1 (``staging`` is removed on error)."""
+    if source.findings is None:
+        classes = _classes(source.rows, reasons, source.files_seen, staging)
+        index = {name: i for i, name in enumerate(classes)}
+        return classes, np.array([index[row["label"]] for row in source.rows], dtype=np.int64)
+    width = len(source.findings)
+    labels = np.array([row["findings"] for row in source.rows], dtype=np.float32)
+    labels = labels.reshape(len(source.rows), width)
+    positives, negatives = (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
+    one_sided = [
+        name for k, name in enumerate(source.findings) if not positives[k] or not negatives[k]
+    ]
+    if one_sided:
+        shutil.rmtree(staging)
+        raise MedtransferError(
+            f"The findings {one_sided} are present in every image or in none of the "
+            f"{len(source.rows)} ingested; a classifier needs both for each finding. Drop "
+            "those columns or add images."
+        )
+    return list(source.findings), labels
+
+
+def _class_counts(classes: list[str], labels: np.ndarray) -> dict[str, int]:
+    """Images of each class; for findings ``(N, K)``, each finding's positive images."""
+    if labels.ndim == 2:
+        return {name: int((labels[:, k] == 1).sum()) for k, name in enumerate(classes)}
+    return {name: int((labels == i).sum()) for i, name in enumerate(classes)}
 
 
 def _assign_splits(rows: list[dict], labels: np.ndarray, data: DataParams, seed: int) -> None:
@@ -177,7 +217,7 @@ def _assign_splits(rows: list[dict], labels: np.ndarray, data: DataParams, seed:
 
 
 def _write_files(staging: Path, source: SourceYield, labels: np.ndarray, info: dict) -> None:
-    """The dataset's files in ``staging`` besides the images: labels ``(N,)``, manifest,
+    """The dataset's files in ``staging`` besides the images: labels ``(N,)`` (or ``(N, K)``), manifest,
     quarantine, info."""
     np.save(staging / ds_files.LABELS_FILE, labels)
     _write_csv(
@@ -209,7 +249,9 @@ def _info(
         val_fraction=data.val_fraction,
         test_fraction=data.test_fraction,
     )
+    kind = {ds_files.LABEL_KIND_KEY: ds_files.MULTI_LABEL_NAME} if source.findings else {}
     return {
+        **kind,  # absent for single-label: its dataset.json stays as it always was
         "classes": classes,
         "image_size": data.image_size,
         "source_kind": source.kind,
@@ -274,8 +316,25 @@ def _write_converted(raw, out, rows: list[dict], size: int, channels: int) -> No
         out.write(image)
 
 
-def _split_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
-    """Per split: images, patients and images of each class."""
+def _split_counts(
+    rows: list[dict], classes: list[str], findings: bool = False
+) -> dict[str, dict[str, int]]:
+    """Per split: images, patients and images of each class (``findings``: each finding's
+    positive images, ``finding_<name>``)."""
+    if findings:
+        return {
+            split: {
+                "images": sum(row["split"] == split for row in rows),
+                "patients": len({row["patient_hash"] for row in rows if row["split"] == split}),
+                **{
+                    f"finding_{name}": sum(
+                        bool(row["split"] == split and row["findings"][k] == 1) for row in rows
+                    )
+                    for k, name in enumerate(classes)
+                },
+            }
+            for split in ds_files.SPLITS
+        }
     return {
         split: {
             "images": sum(row["split"] == split for row in rows),

@@ -38,7 +38,7 @@ from tasks.data.dataset_writer import (
 )
 from tasks.data.file_decoding import DecodeMap, FileOutcome, decode_in_process_pool, list_files
 from tasks.data.labels import LabelSource
-from tasks.data.npz_source import check_npz, read_npz_rows
+from tasks.data.npz_source import check_npz, npz_findings, read_npz_rows
 from tasks.data.patient_hash import patient_salt, salted_hash
 from tasks.data.quarantine import DUPLICATE_SOP_UID, NO_LABEL
 from tasks.errors import MedtransferError
@@ -214,13 +214,15 @@ def ingest_npz(
     is already patient-level). ``files_seen`` counts images here. Every array is checked
     (:func:`tasks.data.npz_source.check_npz`) before the staging folder exists, so a malformed
     archive is one error line and leaves nothing behind. Without headers, every grouping
-    attribute but ``data.site`` is ``unknown``. ``progress``: a bar per split.
+    attribute but ``data.site`` is ``unknown``. ``progress``: a bar per split. Labels ``(N, K)``
+    0/1 make a multi-label dataset of K findings (:func:`tasks.data.npz_source.npz_findings`).
     """
     split_labels = check_npz(path)
+    findings = npz_findings(path, split_labels)  # None: one class per image
     salt = patient_salt()
     staging = staging_dir(data.processed_dir)
     with open(staging / "images.raw", "wb") as raw:
-        rows = read_npz_rows(path, split_labels, data, salt, raw, progress)
+        rows = read_npz_rows(path, split_labels, data, salt, raw, progress, findings)
     to_columns = _group_columns(group_names, data.site)
     for row in rows:  # no headers: every attribute but the named site is unknown
         row.update(to_columns({}))
@@ -232,6 +234,7 @@ def ingest_npz(
         kind="npz",
         name=data.name or "npz",
         labels_from=ds_files.NPZ_LABELS,
+        findings=findings,
     )
     result = write_dataset(staging, source, data, seed)
     result.split_by = SPLIT_BY_SOURCE

@@ -29,13 +29,15 @@ def check_npz(path: Path) -> dict[str, np.ndarray]:
     archive is not decompressed twice; the label arrays are small and read in full.
 
     Returns:
-        ``{split: int64 labels of shape (N,)}`` for ``train``, ``val`` and ``test``.
+        ``{split: int64 labels of shape (N,)}`` for ``train``, ``val`` and ``test``; float32
+        ``(N, K)`` 0/1 for an archive with K > 1 labels per image (multi-label findings).
 
     Raises:
         MedtransferError: one line naming the archive, the array and what is wrong: a missing
             or unreadable array, an object (pickled) array, images that are not uint8
             ``(N, H, W)`` or ``(N, H, W, 3)``, an empty split, labels of another length than
-            the images, several labels per image, or labels that are not whole numbers.
+            the images, labels that are not whole numbers, or several labels per image that
+            are not each 0 or 1.
     """
     if not path.is_file():
         raise MedtransferError(f"The .npz file {path} does not exist.")
@@ -129,11 +131,8 @@ def _npz_labels(path: Path, split: str, labels: np.ndarray, n_images: int) -> np
             "each image needs exactly one label."
         )
     labels = labels.reshape(n_images, -1)
-    if labels.shape[1] != 1:
-        raise MedtransferError(
-            f"{path} has {labels.shape[1]} labels per image in {key} (multi-label); medtransfer "
-            "trains single-label classifiers. Use a single-label MedMNIST set."
-        )
+    if labels.shape[1] != 1:  # one 0/1 column per finding: ChestMNIST's multi-label layout
+        return _finding_columns(path, key, labels)
     labels = labels[:, 0]
     if labels.dtype.kind in "iu":
         return labels.astype(np.int64)
@@ -151,6 +150,62 @@ def _npz_labels(path: Path, split: str, labels: np.ndarray, n_images: int) -> np
     )
 
 
+def _finding_columns(path: Path, key: str, labels: np.ndarray) -> np.ndarray:
+    """Several labels per image ``(N, K)``, each a finding present (1) or absent (0): float32
+    ``(N, K)``. Anything else (2, 0.5, NaN: an unknown needs a declared policy, which only
+    the findings CSVs have) is one line naming the first bad cell."""
+    if labels.dtype.kind not in "iufb":
+        raise MedtransferError(
+            f"{path}: {key} holds {labels.dtype} values; findings must be 0 or 1."
+        )
+    values = labels.astype(np.float64)
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise MedtransferError(
+            f"{path}: {key}[{row}, {column}] is {values[row, column]}; with {labels.shape[1]} "
+            "labels per image (multi-label findings) each must be 0 (absent) or 1 (present)."
+        )
+    return values.astype(np.float32)
+
+
+def npz_findings(path: Path, split_labels: dict[str, np.ndarray]) -> list[str] | None:
+    """The finding names of a multi-label archive (labels ``(N, K)`` in every split), from its
+    optional ``findings`` array of K names, else ``finding_1`` ... ``finding_K``; None for a
+    single-label archive.
+
+    Raises:
+        MedtransferError: the splits disagree (one label per image in one, K columns in
+            another, or different K), or ``findings`` is not K distinct non-empty names.
+    """
+    widths = {split: 1 if y.ndim == 1 else y.shape[1] for split, y in split_labels.items()}
+    if len(set(widths.values())) > 1:
+        raise MedtransferError(
+            f"{path}: the splits hold different numbers of labels per image ({widths}); every "
+            "split needs the same findings."
+        )
+    width = next(iter(widths.values()))
+    if width == 1:
+        return None
+    if "findings" not in _npz_headers(path):
+        return [f"finding_{k + 1}" for k in range(width)]
+    with np.load(path) as archive:
+        names = _read_npz_array(archive, path, "findings")
+    names = [str(name).strip() for name in np.atleast_1d(names)] if names.dtype.kind == "U" else []
+    if len(names) != width or len(set(names)) != width or not all(names):
+        raise MedtransferError(
+            f"{path}: findings must name each of the {width} label columns once (a 1-D array "
+            f"of {width} distinct, non-empty strings)."
+        )
+    return names
+
+
+def finding_label(vector: np.ndarray, findings: list[str]) -> str:
+    """A multi-label image's manifest ``label``: its present findings joined by ``|`` (as
+    ChestX-ray14 writes them), empty for none."""
+    return "|".join(name for name, value in zip(findings, vector, strict=True) if value == 1)
+
+
 def read_npz_rows(
     path: Path,
     split_labels: dict[str, np.ndarray],
@@ -158,6 +213,7 @@ def read_npz_rows(
     salt: str,
     raw: BinaryIO,
     progress: bool = True,
+    findings: list[str] | None = None,
 ) -> list[dict]:
     """Append every image of the checked archive ``path`` to ``raw``, split by split, as uint8
     ``(S, S)`` grayscale, or ``(3, S, S)`` for an RGB archive unless ``data.channels`` is
@@ -191,11 +247,16 @@ def read_npz_rows(
                         "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
                         "source_file": f"{path.name}:{split}_images[{i}]",
                         "frame": 0,
-                        "label": str(labels[i]),
+                        "label": (
+                            str(labels[i])
+                            if findings is None
+                            else finding_label(labels[i], findings)
+                        ),
                         "patient_hash": salted_hash(salt, f"npz:{split}:{i}"),
                         "sop_uid_hash": "",
                         "notes": "npz",
                         "split": split,
+                        **({"findings": labels[i]} if findings is not None else {}),
                     }
                 )
     return rows

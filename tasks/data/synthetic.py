@@ -267,6 +267,52 @@ def write_three_class_npz(
     return path
 
 
+# The findings of :func:`write_multi_finding_npz`, in label-column order.
+FINDING_NAMES = ("opacity-left", "opacity-right", "basal-band")
+
+
+def write_multi_finding_npz(
+    path: Path,
+    split_sizes: dict[str, int],
+    size: int,
+    seed: int,
+    n_findings: int = 3,
+    contrast: float = 0.8,
+    prevalence: float = 0.4,
+) -> Path:
+    """A ChestMNIST-layout ``.npz`` of chest scenes with several independent findings (the
+    multi-label check): the first ``n_findings`` (2 or 3) of :data:`FINDING_NAMES`, each
+    present with probability ``prevalence`` on its own: an opacity in the image's left half,
+    one in its right half, a bright band across the lung bases. ``{split}_images`` uint8
+    ``(n, size, size)``, ``{split}_labels`` uint8 ``(n, n_findings)``, ``findings`` their
+    names. Same arguments, same bytes."""
+    if n_findings not in (2, 3):
+        raise ValueError(f"n_findings must be 2 or 3, not {n_findings}")
+    rng = np.random.default_rng([seed, 5])
+    y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
+    arrays: dict[str, np.ndarray] = {"findings": np.array(FINDING_NAMES[:n_findings])}
+    for split, n in split_sizes.items():
+        labels = (rng.random((n, n_findings)) < prevalence).astype(np.uint8)
+        images = []
+        for row in labels:
+            scene = chest_scene(size, rng, None)
+            base = np.maximum(scene, 0.2)
+            for side, present in zip((-1.0, 1.0), row[:2], strict=True):
+                if present:
+                    cx, cy = side * rng.uniform(0.3, 0.5), rng.uniform(-0.4, 0.2)
+                    blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.09**2))
+                    scene = scene + contrast * blob * base
+            if n_findings == 3 and row[2]:
+                band = np.exp(-((y - 0.5) ** 2) / (2 * 0.06**2)) * (np.abs(x) < 0.7)
+                scene = scene + 0.6 * contrast * band * base
+            images.append(np.rint(np.clip(scene, 0, 1) * 255).astype(np.uint8))
+        arrays[f"{split}_images"] = np.stack(images)
+        arrays[f"{split}_labels"] = labels
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
 def make_dataset(config: SyntheticConfig, patient: SyntheticPatient, image_index: int) -> Dataset:
     """Build one DICOM dataset (header plus pixel data) for a patient's ``image_index``-th image."""
     rng = np.random.default_rng([config.seed, patient.index, image_index])

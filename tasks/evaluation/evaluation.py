@@ -18,6 +18,7 @@ from tasks.config import EvalParams
 from tasks.data.dataset import ProcessedDataset
 from tasks.errors import MedtransferError
 from tasks.evaluation import per_class, plots
+from tasks.evaluation.finding_evaluation import FindingEvaluation, evaluate_findings
 from tasks.evaluation.metrics import (
     SplitMetrics,
     apply_temperature,
@@ -74,10 +75,16 @@ class Evaluation:
 
 def evaluate_configured(
     model: nn.Module, dataset: ProcessedDataset, config: EvalParams, seed: int
-) -> Evaluation:
+) -> Evaluation | FindingEvaluation:
     """:func:`evaluate_student` as ``params.yaml``'s ``eval`` section asks (threshold rule,
     calibration, bootstrap resamples), seeded: the one call of the train, evaluate and
-    robustness stages, so the three report the same figures for the same student."""
+    robustness stages, so the three report the same figures for the same student. A
+    multi-label dataset gets :func:`tasks.evaluation.finding_evaluation.evaluate_findings`
+    (a temperature and a threshold per finding)."""
+    if dataset.multilabel:
+        return evaluate_findings(
+            model, dataset, config.threshold, config.calibration, config.bootstrap, seed
+        )
     return evaluate_student(
         model,
         dataset,
@@ -223,4 +230,3 @@ def _displayable(image: np.ndarray) -> np.ndarray:
     (a colour image's overlay is drawn over its colours)."""
     image = np.asarray(image) / 255.0
     return image if image.ndim == 2 else np.moveaxis(image, 0, -1)
-

@@ -353,7 +353,10 @@ class Predictor:
         # imports this module to decode uploads) never needs
         from tasks.model.predict import probabilities
 
-        return probabilities(self.model, images, getattr(self.spec, "temperature", 1.0))
+        temperature = getattr(self.spec, "temperature", 1.0)
+        if getattr(self.spec, "label_kind", "single-label") == "single-label":
+            return probabilities(self.model, images, temperature)
+        return probabilities(self.model, images, temperature, self.spec.kind)  # (B, K) sigmoids
 
     def predict_dicom(self, source: bytes | str | Path) -> np.ndarray:
         """One DICOM file → probabilities ``(C,)``; raises :class:`InputRejected`."""

@@ -135,3 +135,91 @@ def image_uniforms(sha256_hex: list[str] | np.ndarray) -> np.ndarray:
 
 
 SINGLE_LABEL = SingleLabel()
+
+
+@dataclass(frozen=True)
+class MultiLabel:
+    """Several findings per image, each present or not: labels ``(N, K)`` 0/1 (NaN where a
+    finding is unknown and left out), outputs ``(N, K)``, one independent sigmoid per finding.
+
+    The decision is per finding, each against its own threshold (chosen on validation); so is
+    calibration (one temperature per finding). ``thresholds`` and ``temperatures`` are
+    ``(K,)`` arrays, or a scalar applied to every finding.
+    """
+
+    name: str = "multi-label"
+    # The figures each finding reports with a bootstrap interval, in report order.
+    metrics: tuple[str, ...] = ("auc", "sensitivity", "specificity")
+
+    def loss(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean") -> nn.Module:
+        """Binary cross-entropy on logits ``(N, K)`` against 0/1 labels ``(N, K)`` float, each
+        finding's positive terms weighted by ``pos_weight`` ``(K,)`` when given (negatives /
+        positives of the training split: :func:`positive_weights`)."""
+        from torch import nn  # deferred: the decision half serves numpy-only callers
+
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction=reduction)
+
+    def probabilities(self, logits: torch.Tensor, temperature=1.0) -> torch.Tensor:
+        """Each finding's probability ``(N, K)`` float32: ``sigmoid(logits / T)``, ``T`` a
+        scalar or one temperature per finding ``(K,)``."""
+        import torch  # deferred: the decision half serves numpy-only callers
+
+        scale = torch.as_tensor(temperature, dtype=torch.float32)
+        return torch.sigmoid(logits.float() / scale)
+
+    def rescale(self, probabilities: np.ndarray, temperature) -> np.ndarray:
+        """:meth:`probabilities` at ``temperature`` from probabilities ``(N, K)`` instead of
+        logits (the logit of ``p`` is the logit), float32."""
+        p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
+        logits = np.log(p) - np.log1p(-p)
+        return (1.0 / (1.0 + np.exp(-logits / np.asarray(temperature)))).astype(np.float32)
+
+    def log_loss(self, logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+        """The mean binary cross-entropy of one finding's 0/1 ``labels`` ``(N,)`` under
+        ``sigmoid(logits / T)``, ``logits`` ``(N,)`` float64 (what that finding's fitted
+        temperature minimises)."""
+        z = np.asarray(logits, dtype=np.float64) / temperature
+        # -log sigmoid(z) = log(1 + e^-z), written stably for both signs
+        return float(np.mean(np.logaddexp(0.0, -z) * labels + np.logaddexp(0.0, z) * (1 - labels)))
+
+    def decide(self, probabilities: np.ndarray, threshold) -> np.ndarray:
+        """Each finding present or not ``(N, K)`` int64: its probability >= its threshold
+        (``(K,)``, or one for all; None: 0.5)."""
+        threshold = 0.5 if threshold is None else np.asarray(threshold, dtype=np.float64)
+        return (np.asarray(probabilities) >= threshold).astype(np.int64)
+
+
+def positive_weights(labels: np.ndarray) -> np.ndarray:
+    """BCE's ``pos_weight`` per finding ``(K,)`` float32 from training labels ``(N, K)``:
+    negatives / positives among the images where the finding is known (NaN is unknown), so a
+    rare finding's positives weigh as much as its negatives; 1 where a finding has no
+    positive or no negative (nothing to balance)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    positives = np.nansum(labels == 1, axis=0).astype(np.float64)
+    negatives = np.nansum(labels == 0, axis=0).astype(np.float64)
+    weights = np.ones(labels.shape[1])
+    both = (positives > 0) & (negatives > 0)
+    weights[both] = negatives[both] / positives[both]
+    return weights.astype(np.float32)
+
+
+MULTI_LABEL = MultiLabel()
+
+# Every kind by the name a processed dataset (dataset.json ``label_kind``) and a saved student
+# (StudentSpec.label_kind) record; absent means single-label, what everything before read as.
+KINDS: dict[str, SingleLabel | MultiLabel] = {k.name: k for k in (SINGLE_LABEL, MULTI_LABEL)}
+
+
+def kind_named(name: str | None) -> SingleLabel | MultiLabel:
+    """The label kind called ``name`` (None: single-label); a ValueError for another name."""
+    if name is None:
+        return SINGLE_LABEL
+    if name not in KINDS:
+        raise ValueError(f"unknown label kind {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]
+
+
+def kind_of_labels(labels: np.ndarray) -> SingleLabel | MultiLabel:
+    """The kind a label array is of: ``(N, K)`` findings are multi-label, ``(N,)`` class
+    indices single-label (what training, which gets the arrays, dispatches on)."""
+    return MULTI_LABEL if np.ndim(labels) == 2 else SINGLE_LABEL

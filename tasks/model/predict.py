@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tasks.errors import MedtransferError
-from tasks.model.label_kind import SINGLE_LABEL
+from tasks.model.label_kind import SINGLE_LABEL, MultiLabel, SingleLabel
 from tasks.model.transforms import to_tensor_transform
 
 Output = Literal["logits", "probabilities", "classes"]
@@ -71,6 +71,7 @@ def run_model(
     device: str | torch.device | None = None,
     amp: bool = False,
     channels_last: bool = False,
+    kind: SingleLabel | MultiLabel = SINGLE_LABEL,
 ) -> np.ndarray:
     """``model`` over ``images`` in eval mode without gradients (see the module docstring).
 
@@ -80,6 +81,9 @@ def run_model(
             temperature)`` float32 ``(N, C)``; ``classes`` their top class, int64 ``(N,)`` (all
             three through the label kind, :data:`tasks.model.label_kind.SINGLE_LABEL`).
         temperature: the calibration (``StudentSpec.temperature``); 1 is the plain softmax.
+        kind: the label kind: a multi-label model's ``probabilities`` are one sigmoid per
+            finding (``temperature`` may then be one per finding ``(K,)``); ``classes`` is
+            single-label only.
         batch_size: images per forward pass when ``images`` is one array (None: all at once).
         device: where the images go (None: the model's device); the model is not moved.
         amp, channels_last: mixed precision and memory format (GPU only; see
@@ -107,7 +111,7 @@ def run_model(
     if output == "classes":
         return SINGLE_LABEL.top_class(logits.numpy())
     if output == "probabilities":
-        logits = SINGLE_LABEL.probabilities(logits, temperature)
+        logits = kind.probabilities(logits, temperature)
     return logits.numpy()
 
 
@@ -117,9 +121,11 @@ def probabilities_and_labels(
     device: str | torch.device | None = None,
     amp: bool = False,
     channels_last: bool = False,
+    kind: SingleLabel | MultiLabel = SINGLE_LABEL,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities ``(N, C)`` float32 and labels ``(N,)`` over ``loader``'s
-    ``(images (B, C, H, W), labels (B,))`` batches (a DataLoader of an ``ImageDataset``)."""
+    ``(images (B, C, H, W), labels (B,))`` batches (a DataLoader of an ``ImageDataset``);
+    for a multi-label ``kind``, each finding's probability and labels ``(N, K)``."""
     labels: list[np.ndarray] = []
 
     def images() -> Iterator[torch.Tensor]:
@@ -127,7 +133,9 @@ def probabilities_and_labels(
             labels.append(np.asarray(batch_labels))
             yield batch_images
 
-    found = run_model(model, images(), device=device, amp=amp, channels_last=channels_last)
+    found = run_model(
+        model, images(), device=device, amp=amp, channels_last=channels_last, kind=kind
+    )
     return found, np.concatenate(labels)
 
 
@@ -142,7 +150,10 @@ def to_model_input(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def probabilities(
-    model: nn.Module, images: np.ndarray | Sequence[np.ndarray], temperature: float = 1.0
+    model: nn.Module,
+    images: np.ndarray | Sequence[np.ndarray],
+    temperature: float | Sequence[float] = 1.0,
+    kind: SingleLabel | MultiLabel = SINGLE_LABEL,
 ) -> np.ndarray:
     """Class probabilities ``(B, C)`` float32 of uint8 images ``(B, S, S)`` (or ``(B, 3, S,
     S)``) in one forward
@@ -151,4 +162,4 @@ def probabilities(
     profile's features) calls this."""
     if len(images) == 0:
         return np.zeros((0, 0), dtype=np.float32)
-    return run_model(model, to_model_input(images), temperature=temperature)
+    return run_model(model, to_model_input(images), temperature=temperature, kind=kind)

@@ -226,10 +226,12 @@ def deciles(values: np.ndarray) -> list[float]:
 
 
 def features_and_probabilities(
-    model, images: np.ndarray, temperature: float
+    model, images: np.ndarray, temperature: float | tuple[float, ...], kind=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images ``(B, S, S)`` → (probabilities ``(B, C)``, penultimate features ``(B, D)``)
-    in one forward pass; ``temperature`` is the student's calibration (``StudentSpec``).
+    in one forward pass; ``temperature`` is the student's calibration (``StudentSpec``),
+    ``kind`` its label kind (``StudentSpec.kind``; None: single-label; multi-label: one
+    sigmoid per finding).
 
     The probabilities come from :func:`tasks.model.predict.probabilities`, the one forward
     pass (so whatever it applies, e.g. calibration, applies here); the features are the input
@@ -241,7 +243,11 @@ def features_and_probabilities(
     caught: list = []
     handle = model.head.register_forward_hook(lambda m, inputs, out: caught.append(inputs[0]))
     try:
-        probs = probabilities(model, images, temperature)
+        probs = (
+            probabilities(model, images, temperature)
+            if kind is None
+            else probabilities(model, images, temperature, kind)
+        )
     finally:
         handle.remove()
     if not caught:

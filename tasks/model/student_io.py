@@ -36,11 +36,22 @@ class StudentSpec:
     teacher_weights_sha256: str
     # Softmax temperature fitted on validation (eval.calibration); every probability that
     # leaves the product is softmax(logits / temperature). 1.0: uncalibrated, and what a
-    # student saved before calibration existed reads as.
-    temperature: float = 1.0
+    # student saved before calibration existed reads as. Multi-label: one per finding, each
+    # finding's probability sigmoid(logit / its temperature).
+    temperature: float | tuple[float, ...] = 1.0
     # Input channels: 1 gray, 3 colour (tasks.data.channels); 1 is what a student saved before
     # colour existed reads as.
     channels: int = 1
+    # single-label (one class, softmax), or multi-label (``classes`` are findings, one sigmoid
+    # each: tasks.model.label_kind); single-label is what a student saved before reads as.
+    label_kind: str = "single-label"
+
+    @property
+    def kind(self):
+        """The label kind object (:func:`tasks.model.label_kind.kind_named`)."""
+        from tasks.model.label_kind import kind_named
+
+        return kind_named(self.label_kind)
 
 
 def build_from_spec(spec: StudentSpec) -> nn.Module:
@@ -84,6 +95,8 @@ def load_student(folder: str | Path) -> tuple[nn.Module, StudentSpec]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     spec_dict = dict(payload["spec"])
     spec_dict["classes"] = tuple(spec_dict["classes"])
+    if isinstance(spec_dict.get("temperature"), list | tuple):  # one per finding
+        spec_dict["temperature"] = tuple(float(t) for t in spec_dict["temperature"])
     spec = StudentSpec(**spec_dict)
     model = build_from_spec(spec)
     model.load_state_dict(payload["state_dict"])

@@ -119,22 +119,26 @@ class ImageDataset(Dataset):
     Args:
         images: uint8 ``(N, S, S)`` or ``(N, 3, S, S)`` (a memory map, or the ``Rows`` of one
             that training passes, is fine: only one row is read per item).
-        labels: int ``(N,)``.
+        labels: int ``(N,)`` class indices, or float ``(N, K)`` 0/1 findings (multi-label:
+            each item's label is then a float32 tensor ``(K,)``, what BCE takes).
         transform: maps a uint8 ``(S, S)`` or ``(3, S, S)`` array to a float ``(C, S, S)``
             tensor.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Compose) -> None:
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
+        self.labels = labels.astype(np.float32 if labels.ndim == 2 else np.int64)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         image = self.transform(np.asarray(self.images[index], dtype=np.float32))
         if isinstance(image, MetaTensor):  # MONAI's tensor subclass: plain tensors collate faster
             image = image.as_tensor()
         # Intensity jitter may leave [0, 1]; the model's input contract is pixel space.
-        return image.float().clamp_(0.0, 1.0), int(self.labels[index])
+        label = self.labels[index]
+        label = torch.from_numpy(label) if label.ndim else int(label)
+        return image.float().clamp_(0.0, 1.0), label

@@ -102,6 +102,8 @@ def student_from_version(version) -> tuple[Any, Any]:
             "registered by `medtransfer register`."
         )
     spec_dict = json.loads(raw)
+    if isinstance(spec_dict.get("temperature"), list):  # multi-label: one per finding
+        spec_dict["temperature"] = tuple(spec_dict["temperature"])
     spec = StudentSpec(**{**spec_dict, "classes": tuple(spec_dict["classes"])})
     logged = mlflow.pytorch.load_model(
         f"models:/{version.name}/{version.version}", map_location="cpu"
@@ -164,7 +166,13 @@ def import_model(
         except NotFound:
             pass
         with bentoml.models.create(
-            tag, labels=labels, metadata={**metadata, "model_sha256": digest}
+            # None is no BentoML metadata value (a multi-label model has no one threshold)
+            tag,
+            labels=labels,
+            metadata={
+                **{k: v for k, v in metadata.items() if v is not None},
+                "model_sha256": digest,
+            },
         ) as stored:
             for saved in Path(staging).iterdir():  # model.pt, and profile.json, ood.npz
                 shutil.copyfile(saved, Path(stored.path) / saved.name)

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.registry import finding_card
+
 EPS_SEPARATOR = "_eps_"  # robustness metric names: <measure>_eps_<budget>, see robustness.json
 
 
@@ -56,6 +58,7 @@ def render_model_card(inputs: CardInputs) -> str:
     threshold = inputs.metrics.get("threshold")
     rule = inputs.metrics.get("threshold_rule", "")
     strategy = str(spec.get("strategy", ""))
+    multilabel = finding_card.is_multilabel(inputs.metrics)  # findings, not one class
     if strategy == "partial":
         strategy += f" (last {spec.get('unfreeze_blocks')} blocks fine-tuned)"
     lines = [
@@ -67,8 +70,10 @@ def render_model_card(inputs: CardInputs) -> str:
         f"| teacher | {spec.get('teacher')} (weights SHA-256 `{spec.get('teacher_weights_sha256')}`) |",
         f"| transfer strategy | {strategy} |",
         f"| input | one {'colour (RGB)' if spec.get('channels', 1) == 3 else 'grayscale'} image, {spec.get('image_size')} x {spec.get('image_size')} px after the training preprocessing |",
-        f"| classes | {', '.join(spec.get('classes', ()))} |",
-        _decision_row(inputs.metrics, threshold, rule),
+        f"| {'findings' if multilabel else 'classes'} | {', '.join(spec.get('classes', ()))} |",
+        finding_card.decision_row(inputs.metrics)
+        if multilabel
+        else _decision_row(inputs.metrics, threshold, rule),
         f"| alias `{inputs.alias}` | {'moved to this version' if inputs.promoted else 'not moved'} |",
         "",
         "## Data",
@@ -90,19 +95,30 @@ def render_model_card(inputs: CardInputs) -> str:
         "## Metrics",
         "",
     ]
-    lines += _metrics_table(inputs.metrics)
-    lines += _per_class_table(inputs.metrics)
+    lines += _metrics_section(inputs.metrics, multilabel)
     lines += _metrics_notes(inputs.metrics)
     lines += _sets_section(inputs.metrics.get("conformal"))
     lines += _groups_section(inputs.groups)
     lines += _selection_section(inputs.selection)
     lines += ["", "## Robustness", ""]
-    lines += _robustness_section(inputs.robustness)
+    lines += (
+        finding_card.robustness_section(inputs.robustness)
+        if multilabel and inputs.robustness is not None
+        else _robustness_section(inputs.robustness)
+    )
     lines += ["", "## Promotion", ""]
     lines += [f"- {reason}" for reason in inputs.reasons] or ["- (no reason recorded)"]
     lines += ["", "## Limits", ""]
     lines += [f"- {limit}" for limit in _limits(inputs)]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_section(metrics: Mapping[str, Any], multilabel: bool) -> list[str]:
+    """The metrics: per finding for a multi-label student; else per split, and per class
+    for more than two classes."""
+    if multilabel:
+        return finding_card.findings_section(metrics)
+    return _metrics_table(metrics) + _per_class_table(metrics)
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:

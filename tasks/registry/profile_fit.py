@@ -56,8 +56,10 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     val_images, _ = dataset.subset("val")
     if len(val_images) == 0:  # a tiny set: the threshold comes from the training split
         val_images = train_images
-    _, train_features = forward(model, train_images, spec.temperature)
-    val_probs, val_features = forward(model, val_images, spec.temperature)
+    _, train_features = forward(model, train_images, spec.temperature, spec.kind)
+    val_probs, val_features = forward(model, val_images, spec.temperature, spec.kind)
+    if train_labels.ndim == 2:  # findings: no one class per image; one centre for Mahalanobis
+        train_labels = np.zeros(len(train_labels), dtype=np.int64)
     serving = params.serving
     head = (model.head.weight.detach().numpy(), model.head.bias.detach().numpy())
     detector = OodDetector.fit(serving.ood_method, train_features, train_labels, head)
@@ -86,11 +88,14 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     )
 
 
-def forward(model, images: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities and features of uint8 ``(N, S, S)`` images, in batches."""
+def forward(
+    model, images: np.ndarray, temperature: float | tuple[float, ...], kind=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and features of uint8 ``(N, S, S)`` images, in batches
+    (``kind``: the student's label kind, None single-label)."""
     probs, features = [], []
     for start in range(0, len(images), BATCH):
-        p, f = features_and_probabilities(model, images[start : start + BATCH], temperature)
+        p, f = features_and_probabilities(model, images[start : start + BATCH], temperature, kind)
         probs.append(p)
         features.append(f)
     return np.concatenate(probs), np.concatenate(features)

@@ -31,8 +31,23 @@ class Candidate:
     groups: list[dict[str, Any]] = field(default_factory=list)  # test figures per group
 
     @property
+    def multilabel(self) -> bool:
+        return self.metrics.get("label_kind") == "multi-label"
+
+    @property
     def test_auc(self) -> float:
-        return as_float((self.metrics.get("test") or {}).get("auc"))
+        """The figure the champion comparison reads: the test AUC; for a multi-label student
+        the test macro AUC's 95% lower bound (an estimate over K findings compared on what it
+        surely reaches, as the gates judge it)."""
+        test = self.metrics.get("test") or {}
+        if self.multilabel:
+            return as_float(((test.get("ci95") or {}).get("auc") or {}).get("low"))
+        return as_float(test.get("auc"))
+
+    @property
+    def auc_name(self) -> str:
+        """How reasons name :attr:`test_auc`."""
+        return "test macro AUC lower bound" if self.multilabel else "test AUC"
 
     @property
     def robustness_passed(self) -> bool:
@@ -93,9 +108,9 @@ def promotion_decision(candidate: Candidate, champion: Champion | None) -> tuple
         return False, [f"robustness gates failed: {r}" for r in candidate.robustness_reasons] or [
             "robustness gates failed"
         ]
-    auc = candidate.test_auc
+    auc, name = candidate.test_auc, candidate.auc_name
     if not math.isfinite(auc):
-        return False, ["the test AUC is undefined (the test split has a single class?)"]
+        return False, [f"the {name} is undefined (the test split has a single class?)"]
     if champion is None:
         return True, ["passed the robustness gates; no version held the alias"]
     if champion.dataset_version != candidate.dataset_version:
@@ -110,11 +125,11 @@ def promotion_decision(candidate: Candidate, champion: Champion | None) -> tuple
         ]
     if auc > champion.test_auc:
         return True, [
-            f"passed the robustness gates; test AUC {auc:.4f} beats version "
+            f"passed the robustness gates; {name} {auc:.4f} beats version "
             f"{champion.version}'s {champion.test_auc:.4f} on the same dataset"
         ]
     return False, [
-        f"test AUC {auc:.4f} does not beat version {champion.version}'s "
+        f"{name} {auc:.4f} does not beat version {champion.version}'s "
         f"{champion.test_auc:.4f} on the same dataset"
     ]
 
@@ -128,7 +143,6 @@ def version_tags(candidate: Candidate, promoted: bool, reasons: list[str]) -> di
     ``reasons`` is unused here (the card holds them); kept for the callers' one signature.
     """
     spec = candidate.spec
-    test = candidate.metrics.get("test") or {}
     tags = {
         "dataset_version": candidate.dataset_version,
         "teacher": str(spec["teacher"]),
@@ -139,8 +153,14 @@ def version_tags(candidate: Candidate, promoted: bool, reasons: list[str]) -> di
         # with the figure this version was registered with (an MLflow version has no metrics
         # of its own). threshold and student_spec:
         # the package stage rebuilds and configures the served student from them.
-        "test_auc": _text(test.get("auc")),
+        "test_auc": _text(candidate.test_auc),  # multi-label: the macro AUC's lower bound
         "threshold": _text(candidate.metrics.get("threshold")),
+        # multi-label: each finding's threshold, in the order of student_spec's classes
+        **(
+            {"thresholds": json.dumps(list((candidate.metrics.get("thresholds") or {}).values()))}
+            if candidate.multilabel
+            else {}
+        ),
         "student_spec": json.dumps(spec, sort_keys=True),
         # the next registration of the same weights returns this version (one per model)
         WEIGHTS_TAG: candidate.weights_sha256,

@@ -18,7 +18,11 @@ def run_advise(params: Params, progress: bool = True) -> dict:
     (``lines``: the table and the reasons as text, what the command prints). ``progress``: a
     bar over the teachers (a log line per teacher comes either way)."""
     # deferred: selection imports torch and the teachers, which `medtransfer --help` need not
+    from tasks.data.dataset import load_processed
+    from tasks.transfer.auto import check_single_label
     from tasks.transfer.selection import advise, evidence_table
+
+    check_single_label(load_processed(params.data.processed_dir))
 
     if params.train.weights_path is None:
         params = replace(params, train=replace(params.train, teacher="auto"))

@@ -21,6 +21,7 @@ from tasks.evaluation.evaluation import GRADCAM_LAYER, Evaluation, evaluate_conf
 from tasks.evaluation.metrics import SplitMetrics, expected_calibration_error
 from tasks.figures import evaluation_figures, write_figures
 from tasks.model.student_io import StudentSpec, load_student
+from tasks.stages.evaluate_findings import run_evaluate_findings
 from tasks.stages.preflight import check_stage_outputs
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def run_evaluate(params: Params) -> dict:
     source = dataset.source  # refuses a dataset that does not record its source
     model, spec = load_student(params.train.model_dir)
     _check_matches(spec, dataset)
+    if dataset.multilabel:  # a finding per column: its own report (tasks.stages.evaluate_findings)
+        return run_evaluate_findings(params, model, spec, dataset)
     evaluation = evaluate_configured(model, dataset, params.eval, params.seed)
     _check_temperature(spec, evaluation)
     figures = _plots(params, model, spec, dataset, evaluation)
@@ -166,6 +169,11 @@ def _check_temperature(spec: StudentSpec, evaluation: Evaluation) -> None:
 
 
 def _check_matches(spec: StudentSpec, dataset: ProcessedDataset) -> None:
+    if spec.label_kind != dataset.label_kind:
+        raise MedtransferError(
+            f"The saved student is {spec.label_kind} but the processed dataset is "
+            f"{dataset.label_kind}. Re-run `medtransfer train`."
+        )
     if list(spec.classes) != dataset.classes or spec.image_size != dataset.image_size:
         raise MedtransferError(
             f"The saved student was trained on classes {list(spec.classes)} at {spec.image_size} px, but the "

@@ -11,12 +11,15 @@ BentoML's store is ``serving.bentoml_home`` inside the project unless ``BENTOML_
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tasks import reports
 from tasks.config import Params, ServingParams
+from tasks.model.findings import check_findings
 from tasks.registry.bento import (
     PackageResult,
     approval,
@@ -89,7 +92,7 @@ def _build_and_export(params: Params, version) -> dict:
         logger.warning("package: %s", approval_text)
     logger.info("package: fitting the serving profile (scope, OOD detector) on the training data")
     profile = fit_profile(model, spec, params)
-    sets_rule, conformal = fit_conformal(model, spec, params, profile.detector)
+    sets_rule, conformal, kind_args = _sets_or_findings(model, spec, params, profile, version)
     logger.info("package: saving the student into BentoML's model store")
     model_tag = _import_student(model, spec, version, threshold, dataset_version, profile, approved)
     args = _service_arguments(serving, version, spec, model_tag, threshold, dataset_version)
@@ -101,6 +104,7 @@ def _build_and_export(params: Params, version) -> dict:
         approval=approval_text,
         coverage=sets_rule.coverage,
         conformal_threshold=sets_rule.threshold,
+        **kind_args,
     )
     logger.info("package: building and exporting the Bento")
     bento = build_bento(serving, args, version)
@@ -122,6 +126,20 @@ def _build_and_export(params: Params, version) -> dict:
     # The drift monitor's reference: the profile without the detector's arrays.
     profile.save(_profile_dir(params))
     return report
+
+
+def _sets_or_findings(model, spec, params: Params, profile, version) -> tuple[Any, dict, dict]:
+    """The prediction sets' rule and report block (:func:`fit_conformal`) of a single-label
+    student, and no extra service arguments; for a multi-label one no sets (they are defined
+    on one class per image), and the arguments ``label_kind`` and ``thresholds`` (each
+    finding's, from the version's ``thresholds`` tag), checked against its findings."""
+    if spec.label_kind == "single-label":
+        return (*fit_conformal(model, spec, params, profile.detector), {})
+    thresholds = json.loads(version.tags.get("thresholds") or "null")
+    check_findings(spec.classes, spec.classes, thresholds)
+    no_sets = SimpleNamespace(coverage=None, threshold=None)
+    block = {"not_measured": "prediction sets are defined on one class per image"}
+    return no_sets, block, {"label_kind": spec.label_kind, "thresholds": thresholds}
 
 
 def has_alias(client, registry) -> bool:
@@ -175,6 +193,8 @@ def _log_conformal(version, conformal: dict) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    if "test" not in conformal:  # not measured (multi-label)
+        return
     for key, value in mlflow_metrics(conformal).items():
         client.log_metric(version.run_id, key, value)
 
@@ -224,6 +244,7 @@ def _import_student(
             "ood_method": profile.ood["method"],
             "ood_threshold": profile.ood["threshold"],
             "multiframe": profile.multiframe,
+            "label_kind": spec.label_kind,
         },
         profile=profile,
     )

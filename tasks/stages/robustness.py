@@ -37,6 +37,7 @@ from tasks.robustness.result import RobustnessResult
 from tasks.robustness.strategy_table import AttackModel, compare_strategies
 from tasks.robustness.suite import attack_subset, evaluate_robustness
 from tasks.stages.preflight import check_stage_outputs
+from tasks.stages.robustness_findings import run_robustness_findings
 from tasks.tracking.robustness_run import log_robustness
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def run_robustness(params: Params, progress: bool = True) -> dict:
     dataset = load_processed(params.data.processed_dir)
     model_dir = Path(params.train.model_dir)
     student, spec = load_student(model_dir)
+    if dataset.multilabel:  # flip rates per finding: tasks.stages.robustness_findings
+        return run_robustness_findings(params, dataset, student, spec)
     teacher = teacher_feature_extractor(spec.teacher, channels=spec.channels)
     attack = _attack_on_shared_images(params, dataset, teacher, progress)
     logger.info(

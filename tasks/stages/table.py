@@ -184,6 +184,7 @@ STAGES: tuple[Stage, ...] = (
         extra_modules=("serving.service",),
         extra_files=(
             "serving/__init__.py",
+            "serving/args.py",
             "serving/dicom_capture.py",
             "serving/dicom_output.py",
             "serving/dicom_report.py",

@@ -27,6 +27,7 @@ from tasks.data.dataset import DatasetSource, ProcessedDataset
 from tasks.data.preprocess import uint8_to_model_pixels
 from tasks.evaluation.evaluation import Evaluation
 from tasks.evaluation.plots import plot_data_efficiency
+from tasks.model.label_kind import kind_named
 from tasks.model.predict import run_model
 from tasks.signals import sigterm_deferred
 from tasks.tracking.configure import (
@@ -261,7 +262,8 @@ def log_evaluation_and_model(
     dataset = context.dataset
     example = uint8_to_model_pixels(dataset.images[dataset.indices("val")[:2]])
     # the one forward pass, calibrated as served (the model is already in eval mode on the CPU)
-    output = run_model(model, example, temperature=evaluation.temperature)
+    kind = kind_named(dataset.label_kind)  # multi-label: each finding's sigmoid
+    output = run_model(model, example, temperature=evaluation.temperature, kind=kind)
     info = mlflow.pytorch.log_model(
         model,
         name=MODEL_NAME,

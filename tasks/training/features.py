@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tasks.data.preprocess import uint8_to_model_pixels
-from tasks.model.label_kind import SINGLE_LABEL
+from tasks.model.label_kind import kind_of_labels
 
 FEATURE_BATCH = 64
 
@@ -55,13 +55,17 @@ def feature_datasets(
     val: tuple[np.ndarray, np.ndarray],
     device: torch.device,
 ) -> tuple[TensorDataset, TensorDataset]:
-    """``(features, label)`` datasets of the training and validation ``(images, labels)``."""
+    """``(features, label)`` datasets of the training and validation ``(images, labels)``
+    (labels long ``(N,)``, or float ``(N, K)`` findings)."""
     return tuple(
-        TensorDataset(
-            frozen_features(model, images, device), torch.as_tensor(labels, dtype=torch.long)
-        )
+        TensorDataset(frozen_features(model, images, device), _label_tensor(labels))
         for images, labels in (train, val)
     )
+
+
+def _label_tensor(labels: np.ndarray) -> torch.Tensor:
+    """Class indices as long ``(N,)``; findings ``(N, K)`` as float32, what BCE takes."""
+    return torch.as_tensor(labels, dtype=torch.float32 if np.ndim(labels) == 2 else torch.long)
 
 
 def fit_linear_head(
@@ -74,10 +78,11 @@ def fit_linear_head(
 ) -> float:
     """The LP stage of LP-FT: fit ``head`` to ``(N, D)`` features by full-batch L-BFGS on the
     (class-weighted) cross-entropy plus ``l2 * ||W||^2`` (a logistic regression, as in Kumar et
-    al. 2022). Deterministic; returns the final training loss."""
+    al. 2022). Deterministic; returns the final training loss. Findings ``(N, K)``: the
+    (``pos_weight``-weighted) binary cross-entropy of one sigmoid per finding instead."""
     features = features.to(head.weight.device)
-    targets = torch.as_tensor(labels, dtype=torch.long, device=features.device)
-    criterion = SINGLE_LABEL.loss(
+    targets = _label_tensor(labels).to(features.device)
+    criterion = kind_of_labels(labels).loss(
         class_weights.to(features.device) if class_weights is not None else None
     )
     optimizer = torch.optim.LBFGS(

@@ -37,7 +37,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from tasks import atomic
 from tasks.evaluation.metrics import roc_auc
-from tasks.model.label_kind import SINGLE_LABEL
+from tasks.evaluation.multilabel import finding_measures
+from tasks.model.label_kind import MULTI_LABEL, kind_of_labels, positive_weights
 from tasks.model.predict import autocast_context, probabilities_and_labels
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
@@ -82,9 +83,13 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
-    """``balanced``: weight_c = N / (n_classes * count_c); ``none``: no weights."""
+    """``balanced``: weight_c = N / (n_classes * count_c); for findings ``(N, K)`` each
+    finding's BCE ``pos_weight`` (negatives / positives,
+    :func:`tasks.model.label_kind.positive_weights`); ``none``: no weights."""
     if mode == "none":
         return None
+    if np.ndim(labels) == 2:
+        return torch.from_numpy(positive_weights(labels))
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     weights = len(labels) / (n_classes * np.maximum(counts, 1))
     return torch.tensor(weights, dtype=torch.float32)
@@ -157,17 +162,40 @@ def validation_metrics(
     device: torch.device,
     amp: bool = True,
     channels_last: bool = False,
+    multilabel: bool = False,
 ) -> dict[str, float]:
     """``{"val_loss", "val_auc", "val_accuracy"}`` of ``model`` over ``loader``.
 
-    ``val_auc`` is NaN when the loader holds one class only.
+    ``val_auc`` is NaN when the loader holds one class only. ``multilabel``: the mean binary
+    cross-entropy, the macro AUC over findings and the share of image-finding cells right
+    at 0.5 (:func:`multilabel_validation`).
     """
+    if multilabel:
+        return multilabel_validation(model, loader, device, amp, channels_last)
     probabilities, labels = probabilities_and_labels(model, loader, device, amp, channels_last)
     log_probabilities = torch.log(torch.from_numpy(probabilities).clamp_min(1e-8))
     return {
         "val_loss": float(nn.functional.nll_loss(log_probabilities, torch.from_numpy(labels))),
         "val_auc": roc_auc(labels, probabilities),
-        "val_accuracy": float((SINGLE_LABEL.top_class(probabilities) == labels).mean()),
+        "val_accuracy": float((probabilities.argmax(axis=1) == labels).mean()),
+    }
+
+
+def multilabel_validation(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool
+) -> dict[str, float]:
+    """A multi-label model's validation row: mean BCE, macro AUC over the findings that have
+    both outcomes in ``loader`` (NaN if none has), cell accuracy at 0.5."""
+    probabilities, labels = probabilities_and_labels(
+        model, loader, device, amp, channels_last, kind=MULTI_LABEL
+    )
+    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    half = np.full(labels.shape[1], 0.5)
+    macro = finding_measures(labels, probabilities, half, np.ones((1, len(labels))))["macro_auc"]
+    return {
+        "val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p))),
+        "val_auc": float(macro[0]),
+        "val_accuracy": float((MULTI_LABEL.decide(probabilities, 0.5) == labels).mean()),
     }
 
 
@@ -274,7 +302,8 @@ def _build_trainer(
     net = _place_model(model, device, channels_last, env)
     sampler, train_loader, val_loader = _build_loaders(train_set, val_set, config, env, device)
     weights = class_weights(train_labels, n_classes, config.class_weighting)
-    criterion = SINGLE_LABEL.loss(weights.to(device) if weights is not None else None)
+    kind = kind_of_labels(train_labels)  # (N, K) findings: sigmoid per finding, BCE
+    criterion = kind.loss(weights.to(device) if weights is not None else None)
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config, max(1, len(train_loader)))
     return _Trainer(
@@ -371,7 +400,12 @@ def _run_epoch(
     )
     row.update(
         validation_metrics(
-            trainer.model, trainer.val_loader, trainer.device, config.amp, trainer.channels_last
+            trainer.model,
+            trainer.val_loader,
+            trainer.device,
+            config.amp,
+            trainer.channels_last,
+            isinstance(trainer.criterion, nn.BCEWithLogitsLoss),
         )
     )
     row["lr"] = trainer.optimizer.param_groups[-1]["lr"]

@@ -42,6 +42,13 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
             )
     check_image_size(config.teacher, dataset.image_size)
     check_device(config.device)
+    if dataset.multilabel and any(
+        is_adversarial(s, config) for s in (config.strategy, *(config.compare or ()))
+    ):
+        raise MedtransferError(
+            "Adversarial training (+pgd, train.adversarial) is not yet supported for multi-label "
+            "datasets; train without it."
+        )
     # Building the network checks the teacher name and unfreeze_blocks; resolving its weights
     # file that it exists (and its hash, when bundled), unless only the scratch control trains.
     build_student(
@@ -103,10 +110,14 @@ def build_model(
 
 
 def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A seeded, label-stratified share of ``indices`` (at least 2 per class), sorted."""
+    """A seeded, label-stratified share of ``indices`` (at least 2 per class), sorted; for
+    findings ``(N, K)`` (no one class to stratify by) a seeded share of at least 2 images."""
     if fraction >= 1.0:
         return np.sort(indices)
     rng = np.random.default_rng(seed)
+    if np.ndim(labels) == 2:
+        count = min(len(indices), max(2, round(len(indices) * fraction)))
+        return np.sort(rng.permutation(indices)[:count])
     chosen = []
     for label in np.unique(labels[indices]):
         members = indices[labels[indices] == label]
@@ -221,7 +232,7 @@ def student_spec(
     strategy: str,
     dataset: ProcessedDataset,
     teacher_sha256: str,
-    temperature: float,
+    temperature: float | tuple[float, ...],
 ) -> StudentSpec:
     """What ``save_student`` writes beside the weights, to rebuild the network for serving."""
     return StudentSpec(
@@ -235,4 +246,5 @@ def student_spec(
         teacher_weights_sha256=teacher_sha256,
         temperature=temperature,
         channels=dataset.channels,
+        label_kind=dataset.label_kind,
     )

@@ -46,6 +46,16 @@ def check_compare(params: Params) -> None:
         )
 
 
+def check_single_label(dataset) -> None:
+    """Refuse a multi-label dataset in one line: the evidence (k-NN AUC, LogME) and the
+    pilots score one class per image."""
+    if dataset.multilabel:
+        raise MedtransferError(
+            "The evidence step (medtransfer advise, train.teacher or train.strategy auto) is not "
+            "yet supported for multi-label datasets; name train.teacher and train.strategy."
+        )
+
+
 def apply_auto(params: Params, progress: bool = True) -> tuple[Params, TransferChoice | None]:
     """Run the rule when anything is ``auto``; returns the parameters with the choice put in
     and the choice, or ``params`` and ``None`` when nothing is auto.
@@ -59,8 +69,9 @@ def apply_auto(params: Params, progress: bool = True) -> tuple[Params, TransferC
         return params, None
     check_compare(params)
     check_device(config.device)  # before the pilots train on it
-    choice = advise(params, progress)
     dataset = load_processed(params.data.processed_dir)
+    check_single_label(dataset)
+    choice = advise(params, progress)
     evidence: dict[str, list] = {}
     for row in choice.evidence:
         evidence.setdefault(row.teacher, []).append(row)
