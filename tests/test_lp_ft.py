@@ -52,3 +52,17 @@ def test_the_lp_stage_keeps_a_weak_l2_where_validation_rewards_a_confident_head(
     torch.manual_seed(0)
     fit = fit_probe_on_validation(torch.nn.Linear(1, 2), train, clean_val, None, (1e-4, 1e-1))
     assert fit.l2 == 1e-4
+
+
+def test_lp_ft_fine_tunes_with_the_batchnorm_statistics_its_probe_was_fitted_with() -> None:
+    from tasks.model.student import build_student
+
+    images = torch.rand(4, 1, 32, 32)
+    for strategy, kept in (("lp_ft", True), ("full", False)):
+        student = build_student("efficientnet-lite0", strategy, 2, pretrained=False).train()
+        norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        before = [m.running_mean.clone() for m in norms]
+        student(images)  # a training-mode forward pass
+        unchanged = all(torch.equal(b, m.running_mean) for b, m in zip(before, norms, strict=True))
+        assert unchanged is kept, strategy
+        assert all(m.weight.requires_grad for m in norms)  # the affine weights still train
