@@ -246,30 +246,40 @@ def test_the_model_card_carries_the_decision_table_and_the_runner_up() -> None:
 
 
 @pytest.mark.parametrize(
-    ("budget_minutes", "epochs", "spent"),
+    ("budget_minutes", "epochs", "spent", "finalists"),
     [
         # round 1: 3 pilots x 2 epochs x 10 s = 60 s; round 2 would take 2 x 4 x 10 = 80 s more
-        (2, [2, 2, 2], True),
+        (2, [2, 2, 2], True, [("partial", 2), ("full", 2), ("lp_ft", 2)]),
         # 140 s fit in 3 minutes; a third round (1 x 8 x 10 s) would not: the last two decide
-        (3, [4, 4, 2], True),
-        # enough budget: halving stops at one survivor (the final training trains it in full)
-        (10, [4, 4, 2], False),
+        (3, [4, 4, 2], True, [("full", 4), ("lp_ft", 4)]),
+        # enough budget: a round of one would decide nothing, so the last two are the finalists
+        (10, [4, 4, 2], False, [("full", 4), ("lp_ft", 4)]),
     ],
 )
-def test_successive_halving_keeps_the_better_half_while_the_budget_allows(
-    params: Params, monkeypatch: pytest.MonkeyPatch, budget_minutes, epochs, spent
+def test_successive_halving_keeps_the_better_half_and_measures_the_finalists_exposure(
+    params: Params, monkeypatch: pytest.MonkeyPatch, budget_minutes, epochs, spent, finalists
 ) -> None:
     from tasks.transfer import pilots as module
 
     now = [0.0]
     aucs = {"full": 0.9, "lp_ft": 0.8, "partial": 0.7}
 
-    def fake_round(params, dataset, pilots, epochs, probe, progress) -> None:
+    measured: list[tuple[str, int]] = []
+
+    def fake_round(params, dataset, pilots, epochs, progress) -> list[str]:
         for pilot in pilots:
-            pilot.val_auc, pilot.epochs, pilot.passes = aucs[pilot.candidate.strategy], epochs, True
+            pilot.val_auc, pilot.epochs = aucs[pilot.candidate.strategy], epochs
         now[0] += 10.0 * len(pilots) * epochs  # 10 s per pilot epoch
+        return [f"model of {p.candidate.strategy} at {epochs}" for p in pilots]
+
+    def fake_measure(finalists, models, probe) -> None:
+        for pilot, model in zip(finalists, models, strict=True):
+            assert model == f"model of {pilot.candidate.strategy} at {pilot.epochs}"
+            measured.append((pilot.candidate.strategy, pilot.epochs))
+            pilot.passes = True
 
     monkeypatch.setattr(module, "_run_round", fake_round)
+    monkeypatch.setattr(module, "_measure_finalists", fake_measure)
     monkeypatch.setattr(module, "ExposureProbe", lambda params, dataset: _Probe())
     settings = params.with_overrides(
         [f"train.auto_budget_minutes={budget_minutes}", "train.epochs=8"]
@@ -279,3 +289,5 @@ def test_successive_halving_keeps_the_better_half_while_the_budget_allows(
     assert [p.epochs for p in decision.pilots] == [epochs[2], epochs[0], epochs[1]]
     assert decision.budget_spent is spent
     assert decision.chosen.candidate.strategy == "full"
+    # exposure is measured once, on the last round's pilots after their longest fine-tune
+    assert measured == finalists

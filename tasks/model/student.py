@@ -270,9 +270,19 @@ class Student(nn.Module):
             return [self.backbone.stem, *self.backbone.blocks[:first_trained]]
         return []
 
+    def frozen_statistics(self) -> list[nn.Module]:
+        """BatchNorm layers whose statistics stay fixed while their weights train: ``lp_ft``'s.
+        Its head was fitted to features computed with the teacher's running statistics;
+        batch statistics give other features (on the synthetic default at 64 px they moved
+        each image's feature vector by more than its own norm, and the fitted head's loss
+        rose from 0.32 to 1.3-5.2), so the first fine-tuning steps would undo the LP stage."""
+        if self.strategy != "lp_ft":
+            return []
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
     def train(self, mode: bool = True) -> Student:
         super().train(mode)
-        for module in self.frozen_modules():
+        for module in (*self.frozen_modules(), *self.frozen_statistics()):
             module.train(False)
         return self
 

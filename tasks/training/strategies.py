@@ -25,7 +25,7 @@ from tasks.model.student_io import StudentSpec
 from tasks.model.teachers import resolve_weights
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
-from tasks.training.features import HeadOnly, feature_datasets, fit_linear_head
+from tasks.training.features import HeadOnly, ProbeFit, feature_datasets, fit_probe_on_validation
 from tasks.training.loop import Perturb, class_weights, dist_env, fit, resolve_device
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
@@ -157,28 +157,46 @@ def fit_student(
         device = resolve_device(fit_config.device, dist_env())
         train = (Rows(dataset.images, train_idx), labels)
         features = feature_datasets(model.to(device), train, dataset.rows("val"), device)
+    lp_stage = None
     if base_strategy == "lp_ft":
-        _fit_head_first(model, features[0].tensors[0], labels, len(dataset.classes), train_params)
+        lp_stage = asdict(_fit_head_first(model, features, len(dataset.classes), train_params))
     if cached:
         return _fit_head_only(model, features, labels, len(dataset.classes), fit_config, recorders)
-    groups = param_groups(model, train_params.lr, train_params.backbone_lr_factor)
+    groups = param_groups(
+        model, _base_lr(train_params, base_strategy), train_params.backbone_lr_factor
+    )
     sets = _datasets(train_params, dataset, train_idx)
     result = fit(model, groups, *sets, labels, len(dataset.classes), fit_config, recorders, perturb)
     model.load_state_dict(result.best_state)
+    result.lp_stage = lp_stage
     return result
 
 
+def _base_lr(config: TrainParams, strategy: str) -> float:
+    """The head's learning rate (the backbone's follow from it): ``lp_ft`` fine-tunes from a
+    fitted head at ``lr * backbone_lr_factor``, the small rate of Kumar et al. 2022's FT
+    stage. At the full ``lr`` AdamW's first steps after the LP stage raised the batch loss from
+    2.4 to 10.1 on the synthetic default at 64 px (benchmarks/results/lp-ft-start.md)."""
+    return config.lr * config.backbone_lr_factor if strategy == "lp_ft" else config.lr
+
+
 def _fit_head_first(
-    model: nn.Module,
-    features: torch.Tensor,
-    labels: np.ndarray,
-    n_classes: int,
-    config: TrainParams,
-) -> None:
-    """LP-FT's LP stage: the head fitted to the frozen ``(N, D)`` features."""
-    weights = class_weights(labels, n_classes, config.class_weighting)
-    loss = fit_linear_head(model.head, features, labels, weights, config.weight_decay)
-    logger.info("LP-FT: head fitted to the frozen features (loss %.4f), now fine-tuning", loss)
+    model: nn.Module, features: tuple, n_classes: int, config: TrainParams
+) -> ProbeFit:
+    """LP-FT's LP stage: the head fitted to the frozen features (the ``(features, label)``
+    training and validation datasets), an L2-regularised logistic regression whose strength
+    is chosen on validation (Kumar et al. 2022)."""
+    (train_x, train_y), (val_x, val_y) = (dataset.tensors for dataset in features)
+    weights = class_weights(train_y.numpy(), n_classes, config.class_weighting)
+    fit = fit_probe_on_validation(
+        model.head, (train_x, train_y.numpy()), (val_x, val_y.numpy()), weights
+    )
+    logger.info(
+        "LP-FT: head fitted to the frozen features (L2 %g chosen on validation: training loss "
+        "%.4f, validation loss %.4f), now fine-tuning",
+        fit.l2, fit.train_loss, fit.val_loss,
+    )  # fmt: skip
+    return fit
 
 
 def _fit_head_only(

@@ -65,6 +65,9 @@ class FitResult:
     stopped_early: bool = False
     resumed_from_epoch: int | None = None  # the last epoch done before a resume (1-based)
     device: str = "cpu"
+    # lp_ft only: its LP stage, {"l2", "train_loss", "val_loss"} (the probe's L2 strength
+    # chosen on validation, its training loss and its validation cross-entropy)
+    lp_stage: dict[str, float] | None = None
 
 
 class TrainingRecorder(Protocol):

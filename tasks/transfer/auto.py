@@ -9,9 +9,9 @@ The rule, in the order it runs:
    teacher when the evidence cannot separate it; the source's native resolution is read.
 3. **Pilots** (:mod:`tasks.transfer.pilots`): short fine-tunes by successive halving on the
    validation split within ``train.auto_budget_minutes``, each with its validation AUC
-   (patient-bootstrap interval) and its inherited exposure (the gates' teacher-transfer
-   attacks at the gate's budget, Wilson interval); the best validation AUC whose exposure
-   passes the gate is chosen, else the least exposed with a warning.
+   (patient-bootstrap interval), and the finalists' inherited exposure (the gates'
+   teacher-transfer attacks at the gate's budget, Wilson interval); the best validation AUC
+   whose exposure passes the gate is chosen, else the least exposed with a warning.
 
 The choice goes into the parameters (everything after sees, logs and checkpoints concrete
 values) and the :class:`~tasks.transfer.selection.TransferChoice` records why.
@@ -20,6 +20,7 @@ values) and the :class:`~tasks.transfer.selection.TransferChoice` records why.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,19 +154,28 @@ def decision_table(choice: TransferChoice) -> list[str]:
     for row in decision_rows(choice):
         lines.append(
             f"| {row['label']} | {row['why']} | {row['epochs']} | {row['val_auc']:.3f} "
-            f"[{row['val_auc_low']:.3f}, {row['val_auc_high']:.3f}] | "
-            f"{row['transfer_success']:.2f} | {row['mimicry_success']:.2f} | "
-            f"{row['exposure']:.2f} [{row['exposure_low']:.2f}, {row['exposure_high']:.2f}] "
-            f"({row['exposure_n']}) | {'pass' if row['passes'] else 'FAIL'} | "
+            f"[{row['val_auc_low']:.3f}, {row['val_auc_high']:.3f}] | {_exposure_cells(row)} | "
             f"{'**yes**' if row['chosen'] else ''} |"
         )
     return lines
 
 
+def _exposure_cells(row: dict) -> str:
+    """The table's teacher-transfer, mimicry, exposure and gate cells of one pilot: measured
+    on the finalists only (a pilot cut in an earlier round has none)."""
+    if not math.isfinite(row["exposure"]):
+        return "- | - | not measured (not a finalist) | -"
+    return (
+        f"{row['transfer_success']:.2f} | {row['mimicry_success']:.2f} | "
+        f"{row['exposure']:.2f} [{row['exposure_low']:.2f}, {row['exposure_high']:.2f}] "
+        f"({row['exposure_n']}) | {'pass' if row['passes'] else 'FAIL'}"
+    )
+
+
 def plot_decision(choice: TransferChoice, path) -> bool:
     """Validation AUC against inherited exposure, one point per piloted candidate with both
     95% intervals, the gate as a vertical line; written to ``path``. False when no pilots ran."""
-    rows = decision_rows(choice)
+    rows = [row for row in decision_rows(choice) if math.isfinite(row["exposure"])]
     if not rows:
         return False
     import matplotlib  # deferred: matplotlib only for this plot
