@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,19 +37,25 @@ def _params_file(train_params: Params, tmp_path: Path) -> Path:
     return path
 
 
-def _task_run_counts() -> dict[str, int]:
+def _task_run_counts(expect: str) -> dict[str, int]:
     """How many times each task of the latest flow run ran (1: never retried), from Prefect's
-    API."""
+    API, once the task run ``expect`` is there: task runs reach the server as events, which
+    a busy machine delivers seconds after the flow has ended."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        (latest,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id]))
-        )
-    return {task_run.name.rsplit("-", 1)[0]: task_run.run_count for task_run in task_runs}
+        while True:
+            (latest,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id]))
+            )
+            counts = {run.name.rsplit("-", 1)[0]: run.run_count for run in task_runs}
+            if expect in counts or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.5)
 
 
 def _failed_with(error: BaseException) -> Failed:
@@ -91,7 +98,7 @@ def test_a_file_in_place_of_the_plots_folder_fails_run_in_one_line_and_the_rerun
     assert ours[0].startswith("medtransfer run: error: stage train failed")
     assert str(plots) in ours[0] and "move it away" in ours[0]
     # Retrying would meet the same file: the stage ran once, and the stages before finished.
-    counts = _task_run_counts()
+    counts = _task_run_counts(expect="train")
     assert counts["train"] == 1
     assert counts.get("evaluate", 0) == 0
     assert STAGE_OPTIONS["retries"] > 0  # so the single attempt was a decision, not a default

@@ -147,6 +147,10 @@ def test_metrics_count_abstentions_and_the_store_keeps_only_numbers(served) -> N
     with sqlite3.connect(store) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(requests)")]
         rows = connection.execute("SELECT COUNT(*), SUM(abstained) FROM requests").fetchone()
+        colour_rows = connection.execute(
+            "SELECT COUNT(*) FROM requests WHERE mean_r IS NOT NULL OR saturated_b IS NOT NULL"
+        ).fetchone()
+    per_channel = [f"{name}_{c}" for c in "rgb" for name in ("mean", "std", "saturated")]
     assert columns == [
         "id",
         "time",
@@ -158,8 +162,10 @@ def test_metrics_count_abstentions_and_the_store_keeps_only_numbers(served) -> N
         "mean",
         "std",
         "saturated",
+        *per_channel,  # a colour model's; this gray model leaves them empty
     ]
     assert rows[0] > 0 and rows[1] >= 1
+    assert colour_rows == (0,)
 
 
 def test_medtransfer_monitor_compares_the_served_requests_with_the_profile(served) -> None:
