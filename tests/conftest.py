@@ -6,8 +6,10 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +21,41 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
+# `make test` runs two pytest-xdist workers on CI's two cores: one torch thread each, as two
+# threads per worker would ask four of two cores (and subprocesses inherit the setting).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Prefect's state for this test session: a home of its own, neither the user's ~/.prefect nor
 # the checkout's .prefect/ (which flows/environment.py picks for runs from a checkout).
 _PREFECT_HOME = tempfile.mkdtemp(prefix="medtransfer-test-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, ``kill``) ends the session as Ctrl-C does, so that fixtures
+    still stop the servers they started (PostgreSQL, MLflow, Orthanc, Dask, ``bentoml
+    serve``) instead of leaving them running without a parent."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's ``--dist loadgroup`` (``make test``), keep each test module on one
+    worker, so that its module-scoped fixtures (a trained project, a served Bento) are built
+    once; a folder of tests that share session fixtures (``tests/deploy``: trained and served
+    students; ``tests/scale``: PostgreSQL, an MLflow server, a Dask cluster) is one group."""
+    if config.getoption("dist", "no") == "no":
+        return
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        relative = item.path.resolve().relative_to(tests)
+        group = relative.parts[0] if len(relative.parts) > 1 else relative.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
