@@ -23,11 +23,11 @@ demo: $(STAMP)
 	$(VENV)/bin/medtransfer run
 
 # The suite on two pytest-xdist workers (CI has two cores), a test module, or a folder whose
-# tests share session fixtures, per worker at a time (tests/conftest.py's xdist groups).
+# tests share session fixtures, per worker at a time (tests/conftest.py's scheduler).
 test: $(STAMP) browser orthanc postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadscope
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

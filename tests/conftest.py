@@ -44,18 +44,21 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's ``--dist loadgroup`` (``make test``), keep each test module on one
-    worker, so that its module-scoped fixtures (a trained project, a served Bento) are built
-    once; a folder of tests that share session fixtures (``tests/deploy``: trained and served
-    students; ``tests/scale``: PostgreSQL, an MLflow server, a Dask cluster) is one group."""
-    if config.getoption("dist", "no") == "no":
-        return
-    tests = Path(__file__).resolve().parent
-    for item in items:
-        relative = item.path.resolve().relative_to(tests)
-        group = relative.parts[0] if len(relative.parts) > 1 else relative.stem
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent when it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``make test``'s scheduling on two workers: a test module, or a folder of modules that
+    share session fixtures (``tests/deploy``: trained and served students; ``tests/scale``:
+    PostgreSQL, an MLflow server, a Dask cluster), runs whole on one worker, so each fixture
+    is built once and each module's tests keep their order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]  # tests/deploy/test_x.py, tests/test_y.py
+            parts = module.split("/")
+            return "/".join(parts[:2]) if len(parts) > 2 else module
+
+    return FolderScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -233,14 +236,20 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fresh_mlflow_store(
     empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> str:
+) -> Iterator[str]:
     """A fresh MLflow store in ``tmp_path`` for this test, set through the environment as a
     user would; returns its tracking URI."""
+    import mlflow
+
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    return uri
+    yield uri
+    # A stage of the test pointed MLflow's process-wide URI here (configure_mlflow): point it
+    # back, or a later test's MlflowClient() would read this test's store.
+    mlflow.set_tracking_uri(before)
 
 
 # The small training set of ``train_params``: its data settings and the folders it fills.
