@@ -13,6 +13,13 @@ the gray student are byte-identical by test, so the figure must be equal).
 
     python -m benchmarks.colour                  # both, writes benchmarks/results/colour.md
     PYTHONPATH=../main python -m benchmarks.colour --breast-only   # main's figure, printed
+    python -m benchmarks.colour --png-folder   # the hue set as a PNG folder + labels CSV,
+                                               # appended to benchmarks/results/colour.md
+
+``--png-folder`` writes the same kind of hue images as PNG files (two per patient) with a
+``labels.csv`` naming each file, its label and its patient: the image-folder path end to end
+(``tasks/data/image_files.py``), split by patient by the pipeline itself (fractions chosen to
+give about the ``.npz`` arms' train/val/test sizes), gray against colour.
 """
 
 from __future__ import annotations
@@ -89,12 +96,60 @@ def row(name: str, result: dict) -> str:
     )
 
 
+def png_folder_section(tmp: Path, sizes: tuple[int, int, int]) -> str:
+    """Gray against colour on the hue set written as a PNG folder with a labels CSV: the
+    markdown section appended to the results."""
+    from tests.colour_samples import write_hue_image_folder
+
+    total = sum(sizes)
+    folder = write_hue_image_folder(tmp / "hue-png", total, SIZE, seed=7)
+    split = [
+        "data.labels_csv=labels.csv",
+        f"data.val_fraction={sizes[1] / total:.4f}",
+        f"data.test_fraction={sizes[2] / total:.4f}",
+    ]
+    gray = run_arm(tmp / "png-gray", folder, SIZE, [*split, "data.channels=gray"])
+    print(json.dumps({"png_gray": gray}), flush=True)
+    colour = run_arm(tmp / "png-colour", folder, SIZE, [*split, "data.channels=auto"])
+    print(json.dumps({"png_colour": colour}), flush=True)
+    header = "| arm | test AUC | 95% CI (patient bootstrap) | n test | train s |\n| --- | --- | --- | --- | --- |"
+    return "\n".join(
+        [
+            "",
+            "## The hue set as a PNG folder with a labels CSV: gray against colour",
+            "",
+            machine_header(),
+            "",
+            f"`python -m benchmarks.colour --png-folder`: {total} hue images (seed 7) written as "
+            "PNG files, two per patient, with `labels.csv` (`path`, `label`, `patient`); the "
+            "pipeline splits by patient (`split_by: patient`) with fractions giving about "
+            f"{sizes[0]}/{sizes[1]}/{sizes[2]} train/val/test images. Same teacher, strategy, "
+            "epochs and size as above. Intervals: 95% patient bootstrap (two images per "
+            "patient, so wider for the same n than the `.npz` arms, where each image is its "
+            "own patient).",
+            "",
+            header,
+            row("gray (`data.channels=gray`)", gray),
+            row("colour (`data.channels=auto`)", colour),
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--breast-only", action="store_true")
+    parser.add_argument("--png-folder", action="store_true")
     parser.add_argument("--sizes", default="150,50,150", help="train,val,test images")
     args = parser.parse_args()
     os.environ.setdefault("MEDTRANSFER_PATIENT_SALT", "benchmark")
+    if args.png_folder:
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes = tuple(int(n) for n in args.sizes.split(","))
+            section = png_folder_section(Path(tmp), sizes)
+        print(section)
+        results = REPO / "benchmarks" / "results" / "colour.md"
+        results.write_text(results.read_text().rstrip("\n") + "\n" + section + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if not args.breast_only:

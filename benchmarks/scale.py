@@ -1,7 +1,7 @@
 """Hospital scale, measured: ingestion of up to 100,000 small DICOM files per task runner, peak
 memory against file count, and MLflow search with 1,000 runs on SQLite against the
-PostgreSQL-backed server. (Training RSS on the memory-mapped set and DVC on a 100,000-file
-``data.source`` are not measured yet.)
+PostgreSQL-backed server. (Training memory against the set's size: ``benchmarks.scale_train``;
+DVC on a large ``data.source``: ``benchmarks.scale_dvc``; both append to the same file.)
 
 Each measurement runs in a fresh child process whose process tree (and, for Dask, the cluster's
 worker processes) is sampled for resident memory every 0.2 s; each appends one JSON line to

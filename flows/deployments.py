@@ -24,6 +24,8 @@ Two ways to run them (README, "Schedule retraining"):
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,7 +195,10 @@ def deploy_deployments(
         params, params_file, overrides, **_pool_settings(work_pool_name, working_dir)
     )
     try:
-        ids = deploy(*deployments, work_pool_name=work_pool_name, ignore_warnings=True)
+        # Prefect prints its table of deployments: to stderr, with the progress, so that
+        # stdout is the command's own summary (its JSON with --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            ids = deploy(*deployments, work_pool_name=work_pool_name, ignore_warnings=True)
     except ValueError as err:
         raise MedtransferError(
             f"{err} Create it with `prefect work-pool create --type process {work_pool_name}`."

@@ -80,3 +80,49 @@ def write_hue_dicom_folder(folder: Path, n: int, size: int, seed: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
     return folder
+
+
+def write_hue_image_folder(
+    folder: Path,
+    n: int,
+    size: int,
+    seed: int,
+    *,
+    patients: bool = True,
+    gray_every: int = 0,
+    jpeg_every: int = 0,
+    marker: str = "",
+) -> Path:
+    """An image folder: ``n`` hue images as PNG files (every ``jpeg_every``-th a JPEG, every
+    ``gray_every``-th PNG saved gray, as its luma) and ``labels.csv`` (``path``, ``label``
+    ``negative``/``positive``, and ``patient``, two images each, when ``patients``).
+
+    ``marker`` is put where a file's metadata and name carry text: each PNG's ``tEXt``
+    chunk, each JPEG's EXIF ImageDescription, every file name and every patient name, so a
+    test can look for it in what the pipeline writes. Returns ``folder``.
+    """
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    images, labels = hue_set(n, size, seed)
+    rows = ["path,label" + (",patient" if patients else "")]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        jpeg = bool(jpeg_every) and i % jpeg_every == jpeg_every - 1
+        name = f"{marker}{i:04d}.{'jpg' if jpeg else 'png'}"
+        path = folder / ("sub" if i % 3 == 0 else "") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if jpeg:
+            exif = Image.Exif()
+            exif[0x010E] = f"description {marker}"  # ImageDescription
+            Image.fromarray(image).save(path, format="JPEG", quality=95, exif=exif)
+        else:
+            info = PngInfo()
+            info.add_text("Comment", f"comment {marker}")
+            gray = bool(gray_every) and i % gray_every == gray_every - 1
+            pixels = np.rint(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+            Image.fromarray(pixels if gray else image).save(path, format="PNG", pnginfo=info)
+        relative = path.relative_to(folder).as_posix()
+        row = f"{relative},{'positive' if label else 'negative'}"
+        rows.append(row + (f",{marker}patient{i // 2}" if patients else ""))
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder

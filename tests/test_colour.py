@@ -176,3 +176,28 @@ def test_a_colour_model_refuses_a_gray_upload_and_keeps_a_colour_one(tmp_path: P
     assert prepare_dicom(path.read_bytes(), 32, channels=3).shape == (3, 32, 32)
     # a gray model takes the colour upload as luma (the documented rule), as before
     assert prepare_dicom(path.read_bytes(), 32).shape == (32, 32)
+
+
+def test_train_refuses_rgb_on_a_gray_dataset_and_gray_on_a_colour_one_before_any_run(
+    train_params, tmp_path: Path, fresh_mlflow_store: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.stages.train import run_train
+
+    rgb = train_params.with_overrides(["data.channels=rgb"])  # the processed set is gray
+    with pytest.raises(MedtransferError, match=r"data\.channels is rgb but the processed") as err:
+        run_train(rgb, progress=False)
+    assert "\n" not in str(err.value)
+    npz = write_hue_npz(tmp_path / "hue.npz", (8, 4, 4), 32, 0)
+    colour = train_params.with_overrides([f"data.source={npz}", "data.image_size=32"])
+    run_ingest(colour, progress=False)
+    gray = colour.with_overrides(["data.channels=gray"])  # the processed set is colour
+    with pytest.raises(MedtransferError, match=r"data\.channels is gray but the processed") as err:
+        run_train(gray, progress=False)
+    assert "\n" not in str(err.value)
+    assert not Path(train_params.train.model_dir).exists()
+    experiment = MlflowClient(fresh_mlflow_store).get_experiment_by_name("medtransfer")
+    assert experiment is None or not MlflowClient(fresh_mlflow_store).search_runs(
+        [experiment.experiment_id]
+    )

@@ -100,3 +100,50 @@ def test_a_colour_npz_and_a_colour_dicom_folder_run_every_stage_and_are_served_a
     assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0)
     with pytest.raises(InputRejected, match="colour images"):
         prepare_png(_png(image[..., 1]), 32, channels=3)
+
+
+MARKER = "ZQXNAMEMARKER"
+
+
+def test_a_png_folder_with_a_labels_csv_runs_the_flow_and_is_served_as_colour_leaving_no_names(
+    prefect_harness, colour_params: Params, tmp_path: Path
+) -> None:
+    import bentoml
+    import yaml
+
+    from flows.pipeline import medtransfer_pipeline
+    from tasks.model.inference import Predictor, prepare_png
+    from tests.colour_samples import write_hue_image_folder
+    from tests.test_colour import _png
+
+    # a marker in every file name, patient, PNG text chunk and JPEG EXIF description
+    folder = write_hue_image_folder(
+        tmp_path / "images", 24, 32, 11, gray_every=7, jpeg_every=5, marker=MARKER
+    )
+    params = colour_params.with_overrides(
+        [f"data.source={folder}", "data.labels_csv=labels.csv", "data.name=hue-png"]
+    )
+    params_file = tmp_path / "flow.yaml"
+    params_file.write_text(yaml.safe_dump(params.to_dict()))
+    done = medtransfer_pipeline(params_file=str(params_file))
+    assert done["ingest"]["source_kind"] == "image_folder"
+    assert done["ingest"]["split_by"] == "patient" and done["ingest"]["channels"]["channels"] == 3
+    bento_model = bentoml.models.get(done["package"]["bento_model"])
+    predictor = Predictor.from_folder(bento_model.path)
+    assert predictor.spec.channels == 3
+    image = np.asarray(__import__("PIL.Image").Image.open(folder / f"sub/{MARKER}0000.png"))
+    probs = predictor.predict_images(prepare_png(_png(image), 32, channels=3)[None])
+    assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0)
+    # names are data: only manifest.csv / quarantine.csv keep file names (README)
+    kept = {Path(params.data.processed_dir) / n for n in ("manifest.csv", "quarantine.csv")}
+    written = [
+        *(p for p in tmp_path.rglob("*") if folder not in p.parents),
+        *Path(bento_model.path).rglob("*"),
+        Path(done["package"]["archive"]),
+    ]
+    leaked = [
+        str(p.relative_to(tmp_path) if tmp_path in p.parents else p.name)
+        for p in written
+        if p.is_file() and p not in kept and MARKER.encode() in p.read_bytes()
+    ]
+    assert leaked == []

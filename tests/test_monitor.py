@@ -207,3 +207,58 @@ def test_read_recent_interleaves_the_refusals_recorded_within_the_classified_win
         (0, 8.0),
         (1, None),
     ]
+
+
+def test_swapped_colour_channels_drift_per_channel_while_the_pooled_figures_do_not(
+    params: Params, tmp_path: Path
+) -> None:
+    from tasks.model.profile import deciles, image_statistics, statistic_names
+
+    rng = np.random.default_rng(0)
+    images = np.empty((200, 3, 8, 8), np.uint8)
+    images[:, 0] = rng.integers(150, 250, (200, 1, 1))  # reddish
+    images[:, 1] = rng.integers(0, 256, (200, 8, 8))
+    images[:, 2] = rng.integers(0, 100, (200, 1, 1))
+    stats = image_statistics(images)
+    DataProfile(
+        scope=None,
+        multiframe="middle",
+        source_kind="image_folder",
+        n_train=200,
+        n_val=200,
+        statistics={name: deciles(stats[:, i]) for i, name in enumerate(statistic_names(3))},
+        ood={"method": "knn", "threshold": 0.95, "false_rejection": 0.05, "score_deciles": EDGES},
+        probability_deciles=EDGES,
+    ).save(tmp_path)
+    store = RequestStore(tmp_path / "requests.sqlite", max_records=1000)
+    for image in images[:, ::-1]:  # a camera sending BGR: the same values, channels swapped
+        store.record(
+            "/classify/png", rng.uniform(), np.array([0.5, rng.uniform()]), image, **CLASSIFIED
+        )
+    report = compare(
+        read_recent(tmp_path / "requests.sqlite", 200), DataProfile.load(tmp_path), params
+    )
+    assert {"mean_r", "mean_b"} <= set(report["drifted"])
+    assert report["psi"]["mean"] == pytest.approx(0.0, abs=1e-9)  # the pooled figures: as trained
+    assert report["psi"]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert "mean_g" not in report["drifted"]
+
+
+def test_a_monitor_store_from_before_per_channel_statistics_gains_their_columns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "requests.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE requests (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, "
+        "route TEXT NOT NULL, ood_score REAL, abstained INTEGER NOT NULL, refused INTEGER NOT "
+        "NULL, probabilities TEXT, mean REAL, std REAL, saturated REAL)"
+    )
+    old.commit()
+    old.close()
+    store = RequestStore(path, max_records=10)
+    store.record("/classify/png", 0.1, None, np.full((3, 4, 4), 255, np.uint8), **CLASSIFIED)
+    store.record("/classify/png", 0.1, None, np.zeros((4, 4), np.uint8), **CLASSIFIED)
+    colour, gray = read_recent(path, 10)
+    assert (colour["mean"], colour["mean_r"], colour["saturated_b"]) == (1.0, 1.0, 1.0)
+    assert (gray["mean"], gray["mean_r"]) == (0.0, None)

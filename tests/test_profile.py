@@ -70,3 +70,20 @@ def test_image_statistics_of_known_images() -> None:
     stats = image_statistics(images)
     assert stats[0] == pytest.approx([2 / 16, np.sqrt(2 / 16 * 14 / 16), 1.0])
     assert stats[1] == pytest.approx([1.0, 0.0, 1.0])
+
+
+def test_a_colour_images_statistics_are_pooled_then_per_channel() -> None:
+    from tasks.model.profile import STATISTICS, statistic_names
+
+    image = np.zeros((1, 3, 2, 2), np.uint8)
+    image[0, 0] = 255  # red all saturated-bright, green all black
+    image[0, 2] = [[0, 51], [102, 153]]  # blue 0, 0.2, 0.4, 0.6
+    stats = image_statistics(image)
+    assert statistic_names(1) == STATISTICS  # a gray model's names, as before colour
+    assert statistic_names(3)[3:6] == ("mean_r", "std_r", "saturated_r")
+    assert stats.shape == (1, 12)
+    pooled_mean = 5.2 / 12  # four 1s and 0.2 + 0.4 + 0.6, over 12 values
+    pooled = [pooled_mean, np.sqrt(4.56 / 12 - pooled_mean**2), 9 / 12]
+    assert stats[0] == pytest.approx(
+        [*pooled, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.3, np.sqrt(0.05), 0.25]
+    )

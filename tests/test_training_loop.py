@@ -350,3 +350,48 @@ def test_fit_config_takes_each_loop_setting_from_the_train_key_of_its_name() -> 
         checkpoint_dir="runs/x",
         resume=True,
     )
+
+
+def test_rows_of_a_split_read_the_same_images_as_indexing_the_array(tmp_path: Path) -> None:
+    from tasks.data.dataset import Rows
+
+    np.save(tmp_path / "images.npy", np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2))
+    images = np.load(tmp_path / "images.npy", mmap_mode="r")
+    idx = np.array([1, 4, 5])
+    rows = Rows(images, idx)
+    assert (len(rows), rows.shape, rows.dtype, rows.ndim) == (3, (3, 2, 2), np.uint8, 3)
+    assert rows[1].tolist() == [[16, 17], [18, 19]]  # image 4
+    assert np.array_equal(rows[1:], images[[4, 5]])
+    assert np.array_equal(rows[np.array([2, 0])], images[[5, 1]])
+    assert np.array_equal(np.asarray(rows), images[idx])
+    assert np.asarray(rows, dtype=np.float32).dtype == np.float32
+
+
+def test_training_datasets_read_the_memory_map_per_image_and_copy_no_split(tmp_path: Path) -> None:
+    """Training memory stays flat against the set's size: its datasets hold rows of the
+    memory-mapped images.npy, not ``images[train_idx]`` copies (benchmarks/results/scale.md)."""
+    import pandas as pd
+
+    from tasks.data.dataset import ProcessedDataset
+    from tasks.training.strategies import _datasets
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", pixels)
+    splits = np.array(["train", "val", "train", "test", "val", "train", "train", "val"])
+    dataset = ProcessedDataset(
+        images=np.load(tmp_path / "images.npy", mmap_mode="r"),
+        labels=np.array([0, 1, 0, 1, 0, 1, 0, 1]),
+        splits=splits,
+        classes=["a", "b"],
+        manifest=pd.DataFrame({"split": splits}),
+        info={},
+        root=tmp_path,
+    )
+    config = load_params("params.yaml").train
+    train_set, val_set = _datasets(config, dataset, dataset.indices("train"))
+    assert train_set.images.array is dataset.images is val_set.images.array
+    assert (len(train_set), len(val_set)) == (4, 3)
+    copied = ImageDataset(pixels[[1, 4, 7]], np.array([1, 0, 1]), to_tensor_transform(1))
+    for index in range(3):
+        assert torch.equal(val_set[index][0], copied[index][0])
+        assert val_set[index][1] == copied[index][1]

@@ -106,6 +106,12 @@ class ProcessedDataset:
         idx = self.indices(split)
         return np.asarray(self.images[idx]), self.labels[idx]
 
+    def rows(self, split: str) -> tuple[Rows, np.ndarray]:
+        """``(images, labels)`` of one split, the images left on disk: read when indexed
+        (training's datasets and feature batches), so memory does not grow with the set."""
+        idx = self.indices(split)
+        return Rows(self.images, idx), self.labels[idx]
+
     def group_values(self, attribute: str, split: str) -> np.ndarray:
         """The grouping attribute ``attribute`` (``manufacturer``, ``view``, ...) of one
         split's images ``(n,)`` str; all ``unknown`` where the dataset did not record it (one
@@ -129,6 +135,41 @@ class ProcessedDataset:
     def source(self) -> DatasetSource:
         """What this dataset was ingested from (its ``dataset.json`` record)."""
         return source_from_info(self.info, self.root)
+
+
+class Rows:
+    """Rows ``idx`` of an array, read only when indexed: a split of the memory-mapped images
+    without the copy that ``images[idx]`` makes (at 224 px, 49 KiB an image).
+
+    ``rows[i]`` is image ``array[idx[i]]``; ``rows[a:b]`` (or an index array) a uint8 array
+    of those rows; ``len``, ``shape``, ``dtype`` and ``np.asarray(rows)`` as for an array.
+    """
+
+    def __init__(self, array: np.ndarray, idx: np.ndarray) -> None:
+        self.array = array
+        self.idx = np.asarray(idx, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.idx), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[self.idx[key]])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        rows = np.asarray(self.array[self.idx])
+        return rows if dtype is None else rows.astype(dtype)
 
 
 def load_processed(processed_dir: str | Path) -> ProcessedDataset:
@@ -210,7 +251,7 @@ class DatasetSource:
     ``manifest.csv`` and ``quarantine.csv`` (relative to the source), to trace an image back.
 
     Attributes:
-        kind: ``synthetic``, ``dicom_folder`` or ``npz``.
+        kind: ``synthetic``, ``dicom_folder``, ``image_folder`` (PNG / JPEG / TIFF) or ``npz``.
         name: ``data.name`` at ingestion, or ``kind`` when it was null.
         labels: where labels came from, in words: ``labels CSV``, ``class sub-folders`` or
             ``npz arrays``.

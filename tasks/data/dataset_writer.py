@@ -28,6 +28,11 @@ from tasks.data.quarantine import QUARANTINE_REASONS
 from tasks.data.splits import patient_level_split
 from tasks.errors import MedtransferError
 
+# What the split kept together (the ingest report's ``split_by``): each patient's images
+# (DICOM PatientID, a labels CSV's patient column), each image alone (image files without a
+# patient column), or the source's own split (a MedMNIST .npz).
+SPLIT_BY_PATIENT, SPLIT_BY_IMAGE, SPLIT_BY_SOURCE = "patient", "image", "source"
+
 
 @dataclass
 class SourceYield:
@@ -41,8 +46,8 @@ class SourceYield:
         quarantine: one row per left-out file (``source_file``, ``reason``, ``detail``).
         files_seen: the input files (for a ``.npz``, its images).
         ingested: the input files that gave at least one image.
-        kind: the source kind (``dicom_folder``, ``synthetic``, ``npz``); a ``.npz`` keeps its
-            split.
+        kind: the source kind (``dicom_folder``, ``image_folder``, ``synthetic``, ``npz``); a
+            ``.npz`` keeps its split.
         name: the dataset's name (``data.name`` or the source kind, never a path).
         labels_from: where its labels came from, in words (``tasks.data.dataset.CSV_LABELS``…).
     """
@@ -74,6 +79,7 @@ class IngestResult:
     gray_made_colour: int = 0
     # A labels CSV's row counts (LabelSource.csv_counts); empty for other label sources.
     labels_csv: dict[str, int] = field(default_factory=dict)
+    split_by: str = SPLIT_BY_PATIENT
 
     def to_report(self) -> dict:
         return {
@@ -84,6 +90,7 @@ class IngestResult:
             "images": self.images,
             "quarantined_by_reason": self.quarantined_by_reason,
             "splits": self.splits,
+            "split_by": self.split_by,
             "classes": self.classes,
             "channels": {"channels": self.channels, "gray_made_colour": self.gray_made_colour},
             **({"labels_csv": self.labels_csv} if self.labels_csv else {}),

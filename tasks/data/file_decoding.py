@@ -1,5 +1,9 @@
 """Decoding a folder's files into outcomes: images, or a quarantine reason, one per file.
 
+A file that starts like a PNG, JPEG or TIFF (:func:`tasks.data.image_files.image_format`) is
+decoded as an image file, pixels only; every other file as DICOM. Both fail with the same
+reason codes (:mod:`tasks.data.dicom_rejections`).
+
 :func:`decode_to_outcome` decodes one file (never raising: a failure is a reason);
 :func:`decode_in_process_pool` is the default :data:`DecodeMap`, which runs it in worker
 processes and keeps the file order; :func:`decode_chunk` and :func:`split_in_chunks` are the
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataParams
-from tasks.data import dicom_io, dicom_read, dicom_rejections, groups
+from tasks.data import dicom_io, dicom_read, dicom_rejections, groups, image_files
 from tasks.data.channels import keeps_colour
 from tasks.data.patient_hash import salted_hash
 from tasks.data.preprocess import resize_any
@@ -41,6 +45,9 @@ class FileOutcome:
     # every header grouping attribute (tasks.data.groups.header_groups); ingestion keeps
     # the ones it records
     groups: dict[str, str] = field(default_factory=dict)
+    # "dicom", or the image file's format ("png", "jpeg", "tiff"): an image file has no
+    # patient of its own (its patient_hash is its file's until a labels CSV names one)
+    kind: str = "dicom"
 
 
 # Decodes ``files`` (under ``folder``) with the ``data`` settings and the patient salt, and
@@ -60,6 +67,10 @@ def decode_to_outcome(
     """Decode one file into resized uint8 images (``(S, S)``, or ``(3, S, S)`` for a colour
     file when ``colour``), or a quarantine reason. Never raises."""
     outcome = FileOutcome(source_file=path.relative_to(folder).as_posix())
+    kind = image_files.file_format(path)
+    if kind is not None:
+        outcome.kind = kind
+        return _image_outcome(path, outcome, image_size, salt, colour)
     try:
         with _pydicom_warnings_silenced():
             # dicom_io.decode_file's two steps, keeping the header for the grouping attributes
@@ -81,6 +92,26 @@ def decode_to_outcome(
     )
     outcome.patient_hash = salted_hash(salt, decoded.patient_key or f"file:{outcome.source_file}")
     outcome.notes = ";".join(decoded.notes)
+    return outcome
+
+
+def _image_outcome(
+    path: Path, outcome: FileOutcome, image_size: int, salt: str, colour: bool
+) -> FileOutcome:
+    """:func:`decode_to_outcome` for a PNG / JPEG / TIFF file: its pixels resized, or a reason.
+    Its patient is its own file (each image its own patient) until a labels CSV names one."""
+    try:
+        frame = image_files.decode_image_file(path, colour=colour)
+        outcome.images = [resize_any(frame, image_size)]
+    except dicom_rejections.DicomRejected as err:
+        outcome.reason, outcome.detail = err.reason, err.detail
+        return outcome
+    except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
+        outcome.reason = dicom_rejections.DECODE_FAILED
+        outcome.detail = f"unexpected {type(err).__name__}"
+        return outcome
+    outcome.patient_hash = salted_hash(salt, f"file:{outcome.source_file}")
+    outcome.notes = outcome.kind
     return outcome
 
 

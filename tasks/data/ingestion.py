@@ -1,4 +1,5 @@
-"""Ingestion: a DICOM folder, a MedMNIST ``.npz`` or the synthetic set → processed dataset.
+"""Ingestion: a DICOM folder, an image folder (PNG / JPEG / TIFF), a MedMNIST ``.npz`` or the
+synthetic set → processed dataset.
 
 Every input file ends either in the dataset or in ``quarantine.csv`` with a reason, so
 ``ingested + quarantined == files_seen`` always holds. Files are decoded in parallel worker
@@ -26,13 +27,25 @@ from tasks.config import DataParams
 from tasks.data import dataset as ds_files
 from tasks.data import groups
 from tasks.data.channels import CHANNELS_KEY
-from tasks.data.dataset_writer import IngestResult, SourceYield, staging_dir, write_dataset
+from tasks.data.dataset_writer import (
+    SPLIT_BY_IMAGE,
+    SPLIT_BY_PATIENT,
+    SPLIT_BY_SOURCE,
+    IngestResult,
+    SourceYield,
+    staging_dir,
+    write_dataset,
+)
 from tasks.data.file_decoding import DecodeMap, FileOutcome, decode_in_process_pool, list_files
 from tasks.data.labels import LabelSource
 from tasks.data.npz_source import check_npz, read_npz_rows
-from tasks.data.patient_hash import patient_salt
+from tasks.data.patient_hash import patient_salt, salted_hash
 from tasks.data.quarantine import DUPLICATE_SOP_UID, NO_LABEL
 from tasks.errors import MedtransferError
+
+IMAGE_FOLDER = "image_folder"
+# A manifest row's key (not a manifest column): "dicom" or the image file's format.
+KIND_KEY = "_kind"
 
 
 def ingest_folder(
@@ -47,7 +60,16 @@ def ingest_folder(
 ) -> IngestResult:
     """Decode every file under ``folder`` (with ``decode_map``, default a process pool) and
     write the processed dataset, with the grouping attributes ``group_names``
-    (:func:`tasks.data.groups.recorded`; None: the header ones and ``data.site``'s)."""
+    (:func:`tasks.data.groups.recorded`; None: the header ones and ``data.site``'s).
+
+    A ``dicom_folder`` whose kept images all come from PNG / JPEG / TIFF files is recorded as
+    an ``image_folder``. An image file's patient is the labels CSV's ``patient`` column when
+    it has one, else the file itself (the report's ``split_by``: ``patient`` or ``image``).
+
+    Raises:
+        MedtransferError: no file; a labels CSV none of whose rows names a file of ``folder``;
+            what :func:`tasks.data.dataset_writer.write_dataset` refuses.
+    """
     files = list_files(folder, exclude=labels.csv_path)
     if not files:
         raise MedtransferError(
@@ -63,14 +85,17 @@ def ingest_folder(
                 labels,
                 raw,
                 _group_columns(group_names, data.site),
+                salt,
             )
+        csv_counts = labels.check_rows_name_files({f.relative_to(folder).as_posix() for f in files})
+        kind = _folder_kind(source_kind, rows)
         source = SourceYield(
             rows=rows,
             quarantine=quarantine,
             files_seen=len(files),
             ingested=len({row["source_file"] for row in rows}),
-            kind=source_kind,
-            name=data.name or source_kind,
+            kind=kind,
+            name=data.name or kind,
             labels_from=ds_files.CSV_LABELS if labels.csv_path else ds_files.SUBFOLDER_LABELS,
         )
         result = write_dataset(staging, source, data, seed)
@@ -78,8 +103,25 @@ def ingest_folder(
         # The next run would remove it too; removing it now keeps a long-lived process clean.
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result.labels_csv = labels.csv_counts({f.relative_to(folder).as_posix() for f in files})
+    result.labels_csv = csv_counts
+    result.split_by = _split_unit(rows, labels)
     return result
+
+
+def _folder_kind(source_kind: str, rows: list[dict]) -> str:
+    """``image_folder`` for a ``dicom_folder`` whose kept images all came from image files."""
+    if source_kind == "dicom_folder" and rows and all(r[KIND_KEY] != "dicom" for r in rows):
+        return IMAGE_FOLDER
+    return source_kind
+
+
+def _split_unit(rows: list[dict], labels: LabelSource) -> str:
+    """``image`` when some kept image file had no patient (no ``patient`` column: each image
+    is its own patient), else ``patient``."""
+    images = [r for r in rows if r[KIND_KEY] != "dicom"]
+    if images and not all(labels.patient_for(r["source_file"]) for r in images):
+        return SPLIT_BY_IMAGE
+    return SPLIT_BY_PATIENT
 
 
 def _group_columns(names: tuple[str, ...] | None, site: str | None) -> Callable[[dict], dict]:
@@ -95,10 +137,12 @@ def _label_and_keep(
     labels: LabelSource,
     raw: BinaryIO,
     group_columns: Callable[[dict], dict],
+    salt: str,
 ) -> tuple[list[dict], list[dict]]:
-    """Resolve each decoded file's label and append its images' bytes to ``raw``; returns the
-    manifest rows of the kept images (with ``group_columns`` of the file's header values) and
-    the quarantine rows of the rest, in file order.
+    """Resolve each decoded file's label (and an image file's patient, salted with ``salt``)
+    and append its images' bytes to ``raw``; returns the manifest rows of the kept images (with
+    ``group_columns`` of the file's header values) and the quarantine rows of the rest, in
+    file order.
 
     A file without a label is quarantined (``no_label``), and so is a file whose SOP Instance
     UID an earlier kept file had (``duplicate_sop_instance_uid``: the first one is kept).
@@ -119,11 +163,15 @@ def _label_and_keep(
             continue
         if outcome.sop_uid:
             seen_sop_uids.add(outcome.sop_uid)
+        patient = labels.patient_for(outcome.source_file) if outcome.kind != "dicom" else None
+        if patient:  # a DICOM file's header names its patient; an image file's CSV row may
+            outcome.patient_hash = salted_hash(salt, f"patient:{patient}")
         for frame, image in enumerate(outcome.images):
             raw.write(image.tobytes())
             rows.append(
                 {
                     CHANNELS_KEY: 1 if image.ndim == 2 else image.shape[0],
+                    KIND_KEY: outcome.kind,
                     "image_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
                     "source_file": outcome.source_file,
                     "frame": frame,
@@ -185,4 +233,6 @@ def ingest_npz(
         name=data.name or "npz",
         labels_from=ds_files.NPZ_LABELS,
     )
-    return write_dataset(staging, source, data, seed)
+    result = write_dataset(staging, source, data, seed)
+    result.split_by = SPLIT_BY_SOURCE
+    return result

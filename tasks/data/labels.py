@@ -1,10 +1,17 @@
-"""Where a DICOM file's label comes from: a CSV or the name of its class sub-folder.
+"""Where a folder's file gets its label (and, optionally, its patient): a CSV or the name of
+its class sub-folder. The same for a DICOM folder and an image folder (PNG / JPEG / TIFF).
 
 A labels CSV is taken only when it says one thing per file: two rows giving one file
-different labels, or two labels that differ only in case (``Opacity``/``opacity``, which would
-become two classes), are refused with one line of counts. Rows repeated word for word are
-accepted and counted, and rows naming no file in the folder are counted in the ingest report
-(``labels_csv.rows_without_file``): neither changes what any image is labelled.
+different labels (or patients), or two labels that differ only in case
+(``Opacity``/``opacity``, which would become two classes), are refused with one line of counts.
+Rows repeated word for word are accepted and counted, and rows naming no file in the folder are
+counted in the ingest report (``labels_csv.rows_without_file``): neither changes what any image
+is labelled; a CSV none of whose rows names a file is refused (:meth:`LabelSource.check_rows_name_files`).
+
+An optional ``patient`` column names each file's patient (an image file has no header to say
+it): ingestion keeps only its salted hash, to split by patient. The table itself is read by
+:func:`read_table` and its paths normalised by :func:`normalise_path`, so another reader of the
+same CSV (findings columns, say) keys the same rows to the same files.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ class LabelSource:
         rows: the CSV's distinct labelled rows as ``(path, SOPInstanceUID)`` keys ("" where
             the column is absent or empty), to count the rows that name no file.
         identical_duplicates: CSV rows that repeat an earlier row exactly (ignored).
+        patients: the ``patient`` column's value per file path (empty without the column).
+        has_patients: whether the CSV has a ``patient`` column.
     """
 
     by_path: dict[str, str] = field(default_factory=dict)
@@ -38,6 +47,8 @@ class LabelSource:
     csv_path: Path | None = None
     rows: list[tuple[str, str]] = field(default_factory=list)
     identical_duplicates: int = 0
+    patients: dict[str, str] = field(default_factory=dict)
+    has_patients: bool = False
     _matched_uids: set[str] = field(default_factory=set)
 
     def label_for(self, relative_path: str, sop_instance_uid: str) -> str | None:
@@ -51,6 +62,26 @@ class LabelSource:
             if label is not None:
                 self._matched_uids.add(sop_instance_uid)
         return label
+
+    def patient_for(self, relative_path: str) -> str | None:
+        """The ``patient`` column's value for one file, or None (no column, or an empty cell)."""
+        return self.patients.get(relative_path) or None
+
+    def check_rows_name_files(self, listed_files: set[str]) -> dict[str, int]:
+        """:meth:`csv_counts`, refusing a CSV none of whose rows names a file of the folder.
+
+        Raises:
+            MedtransferError: every row names a missing file (one line; no name is quoted).
+        """
+        counts = self.csv_counts(listed_files)
+        if self.rows and counts["rows_without_file"] == len(self.rows):
+            raise MedtransferError(
+                f"The labels CSV {self.csv_path} names {len(self.rows)} file(s) and none of "
+                "them is in data.source. Write each file's path relative to data.source, with "
+                "/ separators (sub/image.png, not an absolute path), or point data.source at "
+                "the folder the CSV describes."
+            )
+        return counts
 
     def csv_counts(self, listed_files: set[str]) -> dict[str, int]:
         """The CSV's row counts for the ingest report, once every file was labelled.
@@ -80,20 +111,21 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     """Build the label source for ``folder``.
 
     Args:
-        folder: the DICOM folder.
+        folder: the DICOM or image folder.
         labels_csv: a CSV with a ``label`` column and a ``path`` (relative to ``folder``) or
-            ``SOPInstanceUID`` column; None to use class sub-folders. A relative CSV path is
+            ``SOPInstanceUID`` column, optionally a ``patient`` column; None to use class
+            sub-folders. A relative CSV path is
             looked up inside ``folder`` first (where it is versioned with the images, one DVC
             dependency), then in the working directory.
 
     Raises:
         MedtransferError: the CSV is missing, unreadable, or lacks the needed columns; it
-            gives one file two labels, or spells one label in two cases.
+            gives one file two labels or two patients, or spells one label in two cases.
     """
     if labels_csv is None:
         return LabelSource(from_subfolders=True)
     csv_path = _find_csv(folder, labels_csv)
-    table = _read_table(csv_path)
+    table = read_table(csv_path)
     columns = {name.strip(): name for name in table.columns}
     if "label" not in columns or not ({"path", "SOPInstanceUID"} & set(columns)):
         raise MedtransferError(
@@ -102,9 +134,7 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
         )
     labels = table[columns["label"]].str.strip()
     paths = (
-        table[columns["path"]]
-        .str.strip()
-        .map(lambda p: PurePosixPath(p.replace("\\", "/")).as_posix() if p else "")
+        table[columns["path"]].map(normalise_path)
         if "path" in columns
         else pd.Series([""] * len(table), dtype=str)
     )
@@ -127,7 +157,19 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     source.by_sop_uid = _one_label_per_key(
         csv_path, "SOPInstanceUID", [(u, lab) for _, u, lab in distinct]
     )
+    if "patient" in columns:
+        source.has_patients = True
+        patients = zip(paths, table[columns["patient"]].str.strip(), strict=True)
+        source.patients = _one_label_per_key(
+            csv_path, "path", list(dict.fromkeys(patients)), what="patients"
+        )
     return source
+
+
+def normalise_path(cell: str) -> str:
+    """A CSV path cell as the file's key: stripped, ``/`` separators, no ``./`` ("" if empty)."""
+    cell = cell.strip()
+    return PurePosixPath(cell.replace("\\", "/")).as_posix() if cell else ""
 
 
 def _find_csv(folder: Path, labels_csv: str | Path) -> Path:
@@ -143,7 +185,7 @@ def _find_csv(folder: Path, labels_csv: str | Path) -> Path:
     return csv_path
 
 
-def _read_table(csv_path: Path) -> pd.DataFrame:
+def read_table(csv_path: Path) -> pd.DataFrame:
     """Every cell of the CSV as text (empty cells as "")."""
     try:
         return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -170,11 +212,14 @@ def _refuse_case_variants(csv_path: Path, labels: list[str]) -> None:
         )
 
 
-def _one_label_per_key(csv_path: Path, column: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """``{key: label}`` from distinct ``(key, label)`` rows (empty keys skipped).
+def _one_label_per_key(
+    csv_path: Path, column: str, pairs: list[tuple[str, str]], what: str = "labels"
+) -> dict[str, str]:
+    """``{key: value}`` from distinct ``(key, value)`` rows (empty keys skipped); ``what`` the
+    values are (``labels``, ``patients``), for the message.
 
     Raises:
-        MedtransferError: a key with two different labels; the message counts such keys and
+        MedtransferError: a key with two different values; the message counts such keys and
             their rows but names none (a file name can carry a patient's name).
     """
     labels: dict[str, str] = {}
@@ -189,7 +234,7 @@ def _one_label_per_key(csv_path: Path, column: str, pairs: list[tuple[str, str]]
         rows = sum(conflicting.values()) + len(conflicting)
         raise MedtransferError(
             f"The labels CSV {csv_path} gives {len(conflicting)} {column} value(s) conflicting "
-            f"labels ({rows} distinct rows); the right one cannot be chosen. Keep one label per file "
-            "and ingest again."
+            f"{what} ({rows} distinct rows); the right one cannot be chosen. Keep one "
+            f"{what[:-1]} per file and ingest again."
         )
     return labels

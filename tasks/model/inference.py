@@ -5,8 +5,8 @@ An uploaded DICOM file takes exactly the ingestion path:
 :func:`tasks.data.preprocess.resize_display` (uint8) →
 :func:`tasks.model.transforms.to_tensor_transform` (float32 in [0, 1]) → the student → softmax
 (:func:`tasks.model.predict.probabilities`). A PNG becomes display space through
-:func:`tasks.data.preprocess.uint8_to_display` and then follows the same path. The Bento
-imports this module; nothing here is copied into ``serving/``.
+:func:`tasks.data.image_files.to_display` (as an image folder's files do at ingestion) and then
+follows the same path. The Bento imports this module; nothing here is copied into ``serving/``.
 
 Every way an upload can be unusable is an :class:`InputRejected` with an HTTP status, a short
 reason code and a fixed message. Messages never quote a DICOM attribute value, a file name or
@@ -25,7 +25,8 @@ from typing import BinaryIO
 import numpy as np
 
 from tasks.data import codestream, dicom_guards, dicom_io, dicom_read, dicom_rejections
-from tasks.data.preprocess import luma, resize_colour, resize_display, uint8_to_display
+from tasks.data.image_files import to_display
+from tasks.data.preprocess import luma, resize_colour, resize_display
 from tasks.model.label_kind import SINGLE_LABEL, image_uniforms
 from tasks.model.profile import header_values
 
@@ -197,9 +198,9 @@ def prepare_png(
     """A PNG (8-bit or 16-bit grey, palette, RGB, with or without alpha) → uint8 model image
     (``(S, S)``, or ``(3, S, S)`` for a colour model, ``channels`` 3).
 
-    8-bit images go through :func:`tasks.data.preprocess.uint8_to_display`; 16-bit grey images
-    are scaled by 1/65535. Colour ones become luma for a gray model, as ingestion with
-    ``data.channels`` gray does; a gray one is refused by a colour model (``channel_mismatch``).
+    Pixels become display space by :func:`tasks.data.image_files.to_display` (8-bit / 255,
+    16-bit grey / 65535), as an image folder's PNG files do at ingestion. Colour ones become
+    luma for a gray model, as ingestion with ``data.channels`` gray does; a gray one is refused by a colour model (``channel_mismatch``).
     Before Pillow sees it, the IHDR's size is checked against ``max_image_dim`` (422
     ``image_too_large``) and its decoded bytes (width x height x samples x bytes per sample)
     against ``max_decoded_bytes`` (None: :func:`tasks.data.dicom_guards.decoded_bytes_limit`;
@@ -224,9 +225,9 @@ def prepare_png(
         raise InputRejected("image_too_large")
     try:
         image.load()
-        display = _png_to_display(image)
-    except InputRejected:
-        raise
+        display = to_display(image)  # as ingestion converts an image folder's PNG
+    except dicom_rejections.DicomRejected as err:
+        raise InputRejected(err.reason) from None
     except Exception:
         raise InputRejected(dicom_rejections.DECODE_FAILED) from None
     return _for_model(display, image_size, channels)
@@ -252,22 +253,6 @@ def check_png_header(
     budget = dicom_guards.decoded_bytes_limit(max_image_dim)
     if declared.decoded_bytes > (budget if max_decoded_bytes is None else max_decoded_bytes):
         raise InputRejected(dicom_rejections.TOO_LARGE)
-
-
-def _png_to_display(image) -> np.ndarray:
-    """A loaded Pillow image → float32 [0, 1] grayscale ``(H, W)`` or RGB ``(H, W, 3)``."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
-    if image.mode in ("P", "PA", "1"):
-        image = image.convert("RGB") if image.mode != "1" else image.convert("L")
-    array = np.asarray(image)
-    if array.ndim == 3:
-        if array.shape[2] in (3, 4):  # RGB, RGBA: drop alpha
-            return uint8_to_display(array[..., :3])
-        array = array[..., 0]  # LA: the grey channel
-    if array.dtype != np.uint8 or array.ndim != 2:
-        raise InputRejected(dicom_rejections.UNSUPPORTED_IMAGE)
-    return uint8_to_display(array)
 
 
 def _check_scope(ds, scope) -> None:

@@ -4,7 +4,7 @@ Packaging (:mod:`tasks.registry.profile_fit`) writes two files next to ``model.p
 
 - ``profile.json``: the DICOM metadata the training files had (:data:`SCOPE_KEYWORDS`; a
   value outside it is ``out_of_scope``), the multi-frame rule ingestion used, deciles of three
-  image statistics, of the OOD score and of the positive-class probability on the training and
+  image statistics (and of the same per channel for a colour model, :func:`statistic_names`), of the OOD score and of the positive-class probability on the training and
   validation splits (the drift monitor's reference), and the OOD detector's settings and
   threshold.
 - ``ood.npz``: the detector's arrays (reference features, class means, precision, head).
@@ -27,15 +27,41 @@ OOD_FILE = "ood.npz"
 SCOPE_KEYWORDS = ("Modality", "PhotometricInterpretation", "BodyPartExamined")
 # Per-image statistics of the model's uint8 input, kept per request for drift monitoring.
 STATISTICS = ("mean", "std", "saturated")
+# A colour image's channels, in its order: its statistics are also kept per channel.
+COLOUR_CHANNELS = ("r", "g", "b")
 KNN_K = 5
 # Shrinkage of the shared covariance towards its mean variance (Mahalanobis).
 SHRINKAGE = 0.1
 
 
+def statistic_names(channels: int) -> tuple[str, ...]:
+    """The names of :func:`image_statistics`' columns for images of ``channels`` channels:
+    :data:`STATISTICS` (over every pixel value), then for colour the same per channel
+    (``mean_r``, ``std_r``, ``saturated_r``, ``mean_g``, ..., ``saturated_b``)."""
+    if channels == 1:
+        return STATISTICS
+    per_channel = (f"{name}_{c}" for c in COLOUR_CHANNELS[:channels] for name in STATISTICS)
+    return (*STATISTICS, *per_channel)
+
+
 def image_statistics(images: np.ndarray) -> np.ndarray:
     """uint8 images ``(B, S, S)`` → float64 ``(B, 3)``: mean and standard deviation of the
-    pixel values / 255, and the share of pixels at 0 or 255."""
-    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+    pixel values / 255, and the share of pixels at 0 or 255. Colour images ``(B, C, S, S)``
+    → ``(B, 3 + 3C)``: the same over every value, then per channel
+    (:func:`statistic_names`): a colour shift (a camera's white balance, channels swapped)
+    can leave the pooled figures where they were."""
+    images = np.asarray(images)
+    columns = [_statistics(images.reshape(len(images), -1))]
+    if images.ndim == 4:
+        columns += [
+            _statistics(images[:, c].reshape(len(images), -1)) for c in range(images.shape[1])
+        ]
+    return np.concatenate(columns, axis=1)
+
+
+def _statistics(flat: np.ndarray) -> np.ndarray:
+    """uint8 values ``(B, P)`` → ``(B, 3)``: mean, standard deviation / 255, saturated share."""
+    flat = np.asarray(flat, dtype=np.float64) / 255.0
     saturated = ((flat <= 0.0) | (flat >= 1.0)).mean(axis=1)
     return np.stack([flat.mean(axis=1), flat.std(axis=1), saturated], axis=1)
 

@@ -2,7 +2,8 @@
 
 One row per classified (or out-of-scope) image: time, route, OOD score, whether the reply
 abstained or was refused out of scope, the class probabilities and three statistics of the
-model's input image (:func:`tasks.model.profile.image_statistics`). No pixel, no header value, no
+model's input image, for a colour model also per channel
+(:func:`tasks.model.profile.image_statistics`; a gray model's per-channel columns are null). No pixel, no header value, no
 file name. The store is a SQLite file that keeps the latest ``max_records`` classified rows and,
 apart from them, the latest ``max_records`` refusals (the oldest of each kind go first): a flood
 of out-of-scope requests cannot push out the classified rows the drift check compares.
@@ -11,6 +12,7 @@ of out-of-scope requests cannot push out the classified rows the drift check com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.model.profile import image_statistics
+from tasks.model.profile import image_statistics, statistic_names
 
 logger = logging.getLogger(__name__)
 SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
@@ -31,8 +33,14 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     abstained INTEGER NOT NULL,
     refused INTEGER NOT NULL,
     probabilities TEXT,
-    mean REAL, std REAL, saturated REAL
+    mean REAL, std REAL, saturated REAL,
+    mean_r REAL, std_r REAL, saturated_r REAL,
+    mean_g REAL, std_g REAL, saturated_g REAL,
+    mean_b REAL, std_b REAL, saturated_b REAL
 )"""
+# Every statistic column: the gray ones, then a colour model's per channel (added to a store
+# created before they existed, see RequestStore._connect).
+STATISTIC_COLUMNS = statistic_names(3)
 INDEX = "CREATE INDEX IF NOT EXISTS requests_kind ON requests (refused, id)"
 # Rows are trimmed to max_records every this many writes (not on each one).
 TRIM_EVERY = 100
@@ -62,10 +70,12 @@ class RequestStore:
         abstained: bool,
         refused: bool,
     ) -> None:
-        """Keep one request's numbers (``image``: the model's uint8 input ``(S, S)``)."""
+        """Keep one request's numbers (``image``: the model's uint8 input ``(S, S)`` or
+        ``(3, S, S)``)."""
         if self.path is None or self._failed:
             return
-        stats = image_statistics(image[np.newaxis])[0] if image is not None else [None] * 3
+        stats = list(image_statistics(image[np.newaxis])[0]) if image is not None else []
+        stats += [None] * (len(STATISTIC_COLUMNS) - len(stats))
         probs = (
             json.dumps([round(float(p), 6) for p in probabilities])
             if probabilities is not None
@@ -85,7 +95,8 @@ class RequestStore:
                 connection = self._connect()
                 connection.execute(
                     "INSERT INTO requests (time, route, ood_score, abstained, refused, "
-                    "probabilities, mean, std, saturated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"probabilities, {', '.join(STATISTIC_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(row))})",
                     row,
                 )
                 self._writes += 1
@@ -107,7 +118,18 @@ class RequestStore:
             self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.execute(SCHEMA)
             self._connection.execute(INDEX)
+            _add_channel_columns(self._connection)
         return self._connection
+
+
+def _add_channel_columns(connection: sqlite3.Connection) -> None:
+    """Add the per-channel statistic columns a store created before them lacks."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
+    for column in STATISTIC_COLUMNS:
+        if column not in present:
+            # another worker may have added it meanwhile ("duplicate column name")
+            with contextlib.suppress(sqlite3.OperationalError):
+                connection.execute(f"ALTER TABLE requests ADD COLUMN {column} REAL")
 
 
 def _trim(connection: sqlite3.Connection, max_records: int) -> None:

@@ -117,8 +117,8 @@ class ImageDataset(Dataset):
     """``(image, label)`` pairs from uint8 arrays through a MONAI transform.
 
     Args:
-        images: uint8 ``(N, S, S)`` or ``(N, 3, S, S)`` (a memory map is fine: only one row is
-            read per item).
+        images: uint8 ``(N, S, S)`` or ``(N, 3, S, S)`` (a memory map, or the ``Rows`` of one
+            that training passes, is fine: only one row is read per item).
         labels: int ``(N,)``.
         transform: maps a uint8 ``(S, S)`` or ``(3, S, S)`` array to a float ``(C, S, S)``
             tensor.

@@ -3,8 +3,8 @@
 Compares, per statistic, the recent distribution of request rows (:mod:`tasks.model.request_store`)
 with the training one recorded in the :class:`~tasks.model.profile.DataProfile`, by the
 population stability index over the training deciles (ten bins of 10% each): three image
-statistics, the OOD score and the positive-class probability. Also the share of requests that
-abstained or were refused out of scope, with its 95% Wilson interval (undefined, null in the
+statistics (for a colour model also per channel), the OOD score and the positive-class
+probability. Also the share of requests that abstained or were refused out of scope, with its 95% Wilson interval (undefined, null in the
 report, for an empty window). With at least ``monitor.min_requests`` requests in the window, a
 PSI above ``monitor.psi_max`` or an abstention share whose interval lies wholly above
 ``monitor.abstention_max`` is drift; with fewer, nothing is flagged and the report says so.
@@ -44,7 +44,8 @@ def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
     classified = [r for r in rows if not r["refused"]]
     psi: dict[str, float] = {}
     for name, edges in profile.statistics.items():
-        psi[name] = population_stability(np.array([_num(r[name]) for r in classified]), edges)
+        # .get: a store written before per-channel columns existed has none (NaN: left out)
+        psi[name] = population_stability(np.array([_num(r.get(name)) for r in classified]), edges)
     scores = np.array([_num(r["ood_score"]) for r in classified])
     psi["ood_score"] = population_stability(scores, profile.ood["score_deciles"])
     positive = [json.loads(r["probabilities"])[-1] for r in classified if r["probabilities"]]

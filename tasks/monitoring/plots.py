@@ -17,9 +17,10 @@ def plot_drift(report: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(report["psi"])
     values = [report["psi"][n] if np.isfinite(report["psi"][n]) else 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names)), 3))  # 14 bars for colour
     ax.bar(names, values, color=["C3" if n in report["drifted"] else "C0" for n in names])
     ax.axhline(report["psi_max"], color="k", linestyle="--", label="psi_max")
+    ax.tick_params(axis="x", labelrotation=45)
     ax.set_ylabel("PSI vs training")
     ax.set_title(f"{report['n']} recent requests, abstained {report['abstention_share']:.1%}")
     ax.legend()

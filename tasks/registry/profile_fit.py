@@ -18,13 +18,13 @@ from tasks.config import Params
 from tasks.data import synthetic
 from tasks.errors import MedtransferError
 from tasks.model.profile import (
-    STATISTICS,
     DataProfile,
     OodDetector,
     deciles,
     features_and_probabilities,
     header_values,
     image_statistics,
+    statistic_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
         source_kind=dataset.source.kind,
         n_train=len(train_images),
         n_val=len(val_images),
-        statistics={name: deciles(stats[:, i]) for i, name in enumerate(STATISTICS)},
+        statistics={
+            name: deciles(stats[:, i]) for i, name in enumerate(statistic_names(spec.channels))
+        },
         ood={
             "method": serving.ood_method,
             "threshold": detector.threshold,
@@ -107,10 +109,10 @@ def source_folder(params: Params) -> Path:
 def _scope(dataset, folder: Path) -> dict[str, list[str]] | None:
     """Header values of the dataset's source files in ``folder`` (every split: validation and
     test images are the same population as training); None for a source without DICOM
-    headers (a ``.npz``) or when the source folder is not readable here."""
+    headers (a ``.npz``, an image folder) or when the source folder is not readable here."""
     import pydicom
 
-    if dataset.source.kind == "npz":
+    if dataset.source.kind in ("npz", "image_folder"):  # no DICOM headers to scope by
         return None
     if not folder.is_dir():
         # the path itself is not logged: a source folder can be named after a patient

@@ -1,5 +1,5 @@
-"""The ingest stage: the configured source (a DICOM folder, a MedMNIST ``.npz`` or the
-synthetic set) → the processed dataset in ``data.processed_dir`` and the ingest report.
+"""The ingest stage: the configured source (a DICOM folder, an image folder of PNG / JPEG /
+TIFF files, a MedMNIST ``.npz`` or the synthetic set) → the processed dataset in ``data.processed_dir`` and the ingest report.
 
 Called by ``medtransfer ingest``, ``dvc repro ingest``, the Prefect flow and the tests.
 """
@@ -48,12 +48,14 @@ def run_ingest(
     reports.INGEST.write(params.reports_dir, result)
     reasons = {k: v for k, v in result.quarantined_by_reason.items() if v}
     logger.info(
-        "ingest: %d files seen, %d ingested (%d images), %d quarantined%s; images per split: %s",
+        "ingest: %d files seen, %d ingested (%d images), %d quarantined%s; images per split "
+        "(split by %s): %s",
         result.files_seen,
         result.ingested,
         result.images,
         result.quarantined,
         f" {reasons}" if reasons else "",
+        result.split_by,
         ", ".join(f"{split} {counts['images']}" for split, counts in result.splits.items()),
     )
     if result.labels_csv.get("rows_without_file"):
@@ -86,7 +88,7 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
     if not source.is_dir():
         raise MedtransferError(
             f"data.source {data.source!r} is neither 'synthetic', a folder, nor a .npz file. "
-            "Point it at a folder of DICOM files or a MedMNIST-format .npz."
+            "Point it at a folder of DICOM or PNG / JPEG / TIFF files or a MedMNIST-format .npz."
         )
     labels = read_label_source(source, data.labels_csv)
     return ingest_folder(

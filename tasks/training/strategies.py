@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.config import TrainParams
-from tasks.data.dataset import ProcessedDataset
+from tasks.data.dataset import ProcessedDataset, Rows
 from tasks.errors import MedtransferError
 from tasks.model.student import STRATEGIES, build_student, check_image_size, param_groups
 from tasks.model.student_io import StudentSpec
@@ -144,8 +144,8 @@ def fit_student(
     )
     if cached or base_strategy == "lp_ft":
         device = resolve_device(fit_config.device, dist_env())
-        train = (dataset.images[train_idx], labels)
-        features = feature_datasets(model.to(device), train, dataset.subset("val"), device)
+        train = (Rows(dataset.images, train_idx), labels)
+        features = feature_datasets(model.to(device), train, dataset.rows("val"), device)
     if base_strategy == "lp_ft":
         _fit_head_first(model, features[0].tensors[0], labels, len(dataset.classes), train_params)
     if cached:
@@ -200,12 +200,14 @@ def _datasets(
     config: TrainParams, dataset: ProcessedDataset, train_idx: np.ndarray
 ) -> tuple[ImageDataset, ImageDataset]:
     """The augmented training set of ``train_idx`` (sorted) and the plain validation set."""
+    # Rows of the memory map, read per item: the training and validation images are never all
+    # in memory, so the process's memory stays flat against the set's size.
     train_set = ImageDataset(
-        dataset.images[train_idx],
+        Rows(dataset.images, train_idx),
         dataset.labels[train_idx],
         train_transform(config.augment, dataset.image_size, dataset.channels),
     )
-    val_images, val_labels = dataset.subset("val")
+    val_images, val_labels = dataset.rows("val")
     return train_set, ImageDataset(val_images, val_labels, to_tensor_transform(dataset.channels))
 
 

@@ -9,7 +9,8 @@
 - **How many training images**: below :data:`FEW_IMAGES`, unfreezing the whole network is not a
   candidate (it needs more examples than that, the seed's rule): ``linear_probe`` takes its place.
 - **Native resolution**: the source's stored size (a ``.npz``'s array header; the median
-  ``min(Rows, Columns)`` of a sample of DICOM headers). When it is below ``data.image_size``,
+  ``min(Rows, Columns)`` of a sample of DICOM headers, or of an image folder's PNG / JPEG / TIFF
+  headers). When it is below ``data.image_size``,
   the images were upsampled: the decision says so and names the smaller size to ingest at,
   which trains about ``(size / native)^2`` times faster on the same information.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.data import image_files
 from tasks.data.npz_source import npz_image_side
 from tasks.errors import MedtransferError
 from tasks.model.teachers import get_teacher
@@ -37,7 +39,7 @@ DICOM_SAMPLE = 64
 
 def native_resolution(source: str | Path) -> int | None:
     """The source's stored image side in pixels (see the module docstring); None when it
-    cannot be read (a missing path, no readable DICOM header)."""
+    cannot be read (a missing path, no readable DICOM or image file header)."""
     path = Path(source)
     if path.is_file() and path.suffix == ".npz":
         try:
@@ -54,6 +56,10 @@ def native_resolution(source: str | Path) -> int | None:
     import pydicom
 
     for file in files[:: max(1, len(files) // DICOM_SAMPLE)][:DICOM_SAMPLE]:
+        side = image_files.stored_side(file)  # an image folder's PNG / JPEG / TIFF
+        if side is not None:
+            sides.append(side)
+            continue
         try:
             header = pydicom.dcmread(
                 file, stop_before_pixels=True, specific_tags=["Rows", "Columns"]

@@ -1,5 +1,6 @@
-"""One PostgreSQL, one MLflow tracking server on it and one Dask cluster per test session,
-shared by the scale tests (each starts at most once, on first use, and is stopped by PID)."""
+"""One PostgreSQL, an MLflow tracking server and a Prefect server on it, and one Dask cluster per
+test session, shared by the scale tests (each starts at most once, on first use, and is stopped
+by PID)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from tests.scale.services import (
     DaskCluster,
     MlflowServer,
     Postgres,
+    PrefectServer,
     dask_cluster,
     mlflow_server,
     postgres_server,
+    prefect_server,
 )
 
 
@@ -39,3 +42,16 @@ def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskClu
     """``dask scheduler`` and two ``dask worker`` processes on loopback."""
     with dask_cluster(tmp_path_factory.mktemp("dask-cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def prefect_postgres_server(
+    postgres: Postgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrefectServer]:
+    """``prefect server start`` whose database is ``prefect`` on ``postgres`` (through asyncpg,
+    which Prefect's server uses for PostgreSQL)."""
+    postgres.create_database("prefect")
+    with prefect_server(
+        postgres.url("prefect", driver="asyncpg"), tmp_path_factory.mktemp("prefect-server")
+    ) as server:
+        yield server

@@ -1,5 +1,6 @@
-"""Real servers at hospital scale for tests: PostgreSQL, an MLflow tracking server on it, and a
-Dask cluster of separate processes, each on loopback, each stopped by its process id.
+"""Real servers at hospital scale for tests: PostgreSQL, an MLflow tracking server and a Prefect
+server on it, and a Dask cluster of separate processes, each on loopback, each stopped by its
+process id.
 
 PostgreSQL refuses to run as root: under root (CI) its data folder belongs to the ``postgres``
 user (``make postgres`` creates that user where it is missing) and the server runs as that user;
@@ -211,3 +212,49 @@ def _worker_count(address: str) -> int:
 
     with Client(address, timeout=10) as client:
         return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    """``prefect server start`` whose database is PostgreSQL; ``api_url`` ends in ``/api``."""
+
+    api_url: str
+    process: subprocess.Popen
+    log: Path
+    database: str
+
+    def client_env(self, prefect_home: Path) -> dict[str, str]:
+        """The environment of a process that talks to this server (a ``medtransfer`` command,
+        ``prefect worker``): none of this process's ``PREFECT_*`` settings, its own
+        ``PREFECT_HOME``, this server's API, workers polling every second (not every 10 s),
+        and the repository first on PYTHONPATH (a worker imports the flows by module name)."""
+        env = {k: v for k, v in _worker_env().items() if not k.startswith("PREFECT_")}
+        return env | {
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        }
+
+
+@contextlib.contextmanager
+def prefect_server(database_url: str, root: Path) -> Iterator[PrefectServer]:
+    """``prefect server start`` on 127.0.0.1 with ``PREFECT_API_DATABASE_CONNECTION_URL``
+    set to ``database_url`` (``postgresql+asyncpg://...``); the UI and analytics off, and its
+    scheduler looping every second. Stopped by its process group's id."""
+    port, log = free_port(), root / "prefect-server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+    }
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process(command, log, env, cwd=root)
+    try:
+        api_url = f"http://127.0.0.1:{port}/api"
+        wait_until(lambda: http_ok(f"{api_url}/health"), 180, "prefect server", process, log)
+        yield PrefectServer(api_url, process, log, database_url)
+    finally:
+        stop_process(process)

@@ -1,0 +1,182 @@
+"""An image folder (PNG / JPEG / TIFF files and a labels CSV) ingested as a DICOM folder is:
+every file ingested or quarantined with a reason, colour kept, split by patient when the CSV
+names patients, and no file's metadata copied anywhere."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.config import Params
+from tasks.data.dataset import load_processed
+from tasks.errors import MedtransferError
+from tasks.stages.ingest import run_ingest
+from tests.colour_samples import write_hue_image_folder
+
+MARKER = "ZQXMARKER"
+
+
+def _ingest(params: Params, folder: Path, *extra: str):
+    overrides = [f"data.source={folder}", "data.labels_csv=labels.csv", "data.image_size=32"]
+    return run_ingest(params.with_overrides([*overrides, *extra]), progress=False)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG signature and an IHDR declaring ``width`` x ``height`` RGB, and nothing else."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13)
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk) & 0xFFFFFFFF)
+    )
+
+
+def test_a_png_and_jpeg_folder_with_patients_is_ingested_in_colour_and_split_by_patient(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 24, 32, 3, gray_every=6, jpeg_every=5)
+    result = _ingest(params, folder)
+    assert (result.source_kind, result.channels, result.split_by) == ("image_folder", 3, "patient")
+    assert (result.files_seen, result.ingested, result.quarantined) == (24, 24, 0)
+    assert result.gray_made_colour == 4  # i = 5, 11, 17, 23: PNGs saved gray
+    report = json.loads((Path(params.reports_dir) / "ingest.json").read_text())
+    assert report["split_by"] == "patient" and report["source_kind"] == "image_folder"
+    dataset = load_processed(params.data.processed_dir)
+    assert (dataset.source.kind, dataset.source.name) == ("image_folder", "image_folder")
+    manifest = dataset.manifest
+    assert manifest.groupby("patient_hash")["split"].nunique().max() == 1  # no patient in two
+    assert manifest["patient_hash"].nunique() == 12
+    # stored exactly as the file's pixels (32 px already: no resizing), channel first
+    first = manifest.index[manifest["source_file"] == "sub/0000.png"][0]
+    pixels = np.asarray(Image.open(folder / "sub/0000.png"))
+    np.testing.assert_array_equal(dataset.images[first], np.moveaxis(pixels, -1, 0))
+    jpeg = manifest.index[manifest["source_file"] == "0004.jpg"][0]
+    decoded = np.asarray(Image.open(folder / "0004.jpg").convert("RGB"))
+    np.testing.assert_array_equal(dataset.images[jpeg], np.moveaxis(decoded, -1, 0))
+    gray = manifest.index[manifest["source_file"] == "0005.png"][0]
+    assert (dataset.images[gray][0] == dataset.images[gray][1]).all()
+
+
+def test_without_a_patient_column_each_image_is_its_own_patient_and_the_report_says_so(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 12, 32, 4, patients=False)
+    result = _ingest(params, folder)
+    assert result.split_by == "image"
+    manifest = load_processed(params.data.processed_dir).manifest
+    assert manifest["patient_hash"].nunique() == 12
+
+
+def test_channels_gray_makes_a_colour_png_folder_luma(params: Params, tmp_path: Path) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 8, 32, 5)
+    result = _ingest(params, folder, "data.channels=gray")
+    dataset = load_processed(params.data.processed_dir)
+    assert result.channels == 1 and dataset.images.shape == (8, 32, 32)
+    first = dataset.manifest.index[dataset.manifest["source_file"] == "sub/0000.png"][0]
+    rgb = np.asarray(Image.open(folder / "sub/0000.png"), dtype=np.float32) / 255.0
+    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    np.testing.assert_array_equal(dataset.images[first], np.rint(luma * 255).astype(np.uint8))
+
+
+def test_every_bad_image_file_is_quarantined_with_its_reason(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 8, 32, 6)
+    good = (folder / "0001.png").read_bytes()
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])  # pixel data cut off
+    (folder / "huge.png").write_bytes(_png_declaring(9000, 16))  # above max_image_dim
+    (folder / "wide.png").write_bytes(_png_declaring(8192, 8192))  # 192 MiB: over the budget
+    (folder / "notes.txt").write_text("not an image\n")
+    frames = [Image.fromarray(np.zeros((8, 8), np.uint8)) for _ in range(2)]
+    frames[0].save(folder / "pages.tif", save_all=True, append_images=frames[1:])
+    (folder / "unlisted.png").write_bytes(good)
+    with open(folder / "sparse.png", "wb") as sparse:  # 300 MiB, never read: too large a file
+        sparse.write(good[:64])
+        sparse.truncate(300 * 2**20)
+    names = ["cut.png", "huge.png", "wide.png", "notes.txt", "pages.tif", "sparse.png"]
+    with open(folder / "labels.csv", "a") as csv:
+        csv.writelines(f"{name},positive,p-extra\n" for name in names)
+    result = _ingest(params, folder)
+    assert (result.files_seen, result.ingested, result.quarantined) == (15, 8, 7)
+    quarantine = pd.read_csv(Path(params.data.processed_dir) / "quarantine.csv", dtype=str)
+    reasons = dict(zip(quarantine["source_file"], quarantine["reason"], strict=True))
+    assert reasons == {
+        "cut.png": "decode_failed",
+        "huge.png": "too_large",
+        "notes.txt": "not_dicom",
+        "pages.tif": "unsupported_image",
+        "sparse.png": "too_large",
+        "unlisted.png": "no_label",
+        "wide.png": "too_large",
+    }
+
+
+def test_a_single_page_colour_tiff_is_ingested_as_its_pixels(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 8, 32, 7)
+    pixels = np.asarray(Image.open(folder / "0001.png"))
+    (folder / "0001.png").unlink()
+    Image.fromarray(pixels).save(folder / "0001.tif")
+    csv = folder / "labels.csv"
+    csv.write_text(csv.read_text().replace("0001.png", "0001.tif"))
+    _ingest(params, folder)
+    dataset = load_processed(params.data.processed_dir)
+    index = dataset.manifest.index[dataset.manifest["source_file"] == "0001.tif"][0]
+    np.testing.assert_array_equal(dataset.images[index], np.moveaxis(pixels, -1, 0))
+
+
+def test_no_exif_text_chunk_patient_or_file_name_reaches_the_dataset_or_report(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(
+        tmp_path / "images", 12, 32, 8, jpeg_every=3, gray_every=4, marker=MARKER
+    )
+    (folder / f"{MARKER}broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    _ingest(params, folder)
+    written = [*Path(params.data.processed_dir).rglob("*"), *Path(params.reports_dir).rglob("*")]
+    for path in (p for p in written if p.is_file()):
+        text = path.read_bytes()
+        # file names are kept only as manifest / quarantine paths (README, "names are data")
+        if path.name in ("manifest.csv", "quarantine.csv"):
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            others = frame.drop(columns="source_file").to_csv().encode()
+            assert MARKER.encode() not in others, path.name
+            continue
+        assert MARKER.encode() not in text, path
+
+
+def test_a_csv_naming_only_files_that_do_not_exist_is_one_line(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 8, 32, 9)
+    csv = folder / "labels.csv"
+    csv.write_text(csv.read_text().replace("0", "/elsewhere/0"))
+    with pytest.raises(MedtransferError, match=r"names 8 file\(s\) and none of them") as err:
+        _ingest(params, folder)
+    assert "\n" not in str(err.value) and "elsewhere" not in str(err.value)
+    assert not Path(params.data.processed_dir).exists()
+
+
+def test_one_file_given_two_patients_is_refused_with_counts(params: Params, tmp_path: Path) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 8, 32, 10)
+    with open(folder / "labels.csv", "a") as csv:
+        csv.write("0001.png,positive,someone-else\n")
+    with pytest.raises(MedtransferError, match=r"1 path value\(s\) conflicting patients"):
+        _ingest(params, folder)
+
+
+def test_auto_reads_an_image_folders_native_resolution_from_its_headers(tmp_path: Path) -> None:
+    from tasks.transfer.candidates import native_resolution
+
+    folder = write_hue_image_folder(tmp_path / "images", 6, 48, 12, jpeg_every=2)
+    assert native_resolution(folder) == 48
