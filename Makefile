@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/medtransfer run
 
+# The suite on two pytest-xdist workers (CI has two cores), a test module, or a folder whose
+# tests share session fixtures, per worker at a time (tests/conftest.py's scheduler).
 test: $(STAMP) browser orthanc postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadscope
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

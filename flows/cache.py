@@ -117,6 +117,9 @@ def _input_digest(artifact: str, params: Params) -> str:
         return dataset_version(Path(params.data.processed_dir))
     if artifact == "model":
         return file_sha256(_model_file(params))
+    if artifact == "group_figures":  # absent when evaluate had no groups to measure
+        path = reports.plot_path(params.reports_dir, Path(table.ARTIFACTS[artifact]).name)
+        return file_sha256(path) if path.is_file() else "absent"
     raise KeyError(f"no digest for artifact {artifact!r}")
 
 

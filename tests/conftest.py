@@ -6,8 +6,10 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +21,44 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tasks.config import Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
+# `make test` runs two pytest-xdist workers on CI's two cores: one torch thread each, as two
+# threads per worker would ask four of two cores (and subprocesses inherit the setting).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Prefect's state for this test session: a home of its own, neither the user's ~/.prefect nor
 # the checkout's .prefect/ (which flows/environment.py picks for runs from a checkout).
 _PREFECT_HOME = tempfile.mkdtemp(prefix="medtransfer-test-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, ``kill``) ends the session as Ctrl-C does, so that fixtures
+    still stop the servers they started (PostgreSQL, MLflow, Orthanc, Dask, ``bentoml
+    serve``) instead of leaving them running without a parent."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent when it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``make test``'s scheduling on two workers: a test module, or a folder of modules that
+    share session fixtures (``tests/deploy``: trained and served students; ``tests/scale``:
+    PostgreSQL, an MLflow server, a Dask cluster), runs whole on one worker, so each fixture
+    is built once and each module's tests keep their order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]  # tests/deploy/test_x.py, tests/test_y.py
+            parts = module.split("/")
+            return "/".join(parts[:2]) if len(parts) > 2 else module
+
+    return FolderScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -201,14 +236,20 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fresh_mlflow_store(
     empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> str:
+) -> Iterator[str]:
     """A fresh MLflow store in ``tmp_path`` for this test, set through the environment as a
     user would; returns its tracking URI."""
+    import mlflow
+
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    return uri
+    yield uri
+    # A stage of the test pointed MLflow's process-wide URI here (configure_mlflow): point it
+    # back, or a later test's MlflowClient() would read this test's store.
+    mlflow.set_tracking_uri(before)
 
 
 # The small training set of ``train_params``: its data settings and the folders it fills.

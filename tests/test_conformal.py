@@ -7,7 +7,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from tasks.evaluation.conformal import EVERY_CLASS, calibrate, conformal_quantile, measure
+from tasks.evaluation.conformal import (
+    EVERY_CLASS,
+    calibrate,
+    conformal_quantile,
+    measure,
+    report_metrics,
+)
 from tasks.evaluation.metrics import wilson_interval
 from tasks.model.inference import prediction_set
 from tasks.model.label_kind import SINGLE_LABEL, image_uniforms
@@ -96,3 +102,18 @@ def test_a_served_set_names_its_classes_in_class_order_with_its_coverage() -> No
     fewer = prediction_set(P[0], ["clear", "effusion", "mass"], 0.95, threshold - 1e-9, image)
     assert fewer == {"coverage": 0.95, "labels": ["clear"]}
     assert prediction_set(P[0], ["a", "b", "c"], None, None, image) is None  # no rule packaged
+
+
+def test_report_metrics_flatten_the_block_under_the_prefix_and_drop_non_finite_values() -> None:
+    block = {
+        "coverage": 0.9,
+        "threshold": 0.75,
+        "test": {"coverage": 0.8, "ci95": {"low": 0.5, "high": float("nan")}, "mean_set_size": 1.5},
+    }
+    assert report_metrics(block, "conformal_") == {
+        "conformal_coverage_nominal": 0.9,
+        "conformal_threshold": 0.75,
+        "conformal_test_coverage": 0.8,
+        "conformal_test_coverage_ci_low": 0.5,
+        "conformal_test_mean_set_size": 1.5,
+    }

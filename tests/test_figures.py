@@ -90,6 +90,19 @@ def test_package_with_nothing_approved_ends_green_and_says_how_to_build_the_vers
     assert (tmp_path / "bentos").is_dir()  # the stage's DVC outputs exist, empty
 
 
+def test_package_of_a_version_the_registry_does_not_hold_is_one_line_naming_it(
+    params: Params, fresh_mlflow_store: str, tmp_path: Path, capsys
+) -> None:
+    settings = params.with_overrides([f"serving.export_dir={tmp_path / 'bentos'}"])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+
+    assert main(["package", "--params", str(params_file), "-S", "registry.version=7"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"The registry has no version 7 of {params.registry.model_name!r}." in error
+    assert len(error.splitlines()) == 1
+
+
 def test_per_budget_robustness_goes_to_mlflow_as_one_curve_per_attack_with_the_budget_as_step(
     params: Params, fresh_mlflow_store: str, tmp_path: Path
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from flows import cli, pipeline, summary
-from flows.cache import outputs_present
+from flows.cache import outputs_present, stage_key
 from tasks import reports
 from tasks.config import Params
 from tasks.figures import write_figures
@@ -86,6 +86,20 @@ def test_a_stage_s_outputs_count_as_present_only_when_all_its_written_files_exis
     write_figures(params.reports_dir, "evaluate", {"test_auc": {"estimate": 0.5}})
     assert outputs_present("evaluate", params)
     assert not outputs_present("train", params)  # neither model nor report
+
+
+def test_register_s_cache_key_follows_the_per_group_figures_its_worst_group_gate_reads(
+    params: Params,
+) -> None:
+    for report in (reports.TRAIN, reports.METRICS, reports.ROBUSTNESS):
+        report.write(params.reports_dir, {"run_id": "r1"})
+    without_groups = stage_key("register", params)
+    groups = reports.plot_path(params.reports_dir, "groups_test.json")
+    groups.parent.mkdir(parents=True, exist_ok=True)
+    groups.write_text('[{"group": "scanner A", "auc": 0.9}]')
+    with_groups = stage_key("register", params)
+    groups.write_text('[{"group": "scanner A", "auc": 0.6}]')
+    assert len({without_groups, with_groups, stage_key("register", params)}) == 3
 
 
 def test_an_unknown_stage_is_refused_naming_the_stages() -> None:

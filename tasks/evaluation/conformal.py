@@ -151,3 +151,24 @@ def conformal_report(calibration: ConformalCalibration, test: SetCoverage) -> di
         "calibrated_on": "val",
         "test": test.to_dict(),
     }
+
+
+def report_metrics(block: dict, prefix: str) -> dict[str, float]:
+    """A :func:`conformal_report` block's test figures as flat MLflow metrics named
+    ``<prefix>coverage_nominal``, ``<prefix>test_coverage`` (with ``_ci_low``/``_ci_high``),
+    ``<prefix>threshold`` and ``<prefix>test_mean_set_size``; non-finite values are left out
+    (MLflow stores NaN, but a chart of it says nothing)."""
+    test = block["test"]
+    flat = {
+        "coverage_nominal": block["coverage"],
+        "threshold": block["threshold"],
+        "test_coverage": test["coverage"],
+        "test_coverage_ci_low": test["ci95"]["low"],
+        "test_coverage_ci_high": test["ci95"]["high"],
+        "test_mean_set_size": test["mean_set_size"],
+    }
+    return {
+        prefix + key: float(value)
+        for key, value in flat.items()
+        if value is not None and np.isfinite(value)
+    }

@@ -64,15 +64,23 @@ def check_store(stored_path: str | Path) -> None:
         )
 
 
-def resolve_version(client, registry: RegistryParams):
-    """The registry version to package: ``registry.version`` or the alias's version."""
+def find_version(client, registry: RegistryParams):
+    """The registry version to package, ``registry.version`` or the alias's version, or
+    ``None`` when the registry holds no such version (or no such model)."""
     from mlflow.exceptions import MlflowException
 
     try:
         if registry.version is not None:
             return client.get_model_version(registry.model_name, str(registry.version))
         return client.get_model_version_by_alias(registry.model_name, registry.alias)
-    except MlflowException as err:
+    except MlflowException:  # no such version or alias, or no such registered model
+        return None
+
+
+def resolve_version(client, registry: RegistryParams):
+    """:func:`find_version`, refused in one line when the registry has no such version."""
+    version = find_version(client, registry)
+    if version is None:
         which = (
             f"version {registry.version}"
             if registry.version is not None
@@ -82,7 +90,8 @@ def resolve_version(client, registry: RegistryParams):
             f"The registry has no {which} of {registry.model_name!r}. Run `medtransfer "
             "register` (a version gets the alias only when it passes the gates), or choose one "
             "with -S registry.version=N."
-        ) from err
+        )
+    return version
 
 
 def student_from_version(version) -> tuple[Any, Any]:

@@ -18,6 +18,7 @@ from tasks.evaluation.conformal import (
     calibrate,
     conformal_report,
     measure,
+    report_metrics,
     split_uniforms,
 )
 from tasks.evaluation.metrics import wilson_interval
@@ -54,15 +55,7 @@ def fit_conformal(model, spec, params: Params, detector=None) -> tuple[Conformal
 
 def mlflow_metrics(block: dict) -> dict[str, float]:
     """The block's figures as flat ``package_conformal_*`` MLflow metrics (finite ones)."""
-    test = block["test"]
-    flat = {
-        "package_conformal_coverage_nominal": block["coverage"],
-        "package_conformal_threshold": block["threshold"],
-        "package_conformal_test_coverage": test["coverage"],
-        "package_conformal_test_coverage_ci_low": test["ci95"]["low"],
-        "package_conformal_test_coverage_ci_high": test["ci95"]["high"],
-        "package_conformal_test_mean_set_size": test["mean_set_size"],
-    }
+    flat = report_metrics(block, "package_conformal_")
     if "test_abstention" in block:
         flat["package_test_abstention_rate"] = block["test_abstention"]["rate"]
         flat["package_conformal_accepted_coverage"] = block["test_accepted"]["coverage"]

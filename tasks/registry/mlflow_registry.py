@@ -129,25 +129,37 @@ def existing_version(client, name: str, run_id: str, weights: str) -> tuple[str,
 
 
 def ensure_registered_model(client, name: str) -> bool:
-    """Create the registered model if missing; returns whether this call created it."""
+    """Create the registered model if missing; returns whether this call created it. Only
+    MLflow's "does not exist" counts as missing: a store that failed to answer (locked,
+    unreachable) raises, as treating it as missing would make a rollback delete a model that
+    holds versions."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
         return False
-    except MlflowException:
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
         client.create_registered_model(
             name, description="Students fine-tuned from an ImageNet teacher by medtransfer."
         )
-        return True
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_ALREADY_EXISTS":  # another process made it meanwhile
+            return False
+        raise
+    return True
 
 
 def roll_back(client, name: str, version: str | None, created_model: bool) -> None:
-    """Undo a registration that failed half-way (best effort: the original error wins)."""
+    """Undo a registration that failed half-way (best effort: the original error wins). The
+    registered model goes only if this call created it and it holds no version (never one
+    another registration made in between)."""
     try:
         if version is not None:
             client.delete_model_version(name, version)
-        if created_model:
+        if created_model and not client.search_model_versions(f"name='{name}'"):
             client.delete_registered_model(name)
     except Exception:  # the caller re-raises the original error, which says more
         pass

@@ -231,7 +231,6 @@ class _Checks:
         self.reasons: list[str] = []
         self.checked: list[str] = []
         self.gates: list[dict] = []
-        self._minimum: dict[str, bool] = {}
 
     def interval(self, key: str, value: float) -> Interval:
         return self.intervals.get(key, (value, value))
@@ -245,11 +244,17 @@ class _Checks:
             self.reasons.append(sentence)
 
     def record(
-        self, name: str, value: float, interval: Interval, n: int | None, limit: float, ok: bool
+        self,
+        name: str,
+        value: float,
+        interval: Interval,
+        n: int | None,
+        limit: float,
+        decisive: float,
+        ok: bool,
     ) -> None:
-        """The gate as numbers (:attr:`Verdict.gates`); its decisive bound is the interval's
-        lower end for a minimum, the upper for a maximum (``_minimum``)."""
-        decisive = interval[0] if self._minimum[name] else interval[1]
+        """The gate as numbers (:attr:`Verdict.gates`): ``decisive`` is the interval's lower
+        end for a minimum, the upper for a maximum."""
         self.gates.append(
             {
                 "name": name,
@@ -272,16 +277,8 @@ class _Checks:
         bound: float,
         name: str = "",
     ) -> None:
-        # NaN compares false both ways, so the test is written as "bound satisfied".
-        ok = interval[0] >= bound
-        if name:
-            self._minimum[name] = True
-            self.record(name, value, interval, n, bound, ok)
-        self.check(
-            ok,
-            f"{what} is {_estimate(value, interval, n)}: its lower bound "
-            f"{'>=' if ok else 'is below the required'} {bound:.3f}",
-        )
+        """Passes when the interval's lower end reaches ``bound``."""
+        self._bounded(what, value, interval, n, bound, name, minimum=True)
 
     def at_most(
         self,
@@ -292,14 +289,31 @@ class _Checks:
         bound: float,
         name: str = "",
     ) -> None:
-        ok = interval[1] <= bound
+        """Passes when the interval's upper end stays within ``bound``."""
+        self._bounded(what, value, interval, n, bound, name, minimum=False)
+
+    def _bounded(
+        self,
+        what: str,
+        value: float,
+        interval: Interval,
+        n: int | None,
+        bound: float,
+        name: str,
+        *,
+        minimum: bool,
+    ) -> None:
+        decisive = interval[0] if minimum else interval[1]
+        # NaN compares false both ways, so the test is written as "bound satisfied".
+        ok = decisive >= bound if minimum else decisive <= bound
         if name:
-            self._minimum[name] = False
-            self.record(name, value, interval, n, bound, ok)
+            self.record(name, value, interval, n, bound, decisive, ok)
+        side, verb = ("lower", ">=") if minimum else ("upper", "<=")
+        failed = "is below the required" if minimum else "is above the allowed"
         self.check(
             ok,
-            f"{what} is {_estimate(value, interval, n)}: its upper bound "
-            f"{'<=' if ok else 'is above the allowed'} {bound:.3f}",
+            f"{what} is {_estimate(value, interval, n)}: its {side} bound "
+            f"{verb if ok else failed} {bound:.3f}",
         )
 
 

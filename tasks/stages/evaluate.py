@@ -57,7 +57,10 @@ def run_evaluate(params: Params) -> dict:
     plot_data.write_rows(params.reports_dir, plot_data.GROUPS, rows)
     reports.METRICS.write(params.reports_dir, report)
     write_figures(params.reports_dir, "evaluate", evaluation_figures(report))
-    extra = {**group_metrics.mlflow_metrics(rows), **_conformal_metrics(report["conformal"])}
+    extra = {
+        **group_metrics.mlflow_metrics(rows),
+        **conformal.report_metrics(report["conformal"], "conformal_"),
+    }
     _log_to_training_run(params, evaluation, figures, report, source, extra)
     _log_summary(evaluation)
     return report
@@ -105,19 +108,6 @@ def conformal_sets(
     return sets, conformal.conformal_report(
         rule, conformal.measure(sets, evaluation.labels["test"])
     )
-
-
-def _conformal_metrics(block: dict) -> dict[str, float]:
-    """The conformal report block as flat MLflow metrics."""
-    test = block["test"]
-    return {
-        "conformal_coverage_nominal": block["coverage"],
-        "conformal_threshold": block["threshold"],
-        "conformal_test_coverage": test["coverage"],
-        "conformal_test_coverage_ci_low": test["ci95"]["low"],
-        "conformal_test_coverage_ci_high": test["ci95"]["high"],
-        "conformal_test_mean_set_size": test["mean_set_size"],
-    }
 
 
 def evaluation_report(evaluation: Evaluation, resamples: int, seed: int) -> dict:

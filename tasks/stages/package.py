@@ -26,6 +26,7 @@ from tasks.registry.bento import (
     bentoml_home,
     build_bento,
     export_bento,
+    find_version,
     import_model,
     parse_threshold,
     resolve_version,
@@ -63,9 +64,11 @@ def run_package(params: Params) -> dict:
 
     configure_mlflow(params)
     client = MlflowClient()
-    if params.registry.version is None and not has_alias(client, params.registry):
+    version = find_version(client, params.registry)
+    if version is None and params.registry.version is None:
         return nothing_approved(params)
-    version = resolve_version(client, params.registry)
+    if version is None:
+        version = resolve_version(client, params.registry)  # refuses in one line
     report = _build_and_export(params, version)
     _log_conformal(version, report["conformal"])
     logger.info(
@@ -140,17 +143,6 @@ def _sets_or_findings(model, spec, params: Params, profile, version) -> tuple[An
     no_sets = SimpleNamespace(coverage=None, threshold=None)
     block = {"not_measured": "prediction sets are defined on one class per image"}
     return no_sets, block, {"label_kind": spec.label_kind, "thresholds": thresholds}
-
-
-def has_alias(client, registry) -> bool:
-    """Whether a version of ``registry.model_name`` carries ``registry.alias``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version_by_alias(registry.model_name, registry.alias)
-    except MlflowException:  # no such alias, or no such registered model
-        return False
-    return True
 
 
 def nothing_approved(params: Params) -> dict:

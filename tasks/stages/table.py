@@ -36,6 +36,8 @@ ARTIFACTS: dict[str, str] = {
     # the figures that decide, one small file each: dvc.yaml's metrics (tasks.figures)
     "evaluate_figures": "reports/figures/evaluate",
     "robustness_figures": "reports/figures/robustness",
+    # evaluate's test figures per group (a plot of dvc.yaml): the worst-group gate reads it
+    "group_figures": "reports/plots/groups_test.json",
 }
 REPORT_PREFIX = "report:"
 
@@ -170,7 +172,7 @@ STAGES: tuple[Stage, ...] = (
         "register",
         "register the trained student in the MLflow registry; move the alias if it earns it",
         params=("registry", "gates"),
-        reads=("report:train", "report:evaluate", "report:robustness"),
+        reads=("report:train", "report:evaluate", "report:robustness", "group_figures"),
         writes=("report:register",),
         tracked=True,
     ),

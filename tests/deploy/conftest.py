@@ -50,11 +50,17 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A SQLite MLflow store and artifact folder for the whole session (via the environment)."""
+    import mlflow
+
     root = tmp_path_factory.mktemp("mlflow")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        # the process-wide URI too (it also sets the environment): a module this worker ran
+        # before may have left its own store there for MlflowClient() to read
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
         yield root
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture(scope="session")
