@@ -78,20 +78,26 @@ def decode_to_outcome(
             decoded = dicom_io.decode_dataset(ds, multiframe=multiframe, colour=colour)
             outcome.groups = groups.header_groups(ds)
         outcome.images = [resize_any(frame, image_size) for frame in decoded.frames]
-    except dicom_rejections.DicomRejected as err:
-        outcome.reason, outcome.detail = err.reason, err.detail
-        return outcome
     except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
-        outcome.reason = dicom_rejections.DECODE_FAILED
-        # The error's type only: a decoder's text can quote attribute values (patient data).
-        outcome.detail = f"unexpected {type(err).__name__}"
-        return outcome
+        return _quarantined(outcome, err)
     outcome.sop_uid = decoded.sop_instance_uid
     outcome.sop_uid_hash = (
         salted_hash(salt, decoded.sop_instance_uid) if decoded.sop_instance_uid else ""
     )
     outcome.patient_hash = salted_hash(salt, decoded.patient_key or f"file:{outcome.source_file}")
     outcome.notes = ";".join(decoded.notes)
+    return outcome
+
+
+def _quarantined(outcome: FileOutcome, error: Exception) -> FileOutcome:
+    """``outcome`` with the reason a decoder gave (:class:`DicomRejected`), or
+    ``decode_failed`` for any other error, named by its type only: a decoder's text can quote
+    attribute values (patient data)."""
+    if isinstance(error, dicom_rejections.DicomRejected):
+        outcome.reason, outcome.detail = error.reason, error.detail
+    else:
+        outcome.reason = dicom_rejections.DECODE_FAILED
+        outcome.detail = f"unexpected {type(error).__name__}"
     return outcome
 
 
@@ -103,13 +109,8 @@ def _image_outcome(
     try:
         frame = image_files.decode_image_file(path, colour=colour)
         outcome.images = [resize_any(frame, image_size)]
-    except dicom_rejections.DicomRejected as err:
-        outcome.reason, outcome.detail = err.reason, err.detail
-        return outcome
     except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
-        outcome.reason = dicom_rejections.DECODE_FAILED
-        outcome.detail = f"unexpected {type(err).__name__}"
-        return outcome
+        return _quarantined(outcome, err)
     outcome.patient_hash = salted_hash(salt, f"file:{outcome.source_file}")
     outcome.notes = outcome.kind
     return outcome

@@ -59,6 +59,15 @@ class Verdict:
     checked: list[str] = field(default_factory=list)
     gates: list[dict] = field(default_factory=list)
 
+    def to_report(self) -> dict:
+        """The robustness report's ``verdict`` block: these four fields as JSON values."""
+        return {
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            "checked": list(self.checked),
+            "gates": list(self.gates),
+        }
+
 
 def measured_epsilons(metrics: Mapping[str, float], measure: str) -> list[str]:
     """The formatted budgets for which ``metrics`` holds ``measure``."""

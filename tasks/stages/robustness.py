@@ -134,12 +134,7 @@ def _report(
 ) -> dict:
     """The content of the robustness report."""
     return {
-        "verdict": {
-            "passed": verdict.passed,
-            "reasons": list(verdict.reasons),
-            "checked": list(verdict.checked),
-            "gates": list(verdict.gates),
-        },
+        "verdict": verdict.to_report(),
         "clean_test_auc": clean.test.auc,
         "clean_test_auc_ci95": list(clean.intervals.get("auc", (None, None))),
         "n_examples": result.n_examples,

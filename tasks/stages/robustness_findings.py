@@ -76,12 +76,7 @@ def run_robustness_findings(
     verdict = findings_verdict(flips, clean, params.gates.in_pixels())
     report = {
         "label_kind": MULTI_LABEL.name,
-        "verdict": {
-            "passed": verdict.passed,
-            "reasons": list(verdict.reasons),
-            "checked": list(verdict.checked),
-            "gates": list(verdict.gates),
-        },
+        "verdict": verdict.to_report(),
         "clean_test_auc": clean.test.auc,
         "clean_test_auc_ci95": list(clean.intervals.get("auc", (None, None))),
         "n_examples": flips.n_examples,
