@@ -20,10 +20,9 @@ from tasks.model.student import (
     Student,
     build_student,
     check_image_size,
-    imagenet_classifier,
     param_groups,
-    teacher_feature_extractor,
 )
+from tasks.model.teacher_models import imagenet_classifier, teacher_feature_extractor
 from tasks.model.teachers import (
     DEFAULT_TEACHER,
     EFFICIENTNET_LITE0_SHA256,

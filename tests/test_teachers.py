@@ -14,7 +14,7 @@ from torch import nn
 
 from tasks.errors import MedtransferError
 from tasks.model import teachers
-from tasks.model.student import imagenet_classifier
+from tasks.model.teacher_models import imagenet_classifier
 from tasks.model.teachers import (
     DEFAULT_TEACHER,
     EFFICIENTNET_LITE0_SHA256,

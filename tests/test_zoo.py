@@ -11,7 +11,8 @@ import torch
 from skimage import data, transform
 
 from tasks.errors import MedtransferError
-from tasks.model.student import build_student, imagenet_classifier
+from tasks.model.student import build_student
+from tasks.model.teacher_models import imagenet_classifier
 from tasks.model.teachers import (
     EFFICIENTNET_LITE1_SHA256,
     EFFICIENTNET_LITE2_SHA256,

@@ -88,7 +88,7 @@ def _size_message(spec: TeacherSpec, sides: tuple) -> str:
     )
 
 
-def _check_input(
+def check_input(
     x: torch.Tensor, spec_name: str, channels: int, multiple: int, minimum: int
 ) -> None:
     """Shape check run on every forward pass: cheap, and far clearer than a conv error."""
@@ -172,7 +172,7 @@ def fold_stem_to_grayscale(backbone: Backbone) -> None:
     setattr(parent, child, gray)
 
 
-def _input_and_backbone(
+def input_and_backbone(
     spec: TeacherSpec, pretrained: bool, weights_path: str | Path | None, channels: int
 ) -> tuple[nn.Module, Backbone, str | None]:
     """The teacher's backbone fed by an input layer for ``channels`` (1: gray, folded as
@@ -207,7 +207,7 @@ def _grayscale_backbone(
     return GrayscaleInput(spec.normalisation, fold=fold), built.backbone, sha256
 
 
-def _freeze(module: nn.Module) -> None:
+def freeze(module: nn.Module) -> None:
     for parameter in module.parameters():
         parameter.requires_grad_(False)
 
@@ -258,7 +258,7 @@ class Student(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(spec.feature_dim, num_classes)
         for module in self.frozen_modules():
-            _freeze(module)
+            freeze(module)
         self.train()
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -288,7 +288,7 @@ class Student(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` in [0, 1] → pooled penultimate features ``(B, feature_dim)``."""
-        _check_input(x, self.teacher, self.channels, *self._input_rule)
+        check_input(x, self.teacher, self.channels, *self._input_rule)
         return self.backbone(self.input_layer(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +331,7 @@ def build_student(
     if weights_path is not None and not pretrained and strategy != "scratch":
         raise MedtransferError("weights_path was given with pretrained=False; drop one of them.")
     load = pretrained and strategy != "scratch"
-    input_layer, backbone, sha256 = _input_and_backbone(spec, load, weights_path, channels)
+    input_layer, backbone, sha256 = input_and_backbone(spec, load, weights_path, channels)
     student = Student(
         spec=spec,
         strategy=strategy,
@@ -430,76 +430,3 @@ def param_groups(model: Student, base_lr: float, backbone_lr_factor: float = 0.1
     if grouped != wanted or sum(len(g["params"]) for g in groups) != len(grouped):
         raise RuntimeError("parameter groups do not cover each trainable parameter exactly once")
     return groups
-
-
-# --------------------------------------------------------------------------------------------
-# The pristine teacher, for attacks and sanity checks
-# --------------------------------------------------------------------------------------------
-
-
-class _FrozenTeacher(nn.Module):
-    """A teacher that never trains: no parameter needs a gradient, and ``train()`` is ignored."""
-
-    def train(self, mode: bool = True) -> _FrozenTeacher:
-        return super().train(False)
-
-
-class TeacherFeatures(_FrozenTeacher):
-    """Pristine pretrained teacher: ``(B, C, H, W)`` in [0, 1] → pooled features ``(B, D)``."""
-
-    def __init__(
-        self, spec: TeacherSpec, input_layer: nn.Module, backbone: Backbone, channels: int = 1
-    ) -> None:
-        super().__init__()
-        self.teacher = spec.name
-        self.channels = channels
-        self._input_rule = (spec.size_multiple, spec.min_image_size)
-        self.input_layer = input_layer
-        self.backbone = backbone
-        _freeze(self)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.teacher, self.channels, *self._input_rule)
-        return self.backbone(self.input_layer(x))
-
-
-class ImageNetClassifier(_FrozenTeacher):
-    """The full teacher: ``(B, 3, H, W)`` RGB in [0, 1] → ImageNet logits ``(B, 1000)``."""
-
-    def __init__(self, spec: TeacherSpec, backbone: Backbone, classifier: nn.Linear) -> None:
-        super().__init__()
-        self.teacher = spec.name
-        self._input_rule = (spec.size_multiple, spec.min_image_size)
-        self.normalise = Normalise(spec.normalisation)
-        self.backbone = backbone
-        self.classifier = classifier
-        _freeze(self)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.teacher, 3, *self._input_rule)
-        return self.classifier(self.backbone(self.normalise(x)))
-
-
-def teacher_feature_extractor(
-    teacher: str | TeacherSpec, weights_path: str | Path | None = None, channels: int = 1
-) -> TeacherFeatures:
-    """A freshly loaded, frozen copy of the pretrained teacher's feature extractor.
-
-    Same input as a student of ``channels`` ([0, 1]), output the teacher's pooled penultimate
-    features. It is built from the weights file, never from a student, so an attack crafted on
-    it knows nothing the student learned.
-    """
-    spec = get_teacher(teacher)
-    input_layer, backbone, _ = _input_and_backbone(spec, True, weights_path, channels)
-    return TeacherFeatures(spec, input_layer, backbone, channels)
-
-
-def imagenet_classifier(
-    teacher: str | TeacherSpec, weights_path: str | Path | None = None
-) -> ImageNetClassifier:
-    """The pretrained 1000-class teacher on RGB [0, 1] input, frozen (for sanity checks)."""
-    spec = get_teacher(teacher)
-    built = build_teacher(spec, pretrained=True, weights_path=weights_path)
-    return ImageNetClassifier(spec, built.backbone, built.classifier)

@@ -26,8 +26,8 @@ from tasks.data.dataset import load_processed
 from tasks.evaluation import group_metrics, plot_data
 from tasks.evaluation.evaluation import Evaluation, evaluate_configured
 from tasks.figures import verdict_figures, write_figures
-from tasks.model.student import teacher_feature_extractor
 from tasks.model.student_io import StudentSpec, load_student
+from tasks.model.teacher_models import teacher_feature_extractor
 from tasks.robustness.attacks.universal import natural_crops
 from tasks.robustness.gates import gate_verdict
 from tasks.robustness.plots import ReferenceCurve, plot_robustness_curves

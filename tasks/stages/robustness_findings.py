@@ -28,8 +28,8 @@ from tasks.evaluation import plot_data
 from tasks.evaluation.evaluation import evaluate_configured
 from tasks.figures import verdict_figures, write_figures
 from tasks.model.label_kind import MULTI_LABEL
-from tasks.model.student import teacher_feature_extractor
 from tasks.model.student_io import StudentSpec
+from tasks.model.teacher_models import teacher_feature_extractor
 from tasks.robustness.attacks.universal import natural_crops
 from tasks.robustness.findings_robustness import ATTACKS, FindingFlips, measure_findings
 from tasks.robustness.gates import Verdict, gate_verdict

@@ -43,7 +43,7 @@ from tasks.evaluation.metrics import (
     wilson_interval,
 )
 from tasks.model.predict import run_model
-from tasks.model.student import teacher_feature_extractor
+from tasks.model.teacher_models import teacher_feature_extractor
 from tasks.robustness.attacks.teacher_transfer import teacher_transfer_attack
 from tasks.training import strategies
 from tasks.training.recorders import ProgressBarRecorder

@@ -41,7 +41,8 @@ from tasks.evaluation.metrics import (
     weighted_auc,
 )
 from tasks.model.label_kind import SINGLE_LABEL
-from tasks.model.student import check_image_size, teacher_feature_extractor
+from tasks.model.student import check_image_size
+from tasks.model.teacher_models import teacher_feature_extractor
 from tasks.model.teachers import get_teacher, known_teachers, resolve_weights
 
 logger = logging.getLogger(__name__)
