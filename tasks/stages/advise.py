@@ -20,7 +20,8 @@ def run_advise(params: Params, progress: bool = True) -> dict:
     # deferred: selection imports torch and the teachers, which `medtransfer --help` need not
     from tasks.data.dataset import load_processed
     from tasks.transfer.auto import check_single_label
-    from tasks.transfer.selection import advise, evidence_table
+    from tasks.transfer.evidence_report import evidence_table
+    from tasks.transfer.selection import advise
 
     check_single_label(load_processed(params.data.processed_dir))
 

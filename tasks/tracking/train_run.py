@@ -44,7 +44,8 @@ from tasks.training.resume import ResumePlan
 from tasks.training.strategies import is_adversarial
 from tasks.training.types import TrainedStudent
 from tasks.transfer.auto import decision_rows, decision_table, plot_decision
-from tasks.transfer.selection import TransferChoice, plot_evidence
+from tasks.transfer.evidence_report import plot_evidence
+from tasks.transfer.selection import TransferChoice
 
 logger = logging.getLogger(__name__)
 
