@@ -8,7 +8,8 @@ import typing
 import pytest
 import yaml
 
-from tasks.config import Params, apply_overrides, load_params, parse_params
+from tasks.config import Params, load_params, parse_params
+from tasks.config_file import apply_overrides
 from tasks.errors import MedtransferError
 from tests.conftest import REPO
 
