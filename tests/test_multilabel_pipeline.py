@@ -288,7 +288,7 @@ def test_evaluate_and_robustness_write_every_plot_dvc_yaml_declares(multilabel_r
 
     stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
     declared = [
-        next(iter(entry))
+        entry if isinstance(entry, str) else next(iter(entry))  # a path, or path: {options}
         for stage in ("evaluate", "robustness")
         for entry in stages["stages"][stage]["plots"]
     ]
