@@ -213,3 +213,20 @@ def test_a_member_and_a_loose_file_at_one_path_are_refused(
     shutil.copy(first, source / first.relative_to(folder))
     with pytest.raises(MedtransferError, match=r"1 path.* occur twice"):
         _ingest(params, source, labels_csv, "archive")
+
+
+def test_with_archives_a_flow_s_task_runner_gives_way_to_the_stage_s_pool_in_one_line(
+    params: Params, tmp_path: Path, dicom_folder: tuple[Path, Path], caplog
+) -> None:
+    folder, labels_csv = dicom_folder
+    source = _zip(folder, _files(folder), tmp_path / "in" / "export.zip")
+
+    def task_runner_map(*args: object) -> None:
+        raise AssertionError("the task runner's map was asked to read an archive's members")
+
+    overrides = [f"data.source={source}", f"data.labels_csv={labels_csv}", "data.workers=1"]
+    with caplog.at_level("WARNING", logger="tasks.data.ingestion"):
+        result = run_ingest(params.with_overrides(overrides), False, task_runner_map)
+    assert result.ingested == 50
+    [line] = [r.getMessage() for r in caplog.records if r.name == "tasks.data.ingestion"]
+    assert "not orchestration.task_runner" in line and "export" not in line
