@@ -198,6 +198,7 @@ def test_a_truncated_archive_is_one_line_and_the_previous_dataset_stays(
     truncated = archive.read_bytes()
     with pytest.raises(MedtransferError, match="cannot be read as a ZIP or TAR") as error:
         _ingest(params, archive.parent, labels_csv, "archive")
+    assert "Archive 1 of 1 in data.source" in str(error.value)  # named by place, not name
     assert "\n" not in str(error.value) and "day-1" not in str(error.value)
     assert dataset_version(previous) == version
     assert archive.read_bytes() == truncated

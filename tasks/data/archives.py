@@ -115,14 +115,20 @@ def list_entries(source: Path, files: list[Path]) -> list[Entry]:
         try:
             entries.extend(_members(path, "" if base == "." else base))
         except _LISTING_ERRORS as err:
-            raise MedtransferError(_unreadable(archives.index(path), len(archives), err)) from err
+            which = (
+                "data.source"
+                if path == source
+                else f"Archive {archives.index(path) + 1} of {len(archives)} in data.source"
+            )
+            raise MedtransferError(_unreadable(which, err)) from err
     entries.sort(key=lambda entry: PurePosixPath(entry.relative).parts)
     _refuse_shared_paths(entries)
     return entries
 
 
-def _unreadable(index: int, count: int, error: BaseException) -> str:
-    which = "data.source" if count == 1 else f"Archive {index + 1} of {count} in data.source"
+def _unreadable(which: str, error: BaseException) -> str:
+    """The refusal of an archive named by ``which`` (its place among the archives, in path
+    order: its name may be patient data)."""
     return (
         f"{which} cannot be read as a ZIP or TAR archive ({type(error).__name__}: truncated, "
         "corrupt or not an archive; archives are taken by their name's suffix, "
