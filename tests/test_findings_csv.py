@@ -257,3 +257,56 @@ def test_a_finding_unknown_in_every_image_is_refused_in_one_line(
         run_ingest(params.with_overrides(overrides), progress=False)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "processed").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.findings=[a]", "data.findings_column=Finding Labels"],
+            "name two layouts; set one of them and the other to null",
+        ),
+        (["data.findings=[a]", "data.labels_csv=null"], "set data.labels_csv to the CSV"),
+        (["data.findings=[a,a]"], "each once and non-empty"),
+        (["data.findings_column=' '"], "must name the CSV's column of findings"),
+        (["data.uncertain=maybe"], "data.uncertain must be one of"),
+    ],
+)
+def test_contradictory_findings_keys_are_one_line_naming_them(
+    overrides: list[str], message: str
+) -> None:
+    from tasks.config import load_params
+    from tests.conftest import REPO
+
+    with pytest.raises(MedtransferError, match=message) as err:
+        load_params(REPO / "params.yaml", ["data.labels_csv=labels.csv", *overrides])
+    assert "\n" not in str(err.value)
+
+
+def test_findings_keys_for_an_npz_are_refused_before_anything_is_written(
+    params: Params, tmp_path: Path
+) -> None:
+    from tasks.data.synthetic import write_multi_finding_npz
+    from tasks.stages.ingest import run_ingest
+
+    npz = write_multi_finding_npz(tmp_path / "f.npz", {"train": 4, "val": 4, "test": 4}, 32, 1)
+    overrides = [f"data.source={npz}", "data.labels_csv=x.csv", "data.findings_column=F"]
+    with pytest.raises(MedtransferError, match=r"a \.npz brings its own"):
+        run_ingest(params.with_overrides(overrides), progress=False)
+    assert not Path(params.data.processed_dir).exists()
+
+
+def test_a_table_with_two_file_columns_is_refused_in_one_line(
+    params: Params, finding_folder: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from tasks.stages.ingest import run_ingest
+
+    folder, _ = finding_folder
+    table = pd.read_csv(folder.parent / CHESTXRAY14_CSV, dtype=str)
+    table["path"] = table["Image Index"]
+    table.to_csv(tmp_path / "two.csv", index=False)
+    overrides = [f"data.source={folder}", f"data.labels_csv={tmp_path / 'two.csv'}"]
+    with pytest.raises(MedtransferError, match=r"columns \['path', 'Image Index'\], each of"):
+        run_ingest(params.with_overrides([*overrides, *LAYOUTS["chestxray14"]]), progress=False)
