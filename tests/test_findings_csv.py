@@ -310,3 +310,25 @@ def test_a_table_with_two_file_columns_is_refused_in_one_line(
     overrides = [f"data.source={folder}", f"data.labels_csv={tmp_path / 'two.csv'}"]
     with pytest.raises(MedtransferError, match=r"columns \['path', 'Image Index'\], each of"):
         run_ingest(params.with_overrides([*overrides, *LAYOUTS["chestxray14"]]), progress=False)
+
+
+def test_an_images_findings_label_names_present_then_unknown_findings() -> None:
+    from tasks.data.findings import findings_label
+
+    names = ("Atelectasis", "Edema", "Mass")
+    assert findings_label(np.array([1, np.nan, 0], np.float32), names) == "Atelectasis|Edema?"
+    assert findings_label(np.array([0, 0, 0], np.float32), names) == ""
+    # under zeros the same image is "Atelectasis": another label, so another content hash
+    assert findings_label(np.array([1, 0, 0], np.float32), names) == "Atelectasis"
+
+
+def test_images_are_stratified_by_their_rarest_present_finding() -> None:
+    from tasks.data.dataset_writer import finding_strata
+
+    # positives per finding: 3, 1, 2; image 1 has findings 0 and 1 (rarest: 1), image 3 has
+    # 0 and 2 (rarest: 2), image 4 none present (stratum K = 3), image 5 only unknown
+    labels = np.array(
+        [[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 0, 0], [np.nan, 0, np.nan]],
+        dtype=np.float32,
+    )
+    np.testing.assert_array_equal(finding_strata(labels), [0, 1, 2, 2, 3, 3])
