@@ -30,6 +30,7 @@ def write_finding_folder(
         image; the CheXpert table's ``-1`` cells are those of its flat index divisible by
         ``uncertain_every``.
     """
+    folder.parent.mkdir(parents=True, exist_ok=True)
     npz = write_multi_finding_npz(folder.parent / "scenes.npz", {"train": n_images}, size, seed)
     with np.load(npz) as archive:
         images, truth = archive["train_images"], archive["train_labels"].astype(np.float32)

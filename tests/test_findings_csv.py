@@ -105,6 +105,7 @@ def _known_labels(folder: Path, layout: str) -> np.ndarray:
     return np.where(cells == -1, np.nan, cells).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_a_chexpert_table_with_uncertain_and_blank_cells_is_ingested_as_findings_with_nan(
     csv_runs: dict, finding_folder: tuple[Path, np.ndarray]
 ) -> None:
@@ -132,6 +133,7 @@ def test_a_chexpert_table_with_uncertain_and_blank_cells_is_ingested_as_findings
     assert manifest.groupby("patient_hash")["split"].nunique().max() == 1  # no patient in two
 
 
+@pytest.mark.slow
 def test_a_chestxray14_table_gives_one_finding_per_name_it_uses(
     csv_runs: dict, finding_folder: tuple[Path, np.ndarray]
 ) -> None:
@@ -146,6 +148,7 @@ def test_a_chestxray14_table_gives_one_finding_per_name_it_uses(
     np.testing.assert_array_equal(dataset.labels[order], truth[:, columns])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_medtransfer_run_evaluates_registers_and_packages_each_finding(
     csv_runs: dict, layout: str
@@ -160,6 +163,7 @@ def test_medtransfer_run_evaluates_registers_and_packages_each_finding(
     assert Path(run["package"]["archive"]).is_file()
 
 
+@pytest.mark.slow
 def test_each_findings_figures_count_only_its_known_test_cells(csv_runs: dict) -> None:
     from tasks.data.dataset import load_processed
 
@@ -172,6 +176,7 @@ def test_each_findings_figures_count_only_its_known_test_cells(csv_runs: dict) -
     assert np.isnan(labels).any()  # the test split holds unknown cells, left out above
 
 
+@pytest.mark.slow
 def test_the_served_bento_answers_every_csv_findings_probability_and_decision(
     csv_runs: dict, finding_folder: tuple[Path, np.ndarray], tmp_path: Path
 ) -> None:
