@@ -337,3 +337,38 @@ def test_images_are_stratified_by_their_rarest_present_finding() -> None:
         dtype=np.float32,
     )
     np.testing.assert_array_equal(finding_strata(labels), [0, 1, 2, 2, 3, 3])
+
+
+def test_a_dicom_folder_takes_its_findings_from_the_table_by_path(
+    params: Params, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from tasks.data.dataset import load_processed
+    from tasks.stages.ingest import run_ingest
+    from tests.colour_samples import write_hue_dicom_folder
+
+    folder = write_hue_dicom_folder(tmp_path / "dicom", 12, 32, seed=4)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.dcm"))
+    cells = ["Mass" if i % 3 == 0 else "No Finding" for i in range(12)]
+    cells = [f"{c}|Edema" if i % 2 and c != "No Finding" else c for i, c in enumerate(cells)]
+    cells = [("Edema" if c == "No Finding" and i % 4 == 1 else c) for i, c in enumerate(cells)]
+    pd.DataFrame({"path": paths, "Finding Labels": cells}).to_csv(tmp_path / "f.csv", index=False)
+    overrides = [
+        f"data.source={folder}",
+        f"data.labels_csv={tmp_path / 'f.csv'}",
+        *LAYOUTS["chestxray14"],
+    ]
+    result = run_ingest(params.with_overrides(overrides), progress=False)
+    assert (result.source_kind, result.label_kind, result.split_by) == (
+        "dicom_folder",
+        "multi-label",
+        "patient",
+    )
+    dataset = load_processed(params.data.processed_dir)
+    by_file = dict(zip(dataset.manifest["source_file"], dataset.labels.tolist(), strict=True))
+    expected = {
+        path: [float("Edema" in c.split("|")), float("Mass" in c.split("|"))]
+        for path, c in zip(paths, cells, strict=True)
+    }
+    assert dataset.classes == ["Edema", "Mass"] and by_file == expected
