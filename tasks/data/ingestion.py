@@ -97,6 +97,7 @@ def ingest_folder(
             kind=kind,
             name=data.name or kind,
             labels_from=ds_files.CSV_LABELS if labels.csv_path else ds_files.SUBFOLDER_LABELS,
+            findings=list(labels.findings) if labels.findings else None,
         )
         result = write_dataset(staging, source, data, seed)
     except BaseException:
@@ -180,6 +181,8 @@ def _label_and_keep(
                     "sop_uid_hash": outcome.sop_uid_hash,
                     "notes": outcome.notes,
                     **group_columns(outcome.groups),
+                    # a multi-label CSV's (K,) findings: labels.npy's row (NaN unknown)
+                    **({"findings": labels.findings_of(label)} if labels.findings else {}),
                 }
             )
     return rows, quarantine

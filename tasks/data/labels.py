@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pandas as pd
 
 from tasks.errors import MedtransferError
@@ -39,6 +40,10 @@ class LabelSource:
         identical_duplicates: CSV rows that repeat an earlier row exactly (ignored).
         patients: the ``patient`` column's value per file path (empty without the column).
         has_patients: whether the CSV has a ``patient`` column.
+        findings: the K finding names of a multi-label CSV (:mod:`tasks.data.findings`), whose
+            labels are each file's findings written as one string; None: one class per file.
+        vectors: for a multi-label CSV, each label string's findings ``(K,)`` float32 (1
+            present, 0 absent, NaN unknown).
     """
 
     by_path: dict[str, str] = field(default_factory=dict)
@@ -49,6 +54,8 @@ class LabelSource:
     identical_duplicates: int = 0
     patients: dict[str, str] = field(default_factory=dict)
     has_patients: bool = False
+    findings: tuple[str, ...] | None = None
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
     _matched_uids: set[str] = field(default_factory=set)
 
     def label_for(self, relative_path: str, sop_instance_uid: str) -> str | None:
@@ -62,6 +69,11 @@ class LabelSource:
             if label is not None:
                 self._matched_uids.add(sop_instance_uid)
         return label
+
+    def findings_of(self, label: str) -> np.ndarray:
+        """The findings ``(K,)`` a multi-label source's ``label`` (from :meth:`label_for`)
+        stands for."""
+        return self.vectors[label]
 
     def patient_for(self, relative_path: str) -> str | None:
         """The ``patient`` column's value for one file, or None (no column, or an empty cell)."""
@@ -124,7 +136,7 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     """
     if labels_csv is None:
         return LabelSource(from_subfolders=True)
-    csv_path = _find_csv(folder, labels_csv)
+    csv_path = find_csv(folder, labels_csv)
     table = read_table(csv_path)
     columns = {name.strip(): name for name in table.columns}
     if "label" not in columns or not ({"path", "SOPInstanceUID"} & set(columns)):
@@ -133,6 +145,27 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             "column and a 'path' or 'SOPInstanceUID' column."
         )
     labels = table[columns["label"]].str.strip()
+    return source_from_table(csv_path, table, columns, labels, keep=labels != "")
+
+
+def source_from_table(
+    csv_path: Path,
+    table: pd.DataFrame,
+    columns: dict[str, str],
+    labels: pd.Series,
+    keep: pd.Series,
+) -> LabelSource:
+    """The :class:`LabelSource` of a read labels table: each row's label is ``labels`` (one
+    string per row; a multi-label reader passes its findings written as one string), rows where
+    ``keep`` is False are left out.
+
+    Args:
+        columns: ``{stripped name: column}``; ``path`` and/or ``SOPInstanceUID`` key the rows,
+            ``patient`` (optional) names each file's patient.
+
+    Raises:
+        MedtransferError: one file given two labels or two patients, a label in two cases.
+    """
     paths = (
         table[columns["path"]].map(normalise_path)
         if "path" in columns
@@ -145,8 +178,8 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     )
     rows = [
         (path, uid, label)
-        for path, uid, label in zip(paths, uids, labels, strict=True)
-        if label and (path or uid)
+        for path, uid, label, kept in zip(paths, uids, labels, keep, strict=True)
+        if kept and (path or uid)
     ]
     _refuse_case_variants(csv_path, [label for _, _, label in rows])
     source = LabelSource(csv_path=csv_path.resolve())
@@ -172,7 +205,7 @@ def normalise_path(cell: str) -> str:
     return PurePosixPath(cell.replace("\\", "/")).as_posix() if cell else ""
 
 
-def _find_csv(folder: Path, labels_csv: str | Path) -> Path:
+def find_csv(folder: Path, labels_csv: str | Path) -> Path:
     """The CSV's path: inside ``folder`` when it is there, else as given."""
     csv_path = Path(labels_csv)
     if not csv_path.is_absolute() and (folder / csv_path).is_file():
