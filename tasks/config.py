@@ -72,6 +72,9 @@ class DataParams:
     findings: tuple[str, ...] | None
     findings_column: str | None
     uncertain: str = rule(choices=UNCERTAIN_POLICIES)
+    # a regular expression with one group, searched in each labels-CSV path: the group is the
+    # file's patient when the CSV has no patient column (CheXpert: patient(\d+)/)
+    patient_from_path: str | None
     name: str | None
     # the site's label (a grouping attribute of every image), same form as name
     site: str | None
@@ -95,6 +98,7 @@ class DataParams:
                 "(a label such as hospital-north, not a path), or null."
             )
         self._check_findings()
+        self._check_patient_from_path()
         if self.val_fraction + self.test_fraction >= 1:
             raise MedtransferError(
                 "data.val_fraction and data.test_fraction must sum to less than 1, not "
@@ -127,6 +131,30 @@ class DataParams:
             raise MedtransferError(
                 "data.findings_column must name the CSV's column of findings "
                 "(e.g. 'Finding Labels') or be null."
+            )
+
+    def _check_patient_from_path(self) -> None:
+        """A patient pattern is a valid regular expression with exactly one group, read from
+        the labels CSV's paths (so it needs one)."""
+        pattern = self.patient_from_path
+        if pattern is None:
+            return
+        if not self.labels_csv:
+            raise MedtransferError(
+                "data.patient_from_path reads the labels CSV's paths; set data.labels_csv too, "
+                "or data.patient_from_path to null."
+            )
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as err:
+            raise MedtransferError(
+                f"data.patient_from_path {pattern!r} is not a regular expression ({err}); "
+                r"write one with one group, e.g. 'patient(\d+)/'."
+            ) from None
+        if groups != 1:
+            raise MedtransferError(
+                f"data.patient_from_path {pattern!r} has {groups} groups; it needs exactly one, "
+                r"the patient (e.g. 'patient(\d+)/')."
             )
 
     @property

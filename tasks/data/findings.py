@@ -198,8 +198,9 @@ def read_findings_source(folder: Path, data: DataParams) -> LabelSource:
     )
     labels = [findings_label(row, found.names) for row in found.labels]
     source = source_from_table(
-        csv_path, table, columns, pd.Series(labels, dtype=str), pd.Series([True] * len(labels))
-    )
+        csv_path, table, columns, pd.Series(labels, dtype=str), pd.Series([True] * len(labels)),
+        patient_pattern=data.patient_from_path,
+    )  # fmt: skip
     source.findings = found.names
     source.vectors = dict(zip(labels, found.labels, strict=True))
     return source

@@ -16,6 +16,7 @@ same CSV (findings columns, say) keys the same rows to the same files.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -119,7 +120,9 @@ class LabelSource:
         }
 
 
-def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSource:
+def read_label_source(
+    folder: Path, labels_csv: str | Path | None, patient_pattern: str | None = None
+) -> LabelSource:
     """Build the label source for ``folder``.
 
     Args:
@@ -129,6 +132,7 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             sub-folders. A relative CSV path is
             looked up inside ``folder`` first (where it is versioned with the images, one DVC
             dependency), then in the working directory.
+        patient_pattern: ``data.patient_from_path`` (see :func:`patients_from_paths`) or None.
 
     Raises:
         MedtransferError: the CSV is missing, unreadable, or lacks the needed columns; it
@@ -145,7 +149,9 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             "column and a 'path' or 'SOPInstanceUID' column."
         )
     labels = table[columns["label"]].str.strip()
-    return source_from_table(csv_path, table, columns, labels, keep=labels != "")
+    return source_from_table(
+        csv_path, table, columns, labels, keep=labels != "", patient_pattern=patient_pattern
+    )
 
 
 def source_from_table(
@@ -154,6 +160,7 @@ def source_from_table(
     columns: dict[str, str],
     labels: pd.Series,
     keep: pd.Series,
+    patient_pattern: str | None = None,
 ) -> LabelSource:
     """The :class:`LabelSource` of a read labels table: each row's label is ``labels`` (one
     string per row; a multi-label reader passes its findings written as one string), rows where
@@ -162,9 +169,13 @@ def source_from_table(
     Args:
         columns: ``{stripped name: column}``; ``path`` and/or ``SOPInstanceUID`` key the rows,
             ``patient`` (optional) names each file's patient.
+        patient_pattern: ``data.patient_from_path`` (a regular expression with one group,
+            searched in each path: the group is the patient), for a table without a patient
+            column; None: none.
 
     Raises:
-        MedtransferError: one file given two labels or two patients, a label in two cases.
+        MedtransferError: one file given two labels or two patients, a label in two cases;
+            a patient pattern beside a patient column, or one that misses some paths.
     """
     paths = (
         table[columns["path"]].map(normalise_path)
@@ -190,13 +201,45 @@ def source_from_table(
     source.by_sop_uid = _one_label_per_key(
         csv_path, "SOPInstanceUID", [(u, lab) for _, u, lab in distinct]
     )
-    if "patient" in columns:
-        source.has_patients = True
-        patients = zip(paths, table[columns["patient"]].str.strip(), strict=True)
-        source.patients = _one_label_per_key(
-            csv_path, "path", list(dict.fromkeys(patients)), what="patients"
+    if "patient" in columns and patient_pattern is not None:
+        raise MedtransferError(
+            f"The labels CSV {csv_path} has a patient column and data.patient_from_path is set; "
+            "which names the patient is unclear: set data.patient_from_path to null to use the "
+            "column, or drop the column."
         )
+    if "patient" in columns:
+        patients = list(zip(paths, table[columns["patient"]].str.strip(), strict=True))
+    elif patient_pattern is not None:
+        patients = patients_from_paths(csv_path, [path for path, _ in source.rows], patient_pattern)
+    else:
+        return source
+    source.has_patients = True
+    source.patients = _one_label_per_key(
+        csv_path, "path", list(dict.fromkeys(patients)), what="patients"
+    )
     return source
+
+
+def patients_from_paths(
+    csv_path: Path, paths: list[str], pattern: str
+) -> list[tuple[str, str]]:
+    """``(path, patient)`` for each labels-CSV ``path``: the one group of ``pattern`` searched
+    in it (``patient(\\d+)/`` on ``train/patient00001/study1/view1.jpg`` gives ``00001``).
+
+    Raises:
+        MedtransferError: the pattern finds no patient in some paths (counted, none quoted: a
+            path can carry a patient's name), or the table keys its rows by SOPInstanceUID only.
+    """
+    compiled = re.compile(pattern)
+    found = [(path, match.group(1)) for path in paths if (match := compiled.search(path))]
+    missed = len(paths) - len(found)
+    if missed or not paths:
+        raise MedtransferError(
+            f"data.patient_from_path {pattern!r} finds no patient in {missed} of the "
+            f"{len(paths)} paths of {csv_path}; fix the pattern (it is searched in each path, "
+            "its one group is the patient) or give the CSV a patient column."
+        )
+    return found
 
 
 def normalise_path(cell: str) -> str:

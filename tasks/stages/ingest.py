@@ -96,7 +96,7 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
     labels = (
         read_findings_source(source, data)
         if data.multilabel
-        else read_label_source(source, data.labels_csv)
+        else read_label_source(source, data.labels_csv, data.patient_from_path)
     )
     return ingest_folder(
         source, labels, data, params.seed, "dicom_folder", progress, decode_map, names
