@@ -245,3 +245,47 @@ def test_a_patient_pattern_beside_a_patient_column_is_refused(
     folder = write_hue_image_folder(tmp_path / "images", 8, 32, 3)
     with pytest.raises(MedtransferError, match=r"has a patient column and data\.patient_from_path"):
         _ingest(params, folder, r"data.patient_from_path=(\d+)")
+
+
+def _nested_folder(folder: Path, n: int, duplicate: bool = False) -> Path:
+    """``n`` hue PNGs in ChestX-ray14's sub-folders (``images_00<k>/images/<name>.png``) and a
+    ``labels.csv`` naming each bare (``path`` = the file name, ``patient``); ``duplicate``
+    puts a second file with the first one's name in another sub-folder."""
+    from tests.colour_samples import hue_set
+
+    images, labels = hue_set(n, 32, 11)
+    rows = ["path,label,patient"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        name = f"{i:08d}_000.png"
+        path = folder / f"images_{i % 3 + 1:03d}" / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        rows.append(f"{name},{'positive' if label else 'negative'},{i // 2}")
+    if duplicate:
+        Image.fromarray(images[0]).save(folder / "images_003" / "images" / "00000000_000.png")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_bare_file_names_label_the_files_in_sub_folders_by_name(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = _nested_folder(tmp_path / "nih", 12)
+    result = _ingest(params, folder)
+    assert (result.ingested, result.quarantined, result.split_by) == (12, 0, "patient")
+    assert result.labels_csv["rows_without_file"] == 0
+    manifest = load_processed(params.data.processed_dir).manifest
+    row = manifest[manifest["source_file"] == "images_002/images/00000001_000.png"].iloc[0]
+    assert row["label"] == "positive"  # file 1 (hue_set alternates negative, positive)
+    assert manifest["patient_hash"].nunique() == 6
+
+
+def test_a_bare_name_shared_by_two_files_is_refused_in_one_line(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = _nested_folder(tmp_path / "nih", 6, duplicate=True)
+    with pytest.raises(MedtransferError) as refused:
+        _ingest(params, folder)
+    message = str(refused.value)
+    assert "1 of those names belong to more than one file" in message and "\n" not in message
+    assert "00000000_000" not in message

@@ -75,6 +75,7 @@ def ingest_folder(
         raise MedtransferError(
             f"The folder {folder} holds no files. Point data.source at a folder of DICOM files."
         )
+    labels.match_bare_names([f.relative_to(folder).as_posix() for f in files])
     salt = patient_salt()
     staging = staging_dir(data.processed_dir)
     try:

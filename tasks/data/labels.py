@@ -57,6 +57,9 @@ class LabelSource:
     has_patients: bool = False
     findings: tuple[str, ...] | None = None
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    # by_name: the CSV's paths are bare file names found in sub-folders (ChestX-ray14's
+    # Image Index beside images_001/images/...): each file is looked up by its name
+    by_name: bool = False
     _matched_uids: set[str] = field(default_factory=set)
 
     def label_for(self, relative_path: str, sop_instance_uid: str) -> str | None:
@@ -64,7 +67,7 @@ class LabelSource:
         if self.from_subfolders:
             parts = PurePosixPath(relative_path).parts
             return parts[0] if len(parts) > 1 else None
-        label = self.by_path.get(relative_path)
+        label = self.by_path.get(self._key(relative_path))
         if label is None and sop_instance_uid:
             label = self.by_sop_uid.get(sop_instance_uid)
             if label is not None:
@@ -78,7 +81,42 @@ class LabelSource:
 
     def patient_for(self, relative_path: str) -> str | None:
         """The ``patient`` column's value for one file, or None (no column, or an empty cell)."""
-        return self.patients.get(relative_path) or None
+        return self.patients.get(self._key(relative_path)) or None
+
+    def _key(self, relative_path: str) -> str:
+        """The CSV key of a file: its relative path, or its name when :attr:`by_name`."""
+        return PurePosixPath(relative_path).name if self.by_name else relative_path
+
+    def match_bare_names(self, listed_files: list[str]) -> None:
+        """Look files up by name when the CSV names files bare and they lie in sub-folders.
+
+        ChestX-ray14's table names ``00000001_000.png`` while the file is
+        ``images_001/images/00000001_000.png``. When no CSV path is a listed file, every CSV
+        path is a bare name and some listed file has that name, each file is looked up by its
+        name (:attr:`by_name`); otherwise nothing changes.
+
+        Args:
+            listed_files: every file of the folder, relative POSIX paths.
+
+        Raises:
+            MedtransferError: a name the CSV uses belongs to two files of the folder (which
+                one it labels is unknown; counted, never quoted).
+        """
+        paths = {path for path, _ in self.rows if path}
+        if not paths or any("/" in path for path in paths) or paths & set(listed_files):
+            return
+        names = [PurePosixPath(f).name for f in listed_files]
+        named = [name for name in names if name in paths]
+        if not named:
+            return
+        twice = len(named) - len(set(named))
+        if twice:
+            raise MedtransferError(
+                f"The labels CSV {self.csv_path} names files without their folders, and "
+                f"{twice} of those names belong to more than one file in data.source; write "
+                "each row's path relative to data.source (images_001/images/x.png) instead."
+            )
+        self.by_name = True
 
     def check_rows_name_files(self, listed_files: set[str]) -> dict[str, int]:
         """:meth:`csv_counts`, refusing a CSV none of whose rows names a file of the folder.
@@ -109,8 +147,9 @@ class LabelSource:
         """
         if self.csv_path is None:
             return {}
+        listed = {self._key(f) for f in listed_files}
         without_file = sum(
-            (not path or path not in listed_files) and (not uid or uid not in self._matched_uids)
+            (not path or path not in listed) and (not uid or uid not in self._matched_uids)
             for path, uid in self.rows
         )
         return {
