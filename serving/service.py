@@ -24,7 +24,7 @@ Two services, one Bento (``medtransfer package`` builds it; ``serving/bentofile.
   GET  /info                                                        model, classes, limits
   GET  /healthz /livez      (BentoML)                               200 while the server lives
   GET  /readyz              (BentoML)                               200 while the model answers
-  GET  /metrics             (BentoML, Prometheus)                   abstentions, OOD scores
+  GET  /metrics             (Prometheus)                            requests by route, abstentions, OOD scores
   GET  /docs /docs.json     (BentoML)                               OpenAPI page and schema
   ========================  ======================================  ==========================
 
@@ -52,13 +52,14 @@ Configuration comes from the Bento's arguments (:class:`ServingArgs`), written b
 Beside this module, by concern: :mod:`serving.uploads` (the checks before a body is read),
 :mod:`serving.limits` (the request deadline and the decode slots), :mod:`serving.replies` (the
 4xx and 503 answers), :mod:`serving.operations`
-(BentoML's processes: ``BENTOML_HOME``, ``/metrics`` labels and metrics, the parent-death
-signal, ``/readyz``); :mod:`serving.dicom_output` (the SR and Grad-CAM SC of a classified
+(BentoML's processes: ``BENTOML_HOME``, the parent-death signal, ``/readyz``),
+:mod:`serving.metrics` (``/metrics``: requests labelled by route, abstentions, OOD scores); :mod:`serving.dicom_output` (the SR and Grad-CAM SC of a classified
 DICOM, multipart/related; sent to ``serving.pacs`` by :mod:`serving.pacs`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import warnings
@@ -86,7 +87,8 @@ from serving.dicom_output import (  # noqa: E402
 )
 from serving.dicom_report import DicomOutputError  # noqa: E402
 from serving.limits import DecodeSlots, request_deadline, timed_out  # noqa: E402
-from serving.operations import Metrics, model_ready, prepare_process  # noqa: E402
+from serving.metrics import Metrics, RouteTrafficMetrics, exposition  # noqa: E402
+from serving.operations import model_ready, prepare_process  # noqa: E402
 from serving.pacs import PacsError, PacsTarget, send  # noqa: E402
 from serving.replies import ModelUnavailable, answer, rejection, unavailable  # noqa: E402
 from serving.uploads import UploadLimits  # noqa: E402 - imports pydicom: after the filter
@@ -201,7 +203,14 @@ info_app = FastAPI(title="medtransfer", docs_url=None, redoc_url=None, openapi_u
 
 
 # BentoML's own timeout is the backstop (504); the service answers 503 at request_timeout_s.
-@bentoml.service(name="medtransfer", workers=1, traffic={"timeout": ARGS.request_timeout_s + 30})
+# BentoML's request metrics label requests by raw URL path (unbounded): off here, and
+# serving.metrics records the same series by route and serves /metrics.
+@bentoml.service(
+    name="medtransfer",
+    workers=1,
+    traffic={"timeout": ARGS.request_timeout_s + 30},
+    metrics={"enabled": False},
+)
 @bentoml.asgi_app(info_app, path="/")
 class Classifier:
     """HTTP entry point: checks and prepares uploads, asks :class:`StudentModel`, replies."""
@@ -244,6 +253,12 @@ class Classifier:
                 "sets": {"coverage": ARGS.coverage, "threshold": ARGS.conformal_threshold},
             }
         )
+
+    @info_app.get("/metrics", include_in_schema=False)
+    async def metrics_page(self) -> Response:
+        """Prometheus' text format: every worker's request series, abstentions, OOD scores."""
+        body, content_type = await asyncio.to_thread(exposition)
+        return Response(body, media_type=content_type)
 
     @info_app.get("/docs", include_in_schema=False)
     async def docs(self) -> RedirectResponse:
@@ -453,6 +468,8 @@ class Classifier:
         raise ModelUnavailable
 
 
+# Outermost of ours: every request is counted, the uploads UploadLimits refuses (413) included.
+Classifier.add_asgi_middleware(RouteTrafficMetrics)
 Classifier.add_asgi_middleware(
     UploadLimits, max_bytes=ARGS.max_upload_bytes, max_files=ARGS.max_batch_files
 )

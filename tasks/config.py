@@ -37,6 +37,9 @@ GROUP_ATTRIBUTES = ("manufacturer", "model", "view", "body_part", "site", "sex",
 # data.channels: auto keeps colour when the source is colour; gray makes every image luma (the
 # behaviour before colour existed); rgb demands a colour source (tasks/data/channels.py).
 CHANNEL_MODES = ("auto", "gray", "rgb")
+# data.uncertain: what a CheXpert-style uncertain (-1) finding cell becomes: unknown (left out
+# of that finding's loss and figures), absent or present (tasks/data/findings.py).
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 # Out-of-distribution scores on the student's features (tasks/model/profile.py).
 OOD_METHODS = ("knn", "mahalanobis", "energy")
 # Every teacher downsamples by 32 (tasks.model.teachers.TeacherSpec.size_multiple and
@@ -64,6 +67,14 @@ class DataParams:
 
     source: str
     labels_csv: str | None
+    # multi-label findings from labels_csv: one 0/1/-1/blank column per finding (CheXpert),
+    # or one column of |-joined names (ChestX-ray14); null/null: one label per file
+    findings: tuple[str, ...] | None
+    findings_column: str | None
+    uncertain: str = rule(choices=UNCERTAIN_POLICIES)
+    # a regular expression with one group, searched in each labels-CSV path: the group is the
+    # file's patient when the CSV has no patient column (CheXpert: patient(\d+)/)
+    patient_from_path: str | None
     name: str | None
     # the site's label (a grouping attribute of every image), same form as name
     site: str | None
@@ -86,11 +97,70 @@ class DataParams:
                 f"data.site {self.site!r} must be 1 to 64 letters, digits, '.', '_' or '-' "
                 "(a label such as hospital-north, not a path), or null."
             )
+        self._check_findings()
+        self._check_patient_from_path()
         if self.val_fraction + self.test_fraction >= 1:
             raise MedtransferError(
                 "data.val_fraction and data.test_fraction must sum to less than 1, not "
                 f"{self.val_fraction} + {self.test_fraction}."
             )
+
+    def _check_findings(self) -> None:
+        """Findings come from one layout of a labels CSV: not both keys, not without a CSV,
+        no finding column named twice or empty."""
+        if self.findings is not None and self.findings_column is not None:
+            raise MedtransferError(
+                "data.findings (one column per finding) and data.findings_column (one column of "
+                "|-joined findings) name two layouts; set one of them and the other to null."
+            )
+        if (self.findings is not None or self.findings_column is not None) and not self.labels_csv:
+            raise MedtransferError(
+                "data.findings and data.findings_column read the labels CSV; set "
+                "data.labels_csv to the CSV that holds the findings."
+            )
+        if self.findings is not None and (
+            len(self.findings) < 1
+            or len(set(self.findings)) != len(self.findings)
+            or not all(name.strip() for name in self.findings)
+        ):
+            raise MedtransferError(
+                "data.findings must list the CSV's finding columns, each once and non-empty "
+                "(e.g. [Atelectasis, Edema]), or be null."
+            )
+        if self.findings_column is not None and not self.findings_column.strip():
+            raise MedtransferError(
+                "data.findings_column must name the CSV's column of findings "
+                "(e.g. 'Finding Labels') or be null."
+            )
+
+    def _check_patient_from_path(self) -> None:
+        """A patient pattern is a valid regular expression with exactly one group, read from
+        the labels CSV's paths (so it needs one)."""
+        pattern = self.patient_from_path
+        if pattern is None:
+            return
+        if not self.labels_csv:
+            raise MedtransferError(
+                "data.patient_from_path reads the labels CSV's paths; set data.labels_csv too, "
+                "or data.patient_from_path to null."
+            )
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as err:
+            raise MedtransferError(
+                f"data.patient_from_path {pattern!r} is not a regular expression ({err}); "
+                r"write one with one group, e.g. 'patient(\d+)/'."
+            ) from None
+        if groups != 1:
+            raise MedtransferError(
+                f"data.patient_from_path {pattern!r} has {groups} groups; it needs exactly one, "
+                r"the patient (e.g. 'patient(\d+)/')."
+            )
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the labels CSV gives several findings per file (either layout)."""
+        return self.findings is not None or self.findings_column is not None
 
     @property
     def worker_count(self) -> int:

@@ -640,6 +640,20 @@ def test_the_robustness_plot_has_a_95pc_band_per_curve_and_a_legend_beside_the_a
     assert len(axes.get_legend().get_texts()) == len(labels)
 
 
+def test_an_attack_that_is_off_has_no_curve_and_no_legend_entry():
+    from tasks.robustness.result import NOT_MEASURED
+
+    result = _result(n=10)
+    rows = tuple(
+        EpsilonRow(row.eps, {**row.rates, "square_acc": NOT_MEASURED}) for row in result.rows
+    )
+    figure = robustness_figure(dataclasses.replace(result, rows=rows))
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert "uniform noise accuracy" in labels
+    assert not any("Square" in label for label in labels)
+    assert len(labels) == len(robustness_figure(result).axes[0].get_legend().get_texts())
+
+
 def test_crafted_teacher_perturbations_are_shared_between_students(toy):
     """A second student scored with the same cache reuses the teacher-crafted images."""
 

@@ -180,3 +180,112 @@ def test_auto_reads_an_image_folders_native_resolution_from_its_headers(tmp_path
 
     folder = write_hue_image_folder(tmp_path / "images", 6, 48, 12, jpeg_every=2)
     assert native_resolution(folder) == 48
+
+
+def _chexpert_style_folder(folder: Path, n: int) -> Path:
+    """``n`` hue PNGs at CheXpert's paths (``train/patient<5 digits>/study1/view<k>_frontal``,
+    two per patient) and a ``labels.csv`` with ``path`` and ``label`` and no patient column."""
+    from tests.colour_samples import hue_set
+
+    images, labels = hue_set(n, 32, 7)
+    rows = ["path,label"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        relative = f"train/patient{i // 2:05d}/study1/view{i % 2 + 1}_frontal.png"
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / relative)
+        rows.append(f"{relative},{'positive' if label else 'negative'}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_a_patient_pattern_reads_chexpert_paths_and_keeps_each_patient_in_one_split(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = _chexpert_style_folder(tmp_path / "chexpert", 24)
+    result = _ingest(params, folder, r"data.patient_from_path=patient(\d+)/")
+    assert result.split_by == "patient" and result.ingested == 24
+    manifest = load_processed(params.data.processed_dir).manifest
+    assert manifest["patient_hash"].nunique() == 12
+    assert manifest.groupby("patient_hash")["split"].nunique().max() == 1
+    # the two views of patient 00003 share one patient, and no other image has it
+    views = manifest[manifest["source_file"].str.startswith("train/patient00003/")]
+    assert len(views) == 2 and views["patient_hash"].nunique() == 1
+    assert (manifest["patient_hash"] == views["patient_hash"].iloc[0]).sum() == 2
+
+
+def test_a_patient_pattern_that_misses_a_path_is_one_line_with_counts(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = _chexpert_style_folder(tmp_path / "chexpert", 6)
+    with pytest.raises(MedtransferError) as refused:
+        _ingest(params, folder, r"data.patient_from_path=patient(\d{5})/study2")
+    message = str(refused.value)
+    assert "finds no patient in 6 of the 6 paths" in message and "\n" not in message
+    assert "train/patient" not in message  # counted, never quoted
+
+
+@pytest.mark.parametrize(
+    ("pattern", "said"),
+    [
+        ("patient\\d+/", "has 0 groups"),
+        ("(p)(\\d+)", "has 2 groups"),
+        ("patient(", "is not a regular"),
+    ],
+)
+def test_a_patient_pattern_without_exactly_one_group_is_refused_by_the_loader(
+    params: Params, pattern: str, said: str
+) -> None:
+    with pytest.raises(MedtransferError, match=said):
+        params.with_overrides(["data.labels_csv=labels.csv", f"data.patient_from_path={pattern}"])
+
+
+def test_a_patient_pattern_beside_a_patient_column_is_refused(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = write_hue_image_folder(tmp_path / "images", 8, 32, 3)
+    with pytest.raises(MedtransferError, match=r"has a patient column and data\.patient_from_path"):
+        _ingest(params, folder, r"data.patient_from_path=(\d+)")
+
+
+def _nested_folder(folder: Path, n: int, duplicate: bool = False) -> Path:
+    """``n`` hue PNGs in ChestX-ray14's sub-folders (``images_00<k>/images/<name>.png``) and a
+    ``labels.csv`` naming each bare (``path`` = the file name, ``patient``); ``duplicate``
+    puts a second file with the first one's name in another sub-folder."""
+    from tests.colour_samples import hue_set
+
+    images, labels = hue_set(n, 32, 11)
+    rows = ["path,label,patient"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        name = f"{i:08d}_000.png"
+        path = folder / f"images_{i % 3 + 1:03d}" / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        rows.append(f"{name},{'positive' if label else 'negative'},{i // 2}")
+    if duplicate:
+        Image.fromarray(images[0]).save(folder / "images_003" / "images" / "00000000_000.png")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_bare_file_names_label_the_files_in_sub_folders_by_name(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = _nested_folder(tmp_path / "nih", 12)
+    result = _ingest(params, folder)
+    assert (result.ingested, result.quarantined, result.split_by) == (12, 0, "patient")
+    assert result.labels_csv["rows_without_file"] == 0
+    manifest = load_processed(params.data.processed_dir).manifest
+    row = manifest[manifest["source_file"] == "images_002/images/00000001_000.png"].iloc[0]
+    assert row["label"] == "positive"  # file 1 (hue_set alternates negative, positive)
+    assert manifest["patient_hash"].nunique() == 6
+
+
+def test_a_bare_name_shared_by_two_files_is_refused_in_one_line(
+    params: Params, tmp_path: Path
+) -> None:
+    folder = _nested_folder(tmp_path / "nih", 6, duplicate=True)
+    with pytest.raises(MedtransferError) as refused:
+        _ingest(params, folder)
+    message = str(refused.value)
+    assert "1 of those names belong to more than one file" in message and "\n" not in message
+    assert "00000000_000" not in message

@@ -262,3 +262,42 @@ def test_a_monitor_store_from_before_per_channel_statistics_gains_their_columns(
     colour, gray = read_recent(path, 10)
     assert (colour["mean"], colour["mean_r"], colour["saturated_b"]) == (1.0, 1.0, 1.0)
     assert (gray["mean"], gray["mean_r"]) == (0.0, None)
+
+
+def test_three_classes_drift_on_any_class_probability_not_only_the_last(
+    params: Params, tmp_path: Path
+) -> None:
+    DataProfile(
+        scope=None,
+        multiframe="middle",
+        source_kind="synthetic",
+        n_train=100,
+        n_val=100,
+        statistics={},
+        ood={"method": "knn", "threshold": 0.95, "false_rejection": 0.05, "score_deciles": EDGES},
+        probability_deciles=[],
+        class_probability_deciles=[EDGES, EDGES, EDGES],
+    ).save(tmp_path)
+    store = RequestStore(tmp_path / "requests.sqlite", max_records=1000)
+    image = np.zeros((8, 8), np.uint8)
+    for i in range(100):  # class 0 collapses into one bin; the last class stays as trained
+        last = (i + 0.5) / 100
+        probabilities = np.array([0.05, 0.95 - last, last])
+        store.record("/classify/png", (i + 0.5) / 100, probabilities, image, **CLASSIFIED)
+    profile = DataProfile.load(tmp_path)
+    report = compare(read_recent(tmp_path / "requests.sqlite", 100), profile, params)
+    assert report["psi"]["probability_0"] == pytest.approx(8.28309, abs=1e-4)
+    assert report["psi"]["probability_2"] == pytest.approx(0.0, abs=1e-9)
+    assert "probability_0" in report["drifted"] and "probability_2" not in report["drifted"]
+    assert "probability" not in report["psi"]
+
+
+def test_a_profile_saved_before_per_class_deciles_loads_and_watches_the_positive_class(
+    tmp_path: Path,
+) -> None:
+    _profile(tmp_path)
+    record = json.loads((tmp_path / "profile.json").read_text())
+    del record["class_probability_deciles"]
+    (tmp_path / "profile.json").write_text(json.dumps(record))
+    profile = DataProfile.load(tmp_path)
+    assert profile.class_probability_deciles == [] and profile.probability_deciles == EDGES

@@ -127,6 +127,17 @@ def test_the_registry_compares_on_the_macro_auc_lower_bound_and_the_card_has_eac
     assert "macro AUC" in card
 
 
+def test_the_packaged_profile_watches_each_findings_probability_for_drift(
+    multilabel_run: dict,
+) -> None:
+    home = Path(multilabel_run["params"].serving.bentoml_home)
+    (saved,) = list(home.glob("models/**/profile.json"))
+    profile = json.loads(saved.read_text())
+    assert profile["probability_deciles"] == []  # no one positive class among findings
+    assert len(profile["class_probability_deciles"]) == len(FINDING_NAMES)
+    assert all(len(edges) == 9 for edges in profile["class_probability_deciles"])
+
+
 def test_mlflow_holds_each_findings_figures_and_the_per_finding_table(multilabel_run: dict) -> None:
     metrics = multilabel_run["mlflow_metrics"]
     report = multilabel_run["metrics"]["test"]

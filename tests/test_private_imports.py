@@ -18,14 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = ("tasks", "flows", "serving")
 OWN = {"tasks", "flows", "serving", "tests", "benchmarks"}
 INTERNAL = ("prefect.server",)
-# The one private module product code may import, each with why no public API does the job.
-# BentoML's request-metrics middleware sits outside any middleware a service can add and labels
-# requests by raw URL path (5,300 unknown paths made /metrics 23.8 MB); serving/operations.py
-# relabels it by route. pyproject.toml pins bentoml below 1.4.40, and the import falls back
-# to doing nothing when the module moves.
-ALLOWED = {"bentoml._internal.server.http.instruments": "serving/operations.py"}
-
-
 def private_imports(source: str) -> list[str]:
     """The third-party private imports in Python ``source``, as ``module`` or ``module.name``."""
     found: list[str] = []
@@ -65,17 +57,11 @@ def test_the_scan_finds_a_private_module_and_a_private_name() -> None:
     ]
 
 
-def allowed_removed(path: Path, found: list[str]) -> list[str]:
-    """``found`` without the private modules ``ALLOWED`` in the file at ``path``."""
-    where = str(path.relative_to(ROOT))
-    return [module for module in found if ALLOWED.get(module) != where]
-
-
 @pytest.mark.parametrize("package", PRODUCT)
 def test_product_code_imports_no_private_module(package: str) -> None:
     offenders = {
         str(path.relative_to(ROOT)): found
         for path in sorted((ROOT / package).rglob("*.py"))
-        if (found := allowed_removed(path, private_imports(path.read_text())))
+        if (found := private_imports(path.read_text()))
     }
     assert offenders == {}, f"private imports (use the library's public API): {offenders}"

@@ -183,6 +183,14 @@ def _label_array(
     labels = np.array([row["findings"] for row in source.rows], dtype=np.float32)
     labels = labels.reshape(len(source.rows), width)
     positives, negatives = (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
+    unknown = [name for k, name in enumerate(source.findings) if not positives[k] + negatives[k]]
+    if unknown:
+        shutil.rmtree(staging)
+        raise MedtransferError(
+            f"The findings {unknown} are unknown (uncertain, data.uncertain: ignore) in every "
+            f"one of the {len(source.rows)} ingested images; nothing can be learnt of them. "
+            "Drop them from data.findings or set data.uncertain to zeros or ones."
+        )
     one_sided = [
         name for k, name in enumerate(source.findings) if not positives[k] or not negatives[k]
     ]
@@ -204,16 +212,27 @@ def _class_counts(classes: list[str], labels: np.ndarray) -> dict[str, int]:
 
 
 def _assign_splits(rows: list[dict], labels: np.ndarray, data: DataParams, seed: int) -> None:
-    """Set each row's ``split`` by patient (:func:`tasks.data.splits.patient_level_split`)."""
+    """Set each row's ``split`` by patient (:func:`tasks.data.splits.patient_level_split`),
+    findings ``(N, K)`` stratified by :func:`finding_strata`."""
     splits = patient_level_split(
         [row["patient_hash"] for row in rows],
-        labels,
+        finding_strata(labels) if labels.ndim == 2 else labels,
         data.val_fraction,
         data.test_fraction,
         seed,
     )
     for row, split in zip(rows, splits, strict=True):
         row["split"] = split
+
+
+def finding_strata(labels: np.ndarray) -> np.ndarray:
+    """One stratum per image ``(N,)`` int64 from its findings ``(N, K)`` (1, 0, NaN): its
+    rarest present finding's column, ``K`` for an image with none present, so that every
+    finding's few positive patients are spread over the splits as a class's are."""
+    present = labels == 1
+    rarity = present.sum(axis=0)  # positive images per finding
+    order = np.where(present, rarity[None, :], np.iinfo(np.int64).max)
+    return np.where(present.any(axis=1), order.argmin(axis=1), labels.shape[1]).astype(np.int64)
 
 
 def _write_files(staging: Path, source: SourceYield, labels: np.ndarray, info: dict) -> None:

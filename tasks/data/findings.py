@@ -11,23 +11,34 @@
 Both give labels ``(N, K)`` float32 (1, 0, NaN unknown) and the ``K`` finding names. A table
 that says something else is refused with one line naming the column and what to fix, never
 quoting a cell (a misaligned row can carry a patient's name into a finding column).
+
+:func:`read_findings_source` reads a folder's labels CSV in the layout ``data.findings`` /
+``data.findings_column`` name into the same :class:`~tasks.data.labels.LabelSource` a
+single-label CSV gives (its rows keyed by file, its optional patient column), each file's label
+being its findings written as one string (:func:`findings_label`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tasks.config import UNCERTAIN_POLICIES, DataParams
+from tasks.data.labels import LabelSource, find_csv, read_table, source_from_table
 from tasks.errors import MedtransferError
 
-UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 NO_FINDING = "No Finding"
 SEPARATOR = "|"
 # What an uncertain cell becomes under each policy (NaN: unknown).
 _UNCERTAIN_VALUE = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}
+# The file and patient columns by their plain names or the public layouts' own (CheXpert's
+# ``Path``, ChestX-ray14's ``Image Index`` and ``Patient ID``), in the order tried.
+FILE_COLUMNS = ("path", "Path", "Image Index")
+PATIENT_COLUMNS = ("patient", "Patient ID")
 
 
 @dataclass(frozen=True)
@@ -142,3 +153,69 @@ def _refuse_case_variants(where: str, names: list[str]) -> None:
             raise MedtransferError(
                 f"{where} names the finding {other!r} also as {name!r}; spell each finding one way."
             )
+
+
+def findings_label(vector: np.ndarray, names: Sequence[str]) -> str:
+    """One image's findings as one string (its manifest ``label``, part of the dataset's
+    content digest): the present findings joined by ``|``, then each unknown one with a ``?``
+    (``Edema|Mass?``); empty for none. Two policies that label an image differently thus give
+    two datasets."""
+    present = [str(n) for n, v in zip(names, vector, strict=True) if v == 1]
+    unknown = [f"{n}?" for n, v in zip(names, vector, strict=True) if np.isnan(v)]
+    return SEPARATOR.join(present + unknown)
+
+
+def read_findings_source(folder: Path, data: DataParams) -> LabelSource:
+    """The labels of ``folder``'s files from ``data.labels_csv`` in the multi-label layout
+    ``data.findings`` (one column per finding, uncertain cells by ``data.uncertain``) or
+    ``data.findings_column`` names.
+
+    The file column is ``path`` (or ``Path``, ``Image Index``), relative to ``folder``, or
+    ``SOPInstanceUID``; the optional patient column ``patient`` (or ``Patient ID``).
+
+    Raises:
+        MedtransferError: the CSV is missing or unreadable, has no file column or two, or a
+            finding cell is refused (:func:`from_finding_columns`, :func:`from_findings_list`).
+    """
+    csv_path = find_csv(folder, data.labels_csv)
+    table = read_table(csv_path)
+    table.columns = [str(name).strip() for name in table.columns]
+    columns = {
+        **_one_of(table, FILE_COLUMNS, "path", csv_path),
+        **_one_of(table, PATIENT_COLUMNS, "patient", csv_path),
+        **({"SOPInstanceUID": "SOPInstanceUID"} if "SOPInstanceUID" in table.columns else {}),
+    }
+    if not ({"path", "SOPInstanceUID"} & set(columns)):
+        raise MedtransferError(
+            f"The labels CSV {csv_path} has no file column; it needs one of "
+            f"{[*FILE_COLUMNS, 'SOPInstanceUID']} naming each image."
+        )
+    where = str(csv_path)
+    found = (
+        from_finding_columns(table, data.findings, data.uncertain, where)
+        if data.findings is not None
+        else from_findings_list(table, str(data.findings_column), where)
+    )
+    labels = [findings_label(row, found.names) for row in found.labels]
+    source = source_from_table(
+        csv_path, table, columns, pd.Series(labels, dtype=str), pd.Series([True] * len(labels)),
+        patient_pattern=data.patient_from_path,
+    )  # fmt: skip
+    source.findings = found.names
+    source.vectors = dict(zip(labels, found.labels, strict=True))
+    return source
+
+
+def _one_of(table: pd.DataFrame, names: Sequence[str], role: str, csv_path: Path) -> dict:
+    """``{role: column}`` for the one column of ``names`` the table has; {} for none.
+
+    Raises:
+        MedtransferError: the table has two of them (which one is meant is unknown).
+    """
+    present = [name for name in names if name in table.columns]
+    if len(present) > 1:
+        raise MedtransferError(
+            f"The labels CSV {csv_path} has the columns {present}, each of which can be the "
+            f"{role} column; keep one of them."
+        )
+    return {role: present[0]} if present else {}

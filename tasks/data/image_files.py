@@ -175,9 +175,14 @@ def to_display(image) -> np.ndarray:
     16-bit gray by 65535; palette images take their palette's colours, alpha is dropped, a
     gray image with alpha keeps its gray channel, CMYK and YCbCr JPEGs become RGB.
 
+    The EXIF orientation (JPEG's APP1, PNG's ``eXIf``, TIFF's tag 274) is applied first, as
+    every viewer applies it: a photograph stored sideways with "rotate 90" is learnt and served
+    upright. The tag is read, never copied anywhere.
+
     Raises:
         DicomRejected: ``unsupported_image`` for a pixel format with no rule here (float TIFF).
     """
+    image = upright(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
     if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -192,3 +197,17 @@ def to_display(image) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 2:
         raise DicomRejected(UNSUPPORTED_IMAGE, "a pixel format with no display rule")
     return uint8_to_display(array)
+
+
+# EXIF tag 274: how the stored pixels must be turned to be seen upright (1: as stored).
+ORIENTATION_TAG = 0x0112
+
+
+def upright(image):
+    """A loaded Pillow image turned as its EXIF orientation says; the image itself when it has
+    no orientation or orientation 1 (no copy). Transposition is exact: no pixel is resampled."""
+    from PIL import ImageOps
+
+    if image.getexif().get(ORIENTATION_TAG, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)

@@ -78,6 +78,7 @@ def ingest_folder(
     """
     salt = patient_salt()
     names, outcomes = _listed_and_decoded(folder, labels, data, salt, decode_map)
+    labels.match_bare_names(names)  # before any file is decoded (the outcomes are lazy)
     staging = staging_dir(data.processed_dir)
     try:
         with open(staging / "images.raw", "wb") as raw:
@@ -98,6 +99,7 @@ def ingest_folder(
             kind=kind,
             name=data.name or kind,
             labels_from=ds_files.CSV_LABELS if labels.csv_path else ds_files.SUBFOLDER_LABELS,
+            findings=list(labels.findings) if labels.findings else None,
         )
         result = write_dataset(staging, source, data, seed)
     except BaseException:
@@ -216,6 +218,8 @@ def _label_and_keep(
                     "sop_uid_hash": outcome.sop_uid_hash,
                     "notes": outcome.notes,
                     **group_columns(outcome.groups),
+                    # a multi-label CSV's (K,) findings: labels.npy's row (NaN unknown)
+                    **({"findings": labels.findings_of(label)} if labels.findings else {}),
                 }
             )
     return rows, quarantine

@@ -16,10 +16,12 @@ same CSV (findings columns, say) keys the same rows to the same files.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pandas as pd
 
 from tasks.errors import MedtransferError
@@ -39,6 +41,10 @@ class LabelSource:
         identical_duplicates: CSV rows that repeat an earlier row exactly (ignored).
         patients: the ``patient`` column's value per file path (empty without the column).
         has_patients: whether the CSV has a ``patient`` column.
+        findings: the K finding names of a multi-label CSV (:mod:`tasks.data.findings`), whose
+            labels are each file's findings written as one string; None: one class per file.
+        vectors: for a multi-label CSV, each label string's findings ``(K,)`` float32 (1
+            present, 0 absent, NaN unknown).
     """
 
     by_path: dict[str, str] = field(default_factory=dict)
@@ -49,6 +55,11 @@ class LabelSource:
     identical_duplicates: int = 0
     patients: dict[str, str] = field(default_factory=dict)
     has_patients: bool = False
+    findings: tuple[str, ...] | None = None
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    # by_name: the CSV's paths are bare file names found in sub-folders (ChestX-ray14's
+    # Image Index beside images_001/images/...): each file is looked up by its name
+    by_name: bool = False
     _matched_uids: set[str] = field(default_factory=set)
 
     def label_for(self, relative_path: str, sop_instance_uid: str) -> str | None:
@@ -56,16 +67,56 @@ class LabelSource:
         if self.from_subfolders:
             parts = PurePosixPath(relative_path).parts
             return parts[0] if len(parts) > 1 else None
-        label = self.by_path.get(relative_path)
+        label = self.by_path.get(self._key(relative_path))
         if label is None and sop_instance_uid:
             label = self.by_sop_uid.get(sop_instance_uid)
             if label is not None:
                 self._matched_uids.add(sop_instance_uid)
         return label
 
+    def findings_of(self, label: str) -> np.ndarray:
+        """The findings ``(K,)`` a multi-label source's ``label`` (from :meth:`label_for`)
+        stands for."""
+        return self.vectors[label]
+
     def patient_for(self, relative_path: str) -> str | None:
         """The ``patient`` column's value for one file, or None (no column, or an empty cell)."""
-        return self.patients.get(relative_path) or None
+        return self.patients.get(self._key(relative_path)) or None
+
+    def _key(self, relative_path: str) -> str:
+        """The CSV key of a file: its relative path, or its name when :attr:`by_name`."""
+        return PurePosixPath(relative_path).name if self.by_name else relative_path
+
+    def match_bare_names(self, listed_files: list[str]) -> None:
+        """Look files up by name when the CSV names files bare and they lie in sub-folders.
+
+        ChestX-ray14's table names ``00000001_000.png`` while the file is
+        ``images_001/images/00000001_000.png``. When no CSV path is a listed file, every CSV
+        path is a bare name and some listed file has that name, each file is looked up by its
+        name (:attr:`by_name`); otherwise nothing changes.
+
+        Args:
+            listed_files: every file of the folder, relative POSIX paths.
+
+        Raises:
+            MedtransferError: a name the CSV uses belongs to two files of the folder (which
+                one it labels is unknown; counted, never quoted).
+        """
+        paths = {path for path, _ in self.rows if path}
+        if not paths or any("/" in path for path in paths) or paths & set(listed_files):
+            return
+        names = [PurePosixPath(f).name for f in listed_files]
+        named = [name for name in names if name in paths]
+        if not named:
+            return
+        twice = len(named) - len(set(named))
+        if twice:
+            raise MedtransferError(
+                f"The labels CSV {self.csv_path} names files without their folders, and "
+                f"{twice} of those names belong to more than one file in data.source; write "
+                "each row's path relative to data.source (images_001/images/x.png) instead."
+            )
+        self.by_name = True
 
     def check_rows_name_files(self, listed_files: set[str]) -> dict[str, int]:
         """:meth:`csv_counts`, refusing a CSV none of whose rows names a file of the folder.
@@ -96,8 +147,9 @@ class LabelSource:
         """
         if self.csv_path is None:
             return {}
+        listed = {self._key(f) for f in listed_files}
         without_file = sum(
-            (not path or path not in listed_files) and (not uid or uid not in self._matched_uids)
+            (not path or path not in listed) and (not uid or uid not in self._matched_uids)
             for path, uid in self.rows
         )
         return {
@@ -107,7 +159,9 @@ class LabelSource:
         }
 
 
-def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSource:
+def read_label_source(
+    folder: Path, labels_csv: str | Path | None, patient_pattern: str | None = None
+) -> LabelSource:
     """Build the label source for ``folder``.
 
     Args:
@@ -117,6 +171,7 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             sub-folders. A relative CSV path is
             looked up inside ``folder`` first (where it is versioned with the images, one DVC
             dependency), then in the working directory.
+        patient_pattern: ``data.patient_from_path`` (see :func:`patients_from_paths`) or None.
 
     Raises:
         MedtransferError: the CSV is missing, unreadable, or lacks the needed columns; it
@@ -124,7 +179,7 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     """
     if labels_csv is None:
         return LabelSource(from_subfolders=True)
-    csv_path = _find_csv(folder, labels_csv)
+    csv_path = find_csv(folder, labels_csv)
     table = read_table(csv_path)
     columns = {name.strip(): name for name in table.columns}
     if "label" not in columns or not ({"path", "SOPInstanceUID"} & set(columns)):
@@ -133,6 +188,34 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
             "column and a 'path' or 'SOPInstanceUID' column."
         )
     labels = table[columns["label"]].str.strip()
+    return source_from_table(
+        csv_path, table, columns, labels, keep=labels != "", patient_pattern=patient_pattern
+    )
+
+
+def source_from_table(
+    csv_path: Path,
+    table: pd.DataFrame,
+    columns: dict[str, str],
+    labels: pd.Series,
+    keep: pd.Series,
+    patient_pattern: str | None = None,
+) -> LabelSource:
+    """The :class:`LabelSource` of a read labels table: each row's label is ``labels`` (one
+    string per row; a multi-label reader passes its findings written as one string), rows where
+    ``keep`` is False are left out.
+
+    Args:
+        columns: ``{stripped name: column}``; ``path`` and/or ``SOPInstanceUID`` key the rows,
+            ``patient`` (optional) names each file's patient.
+        patient_pattern: ``data.patient_from_path`` (a regular expression with one group,
+            searched in each path: the group is the patient), for a table without a patient
+            column; None: none.
+
+    Raises:
+        MedtransferError: one file given two labels or two patients, a label in two cases;
+            a patient pattern beside a patient column, or one that misses some paths.
+    """
     paths = (
         table[columns["path"]].map(normalise_path)
         if "path" in columns
@@ -145,8 +228,8 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     )
     rows = [
         (path, uid, label)
-        for path, uid, label in zip(paths, uids, labels, strict=True)
-        if label and (path or uid)
+        for path, uid, label, kept in zip(paths, uids, labels, keep, strict=True)
+        if kept and (path or uid)
     ]
     _refuse_case_variants(csv_path, [label for _, _, label in rows])
     source = LabelSource(csv_path=csv_path.resolve())
@@ -157,13 +240,45 @@ def read_label_source(folder: Path, labels_csv: str | Path | None) -> LabelSourc
     source.by_sop_uid = _one_label_per_key(
         csv_path, "SOPInstanceUID", [(u, lab) for _, u, lab in distinct]
     )
-    if "patient" in columns:
-        source.has_patients = True
-        patients = zip(paths, table[columns["patient"]].str.strip(), strict=True)
-        source.patients = _one_label_per_key(
-            csv_path, "path", list(dict.fromkeys(patients)), what="patients"
+    if "patient" in columns and patient_pattern is not None:
+        raise MedtransferError(
+            f"The labels CSV {csv_path} has a patient column and data.patient_from_path is set; "
+            "which names the patient is unclear: set data.patient_from_path to null to use the "
+            "column, or drop the column."
         )
+    if "patient" in columns:
+        patients = list(zip(paths, table[columns["patient"]].str.strip(), strict=True))
+    elif patient_pattern is not None:
+        patients = patients_from_paths(csv_path, [path for path, _ in source.rows], patient_pattern)
+    else:
+        return source
+    source.has_patients = True
+    source.patients = _one_label_per_key(
+        csv_path, "path", list(dict.fromkeys(patients)), what="patients"
+    )
     return source
+
+
+def patients_from_paths(
+    csv_path: Path, paths: list[str], pattern: str
+) -> list[tuple[str, str]]:
+    """``(path, patient)`` for each labels-CSV ``path``: the one group of ``pattern`` searched
+    in it (``patient(\\d+)/`` on ``train/patient00001/study1/view1.jpg`` gives ``00001``).
+
+    Raises:
+        MedtransferError: the pattern finds no patient in some paths (counted, none quoted: a
+            path can carry a patient's name), or the table keys its rows by SOPInstanceUID only.
+    """
+    compiled = re.compile(pattern)
+    found = [(path, match.group(1)) for path in paths if (match := compiled.search(path))]
+    missed = len(paths) - len(found)
+    if missed or not paths:
+        raise MedtransferError(
+            f"data.patient_from_path {pattern!r} finds no patient in {missed} of the "
+            f"{len(paths)} paths of {csv_path}; fix the pattern (it is searched in each path, "
+            "its one group is the patient) or give the CSV a patient column."
+        )
+    return found
 
 
 def normalise_path(cell: str) -> str:
@@ -172,7 +287,7 @@ def normalise_path(cell: str) -> str:
     return PurePosixPath(cell.replace("\\", "/")).as_posix() if cell else ""
 
 
-def _find_csv(folder: Path, labels_csv: str | Path) -> Path:
+def find_csv(folder: Path, labels_csv: str | Path) -> Path:
     """The CSV's path: inside ``folder`` when it is there, else as given."""
     csv_path = Path(labels_csv)
     if not csv_path.is_absolute() and (folder / csv_path).is_file():

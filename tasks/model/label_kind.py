@@ -152,12 +152,15 @@ class MultiLabel:
     metrics: tuple[str, ...] = ("auc", "sensitivity", "specificity")
 
     def loss(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean") -> nn.Module:
-        """Binary cross-entropy on logits ``(N, K)`` against 0/1 labels ``(N, K)`` float, each
-        finding's positive terms weighted by ``pos_weight`` ``(K,)`` when given (negatives /
-        positives of the training split: :func:`positive_weights`)."""
-        from torch import nn  # deferred: the decision half serves numpy-only callers
+        """Binary cross-entropy on logits ``(N, K)`` against 0/1 labels ``(N, K)`` float over
+        the known cells (a NaN label is left out:
+        :class:`tasks.model.masked_bce.MaskedBCEWithLogitsLoss`), each finding's positive
+        terms weighted by ``pos_weight`` ``(K,)`` when given (negatives / positives of the
+        training split: :func:`positive_weights`)."""
+        # deferred: the decision half serves numpy-only callers
+        from tasks.model.masked_bce import MaskedBCEWithLogitsLoss
 
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction=reduction)
+        return MaskedBCEWithLogitsLoss(pos_weight=pos_weight, reduction=reduction)
 
     def probabilities(self, logits: torch.Tensor, temperature=1.0) -> torch.Tensor:
         """Each finding's probability ``(N, K)`` float32: ``sigmoid(logits / T)``, ``T`` a

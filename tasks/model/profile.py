@@ -16,7 +16,7 @@ data as a whole; nothing identifies an image or a patient.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +190,9 @@ class DataProfile:
     statistics: dict[str, list[float]]
     ood: dict
     probability_deciles: list[float]
+    # More than two classes, or findings: one decile list per class (finding) column, and
+    # probability_deciles empty. Empty for two classes and in profiles saved before it existed.
+    class_probability_deciles: list[list[float]] = field(default_factory=list)
     detector: OodDetector | None = None
 
     def scope_gate(self) -> Scope | None:

@@ -4,7 +4,7 @@ Compares, per statistic, the recent distribution of request rows (:mod:`tasks.mo
 with the training one recorded in the :class:`~tasks.model.profile.DataProfile`, by the
 population stability index over the training deciles (ten bins of 10% each): three image
 statistics (for a colour model also per channel), the OOD score and the positive-class
-probability. Also the share of requests that abstained or were refused out of scope, with its 95% Wilson interval (undefined, null in the
+probability (for more than two classes, or findings, each class's or finding's probability). Also the share of requests that abstained or were refused out of scope, with its 95% Wilson interval (undefined, null in the
 report, for an empty window). With at least ``monitor.min_requests`` requests in the window, a
 PSI above ``monitor.psi_max`` or an abstention share whose interval lies wholly above
 ``monitor.abstention_max`` is drift; with fewer, nothing is flagged and the report says so.
@@ -48,8 +48,7 @@ def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
         psi[name] = population_stability(np.array([_num(r.get(name)) for r in classified]), edges)
     scores = np.array([_num(r["ood_score"]) for r in classified])
     psi["ood_score"] = population_stability(scores, profile.ood["score_deciles"])
-    positive = [json.loads(r["probabilities"])[-1] for r in classified if r["probabilities"]]
-    psi["probability"] = population_stability(np.array(positive), profile.probability_deciles)
+    psi.update(_probability_psi(classified, profile))
     n = len(rows)
     held = sum(1 for r in rows if r["abstained"] or r["refused"])
     share = held / n if n else float("nan")
@@ -73,6 +72,22 @@ def compare(rows: list[dict], profile: DataProfile, params: Params) -> dict:
         "abstention_max": config.abstention_max,
         "drifted": drifted,
         "drift": bool(drifted),
+    }
+
+
+def _probability_psi(classified: list[dict], profile: DataProfile) -> dict[str, float]:
+    """PSI of the served probabilities: ``probability`` (the positive class's) for two classes,
+    ``probability_<k>`` for each class or finding column ``k`` otherwise."""
+    served = [json.loads(r["probabilities"]) for r in classified if r["probabilities"]]
+    if not profile.class_probability_deciles:
+        positive = np.array([p[-1] for p in served])
+        return {"probability": population_stability(positive, profile.probability_deciles)}
+    columns = np.array(served, dtype=np.float64).reshape(len(served), -1)
+    return {
+        f"probability_{k}": population_stability(
+            columns[:, k] if k < columns.shape[1] else np.zeros(0), edges
+        )
+        for k, edges in enumerate(profile.class_probability_deciles)
     }
 
 

@@ -58,7 +58,8 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
         val_images = train_images
     _, train_features = forward(model, train_images, spec.temperature, spec.kind)
     val_probs, val_features = forward(model, val_images, spec.temperature, spec.kind)
-    if train_labels.ndim == 2:  # findings: no one class per image; one centre for Mahalanobis
+    findings = train_labels.ndim == 2
+    if findings:  # no one class per image; one centre for Mahalanobis
         train_labels = np.zeros(len(train_labels), dtype=np.int64)
     serving = params.serving
     head = (model.head.weight.detach().numpy(), model.head.bias.detach().numpy())
@@ -66,7 +67,11 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     val_scores = detector.score(val_features)
     detector.calibrate(val_scores, serving.ood_false_rejection)
     stats = image_statistics(train_images)
-    positive = val_probs[:, -1] if val_probs.shape[1] > 1 else val_probs[:, 0]
+    # Two classes: the positive class's probability says it all. More classes, or findings:
+    # each column is watched, since a shift in any class's share is drift (watching the last
+    # column alone missed a shift between the others).
+    binary = not findings and val_probs.shape[1] == 2
+    positive = val_probs[:, -1] if binary else np.zeros(0)
     return DataProfile(
         scope=_scope(dataset, source_folder(params)),
         multiframe=dataset.source.multiframe,
@@ -83,7 +88,8 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
             "val_rejected": float(np.mean(val_scores >= detector.threshold)),
             "score_deciles": deciles(val_scores),
         },
-        probability_deciles=deciles(positive),
+        probability_deciles=deciles(positive) if binary else [],
+        class_probability_deciles=[] if binary else [deciles(col) for col in val_probs.T],
         detector=detector,
     )
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.robustness.result import RobustnessResult
+from tasks.robustness.result import NOT_MEASURED, RobustnessResult
 from tasks.robustness.suite import all_measures
 
 _STYLES = ("D-", "o-", "s-", "^-", "v-", "x:", "P-", "*-", "h-")
@@ -71,7 +71,9 @@ def robustness_figure(
     ax = fig.add_subplot()
     accuracies = [m for m in all_measures() if m.kind == "accuracy"]
     for measure, style in zip(accuracies, itertools.cycle(_STYLES), strict=False):
-        if measure.name in result.rows[0].rates:
+        # An attack that is off (e.g. square_max_samples 0) has rows of NOT_MEASURED: no curve,
+        # no legend entry for it.
+        if any(row.rates.get(measure.name, NOT_MEASURED).n for row in result.rows):
             (line,) = ax.plot(
                 x, [row[measure.name] for row in result.rows], style, label=measure.label
             )

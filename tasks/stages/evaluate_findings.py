@@ -47,10 +47,7 @@ def run_evaluate_findings(
     figures = [
         plots.plot_roc(
             {
-                f"{row['finding']} (AUC {row['auc']:.3f})": (
-                    evaluation.labels["test"][:, k],
-                    evaluation.probabilities["test"][:, k],
-                )
+                f"{row['finding']} (AUC {row['auc']:.3f})": _known_cells(evaluation, k)
                 for k, row in enumerate(evaluation.tables["test"]["findings"])
             },
             reports.plot_path(params.reports_dir, "roc.png"),
@@ -83,6 +80,14 @@ def run_evaluate_findings(
         macro["n_patients"],
     )
     return report
+
+
+def _known_cells(evaluation: FindingEvaluation, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Finding ``k``'s known test cells: 0/1 labels ``(M,)`` and its probabilities ``(M,)``
+    (an unknown cell, NaN, is left out of its ROC as of its figures)."""
+    labels = evaluation.labels["test"][:, k]
+    known = np.isfinite(labels)
+    return labels[known].astype(np.int64), evaluation.probabilities["test"][known, k]
 
 
 def _cells(evaluation: FindingEvaluation, probabilities: np.ndarray) -> tuple:
@@ -195,13 +200,17 @@ def finding_gradcam_grid(
     batch = torch.stack([transform(np.asarray(images[i], dtype=np.float32)) for i, _ in pairs])
     maps = gradcam_maps(model, GRADCAM_LAYER, batch.float(), np.array([k for _, k in pairs]))
     captions = [
-        f"{evaluation.findings[k]} {probabilities[i, k]:.2f} "
-        f"({'true' if labels[i, k] == 1 else 'FALSE'})"
+        f"{evaluation.findings[k]} {probabilities[i, k]:.2f} ({_truth_word(labels[i, k])})"
         for i, k in pairs
     ]
     shown = [np.asarray(images[i]) / 255.0 for i, _ in pairs]
     shown = [image if image.ndim == 2 else np.moveaxis(image, 0, -1) for image in shown]
     return plots.plot_image_grid(shown, list(maps[:, 0]), captions, path)
+
+
+def _truth_word(label: float) -> str:
+    """A Grad-CAM caption's truth of a predicted finding: true, FALSE or unknown (NaN)."""
+    return "unknown" if np.isnan(label) else "true" if label == 1 else "FALSE"
 
 
 def _log_to_training_run(

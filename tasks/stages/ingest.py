@@ -14,6 +14,7 @@ from tasks.config import Params
 from tasks.data import archives, groups, synthetic
 from tasks.data.dataset_writer import IngestResult
 from tasks.data.file_decoding import DecodeMap
+from tasks.data.findings import read_findings_source
 from tasks.data.ingestion import ingest_folder, ingest_npz
 from tasks.data.labels import read_label_source
 from tasks.data.source_guard import check_outputs_spare_source
@@ -75,6 +76,7 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
     if synthetic.is_synthetic_source(data.source, recipe):
         # Generating is a no-op when `medtransfer synthesize` (its own DVC stage and flow
         # task) already wrote this recipe's set; it keeps `medtransfer ingest` usable alone.
+        _refuse_findings_keys(data.multilabel, "the synthetic set brings its own")
         folder, labels_csv = synthetic.generate(recipe)
         _check_outputs(params, folder)
         labels = read_label_source(folder, labels_csv)
@@ -84,6 +86,7 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
     source = Path(data.source)
     _check_outputs(params, source)
     if source.suffix == ".npz":
+        _refuse_findings_keys(data.multilabel, "a .npz brings its own ((N, K) 0/1 for findings)")
         return ingest_npz(source, data, params.seed, names, progress)
     if not (source.is_dir() or (source.is_file() and archives.is_archive(source))):
         raise MedtransferError(
@@ -91,10 +94,23 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
             "nor a .npz file. Point it at a folder of DICOM or PNG / JPEG / TIFF files (or "
             "archives of them) or a MedMNIST-format .npz."
         )
-    labels = read_label_source(source, data.labels_csv)
+    labels = (
+        read_findings_source(source, data)
+        if data.multilabel
+        else read_label_source(source, data.labels_csv, data.patient_from_path)
+    )
     return ingest_folder(
         source, labels, data, params.seed, "dicom_folder", progress, decode_map, names
     )
+
+
+def _refuse_findings_keys(multilabel: bool, why: str) -> None:
+    """Refuse ``data.findings`` / ``data.findings_column`` for a source with its own labels."""
+    if multilabel:
+        raise MedtransferError(
+            "data.findings and data.findings_column read a folder's labels CSV; "
+            f"{why} labels: set both to null."
+        )
 
 
 def _check_outputs(params: Params, source: Path) -> None:

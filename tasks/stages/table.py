@@ -191,6 +191,7 @@ STAGES: tuple[Stage, ...] = (
             "serving/dicom_output.py",
             "serving/dicom_report.py",
             "serving/limits.py",
+            "serving/metrics.py",
             "serving/operations.py",
             "serving/pacs.py",
             "serving/replies.py",

@@ -185,17 +185,20 @@ def multilabel_validation(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool
 ) -> dict[str, float]:
     """A multi-label model's validation row: mean BCE, macro AUC over the findings that have
-    both outcomes in ``loader`` (NaN if none has), cell accuracy at 0.5."""
+    both outcomes in ``loader`` (NaN if none has), cell accuracy at 0.5; both over the known
+    image-finding cells."""
     probabilities, labels = probabilities_and_labels(
         model, loader, device, amp, channels_last, kind=MULTI_LABEL
     )
     p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
     half = np.full(labels.shape[1], 0.5)
     macro = finding_measures(labels, probabilities, half, np.ones((1, len(labels))))["macro_auc"]
+    known = np.isfinite(labels)  # NaN: unknown, left out as the training loss leaves it out
+    y = labels[known]
     return {
-        "val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p))),
+        "val_loss": float(-np.mean(y * np.log(p[known]) + (1 - y) * np.log1p(-p[known]))),
         "val_auc": float(macro[0]),
-        "val_accuracy": float((MULTI_LABEL.decide(probabilities, 0.5) == labels).mean()),
+        "val_accuracy": float((MULTI_LABEL.decide(probabilities, 0.5)[known] == y).mean()),
     }
 
 
