@@ -12,6 +12,7 @@ Usage (nice: the machine is shared)::
 
     nice -n 10 python -m benchmarks.scale_data /work/scale-bench/files100k --n 100000
     nice -n 10 python -m benchmarks.scale ingest --work /work/scale-bench --n 100000 --runner pool
+    nice -n 10 python -m benchmarks.scale ingest --n 10000 --runner pool --layout archives
     nice -n 10 python -m benchmarks.scale mlflow --work /work/scale-bench --runs 1000
     python -m benchmarks.scale report --work /work/scale-bench
 """
@@ -138,9 +139,25 @@ def child_ingest(overrides: list[str], runner: str) -> None:
                       "ingest_s": round(took, 2), "files_per_s": round(report["files_seen"] / took, 1)}))  # fmt: skip
 
 
-def bench_ingest(work: Path, n: int, runner: str) -> None:
-    source = source_for(work, n)
-    out = work / f"out-{runner}-{n}"
+def archives_for(work: Path, n: int) -> Path:
+    """The ``n``-file generated set as ZIP shards of 1,000 files (``benchmarks.scale_dvc``'s
+    layout), written once into ``<work>/shards<n>`` (a ``done`` file marks it complete)."""
+    from benchmarks.scale_dvc import fill_source
+
+    folder = work / f"shards{n}"
+    if not (folder / "done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        base = source_for(work, n)
+        fill_source(folder / "source", base, sorted(base.rglob("*.dcm")), "archives")
+        (folder / "done").write_text("")
+    return folder / "source"
+
+
+def bench_ingest(work: Path, n: int, runner: str, layout: str = "folder") -> None:
+    """Ingest the ``n``-file set (as a folder, or as ZIP shards) with ``runner``, sampling
+    memory; one result line."""
+    source = archives_for(work, n) if layout == "archives" else source_for(work, n)
+    out = work / f"out-{runner}-{n}{'-archives' if layout == 'archives' else ''}"
     shutil.rmtree(out, ignore_errors=True)
     with _cluster_if(runner, work) as cluster:
         address = cluster.address if cluster else None
@@ -149,7 +166,8 @@ def bench_ingest(work: Path, n: int, runner: str) -> None:
         command = [sys.executable, "-m", "benchmarks.scale", "_ingest", "--runner", runner,
                    *(f"-S{o}" for o in overrides)]  # fmt: skip
         result = sampled(command, extra, env=_child_env(work))
-    record(work, {"bench": "ingest", "runner": runner, "n": n, **result})
+    layout_key = {"layout": layout} if layout != "folder" else {}
+    record(work, {"bench": "ingest", "runner": runner, "n": n, **layout_key, **result})
     shutil.rmtree(out / "processed", ignore_errors=True) if n < 100_000 else None
 
 
@@ -179,11 +197,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--runner", choices=RUNNERS, default="pool")
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--layout", choices=["folder", "archives"], default="folder")
     parser.add_argument("-S", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     actions: dict[str, Callable[[], None]] = {
         "_ingest": lambda: child_ingest(args.overrides, args.runner),
-        "ingest": lambda: bench_ingest(args.work, args.n, args.runner),
+        "ingest": lambda: bench_ingest(args.work, args.n, args.runner, args.layout),
         "mlflow": lambda: _mlflow(args.work, args.runs),
         "report": lambda: _report(args.work),
     }

@@ -13,6 +13,7 @@ units the Prefect flow fans out instead (``flows.fanout``).
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
 import threading
 import warnings
@@ -67,14 +68,36 @@ def decode_to_outcome(
     """Decode one file into resized uint8 images (``(S, S)``, or ``(3, S, S)`` for a colour
     file when ``colour``), or a quarantine reason. Never raises."""
     outcome = FileOutcome(source_file=path.relative_to(folder).as_posix())
-    kind = image_files.file_format(path)
+    return _decode_into(outcome, path, image_size, multiframe, salt, colour)
+
+
+def decode_bytes_to_outcome(
+    data: bytes, source_file: str, image_size: int, multiframe: str, salt: str, colour: bool = False
+) -> FileOutcome:
+    """:func:`decode_to_outcome` for a file's bytes already read (an archive member, named
+    ``source_file`` as if extracted: :mod:`tasks.data.archives`). Never raises."""
+    return _decode_into(FileOutcome(source_file=source_file), data, image_size, multiframe, salt,
+                        colour)  # fmt: skip
+
+
+def _decode_into(
+    outcome: FileOutcome,
+    source: Path | bytes,
+    image_size: int,
+    multiframe: str,
+    salt: str,
+    colour: bool,
+) -> FileOutcome:
+    """``outcome`` with the images (or the reason) of the file at ``source`` or of its bytes."""
+    on_disk = not isinstance(source, bytes)
+    kind = image_files.file_format(source) if on_disk else image_files.head_format(source[:132])
     if kind is not None:
         outcome.kind = kind
-        return _image_outcome(path, outcome, image_size, salt, colour)
+        return _image_outcome(source, outcome, image_size, salt, colour)
     try:
         with _pydicom_warnings_silenced():
             # dicom_io.decode_file's two steps, keeping the header for the grouping attributes
-            ds = dicom_read.read_dataset(path)
+            ds = dicom_read.read_dataset(source if on_disk else io.BytesIO(source))
             decoded = dicom_io.decode_dataset(ds, multiframe=multiframe, colour=colour)
             outcome.groups = groups.header_groups(ds)
         outcome.images = [resize_any(frame, image_size) for frame in decoded.frames]
@@ -102,12 +125,16 @@ def _quarantined(outcome: FileOutcome, error: Exception) -> FileOutcome:
 
 
 def _image_outcome(
-    path: Path, outcome: FileOutcome, image_size: int, salt: str, colour: bool
+    source: Path | bytes, outcome: FileOutcome, image_size: int, salt: str, colour: bool
 ) -> FileOutcome:
-    """:func:`decode_to_outcome` for a PNG / JPEG / TIFF file: its pixels resized, or a reason.
-    Its patient is its own file (each image its own patient) until a labels CSV names one."""
+    """:func:`decode_to_outcome` for a PNG / JPEG / TIFF file (at ``source`` or its bytes):
+    its pixels resized, or a reason. Its patient is its own file (each image its own patient)
+    until a labels CSV names one."""
     try:
-        frame = image_files.decode_image_file(path, colour=colour)
+        if not isinstance(source, bytes):
+            frame = image_files.decode_image_file(source, colour=colour)
+        else:
+            frame = image_files.decode_image_bytes(source, colour=colour)
         outcome.images = [resize_any(frame, image_size)]
     except Exception as err:  # a decoder bug must not stop the run: the file is quarantined
         return _quarantined(outcome, err)
@@ -173,14 +200,18 @@ def decode_in_process_pool(
     args = (folder, data.image_size, data.multiframe, salt, keeps_colour(data))
     if workers == 1 or len(files) < 8:
         return (decode_to_outcome(path, *args) for path in files)
-    # Fork is fastest, but forking a process that runs other threads (Prefect's, for one) can
-    # deadlock on a lock held by another thread; then start workers from a fork server instead.
+    return _pool_map(files, args, workers, pool_context())
+
+
+def pool_context() -> multiprocessing.context.BaseContext:
+    """How worker processes start: fork when this process runs no other thread, else from a
+    fork server. Fork is fastest, but forking a process that runs other threads (Prefect's,
+    for one) can deadlock on a lock held by another thread."""
     if threading.active_count() == 1:
-        context = multiprocessing.get_context("fork")
-    else:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["tasks.data.file_decoding"])
-    return _pool_map(files, args, workers, context)
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tasks.data.file_decoding"])
+    return context
 
 
 def _pool_map(

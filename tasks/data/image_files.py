@@ -59,6 +59,11 @@ def file_format(path: Path) -> str | None:
             head = handle.read(132)
     except OSError:
         return None
+    return head_format(head)
+
+
+def head_format(head: bytes) -> str | None:
+    """:func:`file_format` of a file whose first 132 bytes (or all, when fewer) are ``head``."""
     return None if head[128:132] == b"DICM" else image_format(head)
 
 
@@ -92,8 +97,6 @@ def decode_image_file(
             ``max_decoded_bytes``, None: :func:`decoded_bytes_limit`; a file over twice that), ``unsupported_image``
             (a multi-page TIFF, a pixel format with no display rule), ``decode_failed``.
     """
-    from PIL import Image
-
     budget = decoded_bytes_limit(max_image_dim) if max_decoded_bytes is None else max_decoded_bytes
     try:
         # Compressed image data is not larger than its pixels (deflate and JPEG add little):
@@ -103,6 +106,22 @@ def decode_image_file(
         data = path.read_bytes()
     except OSError as err:
         raise DicomRejected(UNREADABLE, f"the file cannot be read ({type(err).__name__})") from err
+    return decode_image_bytes(data, max_image_dim, budget, colour)
+
+
+def decode_image_bytes(
+    data: bytes,
+    max_image_dim: int = MAX_IMAGE_DIM,
+    max_decoded_bytes: int | None = None,
+    colour: bool = False,
+) -> np.ndarray:
+    """:func:`decode_image_file` for a file's bytes already in memory (an archive member,
+    :mod:`tasks.data.archives`): same result, same limits, same reasons."""
+    from PIL import Image
+
+    budget = decoded_bytes_limit(max_image_dim) if max_decoded_bytes is None else max_decoded_bytes
+    if len(data) > 2 * budget + FILE_SLACK_BYTES:
+        raise DicomRejected(TOO_LARGE, "the file is larger than the decoder accepts")
     kind = image_format(data[:8])
     if kind is None:
         raise DicomRejected(UNREADABLE, "the file is not a PNG, JPEG or TIFF image")

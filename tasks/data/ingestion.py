@@ -1,5 +1,6 @@
-"""Ingestion: a DICOM folder, an image folder (PNG / JPEG / TIFF), a MedMNIST ``.npz`` or the
-synthetic set → processed dataset.
+"""Ingestion: a DICOM folder, an image folder (PNG / JPEG / TIFF), either as ZIP / TAR
+archives (:mod:`tasks.data.archives`), a MedMNIST ``.npz`` or the synthetic set → processed
+dataset.
 
 Every input file ends either in the dataset or in ``quarantine.csv`` with a reason, so
 ``ingested + quarantined == files_seen`` always holds. Files are decoded in parallel worker
@@ -16,6 +17,7 @@ The stage's entry point is :func:`tasks.stages.ingest.run_ingest`; this module i
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,8 +26,8 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from tasks.config import DataParams
+from tasks.data import archives, groups
 from tasks.data import dataset as ds_files
-from tasks.data import groups
 from tasks.data.channels import CHANNELS_KEY
 from tasks.data.dataset_writer import (
     SPLIT_BY_IMAGE,
@@ -43,6 +45,8 @@ from tasks.data.patient_hash import patient_salt, salted_hash
 from tasks.data.quarantine import DUPLICATE_SOP_UID, NO_LABEL
 from tasks.errors import MedtransferError
 
+logger = logging.getLogger(__name__)
+
 IMAGE_FOLDER = "image_folder"
 # A manifest row's key (not a manifest column): "dicom" or the image file's format.
 KIND_KEY = "_kind"
@@ -58,8 +62,9 @@ def ingest_folder(
     decode_map: DecodeMap | None = None,
     group_names: tuple[str, ...] | None = None,
 ) -> IngestResult:
-    """Decode every file under ``folder`` (with ``decode_map``, default a process pool) and
-    write the processed dataset, with the grouping attributes ``group_names``
+    """Decode every file under ``folder`` (with ``decode_map``, default a process pool; the
+    members of archives among them, or of ``folder`` when it is one, as if extracted where
+    they lie: :mod:`tasks.data.archives`) and write the processed dataset, with the grouping attributes ``group_names``
     (:func:`tasks.data.groups.recorded`; None: the header ones and ``data.site``'s).
 
     A ``dicom_folder`` whose kept images all come from PNG / JPEG / TIFF files is recorded as
@@ -67,33 +72,29 @@ def ingest_folder(
     it has one, else the file itself (the report's ``split_by``: ``patient`` or ``image``).
 
     Raises:
-        MedtransferError: no file; a labels CSV none of whose rows names a file of ``folder``;
+        MedtransferError: no file; an unreadable archive; a labels CSV none of whose rows
+            names a file of ``folder``;
             what :func:`tasks.data.dataset_writer.write_dataset` refuses.
     """
-    files = list_files(folder, exclude=labels.csv_path)
-    if not files:
-        raise MedtransferError(
-            f"The folder {folder} holds no files. Point data.source at a folder of DICOM files."
-        )
-    labels.match_bare_names([f.relative_to(folder).as_posix() for f in files])
     salt = patient_salt()
+    names, outcomes = _listed_and_decoded(folder, labels, data, salt, decode_map)
+    labels.match_bare_names(names)  # before any file is decoded (the outcomes are lazy)
     staging = staging_dir(data.processed_dir)
     try:
-        outcomes = (decode_map or decode_in_process_pool)(folder, files, data, salt)
         with open(staging / "images.raw", "wb") as raw:
             rows, quarantine = _label_and_keep(
-                tqdm(outcomes, total=len(files), desc="ingest", unit="file", disable=not progress),
+                tqdm(outcomes, total=len(names), desc="ingest", unit="file", disable=not progress),
                 labels,
                 raw,
                 _group_columns(group_names, data.site),
                 salt,
             )
-        csv_counts = labels.check_rows_name_files({f.relative_to(folder).as_posix() for f in files})
+        csv_counts = labels.check_rows_name_files(set(names))
         kind = _folder_kind(source_kind, rows)
         source = SourceYield(
             rows=rows,
             quarantine=quarantine,
-            files_seen=len(files),
+            files_seen=len(names),
             ingested=len({row["source_file"] for row in rows}),
             kind=kind,
             name=data.name or kind,
@@ -108,6 +109,41 @@ def ingest_folder(
     result.labels_csv = csv_counts
     result.split_by = _split_unit(rows, labels)
     return result
+
+
+def _listed_and_decoded(
+    folder: Path, labels: LabelSource, data: DataParams, salt: str, decode_map: DecodeMap | None
+) -> tuple[list[str], Iterable[FileOutcome]]:
+    """Each file's path relative to ``folder`` (a folder, or an archive: its members), in
+    order, and their outcomes (decoded lazily, as they are read). Archives, as ``folder`` or
+    among its files, are read member by member (:mod:`tasks.data.archives`) and decoded by
+    its own process pool, whatever ``decode_map`` is.
+
+    Raises:
+        MedtransferError: no file; an unreadable archive, or two entries with one path.
+    """
+    files = [folder] if folder.is_file() else list_files(folder, exclude=labels.csv_path)
+    if not any(archives.is_archive(path) for path in files):
+        if not files:
+            raise MedtransferError(
+                f"The folder {folder} holds no files. Point data.source at a folder of DICOM files."
+            )
+        names = [path.relative_to(folder).as_posix() for path in files]
+        return names, (decode_map or decode_in_process_pool)(folder, files, data, salt)
+    entries = archives.list_entries(folder, files)
+    if not entries:
+        raise MedtransferError(
+            f"data.source {folder} holds no files (its archives hold none). Point data.source "
+            "at DICOM files, as a folder or as ZIP / TAR archives."
+        )
+    if decode_map not in (None, decode_in_process_pool) and archives.has_members(entries):
+        logger.warning(
+            "ingest: data.source holds archives: their members are read and decoded by the "
+            "ingest stage's own process pool (data.workers), not orchestration.task_runner"
+        )
+    return [entry.relative for entry in entries], archives.decode_entries(
+        folder, entries, data, salt
+    )
 
 
 def _folder_kind(source_kind: str, rows: list[dict]) -> str:

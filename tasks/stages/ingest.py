@@ -1,5 +1,5 @@
 """The ingest stage: the configured source (a DICOM folder, an image folder of PNG / JPEG /
-TIFF files, a MedMNIST ``.npz`` or the synthetic set) → the processed dataset in ``data.processed_dir`` and the ingest report.
+TIFF files, either as ZIP / TAR archives, a MedMNIST ``.npz`` or the synthetic set) → the processed dataset in ``data.processed_dir`` and the ingest report.
 
 Called by ``medtransfer ingest``, ``dvc repro ingest``, the Prefect flow and the tests.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tasks import reports
 from tasks.config import Params
-from tasks.data import groups, synthetic
+from tasks.data import archives, groups, synthetic
 from tasks.data.dataset_writer import IngestResult
 from tasks.data.file_decoding import DecodeMap
 from tasks.data.findings import read_findings_source
@@ -88,10 +88,11 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
     if source.suffix == ".npz":
         _refuse_findings_keys(data.multilabel, "a .npz brings its own ((N, K) 0/1 for findings)")
         return ingest_npz(source, data, params.seed, names, progress)
-    if not source.is_dir():
+    if not (source.is_dir() or (source.is_file() and archives.is_archive(source))):
         raise MedtransferError(
-            f"data.source {data.source!r} is neither 'synthetic', a folder, nor a .npz file. "
-            "Point it at a folder of DICOM or PNG / JPEG / TIFF files or a MedMNIST-format .npz."
+            f"data.source {data.source!r} is neither 'synthetic', a folder, a ZIP / TAR archive "
+            "nor a .npz file. Point it at a folder of DICOM or PNG / JPEG / TIFF files (or "
+            "archives of them) or a MedMNIST-format .npz."
         )
     labels = (
         read_findings_source(source, data)
