@@ -240,6 +240,29 @@ def source_from_table(
     source.by_sop_uid = _one_label_per_key(
         csv_path, "SOPInstanceUID", [(u, lab) for _, u, lab in distinct]
     )
+    patients = _patient_rows(csv_path, table, columns, paths, source, patient_pattern)
+    if patients is not None:
+        source.has_patients = True
+        source.patients = _one_label_per_key(
+            csv_path, "path", list(dict.fromkeys(patients)), what="patients"
+        )
+    return source
+
+
+def _patient_rows(
+    csv_path: Path,
+    table: pd.DataFrame,
+    columns: dict[str, str],
+    paths: pd.Series,
+    source: LabelSource,
+    patient_pattern: str | None,
+) -> list[tuple[str, str]] | None:
+    """``(path, patient)`` per row from the patient column or ``patient_pattern``; None when
+    the table names no patient.
+
+    Raises:
+        MedtransferError: both a patient column and a pattern; a pattern that misses a path.
+    """
     if "patient" in columns and patient_pattern is not None:
         raise MedtransferError(
             f"The labels CSV {csv_path} has a patient column and data.patient_from_path is set; "
@@ -247,16 +270,10 @@ def source_from_table(
             "column, or drop the column."
         )
     if "patient" in columns:
-        patients = list(zip(paths, table[columns["patient"]].str.strip(), strict=True))
-    elif patient_pattern is not None:
-        patients = patients_from_paths(csv_path, [path for path, _ in source.rows], patient_pattern)
-    else:
-        return source
-    source.has_patients = True
-    source.patients = _one_label_per_key(
-        csv_path, "path", list(dict.fromkeys(patients)), what="patients"
-    )
-    return source
+        return list(zip(paths, table[columns["patient"]].str.strip(), strict=True))
+    if patient_pattern is not None:
+        return patients_from_paths(csv_path, [path for path, _ in source.rows], patient_pattern)
+    return None
 
 
 def patients_from_paths(

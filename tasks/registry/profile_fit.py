@@ -37,21 +37,7 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     Raises:
         MedtransferError: no processed dataset, or one of another image size than the model's.
     """
-    from tasks.data.dataset import load_processed
-
-    try:
-        dataset = load_processed(params.data.processed_dir)
-    except (FileNotFoundError, MedtransferError) as err:
-        raise MedtransferError(
-            f"No processed dataset in {params.data.processed_dir}: packaging records the "
-            "training data's profile with the model; run `medtransfer ingest` first."
-        ) from err
-    if (dataset.image_size, dataset.channels) != (spec.image_size, spec.channels):
-        raise MedtransferError(
-            f"The processed dataset in {params.data.processed_dir} has {dataset.image_size} px "
-            f"images of {dataset.channels} channel(s) and the model takes {spec.image_size} px "
-            f"of {spec.channels}: package with the dataset the model was trained on."
-        )
+    dataset = _matching_dataset(spec, params)
     train_images, train_labels = dataset.subset("train")
     val_images, _ = dataset.subset("val")
     if len(val_images) == 0:  # a tiny set: the threshold comes from the training split
@@ -67,11 +53,7 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
     val_scores = detector.score(val_features)
     detector.calibrate(val_scores, serving.ood_false_rejection)
     stats = image_statistics(train_images)
-    # Two classes: the positive class's probability says it all. More classes, or findings:
-    # each column is watched, since a shift in any class's share is drift (watching the last
-    # column alone missed a shift between the others).
-    binary = not findings and val_probs.shape[1] == 2
-    positive = val_probs[:, -1] if binary else np.zeros(0)
+    probability_deciles, class_probability_deciles = _probability_deciles(val_probs, findings)
     return DataProfile(
         scope=_scope(dataset, source_folder(params)),
         multiframe=dataset.source.multiframe,
@@ -88,10 +70,47 @@ def fit_profile(model, spec, params: Params) -> DataProfile:
             "val_rejected": float(np.mean(val_scores >= detector.threshold)),
             "score_deciles": deciles(val_scores),
         },
-        probability_deciles=deciles(positive) if binary else [],
-        class_probability_deciles=[] if binary else [deciles(col) for col in val_probs.T],
+        probability_deciles=probability_deciles,
+        class_probability_deciles=class_probability_deciles,
         detector=detector,
     )
+
+
+def _matching_dataset(spec, params: Params):
+    """The processed dataset in ``data.processed_dir``, checked to be of the model's image size
+    and channels.
+
+    Raises:
+        MedtransferError: no processed dataset, or one of another image size than the model's.
+    """
+    from tasks.data.dataset import load_processed
+
+    try:
+        dataset = load_processed(params.data.processed_dir)
+    except (FileNotFoundError, MedtransferError) as err:
+        raise MedtransferError(
+            f"No processed dataset in {params.data.processed_dir}: packaging records the "
+            "training data's profile with the model; run `medtransfer ingest` first."
+        ) from err
+    if (dataset.image_size, dataset.channels) != (spec.image_size, spec.channels):
+        raise MedtransferError(
+            f"The processed dataset in {params.data.processed_dir} has {dataset.image_size} px "
+            f"images of {dataset.channels} channel(s) and the model takes {spec.image_size} px "
+            f"of {spec.channels}: package with the dataset the model was trained on."
+        )
+    return dataset
+
+
+def _probability_deciles(
+    val_probs: np.ndarray, findings: bool
+) -> tuple[list[float], list[list[float]]]:
+    """(``probability_deciles``, ``class_probability_deciles``) of the validation
+    probabilities ``(N, C)``: two classes give the positive class's deciles alone; more
+    classes, or findings, one decile list per column (a shift in any class's share is drift;
+    watching the last column alone missed a shift between the others)."""
+    if not findings and val_probs.shape[1] == 2:
+        return deciles(val_probs[:, -1]), []
+    return [], [deciles(column) for column in val_probs.T]
 
 
 def forward(
