@@ -37,10 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.ingest import generate
 from benchmarks.report import machine_header, write_result
+from benchmarks.serving_bombs import bomb_cases, bomb_table
 from tests.processes import free_port, stop_server_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,21 +101,23 @@ def make_student(root: Path) -> dict:
             pip_requirements=["torch", "monai", "numpy"],
         )
     params = _with_training_data(params, root)
-    reports = root / "reports"
+    _write_stage_reports(root / "reports", run.info.run_id)
+    run_register(params)
+    return params.to_dict()
+
+
+def _write_stage_reports(reports: Path, run_id: str) -> None:
+    """The train, evaluate and robustness reports ``register`` reads, for the logged run
+    ``run_id`` (an untrained head: the figures are placeholders, never reported)."""
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "train.json").write_text(
-        json.dumps({"run_id": run.info.run_id, "dataset_version": "benchmark"})
-    )
+    (reports / "train.json").write_text(json.dumps({"run_id": run_id, "dataset_version": "benchmark"}))
     (reports / "metrics.json").write_text(
         json.dumps({"threshold": 0.5, "threshold_rule": "0.5", "test": {"auc": 0.5}, "val": {}})
     )
+    verdict = {"passed": True, "reasons": []}
     (reports / "robustness.json").write_text(
-        json.dumps(
-            {"run_id": run.info.run_id, "verdict": {"passed": True, "reasons": []}, "metrics": {}}
-        )
+        json.dumps({"run_id": run_id, "verdict": verdict, "metrics": {}})
     )
-    run_register(params)
-    return params.to_dict()
 
 
 def _with_training_data(params, root: Path):
@@ -203,73 +207,6 @@ def serve(bento: str, log: Path):
         stop_server_tree(process)
 
 
-def peak_rss(pid: int) -> int:
-    """The largest peak resident size (VmHWM) among ``pid`` and its children, in bytes."""
-    import psutil
-
-    peaks = [0]
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(OSError, StopIteration):
-            status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
-            peaks.append(int(next(s for s in status if s.startswith("VmHWM")).split()[1]) * 1024)
-    return max(peaks)
-
-
-def rle_giant() -> bytes:
-    """8192 x 8192 x 3 samples of 16 bits, zeros, RLE Lossless: about 6 MB."""
-    import numpy as np
-    from pydicom.uid import RLELossless
-
-    from tests.conftest import make_mono_dataset
-    from tests.deploy.samples import dataset_bytes
-
-    # In the training data's scope (CR, CHEST), so that the size limit is what refuses it.
-    ds = make_mono_dataset(np.zeros((8, 8), dtype=np.uint16), BodyPartExamined="CHEST")
-    pixels = np.zeros((8192, 8192, 3), dtype=np.uint16)
-    ds.set_pixel_data(pixels, photometric_interpretation="RGB", bits_stored=16)
-    ds.compress(RLELossless, encoding_plugin="pylibjpeg")
-    return dataset_bytes(ds)
-
-
-def bomb_cases(url: str, pid: int) -> list[dict]:
-    """Peak server memory after each hostile upload (see the module docstring)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import requests
-
-    from tests.deploy.samples import deflate_bomb
-
-    one = deflate_bomb(2**30)
-    cases = {
-        "deflate bomb, 1 MB -> 1 GiB": [one],
-        "4 deflate bombs at once": [one] * 4,
-        "deflate bomb, 3 MB -> 3 GiB": [deflate_bomb(3 * 2**30)],
-        "RLE 8192 x 8192 x 3 x 16 bit": [rle_giant()],
-    }
-    out = [{"case": "(before)", "size_mb": 0.0, "statuses": "", "peak_mib": peak_rss(pid) / 2**20}]
-
-    def post(data: bytes) -> int:
-        headers = {"Content-Type": "application/dicom"}
-        return requests.post(
-            f"{url}/classify/dicom", data=data, headers=headers, timeout=300
-        ).status_code
-
-    for name, bodies in cases.items():
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            statuses = list(pool.map(post, bodies))
-        out.append(
-            {
-                "case": name,
-                "size_mb": len(bodies[0]) / 1e6,
-                "statuses": ", ".join(map(str, statuses)),
-                "peak_mib": peak_rss(pid) / 2**20,
-            }
-        )
-        print(out[-1], flush=True)
-    return out
-
-
 async def drive(url: str, files: list[bytes], clients: int, seconds: float) -> dict:
     """``clients`` concurrent clients, each sending one request after the other until
     ``seconds`` have passed (bounded: at most 100 000 requests in all)."""
@@ -323,7 +260,24 @@ async def drive(url: str, files: list[bytes], clients: int, seconds: float) -> d
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextlib.contextmanager
+def bench_root(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A temporary folder holding the benchmark's MLflow store, artifacts and BentoML home
+    (set in this process's environment), removed afterwards unless ``keep``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MEDTRANSFER_ARTIFACT_ROOT"] = str(root / "mlartifacts")
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -337,63 +291,84 @@ def main(argv: list[str] | None = None) -> int:
         "ROUNDS runs of the largest client count on each, then the bomb cases "
         "(benchmarks/results/serving-gate.md)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     if args.gate_ab:
+        from benchmarks.serving_gate import gate_ab
+
         return gate_ab(args)
-
-    root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-bench-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["MEDTRANSFER_ARTIFACT_ROOT"] = str(root / "mlartifacts")
-    os.environ["BENTOML_HOME"] = str(root / "bentoml")
-    try:
+    with bench_root("medtransfer-serving-bench-", args.keep) as root:
         print("building, registering and packaging the student ...", flush=True)
-        params = make_student(root)
-        files = make_dicoms(root)
-        rows = []
-        bombs: list[dict] = []
-        for config, overrides in CONFIGS.items():
-            for batching in (True, False):
-                report = package(params, root, batching, overrides)
-                mode = "on" if batching else "off"
-                log = root / f"server-{len(rows)}.log"
-                with serve(report["bento"], log) as (url, pid):
-                    # Warm-up at low load: BentoML's batcher first calibrates its latency model,
-                    # and its wait estimate, raised by a burst, decays only slowly afterwards.
-                    asyncio.run(drive(url, files, 1, 5.0))
-                    for clients in args.clients:
-                        row = asyncio.run(drive(url, files, clients, args.seconds))
-                        row.update(batching=mode, config=config)
-                        rows.append(row)
-                        print(_line(row), flush=True)
-                    if config == "gate on" and batching:
-                        bombs = bomb_cases(url, pid)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        rows, bombs = _measure(args, root)
+    table = _table(rows, args.clients)
+    path = write_result("serving", _report(args, rows, table, bombs))
+    print("\n".join(table))
+    print(f"written to {path}")
+    return 0
 
+
+def _measure(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict]]:
+    """One row per configuration, batching mode and client count, and the bomb cases (on the
+    gate-on, batching-on server)."""
+    params = make_student(root)
+    files = make_dicoms(root)
+    rows: list[dict] = []
+    bombs: list[dict] = []
+    for config, overrides in CONFIGS.items():
+        for batching in (True, False):
+            report = package(params, root, batching, overrides)
+            mode = "on" if batching else "off"
+            with serve(report["bento"], root / f"server-{len(rows)}.log") as (url, pid):
+                # Warm-up at low load: BentoML's batcher first calibrates its latency model,
+                # and its wait estimate, raised by a burst, decays only slowly afterwards.
+                asyncio.run(drive(url, files, 1, 5.0))
+                for clients in args.clients:
+                    row = asyncio.run(drive(url, files, clients, args.seconds))
+                    row.update(batching=mode, config=config)
+                    rows.append(row)
+                    print(row_line(row), flush=True)
+                if config == "gate on" and batching:
+                    bombs = bomb_cases(url, pid)
+    return rows, bombs
+
+
+def _table(rows: list[dict], client_counts: list[int]) -> list[str]:
+    """The markdown table of ``rows``, by configuration, client count and batching mode."""
     table = [
         "| OOD gate | clients | batching | requests/s | p50 ms | p99 ms | requests | errors "
         "| load avg |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    speedups = []
     for config in CONFIGS:
-        for clients in args.clients:
-            pair = {
-                r["batching"]: r for r in rows if (r["config"], r["clients"]) == (config, clients)
-            }
-            for row in pair.values():
+        for clients in client_counts:
+            for row in _pair(rows, config, clients).values():
                 table.append(
                     f"| {config} | {clients} | {row['batching']} | {row['rps']:.1f} "
                     f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['requests']} "
                     f"| {row['errors']} | {row['load']:.1f} |"
                 )
-            speedups.append(
-                f"{config}, {clients} clients: {pair['on']['rps'] / pair['off']['rps']:.2f}x"
-            )
-    body = "\n".join(
+    return table
+
+
+def _pair(rows: list[dict], config: str, clients: int) -> dict[str, dict]:
+    """``{"on": row, "off": row}``: batching on and off for one configuration and count."""
+    return {r["batching"]: r for r in rows if (r["config"], r["clients"]) == (config, clients)}
+
+
+def _report(args: argparse.Namespace, rows: list[dict], table: list[str], bombs: list[dict]) -> str:
+    """The results file's body: set-up, the table, batching speed-ups, bombs, gate cost."""
+    speedups = [
+        f"{config}, {clients} clients: "
+        f"{_pair(rows, config, clients)['on']['rps'] / _pair(rows, config, clients)['off']['rps']:.2f}x"
+        for config in CONFIGS
+        for clients in args.clients
+    ]
+    most = max(args.clients)
+    gate = {config: _pair(rows, config, most)["on"] for config in CONFIGS}
+    return "\n".join(
         [
             machine_header(),
             "",
@@ -401,108 +376,27 @@ def main(argv: list[str] | None = None) -> int:
             f"512x512 16-bit DICOM files to `/classify/dicom`, {args.seconds:g} s per row, "
             "client on the same machine. Batching off: `serving.batching=false`. Gate off: "
             "`serving.ood_gate=false` (no OOD score). Model worker: params.yaml (max batch 8, "
-            "one torch thread). The machine was shared with other work. Load avg: the machine's 1-minute load average after the row (other work on the "
-            "machine shows up there).",
+            "one torch thread). The machine was shared with other work. Load avg: the "
+            "machine's 1-minute load average after the row (other work on the machine shows "
+            "up there).",
             "",
             *table,
             "",
             "Batching on / off, requests/s: " + "; ".join(speedups) + ".",
+            "",
+            "Bomb cases (gate on, batching on; peak RSS = the largest VmHWM among the "
+            "server's processes, cumulative):",
+            "",
+            *bomb_table(bombs),
+            "",
+            f"Gate cost at {most} clients, batching on: "
+            f"{gate['gate on']['rps'] / gate['gate off']['rps']:.2f}x the requests/s of gate "
+            f"off, p99 {gate['gate on']['p99_ms']:.0f} vs {gate['gate off']['p99_ms']:.0f} ms.",
         ]
     )
-    body += "\n\nBomb cases (gate on, batching on; peak RSS = the largest VmHWM among the "
-    body += "server's processes, cumulative):\n\n| case | upload MB | statuses | peak RSS MiB |\n"
-    body += "| --- | --- | --- | --- |\n"
-    body += "\n".join(
-        f"| {b['case']} | {b['size_mb']:.1f} | {b['statuses']} | {b['peak_mib']:.0f} |"
-        for b in bombs
-    )
-    gate = {
-        c: next(
-            r
-            for r in rows
-            if (r["config"], r["batching"], r["clients"]) == (c, "on", max(args.clients))
-        )
-        for c in CONFIGS
-    }
-    body += (
-        f"\n\nGate cost at {max(args.clients)} clients, batching on: "
-        f"{gate['gate on']['rps'] / gate['gate off']['rps']:.2f}x the requests/s of gate off, "
-        f"p99 {gate['gate on']['p99_ms']:.0f} vs {gate['gate off']['p99_ms']:.0f} ms."
-    )
-    path = write_result("serving", body)
-    print("\n".join(table))
-    print(f"written to {path}")
-    return 0
 
 
-def gate_ab(args: argparse.Namespace) -> int:
-    """The OOD gate's cost measured side by side: both Bentos served at once, runs alternated
-    (on, off, on, off, ...) so that the machine's other load falls on both alike."""
-    root = Path(tempfile.mkdtemp(prefix="medtransfer-serving-gate-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["MEDTRANSFER_ARTIFACT_ROOT"] = str(root / "mlartifacts")
-    os.environ["BENTOML_HOME"] = str(root / "bentoml")
-    clients = max(args.clients)
-    try:
-        params = make_student(root)
-        files = make_dicoms(root)
-        bentos = {c: package(params, root, True, o)["bento"] for c, o in CONFIGS.items()}
-        with contextlib.ExitStack() as stack:
-            served = {
-                c: stack.enter_context(serve(b, root / f"server-{i}.log"))
-                for i, (c, b) in enumerate(bentos.items())
-            }
-            for url, _ in served.values():
-                asyncio.run(drive(url, files, 1, 5.0))
-            runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-            for _ in range(args.gate_ab):
-                for config, (url, _) in served.items():
-                    runs[config].append(asyncio.run(drive(url, files, clients, args.seconds)))
-                    print(config, _line({**runs[config][-1], "config": config, "batching": "on"}))
-            bombs = bomb_cases(*served["gate on"])
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    median = {
-        c: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
-        for c, rs in runs.items()
-    }
-    ratios = [
-        on["rps"] / off["rps"] for on, off in zip(runs["gate on"], runs["gate off"], strict=True)
-    ]
-    lines = [
-        machine_header(),
-        "",
-        f"Gate on vs off, served side by side, batching on, {clients} clients, "
-        f"{args.gate_ab} alternated runs of {args.seconds:g} s each (the machine was shared "
-        "with other work; both servers ran all along). Medians over the runs:",
-        "",
-        "| OOD gate | requests/s | p50 ms | p99 ms |",
-        "| --- | --- | --- | --- |",
-        *(
-            f"| {c} | {m['rps']:.1f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} |"
-            for c, m in median.items()
-        ),
-        "",
-        "Per-round requests/s ratio on / off: "
-        + ", ".join(f"{r:.2f}" for r in ratios)
-        + f" (median {statistics.median(ratios):.2f}).",
-        "",
-        "Bomb cases against the gate-on server (peak RSS = the largest VmHWM among its "
-        "processes, cumulative since it started):",
-        "",
-        "| case | upload MB | statuses | peak RSS MiB |",
-        "| --- | --- | --- | --- |",
-        *(
-            f"| {b['case']} | {b['size_mb']:.1f} | {b['statuses']} | {b['peak_mib']:.0f} |"
-            for b in bombs
-        ),
-    ]
-    path = write_result("serving-gate", "\n".join(lines))
-    print(f"written to {path}")
-    return 0
-
-
-def _line(row: dict) -> str:
+def row_line(row: dict) -> str:
     return (
         f"{row['config']}: batching {row['batching']:>3}, {row['clients']:>2} clients: {row['rps']:7.1f} req/s, "
         f"p50 {row['p50_ms']:6.0f} ms, p99 {row['p99_ms']:6.0f} ms, errors {row['errors']} "
