@@ -99,41 +99,45 @@ def main() -> None:
     parser.add_argument("--uncertain", default="ignore")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        folder, truth = write_finding_folder(root / "data" / "images", args.images, args.size, 11)
-        env = {
-            **os.environ,
-            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-            "MEDTRANSFER_ARTIFACT_ROOT": str(root / "mlartifacts"),
-            "PREFECT_HOME": str(root / "prefect"),
-        }
-        start = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "run",
-                "--params",
-                str(params_file(root, folder, args)),
-                "--quiet",
-            ],
-            env=env,
-            cwd=REPO,
-            check=True,
-        )
-        seconds = time.perf_counter() - start
-        reports = root / "reports"
-        ingest = json.loads((reports / "ingest.json").read_text())
-        metrics = json.loads((reports / "metrics.json").read_text())
-        package = json.loads((reports / "package.json").read_text())
-        several = int(np.flatnonzero(truth.sum(axis=1) >= 2)[-1])
-        image = folder / f"img/{several:04d}.png"
-        os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MEDTRANSFER_ARTIFACT_ROOT")})
-        reply = served_reply(package["bento"], root / "bentoml", image, root)
-        unknown = int(np.isnan(np.load(root / "processed" / "labels.npy")).sum())
-        drawn = [name for name, v in zip(FINDING_NAMES, truth[several], strict=True) if v]
-    body = "\n\n".join(
+        outcome = _run_and_serve(args, Path(tmp))
+    body = _body(args, outcome)
+    print(body)
+    print(write_result("findings-csv", body))
+
+
+def _run_and_serve(args: argparse.Namespace, root: Path) -> dict:
+    """``medtransfer run`` on a generated finding folder under ``root``, then one served
+    reply for an image with several findings: the wall time, the reports, the reply."""
+    folder, truth = write_finding_folder(root / "data" / "images", args.images, args.size, 11)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MEDTRANSFER_ARTIFACT_ROOT": str(root / "mlartifacts"),
+        "PREFECT_HOME": str(root / "prefect"),
+    }
+    command = ["flows.cli", "run", "--params", str(params_file(root, folder, args)), "--quiet"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", *command], env=env, cwd=REPO, check=True)
+    seconds = time.perf_counter() - start
+    reports = root / "reports"
+    package = json.loads((reports / "package.json").read_text())
+    several = int(np.flatnonzero(truth.sum(axis=1) >= 2)[-1])
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MEDTRANSFER_ARTIFACT_ROOT")})
+    image = folder / f"img/{several:04d}.png"
+    return {
+        "seconds": seconds,
+        "ingest": json.loads((reports / "ingest.json").read_text()),
+        "metrics": json.loads((reports / "metrics.json").read_text()),
+        "reply": served_reply(package["bento"], root / "bentoml", image, root),
+        "unknown": int(np.isnan(np.load(root / "processed" / "labels.npy")).sum()),
+        "drawn": [name for name, v in zip(FINDING_NAMES, truth[several], strict=True) if v],
+    }
+
+
+def _body(args: argparse.Namespace, outcome: dict) -> str:
+    """The results file's text for :func:`_run_and_serve`'s ``outcome``."""
+    ingest = outcome["ingest"]
+    return "\n\n".join(
         [
             machine_header(),
             f"A PNG folder of {args.images} synthetic multi-finding chest scenes ({args.size} px, "
@@ -141,20 +145,18 @@ def main() -> None:
             "column per finding; every 7th cell `-1`, half the absent cells blank), "
             f"`data.uncertain: {args.uncertain}`, through `medtransfer run` ({args.strategy}, "
             f"{args.epochs} epochs, temperature per finding; quality gates off): "
-            f"{seconds:.0f} s wall clock. Ingest: {ingest['images']} images, split "
+            f"{outcome['seconds']:.0f} s wall clock. Ingest: {ingest['images']} images, split "
             f"by {ingest['split_by']}, positives per finding {ingest['classes']}, "
-            f"{unknown} unknown (NaN) image-finding cells.",
-            table(metrics),
+            f"{outcome['unknown']} unknown (NaN) image-finding cells.",
+            table(outcome["metrics"]),
             f"Served reply (`bentoml serve` on loopback, `POST /classify/png`) for an image drawn "
-            f"with the findings {drawn}, JSON as returned:",
-            "```json\n" + json.dumps(reply, indent=2) + "\n```",
+            f"with the findings {outcome['drawn']}, JSON as returned:",
+            "```json\n" + json.dumps(outcome["reply"], indent=2) + "\n```",
             "Command: `python -m benchmarks.findings_csv "
             f"--images {args.images} --size {args.size} --epochs {args.epochs} "
             f"--uncertain {args.uncertain}`.",
         ]
     )
-    print(body)
-    print(write_result("findings-csv", body))
 
 
 if __name__ == "__main__":
