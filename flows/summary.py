@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tasks.digest import shown_version
+
 
 def summary_lines(summary: dict[str, Any], tracking_uri: str | None = None) -> list[str]:
     """The summary of whichever stages ``summary`` holds (keys: stage names, plus ``cached``).
@@ -191,12 +193,6 @@ def _mlflow_line(run_id: str, tracking_uri: str | None) -> str:
         f"{store}`, then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning "
         "(the training view)"
     )
-
-
-def shown_version(version: str) -> str:
-    """A dataset version as a person reads it: DVC's hash of the folder without the ``.dir``
-    that DVC appends to a directory's hash (reports, tags and dvc.lock keep the full form)."""
-    return version.removesuffix(".dir")
 
 
 def mlflow_command() -> str:

@@ -34,6 +34,7 @@ from prefect.runtime import flow_run
 from flows.pipeline import ingest, run_pipeline, run_stage
 from tasks.config import Params, load_params
 from tasks.data.dataset import dataset_version
+from tasks.digest import shown_version
 
 STATE_FILE_NAME = "watch_state.json"
 
@@ -107,7 +108,7 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
         logger.info(
             "Skipped retraining: dataset version %s of %s is unchanged since the run of %s "
             "(MLflow run %s). State: %s",
-            version,
+            shown_version(version),
             source,
             previous.get("trained_at", "?"),
             previous.get("mlflow_run_id", "?"),
@@ -117,8 +118,8 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
 
     logger.info(
         "Dataset version changed (%s -> %s); running the pipeline on %s",
-        previous.get("dataset_version"),
-        version,
+        shown_version(previous.get("dataset_version") or "none recorded"),
+        shown_version(version),
         source,
     )
     # The pipeline subflow takes its configuration as Prefect parameters (the file and the
@@ -127,7 +128,9 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
     source_override = f"data.source={json.dumps(source)}"
     summary = run_pipeline(params_file=params_file, overrides=[*overrides, source_override])
     trained_version = _record_retraining(path, summary, source)
-    logger.info("Retrained on dataset version %s; recorded in %s", trained_version, path)
+    logger.info(
+        "Retrained on dataset version %s; recorded in %s", shown_version(trained_version), path
+    )
     return {**result, "dataset_version": trained_version, "retrained": True, "summary": summary}
 
 

@@ -38,3 +38,41 @@ def test_the_summary_shows_the_dataset_version_without_dvc_s_dir_suffix() -> Non
     report = {"dataset_version": "67fc0c1e5ab0c8e0d4c5cea.dir", "strategy": "partial"}
     lines = summary_lines({"train": report})
     assert "dataset version: 67fc0c1e5ab0c8e0d4c5cea" in lines
+
+
+def test_the_model_card_shows_the_dataset_version_without_dvc_s_dir_suffix() -> None:
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    card = render_model_card(
+        CardInputs(
+            model_name="m",
+            version="1",
+            run_id="r",
+            spec={"classes": ["a", "b"]},
+            dataset_version="67fc0c1e5ab0c8e0d4c5cea.dir",
+            ingest={},
+            metrics={},
+            robustness=None,
+            promoted=False,
+            alias="champion",
+        )
+    )
+    assert "Dataset version (DVC hash of the processed dataset): `67fc0c1e5ab0c8e0d4c5cea`." in card
+    assert "Evaluated only on dataset `67fc0c1e5ab0c8e0d4c5cea`;" in card
+    assert ".dir" not in card
+
+
+def test_a_promotion_on_new_data_names_both_dataset_versions_without_dvc_s_dir_suffix() -> None:
+    from tasks.registry.promotion import Candidate, Champion, promotion_decision
+
+    candidate = Candidate(
+        run_id="r",
+        dataset_version="9a1b2c3d.dir",
+        spec={},
+        metrics={"test": {"auc": 0.9}},
+        robustness={"verdict": {"passed": True}},
+        ingest={},
+    )
+    promoted, reasons = promotion_decision(candidate, Champion("1", "67fc0c1e.dir", 0.95))
+    assert promoted
+    assert "evaluated on dataset 67fc0c1e, not 9a1b2c3d: a passing version" in reasons[0]

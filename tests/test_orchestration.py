@@ -197,7 +197,7 @@ def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
     assert second["dataset_version"] == second["previous_version"] == first["dataset_version"]
     assert "summary" not in second
     assert "Skipped retraining" in caplog.text
-    assert first["dataset_version"] in caplog.text
+    assert first["dataset_version"].removesuffix(".dir") in caplog.text
     assert mlflow_run_ids(tracking_uri) == [state["mlflow_run_id"]]  # no new training
     assert read_state(state_file) == state
 
@@ -216,6 +216,37 @@ def test_watch_and_retrain_trains_skips_then_retrains_on_new_files(
     assert read_state(state_file)["dataset_version"] == third["dataset_version"]
     runs = mlflow_run_ids(tracking_uri)
     assert len(runs) == 2 and third["summary"]["train"]["run_id"] in runs
+
+
+@pytest.mark.slow
+def test_the_watch_flow_logs_the_dataset_version_without_dvc_s_dir_suffix(
+    prefect_harness, tiny_params: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flows.watch import state_path, watch_and_retrain, write_state
+    from tasks.data.dataset import dataset_version
+    from tasks.stages.ingest import run_ingest
+
+    generated, labels_csv = synthetic.generate(synthetic.SyntheticConfig.from_params(tiny_params))
+    watched = tmp_path / "watched"
+    assert copy_patients(generated, labels_csv, watched, range(12)) > 0
+    params = tiny_params.with_overrides(
+        [f"orchestration.watch_folder={watched}", "data.labels_csv=null"]
+    )
+    # the state of a retraining on exactly this folder, so that the flow only checks and skips
+    run_ingest(params.with_overrides([f"data.source={watched}"]), progress=False)
+    version = dataset_version(params.data.processed_dir)
+    assert version.endswith(".dir")  # DVC's marker on a folder's hash, in the machine's record
+    write_state(state_path(params), {"dataset_version": version})
+
+    run_logger = logging.getLogger("prefect.flow_runs")
+    run_logger.addHandler(caplog.handler)
+    try:
+        result = watch_and_retrain(params_file=str(write_params(params, tmp_path / "p.yaml")))
+    finally:
+        run_logger.removeHandler(caplog.handler)
+    assert result["retrained"] is False and result["dataset_version"] == version
+    (line,) = [r.getMessage() for r in caplog.records if "Skipped retraining" in r.getMessage()]
+    assert f"dataset version {version.removesuffix('.dir')} of " in line
 
 
 # --- a scheduled deployment on a real server ----------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.digest import shown_version
 from tasks.registry import finding_card
 
 EPS_SEPARATOR = "_eps_"  # robustness metric names: <measure>_eps_<budget>, see robustness.json
@@ -78,7 +79,7 @@ def render_model_card(inputs: CardInputs) -> str:
         "",
         "## Data",
         "",
-        f"Dataset version (DVC hash of the processed dataset): `{inputs.dataset_version}`.",
+        f"Dataset version (DVC hash of the processed dataset): `{shown_version(inputs.dataset_version)}`.",
         "",
     ]
     lines += _data_table(inputs.ingest)
@@ -429,7 +430,7 @@ def _robustness_section(robustness: Mapping[str, Any] | None) -> list[str]:
 
 def _limits(inputs: CardInputs) -> list[str]:
     limits = [
-        f"Evaluated only on dataset `{inputs.dataset_version}`; performance on other sites, "
+        f"Evaluated only on dataset `{shown_version(inputs.dataset_version)}`; performance on other sites, "
         "scanners, protocols or populations is unknown until measured there.",
         "Single-label, single-image classifier: multi-frame volumes are refused by the "
         "service; one image is classified at a time.",

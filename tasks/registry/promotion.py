@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.digest import shown_version
+
 MAX_TAG_VALUE = 5000  # the SQL registry's tag value column
 WEIGHTS_TAG = "weights_sha256"  # a version's tag: the digest of its student's weights
 
@@ -116,8 +118,8 @@ def promotion_decision(candidate: Candidate, champion: Champion | None) -> tuple
     if champion.dataset_version != candidate.dataset_version:
         return True, [
             f"passed the robustness gates; the previous holder (version {champion.version}) was "
-            f"evaluated on dataset {champion.dataset_version or 'unknown'}, not "
-            f"{candidate.dataset_version}: a passing version on the new data takes over"
+            f"evaluated on dataset {shown_version(champion.dataset_version) or 'unknown'}, not "
+            f"{shown_version(candidate.dataset_version)}: a passing version on the new data takes over"
         ]
     if not math.isfinite(champion.test_auc):
         return True, [
