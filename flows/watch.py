@@ -105,11 +105,12 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
         "state_file": str(path),
     }
     if previous.get("dataset_version") == version:
+        # The watched folder is not named in a log line: a folder's name can carry a
+        # patient's; the state file (in the project's reports) names it.
         logger.info(
-            "Skipped retraining: dataset version %s of %s is unchanged since the run of %s "
-            "(MLflow run %s). State: %s",
+            "Skipped retraining: dataset version %s of the watched folder is unchanged since "
+            "the run of %s (MLflow run %s). State: %s",
             shown_version(version),
-            source,
             previous.get("trained_at", "?"),
             previous.get("mlflow_run_id", "?"),
             path,
@@ -117,10 +118,9 @@ def watch_and_retrain(params_file: str = "params.yaml", overrides: list[str] | N
         return {**result, "retrained": False}
 
     logger.info(
-        "Dataset version changed (%s -> %s); running the pipeline on %s",
+        "Dataset version changed (%s -> %s); running the pipeline on the watched folder",
         shown_version(previous.get("dataset_version") or "none recorded"),
         shown_version(version),
-        source,
     )
     # The pipeline subflow takes its configuration as Prefect parameters (the file and the
     # override strings its run page shows): the watched folder goes in as one, JSON-quoted so
