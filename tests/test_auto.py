@@ -152,6 +152,19 @@ def test_few_images_freeze_more_and_a_close_teacher_is_piloted_too() -> None:
     }  # 0.80 lies below the winner's interval [0.87, 0.93]
 
 
+def test_with_enough_images_a_close_teacher_is_piloted_beside_full_and_lp_ft() -> None:
+    strong = _taps("efficientnet-lite0", [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.85, 0.8])
+    close = _taps("efficientnet-lite1", [0.6, 0.7, 0.75, 0.8, 0.85, 0.89, 0.85, 0.8])
+    evidence = {"efficientnet-lite0": strong, "efficientnet-lite1": close}
+    found = rank_candidates(evidence, list(evidence), 500, "auto", 3)
+    assert [(c.teacher, c.strategy, c.unfreeze_blocks) for c in found] == [
+        ("efficientnet-lite0", "partial", 1),
+        ("efficientnet-lite0", "full", 16),
+        ("efficientnet-lite0", "lp_ft", 16),
+        ("efficientnet-lite1", *choose_depth("efficientnet-lite1", close)[:2]),
+    ]
+
+
 def test_a_configured_strategy_weighs_only_the_teachers() -> None:
     strong = _taps("efficientnet-lite0", [0.9] * 8)
     close = _taps("efficientnet-lite2", [0.89] * 8)
