@@ -156,17 +156,31 @@ def done_labels(jsonl: Path) -> set[str]:
     return {json.loads(line)["label"] for line in jsonl.read_text().splitlines() if line}
 
 
+def claim(workdir: Path, label: str) -> bool:
+    """Take ``label`` for this process (``--claim``: processes share the grid as they come
+    free); False when another process took it first."""
+    (workdir / "claims").mkdir(exist_ok=True)
+    try:
+        (workdir / "claims" / label.replace(" ", "_").replace("/", "-")).mkdir()
+    except FileExistsError:
+        return False
+    return True
+
+
 def run_dataset(source: str, args: argparse.Namespace) -> None:
     """Every run of one data set not yet in its ``runs.jsonl``, auto first."""
     workdir = args.workdir / data_name(source)
     index, count = (int(n) for n in args.shard.split("/"))
     base = prepare(workdir, source, args, f"-{index}" if count > 1 else "")
     jsonl = workdir / "runs.jsonl"
-    for position, (teacher, strategy, blocks) in enumerate(run_keys()):
+    keys = list(enumerate(run_keys()))
+    for position, (teacher, strategy, blocks) in reversed(keys) if args.reverse else keys:
         label = key_label(teacher, strategy, blocks)
         if label in done_labels(jsonl) or (args.only and label not in args.only):
             continue
         if position % count != index:  # another process's run
+            continue
+        if args.claim and not claim(workdir, label):  # another process has it
             continue
         folder = workdir / "runs" / label.replace(" ", "_").replace("/", "-")
         row = {"data": data_name(source), "image_size": args.size, "epochs": args.epochs}
@@ -192,6 +206,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="another params override")
     parser.add_argument("--only", nargs="+", default=None, help="run only these labels")
     parser.add_argument("--shard", default="0/1", help="i/n: this process runs every n-th run")
+    parser.add_argument("--claim", action="store_true", help="take runs as they come free")
+    parser.add_argument("--reverse", action="store_true", help="the grid from its end")
     parser.add_argument("--render", action="store_true", help="write the results file only")
     parser.add_argument("--notes", type=Path, default=None, help="markdown appended (--render)")
     args = parser.parse_args()

@@ -38,9 +38,12 @@ def load(workdir: Path) -> dict[str, list[dict]]:
     """Each data set's rows, in the order they finished."""
     found = {}
     for jsonl in sorted(workdir.glob("*/runs.jsonl")):
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+        rows: dict[str, dict] = {}
+        for line in jsonl.read_text().splitlines():
+            if line:  # a run two processes finished: the first record counts
+                rows.setdefault(json.loads(line)["label"], json.loads(line))
         if rows:
-            found[jsonl.parent.name] = rows
+            found[jsonl.parent.name] = list(rows.values())
     return found
 
 
