@@ -91,6 +91,22 @@ def test_within_the_best_pilots_interval_the_evidences_order_decides() -> None:
     assert decision.chosen is resolved
 
 
+def test_a_higher_scoring_pilot_that_passes_is_never_said_to_fail_the_gate() -> None:
+    # breastmnist_64: partial/6 chosen by the evidence's order inside full's interval, while
+    # the reasons said full and lp_ft "fail the gate" with upper bounds 0.37 and 0.23
+    evidence_first = _pilot("partial/6", 0.839, 0.30)
+    full = _pilot("full", 0.887, 0.37)  # interval [0.837, 0.937] holds 0.839
+    lp_ft = _pilot("lp_ft", 0.871, 0.23)
+    final = [evidence_first, full, lp_ft]
+    decision = decide(final, final, _Probe(), 1.0, False)
+    assert decision.chosen is evidence_first
+    assert not [r for r in decision.reasons if "fails the gate" in r]
+    assert decision.reasons[-1] == (
+        "lite0 lp_ft scored higher (0.871) and passes the gate, but inside lite0 full's "
+        "interval: the evidence ranked it lower"
+    )
+
+
 def test_confidence_is_high_only_when_the_winner_lies_clear_of_the_runner_up() -> None:
     close = [_pilot("full", 0.93, 0.3), _pilot("lp_ft", 0.90, 0.3)]
     assert decide(close, close, _Probe(), 1.0, False).confidence == "low"  # 0.88 < 0.90

@@ -367,6 +367,7 @@ def decide(
             reasons.append(f"{chosen.candidate.label}: best validation AUC (exposure gate off)")
         reasons += tie
     else:
+        best = None
         chosen = min(final_round, key=lambda p: p.exposure_high)
         reasons.append(
             f"no finalist's inherited exposure passes the gate (upper bound <= "
@@ -379,10 +380,17 @@ def decide(
     runner = others[0] if others else None
     confident = runner is None or chosen.val_auc_low > runner.val_auc
     for pilot in final_round:
-        if pilot is not chosen and pilot.val_auc > chosen.val_auc:
+        if pilot is chosen or pilot.val_auc <= chosen.val_auc:
+            continue
+        if not pilot.passes:
             reasons.append(
                 f"{pilot.candidate.label} scored higher ({pilot.val_auc:.3f}) but its "
                 f"exposure's upper bound {pilot.exposure_high:.2f} fails the gate"
+            )
+        elif pilot is not best:  # the best one has its tie sentence above
+            reasons.append(
+                f"{pilot.candidate.label} scored higher ({pilot.val_auc:.3f}) and passes the "
+                f"gate, but inside {best.candidate.label}'s interval: the evidence ranked it lower"
             )
     return PilotDecision(
         chosen=chosen, runner_up=runner, confidence="high" if confident else "low",
