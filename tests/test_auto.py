@@ -91,6 +91,22 @@ def test_within_the_best_pilots_interval_the_evidences_order_decides() -> None:
     assert decision.chosen is resolved
 
 
+def test_a_higher_scoring_pilot_that_passes_is_never_said_to_fail_the_gate() -> None:
+    # breastmnist_64: partial/6 chosen by the evidence's order inside full's interval, while
+    # the reasons said full and lp_ft "fail the gate" with upper bounds 0.37 and 0.23
+    evidence_first = _pilot("partial/6", 0.839, 0.30)
+    full = _pilot("full", 0.887, 0.37)  # interval [0.837, 0.937] holds 0.839
+    lp_ft = _pilot("lp_ft", 0.871, 0.23)
+    final = [evidence_first, full, lp_ft]
+    decision = decide(final, final, _Probe(), 1.0, False)
+    assert decision.chosen is evidence_first
+    assert not [r for r in decision.reasons if "fails the gate" in r]
+    assert decision.reasons[-1] == (
+        "lite0 lp_ft scored higher (0.871) and passes the gate, but inside lite0 full's "
+        "interval: the evidence ranked it lower"
+    )
+
+
 def test_confidence_is_high_only_when_the_winner_lies_clear_of_the_runner_up() -> None:
     close = [_pilot("full", 0.93, 0.3), _pilot("lp_ft", 0.90, 0.3)]
     assert decide(close, close, _Probe(), 1.0, False).confidence == "low"  # 0.88 < 0.90
@@ -150,6 +166,19 @@ def test_few_images_freeze_more_and_a_close_teacher_is_piloted_too() -> None:
     assert {c.teacher for c in rank_candidates(far, list(far), 150, "auto", 3)} == {
         "efficientnet-lite0"
     }  # 0.80 lies below the winner's interval [0.87, 0.93]
+
+
+def test_with_enough_images_a_close_teacher_is_piloted_beside_full_and_lp_ft() -> None:
+    strong = _taps("efficientnet-lite0", [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.85, 0.8])
+    close = _taps("efficientnet-lite1", [0.6, 0.7, 0.75, 0.8, 0.85, 0.89, 0.85, 0.8])
+    evidence = {"efficientnet-lite0": strong, "efficientnet-lite1": close}
+    found = rank_candidates(evidence, list(evidence), 500, "auto", 3)
+    assert [(c.teacher, c.strategy, c.unfreeze_blocks) for c in found] == [
+        ("efficientnet-lite0", "partial", 1),
+        ("efficientnet-lite0", "full", 16),
+        ("efficientnet-lite0", "lp_ft", 16),
+        ("efficientnet-lite1", *choose_depth("efficientnet-lite1", close)[:2]),
+    ]
 
 
 def test_a_configured_strategy_weighs_only_the_teachers() -> None:

@@ -30,9 +30,10 @@ from tasks.transfer.selection import TapEvidence, choose_depth
 
 # Below this many training images, fine-tuning the whole network is not a candidate.
 FEW_IMAGES = 200
-# At most this many candidates are piloted (the budget halves them round by round): three
-# keep the pilots of the synthetic default within about two minutes on 2 CPU cores.
-MAX_CANDIDATES = 3
+# At most this many candidates are piloted (the budget halves them round by round): the best
+# teacher's evidence depth, full and lp_ft, and a runner-up teacher the evidence cannot
+# separate from it (at 3 the runner-up was always cut when full and lp_ft were candidates).
+MAX_CANDIDATES = 4
 # DICOM headers read to estimate the native resolution.
 DICOM_SAMPLE = 64
 

@@ -332,6 +332,27 @@ def successive_halving(
     return decide(survivors, pilots, probe, clock() - start, spent)
 
 
+def _passed_over(final_round: list[Pilot], chosen: Pilot, best: Pilot | None) -> list[str]:
+    """Why each finalist that scored higher than ``chosen`` was not chosen: its exposure fails
+    the gate, or (it passes) it lies inside ``best``'s interval, where the evidence's order
+    decides (``best`` itself has its own sentence)."""
+    reasons = []
+    for pilot in final_round:
+        if pilot is chosen or pilot is best or pilot.val_auc <= chosen.val_auc:
+            continue
+        if not pilot.passes:
+            reasons.append(
+                f"{pilot.candidate.label} scored higher ({pilot.val_auc:.3f}) but its "
+                f"exposure's upper bound {pilot.exposure_high:.2f} fails the gate"
+            )
+        elif best is not None:
+            reasons.append(
+                f"{pilot.candidate.label} scored higher ({pilot.val_auc:.3f}) and passes the "
+                f"gate, but inside {best.candidate.label}'s interval: the evidence ranked it lower"
+            )
+    return reasons
+
+
 def decide(
     final_round: list[Pilot], pilots: list[Pilot], probe: ExposureProbe, seconds: float, spent: bool
 ) -> PilotDecision:
@@ -367,6 +388,7 @@ def decide(
             reasons.append(f"{chosen.candidate.label}: best validation AUC (exposure gate off)")
         reasons += tie
     else:
+        best = None
         chosen = min(final_round, key=lambda p: p.exposure_high)
         reasons.append(
             f"no finalist's inherited exposure passes the gate (upper bound <= "
@@ -378,12 +400,7 @@ def decide(
     others = sorted((p for p in final_round if p is not chosen), key=_score, reverse=True)
     runner = others[0] if others else None
     confident = runner is None or chosen.val_auc_low > runner.val_auc
-    for pilot in final_round:
-        if pilot is not chosen and pilot.val_auc > chosen.val_auc:
-            reasons.append(
-                f"{pilot.candidate.label} scored higher ({pilot.val_auc:.3f}) but its "
-                f"exposure's upper bound {pilot.exposure_high:.2f} fails the gate"
-            )
+    reasons += _passed_over(final_round, chosen, best)
     return PilotDecision(
         chosen=chosen, runner_up=runner, confidence="high" if confident else "low",
         exposure_passed=chosen.passes, reasons=reasons, pilots=pilots, seconds=seconds,
