@@ -232,9 +232,8 @@ def _datasets(
     config: TrainParams, dataset: ProcessedDataset, train_idx: np.ndarray
 ) -> tuple[ImageDataset, ImageDataset]:
     """The training set of ``train_idx`` (sorted) and the validation set, both plain pixels:
-    training augments whole batches instead (:class:`BatchAugment`; the per-image MONAI
-    chain cost more than the batch's forward pass on 2 CPU cores,
-    benchmarks/results/train-speed.md)."""
+    training augments whole batches instead (:class:`BatchAugment`: about a sixth of the
+    per-image MONAI chain's time an image on 2 CPU cores, benchmarks/results/train-speed.md)."""
     # Rows of the memory map, read per item: the training and validation images are never all
     # in memory, so the process's memory stays flat against the set's size.
     plain = to_tensor_transform(dataset.channels)
