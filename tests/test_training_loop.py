@@ -16,6 +16,7 @@ from torch import nn
 from tasks.config import load_params
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.training import loop
+from tasks.training.augment import BatchAugment
 from tasks.training.loop import (
     CHECKPOINT_NAME,
     _seed_epoch,
@@ -88,8 +89,11 @@ def _fit(
     resume: bool = False,
     model: nn.Module | None = None,
     recorders: tuple[TrainingRecorder, ...] = (),
+    augment: BatchAugment | None = None,
     **changes,
 ) -> tuple[nn.Module, FitResult]:
+    """A fit of the toy model; with ``augment`` the dataset gives plain pixels and the loop
+    augments the batches (as training does), else the dataset augments per image."""
     images, labels = _toy_data(96, 0)
     val_images, val_labels = _toy_data(48, 1)
     model = model or _toy_model()
@@ -112,7 +116,8 @@ def _fit(
         ),
         **changes,
     )
-    train_set = ImageDataset(images, labels, train_transform(SHIPPED.train.augment, 16))
+    per_image = train_transform(SHIPPED.train.augment, 16)
+    train_set = ImageDataset(images, labels, to_tensor_transform() if augment else per_image)
     val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
     return model, fit(
         model,
@@ -123,6 +128,7 @@ def _fit(
         2,
         config,
         recorders=recorders,
+        augment=augment,
     )
 
 

@@ -1,4 +1,5 @@
-"""The training loop: ``train_one_epoch``, ``validation_metrics``, and ``fit`` around them.
+"""The training loop: ``train_one_epoch``, ``validation_metrics``
+(:mod:`tasks.training.validation`), and ``fit`` around them.
 
 In the manner of torchvision's classification reference: one readable loop, everything else
 configuration. ``fit`` adds what a clinical team needs from it:
@@ -8,8 +9,9 @@ configuration. ``fit`` adds what a clinical team needs from it:
   resumed run ends with the same weights as an uninterrupted one;
 - early stopping and model selection on the validation AUC;
 - class-balanced loss weights for imbalanced labels;
-- on a GPU: mixed precision (bf16 where supported, else fp16 with loss scaling) and
-  channels_last;
+- on a GPU: mixed precision (bf16 where supported, else fp16 with loss scaling); channels_last
+  on a GPU and the CPU (the model is put back in the default memory format afterwards);
+- augmentation of whole batches as tensors (:mod:`tasks.training.augment`), when given;
 - under ``torchrun``: DistributedDataParallel with a DistributedSampler; rank 0 alone writes
   checkpoints and reports epochs.
 
@@ -36,11 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from tasks import atomic
-from tasks.evaluation.metrics import roc_auc
-from tasks.evaluation.multilabel import finding_measures
-from tasks.model.label_kind import MULTI_LABEL, kind_of_labels, positive_weights
-from tasks.model.predict import autocast_context, probabilities_and_labels
+from tasks.model.label_kind import kind_of_labels, positive_weights
+from tasks.model.predict import autocast_context
+from tasks.training.augment import BatchAugment
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
+from tasks.training.validation import validation_metrics
 
 CHECKPOINT_NAME = "last.pt"
 # (model, images, labels) -> perturbed images; the adversarial-training hook.
@@ -130,10 +132,13 @@ def train_one_epoch(
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     perturb: Perturb | None = None,
+    augment: BatchAugment | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``{"train_loss", "images_per_s"}``.
 
     ``scaler``: the fit's fp16 loss scaler from :func:`grad_scaler` (``None`` for bf16/fp32).
+    ``augment``: applied to each ``(B, C, S, S)`` batch on ``device`` (the loader's images
+    are then plain pixels).
     """
     model.train()
     total_loss, seen = 0.0, 0
@@ -141,6 +146,8 @@ def train_one_epoch(
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if augment is not None:
+            images = augment(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if perturb is not None:
@@ -154,52 +161,6 @@ def train_one_epoch(
         seen += len(labels)
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "images_per_s": seen / max(seconds, 1e-9)}
-
-
-def validation_metrics(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp: bool = True,
-    channels_last: bool = False,
-    multilabel: bool = False,
-) -> dict[str, float]:
-    """``{"val_loss", "val_auc", "val_accuracy"}`` of ``model`` over ``loader``.
-
-    ``val_auc`` is NaN when the loader holds one class only. ``multilabel``: the mean binary
-    cross-entropy, the macro AUC over findings and the share of image-finding cells right
-    at 0.5 (:func:`multilabel_validation`).
-    """
-    if multilabel:
-        return multilabel_validation(model, loader, device, amp, channels_last)
-    probabilities, labels = probabilities_and_labels(model, loader, device, amp, channels_last)
-    log_probabilities = torch.log(torch.from_numpy(probabilities).clamp_min(1e-8))
-    return {
-        "val_loss": float(nn.functional.nll_loss(log_probabilities, torch.from_numpy(labels))),
-        "val_auc": roc_auc(labels, probabilities),
-        "val_accuracy": float((probabilities.argmax(axis=1) == labels).mean()),
-    }
-
-
-def multilabel_validation(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool
-) -> dict[str, float]:
-    """A multi-label model's validation row: mean BCE, macro AUC over the findings that have
-    both outcomes in ``loader`` (NaN if none has), cell accuracy at 0.5; both over the known
-    image-finding cells."""
-    probabilities, labels = probabilities_and_labels(
-        model, loader, device, amp, channels_last, kind=MULTI_LABEL
-    )
-    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
-    half = np.full(labels.shape[1], 0.5)
-    macro = finding_measures(labels, probabilities, half, np.ones((1, len(labels))))["macro_auc"]
-    known = np.isfinite(labels)  # NaN: unknown, left out as the training loss leaves it out
-    y = labels[known]
-    return {
-        "val_loss": float(-np.mean(y * np.log(p[known]) + (1 - y) * np.log1p(-p[known]))),
-        "val_auc": float(macro[0]),
-        "val_accuracy": float((MULTI_LABEL.decide(probabilities, 0.5)[known] == y).mean()),
-    }
 
 
 @dataclass
@@ -217,6 +178,7 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    augment: BatchAugment | None
 
 
 def fit(
@@ -229,6 +191,7 @@ def fit(
     config: FitConfig,
     recorders: Sequence[TrainingRecorder] = (),
     perturb: Perturb | None = None,
+    augment: BatchAugment | None = None,
 ) -> FitResult:
     """Train ``model`` and return the weights of its best validation epoch.
 
@@ -242,12 +205,16 @@ def fit(
         recorders: told, on rank 0 only, when the fit starts, after each epoch (once its
             checkpoint is written) and when it ends; see :class:`TrainingRecorder`.
         perturb: optional adversarial-training hook applied to every training batch.
+        augment: optional augmentation of every training batch as a tensor
+            (:mod:`tasks.training.augment`), reseeded each epoch; ``train_set`` then
+            should not augment its images itself.
     """
     env = dist_env()
     device = _setup_device(config.device, env)
     trainer = _build_trainer(
         model, param_groups, train_set, val_set, train_labels, n_classes, config, env, device
     )
+    trainer.augment = augment if augment is not None and augment.active else None
     result = FitResult(
         best_state=_cpu_state(model), best_epoch=0, best_val_auc=-math.inf, device=str(device)
     )
@@ -274,6 +241,8 @@ def fit(
                 recorder.epoch_ended(row)
         if env.distributed:
             dist.barrier()
+    if trainer.channels_last:  # callers (saving, serving, attacks) get the default layout back
+        model.to(memory_format=torch.contiguous_format)
     for recorder in reporting:
         recorder.fit_ended(result)
     return result
@@ -301,7 +270,9 @@ def _build_trainer(
     device: torch.device,
 ) -> _Trainer:
     """Model on its device, loaders, loss, optimizer, schedule and loss scaler for one fit."""
-    channels_last = config.channels_last and device.type == "cuda"
+    # channels_last on the CPU too: oneDNN's convolutions run faster in it (benchmarks/results/
+    # train-speed.md), as they made the attacks (benchmarks/results/robustness-cpu.md).
+    channels_last = config.channels_last
     net = _place_model(model, device, channels_last, env)
     sampler, train_loader, val_loader = _build_loaders(train_set, val_set, config, env, device)
     weights = class_weights(train_labels, n_classes, config.class_weighting)
@@ -322,6 +293,7 @@ def _build_trainer(
         scheduler=scheduler,
         # One scaler for the whole fit: its scale adapts over the batches and is checkpointed.
         scaler=grad_scaler(device, config.amp),
+        augment=None,
     )
 
 
@@ -381,7 +353,7 @@ def _run_epoch(
     trainer: _Trainer, epoch: int, config: FitConfig, train_set: Dataset, perturb: Perturb | None
 ) -> dict[str, float]:
     """Train one epoch and validate; returns the epoch's row (see ``TrainingRecorder``)."""
-    _seed_epoch(config.seed, epoch, train_set)
+    _seed_epoch(config.seed, epoch, train_set, trainer.augment)
     trainer.sampler.set_epoch(epoch)
     epoch_start = time.perf_counter()
     # Epochs are counted from 1 in every output (logs, reports, MLflow's steps and
@@ -399,6 +371,7 @@ def _run_epoch(
             trainer.channels_last,
             trainer.scaler,
             perturb,
+            trainer.augment,
         )
     )
     row.update(
@@ -439,9 +412,14 @@ def warmup_cosine(
     return WarmupCosineSchedule(optimizer, warmup, total, warmup_multiplier=1.0 / warmup)
 
 
-def _seed_epoch(seed: int, epoch: int, dataset: Dataset) -> None:
-    """Seed dropout and augmentation from (seed, epoch) so a resumed epoch replays exactly."""
+def _seed_epoch(
+    seed: int, epoch: int, dataset: Dataset, augment: BatchAugment | None = None
+) -> None:
+    """Seed dropout and augmentation (the dataset's per-image transform, or the batches'
+    ``augment``) from (seed, epoch) so a resumed epoch replays exactly."""
     torch.manual_seed(seed * 1000 + epoch)
+    if augment is not None:
+        augment.seed(seed * 1000 + epoch)
     transform = getattr(dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed * 1000 + epoch)
@@ -456,8 +434,12 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of ``model``'s state dict (later steps must not change it)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """A detached CPU copy of ``model``'s state dict (later steps must not change it), in the
+    default memory format whatever the model trains in."""
+    return {
+        k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        for k, v in model.state_dict().items()
+    }
 
 
 def _save_checkpoint(path: Path, epoch: int, trainer: _Trainer, result: FitResult) -> None:

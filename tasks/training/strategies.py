@@ -23,8 +23,9 @@ from tasks.errors import MedtransferError
 from tasks.model.student import STRATEGIES, build_student, check_image_size, param_groups
 from tasks.model.student_io import StudentSpec
 from tasks.model.teachers import resolve_weights
-from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
+from tasks.model.transforms import ImageDataset, to_tensor_transform
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
+from tasks.training.augment import BatchAugment
 from tasks.training.features import HeadOnly, ProbeFit, feature_datasets, fit_probe_on_validation
 from tasks.training.loop import Perturb, class_weights, dist_env, fit, resolve_device
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
@@ -166,7 +167,9 @@ def fit_student(
         model, _base_lr(train_params, base_strategy), train_params.backbone_lr_factor
     )
     sets = _datasets(train_params, dataset, train_idx)
-    result = fit(model, groups, *sets, labels, len(dataset.classes), fit_config, recorders, perturb)
+    augment = BatchAugment(train_params.augment, dataset.image_size, dataset.channels)
+    n_classes = len(dataset.classes)
+    result = fit(model, groups, *sets, labels, n_classes, fit_config, recorders, perturb, augment)
     model.load_state_dict(result.best_state)
     result.lp_stage = lp_stage
     return result
@@ -228,16 +231,15 @@ def _augments(config: TrainParams, channels: int) -> bool:
 def _datasets(
     config: TrainParams, dataset: ProcessedDataset, train_idx: np.ndarray
 ) -> tuple[ImageDataset, ImageDataset]:
-    """The augmented training set of ``train_idx`` (sorted) and the plain validation set."""
+    """The training set of ``train_idx`` (sorted) and the validation set, both plain pixels:
+    training augments whole batches instead (:class:`BatchAugment`: about a sixth of the
+    per-image MONAI chain's time an image on 2 CPU cores, benchmarks/results/train-speed.md)."""
     # Rows of the memory map, read per item: the training and validation images are never all
     # in memory, so the process's memory stays flat against the set's size.
-    train_set = ImageDataset(
-        Rows(dataset.images, train_idx),
-        dataset.labels[train_idx],
-        train_transform(config.augment, dataset.image_size, dataset.channels),
-    )
+    plain = to_tensor_transform(dataset.channels)
+    train_set = ImageDataset(Rows(dataset.images, train_idx), dataset.labels[train_idx], plain)
     val_images, val_labels = dataset.rows("val")
-    return train_set, ImageDataset(val_images, val_labels, to_tensor_transform(dataset.channels))
+    return train_set, ImageDataset(val_images, val_labels, plain)
 
 
 def _perturbation(config: TrainParams) -> Perturb:
