@@ -20,16 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import requests
 import yaml
 
 from benchmarks.multilabel import table
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
 from tasks.data.synthetic import FINDING_NAMES
-from tests.deploy.conftest import start_server, wait_ready
+from tests.deploy.conftest import post_png_to_bento
 from tests.finding_samples import CHEXPERT_CSV, write_finding_folder
-from tests.processes import stop_server_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,18 +72,7 @@ def params_file(root: Path, folder: Path, args: argparse.Namespace) -> Path:
 
 def served_reply(bento: str, home: Path, image: Path, root: Path) -> dict:
     """``bentoml serve`` the Bento on loopback, post ``image`` to ``/classify/png``, stop it."""
-    log = root / "server.log"
-    process, url = start_server(bento, home, log, dict(os.environ))
-    try:
-        wait_ready(process, url, log)
-        reply = requests.post(
-            f"{url}/classify/png",
-            data=image.read_bytes(),
-            headers={"Content-Type": "image/png"},
-            timeout=60,
-        )
-    finally:
-        stop_server_tree(process)
+    reply = post_png_to_bento(bento, home, image.read_bytes(), root / "server.log")
     reply.raise_for_status()
     return reply.json()
 

@@ -6,7 +6,6 @@ Bento answering every finding; unknown cells are left out of the loss and of the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -180,27 +179,16 @@ def test_each_findings_figures_count_only_its_known_test_cells(csv_runs: dict) -
 def test_the_served_bento_answers_every_csv_findings_probability_and_decision(
     csv_runs: dict, finding_folder: tuple[Path, np.ndarray], tmp_path: Path
 ) -> None:
-    import requests
 
-    from tests.deploy.conftest import start_server, wait_ready
-    from tests.processes import stop_server_tree
+    from tests.deploy.conftest import post_png_to_bento
 
     folder, truth = finding_folder
     run = csv_runs["chexpert"]
     image = folder / f"img/{int(np.flatnonzero(truth.sum(axis=1) >= 2)[0]):04d}.png"
-    log = tmp_path / "server.log"
     home = Path(run["params"].serving.bentoml_home)
-    process, url = start_server(run["package"]["bento"], home, log, dict(os.environ))
-    try:
-        wait_ready(process, url, log)
-        reply = requests.post(
-            f"{url}/classify/png",
-            data=image.read_bytes(),
-            headers={"Content-Type": "image/png"},
-            timeout=60,
-        )
-    finally:
-        stop_server_tree(process)
+    reply = post_png_to_bento(
+        run["package"]["bento"], home, image.read_bytes(), tmp_path / "server.log"
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     thresholds = list(run["metrics"]["thresholds"].values())

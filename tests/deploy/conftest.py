@@ -177,6 +177,23 @@ def start_server(
     return process, f"http://127.0.0.1:{port}"
 
 
+def post_png_to_bento(bento: str, home: Path, png: bytes, log: Path):
+    """``bentoml serve`` ``bento`` (from the store in ``home``) on loopback, post ``png`` to
+    ``/classify/png``, stop the server by its process group; the ``requests.Response``."""
+    import requests
+
+    from tests.processes import stop_server_tree
+
+    process, url = start_server(bento, home, log, dict(os.environ))
+    try:
+        wait_ready(process, url, log)
+        return requests.post(
+            f"{url}/classify/png", data=png, headers={"Content-Type": "image/png"}, timeout=60
+        )
+    finally:
+        stop_server_tree(process)
+
+
 def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
