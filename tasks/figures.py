@@ -5,10 +5,10 @@ included; dvc.yaml declares them plain outputs. What ``dvc metrics show`` (and `
 diff``, ``dvc exp show``) prints is a folder per deciding stage, one file per figure, so the
 table has a row per figure and a handful of columns (DVC sorts them by name)::
 
-    Path                                               bound  ci_low  ci_up  estimate  limit  n  passed
-    reports/figures/evaluate/test_auc.json             -      0.333   0.875  0.571     -      4  -
-    reports/figures/robustness/gate_clean_auc.json     0.333  0.333   0.875  0.571     0.8   13  0
-    reports/figures/robustness/verdict.json            -      -       -      -         -      -  0
+    Path                                          bound  ci_low  ci_up  estimate  limit  n   passed
+    reports/figures/evaluate/test_auc.json        -      0.333   0.875  0.571     -      4   -
+    reports/figures/robustness/clean_auc.json     0.333  0.333   0.875  0.571     0.8    13  0
+    reports/figures/robustness/verdict.json       -      -       -      -         -      -   0
 
 Columns: ``estimate`` and its 95% interval ``ci_low``/``ci_up`` over ``n`` (test patients for
 the bootstrap of the evaluation, attacked images for a gate); a gate's decisive ``bound`` (the
@@ -61,11 +61,12 @@ def evaluation_figures(report: Mapping[str, Any]) -> dict[str, Figure]:
 
 def verdict_figures(verdict: Mapping[str, Any]) -> dict[str, Figure]:
     """The robustness verdict's figures: ``verdict`` (``passed`` 1 or 0) and one
-    ``gate_<name>`` per configured gate (its ``gates`` entries, see
-    :class:`tasks.robustness.gates.Verdict`)."""
+    ``<name>`` per configured gate (its ``gates`` entries, see
+    :class:`tasks.robustness.gates.Verdict`; no prefix: the folder says they are the
+    robustness gates, and the path column sets the table's width)."""
     figures: dict[str, Figure] = {"verdict": {"passed": int(bool(verdict.get("passed")))}}
     for gate in verdict.get("gates") or []:
-        figures[f"gate_{gate['name']}"] = {
+        figures[gate["name"]] = {
             key: (int(gate[key]) if key == "passed" else gate.get(key))
             for key in ("bound", "limit", "estimate", "ci_low", "ci_up", "n", "passed")
         }

@@ -50,7 +50,7 @@ def test_each_gate_shows_its_deciding_bound_beside_its_limit_and_the_verdict_as_
     figures = verdict_figures({"passed": verdict.passed, "gates": verdict.gates})
     assert figures["verdict"] == {"passed": 0}
     # a minimum decides on the lower bound, a maximum on the upper
-    assert figures["gate_clean_auc"] == {
+    assert figures["clean_auc"] == {
         "bound": 0.7,
         "limit": 0.8,
         "estimate": 0.85,
@@ -59,8 +59,8 @@ def test_each_gate_shows_its_deciding_bound_beside_its_limit_and_the_verdict_as_
         "n": 40,
         "passed": 0,
     }
-    assert figures["gate_universal_fooling"]["bound"] == 0.2  # no interval given: the estimate
-    assert figures["gate_universal_fooling"]["passed"] == 1
+    assert figures["universal_fooling"]["bound"] == 0.2  # no interval given: the estimate
+    assert figures["universal_fooling"]["passed"] == 1
 
 
 def test_writing_figures_replaces_the_folder_so_no_old_figure_is_left(tmp_path: Path) -> None:
