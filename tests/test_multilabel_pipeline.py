@@ -130,8 +130,8 @@ def test_the_registry_compares_on_the_macro_auc_lower_bound_and_the_card_has_eac
 def test_the_packaged_profile_watches_each_findings_probability_for_drift(
     multilabel_run: dict,
 ) -> None:
-    home = Path(multilabel_run["params"].serving.bentoml_home)
-    (saved,) = list(home.glob("models/**/profile.json"))
+    # the drift monitor's reference, written by the package stage beside the Bento's copy
+    saved = Path(multilabel_run["params"].reports_dir) / "serving_profile" / "profile.json"
     profile = json.loads(saved.read_text())
     assert profile["probability_deciles"] == []  # no one positive class among findings
     assert len(profile["class_probability_deciles"]) == len(FINDING_NAMES)
