@@ -7,6 +7,7 @@ from __future__ import annotations
 import email
 import io
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,15 +41,20 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 @pytest.fixture(scope="module")
 def pacs_server(served, orthanc: Orthanc, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """The served Bento (the session's package and BentoML home) served again with
-    ``MEDTRANSFER_PACS`` pointing at Orthanc: its URL and its folder (``server.log``, the
-    monitor store ``requests.sqlite``)."""
+    """The served Bento (the session's package, from a copy of its BentoML home) served again
+    with ``MEDTRANSFER_PACS`` pointing at Orthanc: its URL and its folder (``server.log``, the
+    monitor store ``requests.sqlite``).
+
+    A copy, because ``bentoml serve`` empties its home's Prometheus multi-process folder when
+    it starts: on the session server's own home it wiped that server's /metrics files."""
     root = tmp_path_factory.mktemp("served-pacs")
+    home = root / "home"
+    shutil.copytree(served.home, home)
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
     env["MEDTRANSFER_PACS"] = orthanc.address
     env["MEDTRANSFER_MONITOR_STORE"] = str(root / "requests.sqlite")
     log = root / "server.log"
-    process, url = start_server(served.package["bento"], served.home, log, env)
+    process, url = start_server(served.package["bento"], home, log, env)
     try:
         wait_ready(process, url, log)
         yield url, root
