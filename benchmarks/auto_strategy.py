@@ -171,7 +171,9 @@ def run_dataset(source: str, args: argparse.Namespace) -> None:
     """Every run of one data set not yet in its ``runs.jsonl``, auto first."""
     workdir = args.workdir / data_name(source)
     index, count = (int(n) for n in args.shard.split("/"))
-    base = prepare(workdir, source, args, f"-{index}" if count > 1 else "")
+    # one MLflow store per process: static shards by index, claiming processes by PID
+    store = f"-{index}" if count > 1 else (f"-p{os.getpid()}" if args.claim else "")
+    base = prepare(workdir, source, args, store)
     jsonl = workdir / "runs.jsonl"
     keys = list(enumerate(run_keys()))
     for position, (teacher, strategy, blocks) in reversed(keys) if args.reverse else keys:

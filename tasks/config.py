@@ -220,6 +220,9 @@ class TrainParams:
     auto_budget_minutes: float = rule(above=0.0)
     label_fractions: tuple[float, ...] | None = rule(above=0.0, max=1.0)
     epochs: int = rule(min=1)
+    # a budget of optimizer steps: the epochs are cut to the fewest whole ones that reach it
+    # (tasks/training/loop.planned_epochs); null: train.epochs alone
+    max_steps: int | None = rule(min=1)
     batch_size: int = rule(min=1)
     lr: float = rule(above=0.0)
     backbone_lr_factor: float = rule(above=0.0, max=1.0)

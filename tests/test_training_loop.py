@@ -100,6 +100,7 @@ def _fit(
     config = replace(
         FitConfig(
             epochs=epochs,
+            max_steps=None,
             batch_size=16,
             lr=0.01,
             weight_decay=1e-4,
@@ -170,6 +171,37 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
     assert result.stopped_early
     assert len(result.history) == 3
     assert result.best_epoch == 1  # the first epoch, counted from 1
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "steps_per_epoch", "planned"),
+    [
+        (12, None, 147, 12),  # no budget: train.epochs
+        (12, 512, 147, 4),  # 3 epochs are 441 steps, short of 512: a fourth
+        (12, 441, 147, 3),  # exactly 3 epochs' steps
+        (12, 512, 18, 12),  # a small set (BreastMNIST's 546 images) never meets it
+        (12, 5, 147, 1),  # at least one epoch
+    ],
+)
+def test_a_step_budget_cuts_the_epochs_to_the_fewest_whole_ones_that_reach_it(
+    epochs: int, max_steps: int | None, steps_per_epoch: int, planned: int
+) -> None:
+    shipped = FitConfig.from_train(SHIPPED.train, seed=0, checkpoint_dir="unused", resume=False)
+    config = replace(shipped, epochs=epochs, max_steps=max_steps)
+    assert loop.planned_epochs(config, steps_per_epoch) == planned
+
+
+def test_a_fit_under_a_step_budget_trains_its_planned_epochs_on_a_schedule_ending_there(
+    tmp_path: Path,
+) -> None:
+    # 96 images in batches of 16: 6 steps an epoch; a budget of 13 steps plans 3 epochs of 10.
+    events = _Events()
+    _, result = _fit(tmp_path, epochs=10, max_steps=13, recorders=(events,))
+    assert events.seen[0] == ("started", 3, 0, 96)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert not result.stopped_early  # the budget is the plan, not an early stop
+    # the cosine reaches 0 at the plan's last step (over 10 epochs it would still be ~0.0085)
+    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["balanced", "none"])
@@ -342,6 +374,7 @@ def test_fit_config_takes_each_loop_setting_from_the_train_key_of_its_name() -> 
     config = FitConfig.from_train(train, seed=7, checkpoint_dir=Path("runs/x"), resume=True)
     assert config == FitConfig(
         epochs=train.epochs,
+        max_steps=train.max_steps,
         batch_size=train.batch_size,
         lr=train.lr,
         weight_decay=train.weight_decay,

@@ -215,6 +215,7 @@ def fit(
         model, param_groups, train_set, val_set, train_labels, n_classes, config, env, device
     )
     trainer.augment = augment if augment is not None and augment.active else None
+    epochs = planned_epochs(config, len(trainer.train_loader))
     result = FitResult(
         best_state=_cpu_state(model), best_epoch=0, best_val_auc=-math.inf, device=str(device)
     )
@@ -223,10 +224,10 @@ def fit(
     # Other ranks train the same epochs in lockstep; one voice is enough.
     reporting = list(recorders) if env.is_main else []
     for recorder in reporting:
-        recorder.fit_started(config.epochs, start_epoch, len(train_set))
+        recorder.fit_started(epochs, start_epoch, len(train_set))
 
     epochs_without_gain = sum(1 for row in result.history if row["epoch"] > result.best_epoch)
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
         if epochs_without_gain >= config.patience:
             result.stopped_early = True
             break
@@ -401,6 +402,17 @@ def _select_if_better(result: FitResult, row: dict[str, float], model: nn.Module
     return True
 
 
+def planned_epochs(config: FitConfig, steps_per_epoch: int) -> int:
+    """How many epochs this fit plans: ``train.epochs``, or fewer when ``train.max_steps``
+    is reached first, the fewest whole epochs of ``steps_per_epoch`` optimizer steps that
+    reach it. Why a step budget: what a fine-tune needs grows with its optimizer steps, not
+    with passes over the data, so a set ten times larger reaches it in a tenth of the epochs
+    while a small set (the demo's, BreastMNIST's) never meets it."""
+    if config.max_steps is None:
+        return config.epochs
+    return max(1, min(config.epochs, math.ceil(config.max_steps / max(1, steps_per_epoch))))
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, config: FitConfig, steps_per_epoch: int
 ) -> WarmupCosineSchedule:
@@ -408,7 +420,7 @@ def warmup_cosine(
     (not from 0, which would waste the first of a fine-tune's few hundred steps), then cosine
     decay to 0 at the last step."""
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-    total = max(warmup + 1, config.epochs * steps_per_epoch)
+    total = max(warmup + 1, planned_epochs(config, steps_per_epoch) * steps_per_epoch)
     return WarmupCosineSchedule(optimizer, warmup, total, warmup_multiplier=1.0 / warmup)
 
 

@@ -28,6 +28,7 @@ class FitConfig:
     they live in params.yaml and reach the loop through :meth:`from_train`)."""
 
     epochs: int
+    max_steps: int | None
     batch_size: int
     lr: float
     weight_decay: float
