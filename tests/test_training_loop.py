@@ -204,6 +204,25 @@ def test_a_fit_under_a_step_budget_trains_its_planned_epochs_on_a_schedule_endin
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize(("max_steps", "peak_step"), [(None, 147), (441, 37)])
+def test_a_step_budget_compresses_the_schedule_and_the_warm_up_keeps_its_share(
+    max_steps: int | None, peak_step: int
+) -> None:
+    # 12 epochs of 147 steps, warm-up 1 epoch: the peak after 147 steps; a budget of 3 epochs
+    # keeps the warm-up a twelfth of the schedule, round(147 * 3 / 12) = 37 steps
+    shipped = FitConfig.from_train(SHIPPED.train, seed=0, checkpoint_dir="unused", resume=False)
+    config = replace(shipped, epochs=12, warmup_epochs=1.0, max_steps=max_steps, lr=0.001)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    schedule = loop.warmup_cosine(optimizer, config, steps_per_epoch=147)
+    rates = []
+    for _ in range(loop.planned_epochs(config, 147) * 147):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert int(np.argmax(rates)) == peak_step
+    assert rates[peak_step] == pytest.approx(config.lr)
+
+
 @pytest.mark.parametrize("mode", ["balanced", "none"])
 def test_class_weighting_modes_run(tmp_path: Path, mode: str) -> None:
     _, result = _fit(tmp_path, epochs=1, class_weighting=mode)

@@ -418,9 +418,13 @@ def warmup_cosine(
 ) -> WarmupCosineSchedule:
     """MONAI's per-step schedule: linear warm-up over ``warmup_epochs`` from ``lr / warmup``
     (not from 0, which would waste the first of a fine-tune's few hundred steps), then cosine
-    decay to 0 at the last step."""
-    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-    total = max(warmup + 1, planned_epochs(config, steps_per_epoch) * steps_per_epoch)
+    decay to 0 at the last planned step. A step budget compresses the whole schedule: the
+    warm-up keeps its share of it (1 of 12 epochs stays a twelfth when 4 epochs are planned),
+    so a budget of one epoch is not all warm-up."""
+    epochs = planned_epochs(config, steps_per_epoch)
+    warmup_epochs = config.warmup_epochs * epochs / config.epochs
+    warmup = max(1, round(warmup_epochs * steps_per_epoch))
+    total = max(warmup + 1, epochs * steps_per_epoch)
     return WarmupCosineSchedule(optimizer, warmup, total, warmup_multiplier=1.0 / warmup)
 
 
