@@ -114,8 +114,11 @@ def summary(name: str, rows: list[dict], grid: list[str]) -> tuple[str, list[str
     cpu_share = _seconds(auto) / exhaustive_cpu
     wall_share = _seconds(auto, "seconds") / exhaustive_wall
     met_auc = auto["verdict"]["passed"] and gap >= -TARGET_AUC_GAP
-    verdict = ("met" if met_auc else "missed") if not missing else (
-        "missed so far" if not met_auc else "met so far")
+    verdict = (
+        ("met" if met_auc else "missed")
+        if not missing
+        else ("missed so far" if not met_auc else "met so far")
+    )
     estimated = " (est.)" if missing else ""
     row = (
         f"| {name} | {_choice(auto)} | {_auc(auto)} | "
