@@ -178,7 +178,9 @@ def test_the_served_bento_answers_every_csv_findings_probability_and_decision(
     folder, truth = finding_folder
     run = csv_runs["chexpert"]
     image = folder / f"img/{int(np.flatnonzero(truth.sum(axis=1) >= 2)[0]):04d}.png"
-    home = Path(run["params"].serving.bentoml_home)
+    # the store the package stage used: BentoML keeps the first home a process used, so in a
+    # session that packaged earlier (another module's fixture) it is not this run's folder
+    home = Path(run["package"]["bentoml_home"])
     reply = post_png_to_bento(
         run["package"]["bento"], home, image.read_bytes(), tmp_path / "server.log"
     )
