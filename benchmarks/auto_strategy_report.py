@@ -19,17 +19,16 @@ NAME = "auto-strategy-exhaustive"
 TARGET_AUC_GAP = 0.01
 TARGET_TIME_SHARE = 0.40
 SETTINGS = (
-    "Every run through the product's own stages in one process per data set (run_train, "
-    "run_evaluate, run_robustness; shipped params.yaml otherwise), several processes per data "
-    "set side by side (up to 10 at once) under `nice -n 10` with one torch/OpenMP thread each "
-    "(OMP_NUM_THREADS=1) on the shared 2-core machine; times are each process's CPU seconds "
-    "(wall in brackets: at load 15-22 it measures the machine more than the run). The same "
-    "image size and epochs for auto (its pilots and its final student) and every exhaustive run "
-    "within a data set; auto's pilots within the shipped train.auto_budget_minutes. Robustness: "
-    "the gates' budgets only (1/255 and 2/255), no reference probe, no Square attack (its gate "
-    "is off): the gates' figures are those of the full sweep. Test AUC: 95% patient bootstrap "
-    "(1000 resamples); gate figures: estimate [95% interval] (n), a gate passes on its "
-    "interval's bound."
+    "Every run through the product's own stages (run_train, run_evaluate, run_robustness; "
+    "shipped params.yaml otherwise), two processes taking the grid's runs as they came free "
+    "(`--claim`, one from each end) under `nice -n 5` with one torch/OpenMP thread each "
+    "(OMP_NUM_THREADS=1) on the 2-core machine, otherwise quiet (load average 2 to 3); times "
+    "are each process's CPU seconds (wall in brackets). The same image size and epochs for auto "
+    "(its pilots and its final student) and every exhaustive run within a data set; auto's "
+    "pilots within the shipped train.auto_budget_minutes. Robustness: the gates' budgets only "
+    "(1/255 and 2/255), no reference probe, no Square attack (its gate is off): the gates' "
+    "figures are those of the full sweep. Test AUC: 95% patient bootstrap (1000 resamples); "
+    "gate figures: estimate [95% interval] (n), a gate passes on its interval's bound."
 )
 GATES = ("clean_auc", "worst_group_auc", "teacher_transfer_success", "universal_fooling")
 
@@ -114,8 +113,11 @@ def summary(name: str, rows: list[dict], grid: list[str]) -> tuple[str, list[str
     cpu_share = _seconds(auto) / exhaustive_cpu
     wall_share = _seconds(auto, "seconds") / exhaustive_wall
     met_auc = auto["verdict"]["passed"] and gap >= -TARGET_AUC_GAP
-    verdict = ("met" if met_auc else "missed") if not missing else (
-        "missed so far" if not met_auc else "met so far")
+    verdict = (
+        ("met" if met_auc else "missed")
+        if not missing
+        else ("missed so far" if not met_auc else "met so far")
+    )
     estimated = " (est.)" if missing else ""
     row = (
         f"| {name} | {_choice(auto)} | {_auc(auto)} | "

@@ -110,7 +110,9 @@ def _write_stage_reports(reports: Path, run_id: str) -> None:
     """The train, evaluate and robustness reports ``register`` reads, for the logged run
     ``run_id`` (an untrained head: the figures are placeholders, never reported)."""
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "train.json").write_text(json.dumps({"run_id": run_id, "dataset_version": "benchmark"}))
+    (reports / "train.json").write_text(
+        json.dumps({"run_id": run_id, "dataset_version": "benchmark"})
+    )
     (reports / "metrics.json").write_text(
         json.dumps({"threshold": 0.5, "threshold_rule": "0.5", "test": {"auc": 0.5}, "val": {}})
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.paired import paired_test_auc
 from benchmarks.report import machine_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,25 +82,13 @@ def run_seed(seed: int, workdir: Path) -> dict:
 def paired_intervals(params, strategies: list[str], seed: int, resamples: int = 1000) -> dict:
     """Each saved strategy's test AUC with its patient-level 95% bootstrap interval, and the
     ``partial - scratch`` difference's, both students scored on the same resampled patients."""
-    from tasks.data.dataset import load_processed
-    from tasks.evaluation.evaluation import evaluate_student
-    from tasks.evaluation.metrics import patient_weights, weighted_metrics
-    from tasks.model.student_io import STRATEGIES_SUBDIR, load_student
+    from tasks.model.student_io import STRATEGIES_SUBDIR
 
-    dataset = load_processed(params.data.processed_dir)
-    patients = dataset.manifest["patient_hash"].to_numpy()[dataset.indices("test")]
-    weights = patient_weights(patients, resamples, seed)
-    out, draws = {}, {}
-    for strategy in strategies:
-        model, _ = load_student(Path(params.train.model_dir) / STRATEGIES_SUBDIR / strategy)
-        evaluation = evaluate_student(model, dataset, "youden")
-        labels, probs = evaluation.labels["test"], evaluation.probabilities["test"]
-        draws[strategy] = weighted_metrics(labels, probs, 0.5, weights)["auc"]
-        low, high = np.nanpercentile(draws[strategy], [2.5, 97.5])
-        out[strategy] = {"test_auc": evaluation.test.auc, "low": low, "high": high}
-    low, high = np.nanpercentile(draws["partial"] - draws["scratch"], [2.5, 97.5])
-    out["difference"] = {"low": low, "high": high}
-    return out
+    folder = Path(params.train.model_dir) / STRATEGIES_SUBDIR
+    students = {strategy: folder / strategy for strategy in strategies}
+    return paired_test_auc(
+        params.data.processed_dir, students, "partial", "scratch", seed, resamples
+    )
 
 
 def summary(results: list[dict]) -> tuple[float, float, float]:

@@ -190,7 +190,11 @@ def task_runner_decode_map(params: Params) -> DecodeMap:
 
         def submit(chunk: list[Path]) -> PrefectFuture:
             return decode_files.submit(
-                str(folder), [str(path) for path in chunk], data.image_size, data.multiframe, salt,
+                str(folder),
+                [str(path) for path in chunk],
+                data.image_size,
+                data.multiframe,
+                salt,
                 keeps_colour(data),
             )
 

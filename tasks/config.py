@@ -221,7 +221,7 @@ class TrainParams:
     label_fractions: tuple[float, ...] | None = rule(above=0.0, max=1.0)
     epochs: int = rule(min=1)
     # a budget of optimizer steps: the epochs are cut to the fewest whole ones that reach it
-    # (tasks/training/loop.planned_epochs); null: train.epochs alone
+    # (tasks/training/schedule.py); null: train.epochs alone
     max_steps: int | None = rule(min=1)
     batch_size: int = rule(min=1)
     lr: float = rule(above=0.0)

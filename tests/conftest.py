@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -153,8 +154,8 @@ def params_in(root: Path) -> Params:
             "synthetic.n_patients=16",
             "synthetic.size=64",
             "data.image_size=32",
-            # a fixed teacher and strategy (the shipped default is auto: evidence and pilots
-            # before training); the tests of auto ask for it
+            # a fixed teacher and strategy, cheaper than the shipped full fine-tune; the tests
+            # of auto ask for it
             "train.teacher=efficientnet-lite0",
             "train.strategy=partial",
         ],
@@ -233,23 +234,41 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def fresh_mlflow_store(
-    empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """A fresh MLflow store in ``tmp_path`` for this test, set through the environment as a
-    user would; returns its tracking URI."""
+@contextmanager
+def mlflow_store_in(root: Path, empty_db: Path) -> Iterator[str]:
+    """A fresh MLflow store in ``root`` (a copy of ``empty_db``, the migrated empty store) set
+    through the environment as a user would, for the block; yields its tracking URI."""
     import mlflow
 
-    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shutil.copy(empty_db, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    yield uri
-    # A stage of the test pointed MLflow's process-wide URI here (configure_mlflow): point it
-    # back, or a later test's MlflowClient() would read this test's store.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        yield uri
+    # A stage of the block pointed MLflow's process-wide URI here (configure_mlflow): point it
+    # back, or a later test's MlflowClient() would read this store.
     mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture
+def fresh_mlflow_store(empty_mlflow_db: Path, tmp_path: Path) -> Iterator[str]:
+    """A fresh MLflow store in ``tmp_path`` for this test; returns its tracking URI."""
+    with mlflow_store_in(tmp_path, empty_mlflow_db) as uri:
+        yield uri
+
+
+def outputs_in(root: Path) -> list[str]:
+    """Overrides that put the student, its checkpoints, the BentoML home, the exported Bentos
+    and the monitor's store inside ``root`` (beside ``params_in``'s data and reports)."""
+    return [
+        f"train.model_dir={root / 'models/student'}",
+        f"train.checkpoint_dir={root / 'models/checkpoints'}",
+        f"serving.bentoml_home={root / 'bentoml'}",
+        f"serving.export_dir={root / 'bentos'}",
+        f"serving.monitor_store={root / 'monitor.sqlite'}",
+    ]
 
 
 # The small training set of ``train_params``: its data settings and the folders it fills.

@@ -6,7 +6,6 @@ Bento answering every finding; unknown cells are left out of the loss and of the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ def finding_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.n
 
 
 def _run_params(root: Path, folder: Path, layout: str) -> Params:
-    from tests.conftest import params_in
+    from tests.conftest import outputs_in, params_in
 
     return params_in(root).with_overrides(
         [
@@ -50,11 +49,7 @@ def _run_params(root: Path, folder: Path, layout: str) -> Params:
             *LAYOUTS[layout],
             "gates.min_worst_group_auc=null",
             f"registry.model_name=findings-{layout}",
-            f"train.model_dir={root / 'models/student'}",
-            f"train.checkpoint_dir={root / 'models/checkpoints'}",
-            f"serving.bentoml_home={root / 'bentoml'}",
-            f"serving.export_dir={root / 'bentos'}",
-            f"serving.monitor_store={root / 'monitor.sqlite'}",
+            *outputs_in(root),
             "serving.ood_gate=false",  # a tiny model's reply always carries its findings
         ]
     )
@@ -70,18 +65,16 @@ def csv_runs(
     """Each layout through ``medtransfer run`` once per module (tiny settings: the path is
     under test, not the model): its params, exit status and stage reports."""
     from flows.cli import main
+    from tests.conftest import mlflow_store_in
 
     folder, _ = finding_folder
     runs = {}
     for layout in LAYOUTS:
         root = tmp_path_factory.mktemp(layout)
-        shutil.copy(empty_mlflow_db, root / "mlflow.db")
         params = _run_params(root, folder, layout)
         params_file = root / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-            patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        with mlflow_store_in(root, empty_mlflow_db):
             status = main(["run", "--params", str(params_file), "--quiet"])
         reports_dir = Path(params.reports_dir)
         runs[layout] = {
@@ -185,7 +178,9 @@ def test_the_served_bento_answers_every_csv_findings_probability_and_decision(
     folder, truth = finding_folder
     run = csv_runs["chexpert"]
     image = folder / f"img/{int(np.flatnonzero(truth.sum(axis=1) >= 2)[0]):04d}.png"
-    home = Path(run["params"].serving.bentoml_home)
+    # the store the package stage used: BentoML keeps the first home a process used, so in a
+    # session that packaged earlier (another module's fixture) it is not this run's folder
+    home = Path(run["package"]["bentoml_home"])
     reply = post_png_to_bento(
         run["package"]["bento"], home, image.read_bytes(), tmp_path / "server.log"
     )

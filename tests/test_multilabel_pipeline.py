@@ -23,18 +23,15 @@ SPLITS = {"train": 36, "val": 18, "test": 18}
 def multilabel_run(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> dict:
     """The synthetic three-finding set through ingest, train, evaluate, robustness, register
     and package once per module (tiny settings: the path is under test, not the model)."""
-    import shutil
-
     from tasks.stages.evaluate import run_evaluate
     from tasks.stages.ingest import run_ingest
     from tasks.stages.package import run_package
     from tasks.stages.register import run_register
     from tasks.stages.robustness import run_robustness
     from tasks.stages.train import run_train
-    from tests.conftest import params_in
+    from tests.conftest import mlflow_store_in, outputs_in, params_in
 
     root = tmp_path_factory.mktemp("multilabel")
-    shutil.copy(empty_mlflow_db, root / "mlflow.db")
     npz = write_multi_finding_npz(root / "findings.npz", SPLITS, 32, seed=3)
     params = params_in(root).with_overrides(
         [
@@ -42,17 +39,11 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Pa
             f"data.source={npz}",
             "gates.min_worst_group_auc=null",
             "registry.model_name=multi-finding",
-            f"train.model_dir={root / 'models/student'}",
-            f"train.checkpoint_dir={root / 'models/checkpoints'}",
-            f"serving.bentoml_home={root / 'bentoml'}",
-            f"serving.export_dir={root / 'bentos'}",
-            f"serving.monitor_store={root / 'monitor.sqlite'}",
+            *outputs_in(root),
             "serving.ood_gate=false",  # a tiny model's reply always carries its findings
         ]
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        patch.setenv("MEDTRANSFER_ARTIFACT_ROOT", str(root / "mlartifacts"))
+    with mlflow_store_in(root, empty_mlflow_db):
         done = {
             "params": params,
             "npz": npz,

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = ("tasks", "flows", "serving")
 OWN = {"tasks", "flows", "serving", "tests", "benchmarks"}
 INTERNAL = ("prefect.server",)
+
+
 def private_imports(source: str) -> list[str]:
     """The third-party private imports in Python ``source``, as ``module`` or ``module.name``."""
     found: list[str] = []

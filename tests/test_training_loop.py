@@ -15,7 +15,7 @@ from torch import nn
 
 from tasks.config import load_params
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
-from tasks.training import loop
+from tasks.training import loop, schedule
 from tasks.training.augment import BatchAugment
 from tasks.training.loop import (
     CHECKPOINT_NAME,
@@ -188,7 +188,7 @@ def test_a_step_budget_cuts_the_epochs_to_the_fewest_whole_ones_that_reach_it(
 ) -> None:
     shipped = FitConfig.from_train(SHIPPED.train, seed=0, checkpoint_dir="unused", resume=False)
     config = replace(shipped, epochs=epochs, max_steps=max_steps)
-    assert loop.planned_epochs(config, steps_per_epoch) == planned
+    assert schedule.planned_epochs(config, steps_per_epoch) == planned
 
 
 def test_a_fit_under_a_step_budget_trains_its_planned_epochs_on_a_schedule_ending_there(
@@ -202,6 +202,25 @@ def test_a_fit_under_a_step_budget_trains_its_planned_epochs_on_a_schedule_endin
     assert not result.stopped_early  # the budget is the plan, not an early stop
     # the cosine reaches 0 at the plan's last step (over 10 epochs it would still be ~0.0085)
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("max_steps", "peak_step"), [(None, 147), (441, 37)])
+def test_a_step_budget_compresses_the_schedule_and_the_warm_up_keeps_its_share(
+    max_steps: int | None, peak_step: int
+) -> None:
+    # 12 epochs of 147 steps, warm-up 1 epoch: the peak after 147 steps; a budget of 3 epochs
+    # keeps the warm-up a twelfth of the schedule, round(147 * 3 / 12) = 37 steps
+    shipped = FitConfig.from_train(SHIPPED.train, seed=0, checkpoint_dir="unused", resume=False)
+    config = replace(shipped, epochs=12, warmup_epochs=1.0, max_steps=max_steps, lr=0.001)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    scheduler = schedule.warmup_cosine(optimizer, config, steps_per_epoch=147)
+    rates = []
+    for _ in range(schedule.planned_epochs(config, 147) * 147):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert int(np.argmax(rates)) == peak_step
+    assert rates[peak_step] == pytest.approx(config.lr)
 
 
 @pytest.mark.parametrize("mode", ["balanced", "none"])

@@ -276,9 +276,7 @@ def _patient_rows(
     return None
 
 
-def patients_from_paths(
-    csv_path: Path, paths: list[str], pattern: str
-) -> list[tuple[str, str]]:
+def patients_from_paths(csv_path: Path, paths: list[str], pattern: str) -> list[tuple[str, str]]:
     """``(path, patient)`` for each labels-CSV ``path``: the one group of ``pattern`` searched
     in it (``patient(\\d+)/`` on ``train/patient00001/study1/view1.jpg`` gives ``00001``).
 

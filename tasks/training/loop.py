@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.optimizers import WarmupCosineSchedule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -41,6 +40,7 @@ from tasks import atomic
 from tasks.model.label_kind import kind_of_labels, positive_weights
 from tasks.model.predict import autocast_context
 from tasks.training.augment import BatchAugment
+from tasks.training.schedule import planned_epochs, warmup_cosine
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 from tasks.training.validation import validation_metrics
 
@@ -231,22 +231,41 @@ def fit(
         if epochs_without_gain >= config.patience:
             result.stopped_early = True
             break
-        row = _run_epoch(trainer, epoch, config, train_set, perturb)
-        result.history.append(row)
-        epochs_without_gain = (
-            0 if _select_if_better(result, row, model) else epochs_without_gain + 1
+        improved = _epoch_and_checkpoint(
+            trainer, epoch, config, train_set, perturb, result, checkpoint_path, reporting, env
         )
-        if env.is_main:
-            _save_checkpoint(checkpoint_path, epoch, trainer, result)
-            for recorder in reporting:
-                recorder.epoch_ended(row)
-        if env.distributed:
-            dist.barrier()
+        epochs_without_gain = 0 if improved else epochs_without_gain + 1
     if trainer.channels_last:  # callers (saving, serving, attacks) get the default layout back
         model.to(memory_format=torch.contiguous_format)
     for recorder in reporting:
         recorder.fit_ended(result)
     return result
+
+
+def _epoch_and_checkpoint(
+    trainer: _Trainer,
+    epoch: int,
+    config: FitConfig,
+    train_set: Dataset,
+    perturb: Perturb | None,
+    result: FitResult,
+    checkpoint_path: Path,
+    reporting: Sequence[TrainingRecorder],
+    env: DistEnv,
+) -> bool:
+    """One epoch (0-based ``epoch``): train and validate, add its row to ``result`` (keeping
+    the weights when it beats the best), checkpoint and tell ``reporting`` on rank 0, then wait
+    for the other ranks; returns whether the epoch improved on the best validation AUC."""
+    row = _run_epoch(trainer, epoch, config, train_set, perturb)
+    result.history.append(row)
+    improved = _select_if_better(result, row, trainer.model)
+    if env.is_main:
+        _save_checkpoint(checkpoint_path, epoch, trainer, result)
+        for recorder in reporting:
+            recorder.epoch_ended(row)
+    if env.distributed:
+        dist.barrier()
+    return improved
 
 
 def _setup_device(name: str, env: DistEnv) -> torch.device:
@@ -400,28 +419,6 @@ def _select_if_better(result: FitResult, row: dict[str, float], model: nn.Module
     result.best_val_auc, result.best_epoch = score, int(row["epoch"])
     result.best_state = _cpu_state(model)
     return True
-
-
-def planned_epochs(config: FitConfig, steps_per_epoch: int) -> int:
-    """How many epochs this fit plans: ``train.epochs``, or fewer when ``train.max_steps``
-    is reached first, the fewest whole epochs of ``steps_per_epoch`` optimizer steps that
-    reach it. Why a step budget: what a fine-tune needs grows with its optimizer steps, not
-    with passes over the data, so a set ten times larger reaches it in a tenth of the epochs
-    while a small set (the demo's, BreastMNIST's) never meets it."""
-    if config.max_steps is None:
-        return config.epochs
-    return max(1, min(config.epochs, math.ceil(config.max_steps / max(1, steps_per_epoch))))
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, config: FitConfig, steps_per_epoch: int
-) -> WarmupCosineSchedule:
-    """MONAI's per-step schedule: linear warm-up over ``warmup_epochs`` from ``lr / warmup``
-    (not from 0, which would waste the first of a fine-tune's few hundred steps), then cosine
-    decay to 0 at the last step."""
-    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-    total = max(warmup + 1, planned_epochs(config, steps_per_epoch) * steps_per_epoch)
-    return WarmupCosineSchedule(optimizer, warmup, total, warmup_multiplier=1.0 / warmup)
 
 
 def _seed_epoch(

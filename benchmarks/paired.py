@@ -1,0 +1,46 @@
+"""Two or more students scored on the same test patients: each test AUC with its patient-level
+95% bootstrap interval, and the paired difference of two of them on the same resamples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def paired_test_auc(
+    processed_dir: str | Path,
+    students: dict[str, Path],
+    first: str,
+    second: str,
+    seed: int,
+    resamples: int = 1000,
+) -> dict:
+    """Score each saved student (``name -> model folder``) on the test split of
+    ``processed_dir``.
+
+    Returns:
+        ``{name: {"test_auc", "low", "high"}}`` for every student, and ``"difference"``:
+        ``{"estimate", "low", "high"}`` of ``first - second``, both AUCs taken on the same
+        resampled patients each time (1,000 patient-bootstrap resamples by default).
+    """
+    from tasks.data.dataset import load_processed
+    from tasks.evaluation.evaluation import evaluate_student
+    from tasks.evaluation.metrics import patient_weights, weighted_metrics
+    from tasks.model.student_io import load_student
+
+    dataset = load_processed(processed_dir)
+    patients = dataset.manifest["patient_hash"].to_numpy()[dataset.indices("test")]
+    weights = patient_weights(patients, resamples, seed)
+    out, draws = {}, {}
+    for name, folder in students.items():
+        model, _ = load_student(folder)
+        evaluation = evaluate_student(model, dataset, "youden")
+        labels, probs = evaluation.labels["test"], evaluation.probabilities["test"]
+        draws[name] = weighted_metrics(labels, probs, 0.5, weights)["auc"]
+        low, high = np.nanpercentile(draws[name], [2.5, 97.5])
+        out[name] = {"test_auc": evaluation.test.auc, "low": float(low), "high": float(high)}
+    low, high = np.nanpercentile(draws[first] - draws[second], [2.5, 97.5])
+    estimate = out[first]["test_auc"] - out[second]["test_auc"]
+    out["difference"] = {"estimate": estimate, "low": float(low), "high": float(high)}
+    return out
