@@ -20,9 +20,10 @@ def paired_test_auc(
     ``processed_dir``.
 
     Returns:
-        ``{name: {"test_auc", "low", "high"}}`` for every student, and ``"difference"``:
-        ``{"estimate", "low", "high"}`` of ``first - second``, both AUCs taken on the same
-        resampled patients each time (1,000 patient-bootstrap resamples by default).
+        ``{name: {"test_auc", "low", "high"}}`` for every student, ``"against"``: for
+        every other student ``{name: {"estimate", "low", "high"}}`` of ``name - second``,
+        both AUCs taken on the same resampled patients each time (1,000 patient-bootstrap
+        resamples by default), and ``"difference"``: that of ``first``.
     """
     from tasks.data.dataset import load_processed
     from tasks.evaluation.evaluation import evaluate_student
@@ -40,7 +41,15 @@ def paired_test_auc(
         draws[name] = weighted_metrics(labels, probs, 0.5, weights)["auc"]
         low, high = np.nanpercentile(draws[name], [2.5, 97.5])
         out[name] = {"test_auc": evaluation.test.auc, "low": float(low), "high": float(high)}
-    low, high = np.nanpercentile(draws[first] - draws[second], [2.5, 97.5])
-    estimate = out[first]["test_auc"] - out[second]["test_auc"]
-    out["difference"] = {"estimate": estimate, "low": float(low), "high": float(high)}
+    out["against"] = {
+        name: _difference(out, draws, name, second) for name in students if name != second
+    }
+    out["difference"] = out["against"][first]
     return out
+
+
+def _difference(out: dict, draws: dict, name: str, baseline: str) -> dict:
+    """``name - baseline``: the test AUC difference and its paired 95% interval."""
+    low, high = np.nanpercentile(draws[name] - draws[baseline], [2.5, 97.5])
+    estimate = out[name]["test_auc"] - out[baseline]["test_auc"]
+    return {"estimate": estimate, "low": float(low), "high": float(high)}

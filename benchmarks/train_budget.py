@@ -106,7 +106,7 @@ def train_variant(variant: Variant, processed: Path, workdir: Path, shared: list
 
 def table(processed: Path, shared: list[str], runs: list[dict], paired: dict) -> str:
     """The markdown result: one row per variant and the paired difference to the first."""
-    first, last = runs[0], runs[-1]
+    first = runs[0]
     lines = [
         f"Training stage on `{processed}` ({', '.join(f'`{o}`' for o in shared) or 'no override'}"
         "; each checkout's params.yaml otherwise), variants one after the other, each in its own "
@@ -114,23 +114,27 @@ def table(processed: Path, shared: list[str], runs: list[dict], paired: dict) ->
         "and checkpoint, saving, MLflow).",
         "",
         "| variant | overrides | epochs run (best) | best val AUC | stage wall s | ratio "
-        "| test AUC [95% CI] |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| test AUC [95% CI] | - {first['name']} [paired 95% CI] |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
         auc = paired[run["name"]]
+        against = paired["against"].get(run["name"])
         lines.append(
             f"| {run['name']} | {', '.join(run['overrides']) or '-'} | {run['epochs_run']} "
             f"({run['best_epoch']}) | {run['best_val_auc']:.3f} | {run['seconds']:.0f} "
             f"| {run['seconds'] / first['seconds']:.2f} "
-            f"| {auc['test_auc']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}] |"
+            f"| {auc['test_auc']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}] | "
+            + (
+                f"{against['estimate']:+.3f} [{against['low']:+.3f}, {against['high']:+.3f}] |"
+                if against
+                else "- |"
+            )
         )
-    difference = paired["difference"]
     lines += [
         "",
-        f"Test AUC {last['name']} - {first['name']}: **{difference['estimate']:+.3f}** "
-        f"[{difference['low']:+.3f}, {difference['high']:+.3f}] (paired patient bootstrap, "
-        "1,000 resamples). Load average at each variant's end: "
+        "Differences: the same test patients resampled for both students (paired patient "
+        "bootstrap, 1,000 resamples). Load average at each variant's end: "
         + ", ".join(f"{run['name']} {run['load_at_end'][0]:.2f}" for run in runs)
         + ".",
     ]
