@@ -5,8 +5,10 @@ names patients, and no file's metadata copied anywhere."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -182,18 +184,27 @@ def test_auto_reads_an_image_folders_native_resolution_from_its_headers(tmp_path
     assert native_resolution(folder) == 48
 
 
+def _hue_pngs_at(folder: Path, n: int, seed: int, relative: Callable[[int], str]) -> list[str]:
+    """Save ``n`` hue PNGs (``tests.colour_samples.hue_set`` at 32 px) at ``folder /
+    relative(i)``; returns each one's label word, ``negative`` or ``positive``."""
+    from tests.colour_samples import hue_set
+
+    images, labels = hue_set(n, 32, seed)
+    for i, image in enumerate(images):
+        (folder / relative(i)).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / relative(i))
+    return ["positive" if label else "negative" for label in labels]
+
+
 def _chexpert_style_folder(folder: Path, n: int) -> Path:
     """``n`` hue PNGs at CheXpert's paths (``train/patient<5 digits>/study1/view<k>_frontal``,
     two per patient) and a ``labels.csv`` with ``path`` and ``label`` and no patient column."""
-    from tests.colour_samples import hue_set
 
-    images, labels = hue_set(n, 32, 7)
-    rows = ["path,label"]
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        relative = f"train/patient{i // 2:05d}/study1/view{i % 2 + 1}_frontal.png"
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / relative)
-        rows.append(f"{relative},{'positive' if label else 'negative'}")
+    def relative(i: int) -> str:
+        return f"train/patient{i // 2:05d}/study1/view{i % 2 + 1}_frontal.png"
+
+    words = _hue_pngs_at(folder, n, 7, relative)
+    rows = ["path,label", *(f"{relative(i)},{word}" for i, word in enumerate(words))]
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -251,18 +262,15 @@ def _nested_folder(folder: Path, n: int, duplicate: bool = False) -> Path:
     """``n`` hue PNGs in ChestX-ray14's sub-folders (``images_00<k>/images/<name>.png``) and a
     ``labels.csv`` naming each bare (``path`` = the file name, ``patient``); ``duplicate``
     puts a second file with the first one's name in another sub-folder."""
-    from tests.colour_samples import hue_set
 
-    images, labels = hue_set(n, 32, 11)
+    def relative(i: int) -> str:
+        return f"images_{i % 3 + 1:03d}/images/{i:08d}_000.png"
+
+    words = _hue_pngs_at(folder, n, 11, relative)
     rows = ["path,label,patient"]
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        name = f"{i:08d}_000.png"
-        path = folder / f"images_{i % 3 + 1:03d}" / "images" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        rows.append(f"{name},{'positive' if label else 'negative'},{i // 2}")
+    rows += [f"{i:08d}_000.png,{word},{i // 2}" for i, word in enumerate(words)]
     if duplicate:
-        Image.fromarray(images[0]).save(folder / "images_003" / "images" / "00000000_000.png")
+        shutil.copyfile(folder / relative(0), folder / "images_003" / "images" / "00000000_000.png")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
     return folder
 
