@@ -259,6 +259,27 @@ def fresh_mlflow_store(empty_mlflow_db: Path, tmp_path: Path) -> Iterator[str]:
         yield uri
 
 
+def model_card_of(**fields: object) -> str:
+    """The model card of a minimal registration (model ``m`` version 1 of run ``r``, classes
+    ``a`` and ``b``, dataset ``d``, no reports, not promoted, alias ``champion``) with
+    ``fields`` of :class:`~tasks.registry.model_card.CardInputs` in their place."""
+    from tasks.registry.model_card import CardInputs, render_model_card
+
+    minimal = {
+        "model_name": "m",
+        "version": "1",
+        "run_id": "r",
+        "spec": {"classes": ["a", "b"]},
+        "dataset_version": "d",
+        "ingest": {},
+        "metrics": {},
+        "robustness": None,
+        "promoted": False,
+        "alias": "champion",
+    }
+    return render_model_card(CardInputs(**(minimal | fields)))
+
+
 def outputs_in(root: Path) -> list[str]:
     """Overrides that put the student, its checkpoints, the BentoML home, the exported Bentos
     and the monitor's store inside ``root`` (beside ``params_in``'s data and reports)."""

@@ -41,22 +41,9 @@ def test_the_summary_shows_the_dataset_version_without_dvc_s_dir_suffix() -> Non
 
 
 def test_the_model_card_shows_the_dataset_version_without_dvc_s_dir_suffix() -> None:
-    from tasks.registry.model_card import CardInputs, render_model_card
+    from tests.conftest import model_card_of
 
-    card = render_model_card(
-        CardInputs(
-            model_name="m",
-            version="1",
-            run_id="r",
-            spec={"classes": ["a", "b"]},
-            dataset_version="67fc0c1e5ab0c8e0d4c5cea.dir",
-            ingest={},
-            metrics={},
-            robustness=None,
-            promoted=False,
-            alias="champion",
-        )
-    )
+    card = model_card_of(dataset_version="67fc0c1e5ab0c8e0d4c5cea.dir")
     assert "Dataset version (DVC hash of the processed dataset): `67fc0c1e5ab0c8e0d4c5cea`." in card
     assert "Evaluated only on dataset `67fc0c1e5ab0c8e0d4c5cea`;" in card
     assert ".dir" not in card

@@ -87,22 +87,9 @@ METRICS_REPORT = {
 
 def test_model_card_and_run_summary_show_each_test_metric_with_its_interval() -> None:
     from flows.summary import summary_lines
-    from tasks.registry.model_card import CardInputs, render_model_card
+    from tests.conftest import model_card_of
 
-    card = render_model_card(
-        CardInputs(
-            model_name="m",
-            version="1",
-            run_id="r",
-            spec={"classes": ["a", "b"]},
-            dataset_version="d",
-            ingest={},
-            metrics=METRICS_REPORT,
-            robustness=None,
-            promoted=False,
-            alias="champion",
-        )
-    )
+    card = model_card_of(metrics=METRICS_REPORT)
     assert "| test | 0.875 [0.701, 0.968] | 0.800 [0.690, 0.900] |" in card
     assert "55 images of 18 patients" in card and "T = 1.70" in card
     lines = summary_lines({"evaluate": METRICS_REPORT})
@@ -111,7 +98,7 @@ def test_model_card_and_run_summary_show_each_test_metric_with_its_interval() ->
 
 
 def test_model_card_shows_robustness_rates_with_their_intervals() -> None:
-    from tasks.registry.model_card import CardInputs, render_model_card
+    from tests.conftest import model_card_of
 
     robustness = {
         "verdict": {"passed": False, "reasons": ["x"]},
@@ -119,20 +106,7 @@ def test_model_card_shows_robustness_rates_with_their_intervals() -> None:
         "metrics": {"clean_acc": 0.8, "robust_acc_apgd_eps_0.0039": 0.0},
         "intervals": {"clean_acc": [0.68, 0.88], "robust_acc_apgd_eps_0.0039": [0.0, 0.065]},
     }
-    card = render_model_card(
-        CardInputs(
-            model_name="m",
-            version="1",
-            run_id="r",
-            spec={"classes": ["a", "b"]},
-            dataset_version="d",
-            ingest={},
-            metrics=METRICS_REPORT,
-            robustness=robustness,
-            promoted=False,
-            alias="champion",
-        )
-    )
+    card = model_card_of(metrics=METRICS_REPORT, robustness=robustness)
     assert "on the 55 evaluated test images: 0.800 [0.68, 0.88]" in card
     assert "| 0.0039 (1.0/255) | 0.000 [0.00, 0.07] |" in card
 

@@ -135,7 +135,7 @@ def test_a_named_site_and_listed_sex_are_recorded_and_a_file_without_them_is_unk
 
 
 def test_the_model_card_shows_the_sets_coverage_and_each_groups_figures() -> None:
-    from tasks.registry.model_card import CardInputs, render_model_card
+    from tests.conftest import model_card_of
 
     conformal = {
         "method": "aps",
@@ -159,21 +159,7 @@ def test_the_model_card_shows_the_sets_coverage_and_each_groups_figures() -> Non
         {"attribute": "manufacturer", "group": "other", "n_patients": 3, "n_images": 7}
         | {"pooled_groups": 2, "auc": None, "coverage": None},
     ]
-    card = render_model_card(
-        CardInputs(
-            model_name="m",
-            version="1",
-            run_id="r",
-            spec={"classes": ["a", "b"]},
-            dataset_version="d",
-            ingest={},
-            metrics={"conformal": conformal},
-            robustness=None,
-            promoted=False,
-            alias="champion",
-            groups=rows,
-        )
-    )
+    card = model_card_of(metrics={"conformal": conformal}, groups=rows)
     assert "held the true class for 53 of 55 images: coverage 0.964 [0.877, 0.990]" in card
     assert "mean set size 1.31 classes" in card and "calibrated on 40 validation" in card
     assert (
