@@ -101,6 +101,8 @@ def _fit(
         FitConfig(
             epochs=epochs,
             max_steps=None,
+            progressive_size=None,
+            progressive_share=0.75,
             batch_size=16,
             lr=0.01,
             weight_decay=1e-4,
@@ -394,6 +396,8 @@ def test_fit_config_takes_each_loop_setting_from_the_train_key_of_its_name() -> 
     assert config == FitConfig(
         epochs=train.epochs,
         max_steps=train.max_steps,
+        progressive_size=train.progressive_size,
+        progressive_share=train.progressive_share,
         batch_size=train.batch_size,
         lr=train.lr,
         weight_decay=train.weight_decay,
