@@ -231,7 +231,8 @@ def _fit_head_only(
     """A linear probe trained on features computed once: the loop sees the head alone."""
     head = HeadOnly(model)
     groups = [{"name": "head", "params": list(head.head.parameters()), "lr": fit_config.lr}]
-    loop = replace(fit_config, channels_last=False)  # (B, D) features have no memory format
+    # (B, D) features are not images: no memory format, nothing to downsample
+    loop = replace(fit_config, channels_last=False, progressive_size=None)
     result = fit(head, groups, *features, labels, n_classes, loop, recorders)
     head.load_state_dict(result.best_state)
     return result
