@@ -26,11 +26,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
-from tasks.model.predict import autocast_context
 from tasks.model.student import build_student, param_groups
 from tasks.model.transforms import ImageDataset, train_transform
-from tasks.training.devices import dist_env, resolve_device
-from tasks.training.loop import backward_and_step, grad_scaler
+from tasks.training.loop import (
+    autocast_context,
+    backward_and_step,
+    dist_env,
+    grad_scaler,
+    resolve_device,
+)
 
 
 def timed_images_per_s(

@@ -223,11 +223,6 @@ class TrainParams:
     # a budget of optimizer steps: the epochs are cut to the fewest whole ones that reach it
     # (tasks/training/schedule.py); null: train.epochs alone
     max_steps: int | None = rule(min=1)
-    # progressive resizing: the first progressive_share of the planned epochs train on batches
-    # downsampled to progressive_size px (tasks/training/schedule.py); null: every epoch at
-    # data.image_size
-    progressive_size: int | None = rule(min=32)
-    progressive_share: float = rule(min=0.0, max=1.0)
     batch_size: int = rule(min=1)
     lr: float = rule(above=0.0)
     backbone_lr_factor: float = rule(above=0.0, max=1.0)

@@ -57,7 +57,6 @@ def test_train_then_evaluate_records_everything(train_params: Params) -> None:
     per_epoch = (
         "train_loss",
         "images_per_s",
-        "train_side",
         "val_loss",
         "val_auc",
         "val_accuracy",
@@ -176,7 +175,6 @@ def test_compare_and_label_fractions_nest_child_runs(train_params: Params) -> No
         ("train.compare=[partial,finetune_all]", "Unknown strategy"),
         ("train.teacher=resnet-9000", "resnet-9000"),
         ("train.unfreeze_blocks=99", "unfreeze_blocks"),
-        ("train.progressive_size=48", "train.progressive_size 48 does not suit"),
     ],
 )
 def test_wrong_configuration_fails_before_training(

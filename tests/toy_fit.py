@@ -1,6 +1,5 @@
 """A fit of a tiny network on tiny images, and recorders that note or interrupt it: what
-the training-loop tests share (tests/test_training_loop.py, test_batch_augment.py,
-test_progressive_resizing.py)."""
+the training-loop tests share (tests/test_training_loop.py, test_batch_augment.py)."""
 
 from __future__ import annotations
 
@@ -86,8 +85,6 @@ def toy_fit(
         FitConfig(
             epochs=epochs,
             max_steps=None,
-            progressive_size=None,
-            progressive_share=0.75,
             batch_size=16,
             lr=0.01,
             weight_decay=1e-4,

@@ -37,7 +37,7 @@ from tasks.tracking.recorder import MlflowRecorder
 from tasks.tracking.runs import ended_honestly
 from tasks.tracking.train_session import TrainSession, prepare_session, trainings
 from tasks.training import strategies
-from tasks.training.devices import dist_env
+from tasks.training.loop import dist_env
 from tasks.training.recorders import LoggingRecorder, ProgressBarRecorder
 from tasks.training.resume import ResumeMode, continue_other_checkpoint
 from tasks.training.types import (

@@ -21,7 +21,7 @@ from tasks.tracking import train_run
 from tasks.tracking.configure import configure_mlflow
 from tasks.tracking.resume import parent_to_continue, plan_run
 from tasks.training import strategies
-from tasks.training.devices import dist_env
+from tasks.training.loop import dist_env
 from tasks.training.resume import ResumeMode, ResumePlan, plan_checkpoint, resume_mode
 from tasks.training.types import TrainingRecorder
 from tasks.transfer.selection import TransferChoice

@@ -45,8 +45,7 @@ class BatchAugment:
 
     Args:
         config: the ``train.augment`` settings.
-        image_size: S, the side of the images (a batch's own side is what ``translate`` is a
-            fraction of: under progressive resizing it is smaller).
+        image_size: S, the side the ``translate`` fraction is of.
         channels: 1 (gray: the colour jitter is off) or 3.
     """
 
@@ -96,8 +95,7 @@ class BatchAugment:
 
     def _affine(self, x: torch.Tensor) -> torch.Tensor:
         """Rotation, per-axis scale and shift of the chosen images, resampled in one pass."""
-        # the batch's own side: under progressive resizing it is smaller than image_size
-        c, n, side = self.config, len(x), x.shape[-1]
+        c, n, side = self.config, len(x), self.image_size
         chosen = self._chosen(AFFINE_P, x).view(-1)
         angle = self._uniform(-1, 1, n) * math.radians(c.rotate_degrees)
         # (rows, columns): the columns keep scale 1 and shift 0 (see the module docstring)
@@ -151,14 +149,3 @@ class BatchAugment:
         luma = (x * weights).sum(dim=1, keepdim=True)
         jittered = brightness * gains * (luma + saturation * (x - luma))
         return torch.where(chosen, jittered, x)
-
-
-def downsample(images: torch.Tensor, side: int) -> torch.Tensor:
-    """``(B, C, S, S)`` ``images`` at ``(B, C, side, side)`` when ``side < S`` (bilinear with
-    antialiasing, as an image library shrinks a picture: plain bilinear would alias the fine
-    texture the full-size epochs see smoothly), else unchanged."""
-    if side >= images.shape[-1]:
-        return images
-    return functional.interpolate(
-        images, size=(side, side), mode="bilinear", antialias=True, align_corners=False
-    )

@@ -22,6 +22,7 @@ which ``fit`` calls on rank 0 when it starts, after each epoch and when it ends.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,15 +39,49 @@ from torch.utils.data.distributed import DistributedSampler
 from tasks import atomic
 from tasks.model.label_kind import kind_of_labels, positive_weights
 from tasks.model.predict import autocast_context
-from tasks.training.augment import BatchAugment, downsample
-from tasks.training.devices import DistEnv, dist_env, setup_device
-from tasks.training.schedule import epoch_side, planned_epochs, warmup_cosine
+from tasks.training.augment import BatchAugment
+from tasks.training.schedule import planned_epochs, warmup_cosine
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 from tasks.training.validation import validation_metrics
 
 CHECKPOINT_NAME = "last.pt"
 # (model, images, labels) -> perturbed images; the adversarial-training hook.
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` job (world of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env() -> DistEnv:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as set by ``torchrun``."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    """``auto`` picks this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", env.local_rank)
+    return torch.device(name)
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
@@ -98,15 +133,12 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     perturb: Perturb | None = None,
     augment: BatchAugment | None = None,
-    side: int | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``{"train_loss", "images_per_s"}``.
 
     ``scaler``: the fit's fp16 loss scaler from :func:`grad_scaler` (``None`` for bf16/fp32).
-    ``side``: each ``(B, C, S, S)`` batch is first downsampled to ``(B, C, side, side)`` when
-    ``side < S`` (progressive resizing, :func:`downsample`).
-    ``augment``: applied to each batch on ``device`` (the loader's images are then plain
-    pixels), after the downsampling, so its noise and shifts are those of the side trained at.
+    ``augment``: applied to each ``(B, C, S, S)`` batch on ``device`` (the loader's images
+    are then plain pixels).
     """
     model.train()
     total_loss, seen = 0.0, 0
@@ -114,8 +146,6 @@ def train_one_epoch(
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if side is not None:
-            images = downsample(images, side)
         if augment is not None:
             images = augment(images)
         if channels_last:
@@ -149,14 +179,6 @@ class _Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     augment: BatchAugment | None
-    full_side: int  # the side of the training images
-    sides: list[int]  # the side each planned epoch trains at (schedule.epoch_side)
-
-    def counts_for_patience(self, epoch: int) -> bool:
-        """Whether the 0-based ``epoch`` without a gain counts toward early stopping: only
-        full-side ones do, so progressive resizing's small epochs never stop a fit before it
-        has trained at the side it is served at."""
-        return self.sides[epoch] == self.full_side
 
 
 def fit(
@@ -188,12 +210,12 @@ def fit(
             should not augment its images itself.
     """
     env = dist_env()
-    device = setup_device(config.device, env)
+    device = _setup_device(config.device, env)
     trainer = _build_trainer(
         model, param_groups, train_set, val_set, train_labels, n_classes, config, env, device
     )
     trainer.augment = augment if augment is not None and augment.active else None
-    epochs = len(trainer.sides)
+    epochs = planned_epochs(config, len(trainer.train_loader))
     result = FitResult(
         best_state=_cpu_state(model), best_epoch=0, best_val_auc=-math.inf, device=str(device)
     )
@@ -204,7 +226,7 @@ def fit(
     for recorder in reporting:
         recorder.fit_started(epochs, start_epoch, len(train_set))
 
-    epochs_without_gain = _epochs_without_gain(result, trainer.full_side)
+    epochs_without_gain = sum(1 for row in result.history if row["epoch"] > result.best_epoch)
     for epoch in range(start_epoch, epochs):
         if epochs_without_gain >= config.patience:
             result.stopped_early = True
@@ -212,23 +234,12 @@ def fit(
         improved = _epoch_and_checkpoint(
             trainer, epoch, config, train_set, perturb, result, checkpoint_path, reporting, env
         )
-        counts = trainer.counts_for_patience(epoch)
-        epochs_without_gain = 0 if improved else epochs_without_gain + counts
+        epochs_without_gain = 0 if improved else epochs_without_gain + 1
     if trainer.channels_last:  # callers (saving, serving, attacks) get the default layout back
         model.to(memory_format=torch.contiguous_format)
     for recorder in reporting:
         recorder.fit_ended(result)
     return result
-
-
-def _epochs_without_gain(result: FitResult, full_side: int) -> int:
-    """Full-side epochs in ``result.history`` after its best one (a resumed fit's patience so
-    far; rows without ``train_side``, from before progressive resizing, count as full-side)."""
-    return sum(
-        1
-        for row in result.history
-        if row["epoch"] > result.best_epoch and row.get("train_side", full_side) == full_side
-    )
 
 
 def _epoch_and_checkpoint(
@@ -257,6 +268,16 @@ def _epoch_and_checkpoint(
     return improved
 
 
+def _setup_device(name: str, env: DistEnv) -> torch.device:
+    """Join the ``torchrun`` process group if there is one; returns this rank's device."""
+    if env.distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = resolve_device(name, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _build_trainer(
     model: nn.Module,
     param_groups: list[dict],
@@ -279,8 +300,6 @@ def _build_trainer(
     criterion = kind.loss(weights.to(device) if weights is not None else None)
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config, max(1, len(train_loader)))
-    epochs = planned_epochs(config, len(train_loader))
-    full_side = int(train_set[0][0].shape[-1])
     return _Trainer(
         model=model,
         net=net,
@@ -295,8 +314,6 @@ def _build_trainer(
         # One scaler for the whole fit: its scale adapts over the batches and is checkpointed.
         scaler=grad_scaler(device, config.amp),
         augment=None,
-        full_side=full_side,
-        sides=[epoch_side(config, epoch, epochs, full_side) for epoch in range(epochs)],
     )
 
 
@@ -362,7 +379,6 @@ def _run_epoch(
     # Epochs are counted from 1 in every output (logs, reports, MLflow's steps and
     # best_epoch, plots): the loop's 0-based index becomes a number here, once.
     row: dict[str, float] = {"epoch": epoch + 1}
-    side = trainer.sides[epoch]
     row.update(
         train_one_epoch(
             trainer.net,
@@ -376,10 +392,8 @@ def _run_epoch(
             trainer.scaler,
             perturb,
             trainer.augment,
-            side,
         )
     )
-    row["train_side"] = side
     row.update(
         validation_metrics(
             trainer.model,

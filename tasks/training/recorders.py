@@ -56,13 +56,12 @@ class LoggingRecorder(TrainingRecorder):
         epochs_left = self._total_epochs - int(row["epoch"])
         seconds_left = epochs_left * sum(self._epoch_seconds) / len(self._epoch_seconds)
         self.logger.info(
-            "epoch %d/%d: train loss %.4f, val AUC %.3f, %.0f images/s at %d px, about %s left",
+            "epoch %d/%d: train loss %.4f, val AUC %.3f, %.0f images/s, about %s left",
             int(row["epoch"]),
             self._total_epochs,
             row["train_loss"],
             row["val_auc"],
             row["images_per_s"],
-            row["train_side"],
             format_duration(seconds_left),
         )
 

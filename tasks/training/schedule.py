@@ -1,6 +1,5 @@
 """The plan of a fit: how many epochs it runs (``train.epochs``, cut by the step budget
-``train.max_steps``), the image side each epoch trains at (progressive resizing,
-``train.progressive_size``) and its per-step learning-rate schedule over them."""
+``train.max_steps``) and its per-step learning-rate schedule over them."""
 
 from __future__ import annotations
 
@@ -36,26 +35,3 @@ def warmup_cosine(
     warmup = max(1, round(warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, epochs * steps_per_epoch)
     return WarmupCosineSchedule(optimizer, warmup, total, warmup_multiplier=1.0 / warmup)
-
-
-def small_epochs(config: FitConfig, epochs: int) -> int:
-    """How many of the ``epochs`` planned train on batches downsampled to
-    ``train.progressive_size``: the first ``round(progressive_share * epochs)``, and never
-    the last one (a student always ends trained at the side it is validated and served at);
-    0 when progressive resizing is off."""
-    if config.progressive_size is None:
-        return 0
-    return max(0, min(epochs - 1, round(config.progressive_share * epochs)))
-
-
-def epoch_side(config: FitConfig, epoch: int, epochs: int, full_side: int) -> int:
-    """The side (pixels) the 0-based ``epoch`` of ``epochs`` trains at, for images stored at
-    ``full_side``: ``train.progressive_size`` during the first :func:`small_epochs` when it is
-    smaller than ``full_side``, else ``full_side``. Why: a step at half the side costs about a
-    third of the time (fast.ai's progressive resizing, EfficientNetV2's progressive learning),
-    and what the early epochs learn (the head, coarse features) does not need the full
-    resolution; the last epochs at ``full_side`` fit the student to the side it serves at."""
-    small = config.progressive_size
-    if small is not None and small < full_side and epoch < small_epochs(config, epochs):
-        return small
-    return full_side

@@ -22,13 +22,12 @@ from tasks.data.dataset import ProcessedDataset, Rows
 from tasks.errors import MedtransferError
 from tasks.model.student import STRATEGIES, build_student, check_image_size, param_groups
 from tasks.model.student_io import StudentSpec
-from tasks.model.teachers import get_teacher, resolve_weights
+from tasks.model.teachers import resolve_weights
 from tasks.model.transforms import ImageDataset, to_tensor_transform
 from tasks.training.adversarial import ADVERSARIAL_SUFFIX, pgd_perturbation, split_variant
 from tasks.training.augment import BatchAugment
-from tasks.training.devices import dist_env, resolve_device
 from tasks.training.features import HeadOnly, ProbeFit, feature_datasets, fit_probe_on_validation
-from tasks.training.loop import Perturb, class_weights, fit
+from tasks.training.loop import Perturb, class_weights, dist_env, fit, resolve_device
 from tasks.training.types import FitConfig, FitResult, TrainingRecorder
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ def validate(config: TrainParams, dataset: ProcessedDataset) -> None:
                 f"with {ADVERSARIAL_SUFFIX} for PGD adversarial training."
             )
     check_image_size(config.teacher, dataset.image_size)
-    _check_progressive_size(config)
     check_device(config.device)
     if dataset.multilabel and any(
         is_adversarial(s, config) for s in (config.strategy, *(config.compare or ()))
@@ -110,22 +108,6 @@ def build_model(
         dropout=config.dropout,
         channels=channels,
     )
-
-
-def _check_progressive_size(config: TrainParams) -> None:
-    """Refuse a ``train.progressive_size`` the teacher cannot take as it was trained."""
-    if config.progressive_size is None:
-        return
-    try:
-        check_image_size(config.teacher, config.progressive_size)
-    except MedtransferError:
-        spec = get_teacher(config.teacher)
-        raise MedtransferError(
-            f"train.progressive_size {config.progressive_size} does not suit teacher "
-            f"{spec.name!r}: it must be a multiple of {spec.size_multiple} and at least "
-            f"{spec.min_image_size}; set one (e.g. half of data.image_size, rounded to a "
-            "multiple), or null to train every epoch at data.image_size."
-        ) from None
 
 
 def label_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -231,8 +213,7 @@ def _fit_head_only(
     """A linear probe trained on features computed once: the loop sees the head alone."""
     head = HeadOnly(model)
     groups = [{"name": "head", "params": list(head.head.parameters()), "lr": fit_config.lr}]
-    # (B, D) features are not images: no memory format, nothing to downsample
-    loop = replace(fit_config, channels_last=False, progressive_size=None)
+    loop = replace(fit_config, channels_last=False)  # (B, D) features have no memory format
     result = fit(head, groups, *features, labels, n_classes, loop, recorders)
     head.load_state_dict(result.best_state)
     return result

@@ -29,8 +29,6 @@ class FitConfig:
 
     epochs: int
     max_steps: int | None
-    progressive_size: int | None
-    progressive_share: float
     batch_size: int
     lr: float
     weight_decay: float
@@ -86,9 +84,7 @@ class TrainingRecorder(Protocol):
     def epoch_ended(self, row: dict[str, float]) -> None:
         """One epoch is done and checkpointed. ``row``: ``epoch`` (1-based, as every output
         counts: logs, reports, MLflow's step and ``best_epoch``), ``train_loss``,
-        ``images_per_s``, ``train_side`` (the side the epoch's batches had, pixels: smaller than the
-        images' under progressive resizing), ``val_loss``, ``val_auc``, ``val_accuracy``,
-        ``lr``, ``seconds``."""
+        ``images_per_s``, ``val_loss``, ``val_auc``, ``val_accuracy``, ``lr``, ``seconds``."""
 
     def fit_ended(self, result: FitResult) -> None:
         """Training is over (every epoch ran, or early stopping); ``result`` is what fit returns."""
