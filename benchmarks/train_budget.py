@@ -11,14 +11,16 @@ store:
   ``git worktree`` of ``77e5f15^1``): per-image MONAI augmentation, no channels_last on the CPU,
   ``train.epochs`` alone;
 - ``epochs`` (with ``--with-epochs``): this checkout, ``train.max_steps=null``;
-- ``budget``: this checkout, ``train.max_steps=N``.
+- ``budget`` (with ``--max-steps N``): this checkout, ``train.max_steps=N``;
+- any ``--variant NAME=KEY=VALUE[,KEY=VALUE]``: this checkout with those overrides (e.g.
+  ``progressive=train.progressive_size=64``).
 
 Records each variant's wall time of the whole stage, epochs run, best epoch and validation AUC,
 then every student's test AUC with its patient-level 95% bootstrap interval and the paired
-difference of ``budget`` against the first variant on the same resampled patients. A variant
+difference of every other variant against the first on the same resampled patients. A variant
 already in the work folder is not trained again, so an interrupted run resumes.
 
-Usage: ``python -m benchmarks.train_budget DIR --max-steps 512 [--baseline CHECKOUT]
+Usage: ``python -m benchmarks.train_budget DIR [--max-steps 512] [--variant ...] [--baseline CHECKOUT]
 [--with-epochs] [--workdir /tmp/...]``; writes ``benchmarks/results/train-budget.md``.
 """
 
@@ -104,6 +106,14 @@ def train_variant(variant: Variant, processed: Path, workdir: Path, shared: list
     return result
 
 
+def named_variant(spec: str) -> Variant:
+    """``NAME=KEY=VALUE[,KEY=VALUE]`` (``--variant``): a variant of this checkout."""
+    name, _, overrides = spec.partition("=")
+    if not name or not overrides:
+        raise SystemExit(f"--variant {spec!r}: write NAME=KEY=VALUE[,KEY=VALUE]")
+    return Variant(name, REPO, overrides.split(","))
+
+
 def table(processed: Path, shared: list[str], runs: list[dict], paired: dict) -> str:
     """The markdown result: one row per variant and the paired difference to the first."""
     first = runs[0]
@@ -144,7 +154,14 @@ def table(processed: Path, shared: list[str], runs: list[dict], paired: dict) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("processed", type=Path, help="an ingested data set (data.processed_dir)")
-    parser.add_argument("--max-steps", type=int, default=512)
+    parser.add_argument("--max-steps", type=int, help="the budget variant's train.max_steps")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+        help="another variant of this checkout, e.g. progressive=train.progressive_size=64",
+    )
     parser.add_argument("--baseline", type=Path, help="a checkout of the old loop's code")
     parser.add_argument("--with-epochs", action="store_true", help="the new loop, no budget")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/medtransfer-train-budget"))
@@ -154,7 +171,9 @@ def main() -> None:
     variants = [Variant("old loop", args.baseline.resolve())] if args.baseline else []
     if args.with_epochs:
         variants.append(Variant("epochs", REPO, ["train.max_steps=null"]))
-    variants.append(Variant("budget", REPO, [f"train.max_steps={args.max_steps}"]))
+    if args.max_steps is not None:
+        variants.append(Variant("budget", REPO, [f"train.max_steps={args.max_steps}"]))
+    variants += [named_variant(spec) for spec in args.variant]
     runs = [train_variant(v, args.processed.resolve(), args.workdir, args.set) for v in variants]
     students = {run["name"]: Path(run["model_dir"]) for run in runs}
     paired = paired_test_auc(args.processed, students, runs[-1]["name"], runs[0]["name"], args.seed)

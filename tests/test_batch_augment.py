@@ -15,6 +15,7 @@ from tasks.config import load_params
 from tasks.data.synthetic import chest_scene
 from tasks.model.transforms import ImageDataset, train_transform
 from tasks.training.augment import BatchAugment
+from tests.toy_fit import CrashAfter, toy_fit
 
 AUGMENT = load_params(Path(__file__).resolve().parent.parent / "params.yaml").train.augment
 OFF = replace(
@@ -117,7 +118,6 @@ def test_a_resumed_fit_with_batch_augmentation_ends_on_the_same_weights(tmp_path
     """In channels_last on the CPU, as training now runs; the model ends in the default
     memory format (a convolution of 4 input channels shows it: with 1, both formats have the
     same strides)."""
-    from tests.test_training_loop import _CrashAfter, _fit
 
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -131,13 +131,13 @@ def test_a_resumed_fit_with_batch_augmentation_ends_on_the_same_weights(tmp_path
         )
 
     run = {"epochs": 2, "channels_last": True}
-    straight, _ = _fit(tmp_path / "a", model=model(), augment=BatchAugment(AUGMENT, 16), **run)
+    straight, _ = toy_fit(tmp_path / "a", model=model(), augment=BatchAugment(AUGMENT, 16), **run)
     with pytest.raises(KeyboardInterrupt):
-        crash = (_CrashAfter(1),)
-        _fit(
+        crash = (CrashAfter(1),)
+        toy_fit(
             tmp_path / "b", model=model(), augment=BatchAugment(AUGMENT, 16), recorders=crash, **run
         )
-    resumed, result = _fit(
+    resumed, result = toy_fit(
         tmp_path / "b", resume=True, model=model(), augment=BatchAugment(AUGMENT, 16), **run
     )
     assert result.resumed_from_epoch == 1

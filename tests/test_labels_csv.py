@@ -111,3 +111,36 @@ def test_sop_uid_rows_matching_no_decoded_file_are_counted(params: Params, tmp_p
         progress=False,
     )
     assert result.labels_csv == {"rows": 6, "identical_duplicates": 0, "rows_without_file": 2}
+
+
+OUTSIDE = "data.labels_csv lies outside the data.source folder"
+
+
+def test_a_labels_csv_outside_the_source_folder_is_warned_about_without_its_path(
+    params: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # DVC's dependency is the folder: a change to this file alone would not re-run ingest
+    folder = _folder(tmp_path)
+    csv_path = tmp_path / f"{MARK}_labels.csv"
+    pd.DataFrame(_good_rows(), columns=["path", "label"]).to_csv(csv_path, index=False)
+    run_ingest(
+        params.with_overrides([f"data.source={folder}", f"data.labels_csv={csv_path}"]),
+        progress=False,
+    )
+    warned = [r.getMessage() for r in caplog.records if OUTSIDE in r.getMessage()]
+    assert len(warned) == 1 and "dvc add" in warned[0]
+    assert MARK not in caplog.text and str(tmp_path) not in caplog.text
+
+
+@pytest.mark.parametrize("written_as", ["relative", "absolute"])
+def test_a_labels_csv_inside_the_source_folder_gets_no_warning(
+    params: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture, written_as: str
+) -> None:
+    folder = _folder(tmp_path)
+    pd.DataFrame(_good_rows(), columns=["path", "label"]).to_csv(folder / "labels.csv", index=False)
+    csv = "labels.csv" if written_as == "relative" else str(folder / "labels.csv")
+    result = run_ingest(
+        params.with_overrides([f"data.source={folder}", f"data.labels_csv={csv}"]), progress=False
+    )
+    assert result.ingested == 6
+    assert OUTSIDE not in caplog.text

@@ -11,18 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from tasks.config import load_params
 from tasks.model.transforms import ImageDataset, to_tensor_transform, train_transform
 from tasks.training import loop, schedule
-from tasks.training.augment import BatchAugment
 from tasks.training.loop import (
     CHECKPOINT_NAME,
     _seed_epoch,
     autocast_context,
     class_weights,
-    fit,
     grad_scaler,
 )
 from tasks.training.recorders import (
@@ -30,111 +27,12 @@ from tasks.training.recorders import (
     ProgressBarRecorder,
     format_duration,
 )
-from tasks.training.types import FitConfig, FitResult, TrainingRecorder
-
-SHIPPED = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
-
-
-def _toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bright-centre vs dark-centre 16x16 images with noise (easy but not trivial)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    images = rng.normal(110, 25, (n, 16, 16))
-    images[:, 5:11, 5:11] += np.where(labels[:, None, None] == 1, 40, -40)
-    return np.clip(images, 0, 255).astype(np.uint8), labels
-
-
-class _Events(TrainingRecorder):
-    """Notes every event the loop reports, in order."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple] = []
-
-    def fit_started(self, total_epochs: int, start_epoch: int, n_train: int) -> None:
-        self.seen.append(("started", total_epochs, start_epoch, n_train))
-
-    def epoch_ended(self, row: dict[str, float]) -> None:
-        self.seen.append(("epoch", row["epoch"]))
-
-    def fit_ended(self, result: FitResult) -> None:
-        self.seen.append(("ended", result.best_epoch))
-
-
-class _CrashAfter(TrainingRecorder):
-    """Interrupts training as Ctrl-C would, once ``epoch`` is done and checkpointed."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_ended(self, row: dict[str, float]) -> None:
-        if row["epoch"] == self.epoch:
-            raise KeyboardInterrupt
-
-
-def _toy_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Dropout(0.1),
-        nn.Linear(16, 2),
-    )
-
-
-def _fit(
-    tmp_path: Path,
-    epochs: int,
-    resume: bool = False,
-    model: nn.Module | None = None,
-    recorders: tuple[TrainingRecorder, ...] = (),
-    augment: BatchAugment | None = None,
-    **changes,
-) -> tuple[nn.Module, FitResult]:
-    """A fit of the toy model; with ``augment`` the dataset gives plain pixels and the loop
-    augments the batches (as training does), else the dataset augments per image."""
-    images, labels = _toy_data(96, 0)
-    val_images, val_labels = _toy_data(48, 1)
-    model = model or _toy_model()
-    config = replace(
-        FitConfig(
-            epochs=epochs,
-            max_steps=None,
-            batch_size=16,
-            lr=0.01,
-            weight_decay=1e-4,
-            warmup_epochs=1.0,
-            patience=10,
-            class_weighting="balanced",
-            num_workers=0,
-            seed=3,
-            device="cpu",
-            amp=False,
-            channels_last=False,
-            checkpoint_dir=str(tmp_path / "ckpt"),
-            resume=resume,
-        ),
-        **changes,
-    )
-    per_image = train_transform(SHIPPED.train.augment, 16)
-    train_set = ImageDataset(images, labels, to_tensor_transform() if augment else per_image)
-    val_set = ImageDataset(val_images, val_labels, to_tensor_transform())
-    return model, fit(
-        model,
-        [{"params": model.parameters()}],
-        train_set,
-        val_set,
-        labels,
-        2,
-        config,
-        recorders=recorders,
-        augment=augment,
-    )
+from tasks.training.types import FitConfig
+from tests.toy_fit import SHIPPED, CrashAfter, Events, toy_data, toy_fit, toy_model
 
 
 def test_loop_learns_and_checkpoints(tmp_path: Path) -> None:
-    _, result = _fit(tmp_path, epochs=6)
+    _, result = toy_fit(tmp_path, epochs=6)
     assert result.best_val_auc > 0.9
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5, 6]  # as logs count
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -142,21 +40,21 @@ def test_loop_learns_and_checkpoints(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_weights(tmp_path: Path) -> None:
-    _, first = _fit(tmp_path / "a", epochs=2)
-    _, second = _fit(tmp_path / "b", epochs=2)
+    _, first = toy_fit(tmp_path / "a", epochs=2)
+    _, second = toy_fit(tmp_path / "b", epochs=2)
     for key, value in first.best_state.items():
         assert torch.equal(value, second.best_state[key]), key
 
 
 def test_resume_after_a_crash_continues_to_the_same_weights(tmp_path: Path) -> None:
-    straight_model, _ = _fit(tmp_path / "straight", epochs=4)
+    straight_model, _ = toy_fit(tmp_path / "straight", epochs=4)
 
     # Crash after the second epoch's checkpoint, then resume with a freshly built model.
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "crashy", epochs=4, recorders=(_CrashAfter(epoch=2),))
-    events = _Events()
-    resumed_model, resumed = _fit(
-        tmp_path / "crashy", epochs=4, resume=True, model=_toy_model(), recorders=(events,)
+        toy_fit(tmp_path / "crashy", epochs=4, recorders=(CrashAfter(epoch=2),))
+    events = Events()
+    resumed_model, resumed = toy_fit(
+        tmp_path / "crashy", epochs=4, resume=True, model=toy_model(), recorders=(events,)
     )
     assert events.seen[0] == ("started", 4, 2, 96)
     assert resumed.resumed_from_epoch == 2
@@ -167,7 +65,7 @@ def test_resume_after_a_crash_continues_to_the_same_weights(tmp_path: Path) -> N
 
 def test_early_stopping_stops(tmp_path: Path) -> None:
     # lr 0: nothing improves after the first epoch, so patience 2 stops after epoch 2.
-    _, result = _fit(tmp_path, epochs=10, lr=0.0, patience=2)
+    _, result = toy_fit(tmp_path, epochs=10, lr=0.0, patience=2)
     assert result.stopped_early
     assert len(result.history) == 3
     assert result.best_epoch == 1  # the first epoch, counted from 1
@@ -195,8 +93,8 @@ def test_a_fit_under_a_step_budget_trains_its_planned_epochs_on_a_schedule_endin
     tmp_path: Path,
 ) -> None:
     # 96 images in batches of 16: 6 steps an epoch; a budget of 13 steps plans 3 epochs of 10.
-    events = _Events()
-    _, result = _fit(tmp_path, epochs=10, max_steps=13, recorders=(events,))
+    events = Events()
+    _, result = toy_fit(tmp_path, epochs=10, max_steps=13, recorders=(events,))
     assert events.seen[0] == ("started", 3, 0, 96)
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert not result.stopped_early  # the budget is the plan, not an early stop
@@ -225,7 +123,7 @@ def test_a_step_budget_compresses_the_schedule_and_the_warm_up_keeps_its_share(
 
 @pytest.mark.parametrize("mode", ["balanced", "none"])
 def test_class_weighting_modes_run(tmp_path: Path, mode: str) -> None:
-    _, result = _fit(tmp_path, epochs=1, class_weighting=mode)
+    _, result = toy_fit(tmp_path, epochs=1, class_weighting=mode)
     assert len(result.history) == 1
 
 
@@ -246,7 +144,7 @@ def test_class_weighting_none_gives_no_weights() -> None:
 
 def _epoch_draws(seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An augmented image and a dropout-style torch draw right after seeding ``(seed, epoch)``."""
-    images, labels = _toy_data(1, 0)
+    images, labels = toy_data(1, 0)
     dataset = ImageDataset(images, labels, train_transform(SHIPPED.train.augment, 16))
     _seed_epoch(seed, epoch, dataset)
     return dataset[0][0], torch.rand(8)
@@ -273,8 +171,8 @@ def test_epoch_seeding_makes_augmentation_and_dropout_depend_on_the_epoch() -> N
 
 
 def test_recorders_hear_the_start_every_epoch_and_the_end_in_order(tmp_path: Path) -> None:
-    events = _Events()
-    _, result = _fit(tmp_path, epochs=2, recorders=(events,))
+    events = Events()
+    _, result = toy_fit(tmp_path, epochs=2, recorders=(events,))
     assert events.seen == [
         ("started", 2, 0, 96),
         ("epoch", 1),
@@ -287,7 +185,7 @@ def test_the_logging_recorder_writes_one_line_per_epoch_and_a_summary(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="medtransfer"):
-        _, result = _fit(tmp_path, epochs=2, recorders=(LoggingRecorder(),))
+        _, result = toy_fit(tmp_path, epochs=2, recorders=(LoggingRecorder(),))
     lines = [r.getMessage() for r in caplog.records if r.name == "medtransfer.training"]
     assert lines[0] == "training on 96 images for 2 epochs, starting"
     for number, (line, row) in enumerate(zip(lines[1:3], result.history, strict=True), 1):
@@ -305,9 +203,9 @@ def test_the_logging_recorder_writes_one_line_per_epoch_and_a_summary(
 def test_the_progress_bar_counts_epochs_on_stderr_and_is_silent_when_disabled(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    _fit(tmp_path / "bar", epochs=2, recorders=(ProgressBarRecorder(),))
+    toy_fit(tmp_path / "bar", epochs=2, recorders=(ProgressBarRecorder(),))
     assert "train: 100%" in capsys.readouterr().err
-    _fit(tmp_path / "quiet", epochs=2, recorders=(ProgressBarRecorder(enabled=False),))
+    toy_fit(tmp_path / "quiet", epochs=2, recorders=(ProgressBarRecorder(enabled=False),))
     assert capsys.readouterr().err == ""
 
 
@@ -360,7 +258,7 @@ def test_a_fit_makes_its_loss_scaler_once(tmp_path: Path, monkeypatch: pytest.Mo
         calls.append(device)
 
     monkeypatch.setattr(loop, "grad_scaler", counting_grad_scaler)
-    _fit(tmp_path, epochs=2)
+    toy_fit(tmp_path, epochs=2)
     assert len(calls) == 1
 
 
@@ -377,7 +275,7 @@ def test_the_prefect_recorder_leaves_one_real_progress_artifact_at_100(tmp_path:
 
     @flow(name="fit-with-progress")
     def fit_in_a_flow() -> None:
-        _fit(tmp_path, epochs=2, recorders=(PrefectProgressRecorder(key),))
+        toy_fit(tmp_path, epochs=2, recorders=(PrefectProgressRecorder(key),))
 
     fit_in_a_flow()
     with get_client(sync_client=True) as client:

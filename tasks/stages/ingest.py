@@ -16,7 +16,7 @@ from tasks.data.dataset_writer import IngestResult
 from tasks.data.file_decoding import DecodeMap
 from tasks.data.findings import read_findings_source
 from tasks.data.ingestion import ingest_folder, ingest_npz
-from tasks.data.labels import read_label_source
+from tasks.data.labels import find_csv, read_label_source
 from tasks.data.source_guard import check_outputs_spare_source
 from tasks.errors import MedtransferError
 from tasks.stages.preflight import check_stage_outputs
@@ -99,9 +99,27 @@ def _ingest_source(params: Params, progress: bool, decode_map: DecodeMap | None)
         if data.multilabel
         else read_label_source(source, data.labels_csv, data.patient_from_path)
     )
+    _warn_if_labels_outside(source, data.labels_csv)
     return ingest_folder(
         source, labels, data, params.seed, "dicom_folder", progress, decode_map, names
     )
+
+
+def _warn_if_labels_outside(source: Path, labels_csv: str | None) -> None:
+    """One warning when the labels CSV (read already) lies outside the ``source`` folder: the
+    ingest stage's DVC dependency is ``${data.source}``, so a change to that file alone would
+    leave ``dvc status`` clean and ``dvc repro`` skipping ingest, on stale labels."""
+    if labels_csv is None or not source.is_dir():
+        return
+    csv_path = find_csv(source, labels_csv).resolve()
+    if not csv_path.is_relative_to(source.resolve()):
+        # No path in the line: a folder's or file's name can carry a patient's.
+        logger.warning(
+            "data.labels_csv lies outside the data.source folder: DVC does not track it, so "
+            "`dvc repro` will not re-run ingest when only the labels change. Move it into the "
+            "folder (data.labels_csv relative to it), or `dvc add` it and list it among the "
+            "ingest stage's deps."
+        )
 
 
 def _refuse_findings_keys(multilabel: bool, why: str) -> None:
