@@ -7,6 +7,10 @@ its own copy of the network, timed in interleaved rounds (ABC..., then ...CBA) s
 machine's load falls on every option alike:
 
 - ``full`` at the image size (the baseline: what the default trains);
+- ``full, explicit stride-1 padding (before)``: the same network with every depthwise
+  convolution padded by an explicit ``SamePad2d`` copy of its input, as before the stride-1
+  blocks padded in the convolution
+  (:func:`tasks.model.teachers.efficientnet_lite.with_explicit_same_padding`);
 - ``full, bf16 autocast`` (the CPU has AVX-512 BF16 where oneDNN uses it);
 - ``full, torch.compile`` (Inductor's C++ kernels; its first step, the compilation, reported
   apart);
@@ -32,6 +36,7 @@ from torch import nn
 from benchmarks.report import machine_header, write_result
 from tasks.config import load_params
 from tasks.model.student import param_groups
+from tasks.model.teachers.efficientnet_lite import with_explicit_same_padding
 from tasks.training.strategies import build_model
 
 
@@ -59,14 +64,24 @@ class Option:
 
 
 def make_option(
-    name: str, strategy: str, blocks: int, side: int, bf16: bool = False, compiled: bool = False
+    name: str,
+    strategy: str,
+    blocks: int,
+    side: int,
+    bf16: bool = False,
+    compiled: bool = False,
+    explicit_padding: bool = False,
 ) -> Option:
     """The default student built for ``strategy`` (``blocks`` for partial) on ``side`` px
     batches, in channels_last, with the loop's AdamW groups; ``compiled``: its first step (the
-    compilation) is run and recorded here."""
+    compilation) is run and recorded here; ``explicit_padding``: the layout from before the
+    stride-1 blocks padded in their convolution."""
     config = replace(load_params("params.yaml").train, unfreeze_blocks=blocks)
     torch.manual_seed(0)
-    model = build_model(config, strategy, num_classes=2).to(memory_format=torch.channels_last)
+    model = build_model(config, strategy, num_classes=2)
+    if explicit_padding:
+        model = with_explicit_same_padding(model)
+    model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.AdamW(
         param_groups(model, config.lr, config.backbone_lr_factor),
@@ -91,6 +106,9 @@ def options(size: int, with_compile: bool) -> list[Option]:
     """Every option of the module docstring, the baseline first."""
     made = [
         make_option("full", "full", 0, size),
+        make_option(
+            "full, explicit stride-1 padding (before)", "full", 0, size, explicit_padding=True
+        ),
         make_option("full, bf16 autocast", "full", 0, size, bf16=True),
         make_option(f"full at {size // 2} px", "full", 0, size // 2),
         make_option(f"full at {size * 3 // 4} px", "full", 0, size * 3 // 4),

@@ -10,6 +10,7 @@ network through its private ``_swish`` attributes. Module names mirror the weigh
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -113,9 +114,23 @@ class LiteMBConv(nn.Module):
         if self.expand:
             self._expand_conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
             self._bn0 = _lite_bn(hidden)
-        self._depthwise_conv_padding = SamePad2d(stage.kernel, stride)
+        # TF "SAME" padding. At stride 1 it is symmetric (kernel // 2 on every side, the
+        # kernels being odd), so the convolution pads itself and no padded copy of the
+        # activations is made: a training step of the default student in 0.91 of the time on
+        # 2 CPU cores, the same outputs (benchmarks/results/cpu-step-options.md). At stride 2
+        # it is asymmetric (the extra pixel at the end), which nn.Conv2d cannot do.
+        own_padding = stride == 1 and stage.kernel % 2 == 1
+        self._depthwise_conv_padding = (
+            nn.Identity() if own_padding else SamePad2d(stage.kernel, stride)
+        )
         self._depthwise_conv = nn.Conv2d(
-            hidden, hidden, stage.kernel, stride=stride, groups=hidden, bias=False
+            hidden,
+            hidden,
+            stage.kernel,
+            stride=stride,
+            padding=stage.kernel // 2 if own_padding else 0,
+            groups=hidden,
+            bias=False,
         )
         self._bn1 = _lite_bn(hidden)
         self._project_conv = nn.Conv2d(hidden, stage.out_channels, 1, bias=False)
@@ -135,6 +150,19 @@ class LiteMBConv(nn.Module):
         if self.drop_rate:
             x = drop_connect(x, p=self.drop_rate, training=self.training)
         return x + inputs
+
+
+def with_explicit_same_padding(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` whose stride-1 depthwise convolutions take their TF "SAME"
+    padding from an explicit :class:`SamePad2d`, as every block did before they padded in the
+    convolution: the reference that tests/test_teachers.py checks the outputs against and
+    ``benchmarks/cpu_step_options.py`` times beside the network."""
+    explicit = copy.deepcopy(network)
+    for block in explicit.modules():
+        if isinstance(block, LiteMBConv) and isinstance(block._depthwise_conv_padding, nn.Identity):
+            block._depthwise_conv_padding = SamePad2d(block._depthwise_conv.kernel_size[0], 1)
+            block._depthwise_conv.padding = (0, 0)
+    return explicit
 
 
 class EfficientNetLite(nn.Module):
