@@ -39,6 +39,8 @@ from tasks.model.student import param_groups
 from tasks.model.teachers.efficientnet_lite import with_explicit_same_padding
 from tasks.training.strategies import build_model
 
+TRAIN = load_params("params.yaml").train  # the shipped training settings every option starts from
+
 
 @dataclass
 class Option:
@@ -76,7 +78,7 @@ def make_option(
     batches, in channels_last, with the loop's AdamW groups; ``compiled``: its first step (the
     compilation) is run and recorded here; ``explicit_padding``: the layout from before the
     stride-1 blocks padded in their convolution."""
-    config = replace(load_params("params.yaml").train, unfreeze_blocks=blocks)
+    config = replace(TRAIN, unfreeze_blocks=blocks)
     torch.manual_seed(0)
     model = build_model(config, strategy, num_classes=2)
     if explicit_padding:

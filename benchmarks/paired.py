@@ -23,7 +23,8 @@ def paired_test_auc(
         ``{name: {"test_auc", "low", "high"}}`` for every student, ``"against"``: for
         every other student ``{name: {"estimate", "low", "high"}}`` of ``name - second``,
         both AUCs taken on the same resampled patients each time (1,000 patient-bootstrap
-        resamples by default), and ``"difference"``: that of ``first``.
+        resamples by default), and ``"difference"``: that of ``first`` (``None`` when
+        ``first`` is ``second``, a run of one student).
     """
     from tasks.data.dataset import load_processed
     from tasks.evaluation.evaluation import evaluate_student
@@ -44,7 +45,7 @@ def paired_test_auc(
     out["against"] = {
         name: _difference(out, draws, name, second) for name in students if name != second
     }
-    out["difference"] = out["against"][first]
+    out["difference"] = out["against"].get(first)
     return out
 
 

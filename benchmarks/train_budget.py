@@ -13,15 +13,16 @@ store:
 - ``epochs`` (with ``--with-epochs``): this checkout, ``train.max_steps=null``;
 - ``budget`` (with ``--max-steps N``): this checkout, ``train.max_steps=N``;
 - any ``--variant NAME=KEY=VALUE[,KEY=VALUE]``: this checkout with those overrides (e.g.
-  ``progressive=train.progressive_size=64``).
+  ``partial5=train.strategy=partial,train.unfreeze_blocks=5``).
 
 Records each variant's wall time of the whole stage, epochs run, best epoch and validation AUC,
 then every student's test AUC with its patient-level 95% bootstrap interval and the paired
 difference of every other variant against the first on the same resampled patients. A variant
 already in the work folder is not trained again, so an interrupted run resumes.
 
-Usage: ``python -m benchmarks.train_budget DIR [--max-steps 512] [--variant ...] [--baseline CHECKOUT]
-[--with-epochs] [--workdir /tmp/...]``; writes ``benchmarks/results/train-budget.md``.
+Usage: ``python -m benchmarks.train_budget DIR [--max-steps 512] [--variant ...]
+[--baseline CHECKOUT] [--with-epochs] [--workdir /tmp/...]``; writes
+``benchmarks/results/train-budget.md``.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=KEY=VALUE[,KEY=VALUE]",
-        help="another variant of this checkout, e.g. progressive=train.progressive_size=64",
+        help="another variant of this checkout, e.g. gpu=train.device=cuda",
     )
     parser.add_argument("--baseline", type=Path, help="a checkout of the old loop's code")
     parser.add_argument("--with-epochs", action="store_true", help="the new loop, no budget")
